@@ -1,0 +1,5 @@
+"""``python -m mlxcluster``."""
+
+from mlxcluster.cli import main
+
+main()

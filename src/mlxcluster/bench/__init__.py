@@ -1,0 +1,1 @@
+"""Benchmarks run by ``mlxcluster bench ...`` (never timed asserts in tests)."""

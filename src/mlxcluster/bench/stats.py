@@ -1,0 +1,36 @@
+"""Small statistics helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import psutil
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    """Nearest-rank percentile of ``samples`` (``pct`` in 0..100); 0.0 for no samples."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def machine_line() -> str:
+    """Machine, cores and date, stated with every figure."""
+    cpu = platform.processor() or platform.machine()
+    memory_gb = psutil.virtual_memory().total / 2**30
+    return (
+        f"{platform.system()} {platform.machine()} ({cpu}), {psutil.cpu_count()} cores, "
+        f"{memory_gb:.0f} GiB, {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned text table."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=False))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""The message bus: a NATS connection with typed publish/subscribe/request helpers.
+
+``Bus.connect`` keeps trying until the server answers (with backoff) and, once connected, reconnects
+forever by default. Incoming messages are decoded into msgspec Structs; a message that does not
+decode is logged, counted in :attr:`Bus.invalid_messages` and dropped, never raised into a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+from msgspec import Struct
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mlxcluster.config import NatsSection
+from mlxcluster.protocol import ProtocolError, decode, encode
+from mlxcluster.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=Struct)
+Handler = Callable[[T, Msg], Awaitable[None]]
+
+MAX_CONNECT_BACKOFF_S = 5.0
+
+
+class BusError(Exception):
+    """The bus could not do what was asked (connect, request) and says why."""
+
+
+def connect_options(config: NatsSection, *, name: str) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect`` from the ``[nats]`` section."""
+    options: dict[str, Any] = {
+        "servers": [url.strip() for url in config.url.split(",") if url.strip()],
+        "name": name,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": config.max_reconnect_attempts,
+        "reconnect_time_wait": config.reconnect_time_wait_ms / 1000,
+        "connect_timeout": config.connect_timeout_ms / 1000,
+        "ping_interval": 10,
+        "max_outstanding_pings": 3,
+    }
+    if config.user is not None:
+        options["user"] = config.user
+        options["password"] = config.password or ""
+    if config.token is not None:
+        options["token"] = config.token
+    if config.creds is not None:
+        options["user_credentials"] = config.creds
+    if config.tls.enabled:
+        options["tls"] = tls_context(config)
+    return options
+
+
+def tls_context(config: NatsSection) -> ssl.SSLContext:
+    """A client TLS context from ``[nats.tls]``."""
+    context = ssl.create_default_context(cafile=config.tls.ca_file)
+    if config.tls.cert_file:
+        context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+    if not config.tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Bus:
+    """A connected NATS client plus the cluster's subjects and typed helpers."""
+
+    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.invalid_messages: Counter[str] = Counter()
+
+    @classmethod
+    async def connect(
+        cls,
+        config: NatsSection,
+        *,
+        name: str,
+        attempts: int | None = None,
+    ) -> Bus:
+        """Connect, retrying with backoff until the server answers.
+
+        :param attempts: give up after this many failed initial attempts (``None``: follow
+            ``max_reconnect_attempts``, where ``-1`` means forever).
+        """
+        limit = attempts if attempts is not None else config.max_reconnect_attempts
+        options = connect_options(config, name=name)
+        holder: list[NATS] = []
+        options.update(_state_callbacks(name, holder))
+        delay, tried = 0.1, 0
+        while True:
+            try:
+                nc = await nats.connect(**options)
+                holder.append(nc)
+                break
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                tried += 1
+                if 0 <= limit <= tried:
+                    raise BusError(
+                        f"cannot connect to NATS at {config.url}: {exc or type(exc).__name__}"
+                    ) from None
+                log.warning("NATS not reachable at %s (%s); retrying in %.1fs", config.url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
+        log.info(
+            "connected to NATS %s as %s", nc.connected_url.netloc if nc.connected_url else config.url, name
+        )
+        return cls(nc, Subjects(config.subject_prefix))
+
+    @property
+    def max_payload(self) -> int:
+        """Largest message the server accepts, in bytes (as the server announced it)."""
+        return self.nc.max_payload
+
+    @property
+    def is_connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def publish(self, subject: str, message: Struct, *, reply: str = "") -> None:
+        """Encode and publish one message."""
+        await self.nc.publish(subject, encode(message), reply=reply)
+
+    async def subscribe(
+        self,
+        subject: str,
+        message_type: type[T] | Any,
+        handler: Callable[[Any, Msg], Awaitable[None]],
+        *,
+        queue: str = "",
+    ) -> Subscription:
+        """Subscribe and call ``handler(decoded, msg)``; undecodable messages are dropped and counted.
+
+        :param queue: a queue group name, so each message goes to one member of the group.
+        """
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                decoded = decode(msg.data, message_type)
+            except ProtocolError as exc:
+                self.invalid_messages[msg.subject] += 1
+                log.warning("dropped invalid message on %s: %s", msg.subject, exc)
+                return
+            try:
+                await handler(decoded, msg)
+            except Exception:
+                log.exception("handler for %s failed", msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+
+    async def request(self, subject: str, message: Struct, response_type: type[T], *, timeout: float) -> T:
+        """Send one request and decode the single reply; raise :class:`BusError` on timeout or no responders."""
+        try:
+            msg = await self.nc.request(subject, encode(message), timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise BusError(f"no responders on {subject}") from None
+        except nats.errors.TimeoutError:
+            raise BusError(f"no reply on {subject} within {timeout:.3g}s") from None
+        try:
+            return decode(msg.data, response_type)
+        except ProtocolError as exc:
+            self.invalid_messages[subject] += 1
+            raise BusError(str(exc)) from None
+
+    @property
+    def invalid_messages_total(self) -> int:
+        return sum(self.invalid_messages.values())
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Drain (let pending messages through, then close) or close at once."""
+        if self.nc.is_closed:
+            return
+        try:
+            if drain and self.nc.is_connected:
+                await self.nc.drain()
+            else:
+                await self.nc.close()
+        except Exception as exc:  # drain on a broken connection can fail; closing is what matters
+            log.debug("closing NATS connection: %s", exc)
+            await self.nc.close()
+
+
+def _state_callbacks(name: str, holder: list[NATS]) -> dict[str, Callable[..., Awaitable[None]]]:
+    """Connection-state callbacks that log every transition (a deliberate close is not a warning)."""
+
+    async def disconnected() -> None:
+        closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)
+        log.log(logging.DEBUG if closing else logging.WARNING, "%s: disconnected from NATS", name)
+
+    async def reconnected() -> None:
+        log.info("%s: reconnected to NATS", name)
+
+    async def closed() -> None:
+        log.info("%s: NATS connection closed", name)
+
+    async def error(exc: Exception) -> None:
+        log.warning("%s: NATS error: %s", name, exc or type(exc).__name__)
+
+    return {
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "closed_cb": closed,
+        "error_cb": error,
+    }

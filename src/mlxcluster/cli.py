@@ -1,0 +1,203 @@
+"""The ``mlxcluster`` command line (typer). The only place that reads argv; side effects start here.
+
+Heavy modules (mlx, mlx-lm, aiohttp) are imported inside the commands that need them, so ``--help``,
+``config`` and ``balancers`` start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from mlxcluster import __version__
+from mlxcluster.config import Config, ConfigError
+from mlxcluster.config import load as load_config
+
+app = typer.Typer(
+    name="mlxcluster",
+    help="A distributed LLM inference cluster: OpenAI API → NATS → mlx-lm workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Create, check and show cluster.toml.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks (figures are ratios measured in the same run).", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+
+DEFAULT_CONFIG_FILE = "cluster.toml"
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="MLXCLUSTER_CONFIG",
+        help="Config file (default: ./cluster.toml when it exists).",
+        dir_okay=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def resolve_config_path(path: Path | None) -> Path | None:
+    """The explicit path, else ``./cluster.toml`` if present, else ``None`` (defaults)."""
+    if path is not None:
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def get_config(path: Path | None) -> Config:
+    """Load config or exit 2 with the one-line reason."""
+    try:
+        return load_config(resolve_config_path(path))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+def version_text() -> str:
+    """Version plus the Python and platform it runs on (the zipapp is platform-specific)."""
+    impl = f"{platform.python_implementation()} {platform.python_version()}"
+    return f"mlxcluster {__version__} ({impl}, {sys.platform}-{platform.machine()})"
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """mlxcluster: one controller, many mlx-lm workers, NATS in between."""
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    config_path: ConfigOption = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", "-m", help="controller | worker | dual (default: cluster.mode).")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-n", min=1, help="Worker processes in dual mode.")
+    ] = 1,
+    engine: Annotated[str | None, typer.Option(help="Worker engine: mlx | echo.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model dir or Hugging Face repo id.")] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(min=1, help="Requests a worker serves at once.")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Controller HTTP port.")] = None,
+) -> None:
+    """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
+    from mlxcluster.logsetup import configure_logging
+    from mlxcluster.node import NodeError, run_node
+
+    # Flags are environment overrides, so dual mode's children inherit them.
+    flags = {
+        "WORKER_ENGINE": engine,
+        "WORKER_MODEL": model,
+        "WORKER_MAX_CONCURRENT": max_concurrent,
+        "CONTROLLER_PORT": port,
+    }
+    for key, value in flags.items():
+        if value is not None:
+            os.environ[f"MLXCLUSTER_{key}"] = str(value)
+    if config_path is not None:
+        os.environ["MLXCLUSTER_CONFIG"] = str(config_path.resolve())
+    config = get_config(config_path)
+    role = mode or config.cluster.mode
+    if role not in ("controller", "worker", "dual"):
+        fail(f"--mode: expected controller, worker or dual, got {role!r}")
+    configure_logging(config.logging, role=role)
+    try:
+        code = run_node(config, role, workers=workers)
+    except NodeError as exc:
+        fail(str(exc), 1)
+    raise typer.Exit(code)
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+@config_app.command("init")
+def config_init(
+    path: Annotated[Path, typer.Argument(help="Where to write it.")] = Path(DEFAULT_CONFIG_FILE),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented default cluster.toml."""
+    from mlxcluster.config_template import DEFAULT_CONFIG_TOML
+
+    if path.exists() and not force:
+        fail(f"{path} exists; use --force to overwrite it")
+    path.write_text(DEFAULT_CONFIG_TOML, encoding="utf-8")
+    typer.echo(f"wrote {path}")
+
+
+@config_app.command("validate")
+def config_validate(
+    path: Annotated[Path | None, typer.Argument(help="File to check (default: ./cluster.toml).")] = None,
+) -> None:
+    """Check a config file (and MLXCLUSTER_* overrides); exit 2 with the key path when it is wrong."""
+    resolved = resolve_config_path(path)
+    get_config(resolved)
+    typer.echo(f"{resolved or '<defaults>'}: ok")
+
+
+@config_app.command("show")
+def config_show(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Print the effective config (file + environment overrides), secrets masked."""
+    import json
+
+    import tomli_w
+
+    from mlxcluster.config import to_dict
+
+    data = to_dict(get_config(config_path), mask_secrets=True)
+    typer.echo(json.dumps(data, indent=2) if as_json else tomli_w.dumps(data).rstrip())
+
+
+# --- bench --------------------------------------------------------------------------------------
+
+
+@bench_app.command("nats")
+def bench_nats(
+    as_json: JsonOption = False,
+    requests: Annotated[int, typer.Option(help="Request/reply round trips to time.", min=10)] = 5000,
+    messages: Annotated[
+        int, typer.Option(help="Messages for the publish throughput test.", min=100)
+    ] = 200_000,
+    payload: Annotated[int, typer.Option(help="Payload bytes per message.", min=1)] = 128,
+) -> None:
+    """Embedded server start time, request/reply latency and publish throughput on loopback."""
+    import asyncio
+
+    from mlxcluster.bench.nats import format_table, run_nats_bench
+
+    result = asyncio.run(run_nats_bench(requests=requests, messages=messages, payload=payload))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

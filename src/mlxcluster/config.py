@@ -1,0 +1,418 @@
+"""Cluster configuration: msgspec Structs for ``cluster.toml``, loading, env overrides, clear errors.
+
+Every key has a default, so an empty file is a valid configuration. Values are taken, in order of
+precedence, from ``MLXCLUSTER_<SECTION>_<KEY>`` environment variables, the TOML file (with ``${VAR}``
+and ``${VAR:-default}`` interpolation in strings) and the defaults below. Any problem raises
+:class:`ConfigError` with one line naming the file (or variable), the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+OptionalPort = Annotated[int, Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveMs = Annotated[int, Meta(ge=1)]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+SECRET_KEYS = frozenset({"nats.password", "nats.token", "controller.api_keys"})
+MASK = "***"
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line that names the source and key path."""
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: unknown keys are errors."""
+
+
+class ClusterSection(_Section):
+    """``[cluster]``: which roles this process runs."""
+
+    mode: Literal["controller", "worker", "dual"] = "dual"
+
+
+class TlsSection(_Section):
+    """``[nats.tls]``: client TLS for connecting to NATS (and the embedded server's certificate)."""
+
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+
+class EmbeddedNatsSection(_Section):
+    """``[nats.embedded]``: the nats-server process started in embedded mode."""
+
+    host: str = "127.0.0.1"
+    port: Port = 4222
+    http_port: OptionalPort = 8222
+    jetstream: bool = False
+    store_dir: str = ".nats/jetstream"
+    log_level: LogLevel = "info"
+    start_timeout_s: PositiveSeconds = 5.0
+
+
+class NatsSection(_Section):
+    """``[nats]``: how nodes reach the message bus."""
+
+    mode: Literal["embedded", "external"] = "embedded"
+    url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    tls: TlsSection = msgspec.field(default_factory=TlsSection)
+    max_payload: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
+    subject_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "mlxcluster"
+    max_reconnect_attempts: Annotated[int, Meta(ge=-1)] = -1
+    reconnect_time_wait_ms: PositiveMs = 1000
+    connect_timeout_ms: PositiveMs = 2000
+    embedded: EmbeddedNatsSection = msgspec.field(default_factory=EmbeddedNatsSection)
+
+
+class ControllerSection(_Section):
+    """``[controller]``: the HTTP API and request routing."""
+
+    bind: str = "127.0.0.1"
+    port: Port = 8080
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    cors: list[str] = msgspec.field(default_factory=list)
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    first_token_timeout_s: PositiveSeconds = 30.0
+    request_timeout_s: PositiveSeconds = 600.0
+    max_attempts: PositiveInt = 3
+    drain_timeout_s: PositiveSeconds = 30.0
+
+
+class WorkerSection(_Section):
+    """``[worker]``: the inference node."""
+
+    id: str | None = None
+    model: str | None = None
+    engine: Literal["mlx", "echo"] = "mlx"
+    max_concurrent: PositiveInt = 8
+    max_queue: Annotated[int, Meta(ge=0)] = 64
+    echo_token_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
+    drain_timeout_s: PositiveSeconds = 30.0
+
+
+class DiscoverySection(_Section):
+    """``[discovery]``: heartbeats and offline detection."""
+
+    heartbeat_interval_ms: PositiveMs = 2000
+    offline_timeout_ms: PositiveMs = 6000
+
+
+class StaticWorker(_Section):
+    """One ``[[workers.static]]`` entry: a worker known before it registers."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: OptionalPort = 0
+    priority: int = 0
+    tags: list[str] = msgspec.field(default_factory=list)
+
+
+class WorkersSection(_Section):
+    """``[workers]``: statically configured workers."""
+
+    static: list[StaticWorker] = msgspec.field(default_factory=list)
+
+
+class LoadBalancingSection(_Section):
+    """``[load_balancing]``: which balancer plugin picks workers."""
+
+    strategy: str = "least_loaded"
+    sticky_sessions: bool = False
+
+
+class LoggingSection(_Section):
+    """``[logging]``: level, text or JSON lines, optional file."""
+
+    level: LogLevel = "info"
+    format: Literal["text", "json"] = "text"
+    file: str | None = None
+
+
+class MetricsSection(_Section):
+    """``[metrics]``: enabled exporter plugins by name."""
+
+    exporters: list[str] = msgspec.field(default_factory=list)
+
+
+class ModelsSection(_Section):
+    """``[models]``: where converted and downloaded models live."""
+
+    dir: str = "~/.cache/mlxcluster/models"
+
+
+class PluginsSection(_Section):
+    """``[plugins]``: extra plugin directories and plugins to block."""
+
+    paths: list[str] = msgspec.field(default_factory=list)
+    disabled: list[str] = msgspec.field(default_factory=list)
+
+
+class Config(_Section):
+    """The whole ``cluster.toml``."""
+
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
+    nats: NatsSection = msgspec.field(default_factory=NatsSection)
+    controller: ControllerSection = msgspec.field(default_factory=ControllerSection)
+    worker: WorkerSection = msgspec.field(default_factory=WorkerSection)
+    discovery: DiscoverySection = msgspec.field(default_factory=DiscoverySection)
+    workers: WorkersSection = msgspec.field(default_factory=WorkersSection)
+    load_balancing: LoadBalancingSection = msgspec.field(default_factory=LoadBalancingSection)
+    logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    models: ModelsSection = msgspec.field(default_factory=ModelsSection)
+    plugins: PluginsSection = msgspec.field(default_factory=PluginsSection)
+
+    @property
+    def models_dir(self) -> Path:
+        """The models directory with ``~`` expanded."""
+        return Path(self.models.dir).expanduser()
+
+
+ENV_PREFIX = "MLXCLUSTER_"
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a config file (``None``: defaults only), then apply environment overrides."""
+    env = os.environ if env is None else env
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        raw = _interpolate(raw, env, source, ())
+    _validate(raw, source)
+    _apply_env_overrides(raw, env)
+    return _validate(raw, "environment")
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a config from a plain mapping (used by tests and programmatic callers)."""
+    return _validate(dict(data), "<dict>")
+
+
+def to_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
+    """The config as plain builtins, with secrets replaced by ``***`` unless asked otherwise."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    if mask_secrets:
+        for dotted in SECRET_KEYS:
+            section, key = dotted.split(".")
+            value = data[section].get(key)
+            if value:
+                data[section][key] = [MASK] * len(value) if isinstance(value, list) else MASK
+    return _drop_none(data)
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: leave unset optional keys out."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _interpolate(value: Any, env: Mapping[str, str], source: str, path: tuple[str, ...]) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of the parsed TOML."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, source, (*path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, source, (*path, str(i))) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{source}: {_dotted(list(path))}: environment variable ${{{name}}} is not set")
+
+    return _INTERPOLATION.sub(substitute, value)
+
+
+def _validate(raw: dict[str, Any], source: str) -> Config:
+    """Convert builtins to :class:`Config`, turning msgspec's error into one clear line."""
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, raw, source)) from None
+
+
+def _describe(exc: msgspec.ValidationError, raw: dict[str, Any], source: str) -> str:
+    """Rewrite ``Expected `int`, got `str` - at `$.nats.embedded.port``` as a config error line."""
+    message = str(exc)
+    match = _MSGSPEC_PATH.search(message)
+    path = match.group(1) if match else ""
+    message = _MSGSPEC_PATH.sub("", message)
+    keys = [k for k in re.split(r"\.|\[(\d+)\]", path) if k]
+    unknown = re.match(r"Object contains unknown field `(.+)`", message)
+    if unknown:
+        keys.append(unknown.group(1))
+        allowed = ", ".join(_field_names_at(keys[:-1]))
+        return f"{source}: {_dotted(keys)}: unknown key (expected one of: {allowed})"
+    missing = re.match(r"Object missing required field `(.+)`", message)
+    if missing:
+        keys.append(missing.group(1))
+        return f"{source}: {_dotted(keys)}: required key is missing"
+    value = _lookup(raw, keys)
+    return f"{source}: {_dotted(keys)}: {_expected_text(message, keys)}, got {json.dumps(value, default=str)}"
+
+
+def _expected_text(message: str, keys: list[str]) -> str:
+    """Turn msgspec's ``Expected `int` >= 1, got ...`` into ``expected int in 1..65535``."""
+    field_type = _type_at(keys)
+    choices = (
+        getattr(field_type, "__args__", ()) if getattr(field_type, "__origin__", None) is Literal else ()
+    )
+    if message.startswith("Invalid enum value") and choices:
+        return "expected one of " + ", ".join(json.dumps(c) for c in choices)
+    expected = re.sub(r"`", "", message.split(", got ")[0])
+    expected = expected[0].lower() + expected[1:] if expected else "a valid value"
+    return _range_text(expected, keys)
+
+
+def _range_text(expected: str, keys: list[str]) -> str:
+    """Say ``expected int in 1..65535`` instead of msgspec's one-sided bound when both bounds exist."""
+    field_type = _type_at(keys)
+    metas = getattr(field_type, "__metadata__", ()) if field_type is not None else ()
+    for meta in metas:
+        if isinstance(meta, Meta) and meta.ge is not None and meta.le is not None:
+            base = "int" if "int" in expected else "number"
+            return f"expected {base} in {meta.ge}..{meta.le}"
+    return expected
+
+
+def _dotted(keys: list[str]) -> str:
+    """Render a key path as ``workers.static[0].name``."""
+    text = ""
+    for key in keys:
+        text += f"[{key}]" if key.isdigit() else (f".{key}" if text else key)
+    return text or "(top level)"
+
+
+def _lookup(raw: Any, keys: list[str]) -> Any:
+    for key in keys:
+        if isinstance(raw, dict):
+            raw = raw.get(key)
+        elif isinstance(raw, list) and key.isdigit() and int(key) < len(raw):
+            raw = raw[int(key)]
+        else:
+            return None
+    return raw
+
+
+def _struct_at(keys: list[str]) -> type[Struct] | None:
+    """The Struct class that describes the table at ``keys`` (list indices skipped)."""
+    cls: type[Struct] = Config
+    for key in keys:
+        if key.isdigit():
+            continue
+        info = {f.encode_name: f for f in msgspec.structs.fields(cls)}.get(key)
+        if info is None:
+            return None
+        inner = _struct_type(info.type)
+        if inner is None:
+            return None
+        cls = inner
+    return cls
+
+
+def _type_at(keys: list[str]) -> Any:
+    parent = _struct_at([k for k in keys[:-1]])
+    if parent is None or not keys:
+        return None
+    fields = {f.encode_name: f for f in msgspec.structs.fields(parent)}
+    info = fields.get(keys[-1])
+    return info.type if info else None
+
+
+def _struct_type(tp: Any) -> type[Struct] | None:
+    """Return the Struct class inside ``tp`` (itself or ``list[Struct]``), else ``None``."""
+    if isinstance(tp, type) and issubclass(tp, Struct):
+        return tp
+    for arg in getattr(tp, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, Struct):
+            return arg
+    return None
+
+
+def _field_names_at(keys: list[str]) -> list[str]:
+    cls = _struct_at(keys)
+    return [f.encode_name for f in msgspec.structs.fields(cls)] if cls else []
+
+
+def env_overrides() -> dict[str, tuple[str, ...]]:
+    """Map every supported ``MLXCLUSTER_...`` variable name to the key path it sets."""
+    names: dict[str, tuple[str, ...]] = {}
+
+    def walk(cls: type[Struct], path: tuple[str, ...]) -> None:
+        for info in msgspec.structs.fields(cls):
+            sub = (*path, info.encode_name)
+            if isinstance(info.type, type) and issubclass(info.type, Struct):
+                walk(info.type, sub)
+            elif _struct_type(info.type) is None:
+                names[ENV_PREFIX + "_".join(sub).upper()] = sub
+
+    walk(Config, ())
+    return names
+
+
+def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Set each key named by a ``MLXCLUSTER_<SECTION>_<KEY>`` variable, parsed for the key's type."""
+    for name, path in env_overrides().items():
+        if name not in env:
+            continue
+        value = _parse_env_value(env[name], path, name)
+        table = raw
+        for key in path[:-1]:
+            table = table.setdefault(key, {})
+        table[path[-1]] = value
+
+
+def _parse_env_value(text: str, path: tuple[str, ...], name: str) -> Any:
+    """Turn an environment string into the builtin that the key's type wants."""
+    field_type = _type_at(list(path))
+    origin = getattr(field_type, "__origin__", None)
+    wants_list = origin is list or "list[" in str(field_type)
+    if wants_list:
+        stripped = text.strip()
+        if stripped.startswith("["):
+            try:
+                return json.loads(stripped)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"env {name}: {'.'.join(path)}: invalid JSON list: {exc}") from None
+        return [item.strip() for item in stripped.split(",") if item.strip()]
+    try:
+        return msgspec.convert(text, field_type, strict=False) if field_type is not None else text
+    except msgspec.ValidationError as exc:
+        expected = _expected_text(_MSGSPEC_PATH.sub("", str(exc)), list(path))
+        raise ConfigError(f"env {name}: {'.'.join(path)}: {expected}, got {json.dumps(text)}") from None

@@ -1,0 +1,95 @@
+"""The commented default ``cluster.toml`` written by ``mlxcluster config init``.
+
+Every value here equals the built-in default (a test checks it), so the file documents the defaults.
+"""
+
+DEFAULT_CONFIG_TOML = """\
+# mlxcluster configuration. Every key is optional: an empty file means "all defaults".
+# Any key can be overridden by an environment variable MLXCLUSTER_<SECTION>_<KEY>,
+# e.g. MLXCLUSTER_CONTROLLER_PORT=9000 or MLXCLUSTER_NATS_EMBEDDED_PORT=4333.
+# Strings may use ${VAR} or ${VAR:-default} to read the environment.
+
+[cluster]
+mode = "dual"                      # controller | worker | dual (embedded NATS + controller + workers)
+
+[nats]
+mode = "embedded"                  # embedded: start nats-server ourselves; external: connect to url
+url = "nats://127.0.0.1:4222"      # several servers of a NATS cluster: comma-separated
+# user = "mlx"                     # user/password auth (the embedded server is configured with it too)
+# password = "${NATS_PASSWORD}"
+# token = "${NATS_TOKEN}"          # or token auth
+# creds = "/etc/mlxcluster/user.creds"
+max_payload = 8388608              # bytes; larger prompts are refused with HTTP 413
+subject_prefix = "mlxcluster"
+max_reconnect_attempts = -1        # -1: forever
+reconnect_time_wait_ms = 1000
+connect_timeout_ms = 2000
+
+[nats.tls]
+enabled = false
+# ca_file = "ca.pem"
+# cert_file = "client.pem"
+# key_file = "client-key.pem"
+verify = true
+
+[nats.embedded]
+host = "127.0.0.1"
+port = 4222
+http_port = 8222                   # nats-server monitoring; 0 disables it
+jetstream = false
+store_dir = ".nats/jetstream"
+log_level = "info"                 # debug | info | warning | error
+start_timeout_s = 5.0
+
+[controller]
+bind = "127.0.0.1"                 # use 0.0.0.0 to serve other machines (set api_keys then)
+port = 8080
+api_keys = []                      # when set, "Authorization: Bearer <key>" is required on /v1 and /api
+cors = []                          # allowed origins, e.g. ["https://example.org"] or ["*"]
+max_body_bytes = 4194304
+first_token_timeout_s = 30.0
+request_timeout_s = 600.0
+max_attempts = 3                   # tries on different workers before the first token
+drain_timeout_s = 30.0
+
+[worker]
+# id = "mac-studio-1"              # default: hostname + pid
+# model = "mlx-community/..."      # a model dir or Hugging Face repo id; default: the demo model
+engine = "mlx"                     # mlx | echo (no model, for tests and benchmarks)
+max_concurrent = 8                 # requests generated together (continuous batching)
+max_queue = 64                     # waiting requests beyond which new ones are refused
+echo_token_delay_ms = 0.0
+drain_timeout_s = 30.0
+
+[discovery]
+heartbeat_interval_ms = 2000
+offline_timeout_ms = 6000
+
+[workers]
+static = []
+# [[workers.static]]               # a worker known before it registers
+# name = "gpu-box"
+# host = "10.0.0.7"
+# port = 0
+# priority = 10
+# tags = ["big"]
+
+[load_balancing]
+strategy = "least_loaded"          # see: mlxcluster balancers list
+sticky_sessions = false
+
+[logging]
+level = "info"                     # debug | info | warning | error
+format = "text"                    # text | json
+# file = "mlxcluster.log"
+
+[metrics]
+exporters = []                     # e.g. ["prometheus", "log"]
+
+[models]
+dir = "~/.cache/mlxcluster/models"
+
+[plugins]
+paths = []                         # extra directories searched for plugin packages
+disabled = []                      # plugin names not to load
+"""

@@ -1,0 +1,83 @@
+"""Run one node role until SIGINT/SIGTERM: ``controller``, ``worker`` or ``dual`` (the supervisor).
+
+Shutdown always goes signal → :class:`asyncio.Event` → the role's own drain → ``Bus.close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from mlxcluster.bus import Bus, BusError
+from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError
+
+log = logging.getLogger(__name__)
+
+
+class NodeError(Exception):
+    """A node could not start; the message says why and what to change."""
+
+
+def run_node(config: Config, role: str, *, workers: int = 1) -> int:
+    """Run ``role`` in a fresh event loop; return the process exit code.
+
+    :param workers: worker processes that dual mode starts.
+    """
+    return asyncio.run(_main(config, role, workers))
+
+
+async def _main(config: Config, role: str, workers: int) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if role == "dual":
+            from mlxcluster.supervisor import Supervisor
+
+            return await Supervisor(config, workers=workers).run(stop)
+        async with embedded_server_for(config, role) as nats_url:
+            bus = await connect_bus(config, name=f"mlxcluster-{role}", url=nats_url)
+            try:
+                if role == "controller":
+                    from mlxcluster.controller.node import serve_controller
+
+                    await serve_controller(config, bus, stop)
+                else:
+                    from mlxcluster.worker.node import serve_worker
+
+                    await serve_worker(config, bus, stop)
+            finally:
+                await bus.close()
+        return 0
+    except (EmbeddedServerError, BusError) as exc:
+        raise NodeError(str(exc)) from None
+
+
+@contextlib.asynccontextmanager
+async def embedded_server_for(config: Config, role: str) -> AsyncIterator[str | None]:
+    """Start the embedded nats-server when a controller runs with ``nats.mode = "embedded"``.
+
+    Yields the URL to connect to (``None``: use ``nats.url``). Workers never start a server.
+    """
+    if role != "controller" or config.nats.mode != "embedded":
+        yield None
+        return
+    server = EmbeddedNatsServer(config.nats)
+    await server.start()
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
+async def connect_bus(config: Config, *, name: str, url: str | None = None) -> Bus:
+    """Connect to ``url`` (or ``nats.url``) with the ``[nats]`` settings."""
+    nats = config.nats if url is None else msgspec.structs.replace(config.nats, url=url)
+    return await Bus.connect(nats, name=name)

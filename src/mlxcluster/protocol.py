@@ -1,0 +1,223 @@
+"""Wire messages between nodes: msgspec Structs encoded as JSON.
+
+Every field added after the first release has a default, and unknown fields are ignored, so nodes of
+different versions interoperate. Stream frames are a tagged union (``"type"`` field) decoded in one
+step and matched with ``match``. Decoding never raises anything but :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Struct
+
+T = TypeVar("T")
+
+WorkerStatus = Literal["online", "degraded", "draining"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ProtocolError(Exception):
+    """Bytes that are not a valid message of the expected type."""
+
+
+class _Message(Struct, kw_only=True, omit_defaults=True):
+    """Base of every wire message."""
+
+
+# --- worker discovery -------------------------------------------------------------------------
+
+
+class Hardware(_Message):
+    """What a worker runs on."""
+
+    chip: str = ""
+    cpu_cores: int = 0
+    memory_gb: float = 0.0
+    accelerator: str = "cpu"
+
+
+class Capabilities(_Message):
+    """What a worker can serve."""
+
+    max_concurrent: int = 1
+    max_queue: int = 0
+    models: list[str] = msgspec.field(default_factory=list)
+    available_memory_gb: float = 0.0
+    engine: str = "mlx"
+    version: str = ""
+
+
+class WorkerRegistration(_Message):
+    """Published by a worker when it starts and whenever a controller announces itself."""
+
+    worker_id: str
+    hostname: str = ""
+    address: str = ""
+    hardware: Hardware = msgspec.field(default_factory=Hardware)
+    capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
+    started_at: float = 0.0
+
+
+class WorkerHeartbeat(_Message):
+    """Published by a worker every ``discovery.heartbeat_interval_ms``."""
+
+    worker_id: str
+    status: WorkerStatus = "online"
+    active: int = 0
+    queued: int = 0
+    tokens_per_second: float = 0.0
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    available_memory_gb: float = 0.0
+    models_loaded: list[str] = msgspec.field(default_factory=list)
+    requests_total: int = 0
+    tokens_total: int = 0
+    errors_total: int = 0
+    sent_at: float = 0.0
+
+
+class Deregister(_Message):
+    """Published by a worker that leaves on purpose."""
+
+    worker_id: str
+    reason: str = ""
+
+
+class Announce(_Message):
+    """Published by a controller when it starts; workers answer by registering again."""
+
+    controller_id: str
+    started_at: float = 0.0
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+class ChatMessage(_Message):
+    """One chat turn, content already flattened to text."""
+
+    role: str
+    content: str = ""
+    name: str | None = None
+
+
+class SamplingParams(_Message):
+    """How to pick each next token. ``temperature == 0`` means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+class InferenceRequest(_Message):
+    """Sent by the controller to ``worker.<id>.inference``; frames go to the NATS reply subject."""
+
+    request_id: str
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: list[str] = msgspec.field(default_factory=list)
+    seed: int | None = None
+    stream: bool = True
+    session_id: str | None = None
+    deadline: float | None = None
+    """Unix time after which the worker gives up on the request."""
+
+
+class Cancel(_Message):
+    """Sent to ``worker.<id>.cancel``: stop generating for this request."""
+
+    request_id: str
+    reason: str = ""
+
+
+# --- stream frames (tagged union) -------------------------------------------------------------
+
+
+class Usage(_Message):
+    """Token counts from the worker's own tokenizer."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Timings(_Message):
+    """Where the time went, as measured on the worker."""
+
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+class Accepted(_Message, tag="accepted", tag_field="type"):
+    """First frame: the worker took the request (``queued`` if it waits for a slot)."""
+
+    worker_id: str
+    queued: bool = False
+
+
+class Token(_Message, tag="token", tag_field="type"):
+    """Generated text; ``count`` tokens coalesced when the consumer is slower than generation."""
+
+    text: str
+    count: int = 1
+    seq: int = 0
+
+
+class Done(_Message, tag="done", tag_field="type"):
+    """Last frame of a successful stream."""
+
+    finish_reason: FinishReason = "stop"
+    usage: Usage = msgspec.field(default_factory=Usage)
+    timings: Timings = msgspec.field(default_factory=Timings)
+
+
+class Error(_Message, tag="error", tag_field="type"):
+    """Last frame of a failed stream; ``retryable`` if another worker may succeed."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+Frame = Accepted | Token | Done | Error
+
+# --- encoders / decoders (reused; msgspec encoders and decoders are thread-safe) --------------
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def encode(message: Struct) -> bytes:
+    """Serialize any wire message."""
+    return _encoder.encode(message)
+
+
+def decoder_for(message_type: type[T] | Any) -> msgspec.json.Decoder[T]:
+    """A cached decoder for one message type (or the :data:`Frame` union)."""
+    found = _decoders.get(message_type)
+    if found is None:
+        found = _decoders[message_type] = msgspec.json.Decoder(message_type)
+    return found
+
+
+def decode(data: bytes, message_type: type[T] | Any) -> T:
+    """Parse bytes into ``message_type``; anything invalid raises :class:`ProtocolError`."""
+    try:
+        return decoder_for(message_type).decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        name = getattr(message_type, "__name__", "Frame")
+        raise ProtocolError(f"invalid {name}: {exc}") from None
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Parse one stream frame."""
+    return decode(data, Frame)

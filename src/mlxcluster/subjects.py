@@ -1,0 +1,49 @@
+"""NATS subject names, all under one configurable prefix (default ``mlxcluster``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Every subject the cluster uses. Build one from ``config.nats.subject_prefix``."""
+
+    prefix: str = "mlxcluster"
+
+    @property
+    def register(self) -> str:
+        """Workers publish :class:`~mlxcluster.protocol.WorkerRegistration` here."""
+        return f"{self.prefix}.worker.register"
+
+    @property
+    def heartbeat(self) -> str:
+        """Workers publish :class:`~mlxcluster.protocol.WorkerHeartbeat` here."""
+        return f"{self.prefix}.worker.heartbeat"
+
+    @property
+    def deregister(self) -> str:
+        """Workers publish :class:`~mlxcluster.protocol.Deregister` here when they leave."""
+        return f"{self.prefix}.worker.deregister"
+
+    @property
+    def announce(self) -> str:
+        """Controllers publish :class:`~mlxcluster.protocol.Announce`; workers re-register on it."""
+        return f"{self.prefix}.cluster.announce"
+
+    def inference(self, worker_id: str) -> str:
+        """A worker's request subject; the request's NATS reply subject receives the stream frames."""
+        return f"{self.prefix}.worker.{worker_id}.inference"
+
+    def cancel(self, worker_id: str) -> str:
+        """A worker's cancel subject (:class:`~mlxcluster.protocol.Cancel`)."""
+        return f"{self.prefix}.worker.{worker_id}.cancel"
+
+    def response(self, request_id: str) -> str:
+        """The per-request stream subject, subscribed by the controller before the request is sent."""
+        return f"{self.prefix}.response.{request_id}"
+
+    @property
+    def all(self) -> str:
+        """Wildcard matching every subject of this cluster (for monitoring)."""
+        return f"{self.prefix}.>"

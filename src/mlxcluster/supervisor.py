@@ -1,0 +1,190 @@
+"""Dual mode: a small supervisor of nats-server, one controller and N worker processes.
+
+Children are separate processes (the GIL and the MLX thread must not share a process with the API).
+A child that dies is restarted with exponential backoff; SIGINT/SIGTERM stops them in order —
+controller first (it drains), then workers, then nats-server. On Linux each child also gets
+``PR_SET_PDEATHSIG`` so that none outlives a supervisor killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 30.0
+STABLE_AFTER_S = 10.0
+
+
+@dataclass
+class ChildSpec:
+    """How to start one supervised child."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    stop_timeout_s: float = 10.0
+
+
+@dataclass
+class Child:
+    """A supervised child and its restart bookkeeping."""
+
+    spec: ChildSpec
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: ask Linux to SIGTERM this child when the supervisor dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def child_command() -> list[str]:
+    """The command that runs this same mlxcluster (venv, source tree or zipapp) as a child."""
+    return [sys.executable, "-m", "mlxcluster"]
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The supervisor's environment plus ``extra``, with our import path so a zipapp child finds us."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.update(extra)
+    return env
+
+
+class Supervisor:
+    """Starts and watches the dual-mode processes."""
+
+    def __init__(self, config: Config, *, workers: int = 1) -> None:
+        self.config = config
+        self.workers = workers
+        self.children: list[Child] = []
+        self.stopping = False
+
+    def specs(self, nats_url: str) -> list[ChildSpec]:
+        """The controller then the workers, each pointed at the embedded server."""
+        common = {"MLXCLUSTER_NATS_MODE": "external", "MLXCLUSTER_NATS_URL": nats_url}
+        base_id = self.config.worker.id or socket.gethostname().split(".")[0]
+        specs = [
+            ChildSpec(
+                "controller",
+                [*child_command(), "run", "--mode", "controller"],
+                child_env(common),
+                stop_timeout_s=self.config.controller.drain_timeout_s + 5,
+            )
+        ]
+        for index in range(self.workers):
+            worker_id = base_id if self.workers == 1 and self.config.worker.id else f"{base_id}-w{index + 1}"
+            specs.append(
+                ChildSpec(
+                    f"worker {worker_id}",
+                    [*child_command(), "run", "--mode", "worker"],
+                    child_env({**common, "MLXCLUSTER_WORKER_ID": worker_id}),
+                    stop_timeout_s=self.config.worker.drain_timeout_s + 5,
+                )
+            )
+        return specs
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Run until ``stop`` is set, then stop children in order; return 0."""
+        server = EmbeddedNatsServer(self.config.nats)
+        await server.start()
+        watch_server = asyncio.create_task(self._watch_server(server, stop))
+        try:
+            self.children = [Child(spec) for spec in self.specs(server.url)]
+            for child in self.children:
+                child.task = asyncio.create_task(self._keep_running(child))
+            log.info("dual mode: nats-server + %d children running; Ctrl-C stops them", len(self.children))
+            await stop.wait()
+        finally:
+            self.stopping = True
+            watch_server.cancel()
+            for child in self.children:  # controller first: it drains in-flight requests
+                await self._stop_child(child)
+            await server.stop()
+        return 0
+
+    async def _keep_running(self, child: Child) -> None:
+        """Start the child; whenever it exits unexpectedly, restart it with backoff."""
+        delay = 0.5
+        while not self.stopping:
+            child.started_at = time.monotonic()
+            child.process = await asyncio.create_subprocess_exec(
+                *child.spec.argv,
+                env=child.spec.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+            log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+            code = await child.process.wait()
+            if self.stopping:
+                return
+            if time.monotonic() - child.started_at > STABLE_AFTER_S:
+                delay = 0.5
+            child.restarts += 1
+            log.warning("%s exited with code %s; restarting in %.1fs", child.spec.name, code, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+    async def _stop_child(self, child: Child) -> None:
+        """SIGTERM, wait for the child's own drain, then SIGKILL."""
+        process = child.process
+        if child.task is not None:
+            child.task.cancel()
+        if process is None or process.returncode is not None:
+            return
+        await terminate(process, child.spec.stop_timeout_s, child.spec.name)
+
+    async def _watch_server(self, server: EmbeddedNatsServer, stop: asyncio.Event) -> None:
+        """Restart nats-server if it dies (clients reconnect by themselves)."""
+        delay = 0.5
+        while not (stop.is_set() or self.stopping):
+            process = server.process
+            if process is not None:
+                await process.wait()
+                if stop.is_set() or self.stopping:
+                    return
+                log.warning("nats-server exited with code %s; restarting in %.1fs", process.returncode, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+            await server.stop()
+            try:
+                await server.start()
+            except Exception as exc:
+                log.error("nats-server restart failed: %s", exc)
+
+
+async def terminate(
+    process: asyncio.subprocess.Process,
+    timeout: float,
+    name: str,
+) -> None:
+    """Send SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+        log.info("%s stopped (code %s)", name, process.returncode)
+    except TimeoutError:
+        log.warning("%s did not stop within %.0fs; killing it", name, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()

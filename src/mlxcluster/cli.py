@@ -17,6 +17,7 @@ import typer
 from mlxcluster import __version__
 from mlxcluster.config import Config, ConfigError
 from mlxcluster.config import load as load_config
+from mlxcluster.models.commands import models_app
 
 app = typer.Typer(
     name="mlxcluster",
@@ -31,6 +32,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models", help="Prepare, import and list models.")
 
 DEFAULT_CONFIG_FILE = "cluster.toml"
 ConfigOption = Annotated[

@@ -1,0 +1,1 @@
+"""Models: GGUF import, the default demo model, the models directory."""

@@ -15,6 +15,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from mlxcluster import __version__
+from mlxcluster.balancers_cli import balancers_app
 from mlxcluster.config import Config, ConfigError
 from mlxcluster.config import load as load_config
 from mlxcluster.models.commands import models_app
@@ -33,6 +34,7 @@ bench_app = typer.Typer(
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models", help="Prepare, import and list models.")
+app.add_typer(balancers_app, name="balancers", help="Load-balancing strategies (plugins).")
 
 DEFAULT_CONFIG_FILE = "cluster.toml"
 ConfigOption = Annotated[

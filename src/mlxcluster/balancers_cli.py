@@ -1,0 +1,108 @@
+"""``mlxcluster balancers ...``: the load-balancing strategies that built-in and installed plugins provide.
+
+Imports only the plugin machinery (never mlx, aiohttp or nats), so it starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from msgspec import Struct, to_builtins
+
+from mlxcluster.config import Config, ConfigError
+from mlxcluster.config import load as load_config
+from mlxcluster.plugins import BalancerEntry, PluginManager, collect_balancers, get_plugin_manager
+
+DEFAULT_CONFIG_FILE = "cluster.toml"
+
+balancers_app = typer.Typer(
+    name="balancers",
+    help="Load-balancing strategies from built-in and installed plugins.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+class BalancerRow(Struct, frozen=True, kw_only=True):
+    """One line of ``balancers list``."""
+
+    name: str
+    plugin: str
+    package: str | None
+    version: str | None
+    description: str
+    selected: bool
+
+
+@balancers_app.callback()
+def balancers_callback() -> None:
+    """Load-balancing strategies from built-in and installed plugins."""
+
+
+def _config(path: Path | None) -> Config:
+    """``--config``, else ``./cluster.toml`` when present, else defaults; exit 2 on a config error."""
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = Path(DEFAULT_CONFIG_FILE)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def balancer_rows(pm: PluginManager, entries: dict[str, BalancerEntry], selected: str) -> list[BalancerRow]:
+    """Rows sorted by name, with the package and version of the plugin that registered each one."""
+    rows = []
+    for name in sorted(entries):
+        entry = entries[name]
+        origin = pm.origins.get(entry.plugin)
+        rows.append(
+            BalancerRow(
+                name=name,
+                plugin=entry.plugin,
+                package=origin.package if origin else None,
+                version=origin.version if origin else None,
+                description=entry.description,
+                selected=name == selected,
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[BalancerRow]) -> str:
+    """A plain-text table: name (``*`` marks the configured strategy), source, description."""
+    lines = [("  NAME", "SOURCE", "DESCRIPTION")]
+    for row in rows:
+        source = f"{row.plugin} ({row.package} {row.version})" if row.package else row.plugin
+        lines.append((("* " if row.selected else "  ") + row.name, source, row.description))
+    widths = [max(len(line[i]) for line in lines) for i in range(2)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in lines)
+
+
+@balancers_app.command("list")
+def list_balancers(
+    config_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="MLXCLUSTER_CONFIG",
+            help="Config file (default: ./cluster.toml when it exists).",
+            dir_okay=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List balancers: name, the plugin and package that provide it, and what it does."""
+    config = _config(config_path)
+    pm = get_plugin_manager(config.plugins)
+    rows = balancer_rows(pm, collect_balancers(pm), config.load_balancing.strategy)
+    for name, reason in pm.failures.items():
+        typer.echo(f"warning: plugin {name} failed: {reason}", err=True)
+    if as_json:
+        typer.echo(json.dumps(to_builtins(rows), indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_table(rows))

@@ -1,0 +1,208 @@
+"""Built-in load-balancing strategies, registered through the same hook as third-party plugins.
+
+Every strategy receives only eligible workers (see :mod:`mlxcluster.controller.balancer_api`) and keeps
+its state bounded: a cursor, or an LRU of at most ``max_entries`` keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from mlxcluster.controller.balancer_api import WorkerView
+from mlxcluster.hookspecs import Register, hookimpl
+from mlxcluster.protocol import InferenceRequest
+
+DEFAULT_MAX_ENTRIES = 10_000
+
+
+class Cursor:
+    """Round-robin over a changing set of workers: the next id after the last one picked, wrapping."""
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def next(self, workers: Sequence[WorkerView]) -> WorkerView:
+        """The first worker (by id) after the previous pick; stable when workers come and go."""
+        last = self._last
+        after = [w for w in workers if last is None or w.id > last]
+        chosen = min(after or workers, key=lambda w: w.id)
+        self._last = chosen.id
+        return chosen
+
+
+def best(
+    workers: Sequence[WorkerView], key: Callable[[WorkerView], float | tuple[float, ...]], cursor: Cursor
+) -> WorkerView:
+    """The worker with the highest ``key``; ties are broken round-robin with ``cursor``."""
+    top = max(key(w) for w in workers)
+    return cursor.next([w for w in workers if key(w) == top])
+
+
+def least_utilized(workers: Sequence[WorkerView], cursor: Cursor) -> WorkerView:
+    """The worker with the lowest ``load / max_concurrent``; ties round-robin."""
+    return best(workers, lambda w: -w.utilization, cursor)
+
+
+class RoundRobin:
+    """Each worker in turn, by id."""
+
+    def __init__(self) -> None:
+        self._cursor = Cursor()
+
+    def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
+        """The next worker after the previous pick."""
+        return self._cursor.next(workers) if workers else None
+
+
+class LeastLoaded:
+    """Lowest (active + queued) relative to capacity; ties round-robin."""
+
+    def __init__(self) -> None:
+        self._cursor = Cursor()
+
+    def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
+        """The least utilized worker."""
+        return least_utilized(workers, self._cursor) if workers else None
+
+
+class RandomChoice:
+    """Uniformly random among the eligible workers."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
+
+    def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
+        """Any worker, each equally likely."""
+        return self._random.choice(workers) if workers else None
+
+
+class HardwareAware:
+    """Measured speed times free capacity, among workers with memory to spare.
+
+    A worker that reports free memory (``available_memory_gb > 0``) below ``min_free_memory_gb`` is left
+    out: having the model loaded is not enough if there is no room for its KV cache. Model sizes are never
+    guessed from names. Among workers with a free slot the score is ``tokens_per_second * free_slots /
+    max_concurrent``; a worker that has not measured its speed yet counts at the mean of those that have.
+    When every slot is busy, the least utilized worker wins. Ties go round-robin.
+    """
+
+    def __init__(self, min_free_memory_gb: float = 0.5) -> None:
+        self.min_free_memory_gb = min_free_memory_gb
+        self._cursor = Cursor()
+
+    def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
+        """The worker with the best speed × free-capacity score."""
+        roomy = [w for w in workers if w.available_memory_gb <= 0 or w.available_memory_gb >= self.min_free_memory_gb]
+        if not roomy:
+            return None
+        measured = [w.tokens_per_second for w in roomy if w.tokens_per_second > 0]
+        default_speed = sum(measured) / len(measured) if measured else 1.0
+
+        def score(w: WorkerView) -> tuple[float, float]:
+            if w.free_slots:
+                speed = w.tokens_per_second if w.tokens_per_second > 0 else default_speed
+                return (1.0, speed * w.free_slots / max(1, w.max_concurrent))
+            return (0.0, -w.utilization)
+
+        return best(roomy, score, self._cursor)
+
+
+def affinity_key(request: InferenceRequest, prefix_chars: int) -> bytes | None:
+    """A 16-byte digest of the session id, else of the first ``prefix_chars`` characters of the prompt.
+
+    Chat messages are flattened as ``role\\0content\\0`` so that conversations sharing a system prompt and
+    first turns share a key. Returns ``None`` when the request has neither.
+    """
+    if request.session_id:
+        text = "session\0" + request.session_id
+    elif request.prompt:
+        text = "prompt\0" + request.prompt[:prefix_chars]
+    elif request.messages:
+        parts: list[str] = []
+        size = 0
+        for message in request.messages:
+            parts.append(f"{message.role}\0{message.content}\0")
+            size += len(parts[-1])
+            if size >= prefix_chars:
+                break
+        text = "chat\0" + "".join(parts)[:prefix_chars]
+    else:
+        return None
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class LruMap:
+    """A bounded mapping key → worker id that forgets the least recently used key first."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._data: OrderedDict[bytes, str] = OrderedDict()
+
+    def get(self, key: bytes) -> str | None:
+        """The worker id for ``key`` (marking it recently used), or ``None``."""
+        found = self._data.get(key)
+        if found is not None:
+            self._data.move_to_end(key)
+        return found
+
+    def set(self, key: bytes, worker_id: str) -> None:
+        """Remember ``key`` → ``worker_id``, evicting the oldest key when full."""
+        self._data[key] = worker_id
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class PrefixAffinity:
+    """Same session id or prompt prefix → same worker (its KV/prefix cache is warm), else least loaded.
+
+    The remembered worker is used while it is eligible and has a free slot, or while no other worker has
+    one. When it is busy and another is free, the request goes to the least loaded worker but the key
+    stays with the remembered worker; when it is gone, the key moves to the new pick.
+    """
+
+    def __init__(self, prefix_chars: int = 256, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.prefix_chars = prefix_chars
+        self.assignments = LruMap(max_entries)
+        self._cursor = Cursor()
+
+    def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
+        """The remembered worker for this request's key when healthy and not overloaded."""
+        if not workers:
+            return None
+        key = affinity_key(request, self.prefix_chars)
+        if key is None:
+            return least_utilized(workers, self._cursor)
+        remembered = self.assignments.get(key)
+        preferred = next((w for w in workers if w.id == remembered), None)
+        if preferred is not None:
+            if preferred.free_slots or not any(w.free_slots for w in workers):
+                return preferred
+            return least_utilized(workers, self._cursor)
+        chosen = least_utilized(workers, self._cursor)
+        self.assignments.set(key, chosen.id)
+        return chosen
+
+
+@hookimpl
+def mlxcluster_register_balancers(register: Register) -> None:
+    """Register the built-in strategies."""
+    register("round_robin", RoundRobin, "Each eligible worker in turn.")
+    register("least_loaded", LeastLoaded, "Lowest (active + queued) / capacity; ties round-robin.")
+    register(
+        "hardware_aware",
+        HardwareAware,
+        "Measured tokens/s × free capacity, among workers with free memory for the model.",
+    )
+    register("random", RandomChoice, "Uniformly random among eligible workers.")
+    register(
+        "prefix_affinity",
+        PrefixAffinity,
+        "Same session or prompt prefix → same worker while healthy and not overloaded; else least loaded.",
+    )

@@ -1,0 +1,120 @@
+"""The controller's aiohttp application: ``create_app(config, bus, pm)``.
+
+Everything the app opens — registry subscriptions, the offline sweeper, the announce — is opened in
+a ``cleanup_ctx`` and closed by it, so an app made by the factory in a test behaves like production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import pluggy
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from mlxcluster.bus import Bus
+from mlxcluster.config import Config
+from mlxcluster.controller import routes_cluster, routes_openai
+from mlxcluster.controller.balancing import build_balancer
+from mlxcluster.controller.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.dispatch import Dispatcher
+from mlxcluster.controller.inbox import ResponseInbox
+from mlxcluster.controller.middleware import (
+    auth_middleware,
+    cors_middleware,
+    error_middleware,
+    request_id_middleware,
+)
+from mlxcluster.controller.registry import WorkerRegistry
+from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 0.5
+
+
+def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Application:
+    """Build the controller app; its cleanup_ctx joins the cluster when the app starts."""
+    registry = WorkerRegistry(config)
+    balancer = build_balancer(pm, config.load_balancing)
+    controller_id = f"controller-{uuid.uuid4().hex[:8]}"
+    inbox = ResponseInbox(bus, controller_id)
+    ctx = ControllerContext(
+        config=config,
+        bus=bus,
+        registry=registry,
+        dispatcher=Dispatcher(bus=bus, registry=registry, balancer=balancer, config=config.controller, inbox=inbox),
+        balancer_name=config.load_balancing.strategy,
+        controller_id=controller_id,
+    )
+    middlewares = [
+        request_id_middleware,
+        cors_middleware(config.controller.cors),
+        error_middleware,
+        auth_middleware(config.controller.api_keys),
+    ]
+    app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
+    app[CONTROLLER] = ctx
+    app.add_routes(routes_openai.routes)
+    app.add_routes(routes_cluster.routes)
+    app.cleanup_ctx.append(join_cluster)
+    return app
+
+
+async def join_cluster(app: web.Application) -> AsyncIterator[None]:
+    """Subscribe to worker discovery, sweep for offline workers, announce; undo on cleanup."""
+    ctx = app[CONTROLLER]
+    bus, registry, subjects = ctx.bus, ctx.registry, ctx.bus.subjects
+    if ctx.lifecycle.state == "idle":
+        ctx.lifecycle.to("connecting")
+    ctx.lifecycle.to("starting")
+
+    async def on_register(registration: WorkerRegistration, _msg: Msg) -> None:
+        registry.on_registration(registration)
+
+    async def on_heartbeat(heartbeat: WorkerHeartbeat, _msg: Msg) -> None:
+        if registry.on_heartbeat(heartbeat):
+            await announce()  # an unknown worker: ask everyone to register again
+
+    async def on_deregister(message: Deregister, _msg: Msg) -> None:
+        registry.on_deregister(message)
+
+    async def announce() -> None:
+        await bus.publish(subjects.announce, Announce(controller_id=ctx.controller_id, started_at=ctx.started_at))
+
+    await ctx.dispatcher.inbox.start()
+    subscriptions = [
+        await bus.subscribe(subjects.register, WorkerRegistration, on_register),
+        await bus.subscribe(subjects.heartbeat, WorkerHeartbeat, on_heartbeat),
+        await bus.subscribe(subjects.deregister, Deregister, on_deregister),
+    ]
+    await bus.nc.flush()
+    await announce()
+    sweeper = asyncio.create_task(_sweep_forever(registry))
+    ctx.lifecycle.to("ready")
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        await ctx.dispatcher.inbox.close()
+        for sub in subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if ctx.lifecycle.state not in ("stopped", "error"):
+            if ctx.lifecycle.state != "draining":
+                ctx.lifecycle.to("draining")
+            ctx.lifecycle.to("stopped")
+
+
+async def _sweep_forever(registry: WorkerRegistry) -> None:
+    """Mark silent workers offline (detection within offline_timeout + SWEEP_INTERVAL_S)."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        try:
+            registry.sweep()
+        except Exception:
+            log.exception("registry sweep failed")

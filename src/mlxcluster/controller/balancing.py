@@ -1,0 +1,145 @@
+"""From the configured strategy name to a worker: priority tiers, sticky sessions, plugin isolation.
+
+The pipeline for one pick, built by :func:`build_balancer`::
+
+    registry.eligible(model, exclude)      online/degraded workers serving the model
+      → StickySessions (if enabled)        same session id → same worker while it is eligible
+      → PreferredTier                      online before degraded, then the highest priority tier
+                                           that has a free slot (else the highest tier)
+      → the strategy plugin                round_robin, least_loaded, ... or a third-party one
+
+A strategy that raises or returns something that is not one of its workers is logged and replaced, for
+that pick, by ``least_loaded``, so a broken plugin never fails a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Collection, Mapping, Sequence
+
+import pluggy
+
+from mlxcluster.builtin.balancers import DEFAULT_MAX_ENTRIES, LeastLoaded, LruMap
+from mlxcluster.config import LoadBalancingSection
+from mlxcluster.controller.balancer_api import Balancer, WorkerView
+from mlxcluster.controller.registry import WorkerRegistry
+from mlxcluster.plugins import BalancerEntry, collect_balancers
+from mlxcluster.protocol import InferenceRequest
+
+log = logging.getLogger(__name__)
+
+
+class UnknownBalancerError(LookupError):
+    """``load_balancing.strategy`` names no registered balancer."""
+
+
+class PreferredTier:
+    """Narrow the eligible workers to the preferred tier, then let ``strategy`` pick.
+
+    Degraded workers are used only when no online worker serves the model. Among the rest, the highest
+    ``priority`` wins while any worker of that priority has a free slot; when the whole tier is busy the
+    next priority with a free slot is used (spill-over), and when no worker has a free slot the highest
+    priority tier queues the request.
+    """
+
+    def __init__(self, strategy: Balancer, name: str = "strategy") -> None:
+        self.strategy = strategy
+        self.name = name
+        self.fallback = LeastLoaded()
+        self.errors = 0
+
+    def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
+        """Pick within the preferred tier."""
+        candidates = preferred_tier(workers)
+        if not candidates:
+            return None
+        try:
+            chosen = self.strategy.pick(candidates, request)
+            if chosen is None or (isinstance(chosen, WorkerView) and any(chosen.id == w.id for w in candidates)):
+                return chosen
+            raise TypeError(f"returned {chosen!r}, which is not one of the workers it was given")
+        except Exception:
+            self.errors += 1
+            if self.errors == 1 or self.errors % 1000 == 0:
+                log.exception("balancer %s failed (%d times); using least_loaded", self.name, self.errors)
+            return self.fallback.pick(candidates, request)
+
+
+def preferred_tier(workers: Sequence[WorkerView]) -> list[WorkerView]:
+    """The workers a strategy should choose among (see :class:`PreferredTier`)."""
+    online = [w for w in workers if w.status == "online"]
+    pool = online or [w for w in workers if w.status == "degraded"]
+    if not pool:
+        return []
+    priorities = sorted({w.priority for w in pool}, reverse=True)
+    for priority in priorities:
+        tier = [w for w in pool if w.priority == priority]
+        if any(w.free_slots for w in tier):
+            return tier
+    return [w for w in pool if w.priority == priorities[0]]
+
+
+class StickySessions:
+    """Requests with the same ``session_id`` go to the same worker while it stays eligible.
+
+    Remembers at most ``max_sessions`` sessions (least recently used forgotten first), keyed by a digest
+    of the session id so memory per entry is bounded. Requests without a session id pass straight through.
+    """
+
+    def __init__(self, inner: Balancer, max_sessions: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.inner = inner
+        self.sessions = LruMap(max_sessions)
+
+    def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
+        """The session's worker if still eligible, else the inner balancer's pick (then remembered)."""
+        if not request.session_id:
+            return self.inner.pick(workers, request)
+        key = hashlib.blake2b(request.session_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        remembered = self.sessions.get(key)
+        if remembered is not None:
+            for worker in workers:
+                if worker.id == remembered:
+                    return worker
+        chosen = self.inner.pick(workers, request)
+        if chosen is not None:
+            self.sessions.set(key, chosen.id)
+        return chosen
+
+
+def build_balancer(pm: pluggy.PluginManager, section: LoadBalancingSection) -> Balancer:
+    """The balancer for ``[load_balancing]``, from the strategies the plugins in ``pm`` register.
+
+    :raises UnknownBalancerError: the strategy is not registered (the message lists the ones that are).
+    """
+    return balancer_from_entries(collect_balancers(pm), section)
+
+
+def balancer_from_entries(entries: Mapping[str, BalancerEntry], section: LoadBalancingSection) -> Balancer:
+    """Like :func:`build_balancer`, from entries already collected with :func:`collect_balancers`."""
+    entry = entries.get(section.strategy)
+    if entry is None:
+        known = ", ".join(sorted(entries)) or "none"
+        raise UnknownBalancerError(
+            f"load_balancing.strategy: unknown balancer {section.strategy!r} (registered: {known})"
+        )
+    strategy = entry.factory()
+    if not callable(getattr(strategy, "pick", None)):
+        raise UnknownBalancerError(
+            f"load_balancing.strategy: {section.strategy!r} from plugin {entry.plugin} has no pick() method"
+        )
+    balancer: Balancer = PreferredTier(strategy, name=section.strategy)
+    if section.sticky_sessions:
+        balancer = StickySessions(balancer)
+    return balancer
+
+
+def select_worker(
+    registry: WorkerRegistry,
+    balancer: Balancer,
+    request: InferenceRequest,
+    exclude: Collection[str] = frozenset(),
+) -> WorkerView | None:
+    """Pick a worker for ``request`` among the registry's eligible ones (``None``: nobody can take it)."""
+    workers = registry.eligible(request.model, exclude)
+    return balancer.pick(workers, request) if workers else None

@@ -1,0 +1,31 @@
+"""What every route needs, stored once on the app under :data:`CONTROLLER` (no globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from mlxcluster.bus import Bus
+from mlxcluster.config import Config
+from mlxcluster.controller.dispatch import Dispatcher
+from mlxcluster.controller.lifecycle import Lifecycle
+from mlxcluster.controller.registry import WorkerRegistry
+
+
+@dataclass
+class ControllerContext:
+    """The controller's parts, built by :func:`mlxcluster.controller.app.create_app`."""
+
+    config: Config
+    bus: Bus
+    registry: WorkerRegistry
+    dispatcher: Dispatcher
+    balancer_name: str
+    controller_id: str
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+
+CONTROLLER = web.AppKey("controller", ControllerContext)

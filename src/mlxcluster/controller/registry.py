@@ -1,0 +1,380 @@
+"""The controller's view of its workers: fed by registration, heartbeat and deregister messages.
+
+Status comes from the worker's heartbeats (online / degraded / draining) and from silence: a worker not
+heard from for ``discovery.offline_timeout_ms`` is marked offline by :meth:`WorkerRegistry.sweep`, which the
+controller calls at least every second (:meth:`WorkerRegistry.run_sweeper`). Non-static workers that
+stay offline for ``forget_after_s`` (default ten timeouts) are forgotten, so memory stays bounded.
+``[[workers.static]]`` entries are known from the start (offline until they register), keep their
+configured priority and tags when a worker registers under that name, and are never forgotten.
+
+The registry is used from one event loop and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+
+from msgspec import Struct
+
+from mlxcluster.config import Config
+from mlxcluster.controller.balancer_api import ELIGIBLE_STATES, WorkerState, WorkerView
+from mlxcluster.protocol import Deregister, WorkerHeartbeat, WorkerRegistration
+
+log = logging.getLogger(__name__)
+
+FORGET_AFTER_TIMEOUTS = 10
+MAX_SWEEP_INTERVAL_S = 1.0
+
+
+class WorkerEvent(Struct, frozen=True, kw_only=True):
+    """A worker appeared (``previous is None``), changed status, or was removed (``current is None``)."""
+
+    worker_id: str
+    previous: WorkerState | None
+    current: WorkerState | None
+
+
+class RegistryStats(Struct, frozen=True, kw_only=True):
+    """Counts over all known workers; capacity and load only over online and degraded ones."""
+
+    total: int = 0
+    online: int = 0
+    degraded: int = 0
+    draining: int = 0
+    offline: int = 0
+    capacity: int = 0
+    active: int = 0
+    queued: int = 0
+    inflight: int = 0
+
+
+Listener = Callable[[WorkerEvent], None]
+
+
+@dataclass(slots=True)
+class _Worker:
+    """Mutable record behind a :class:`WorkerView`."""
+
+    id: str
+    status: WorkerState = "offline"
+    priority: int = 0
+    tags: tuple[str, ...] = ()
+    static: bool = False
+    registered: bool = False
+    registration: WorkerRegistration | None = None
+    models: tuple[str, ...] = ()
+    max_concurrent: int = 1
+    max_queue: int = 0
+    last_seen: float | None = None
+    offline_since: float | None = None
+    asked_to_register_at: float | None = None
+    heartbeat: WorkerHeartbeat | None = None
+    inflight: int = 0
+    since_heartbeat: int = 0
+    static_address: str = ""
+
+    def load(self) -> int:
+        """Best estimate of requests on the worker now (see :meth:`WorkerRegistry.begin`)."""
+        hb = self.heartbeat
+        reported = hb.active + hb.queued if hb is not None else 0
+        return max(self.inflight, reported + self.since_heartbeat, 0)
+
+
+class WorkerRegistry:
+    """Every worker this controller knows, with status, capacity, load and queries.
+
+    :param config: ``discovery.offline_timeout_ms`` and ``workers.static`` are read from it.
+    :param clock: monotonic seconds; tests pass a fake one.
+    :param forget_after_s: how long a non-static worker stays listed while offline.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], float] = time.monotonic,
+        forget_after_s: float | None = None,
+    ) -> None:
+        self.offline_timeout_s = config.discovery.offline_timeout_ms / 1000
+        self.forget_after_s = (
+            forget_after_s if forget_after_s is not None else FORGET_AFTER_TIMEOUTS * self.offline_timeout_s
+        )
+        self._clock = clock
+        self._workers: dict[str, _Worker] = {}
+        self._departed: dict[str, float] = {}
+        self._listeners: list[Listener] = []
+        for entry in config.workers.static:
+            self._workers[entry.name] = _Worker(
+                id=entry.name,
+                priority=entry.priority,
+                tags=tuple(entry.tags),
+                static=True,
+                static_address=f"{entry.host}:{entry.port}" if entry.port else entry.host,
+            )
+
+    # --- listeners ------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` on every add, status change and removal (exceptions are logged)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _emit(self, worker_id: str, previous: WorkerState | None, current: WorkerState | None) -> None:
+        if previous == current:
+            return
+        event = WorkerEvent(worker_id=worker_id, previous=previous, current=current)
+        log.info("worker %s: %s → %s", worker_id, previous or "new", current or "removed")
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("registry listener %r failed", listener)
+
+    def _set_status(self, worker: _Worker, status: WorkerState, now: float) -> None:
+        previous = worker.status
+        worker.status = status
+        worker.offline_since = now if status == "offline" else None
+        self._emit(worker.id, previous, status)
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def on_registration(self, message: WorkerRegistration) -> WorkerView:
+        """A worker (re)registered: it is online with the models and capacity it announced."""
+        now = self._clock()
+        self._departed.pop(message.worker_id, None)
+        worker, created = self._entry(message.worker_id)
+        caps = message.capabilities
+        worker.registration = message
+        worker.registered = True
+        worker.models = tuple(caps.models)
+        worker.max_concurrent = max(1, caps.max_concurrent)
+        worker.max_queue = max(0, caps.max_queue)
+        worker.last_seen = now
+        worker.asked_to_register_at = None
+        if created:
+            worker.status = "online"
+            self._emit(worker.id, None, "online")
+        else:
+            self._set_status(worker, "online", now)
+        return self._view(worker, now)
+
+    def on_heartbeat(self, message: WorkerHeartbeat) -> bool:
+        """Record a heartbeat. Return True when the controller should ask the worker to register.
+
+        A heartbeat from an unknown worker (for instance after a controller restart) creates a minimal
+        entry that serves the heartbeat's ``models_loaded`` with capacity 1 until the worker registers.
+        True is returned at most once per offline timeout per worker, so a lost announce is retried
+        without flooding. Heartbeats from a worker that deregistered less than a timeout ago are ignored.
+        """
+        now = self._clock()
+        departed = self._departed.get(message.worker_id)
+        if departed is not None and now - departed < self.offline_timeout_s:
+            return False
+        worker, created = self._entry(message.worker_id)
+        worker.heartbeat = message
+        worker.since_heartbeat = 0
+        worker.last_seen = now
+        if message.models_loaded:
+            worker.models = tuple(message.models_loaded)
+        if created:
+            worker.status = message.status
+            self._emit(worker.id, None, message.status)
+        else:
+            self._set_status(worker, message.status, now)
+        if worker.registered:
+            return False
+        asked = worker.asked_to_register_at
+        if asked is not None and now - asked < self.offline_timeout_s:
+            return False
+        worker.asked_to_register_at = now
+        return True
+
+    def on_deregister(self, message: Deregister) -> bool:
+        """A worker left on purpose: static ones go offline, others are removed. False if unknown."""
+        now = self._clock()
+        worker = self._workers.get(message.worker_id)
+        if worker is None:
+            return False
+        self._departed[message.worker_id] = now
+        if worker.static:
+            worker.registered = False
+            worker.heartbeat = None
+            self._set_status(worker, "offline", now)
+        else:
+            del self._workers[worker.id]
+            self._emit(worker.id, worker.status, None)
+        return True
+
+    def _entry(self, worker_id: str) -> tuple[_Worker, bool]:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            return worker, False
+        worker = self._workers[worker_id] = _Worker(id=worker_id)
+        return worker, True
+
+    # --- timeouts -------------------------------------------------------------------------------
+
+    def sweep(self) -> list[WorkerEvent]:
+        """Mark silent workers offline and forget long-offline non-static ones; return what changed."""
+        now = self._clock()
+        events: list[WorkerEvent] = []
+        for worker in list(self._workers.values()):
+            if worker.status != "offline":
+                if worker.last_seen is None or now - worker.last_seen > self.offline_timeout_s:
+                    events.append(WorkerEvent(worker_id=worker.id, previous=worker.status, current="offline"))
+                    self._set_status(worker, "offline", now)
+            elif not worker.static and worker.offline_since is not None:
+                if now - worker.offline_since > self.forget_after_s:
+                    del self._workers[worker.id]
+                    events.append(WorkerEvent(worker_id=worker.id, previous="offline", current=None))
+                    self._emit(worker.id, "offline", None)
+        for worker_id, departed in list(self._departed.items()):
+            if now - departed >= self.offline_timeout_s:
+                del self._departed[worker_id]
+        return events
+
+    async def run_sweeper(self, stop: asyncio.Event, interval_s: float | None = None) -> None:
+        """Call :meth:`sweep` every ``interval_s`` (default: a quarter timeout, at most 1 s) until ``stop``."""
+        interval = interval_s if interval_s is not None else min(MAX_SWEEP_INTERVAL_S, self.offline_timeout_s / 4)
+        while not stop.is_set():
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("registry sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    # --- local load -----------------------------------------------------------------------------
+
+    def begin(self, worker_id: str) -> None:
+        """The dispatcher sent a request to ``worker_id``.
+
+        Load between heartbeats is ``max(inflight, reported + since_heartbeat)``: ``inflight`` counts this
+        controller's unfinished requests (exact for a single controller, and covers requests still on the
+        wire when a heartbeat was sent), ``reported`` is the heartbeat's active + queued (which includes other
+        controllers' requests) and ``since_heartbeat`` is begins minus ends since that heartbeat.
+        """
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.inflight += 1
+            worker.since_heartbeat += 1
+
+    def end(self, worker_id: str) -> None:
+        """A request sent to ``worker_id`` finished, failed or was cancelled (call once per :meth:`begin`)."""
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.inflight = max(0, worker.inflight - 1)
+            worker.since_heartbeat -= 1
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def get(self, worker_id: str) -> WorkerView | None:
+        """One worker's view, or ``None`` when unknown."""
+        worker = self._workers.get(worker_id)
+        return self._view(worker, self._clock()) if worker is not None else None
+
+    def query(
+        self,
+        *,
+        status: WorkerState | Collection[WorkerState] | None = None,
+        tag: str | None = None,
+        model: str | None = None,
+    ) -> list[WorkerView]:
+        """Views of matching workers, highest priority first, then by id."""
+        statuses = {status} if isinstance(status, str) else set(status) if status is not None else None
+        now = self._clock()
+        return [
+            self._view(w, now)
+            for w in self._sorted(self._workers.values())
+            if (statuses is None or w.status in statuses)
+            and (tag is None or tag in w.tags)
+            and (model is None or model in w.models)
+        ]
+
+    def eligible(self, model: str, exclude: Collection[str] = frozenset()) -> list[WorkerView]:
+        """Online or degraded workers serving ``model``, minus ``exclude`` (workers already tried)."""
+        now = self._clock()
+        return [
+            self._view(w, now)
+            for w in self._sorted(self._workers.values())
+            if w.status in ELIGIBLE_STATES and model in w.models and w.id not in exclude
+        ]
+
+    def has_model(self, model: str) -> bool:
+        """Whether any known worker, whatever its status, serves ``model``.
+
+        False means "unknown model" (404); True with no eligible worker means "no capacity" (503).
+        """
+        return any(model in w.models for w in self._workers.values())
+
+    def is_offline(self, worker_id: str) -> bool:
+        """True when the worker is offline or no longer known (a dispatcher stops waiting on it)."""
+        worker = self._workers.get(worker_id)
+        return worker is None or worker.status == "offline"
+
+    def models(self) -> list[str]:
+        """Sorted union of the models served by online and degraded workers."""
+        return sorted({m for w in self._workers.values() if w.status in ELIGIBLE_STATES for m in w.models})
+
+    def stats(self) -> RegistryStats:
+        """Counts by status, plus capacity and load of the online and degraded workers."""
+        counts = dict.fromkeys(("online", "degraded", "draining", "offline"), 0)
+        capacity = active = queued = inflight = 0
+        for w in self._workers.values():
+            counts[w.status] += 1
+            if w.status in ELIGIBLE_STATES:
+                capacity += w.max_concurrent
+                active += w.heartbeat.active if w.heartbeat else 0
+                queued += w.heartbeat.queued if w.heartbeat else 0
+                inflight += w.inflight
+        return RegistryStats(
+            total=len(self._workers), capacity=capacity, active=active, queued=queued, inflight=inflight, **counts
+        )
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._workers
+
+    @staticmethod
+    def _sorted(workers: Iterable[_Worker]) -> list[_Worker]:
+        return sorted(workers, key=lambda w: (-w.priority, w.id))
+
+    def _view(self, w: _Worker, now: float) -> WorkerView:
+        reg, hb = w.registration, w.heartbeat
+        caps = reg.capabilities if reg is not None else None
+        memory = hb.available_memory_gb if hb is not None and hb.available_memory_gb > 0 else 0.0
+        return WorkerView(
+            id=w.id,
+            status=w.status,
+            priority=w.priority,
+            tags=w.tags,
+            models=w.models,
+            active=hb.active if hb else 0,
+            queued=hb.queued if hb else 0,
+            inflight=w.inflight,
+            load=w.load(),
+            max_concurrent=w.max_concurrent,
+            max_queue=w.max_queue,
+            tokens_per_second=hb.tokens_per_second if hb else 0.0,
+            available_memory_gb=memory or (caps.available_memory_gb if caps else 0.0),
+            memory_gb=reg.hardware.memory_gb if reg else 0.0,
+            hostname=reg.hostname if reg else "",
+            address=(reg.address if reg and reg.address else w.static_address),
+            engine=caps.engine if caps else "",
+            version=caps.version if caps else "",
+            static=w.static,
+            registered=w.registered,
+            seen_ago_s=None if w.last_seen is None else max(0.0, now - w.last_seen),
+            requests_total=hb.requests_total if hb else 0,
+            errors_total=hb.errors_total if hb else 0,
+        )

@@ -1,0 +1,91 @@
+"""Cluster routes: liveness, readiness, status and the worker list."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from mlxcluster import __version__
+from mlxcluster.controller.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.errors import ApiError
+
+routes = web.RouteTableDef()
+WORKER_STATES = ("online", "degraded", "draining", "offline")
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: the controller is ready and at least one worker is online."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    online = ctx.registry.stats().online
+    is_ready = ctx.lifecycle.accepting and online > 0 and ctx.bus.is_connected
+    body = {"ready": is_ready, "state": ctx.lifecycle.state, "workers_online": online}
+    return web.json_response(body, status=200 if is_ready else 503)
+
+
+@routes.get("/api/cluster/status")
+async def cluster_status(request: web.Request) -> web.Response:
+    """Controller state, worker counts, request counters, bus health."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    stats = ctx.dispatcher.stats
+    nc = ctx.bus.nc
+    return web.json_response(
+        {
+            "controller_id": ctx.controller_id,
+            "version": __version__,
+            "state": ctx.lifecycle.state,
+            "state_since": ctx.lifecycle.since,
+            "uptime_s": round(time.time() - ctx.started_at, 1),
+            "balancer": ctx.balancer_name,
+            "sticky_sessions": ctx.config.load_balancing.sticky_sessions,
+            "workers": msgspec.to_builtins(ctx.registry.stats()),
+            "models": ctx.registry.models(),
+            "requests": {
+                "total": stats.requests,
+                "in_flight": stats.in_flight,
+                "retries": stats.retries,
+                "failed": stats.failed,
+            },
+            "nats": {
+                "connected": nc.is_connected,
+                "server": nc.connected_url.netloc if nc.connected_url else None,
+                "max_payload": nc.max_payload if nc.is_connected else None,
+                "invalid_messages_total": ctx.bus.invalid_messages_total,
+            },
+        }
+    )
+
+
+@routes.get("/api/cluster/workers")
+async def list_workers(request: web.Request) -> web.Response:
+    """All known workers, optionally filtered by ``?status=``, ``?model=``, ``?tag=``."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    status = request.query.get("status")
+    if status is not None and status not in WORKER_STATES:
+        raise ApiError(400, f"Invalid status '{status}'; expected one of {', '.join(WORKER_STATES)}", param="status")
+    workers = ctx.registry.query(status=status, model=request.query.get("model"), tag=request.query.get("tag"))
+    return web.json_response({"workers": [_worker_json(ctx, w) for w in workers]})
+
+
+@routes.get("/api/cluster/workers/{worker_id}")
+async def get_worker(request: web.Request) -> web.Response:
+    """One worker, or a 404 in the error shape."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    worker = ctx.registry.get(request.match_info["worker_id"])
+    if worker is None:
+        raise ApiError(404, f"No worker '{request.match_info['worker_id']}'", code="worker_not_found")
+    return web.json_response(_worker_json(ctx, worker))
+
+
+def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
+    data = msgspec.to_builtins(worker)
+    data["breaker"] = ctx.dispatcher.breakers.state(data["id"])
+    return data

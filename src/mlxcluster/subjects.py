@@ -39,9 +39,13 @@ class Subjects:
         """A worker's cancel subject (:class:`~mlxcluster.protocol.Cancel`)."""
         return f"{self.prefix}.worker.{worker_id}.cancel"
 
-    def response(self, request_id: str) -> str:
-        """The per-request stream subject, subscribed by the controller before the request is sent."""
-        return f"{self.prefix}.response.{request_id}"
+    def response(self, controller_id: str, request_key: str) -> str:
+        """One request's stream subject: the reply subject the worker publishes frames to."""
+        return f"{self.prefix}.response.{controller_id}.{request_key}"
+
+    def responses(self, controller_id: str) -> str:
+        """Wildcard for every stream of one controller: subscribed once, before any request is sent."""
+        return f"{self.prefix}.response.{controller_id}.>"
 
     @property
     def all(self) -> str:

@@ -131,6 +131,7 @@ class Supervisor:
                 *child.spec.argv,
                 env=child.spec.env,
                 stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
                 preexec_fn=_die_with_parent,
             )
             log.info("started %s (pid %d)", child.spec.name, child.process.pid)

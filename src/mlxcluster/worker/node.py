@@ -1,17 +1,55 @@
-"""The worker role's lifetime: started by ``mlxcluster run --mode worker``."""
+"""The worker role's lifetime: engine up, service on the bus, drain on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.worker.engine_base import Engine
+from mlxcluster.worker.service import WorkerService
+from mlxcluster.worker.system import detect_hardware, hostname
 
 log = logging.getLogger(__name__)
 
 
-async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event) -> None:
-    """Join the bus and wait for the stop signal (the worker service is added by its own issue)."""
-    log.info("worker joined NATS; waiting for SIGINT/SIGTERM")
-    await stop.wait()
+def default_worker_id() -> str:
+    """``<short hostname>-<pid>``: unique per process, readable in tables."""
+    return f"{hostname().split('.')[0]}-{os.getpid()}"
+
+
+def build_engine(config: Config) -> Engine:
+    """The engine named by ``worker.engine`` (mlx-lm is imported only for ``mlx``)."""
+    if config.worker.engine == "echo":
+        from mlxcluster.worker.echo import EchoEngine
+
+        models = [config.worker.model] if config.worker.model else None
+        return EchoEngine(models=models, token_delay_ms=config.worker.echo_token_delay_ms)
+    from mlxcluster.worker.engine import MlxEngine
+    from mlxcluster.worker.models import resolve_model
+
+    path, served_name = resolve_model(config)
+    return MlxEngine(path, served_name=served_name, max_concurrent=config.worker.max_concurrent)
+
+
+async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine: Engine | None = None) -> None:
+    """Start the engine and the service, serve until ``stop``, then drain."""
+    engine = engine or build_engine(config)
+    await engine.start()
+    info = engine.info()
+    log.info("engine %s ready: models %s %s", info.name, info.models, info.details)
+    service = WorkerService(
+        config=config,
+        bus=bus,
+        engine=engine,
+        worker_id=config.worker.id or default_worker_id(),
+        hardware=detect_hardware(probe_accelerator=info.name != "echo"),
+    )
+    try:
+        await service.start()
+        await stop.wait()
+        await service.drain(config.worker.drain_timeout_s)
+    finally:
+        await engine.stop()

@@ -1,0 +1,52 @@
+"""Admission control: at most ``max_concurrent`` requests run, at most ``max_queue`` wait, FIFO."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class Admission:
+    """A FIFO gate with a bounded wait queue; refusal is immediate when the queue is full."""
+
+    def __init__(self, max_concurrent: int, max_queue: int) -> None:
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def would_queue(self) -> bool:
+        """True if a request arriving now would have to wait."""
+        return self.active >= self.max_concurrent
+
+    async def acquire(self) -> bool:
+        """Take a slot, waiting in line if needed; ``False`` if the queue is full (refuse the request)."""
+        if self.active < self.max_concurrent and not self._waiters:
+            self.active += 1
+            return True
+        if len(self._waiters) >= self.max_queue:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed to us just as we were cancelled
+            raise
+        return True
+
+    def release(self) -> None:
+        """Give a slot back, handing it straight to the next waiter."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.active -= 1

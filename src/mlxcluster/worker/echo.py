@@ -1,0 +1,87 @@
+"""The ``echo`` engine: no model, deterministic output, for control-plane tests and benchmarks.
+
+It streams back the words of the last message (or the prompt), one word per token, up to
+``max_tokens``, with an optional per-token delay. Output and usage are always labelled ``echo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from mlxcluster.protocol import Done, Error, InferenceRequest, Timings, Token, Usage
+from mlxcluster.worker.engine_base import Engine, EngineFrame, EngineInfo
+
+ECHO_MODEL = "echo"
+
+
+def echo_words(request: InferenceRequest) -> tuple[list[str], int]:
+    """The words to echo and the prompt's word count (the echo engine's "tokens")."""
+    if request.messages:
+        source = request.messages[-1].content
+        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+    else:
+        source = request.prompt or ""
+        prompt_tokens = len(source.split())
+    words = source.split() or ["echo"]
+    return [w if i == 0 else " " + w for i, w in enumerate(words)], prompt_tokens
+
+
+class EchoEngine(Engine):
+    """Deterministic tokens with a fixed delay; serves the model names it is given."""
+
+    def __init__(self, *, models: list[str] | None = None, token_delay_ms: float = 0.0) -> None:
+        self.models = models or [ECHO_MODEL]
+        self.token_delay_s = token_delay_ms / 1000
+
+    async def start(self) -> None:
+        """Nothing to load."""
+
+    async def stop(self) -> None:
+        """Nothing to release."""
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            name="echo", models=list(self.models), details={"token_delay_ms": str(self.token_delay_s * 1000)}
+        )
+
+    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineFrame]:
+        started = time.perf_counter()
+        words, prompt_tokens = echo_words(request)
+        text_so_far = ""
+        emitted = 0
+        first_at: float | None = None
+        finish = "stop"
+        for word in words:
+            if emitted >= request.max_tokens:
+                finish = "length"
+                break
+            if request.deadline is not None and time.time() > request.deadline:
+                yield Error(code="deadline_exceeded", message="request deadline passed on the worker")
+                return
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            candidate = text_so_far + word
+            hit = next((s for s in request.stop if s and s in candidate), None)
+            if hit is not None:
+                tail = candidate[: candidate.index(hit)][len(text_so_far) :]
+                if tail:
+                    yield Token(text=tail, seq=emitted)
+                    emitted += 1
+                break
+            text_so_far = candidate
+            first_at = first_at or time.perf_counter()
+            yield Token(text=word, seq=emitted)
+            emitted += 1
+        total_s = time.perf_counter() - started
+        ttft_s = (first_at - started) if first_at else total_s
+        yield Done(
+            finish_reason=finish,  # type: ignore[arg-type]
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=emitted, total_tokens=prompt_tokens + emitted),
+            timings=Timings(
+                ttft_ms=ttft_s * 1000,
+                total_ms=total_s * 1000,
+                tokens_per_second=emitted / total_s if total_s > 0 else 0.0,
+            ),
+        )

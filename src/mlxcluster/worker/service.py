@@ -1,0 +1,314 @@
+"""The worker node on the bus: registration, heartbeats, inference requests, cancellation, drain.
+
+Each request arrives on ``worker.<id>.inference`` with a NATS reply subject that the controller
+subscribed *before* sending, so no frame is lost. The worker answers with ``Accepted``, then
+``Token`` frames (coalesced when the bus is slower than generation), then ``Done`` or ``Error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mlxcluster import __version__
+from mlxcluster.bus import Bus
+from mlxcluster.config import Config
+from mlxcluster.protocol import (
+    Accepted,
+    Announce,
+    Cancel,
+    Capabilities,
+    Deregister,
+    Done,
+    Error,
+    Hardware,
+    InferenceRequest,
+    Token,
+    WorkerHeartbeat,
+    WorkerRegistration,
+    WorkerStatus,
+)
+from mlxcluster.worker.admission import Admission
+from mlxcluster.worker.engine_base import Engine, EngineFrame
+from mlxcluster.worker.system import ProcessMonitor, hostname
+
+log = logging.getLogger(__name__)
+
+PROBE_HEADER = "Mlxcluster-Probe"
+GONE_HEADER = "Mlxcluster-Gone"
+PROBE_INTERVAL_S = 5.0
+RATE_WINDOW_S = 5.0
+
+
+class TokenRate:
+    """Generated tokens per second over a sliding window."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self.window_s = window_s
+        self.clock = clock
+        self._events: deque[tuple[float, int]] = deque()
+        self._sum = 0
+
+    def add(self, count: int) -> None:
+        self._events.append((self.clock(), count))
+        self._sum += count
+
+    def per_second(self) -> float:
+        horizon = self.clock() - self.window_s
+        while self._events and self._events[0][0] < horizon:
+            self._sum -= self._events.popleft()[1]
+        return self._sum / self.window_s
+
+
+async def coalesce(frames: AsyncIterator[EngineFrame]) -> AsyncIterator[EngineFrame]:
+    """Merge Token frames that pile up while the consumer is busy; other frames pass unchanged."""
+    queue: asyncio.Queue[EngineFrame | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for frame in frames:
+                queue.put_nowait(frame)
+        finally:
+            queue.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await frames.aclose()  # type: ignore[attr-defined]
+
+    pump_task = asyncio.create_task(pump())
+    try:
+        while (frame := await queue.get()) is not None:
+            if isinstance(frame, Token):
+                while not queue.empty() and isinstance(queue._queue[0], Token):  # type: ignore[attr-defined]
+                    following: Token = queue.get_nowait()  # type: ignore[assignment]
+                    frame = Token(text=frame.text + following.text, count=frame.count + following.count, seq=frame.seq)
+            yield frame
+        await pump_task  # re-raises what the engine raised
+    finally:
+        if not pump_task.done():
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump_task
+
+
+class WorkerService:
+    """Serves one engine on the bus under one worker id."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        bus: Bus,
+        engine: Engine,
+        worker_id: str,
+        hardware: Hardware,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.engine = engine
+        self.worker_id = worker_id
+        self.hardware = hardware
+        self.status: WorkerStatus = "online"
+        self.admission = Admission(config.worker.max_concurrent, config.worker.max_queue)
+        self.rate = TokenRate()
+        self.requests_total = 0
+        self.tokens_total = 0
+        self.errors_total = 0
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.started_at = time.time()
+        self._monitor = ProcessMonitor()
+        self._subscriptions: list[Subscription] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe, register and start heartbeating."""
+        subjects = self.bus.subjects
+        self._subscriptions = [
+            await self.bus.subscribe(subjects.inference(self.worker_id), InferenceRequest, self._on_request),
+            await self.bus.subscribe(subjects.cancel(self.worker_id), Cancel, self._on_cancel),
+            await self.bus.subscribe(subjects.announce, Announce, self._on_announce),
+        ]
+        await self.bus.nc.flush()
+        await self.register()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        log.info("worker %s serving %s with the %s engine", self.worker_id, self.models, self.engine.info().name)
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, let in-flight requests finish up to ``timeout``, deregister."""
+        self.status = "draining"
+        await self.publish_heartbeat()
+        pending = list(self.in_flight.values())
+        if pending:
+            log.info("draining: waiting up to %.0fs for %d request(s)", timeout, len(pending))
+            _, still_running = await asyncio.wait(pending, timeout=timeout)
+            for task in still_running:
+                task.cancel()
+            if still_running:
+                await asyncio.wait(still_running, timeout=5)
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+        for sub in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.bus.publish(
+                self.bus.subjects.deregister, Deregister(worker_id=self.worker_id, reason="shutdown")
+            )
+            await self.bus.nc.flush(timeout=2)
+
+    @property
+    def models(self) -> list[str]:
+        return self.engine.info().models
+
+    def registration(self) -> WorkerRegistration:
+        sample = self._monitor.sample()
+        return WorkerRegistration(
+            worker_id=self.worker_id,
+            hostname=hostname(),
+            hardware=self.hardware,
+            capabilities=Capabilities(
+                max_concurrent=self.admission.max_concurrent,
+                max_queue=self.admission.max_queue,
+                models=self.models,
+                available_memory_gb=sample.available_memory_gb,
+                engine=self.engine.info().name,
+                version=__version__,
+            ),
+            started_at=self.started_at,
+        )
+
+    async def register(self) -> None:
+        await self.bus.publish(self.bus.subjects.register, self.registration())
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        sample = self._monitor.sample()
+        status = self.status
+        if status == "online" and self.admission.queued >= max(1, self.admission.max_queue // 2):
+            status = "degraded"
+        return WorkerHeartbeat(
+            worker_id=self.worker_id,
+            status=status,
+            active=self.admission.active,
+            queued=self.admission.queued,
+            tokens_per_second=round(self.rate.per_second(), 2),
+            cpu_percent=sample.cpu_percent,
+            rss_bytes=sample.rss_bytes,
+            available_memory_gb=sample.available_memory_gb,
+            models_loaded=self.models,
+            requests_total=self.requests_total,
+            tokens_total=self.tokens_total,
+            errors_total=self.errors_total,
+            sent_at=time.time(),
+        )
+
+    async def publish_heartbeat(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.bus.publish(self.bus.subjects.heartbeat, self.heartbeat())
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.discovery.heartbeat_interval_ms / 1000
+        while True:
+            await self.publish_heartbeat()
+            await asyncio.sleep(interval)
+
+    # --- handlers -------------------------------------------------------------------------------
+
+    async def _on_announce(self, announce: Announce, _msg: Msg) -> None:
+        log.info("controller %s announced itself; registering again", announce.controller_id)
+        await self.register()
+        await self.publish_heartbeat()
+
+    async def _on_cancel(self, cancel: Cancel, _msg: Msg) -> None:
+        task = self.in_flight.get(cancel.request_id)
+        if task is not None:
+            log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
+            task.cancel()
+
+    async def _on_request(self, request: InferenceRequest, msg: Msg) -> None:
+        if not msg.reply:
+            self.bus.invalid_messages[msg.subject] += 1
+            log.warning("dropped request %s without a reply subject", request.request_id)
+            return
+        if self.status == "draining":
+            await self.bus.publish(msg.reply, Error(code="draining", message="worker is draining", retryable=True))
+            return
+        if request.request_id in self.in_flight:
+            return  # a duplicate delivery of a request we already serve
+        self.requests_total += 1
+        task = asyncio.create_task(self._serve(request, msg.reply))
+        self.in_flight[request.request_id] = task
+        task.add_done_callback(lambda _t: self.in_flight.pop(request.request_id, None))
+
+    # --- serving one request --------------------------------------------------------------------
+
+    async def _serve(self, request: InferenceRequest, reply: str) -> None:
+        """Admit, generate and stream one request; every path ends with Done or Error."""
+        publish = self.bus.publish
+        if request.model not in self.models:
+            await publish(
+                reply,
+                Error(code="model_not_found", message=f"model {request.model!r} is not loaded here", retryable=True),
+            )
+            return
+        await publish(reply, Accepted(worker_id=self.worker_id, queued=self.admission.would_queue()))
+        timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
+        serving = asyncio.current_task()
+        assert serving is not None
+        probe = asyncio.create_task(self._watch_consumer(reply, serving))
+        emitted = 0
+        try:
+            async with asyncio.timeout(timeout):
+                if not await self.admission.acquire():
+                    self.errors_total += 1
+                    await publish(reply, Error(code="overloaded", message="worker queue is full", retryable=True))
+                    return
+                try:
+                    async for frame in coalesce(self.engine.generate(request)):
+                        if isinstance(frame, Token):
+                            emitted += frame.count
+                            self.tokens_total += frame.count
+                            self.rate.add(frame.count)
+                        elif isinstance(frame, Error):
+                            self.errors_total += 1
+                        await publish(reply, frame)
+                finally:
+                    self.admission.release()
+        except TimeoutError:
+            self.errors_total += 1
+            await publish(reply, Error(code="deadline_exceeded", message="request deadline passed on the worker"))
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await publish(reply, Done(finish_reason="cancelled"))
+            raise
+        except Exception as exc:
+            self.errors_total += 1
+            log.exception("engine failed on %s", request.request_id)
+            await publish(
+                reply, Error(code="engine_error", message=str(exc) or type(exc).__name__, retryable=emitted == 0)
+            )
+        finally:
+            probe.cancel()
+
+    async def _watch_consumer(self, reply: str, serving: asyncio.Task[None]) -> None:
+        """Cancel ``serving`` when nobody listens on its reply subject any more (controller gone)."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                answer = await self.bus.nc.request(reply, b"", timeout=2.0, headers={PROBE_HEADER: "1"})
+                gone = bool(answer.headers and answer.headers.get(GONE_HEADER))
+            except nats.errors.NoRespondersError:
+                gone = True
+            except (nats.errors.TimeoutError, nats.errors.Error):
+                continue
+            if gone:
+                log.info("nobody waits for %s any more; cancelling", reply)
+                serving.cancel()
+                return

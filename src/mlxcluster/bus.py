@@ -96,24 +96,25 @@ class Bus:
         options = connect_options(config, name=name)
         holder: list[NATS] = []
         options.update(_state_callbacks(name, holder))
+        # nats-py retries a failed first connect by itself (forever when max_reconnect_attempts is -1, even
+        # on an auth error), so each attempt here allows one retry per server; the configured policy is
+        # restored once connected.
+        options["max_reconnect_attempts"] = 1
         delay, tried = 0.1, 0
         while True:
             try:
                 nc = await nats.connect(**options)
+                nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
                 holder.append(nc)
                 break
             except (OSError, TimeoutError, nats.errors.Error) as exc:
                 tried += 1
                 if 0 <= limit <= tried:
-                    raise BusError(
-                        f"cannot connect to NATS at {config.url}: {exc or type(exc).__name__}"
-                    ) from None
+                    raise BusError(f"cannot connect to NATS at {config.url}: {exc or type(exc).__name__}") from None
                 log.warning("NATS not reachable at %s (%s); retrying in %.1fs", config.url, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
-        log.info(
-            "connected to NATS %s as %s", nc.connected_url.netloc if nc.connected_url else config.url, name
-        )
+        log.info("connected to NATS %s as %s", nc.connected_url.netloc if nc.connected_url else config.url, name)
         return cls(nc, Subjects(config.subject_prefix))
 
     @property

@@ -28,9 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Create, check and show cluster.toml.", no_args_is_help=True)
-bench_app = typer.Typer(
-    help="Benchmarks (figures are ratios measured in the same run).", no_args_is_help=True
-)
+bench_app = typer.Typer(help="Benchmarks (figures are ratios measured in the same run).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models", help="Prepare, import and list models.")
@@ -102,14 +100,10 @@ def run(
     mode: Annotated[
         str | None, typer.Option("--mode", "-m", help="controller | worker | dual (default: cluster.mode).")
     ] = None,
-    workers: Annotated[
-        int, typer.Option("--workers", "-n", min=1, help="Worker processes in dual mode.")
-    ] = 1,
+    workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="Worker processes in dual mode.")] = 1,
     engine: Annotated[str | None, typer.Option(help="Worker engine: mlx | echo.")] = None,
     model: Annotated[str | None, typer.Option(help="Model dir or Hugging Face repo id.")] = None,
-    max_concurrent: Annotated[
-        int | None, typer.Option(min=1, help="Requests a worker serves at once.")
-    ] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="Requests a worker serves at once.")] = None,
     port: Annotated[int | None, typer.Option(help="Controller HTTP port.")] = None,
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
@@ -187,9 +181,7 @@ def config_show(config_path: ConfigOption = None, as_json: JsonOption = False) -
 def bench_nats(
     as_json: JsonOption = False,
     requests: Annotated[int, typer.Option(help="Request/reply round trips to time.", min=10)] = 5000,
-    messages: Annotated[
-        int, typer.Option(help="Messages for the publish throughput test.", min=100)
-    ] = 200_000,
+    messages: Annotated[int, typer.Option(help="Messages for the publish throughput test.", min=100)] = 200_000,
     payload: Annotated[int, typer.Option(help="Payload bytes per message.", min=1)] = 128,
 ) -> None:
     """Embedded server start time, request/reply latency and publish throughput on loopback."""
@@ -198,6 +190,30 @@ def bench_nats(
     from mlxcluster.bench.nats import format_table, run_nats_bench
 
     result = asyncio.run(run_nats_bench(requests=requests, messages=messages, payload=payload))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("cluster")
+def bench_cluster(
+    as_json: JsonOption = False,
+    requests: Annotated[int, typer.Option(help="Requests per throughput step.", min=10)] = 4000,
+    latency_requests: Annotated[int, typer.Option(help="Sequential requests for the latency figures.", min=10)] = 500,
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients in the throughput steps.", min=1)] = 32,
+    time_limit: Annotated[float, typer.Option(help="Seconds at most per step.", min=1)] = 20.0,
+) -> None:
+    """Echo engine: added latency of the cluster path, req/s at 1/2/4 workers, streamed tokens/s."""
+    import asyncio
+
+    from mlxcluster.bench.cluster import format_table, run_cluster_bench
+
+    result = asyncio.run(
+        run_cluster_bench(
+            latency_requests=latency_requests,
+            throughput_requests=requests,
+            concurrency=concurrency,
+            time_limit_s=time_limit,
+        )
+    )
     typer.echo(result.to_json() if as_json else format_table(result))
 
 

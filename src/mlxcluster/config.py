@@ -203,6 +203,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -290,9 +292,7 @@ def _describe(exc: msgspec.ValidationError, raw: dict[str, Any], source: str) ->
 def _expected_text(message: str, keys: list[str]) -> str:
     """Turn msgspec's ``Expected `int` >= 1, got ...`` into ``expected int in 1..65535``."""
     field_type = _type_at(keys)
-    choices = (
-        getattr(field_type, "__args__", ()) if getattr(field_type, "__origin__", None) is Literal else ()
-    )
+    choices = getattr(field_type, "__args__", ()) if getattr(field_type, "__origin__", None) is Literal else ()
     if message.startswith("Invalid enum value") and choices:
         return "expected one of " + ", ".join(json.dumps(c) for c in choices)
     expected = re.sub(r"`", "", message.split(", got ")[0])

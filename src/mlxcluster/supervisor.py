@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 
 from mlxcluster.config import Config
-from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +45,6 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-def _die_with_parent() -> None:
-    """``preexec_fn``: ask Linux to SIGTERM this child when the supervisor dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def child_command() -> list[str]:
@@ -132,7 +122,7 @@ class Supervisor:
                 env=child.spec.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
             log.info("started %s (pid %d)", child.spec.name, child.process.pid)
             code = await child.process.wait()

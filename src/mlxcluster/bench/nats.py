@@ -134,8 +134,11 @@ def format_table(result: NatsBenchResult) -> str:
     rows = [
         ["embedded server start", f"{result.server_start_ms:.0f} ms", "< 2000 ms"],
         ["config load", f"{result.config_load_ms:.2f} ms", "< 100 ms"],
-        [f"request/reply p50 ({result.requests} x {result.payload_bytes} B)", f"{result.request_p50_ms:.3f} ms",
-         "< 10 ms"],
+        [
+            f"request/reply p50 ({result.requests} x {result.payload_bytes} B)",
+            f"{result.request_p50_ms:.3f} ms",
+            "< 10 ms",
+        ],
         ["request/reply p99", f"{result.request_p99_ms:.3f} ms", ""],
         [f"publish → subscriber ({result.messages} msgs)", f"{result.publish_msgs_per_s:,.0f} msg/s", "> 10,000"],
     ]

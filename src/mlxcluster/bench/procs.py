@@ -1,0 +1,99 @@
+"""Processes for benchmarks: a controller and workers as real subprocesses on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from mlxcluster.bench.nats import free_port
+from mlxcluster.supervisor import child_env
+
+
+@dataclass
+class BenchCluster:
+    """nats-server URL plus the controller and worker processes started for one benchmark."""
+
+    nats_url: str
+    http_port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_dir: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _spawn(self, name: str, role: str, extra: dict[str, str]) -> subprocess.Popen[bytes]:
+        env = child_env(
+            {
+                "MLXCLUSTER_NATS_MODE": "external",
+                "MLXCLUSTER_NATS_URL": self.nats_url,
+                "MLXCLUSTER_CONTROLLER_PORT": str(self.http_port),
+                "MLXCLUSTER_LOGGING_LEVEL": "warning",
+                **self.env,
+                **extra,
+            }
+        )
+        log = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlxcluster", "run", "--mode", role],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def start_controller(self) -> None:
+        self._spawn("controller", "controller", {})
+
+    def start_worker(self, worker_id: str, extra: dict[str, str] | None = None) -> None:
+        self._spawn(worker_id, "worker", {"MLXCLUSTER_WORKER_ID": worker_id, **(extra or {})})
+
+    async def wait_for_workers(self, count: int, timeout: float = 120.0) -> None:
+        """Until the controller lists ``count`` online workers."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with session.get(f"{self.base_url}/api/cluster/workers?status=online") as response:
+                        if response.status == 200 and len((await response.json())["workers"]) >= count:
+                            return
+                for process in self.processes:
+                    if process.poll() is not None:
+                        raise RuntimeError(f"a benchmark process exited with code {process.returncode}")
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"{count} worker(s) did not come online within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+@contextlib.contextmanager
+def bench_cluster(nats_url: str, **env: str) -> Iterator[BenchCluster]:
+    """A :class:`BenchCluster` that is always stopped."""
+    cluster = BenchCluster(nats_url=nats_url, env=dict(env))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,0 +1,274 @@
+"""The bus against the real nats-server: typed pub/sub, request/reply, queue groups, bad input, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import nats.errors
+import pytest
+from conftest import free_port, make_config
+from nats.aio.msg import Msg
+
+from mlxcluster.bus import Bus, BusError, connect_options
+from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.protocol import (
+    Cancel,
+    Done,
+    Error,
+    Frame,
+    InferenceRequest,
+    Token,
+    WorkerHeartbeat,
+    WorkerRegistration,
+    encode,
+)
+
+WAIT_S = 5.0
+
+
+async def wait_until(predicate, timeout: float = WAIT_S) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def test_publish_subscribe_typed_round_trip(bus: Bus) -> None:
+    received: asyncio.Queue[tuple[WorkerHeartbeat, str]] = asyncio.Queue()
+
+    async def on_heartbeat(message: WorkerHeartbeat, msg: Msg) -> None:
+        await received.put((message, msg.subject))
+
+    await bus.subscribe(bus.subjects.heartbeat, WorkerHeartbeat, on_heartbeat)
+    await bus.nc.flush()
+    sent = WorkerHeartbeat(worker_id="w1", status="draining", active=2, models_loaded=["m"])
+    await bus.publish(bus.subjects.heartbeat, sent)
+    message, subject = await asyncio.wait_for(received.get(), WAIT_S)
+    assert message == sent
+    assert isinstance(message, WorkerHeartbeat)
+    assert subject == "mlxcluster.worker.heartbeat"
+
+
+async def test_frames_decode_into_the_tagged_union(bus: Bus) -> None:
+    frames: list[Frame] = []
+    done = asyncio.Event()
+
+    async def on_frame(frame: Frame, _msg: Msg) -> None:
+        frames.append(frame)
+        if isinstance(frame, Done | Error):
+            done.set()
+
+    subject = bus.subjects.response("c1", "req-1.1")
+    await bus.subscribe(subject, Frame, on_frame)
+    await bus.nc.flush()
+    sent: list[Frame] = [Token(text="a", seq=0), Token(text="b", seq=1), Done(finish_reason="length")]
+    for frame in sent:
+        await bus.publish(subject, frame)
+    await asyncio.wait_for(done.wait(), WAIT_S)
+    assert frames == sent
+
+
+async def test_subject_prefix_is_taken_from_config() -> None:
+    config = make_config(nats={"subject_prefix": "prod.eu"})
+    async with EmbeddedNatsServer(config.nats):
+        bus = await Bus.connect(config.nats, name="prefix", attempts=3)
+        try:
+            assert bus.subjects.register == "prod.eu.worker.register"
+        finally:
+            await bus.close()
+
+
+async def test_request_reply(bus: Bus) -> None:
+    async def answer(request: InferenceRequest, msg: Msg) -> None:
+        await msg.respond(encode(WorkerRegistration(worker_id=f"for-{request.request_id}")))
+
+    subject = bus.subjects.inference("w1")
+    await bus.subscribe(subject, InferenceRequest, answer)
+    await bus.nc.flush()
+    reply = await bus.request(subject, InferenceRequest(request_id="r1", model="m"), WorkerRegistration, timeout=WAIT_S)
+    assert reply == WorkerRegistration(worker_id="for-r1")
+
+
+async def test_request_timeout_raises_bus_error(bus: Bus) -> None:
+    async def never_answer(_request: Cancel, _msg: Msg) -> None:
+        return None
+
+    subject = bus.subjects.cancel("w1")
+    await bus.subscribe(subject, Cancel, never_answer)
+    await bus.nc.flush()
+    started = time.monotonic()
+    with pytest.raises(BusError, match="within"):
+        await bus.request(subject, Cancel(request_id="r"), Cancel, timeout=0.2)
+    assert time.monotonic() - started < WAIT_S
+
+
+async def test_request_without_responders_raises_bus_error(bus: Bus) -> None:
+    with pytest.raises(BusError, match="no responders"):
+        await bus.request(bus.subjects.inference("nobody"), Cancel(request_id="r"), Cancel, timeout=WAIT_S)
+
+
+async def test_request_with_invalid_reply_raises_bus_error(bus: Bus) -> None:
+    async def answer_garbage(_request: Cancel, msg: Msg) -> None:
+        await msg.respond(b"not json")
+
+    subject = bus.subjects.cancel("w2")
+    await bus.subscribe(subject, Cancel, answer_garbage)
+    await bus.nc.flush()
+    with pytest.raises(BusError, match="invalid Cancel"):
+        await bus.request(subject, Cancel(request_id="r"), Cancel, timeout=WAIT_S)
+    assert bus.invalid_messages[subject] == 1
+
+
+async def test_queue_group_spreads_work(cluster_config: Config, bus: Bus) -> None:
+    other = await Bus.connect(cluster_config.nats, name="second", attempts=3)
+    try:
+        counts: Counter[str] = Counter()
+
+        def handler_for(name: str):  # type: ignore[no-untyped-def]
+            async def handle(_message: Cancel, _msg: Msg) -> None:
+                counts[name] += 1
+
+            return handle
+
+        subject = bus.subjects.inference("shared")
+        await bus.subscribe(subject, Cancel, handler_for("a"), queue="workers")
+        await other.subscribe(subject, Cancel, handler_for("b"), queue="workers")
+        await bus.nc.flush()
+        await other.nc.flush()
+        for index in range(200):
+            await bus.publish(subject, Cancel(request_id=str(index)))
+        await bus.nc.flush()
+        await wait_until(lambda: counts.total() >= 200)
+        await asyncio.sleep(0.1)  # nothing is delivered twice
+        assert counts.total() == 200
+        assert counts["a"] > 0 and counts["b"] > 0
+    finally:
+        await other.close()
+
+
+async def test_invalid_message_is_dropped_and_counted(bus: Bus) -> None:
+    received: list[WorkerHeartbeat] = []
+
+    async def on_heartbeat(message: WorkerHeartbeat, _msg: Msg) -> None:
+        received.append(message)
+
+    subject = bus.subjects.heartbeat
+    await bus.subscribe(subject, WorkerHeartbeat, on_heartbeat)
+    await bus.nc.flush()
+    assert bus.invalid_messages_total == 0
+    for garbage in (b"not json", b'{"worker_id": 5}', b"\xff\xfe", b'{"worker_id": "\xf0"}'):
+        await bus.nc.publish(subject, garbage)
+    await bus.publish(subject, WorkerHeartbeat(worker_id="after"))
+    await wait_until(lambda: len(received) == 1)
+    assert received == [WorkerHeartbeat(worker_id="after")]
+    assert bus.invalid_messages_total == 4
+    assert bus.invalid_messages[subject] == 4
+
+
+async def test_handler_exception_does_not_kill_the_subscription(bus: Bus) -> None:
+    received: list[str] = []
+
+    async def flaky(message: Cancel, _msg: Msg) -> None:
+        if message.request_id == "boom":
+            raise RuntimeError("handler bug")
+        received.append(message.request_id)
+
+    subject = bus.subjects.cancel("w1")
+    await bus.subscribe(subject, Cancel, flaky)
+    await bus.nc.flush()
+    for request_id in ("one", "boom", "two"):
+        await bus.publish(subject, Cancel(request_id=request_id))
+    await wait_until(lambda: len(received) == 2)
+    assert received == ["one", "two"]
+    assert bus.invalid_messages_total == 0
+
+
+async def test_max_payload_is_the_configured_one(cluster_config: Config, bus: Bus) -> None:
+    assert bus.max_payload == cluster_config.nats.max_payload == 8 * 1024 * 1024
+
+
+async def test_max_payload_custom() -> None:
+    config = make_config(nats={"max_payload": 64 * 1024})
+    async with EmbeddedNatsServer(config.nats):
+        bus = await Bus.connect(config.nats, name="payload", attempts=3)
+        try:
+            assert bus.max_payload == 64 * 1024
+            with pytest.raises(nats.errors.MaxPayloadError):
+                await bus.publish(bus.subjects.heartbeat, WorkerHeartbeat(worker_id="x" * (64 * 1024)))
+        finally:
+            await bus.close()
+
+
+async def test_reconnect_after_server_killed_and_restarted() -> None:
+    config = make_config()
+    server = EmbeddedNatsServer(config.nats)
+    await server.start()
+    replacement: EmbeddedNatsServer | None = None
+    bus: Bus | None = None
+    try:
+        bus = await Bus.connect(config.nats, name="survivor", attempts=3)
+        received: asyncio.Queue[WorkerHeartbeat] = asyncio.Queue()
+
+        async def on_heartbeat(message: WorkerHeartbeat, _msg: Msg) -> None:
+            await received.put(message)
+
+        await bus.subscribe(bus.subjects.heartbeat, WorkerHeartbeat, on_heartbeat)
+        await bus.nc.flush()
+
+        assert server.process is not None
+        server.process.kill()  # SIGKILL: no goodbye to clients
+        await server.process.wait()
+        await server.stop()
+        await wait_until(lambda: not bus.is_connected)
+
+        replacement = EmbeddedNatsServer(config.nats)
+        await replacement.start()
+        await wait_until(lambda: bus.is_connected, timeout=10)
+
+        publisher = await Bus.connect(config.nats, name="publisher", attempts=3)
+        try:
+            await publisher.publish(publisher.subjects.heartbeat, WorkerHeartbeat(worker_id="after-restart"))
+            await publisher.nc.flush()
+            message = await asyncio.wait_for(received.get(), WAIT_S)
+        finally:
+            await publisher.close()
+        assert message == WorkerHeartbeat(worker_id="after-restart")
+    finally:
+        if bus is not None:
+            await bus.close(drain=False)
+        await server.stop()
+        if replacement is not None:
+            await replacement.stop()
+
+
+async def test_connect_to_dead_port_gives_up() -> None:
+    config = make_config()  # nobody listens on its port
+    started = time.monotonic()
+    with pytest.raises(BusError, match=f"cannot connect to NATS at nats://127.0.0.1:{config.nats.embedded.port}"):
+        await asyncio.wait_for(Bus.connect(config.nats, name="nobody", attempts=2), 10)
+    assert time.monotonic() - started < 5
+
+
+async def test_close_is_idempotent(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
+    bus = await Bus.connect(cluster_config.nats, name="twice", attempts=3)
+    await bus.close()
+    await bus.close()
+    assert not bus.is_connected
+
+
+def test_connect_options_from_config() -> None:
+    port = free_port()
+    config = make_config(
+        nats={"url": f"nats://a:{port}, nats://b:{port}", "user": "u", "password": "p", "connect_timeout_ms": 500}
+    )
+    options = connect_options(config.nats, name="n")
+    assert options["servers"] == [f"nats://a:{port}", f"nats://b:{port}"]
+    assert options["user"] == "u" and options["password"] == "p"
+    assert options["connect_timeout"] == 0.5
+    assert options["max_reconnect_attempts"] == -1
+    assert "token" not in options and "tls" not in options

@@ -19,6 +19,7 @@ import msgspec
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
 from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.wrk import run_wrk, wrk_available
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ChatMessage, InferenceRequest
 from mlxcluster.worker.echo import EchoEngine
@@ -43,6 +44,7 @@ class ClusterBenchResult(msgspec.Struct):
 
     machine: str
     engine: str
+    load_generator: str
     direct_p50_ms: float
     direct_p99_ms: float
     cluster_p50_ms: float
@@ -123,6 +125,35 @@ async def run_load(
     return LoadResult(latencies, errors, time.perf_counter() - started, tokens)
 
 
+@dataclass
+class Measurement:
+    """One load step, whichever generator drove it."""
+
+    ok: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+
+async def measure(
+    base_url: str, body: dict[str, object], *, concurrency: int, requests: int, time_limit_s: float, use_wrk: bool
+) -> Measurement:
+    """Drive ``body`` at ``concurrency`` with wrk (time-bound) or the Python client (count- and time-bound)."""
+    if use_wrk:
+        url = f"{base_url}/v1/chat/completions"
+        result = await asyncio.to_thread(run_wrk, url, body, connections=concurrency, seconds=time_limit_s)
+        return Measurement(result.requests, result.errors, result.seconds, result.p50_ms, result.p99_ms)
+    load = await run_load(base_url, concurrency=concurrency, requests=requests, time_limit_s=time_limit_s, body=body)
+    return Measurement(
+        len(load.latencies_ms),
+        load.errors,
+        load.seconds,
+        percentile(load.latencies_ms, 50),
+        percentile(load.latencies_ms, 99),
+    )
+
+
 async def direct_latencies(count: int) -> list[float]:
     """The echo engine called in-process: the baseline the cluster path is compared with."""
     engine = EchoEngine()
@@ -147,6 +178,7 @@ async def run_cluster_bench(
     worker_counts: tuple[int, ...] = (1, 2, 4),
 ) -> ClusterBenchResult:
     """Start nats-server, a controller and up to max(worker_counts) echo workers; measure."""
+    use_wrk = wrk_available()
     config = bench_config()
     server = EmbeddedNatsServer(config.nats)
     await server.start()
@@ -158,12 +190,13 @@ async def run_cluster_bench(
             cluster.start_worker("bench-w1")
             await cluster.wait_for_workers(1)
             await run_load(cluster.base_url, concurrency=4, requests=200, time_limit_s=10, body=chat_body(SHORT_PROMPT))
-            sequential = await run_load(
+            sequential = await measure(
                 cluster.base_url,
+                chat_body(SHORT_PROMPT),
                 concurrency=1,
                 requests=latency_requests,
-                time_limit_s=time_limit_s,
-                body=chat_body(SHORT_PROMPT),
+                time_limit_s=min(time_limit_s, 5),
+                use_wrk=use_wrk,
             )
             started_workers = 1
             for count in worker_counts:
@@ -171,23 +204,24 @@ async def run_cluster_bench(
                     started_workers += 1
                     cluster.start_worker(f"bench-w{started_workers}")
                 await cluster.wait_for_workers(count)
-                load = await run_load(
+                step = await measure(
                     cluster.base_url,
+                    chat_body(SHORT_PROMPT),
                     concurrency=concurrency,
                     requests=throughput_requests,
                     time_limit_s=time_limit_s,
-                    body=chat_body(SHORT_PROMPT),
+                    use_wrk=use_wrk,
                 )
                 rows.append(
                     ThroughputRow(
                         workers=count,
                         concurrency=concurrency,
-                        requests=len(load.latencies_ms),
-                        errors=load.errors,
-                        seconds=round(load.seconds, 2),
-                        requests_per_s=round(len(load.latencies_ms) / load.seconds, 1),
-                        p50_ms=round(percentile(load.latencies_ms, 50), 2),
-                        p99_ms=round(percentile(load.latencies_ms, 99), 2),
+                        requests=step.ok,
+                        errors=step.errors,
+                        seconds=round(step.seconds, 2),
+                        requests_per_s=round(step.ok / step.seconds, 1),
+                        p50_ms=round(step.p50_ms, 2),
+                        p99_ms=round(step.p99_ms, 2),
                     )
                 )
             stream_concurrency = 8
@@ -205,12 +239,13 @@ async def run_cluster_bench(
     return ClusterBenchResult(
         machine=machine_line(),
         engine="echo (no model)",
+        load_generator="wrk" if use_wrk else "python aiohttp client",
         direct_p50_ms=round(percentile(direct, 50), 3),
         direct_p99_ms=round(percentile(direct, 99), 3),
-        cluster_p50_ms=round(percentile(sequential.latencies_ms, 50), 3),
-        cluster_p99_ms=round(percentile(sequential.latencies_ms, 99), 3),
-        added_p50_ms=round(percentile(sequential.latencies_ms, 50) - percentile(direct, 50), 3),
-        added_p99_ms=round(percentile(sequential.latencies_ms, 99) - percentile(direct, 99), 3),
+        cluster_p50_ms=round(sequential.p50_ms, 3),
+        cluster_p99_ms=round(sequential.p99_ms, 3),
+        added_p50_ms=round(sequential.p50_ms - percentile(direct, 50), 3),
+        added_p99_ms=round(sequential.p99_ms - percentile(direct, 99), 3),
         throughput=rows,
         stream_tokens_per_s=round(streamed.tokens / streamed.seconds, 1),
         stream_concurrency=stream_concurrency,
@@ -248,7 +283,7 @@ def format_table(result: ClusterBenchResult) -> str:
     )
     return (
         f"bench cluster — {result.engine} — {result.machine}\n"
-        "(load generator, controller and workers share this machine's cores)\n\n"
+        f"(load generator: {result.load_generator}; it, the controller and the workers share these cores)\n\n"
         f"{latency}\n\nshort requests through one controller (target ≥ 2,000 req/s on 2 cores):\n{throughput}\n\n"
         f"streamed tokens/s through the cluster ({result.stream_concurrency} streams): "
         f"{result.stream_tokens_per_s:,.0f}"

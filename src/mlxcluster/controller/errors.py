@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mlxcluster.controller.responses import json_response
+
 
 class ApiError(Exception):
     """An error the API answers with; raised anywhere below a route, rendered by the middleware."""
@@ -31,7 +33,7 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else None
-        return web.json_response(self.body(), status=self.status, headers=headers)
+        return json_response(self.body(), status=self.status, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:

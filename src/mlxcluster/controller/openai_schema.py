@@ -92,7 +92,9 @@ def parse_body(raw: bytes, body_type: type[BodyType]) -> Any:
         missing = re.match(r"Object missing required field `(.+)`", message)
         if missing:
             param = f"{param}.{missing.group(1)}" if param else missing.group(1)
-            raise bad_request(f"Missing required parameter: '{param}'", param, code="missing_required_parameter") from None
+            raise bad_request(
+                f"Missing required parameter: '{param}'", param, code="missing_required_parameter"
+            ) from None
         raise bad_request(f"Invalid value for '{param}': {message.replace('`', '')}", param) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None

@@ -10,6 +10,7 @@ from aiohttp import web
 from mlxcluster import __version__
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.responses import json_response
 
 routes = web.RouteTableDef()
 WORKER_STATES = ("online", "degraded", "draining", "offline")
@@ -18,7 +19,7 @@ WORKER_STATES = ("online", "degraded", "draining", "offline")
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @routes.get("/ready")
@@ -28,7 +29,7 @@ async def ready(request: web.Request) -> web.Response:
     online = ctx.registry.stats().online
     is_ready = ctx.lifecycle.accepting and online > 0 and ctx.bus.is_connected
     body = {"ready": is_ready, "state": ctx.lifecycle.state, "workers_online": online}
-    return web.json_response(body, status=200 if is_ready else 503)
+    return json_response(body, status=200 if is_ready else 503)
 
 
 @routes.get("/api/cluster/status")
@@ -37,7 +38,7 @@ async def cluster_status(request: web.Request) -> web.Response:
     ctx: ControllerContext = request.app[CONTROLLER]
     stats = ctx.dispatcher.stats
     nc = ctx.bus.nc
-    return web.json_response(
+    return json_response(
         {
             "controller_id": ctx.controller_id,
             "version": __version__,
@@ -72,7 +73,7 @@ async def list_workers(request: web.Request) -> web.Response:
     if status is not None and status not in WORKER_STATES:
         raise ApiError(400, f"Invalid status '{status}'; expected one of {', '.join(WORKER_STATES)}", param="status")
     workers = ctx.registry.query(status=status, model=request.query.get("model"), tag=request.query.get("tag"))
-    return web.json_response({"workers": [_worker_json(ctx, w) for w in workers]})
+    return json_response({"workers": [_worker_json(ctx, w) for w in workers]})
 
 
 @routes.get("/api/cluster/workers/{worker_id}")
@@ -82,7 +83,7 @@ async def get_worker(request: web.Request) -> web.Response:
     worker = ctx.registry.get(request.match_info["worker_id"])
     if worker is None:
         raise ApiError(404, f"No worker '{request.match_info['worker_id']}'", code="worker_not_found")
-    return web.json_response(_worker_json(ctx, worker))
+    return json_response(_worker_json(ctx, worker))
 
 
 def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:

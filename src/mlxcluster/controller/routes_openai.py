@@ -27,6 +27,7 @@ from mlxcluster.controller.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
+from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.sse import SseWriter
 from mlxcluster.protocol import Done, Error, InferenceRequest, Token, Usage
 
@@ -123,7 +124,7 @@ async def _collect(
                 parts.append(text)
             case Done():
                 body = renderer.final("".join(parts), openai_finish_reason(frame.finish_reason), frame.usage)
-                return web.json_response(body)
+                return json_response(body)
             case Error():
                 raise worker_error(frame)
         frame = await anext(frames, None)
@@ -194,7 +195,7 @@ async def list_models(request: web.Request) -> web.Response:
         {"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"}
         for model in ctx.registry.models()
     ]
-    return web.json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 @routes.get("/v1/models/{model:.+}")
@@ -203,4 +204,4 @@ async def get_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     if model not in ctx.registry.models():
         raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-    return web.json_response({"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"})
+    return json_response({"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"})

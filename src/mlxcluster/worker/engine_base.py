@@ -4,7 +4,8 @@ An engine turns an admitted :class:`InferenceRequest` into an async stream of fr
 :class:`Token` frames, then exactly one :class:`Done` or :class:`Error`. Admission (concurrency
 bound and queue) is the worker service's job; an engine sees at most ``max_concurrent`` requests.
 Closing the iterator early (``aclose()`` or task cancellation) cancels the request: the engine stops
-generating for it within one token.
+generating for it within one token. Tokens that are ready together (the consumer was slower than
+generation) are merged into one Token frame with ``count`` set.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each request arrives on ``worker.<id>.inference`` with a NATS reply subject that the controller
 subscribed *before* sending, so no frame is lost. The worker answers with ``Accepted``, then
-``Token`` frames (coalesced when the bus is slower than generation), then ``Done`` or ``Error``.
+``Token`` frames (an engine coalesces tokens that pile up while this loop publishes), then ``Done`` or
+``Error``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -37,7 +37,7 @@ from mlxcluster.protocol import (
     WorkerStatus,
 )
 from mlxcluster.worker.admission import Admission
-from mlxcluster.worker.engine_base import Engine, EngineFrame
+from mlxcluster.worker.engine_base import Engine
 from mlxcluster.worker.system import ProcessMonitor, hostname
 
 log = logging.getLogger(__name__)
@@ -68,35 +68,6 @@ class TokenRate:
         return self._sum / self.window_s
 
 
-async def coalesce(frames: AsyncIterator[EngineFrame]) -> AsyncIterator[EngineFrame]:
-    """Merge Token frames that pile up while the consumer is busy; other frames pass unchanged."""
-    queue: asyncio.Queue[EngineFrame | None] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for frame in frames:
-                queue.put_nowait(frame)
-        finally:
-            queue.put_nowait(None)
-            with contextlib.suppress(Exception):
-                await frames.aclose()  # type: ignore[attr-defined]
-
-    pump_task = asyncio.create_task(pump())
-    try:
-        while (frame := await queue.get()) is not None:
-            if isinstance(frame, Token):
-                while not queue.empty() and isinstance(queue._queue[0], Token):  # type: ignore[attr-defined]
-                    following: Token = queue.get_nowait()  # type: ignore[assignment]
-                    frame = Token(text=frame.text + following.text, count=frame.count + following.count, seq=frame.seq)
-            yield frame
-        await pump_task  # re-raises what the engine raised
-    finally:
-        if not pump_task.done():
-            pump_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump_task
-
-
 class WorkerService:
     """Serves one engine on the bus under one worker id."""
 
@@ -121,10 +92,12 @@ class WorkerService:
         self.tokens_total = 0
         self.errors_total = 0
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._replies: dict[str, tuple[str, float]] = {}  # request id → (reply subject, started, monotonic)
         self.started_at = time.time()
         self._monitor = ProcessMonitor()
         self._subscriptions: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -139,6 +112,7 @@ class WorkerService:
         await self.bus.nc.flush()
         await self.register()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        self._probe_task = asyncio.create_task(self._probe_loop())
         log.info("worker %s serving %s with the %s engine", self.worker_id, self.models, self.engine.info().name)
 
     async def drain(self, timeout: float) -> None:
@@ -153,8 +127,9 @@ class WorkerService:
                 task.cancel()
             if still_running:
                 await asyncio.wait(still_running, timeout=5)
-        if self._heartbeat_task:
-            self._heartbeat_task.cancel()
+        for task in (self._heartbeat_task, self._probe_task):
+            if task is not None:
+                task.cancel()
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -245,7 +220,12 @@ class WorkerService:
         self.requests_total += 1
         task = asyncio.create_task(self._serve(request, msg.reply))
         self.in_flight[request.request_id] = task
-        task.add_done_callback(lambda _t: self.in_flight.pop(request.request_id, None))
+        self._replies[request.request_id] = (msg.reply, time.monotonic())
+        task.add_done_callback(lambda _t: self._forget(request.request_id))
+
+    def _forget(self, request_id: str) -> None:
+        self.in_flight.pop(request_id, None)
+        self._replies.pop(request_id, None)
 
     # --- serving one request --------------------------------------------------------------------
 
@@ -260,9 +240,6 @@ class WorkerService:
             return
         await publish(reply, Accepted(worker_id=self.worker_id, queued=self.admission.would_queue()))
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
-        serving = asyncio.current_task()
-        assert serving is not None
-        probe = asyncio.create_task(self._watch_consumer(reply, serving))
         emitted = 0
         try:
             async with asyncio.timeout(timeout):
@@ -271,7 +248,7 @@ class WorkerService:
                     await publish(reply, Error(code="overloaded", message="worker queue is full", retryable=True))
                     return
                 try:
-                    async for frame in coalesce(self.engine.generate(request)):
+                    async for frame in self.engine.generate(request):
                         if isinstance(frame, Token):
                             emitted += frame.count
                             self.tokens_total += frame.count
@@ -294,21 +271,29 @@ class WorkerService:
             await publish(
                 reply, Error(code="engine_error", message=str(exc) or type(exc).__name__, retryable=emitted == 0)
             )
-        finally:
-            probe.cancel()
 
-    async def _watch_consumer(self, reply: str, serving: asyncio.Task[None]) -> None:
-        """Cancel ``serving`` when nobody listens on its reply subject any more (controller gone)."""
+    async def _probe_loop(self) -> None:
+        """Every few seconds, ask whether anyone still waits for each long-running request; cancel if not.
+
+        The controller answers a probe on its inbox, or says ``gone`` for a request it abandoned; if the
+        controller itself is gone, NATS answers "no responders". One loop serves all requests.
+        """
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
-            try:
-                answer = await self.bus.nc.request(reply, b"", timeout=2.0, headers={PROBE_HEADER: "1"})
-                gone = bool(answer.headers and answer.headers.get(GONE_HEADER))
-            except nats.errors.NoRespondersError:
-                gone = True
-            except (nats.errors.TimeoutError, nats.errors.Error):
-                continue
-            if gone:
-                log.info("nobody waits for %s any more; cancelling", reply)
-                serving.cancel()
-                return
+            horizon = time.monotonic() - PROBE_INTERVAL_S
+            old = [(rid, reply) for rid, (reply, started) in self._replies.items() if started < horizon]
+            results = await asyncio.gather(*(self._consumer_gone(reply) for _, reply in old))
+            for (request_id, reply), gone in zip(old, results, strict=True):
+                task = self.in_flight.get(request_id)
+                if gone and task is not None:
+                    log.info("nobody waits for %s any more; cancelling", reply)
+                    task.cancel()
+
+    async def _consumer_gone(self, reply: str) -> bool:
+        try:
+            answer = await self.bus.nc.request(reply, b"", timeout=2.0, headers={PROBE_HEADER: "1"})
+        except nats.errors.NoRespondersError:
+            return True
+        except (nats.errors.TimeoutError, nats.errors.Error):
+            return False  # unsure: keep going; the request's deadline still bounds it
+        return bool(answer.headers and answer.headers.get(GONE_HEADER))

@@ -134,6 +134,52 @@ def run(
     raise typer.Exit(code)
 
 
+# --- status / workers -----------------------------------------------------------------------
+
+UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (default: from the config).")]
+
+
+def _ask_controller(config_path: Path | None, url: str | None, path: str) -> dict:
+    from mlxcluster.status_cli import StatusError, controller_url, fetch
+
+    config = get_config(config_path)
+    api_key = config.controller.api_keys[0] if config.controller.api_keys else None
+    try:
+        return fetch(controller_url(config, url), path, api_key)
+    except StatusError as exc:
+        fail(str(exc), 1)
+
+
+@app.command()
+def status(config_path: ConfigOption = None, url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """Show a running cluster's state (asks the controller)."""
+    import json
+
+    from mlxcluster.status_cli import format_status
+
+    data = _ask_controller(config_path, url, "/api/cluster/status")
+    typer.echo(json.dumps(data, indent=2) if as_json else format_status(data))
+
+
+@app.command()
+def workers(
+    config_path: ConfigOption = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+    status_filter: Annotated[
+        str | None, typer.Option("--status", help="online | degraded | draining | offline")
+    ] = None,
+) -> None:
+    """List a running cluster's workers (asks the controller)."""
+    import json
+
+    from mlxcluster.status_cli import format_workers
+
+    path = "/api/cluster/workers" + (f"?status={status_filter}" if status_filter else "")
+    data = _ask_controller(config_path, url, path)
+    typer.echo(json.dumps(data, indent=2) if as_json else format_workers(data["workers"]))
+
+
 # --- config -------------------------------------------------------------------------------------
 
 

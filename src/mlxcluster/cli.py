@@ -124,6 +124,10 @@ def run(
         os.environ["MLXCLUSTER_CONFIG"] = str(config_path.resolve())
     config = get_config(config_path)
     role = mode or config.cluster.mode
+    if role == "worker" and config.worker.engine == "mlx":
+        from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas()  # Linux CPU fast path; returns when not applicable
     if role not in ("controller", "worker", "dual"):
         fail(f"--mode: expected controller, worker or dual, got {role!r}")
     configure_logging(config.logging, role=role)

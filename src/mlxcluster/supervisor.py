@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent
+from mlxcluster.worker.blas import preload_env
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +82,30 @@ class Supervisor:
                 stop_timeout_s=self.config.controller.drain_timeout_s + 5,
             )
         ]
+        worker_common = {**common, **self.blas_env()}
         for index in range(self.workers):
             worker_id = base_id if self.workers == 1 and self.config.worker.id else f"{base_id}-w{index + 1}"
             specs.append(
                 ChildSpec(
                     f"worker {worker_id}",
                     [*child_command(), "run", "--mode", "worker"],
-                    child_env({**common, "MLXCLUSTER_WORKER_ID": worker_id}),
+                    child_env({**worker_common, "MLXCLUSTER_WORKER_ID": worker_id}),
                     stop_timeout_s=self.config.worker.drain_timeout_s + 5,
                 )
             )
         return specs
+
+    def blas_env(self) -> dict[str, str]:
+        """CPU fast path for mlx workers: preload the system OpenBLAS, its threads shared among the workers."""
+        if self.config.worker.engine != "mlx":
+            return {}
+        preload = preload_env(os.environ).get("LD_PRELOAD")
+        if not preload or preload == os.environ.get("LD_PRELOAD"):
+            return {}
+        env = {"LD_PRELOAD": preload}
+        if "OPENBLAS_NUM_THREADS" not in os.environ:
+            env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
+        return env
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set, then stop children in order; return 0."""

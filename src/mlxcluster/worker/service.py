@@ -248,14 +248,16 @@ class WorkerService:
                     await publish(reply, Error(code="overloaded", message="worker queue is full", retryable=True))
                     return
                 try:
-                    async for frame in self.engine.generate(request):
-                        if isinstance(frame, Token):
-                            emitted += frame.count
-                            self.tokens_total += frame.count
-                            self.rate.add(frame.count)
-                        elif isinstance(frame, Error):
-                            self.errors_total += 1
-                        await publish(reply, frame)
+                    # aclosing: a cancel landing in publish() must close the engine's stream at once
+                    async with contextlib.aclosing(self.engine.generate(request)) as frames:
+                        async for frame in frames:
+                            if isinstance(frame, Token):
+                                emitted += frame.count
+                                self.tokens_total += frame.count
+                                self.rate.add(frame.count)
+                            elif isinstance(frame, Error):
+                                self.errors_total += 1
+                            await publish(reply, frame)
                 finally:
                     self.admission.release()
         except TimeoutError:

@@ -22,8 +22,12 @@ def free_port() -> int:
 def make_config(**sections: dict) -> Config:
     """A config whose embedded NATS listens on a free port (no monitoring port), merged with ``sections``."""
     port = free_port()
-    nats = {"url": f"nats://127.0.0.1:{port}", "embedded": {"port": port, "http_port": 0},
-            "reconnect_time_wait_ms": 100, **sections.pop("nats", {})}
+    nats = {
+        "url": f"nats://127.0.0.1:{port}",
+        "embedded": {"port": port, "http_port": 0},
+        "reconnect_time_wait_ms": 100,
+        **sections.pop("nats", {}),
+    }
     return from_dict({"nats": nats, **sections})
 
 

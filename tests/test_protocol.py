@@ -294,4 +294,14 @@ def test_default_subjects() -> None:
 def test_every_subject_property_is_covered() -> None:
     """A subject added to Subjects must get the prefix too; this lists them all."""
     names = {n for n in dir(Subjects) if not n.startswith("_") and n != "prefix"}
-    assert names == {"register", "heartbeat", "deregister", "announce", "inference", "cancel", "response", "responses", "all"}
+    assert names == {
+        "register",
+        "heartbeat",
+        "deregister",
+        "announce",
+        "inference",
+        "cancel",
+        "response",
+        "responses",
+        "all",
+    }

@@ -267,6 +267,32 @@ def bench_cluster(
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
+@bench_app.command("engine")
+def bench_engine(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
+    streams: Annotated[int, typer.Option(help="Concurrent streams.", min=2)] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request at most.", min=8)] = 128,
+) -> None:
+    """mlx engine in-process vs the same model behind one worker over NATS (1 and N streams)."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()  # measure in-process on the same BLAS the worker gets
+    from mlxcluster.bench.engine import format_table, run_engine_bench
+    from mlxcluster.models.demo import DEMO_BASE_NAME, ensure_demo_model
+
+    config = get_config(config_path)
+    model_path = model or str(ensure_demo_model(config.models_dir))
+    served = DEMO_BASE_NAME if model is None else Path(model).name
+    result = asyncio.run(
+        run_engine_bench(model_path=model_path, served_name=served, streams=streams, max_tokens=max_tokens)
+    )
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

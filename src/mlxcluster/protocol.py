@@ -190,6 +190,11 @@ class Error(_Message, tag="error", tag_field="type"):
 
 Frame = Accepted | Token | Done | Error
 
+# NATS headers of the liveness probe a worker sends to a stream's reply subject: the controller answers,
+# with GONE_HEADER set when nobody waits for that stream any more (no answer at all: controller gone).
+PROBE_HEADER = "Mlxcluster-Probe"
+GONE_HEADER = "Mlxcluster-Gone"
+
 # --- encoders / decoders (reused; msgspec encoders and decoders are thread-safe) --------------
 
 _encoder = msgspec.json.Encoder()

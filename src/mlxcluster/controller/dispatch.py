@@ -9,6 +9,7 @@ twice — up to ``controller.max_attempts``. After the first token a failure end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -134,8 +135,9 @@ class Dispatcher:
                     await asyncio.sleep(RETRY_BACKOFF_S * attempt)
                     continue
                 self.stats.by_worker[worker_id] = self.stats.by_worker.get(worker_id, 0) + 1
-                async for frame in relay:
-                    yield frame
+                async with contextlib.aclosing(relay):  # closed now, not by the GC, when our consumer leaves
+                    async for frame in relay:
+                        yield frame
                 return
             self.stats.failed += 1
             if reasons:

@@ -15,11 +15,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mlxcluster.bus import Bus
+from mlxcluster.protocol import GONE_HEADER, PROBE_HEADER
 
 log = logging.getLogger(__name__)
-
-PROBE_HEADER = "Mlxcluster-Probe"
-GONE_HEADER = "Mlxcluster-Gone"
 
 
 class ResponseInbox:

@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROTECTED_PREFIXES = ("/v1/", "/api/")
-REQUEST_ID = "request_id"
-CORS_ORIGIN = "cors_origin"
+REQUEST_ID = web.RequestKey("request_id", str)
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
 
 
 def stream_headers(request: web.Request) -> dict[str, str]:

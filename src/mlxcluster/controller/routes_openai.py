@@ -154,7 +154,11 @@ async def _stream(
             case Error():
                 await sse.send(worker_error(frame).body())
                 break
-        frame = await anext(frames, None)
+        try:
+            frame = await anext(frames, None)
+        except ApiError as exc:  # e.g. the request deadline passed mid-stream: headers are sent, say it in-band
+            await sse.send(exc.body())
+            break
     else:
         await sse.send(ApiError(502, "The stream ended without a result", type="server_error").body())
     await sse.done()

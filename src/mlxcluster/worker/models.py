@@ -26,7 +26,7 @@ def resolve_model(config: Config) -> tuple[str, str]:
         log.info("no worker.model set: using the demo model %s", DEMO_BASE_NAME)
         return str(ensure_demo_model(models_dir)), DEMO_BASE_NAME
     installed = models_dir / name
-    if installed.is_dir():
+    if "/" not in name and installed.is_dir():
         return str(installed), name
     local = Path(name).expanduser()
     if local.is_dir():

@@ -22,6 +22,8 @@ from mlxcluster import __version__
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.protocol import (
+    GONE_HEADER,
+    PROBE_HEADER,
     Accepted,
     Announce,
     Cancel,
@@ -42,8 +44,6 @@ from mlxcluster.worker.system import ProcessMonitor, hostname
 
 log = logging.getLogger(__name__)
 
-PROBE_HEADER = "Mlxcluster-Probe"
-GONE_HEADER = "Mlxcluster-Gone"
 PROBE_INTERVAL_S = 5.0
 RATE_WINDOW_S = 5.0
 

@@ -245,17 +245,29 @@ def bench_nats(
 
 @bench_app.command("cluster")
 def bench_cluster(
+    config_path: ConfigOption = None,
     as_json: JsonOption = False,
-    requests: Annotated[int, typer.Option(help="Requests per throughput step.", min=10)] = 4000,
+    requests: Annotated[int, typer.Option(help="Requests per throughput step (Python client).", min=10)] = 4000,
     latency_requests: Annotated[int, typer.Option(help="Sequential requests for the latency figures.", min=10)] = 500,
     concurrency: Annotated[int, typer.Option(help="Concurrent clients in the throughput steps.", min=1)] = 32,
     time_limit: Annotated[float, typer.Option(help="Seconds at most per step.", min=1)] = 20.0,
+    real: Annotated[bool, typer.Option(help="Also compare with mlx_lm.server on the demo model.")] = True,
+    streams: Annotated[str, typer.Option(help="Concurrencies for the real-model comparison.")] = "1,4",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request in the real-model comparison.")] = 64,
 ) -> None:
-    """Echo engine: added latency of the cluster path, req/s at 1/2/4 workers, streamed tokens/s."""
+    """Echo: added latency of the cluster path, req/s at 1/2/4 workers, streamed tokens/s; then the real
+    model side by side with mlx_lm.server."""
     import asyncio
+    import json
+
+    import msgspec
 
     from mlxcluster.bench.cluster import format_table, run_cluster_bench
 
+    if real:
+        from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas()
     result = asyncio.run(
         run_cluster_bench(
             latency_requests=latency_requests,
@@ -264,7 +276,26 @@ def bench_cluster(
             time_limit_s=time_limit,
         )
     )
-    typer.echo(result.to_json() if as_json else format_table(result))
+    versus = []
+    if real:
+        from mlxcluster.bench.versus import run_versus
+        from mlxcluster.models.demo import ensure_demo_model
+
+        model_path = str(ensure_demo_model(get_config(config_path).models_dir))
+        counts = tuple(int(n) for n in streams.split(",") if n.strip())
+        versus = asyncio.run(run_versus(model_path, streams=counts, max_tokens=max_tokens))
+    if as_json:
+        typer.echo(
+            json.dumps({"echo": msgspec.to_builtins(result), "versus_mlx_lm_server": msgspec.to_builtins(versus)})
+        )
+        return
+    typer.echo(format_table(result))
+    if versus:
+        from mlxcluster.bench.versus import format_versus
+
+        typer.echo(
+            f"\nreal model ({Path(model_path).name}), greedy, {max_tokens} tokens, streamed:\n" + format_versus(versus)
+        )
 
 
 @bench_app.command("engine")

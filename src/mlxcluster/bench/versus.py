@@ -1,0 +1,176 @@
+"""Side by side with ``mlx_lm.server``: the same model dir, the same prompts, the same concurrency.
+
+Both servers are real subprocesses on 127.0.0.1 with the same BLAS; the client streams greedy chat
+completions and counts generated tokens with the model's own tokenizer (so both are counted alike).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+from mlxcluster.bench.engine import PROMPTS, cluster_blas_env
+from mlxcluster.bench.nats import bench_config, free_port
+from mlxcluster.bench.procs import BenchCluster
+from mlxcluster.bench.stats import percentile, table
+from mlxcluster.embedded import EmbeddedNatsServer
+
+
+class VersusRow(msgspec.Struct):
+    server: str
+    streams: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    ttft_p50_ms: float
+
+
+async def stream_round(base_url: str, model: str, streams: int, max_tokens: int, count_tokens) -> VersusRow:  # type: ignore[no-untyped-def]
+    """``streams`` concurrent greedy streamed chats; TTFT and aggregate generated tokens/s."""
+
+    async def one(session: aiohttp.ClientSession, index: int) -> tuple[int, float]:
+        body = {
+            "model": model,
+            "stream": True,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+        }
+        started = time.perf_counter()
+        first: float | None = None
+        parts: list[str] = []
+        async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                choices = json.loads(line[6:]).get("choices") or []
+                text = (choices[0].get("delta") or {}).get("content") if choices else None
+                if text:
+                    first = first or time.perf_counter() - started
+                    parts.append(text)
+        return count_tokens("".join(parts)), (first or 0.0) * 1000
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(session, i) for i in range(streams)))
+        seconds = time.perf_counter() - started
+    tokens = sum(t for t, _ in results)
+    return VersusRow(
+        server="",
+        streams=streams,
+        tokens=tokens,
+        seconds=round(seconds, 2),
+        tokens_per_s=round(tokens / seconds, 1),
+        ttft_p50_ms=round(percentile([ms for _, ms in results], 50), 1),
+    )
+
+
+async def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with code {process.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+async def run_versus(model_path: str, *, streams: tuple[int, ...], max_tokens: int) -> list[VersusRow]:
+    """Measure mlxcluster (controller + one worker) then ``mlx_lm.server`` on the same model dir."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    rows: list[VersusRow] = []
+    config = bench_config()
+    server = EmbeddedNatsServer(config.nats)
+    await server.start()
+    cluster = BenchCluster(
+        nats_url=server.url,
+        env={"MLXCLUSTER_WORKER_MODEL": model_path, "MLXCLUSTER_WORKER_MAX_CONCURRENT": str(max(streams))},
+    )
+    try:
+        cluster.start_controller()
+        cluster.start_worker("versus-w1", cluster_blas_env())
+        await cluster.wait_for_workers(1)
+        name = Path(model_path).name
+        await stream_round(cluster.base_url, name, 1, 8, count_tokens)  # warm-up
+        for n in streams:
+            row = await stream_round(cluster.base_url, name, n, max_tokens, count_tokens)
+            rows.append(msgspec.structs.replace(row, server="mlxcluster (controller + 1 worker)"))
+    finally:
+        cluster.stop()
+        await server.stop()
+
+    port = free_port()
+    env = {**os.environ, **cluster_blas_env(), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--decode-concurrency",
+            str(max(streams)),
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await _wait_http(f"{base}/v1/models", process)
+        await stream_round(base, "default_model", 1, 8, count_tokens)  # warm-up (loads the model)
+        for n in streams:
+            row = await stream_round(base, "default_model", n, max_tokens, count_tokens)
+            rows.append(msgspec.structs.replace(row, server="mlx_lm.server"))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return rows
+
+
+def format_versus(rows: list[VersusRow]) -> str:
+    body = [
+        [r.server, str(r.streams), str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}", f"{r.ttft_p50_ms:.0f}"]
+        for r in rows
+    ]
+    lines = [table(["server", "streams", "tokens", "seconds", "tok/s", "TTFT p50 ms"], body)]
+    ours = {r.streams: r for r in rows if r.server.startswith("mlxcluster")}
+    theirs = {r.streams: r for r in rows if r.server == "mlx_lm.server"}
+    for n in sorted(ours):
+        if n in theirs and theirs[n].tokens_per_s:
+            lines.append(
+                f"{n} stream(s): mlxcluster / mlx_lm.server tokens/s = "
+                f"{ours[n].tokens_per_s / theirs[n].tokens_per_s:.2f}× (target ≥ 1×)"
+            )
+    return "\n".join(lines)

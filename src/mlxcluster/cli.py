@@ -184,6 +184,25 @@ def workers(
     typer.echo(json.dumps(data, indent=2) if as_json else format_workers(data["workers"]))
 
 
+@app.command()
+def doctor(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Check this machine: mlx and its device, BLAS fast path, nats-server, models."""
+    import json
+    from dataclasses import asdict
+
+    from mlxcluster.doctor import run_checks
+
+    checks = run_checks(get_config(config_path))
+    if as_json:
+        typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        for check in checks:
+            typer.echo(f"{marks[check.status]}  {check.name:<12} {check.detail}")
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
 # --- config -------------------------------------------------------------------------------------
 
 

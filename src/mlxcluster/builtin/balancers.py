@@ -37,13 +37,16 @@ def best(
     workers: Sequence[WorkerView], key: Callable[[WorkerView], float | tuple[float, ...]], cursor: Cursor
 ) -> WorkerView:
     """The worker with the highest ``key``; ties are broken round-robin with ``cursor``."""
-    top = max(key(w) for w in workers)
-    return cursor.next([w for w in workers if key(w) == top])
+    keyed = [(key(w), w) for w in workers]  # one key call per worker: this runs on every pick
+    top = max(k for k, _ in keyed)
+    return cursor.next([w for k, w in keyed if k == top])
 
 
 def least_utilized(workers: Sequence[WorkerView], cursor: Cursor) -> WorkerView:
     """The worker with the lowest ``load / max_concurrent``; ties round-robin."""
-    return best(workers, lambda w: -w.utilization, cursor)
+    keyed = [(w.load / (w.max_concurrent or 1), w) for w in workers]  # inlined: runs on every pick
+    lowest = min(k for k, _ in keyed)
+    return cursor.next([w for k, w in keyed if k == lowest])
 
 
 class RoundRobin:

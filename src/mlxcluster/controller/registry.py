@@ -77,6 +77,8 @@ class _Worker:
     inflight: int = 0
     since_heartbeat: int = 0
     static_address: str = ""
+    view: WorkerView | None = None
+    """Cached snapshot for picks; reset whenever anything above changes."""
 
     def load(self) -> int:
         """Best estimate of requests on the worker now (see :meth:`WorkerRegistry.begin`)."""
@@ -107,6 +109,7 @@ class WorkerRegistry:
         self._workers: dict[str, _Worker] = {}
         self._departed: dict[str, float] = {}
         self._listeners: list[Listener] = []
+        self._candidates: dict[str, list[_Worker]] = {}  # model → eligible workers, in priority order
         for entry in config.workers.static:
             self._workers[entry.name] = _Worker(
                 id=entry.name,
@@ -141,7 +144,10 @@ class WorkerRegistry:
     def _set_status(self, worker: _Worker, status: WorkerState, now: float) -> None:
         previous = worker.status
         worker.status = status
-        worker.offline_since = now if status == "offline" else None
+        worker.view = None
+        if previous != status:
+            worker.offline_since = now if status == "offline" else None
+            self._candidates.clear()
         self._emit(worker.id, previous, status)
 
     # --- messages -------------------------------------------------------------------------------
@@ -159,6 +165,8 @@ class WorkerRegistry:
         worker.max_queue = max(0, caps.max_queue)
         worker.last_seen = now
         worker.asked_to_register_at = None
+        worker.view = None
+        self._candidates.clear()  # models or capacity may have changed
         if created:
             worker.status = "online"
             self._emit(worker.id, None, "online")
@@ -182,8 +190,10 @@ class WorkerRegistry:
         worker.heartbeat = message
         worker.since_heartbeat = 0
         worker.last_seen = now
-        if message.models_loaded:
+        worker.view = None
+        if message.models_loaded and tuple(message.models_loaded) != worker.models:
             worker.models = tuple(message.models_loaded)
+            self._candidates.clear()
         if created:
             worker.status = message.status
             self._emit(worker.id, None, message.status)
@@ -210,6 +220,7 @@ class WorkerRegistry:
             self._set_status(worker, "offline", now)
         else:
             del self._workers[worker.id]
+            self._candidates.clear()
             self._emit(worker.id, worker.status, None)
         return True
 
@@ -218,6 +229,7 @@ class WorkerRegistry:
         if worker is not None:
             return worker, False
         worker = self._workers[worker_id] = _Worker(id=worker_id)
+        self._candidates.clear()
         return worker, True
 
     # --- timeouts -------------------------------------------------------------------------------
@@ -234,6 +246,7 @@ class WorkerRegistry:
             elif not worker.static and worker.offline_since is not None:
                 if now - worker.offline_since > self.forget_after_s:
                     del self._workers[worker.id]
+                    self._candidates.clear()
                     events.append(WorkerEvent(worker_id=worker.id, previous="offline", current=None))
                     self._emit(worker.id, "offline", None)
         for worker_id, departed in list(self._departed.items()):
@@ -266,6 +279,7 @@ class WorkerRegistry:
         if worker is not None:
             worker.inflight += 1
             worker.since_heartbeat += 1
+            worker.view = None
 
     def end(self, worker_id: str) -> None:
         """A request sent to ``worker_id`` finished, failed or was cancelled (call once per :meth:`begin`)."""
@@ -273,6 +287,7 @@ class WorkerRegistry:
         if worker is not None:
             worker.inflight = max(0, worker.inflight - 1)
             worker.since_heartbeat -= 1
+            worker.view = None
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -300,13 +315,24 @@ class WorkerRegistry:
         ]
 
     def eligible(self, model: str, exclude: Collection[str] = frozenset()) -> list[WorkerView]:
-        """Online or degraded workers serving ``model``, minus ``exclude`` (workers already tried)."""
-        now = self._clock()
-        return [
-            self._view(w, now)
-            for w in self._sorted(self._workers.values())
-            if w.status in ELIGIBLE_STATES and model in w.models and w.id not in exclude
-        ]
+        """Online or degraded workers serving ``model``, minus ``exclude`` (workers already tried).
+
+        This runs on every pick, so the candidate list per model and each worker's view are cached and
+        rebuilt only when something they show changes (a view's ``seen_ago_s`` is as of that change).
+        """
+        candidates = self._candidates.get(model)
+        if candidates is None:
+            candidates = self._candidates[model] = [
+                w for w in self._sorted(self._workers.values()) if w.status in ELIGIBLE_STATES and model in w.models
+            ]
+        views = []
+        for worker in candidates:
+            if worker.id in exclude:
+                continue
+            if worker.view is None:
+                worker.view = self._view(worker, self._clock())
+            views.append(worker.view)
+        return views
 
     def has_model(self, model: str) -> bool:
         """Whether any known worker, whatever its status, serves ``model``.

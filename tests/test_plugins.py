@@ -114,7 +114,7 @@ def request() -> InferenceRequest:
 
 def test_builtins_load_through_the_hook() -> None:
     pm = get_plugin_manager(env={})
-    assert DEFAULT_PLUGINS == ("mlxcluster.builtin.balancers",)
+    assert DEFAULT_PLUGINS == ("mlxcluster.builtin.balancers", "mlxcluster.builtin.exporters")
     entries = collect_balancers(pm)
     assert BUILTIN_NAMES <= set(entries)
     assert {entries[name].plugin for name in BUILTIN_NAMES} == {"builtin-balancers"}
@@ -122,6 +122,10 @@ def test_builtins_load_through_the_hook() -> None:
     (row,) = [p for p in list_plugins(pm) if p.name == "builtin-balancers"]
     assert row.status == "loaded" and row.source == "builtin" and row.package == "mlxcluster"
     assert row.hooks == ("mlxcluster_register_balancers",) and row.version
+    exporters = collect_exporters(pm)
+    assert {exporters[name].plugin for name in ("prometheus", "log")} == {"builtin-exporters"}
+    (row,) = [p for p in list_plugins(pm) if p.name == "builtin-exporters"]
+    assert row.status == "loaded" and row.hooks == ("mlxcluster_register_exporters",)
     assert pm.failures == {}
     assert get_plugin_manager(env={}) is not pm  # a new manager each call
 
@@ -131,7 +135,8 @@ def test_fixture_registered_plugin(pm_with_fixture_plugin: PluginManager) -> Non
     entries = collect_balancers(pm)
     assert entries["first_worker"].plugin == "fixture-plugin"
     assert build_balancer(pm, LoadBalancingSection(strategy="first_worker")).pick(workers(), request()).id == "a"
-    assert set(collect_exporters(pm)) == {"null"}
+    exporters = collect_exporters(pm)
+    assert exporters["null"].plugin == "fixture-plugin" and {"prometheus", "log"} <= set(exporters)
     (row,) = [p for p in list_plugins(pm) if p.name == "fixture-plugin"]
     assert row.source == "registered" and row.hooks == (
         "mlxcluster_register_balancers",
@@ -234,7 +239,7 @@ def test_disabled_plugin_is_never_imported(make_plugin: MakePlugin, disabled: st
 
 def test_builtins_can_be_disabled_too() -> None:
     pm = get_plugin_manager(PluginsSection(disabled=["builtin-balancers"]), env={})
-    assert collect_balancers(pm) == {}
+    assert not BUILTIN_NAMES & set(collect_balancers(pm))  # installed plugins' strategies remain
     assert [p.status for p in list_plugins(pm) if p.name == "builtin-balancers"] == ["disabled"]
 
 

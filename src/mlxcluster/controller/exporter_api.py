@@ -1,0 +1,128 @@
+"""The exporter interface: the events a metrics exporter receives and the methods it may have.
+
+An exporter is built by its registered factory with the keyword arguments of its ``[metrics.settings.NAME]``
+table (``factory(**settings)``) when the controller starts with ``NAME`` in ``[metrics] exporters``. It then
+receives every :data:`MetricsEvent` through :meth:`Exporter.export`, one call per event, in the order the
+events happened. Calls are made from a background queue, never from a request: a slow exporter only lets
+its own queue fill up, and events that do not fit are dropped and counted.
+
+- ``def export(self, event)`` (plain function) runs on the exporter's own thread, so it may block (files,
+  sockets). It must not touch the controller's event loop.
+- ``async def export(self, event)`` runs on the controller's event loop; it must not block.
+
+Optional methods: ``start()`` / ``close()`` (plain or ``async``; called once before the first and after the
+last event) and ``routes()``, which returns aiohttp route definitions the controller serves (for example a
+Prometheus ``GET /metrics``). ``routes()`` is called once, when the app is built.
+
+This module imports neither aiohttp nor NATS, so plugins and ``mlxcluster exporters list`` load it cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from msgspec import Struct
+
+from mlxcluster.controller.balancer_api import WorkerState
+
+RequestStatus = Literal["ok", "error", "cancelled"]
+
+
+class _Event(Struct, frozen=True, kw_only=True, tag_field="event"):
+    """Base of every event: ``time`` is the wall-clock time (``time.time()``) the event happened."""
+
+    time: float
+
+
+class RequestFinished(_Event, tag="request_finished", kw_only=True):
+    """One inference request ended: answered (``ok``), failed (``error``) or given up by the client.
+
+    ``worker`` is the worker that served it last (``None`` when none was picked: unknown model, no
+    capacity, payload too large). Durations are seconds, measured by the controller from the moment the
+    request reached the dispatcher. ``model_known`` is False when no worker has ever served ``model``
+    (a 404): exporters should not use such names as metric labels, since clients choose them.
+    """
+
+    request_id: str
+    model: str
+    worker: str | None = None
+    status: RequestStatus
+    error: str | None = None
+    """Error code when ``status == "error"`` (``model_not_found``, ``no_capacity``, a worker's code...)."""
+    duration_s: float
+    ttft_s: float | None = None
+    """Time to the first token (``None``: no token came)."""
+    inter_token_s: tuple[float, ...] = ()
+    """Seconds per token between successive token frames (at most :data:`MAX_INTER_TOKEN_SAMPLES`)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 0
+    """Workers tried (more than 1: retried before the first token)."""
+    stream: bool = False
+    model_known: bool = True
+
+
+class RequestRetried(_Event, tag="request_retried", kw_only=True):
+    """A request failed on ``worker`` before its first token and goes to another worker (``attempt``)."""
+
+    request_id: str
+    model: str
+    worker: str
+    attempt: int
+    reason: str
+
+
+class WorkerStatusChanged(_Event, tag="worker_status_changed", kw_only=True):
+    """A worker appeared (``previous is None``), changed status, or was forgotten (``current is None``)."""
+
+    worker: str
+    previous: WorkerState | None = None
+    current: WorkerState | None = None
+
+
+class ClusterSnapshot(_Event, tag="cluster_snapshot", kw_only=True):
+    """The controller's state, sent every ``[metrics] snapshot_interval_s``.
+
+    Counters (``*_total``) count since the controller started.
+    """
+
+    inflight: int = 0
+    """Requests this controller is serving now."""
+    queue_depth: int = 0
+    """Requests waiting in the workers' queues, as their last heartbeats said."""
+    workers: dict[str, int] = {}
+    """Worker count by status (``online``, ``degraded``, ``draining``, ``offline``)."""
+    worker_tokens_per_second: dict[str, float] = {}
+    """Generation speed each online or degraded worker last reported."""
+    capacity: int = 0
+    requests_total: int = 0
+    retries_total: int = 0
+    failed_total: int = 0
+    invalid_messages_total: int = 0
+    """Malformed NATS messages this controller dropped."""
+    events_dropped_total: int = 0
+    """Events dropped because some exporter's queue was full."""
+
+
+MetricsEvent = RequestFinished | RequestRetried | WorkerStatusChanged | ClusterSnapshot
+"""Everything an exporter receives; ``match`` on it."""
+
+MAX_INTER_TOKEN_SAMPLES = 1024
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """A metrics exporter: ``export`` is required; ``start``, ``close`` and ``routes`` are optional."""
+
+    def export(self, event: MetricsEvent) -> None | Awaitable[None]:
+        """Handle one event (plain: on the exporter's thread; ``async``: on the event loop)."""
+        ...
+
+
+class ExporterWithRoutes(Protocol):
+    """An exporter that serves HTTP endpoints on the controller."""
+
+    def routes(self) -> Iterable[Any]:
+        """aiohttp route definitions (``web.get(path, handler)``...), added once when the app is built."""
+        ...

@@ -1,0 +1,152 @@
+"""``mlxcluster plugins`` and ``mlxcluster exporters list``: what built-in and installed plugins provide.
+
+Imports only the plugin machinery (never mlx, aiohttp, nats or prometheus-client), so both start fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from msgspec import Struct, to_builtins
+
+from mlxcluster.config import Config, ConfigError
+from mlxcluster.config import load as load_config
+from mlxcluster.plugins import (
+    ExporterEntry,
+    PluginInfo,
+    PluginManager,
+    collect_exporters,
+    get_plugin_manager,
+    list_plugins,
+)
+
+DEFAULT_CONFIG_FILE = "cluster.toml"
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="MLXCLUSTER_CONFIG",
+        help="Config file (default: ./cluster.toml when it exists).",
+        dir_okay=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+exporters_app = typer.Typer(
+    name="exporters",
+    help="Metrics exporters from built-in and installed plugins.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+class ExporterRow(Struct, frozen=True, kw_only=True):
+    """One line of ``exporters list``."""
+
+    name: str
+    plugin: str
+    package: str | None
+    version: str | None
+    description: str
+    enabled: bool
+
+
+def cli_config(path: Path | None) -> Config:
+    """``--config``, else ``./cluster.toml`` when present, else defaults; exit 2 on a config error."""
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = Path(DEFAULT_CONFIG_FILE)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns; the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]).rstrip()
+        for row in rows
+    )
+
+
+def format_plugins(rows: list[PluginInfo]) -> str:
+    """NAME, VERSION, STATUS, SOURCE, HOOKS; the reason of a failure on the line below its plugin."""
+    lines: list[tuple[str, ...]] = [("NAME", "VERSION", "STATUS", "SOURCE", "HOOKS")]
+    reasons: dict[int, str] = {}
+    for row in rows:
+        source = row.source + (f" ({row.package})" if row.package and row.source != "builtin" else "")
+        hooks = ", ".join(hook.removeprefix("mlxcluster_") for hook in row.hooks) or "-"
+        lines.append((row.name, row.version or "-", row.status, source, hooks))
+        if row.error:
+            reasons[len(lines) - 1] = row.error
+    text = table(lines).splitlines()
+    out: list[str] = []
+    for index, line in enumerate(text):
+        out.append(line)
+        if index in reasons:
+            out.append(f"    ↳ {reasons[index]}")
+    return "\n".join(out)
+
+
+def plugins_command(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List every plugin: name, version, hooks, where it came from, loaded / failed / disabled (and why)."""
+    config = cli_config(config_path)
+    pm = get_plugin_manager(config.plugins)
+    rows = list_plugins(pm)
+    if as_json:
+        typer.echo(json.dumps(to_builtins(rows), indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_plugins(rows))
+
+
+def exporter_rows(pm: PluginManager, entries: dict[str, ExporterEntry], enabled: list[str]) -> list[ExporterRow]:
+    """Rows sorted by name, with the package and version of the plugin that registered each one."""
+    rows = []
+    for name in sorted(entries):
+        entry = entries[name]
+        origin = pm.origins.get(entry.plugin)
+        rows.append(
+            ExporterRow(
+                name=name,
+                plugin=entry.plugin,
+                package=origin.package if origin else None,
+                version=origin.version if origin else None,
+                description=entry.description,
+                enabled=name in enabled,
+            )
+        )
+    return rows
+
+
+@exporters_app.callback()
+def exporters_callback() -> None:
+    """Metrics exporters from built-in and installed plugins."""
+
+
+@exporters_app.command("list")
+def list_exporters(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List exporters: name (``*``: enabled in ``[metrics] exporters``), the plugin that provides it, what it does."""
+    config = cli_config(config_path)
+    pm = get_plugin_manager(config.plugins)
+    entries = collect_exporters(pm)
+    rows = exporter_rows(pm, entries, config.metrics.exporters)
+    for name, reason in pm.failures.items():
+        typer.echo(f"warning: plugin {name} failed: {reason}", err=True)
+    for name in config.metrics.exporters:
+        if name not in entries:
+            typer.echo(f"warning: metrics.exporters names {name!r}, which no plugin registers", err=True)
+    if as_json:
+        typer.echo(json.dumps(to_builtins(rows), indent=2, ensure_ascii=False))
+        return
+    lines: list[tuple[str, ...]] = [("  NAME", "SOURCE", "DESCRIPTION")]
+    for row in rows:
+        source = f"{row.plugin} ({row.package} {row.version})" if row.package else row.plugin
+        lines.append((("* " if row.enabled else "  ") + row.name, source, row.description))
+    typer.echo(table(lines))

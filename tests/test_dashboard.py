@@ -1,0 +1,158 @@
+"""The dashboard: served without a key, shipped as package data, fed by rolling figures in cluster status,
+and driven in a real headless Chromium against a controller with two echo workers behind an API key:
+the worker rows appear, a killed worker turns offline, the chat box streams an answer. The browser test
+saves ``dashboard.png`` in its pytest tmp dir.
+
+Chromium comes from the Debian ``chromium`` package (``make test`` installs it as root). Without it the
+browser test is skipped, except in CI (``CI`` set), where it must run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cdp import Browser, find_chromium
+from cluster_harness import Cluster, RunningController, wait_until, with_sections, words
+
+from mlxcluster.bus import Bus
+from mlxcluster.config import Config
+from mlxcluster.controller.dashboard import load_page
+
+KEY = "sk-dashboard-test"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+async def keyed(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+    """A controller requiring ``KEY`` and two echo workers (40 ms a token, so streaming shows)."""
+    config = with_sections(cluster_config, controller={"api_keys": [KEY]})
+    async with Cluster(config) as cluster:
+        await cluster.start_worker("w-alpha", token_delay_ms=40)
+        await cluster.start_worker("w-beta", token_delay_ms=40)
+        controller = await cluster.start_controller()
+        await wait_until(lambda: controller.ctx.registry.stats().online == 2, what="two workers online")
+        yield cluster
+
+
+def controller_of(cluster: Cluster) -> RunningController:
+    assert cluster.controller is not None
+    return cluster.controller
+
+
+async def test_page_is_served_without_a_key(keyed: Cluster) -> None:
+    controller = controller_of(keyed)
+    for path in ("/", "/dashboard"):
+        async with controller.session().get(controller.url + path) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/html"
+            assert "connect-src 'self'" in resp.headers["Content-Security-Policy"]
+            page = await resp.text()
+            assert "<title>mlxcluster</title>" in page and 'id="workers-body"' in page
+    async with controller.session().get(controller.url + "/api/cluster/status") as resp:
+        assert resp.status == 401  # the API behind it is not
+
+
+def test_page_is_package_data_and_self_contained() -> None:
+    page = load_page().decode()
+    assert "<script>" in page and "<style>" in page
+    for reference in ("http://", "https://", "//cdn", "src=", "@import"):
+        if reference == "http://":  # the SVG namespace is a name, not a request
+            page_without_ns = page.replace("http://www.w3.org/2000/svg", "")
+            assert reference not in page_without_ns
+        else:
+            assert reference not in page, reference
+
+
+async def test_status_has_rolling_figures(keyed: Cluster) -> None:
+    controller = controller_of(keyed)
+    client = controller.client(api_key=KEY)
+    for i in range(3):
+        await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": words(i + 2)}])
+    async with controller.session().get(controller.url + "/api/cluster/status", headers=BEARER) as resp:
+        status = await resp.json()
+    assert status["requests"]["completed"] == 3 and status["requests"]["errors"] == 0
+    assert len(status["recent"]["ttft_ms"]) == 3 and all(v > 0 for v in status["recent"]["ttft_ms"])
+    assert len(status["recent"]["tokens_per_second"]) == 3
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = find_chromium()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; in CI it must be (make test installs it: apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium, or make test as root)")
+    return path
+
+
+ROWS = "document.querySelectorAll('#workers-body tr.worker')"
+ASSISTANT = "document.querySelector('#chat-log .msg.assistant:last-child')"
+RECORD_STREAM = """(() => {
+    window.__snapshots = [];
+    new MutationObserver(() => {
+        const el = document.querySelector('#chat-log .msg.assistant:last-child');
+        if (el) window.__snapshots.push(el.textContent);
+    }).observe(document.getElementById('chat-log'), {childList: true, subtree: true, characterData: true});
+    return true;
+})()"""
+
+
+def row(worker_id: str) -> str:
+    return f"document.querySelector('#workers-body tr.worker[data-id=\"{worker_id}\"]')"
+
+
+async def test_dashboard_in_a_real_browser(keyed: Cluster, chromium: str, tmp_path: Path) -> None:
+    controller = controller_of(keyed)
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await page.goto(controller.url + "/")
+        await page.wait_for("document.getElementById('conn').textContent === 'API key required'", what="a 401")
+
+        # The key, entered once, kept in sessionStorage and sent on every call.
+        await page.type("#api-key", KEY)
+        await page.click("#save-key")
+        await page.wait_for(f"{ROWS}.length === 2", what="two worker rows")
+        assert await page.evaluate("sessionStorage.getItem('mlxcluster.apiKey')") == KEY
+        assert await page.evaluate("document.getElementById('conn').textContent") == "live"
+        assert await page.evaluate("document.getElementById('state').textContent") == "ready"
+        assert await page.evaluate("document.getElementById('balancer').textContent")
+        statuses = await page.evaluate(f"[...{ROWS}].map(r => [r.dataset.id, r.querySelector('.status').textContent])")
+        assert statuses == [["w-alpha", "online"], ["w-beta", "online"]]
+
+        # The chat box streams an answer: the echo engine sends the prompt back one word per token.
+        prompt = "streaming from a real browser through the cluster and back again"
+        await page.wait_for("[...document.getElementById('chat-model').options].some(o => o.value === 'echo')")
+        await page.evaluate(RECORD_STREAM)
+        await page.type("#chat-input", prompt)
+        await page.click("#chat-send")
+        await page.wait_for(f"{ASSISTANT} && {ASSISTANT}.classList.contains('finished')", what="the answer")
+        assert await page.evaluate(f"{ASSISTANT}.textContent") == prompt
+        assert not await page.evaluate(f"{ASSISTANT}.classList.contains('error')")
+        partial = await page.evaluate(f"new Set(window.__snapshots.filter(t => t && t !== {prompt!r})).size")
+        assert partial >= 3, "the answer should appear word by word, not all at once"
+        assert "tokens" in await page.evaluate("document.getElementById('chat-status').textContent")
+
+        # Some traffic for the rates and sparklines.
+        client = controller.client(api_key=KEY)
+        for i in range(6):
+            await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": words(i + 3)}])
+        await page.wait_for("document.querySelector('#spark-ttft polyline')", what="the TTFT sparkline")
+        await page.wait_for("document.getElementById('success-rate').textContent === '100.0 %'", what="success")
+
+        # A killed worker (no drain, no goodbye) turns offline in the table, visibly.
+        await keyed.workers["w-beta"].stop(drain=False)
+        await page.wait_for(f"{row('w-beta')}.classList.contains('offline')", timeout=10, what="w-beta offline")
+        assert await page.evaluate(f"{row('w-beta')}.querySelector('.status').textContent") == "offline"
+        assert await page.evaluate(f"{row('w-alpha')}.querySelector('.status').textContent") == "online"
+        offline_bg, online_bg = await page.evaluate(
+            f"[{row('w-beta')}, {row('w-alpha')}].map(r => getComputedStyle(r.cells[1]).backgroundColor)"
+        )
+        assert offline_bg != online_bg
+        await page.wait_for("document.getElementById('workers-count').textContent === '1 / 2'")
+
+        shot = await page.screenshot(tmp_path / "dashboard.png")
+        assert page.exceptions == [], page.exceptions
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    print(f"dashboard screenshot: {shot}")

@@ -7,19 +7,26 @@ STAMP := $(VENV)/.installed
 MODELS_DIR ?= $(HOME)/.cache/mlxcluster/models
 export MLXCLUSTER_MODELS_DIR := $(MODELS_DIR)
 PYTEST_ARGS ?=
+PLUGINS ?=
+PYZ := mlxcluster.pyz
 
-.PHONY: run test setup model openblas bench clean help
+.PHONY: run test setup model openblas chromium bench clean help
 
 help:
-	@echo "make run    set up (venv, deps, demo model) and start the dual cluster on 127.0.0.1:8080"
+	@echo "make run    set up (venv, deps, demo model), build $(PYZ) if stale and start its dual cluster on 127.0.0.1:8080"
+	@echo "make pyz    build the $(PYZ) zipapp if stale (PLUGINS=\"plugins/a plugins/b\" bundles plugin packages)"
 	@echo "make test   set up and run the test suite"
 	@echo "make bench  run the benchmarks"
 
-$(STAMP): pyproject.toml
+# The plugin packages in plugins/ are installed (editable) too, so their entry points are registered and
+# their tests (collected from plugins/ by pytest) run with the suite.
+DEV_PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mlxcluster needs Python >= 3.11; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' $(addprefix -e ,$(DEV_PLUGINS))
 	@touch $(STAMP)
 
 setup: $(STAMP) openblas
@@ -37,17 +44,48 @@ openblas:
 	  fi; \
 	fi
 
+# The dashboard test drives a real headless Chromium (skipped without one, except in CI where CI is set).
+chromium:
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (the dashboard test's browser)"; \
+	    (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null)) || \
+	    echo "warning: could not install chromium; the dashboard browser test will not run"; \
+	  else \
+	    echo "hint: 'sudo apt-get install chromium' lets the dashboard browser test run"; \
+	  fi; \
+	fi
+
 model: setup
 	$(VENV)/bin/mlxcluster models demo
 
-run: model
-	$(VENV)/bin/mlxcluster run --mode dual
+run: model $(PYZ)
+	$(PYTHON) $(PYZ) run --mode dual
 
-test: model
+# The zipapp, for the Python of the venv. Rebuilt when pyproject.toml, src/, the build script or a bundled
+# plugin changed, or PLUGINS did (build/staging/plugins.txt is rewritten only when the list changes).
+.PHONY: pyz FORCE
+PYZ_INPUTS := pyproject.toml build/build_pyz.py build/preamble.py $(shell find src $(PLUGINS) -type f \
+	! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -path '*/build/*' ! -path '*/.venv/*' 2>/dev/null)
+PYZ_PLUGINS_STAMP := build/staging/plugins.txt
+
+pyz: $(PYZ)
+
+$(PYZ): $(STAMP) $(PYZ_INPUTS) $(PYZ_PLUGINS_STAMP)
+	$(PY) build/build_pyz.py --output $@ $(PLUGINS)
+
+$(PYZ_PLUGINS_STAMP): FORCE
+	@mkdir -p $(@D); [ -f $@ ] && [ "$$(cat $@)" = "$(strip $(PLUGINS))" ] || echo "$(strip $(PLUGINS))" > $@
+
+test: model chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+SOAK_MINUTES ?= 10
 bench: model
-	$(VENV)/bin/mlxcluster bench nats
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -qq wrk >/dev/null 2>&1; } || echo "hint: install wrk for the cluster load figures"
+	$(VENV)/bin/mlxcluster bench report --soak-minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf $(VENV) build/site-packages build/staging mlxcluster*.pyz
+	rm -rf $(VENV) build/site-packages build/staging mlxcluster*.pyz $(HOME)/.shiv/mlxcluster*.pyz_*

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mlxcluster.config import NatsSection
+from mlxcluster.config import NatsSection, redact_url
 from mlxcluster.protocol import ProtocolError, decode, encode
 from mlxcluster.subjects import Subjects
 
@@ -45,6 +45,7 @@ def connect_options(config: NatsSection, *, name: str) -> dict[str, Any]:
         "max_reconnect_attempts": config.max_reconnect_attempts,
         "reconnect_time_wait": config.reconnect_time_wait_ms / 1000,
         "connect_timeout": config.connect_timeout_ms / 1000,
+        "dont_randomize": not config.randomize_servers,
         "ping_interval": 10,
         "max_outstanding_pings": 3,
     }
@@ -110,17 +111,25 @@ class Bus:
             except (OSError, TimeoutError, nats.errors.Error) as exc:
                 tried += 1
                 if 0 <= limit <= tried:
-                    raise BusError(f"cannot connect to NATS at {config.url}: {exc or type(exc).__name__}") from None
-                log.warning("NATS not reachable at %s (%s); retrying in %.1fs", config.url, exc, delay)
+                    url = redact_url(config.url)
+                    raise BusError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
+                log.warning("NATS not reachable at %s (%s); retrying in %.1fs", redact_url(config.url), exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
-        log.info("connected to NATS %s as %s", nc.connected_url.netloc if nc.connected_url else config.url, name)
-        return cls(nc, Subjects(config.subject_prefix))
+        bus = cls(nc, Subjects(config.subject_prefix))
+        log.info("connected to NATS %s as %s", bus.server_address or redact_url(config.url), name)
+        return bus
 
     @property
     def max_payload(self) -> int:
         """Largest message the server accepts, in bytes (as the server announced it)."""
         return self.nc.max_payload
+
+    @property
+    def server_address(self) -> str | None:
+        """``host:port`` of the server connected to (never the URL's credentials), ``None`` when not connected."""
+        url = self.nc.connected_url
+        return f"{url.hostname}:{url.port}" if url is not None and url.hostname else None
 
     @property
     def is_connected(self) -> bool:

@@ -19,6 +19,7 @@ from mlxcluster.balancers_cli import balancers_app
 from mlxcluster.config import Config, ConfigError
 from mlxcluster.config import load as load_config
 from mlxcluster.models.commands import models_app
+from mlxcluster.plugins_cli import exporters_app, plugins_command
 
 app = typer.Typer(
     name="mlxcluster",
@@ -33,6 +34,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models", help="Prepare, import and list models.")
 app.add_typer(balancers_app, name="balancers", help="Load-balancing strategies (plugins).")
+app.add_typer(exporters_app, name="exporters", help="Metrics exporters (plugins).")
+app.command("plugins")(plugins_command)
 
 DEFAULT_CONFIG_FILE = "cluster.toml"
 ConfigOption = Annotated[
@@ -77,9 +80,16 @@ def version_callback(value: bool) -> None:
 
 
 def version_text() -> str:
-    """Version plus the Python and platform it runs on (the zipapp is platform-specific)."""
+    """Version, the Python and platform it runs on, and in a zipapp (platform-specific) what it was built for."""
+    from mlxcluster.buildinfo import read_build_info
+
     impl = f"{platform.python_implementation()} {platform.python_version()}"
-    return f"mlxcluster {__version__} ({impl}, {sys.platform}-{platform.machine()})"
+    runs_on = f"{impl}, {sys.platform}-{platform.machine()}"
+    build = read_build_info()
+    if build is not None:
+        built_with = ", ".join(filter(None, [build.get("python"), build.get("libc")]))
+        runs_on += f"; zipapp built for {build.get('tag', '?')} with {built_with}"
+    return f"mlxcluster {__version__} ({runs_on})"
 
 
 @app.callback()
@@ -341,6 +351,49 @@ def bench_engine(
         run_engine_bench(model_path=model_path, served_name=served, streams=streams, max_tokens=max_tokens)
     )
     typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("scale")
+def bench_scale(
+    as_json: JsonOption = False,
+    fleets: Annotated[str, typer.Option(help="Simulated fleet sizes.")] = "100,500,1000",
+    window: Annotated[float, typer.Option(help="Seconds measured per fleet.", min=1)] = 10.0,
+    interval_ms: Annotated[int, typer.Option(help="Heartbeat interval of the simulated workers.", min=100)] = 2000,
+) -> None:
+    """One controller with 100/500/1,000 simulated workers: CPU %, pick latency, heartbeat lag."""
+    import asyncio
+
+    from mlxcluster.bench.scale import format_table, run_scale_bench
+
+    sizes = tuple(int(n) for n in fleets.split(",") if n.strip())
+    result = asyncio.run(run_scale_bench(fleets=sizes, window_s=window, interval_ms=interval_ms))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    as_json: JsonOption = False,
+    minutes: Annotated[float, typer.Option(help="How long to run.", min=0.1)] = 10.0,
+    window: Annotated[float, typer.Option(help="Seconds per reported window.", min=5)] = 60.0,
+) -> None:
+    """Steady load at half capacity (echo workers): RSS growth, p50/p99 over time, errors."""
+    import asyncio
+
+    from mlxcluster.bench.soak import format_table, run_soak
+
+    result = asyncio.run(run_soak(minutes=minutes, window_s=window))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("report")
+def bench_report(
+    output: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("docs/BENCHMARKS.md"),
+    soak_minutes: Annotated[float, typer.Option(help="Soak length in minutes (0 skips it).", min=0)] = 10.0,
+) -> None:
+    """Run every benchmark and write the report (docs/BENCHMARKS.md)."""
+    from mlxcluster.bench.report import write_report
+
+    write_report(output, soak_minutes=soak_minutes, progress=lambda line: typer.echo(line, err=True))
 
 
 def main() -> None:

@@ -81,6 +81,9 @@ class NatsSection(_Section):
     max_reconnect_attempts: Annotated[int, Meta(ge=-1)] = -1
     reconnect_time_wait_ms: PositiveMs = 1000
     connect_timeout_ms: PositiveMs = 2000
+    randomize_servers: bool = True
+    """Try ``url``'s servers in random order (spreads clients over a NATS cluster); false: in the order given,
+    so a node prefers the first (its local server) and fails over to the next."""
     embedded: EmbeddedNatsSection = msgspec.field(default_factory=EmbeddedNatsSection)
 
 
@@ -148,10 +151,16 @@ class LoggingSection(_Section):
     file: str | None = None
 
 
+ExporterSettings = dict[str, str | int | float | bool | list[str]]
+
+
 class MetricsSection(_Section):
-    """``[metrics]``: enabled exporter plugins by name."""
+    """``[metrics]``: enabled exporter plugins by name, their settings, the snapshot interval."""
 
     exporters: list[str] = msgspec.field(default_factory=list)
+    snapshot_interval_s: PositiveSeconds = 5.0
+    settings: dict[str, ExporterSettings] = msgspec.field(default_factory=dict)
+    """``[metrics.settings.NAME]``: keyword arguments for exporter ``NAME``'s factory."""
 
 
 class ModelsSection(_Section):
@@ -229,7 +238,16 @@ def to_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
             value = data[section].get(key)
             if value:
                 data[section][key] = [MASK] * len(value) if isinstance(value, list) else MASK
+        data["nats"]["url"] = redact_url(data["nats"]["url"])
     return _drop_none(data)
+
+
+_URL_CREDENTIALS = re.compile(r"(^|,|//)([^/@,\s]+)@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` (or a comma-separated list of URLs) with ``user:password@`` / ``token@`` shown as ``***@``."""
+    return _URL_CREDENTIALS.sub(lambda match: f"{match.group(1)}{MASK}@", url)
 
 
 def _drop_none(value: Any) -> Any:
@@ -275,7 +293,8 @@ def _describe(exc: msgspec.ValidationError, raw: dict[str, Any], source: str) ->
     match = _MSGSPEC_PATH.search(message)
     path = match.group(1) if match else ""
     message = _MSGSPEC_PATH.sub("", message)
-    keys = [k for k in re.split(r"\.|\[(\d+)\]", path) if k]
+    keys = [k for k in re.split(r"\.|\[(\d+)\]", path.replace("[...]", ".\0")) if k]
+    keys = _resolve_table_keys(["..." if k == "\0" else k for k in keys], raw)
     unknown = re.match(r"Object contains unknown field `(.+)`", message)
     if unknown:
         keys.append(unknown.group(1))
@@ -287,6 +306,40 @@ def _describe(exc: msgspec.ValidationError, raw: dict[str, Any], source: str) ->
         return f"{source}: {_dotted(keys)}: required key is missing"
     value = _lookup(raw, keys)
     return f"{source}: {_dotted(keys)}: {_expected_text(message, keys)}, got {json.dumps(value, default=str)}"
+
+
+def _resolve_table_keys(keys: list[str], raw: dict[str, Any]) -> list[str]:
+    """msgspec says ``[...]`` for a key of a free-form table (``metrics.settings``): find the key whose value
+    is invalid, so the message can name it (``*`` if it cannot be found)."""
+    while "..." in keys:
+        at = keys.index("...")
+        table, table_type = _lookup(raw, keys[:at]), _type_of(keys[:at])
+        bad = None
+        if isinstance(table, dict) and table_type is not None:
+            for key, value in table.items():
+                try:
+                    msgspec.convert({key: value}, table_type)
+                except msgspec.ValidationError:
+                    bad = str(key)
+                    break
+        keys = [*keys[:at], bad or "*", *keys[at + 1 :]]
+    return keys
+
+
+def _type_of(keys: list[str]) -> Any:
+    """The declared type at a key path, through Structs, tables (``dict``) and arrays."""
+    tp: Any = Config
+    for key in keys:
+        if isinstance(tp, type) and issubclass(tp, Struct):
+            info = {f.encode_name: f for f in msgspec.structs.fields(tp)}.get(key)
+            if info is None:
+                return None
+            tp = info.type
+        elif getattr(tp, "__origin__", None) in (dict, list):
+            tp = tp.__args__[-1]
+        else:
+            return None
+    return tp
 
 
 def _expected_text(message: str, keys: list[str]) -> str:
@@ -402,6 +455,11 @@ def _parse_env_value(text: str, path: tuple[str, ...], name: str) -> Any:
     """Turn an environment string into the builtin that the key's type wants."""
     field_type = _type_at(list(path))
     origin = getattr(field_type, "__origin__", None)
+    if origin is dict:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"env {name}: {'.'.join(path)}: invalid JSON object: {exc}") from None
     wants_list = origin is list or "list[" in str(field_type)
     if wants_list:
         stripped = text.strip()

@@ -24,6 +24,7 @@ subject_prefix = "mlxcluster"
 max_reconnect_attempts = -1        # -1: forever
 reconnect_time_wait_ms = 1000
 connect_timeout_ms = 2000
+randomize_servers = true           # false: try url's servers in the order given (list the local one first)
 
 [nats.tls]
 enabled = false
@@ -84,7 +85,13 @@ format = "text"                    # text | json
 # file = "mlxcluster.log"
 
 [metrics]
-exporters = []                     # e.g. ["prometheus", "log"]
+exporters = []                     # e.g. ["prometheus", "log"]; see: mlxcluster exporters list
+snapshot_interval_s = 5.0          # how often exporters get the cluster's state (gauges, the log line)
+
+[metrics.settings]                 # per exporter: keyword arguments for its factory
+# prometheus = { path = "/metrics" }   # no API key on it: keep the controller private or proxy it
+# log = { interval_s = 60.0 }
+# jsonl = { path = "requests.jsonl" }  # from the mlxcluster-exporter-jsonl plugin
 
 [models]
 dir = "~/.cache/mlxcluster/models"

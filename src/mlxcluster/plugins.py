@@ -29,7 +29,7 @@ from mlxcluster.config import PluginsSection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PLUGINS: tuple[str, ...] = ("mlxcluster.builtin.balancers",)
+DEFAULT_PLUGINS: tuple[str, ...] = ("mlxcluster.builtin.balancers", "mlxcluster.builtin.exporters")
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 PLUGIN_PATH_ENV = "MLXCLUSTER_PLUGIN_PATH"
 

@@ -7,15 +7,20 @@ step and matched with ``match``. Decoding never raises anything but :class:`Prot
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 T = TypeVar("T")
 
 WorkerStatus = Literal["online", "degraded", "draining"]
 FinishReason = Literal["stop", "length", "cancelled"]
+
+Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+"""A non-negative int64; a larger number from a peer makes the message invalid (it would overflow float math)."""
+WorkerId = Annotated[str, Meta(max_length=256, pattern=r"^[^\s\x00-\x1f\x7f.*>]+(\.[^\s\x00-\x1f\x7f.*>]+)*$")]
+"""A worker id is a token of NATS subjects (``worker.<id>.inference``): no whitespace, wildcard or empty token."""
 
 
 class ProtocolError(Exception):
@@ -33,7 +38,7 @@ class Hardware(_Message):
     """What a worker runs on."""
 
     chip: str = ""
-    cpu_cores: int = 0
+    cpu_cores: Count = 0
     memory_gb: float = 0.0
     accelerator: str = "cpu"
 
@@ -41,8 +46,8 @@ class Hardware(_Message):
 class Capabilities(_Message):
     """What a worker can serve."""
 
-    max_concurrent: int = 1
-    max_queue: int = 0
+    max_concurrent: Count = 1
+    max_queue: Count = 0
     models: list[str] = msgspec.field(default_factory=list)
     available_memory_gb: float = 0.0
     engine: str = "mlx"
@@ -52,7 +57,7 @@ class Capabilities(_Message):
 class WorkerRegistration(_Message):
     """Published by a worker when it starts and whenever a controller announces itself."""
 
-    worker_id: str
+    worker_id: WorkerId
     hostname: str = ""
     address: str = ""
     hardware: Hardware = msgspec.field(default_factory=Hardware)
@@ -63,25 +68,25 @@ class WorkerRegistration(_Message):
 class WorkerHeartbeat(_Message):
     """Published by a worker every ``discovery.heartbeat_interval_ms``."""
 
-    worker_id: str
+    worker_id: WorkerId
     status: WorkerStatus = "online"
-    active: int = 0
-    queued: int = 0
+    active: Count = 0
+    queued: Count = 0
     tokens_per_second: float = 0.0
     cpu_percent: float = 0.0
-    rss_bytes: int = 0
+    rss_bytes: Count = 0
     available_memory_gb: float = 0.0
     models_loaded: list[str] = msgspec.field(default_factory=list)
-    requests_total: int = 0
-    tokens_total: int = 0
-    errors_total: int = 0
+    requests_total: Count = 0
+    tokens_total: Count = 0
+    errors_total: Count = 0
     sent_at: float = 0.0
 
 
 class Deregister(_Message):
     """Published by a worker that leaves on purpose."""
 
-    worker_id: str
+    worker_id: WorkerId
     reason: str = ""
 
 
@@ -121,7 +126,7 @@ class InferenceRequest(_Message):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
-    max_tokens: int = 256
+    max_tokens: Count = 256
     stop: list[str] = msgspec.field(default_factory=list)
     seed: int | None = None
     stream: bool = True
@@ -143,9 +148,9 @@ class Cancel(_Message):
 class Usage(_Message):
     """Token counts from the worker's own tokenizer."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count = 0
 
 
 class Timings(_Message):
@@ -168,8 +173,8 @@ class Token(_Message, tag="token", tag_field="type"):
     """Generated text; ``count`` tokens coalesced when the consumer is slower than generation."""
 
     text: str
-    count: int = 1
-    seq: int = 0
+    count: Count = 1
+    seq: Count = 0
 
 
 class Done(_Message, tag="done", tag_field="type"):
@@ -178,6 +183,8 @@ class Done(_Message, tag="done", tag_field="type"):
     finish_reason: FinishReason = "stop"
     usage: Usage = msgspec.field(default_factory=Usage)
     timings: Timings = msgspec.field(default_factory=Timings)
+    seq: Count | None = None
+    """The ``seq`` a next Token would have had: the receiver sees frames lost before the end (None: not said)."""
 
 
 class Error(_Message, tag="error", tag_field="type"):
@@ -221,6 +228,9 @@ def decode(data: bytes, message_type: type[T] | Any) -> T:
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # bad UTF-8 in a str
         name = getattr(message_type, "__name__", "Frame")
         raise ProtocolError(f"invalid {name}: {exc}") from None
+    except RecursionError:  # nested deeper than the decoder's recursion limit
+        name = getattr(message_type, "__name__", "Frame")
+        raise ProtocolError(f"invalid {name}: nested too deeply") from None
 
 
 def decode_frame(data: bytes) -> Frame:

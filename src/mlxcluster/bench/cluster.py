@@ -8,10 +8,8 @@ Every load loop is bounded by a request count and a time limit; traffic goes to 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -183,58 +181,57 @@ async def run_cluster_bench(
     server = EmbeddedNatsServer(config.nats)
     await server.start()
     rows: list[ThroughputRow] = []
-    with tempfile.TemporaryDirectory(prefix="mlxcluster-bench-") as logs:
-        cluster = BenchCluster(nats_url=server.url, env={"MLXCLUSTER_WORKER_ENGINE": "echo"}, log_dir=Path(logs))
-        try:
-            cluster.start_controller()
-            cluster.start_worker("bench-w1")
-            await cluster.wait_for_workers(1)
-            await run_load(cluster.base_url, concurrency=4, requests=200, time_limit_s=10, body=chat_body(SHORT_PROMPT))
-            sequential = await measure(
+    cluster = BenchCluster(nats_url=server.url, env={"MLXCLUSTER_WORKER_ENGINE": "echo"})
+    try:
+        cluster.start_controller()
+        cluster.start_worker("bench-w1")
+        await cluster.wait_for_workers(1)
+        await run_load(cluster.base_url, concurrency=4, requests=200, time_limit_s=10, body=chat_body(SHORT_PROMPT))
+        sequential = await measure(
+            cluster.base_url,
+            chat_body(SHORT_PROMPT),
+            concurrency=1,
+            requests=latency_requests,
+            time_limit_s=min(time_limit_s, 5),
+            use_wrk=use_wrk,
+        )
+        started_workers = 1
+        for count in worker_counts:
+            while started_workers < count:
+                started_workers += 1
+                cluster.start_worker(f"bench-w{started_workers}")
+            await cluster.wait_for_workers(count)
+            step = await measure(
                 cluster.base_url,
                 chat_body(SHORT_PROMPT),
-                concurrency=1,
-                requests=latency_requests,
-                time_limit_s=min(time_limit_s, 5),
+                concurrency=concurrency,
+                requests=throughput_requests,
+                time_limit_s=time_limit_s,
                 use_wrk=use_wrk,
             )
-            started_workers = 1
-            for count in worker_counts:
-                while started_workers < count:
-                    started_workers += 1
-                    cluster.start_worker(f"bench-w{started_workers}")
-                await cluster.wait_for_workers(count)
-                step = await measure(
-                    cluster.base_url,
-                    chat_body(SHORT_PROMPT),
+            rows.append(
+                ThroughputRow(
+                    workers=count,
                     concurrency=concurrency,
-                    requests=throughput_requests,
-                    time_limit_s=time_limit_s,
-                    use_wrk=use_wrk,
+                    requests=step.ok,
+                    errors=step.errors,
+                    seconds=round(step.seconds, 2),
+                    requests_per_s=round(step.ok / step.seconds, 1),
+                    p50_ms=round(step.p50_ms, 2),
+                    p99_ms=round(step.p99_ms, 2),
                 )
-                rows.append(
-                    ThroughputRow(
-                        workers=count,
-                        concurrency=concurrency,
-                        requests=step.ok,
-                        errors=step.errors,
-                        seconds=round(step.seconds, 2),
-                        requests_per_s=round(step.ok / step.seconds, 1),
-                        p50_ms=round(step.p50_ms, 2),
-                        p99_ms=round(step.p99_ms, 2),
-                    )
-                )
-            stream_concurrency = 8
-            streamed = await run_load(
-                cluster.base_url,
-                concurrency=stream_concurrency,
-                requests=200,
-                time_limit_s=time_limit_s,
-                body=chat_body(STREAM_PROMPT, stream=True, max_tokens=256),
             )
-        finally:
-            cluster.stop()
-            await server.stop()
+        stream_concurrency = 8
+        streamed = await run_load(
+            cluster.base_url,
+            concurrency=stream_concurrency,
+            requests=200,
+            time_limit_s=time_limit_s,
+            body=chat_body(STREAM_PROMPT, stream=True, max_tokens=256),
+        )
+    finally:
+        cluster.stop()
+        await server.stop()
     direct = await direct_latencies(latency_requests)
     return ClusterBenchResult(
         machine=machine_line(),

@@ -34,6 +34,12 @@ PROMPTS = [
     "Explain how a bicycle works to a child.",
     "List ten uses for a paperclip and explain each one.",
     "Describe a walk through a forest in autumn.",
+    "Write a letter to a friend about a trip to the sea.",
+    "Explain why the sky is blue in simple words.",
+    "Give advice to someone learning to cook.",
+    "Tell a legend about a mountain and a river.",
+    "Describe how bread is made, step by step.",
+    "Write a poem about a lighthouse keeper.",
 ]
 
 

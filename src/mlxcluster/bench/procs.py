@@ -7,6 +7,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ class BenchCluster:
     http_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    log_dir: Path | None = None
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mlxcluster-bench-")))
+    names: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -43,7 +45,7 @@ class BenchCluster:
                 **extra,
             }
         )
-        log = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115  (the child keeps it)
         process = subprocess.Popen(
             [sys.executable, "-m", "mlxcluster", "run", "--mode", role],
             env=env,
@@ -52,7 +54,9 @@ class BenchCluster:
             stderr=log,
             start_new_session=True,
         )
+        log.close()
         self.processes.append(process)
+        self.names.append(name)
         return process
 
     def start_controller(self) -> None:
@@ -70,9 +74,10 @@ class BenchCluster:
                     async with session.get(f"{self.base_url}/api/cluster/workers?status=online") as response:
                         if response.status == 200 and len((await response.json())["workers"]) >= count:
                             return
-                for process in self.processes:
+                for name, process in zip(self.names, self.processes, strict=True):
                     if process.poll() is not None:
-                        raise RuntimeError(f"a benchmark process exited with code {process.returncode}")
+                        tail = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+                        raise RuntimeError(f"{name} exited with code {process.returncode}: " + " | ".join(tail))
                 await asyncio.sleep(0.2)
         raise TimeoutError(f"{count} worker(s) did not come online within {timeout:.0f}s")
 

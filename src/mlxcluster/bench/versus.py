@@ -34,7 +34,12 @@ class VersusRow(msgspec.Struct):
     ttft_p50_ms: float
 
 
-async def stream_round(base_url: str, model: str, streams: int, max_tokens: int, count_tokens) -> VersusRow:  # type: ignore[no-untyped-def]
+WARM_UP_PROMPT = "Say hello."  # not one of PROMPTS: mlx_lm.server's prompt cache must not start warm
+
+
+async def stream_round(  # type: ignore[no-untyped-def]
+    base_url: str, model: str, streams: int, max_tokens: int, count_tokens, prompts: list[str] = PROMPTS
+) -> VersusRow:
     """``streams`` concurrent greedy streamed chats; TTFT and aggregate generated tokens/s."""
 
     async def one(session: aiohttp.ClientSession, index: int) -> tuple[int, float]:
@@ -43,7 +48,7 @@ async def stream_round(base_url: str, model: str, streams: int, max_tokens: int,
             "stream": True,
             "temperature": 0,
             "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+            "messages": [{"role": "user", "content": prompts[index % len(prompts)]}],
         }
         started = time.perf_counter()
         first: float | None = None
@@ -74,6 +79,15 @@ async def stream_round(base_url: str, model: str, streams: int, max_tokens: int,
         tokens_per_s=round(tokens / seconds, 1),
         ttft_p50_ms=round(percentile([ms for _, ms in results], 50), 1),
     )
+
+
+def fresh_prompts(streams: tuple[int, ...]) -> list[list[str]]:
+    """Prompts for each round, none used before in the run, so no server starts with a warm prompt cache."""
+    rounds, used = [], 0
+    for n in streams:
+        rounds.append([PROMPTS[(used + i) % len(PROMPTS)] for i in range(n)])
+        used += n
+    return rounds
 
 
 async def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
@@ -112,9 +126,9 @@ async def run_versus(model_path: str, *, streams: tuple[int, ...], max_tokens: i
         cluster.start_worker("versus-w1", cluster_blas_env())
         await cluster.wait_for_workers(1)
         name = Path(model_path).name
-        await stream_round(cluster.base_url, name, 1, 8, count_tokens)  # warm-up
-        for n in streams:
-            row = await stream_round(cluster.base_url, name, n, max_tokens, count_tokens)
+        await stream_round(cluster.base_url, name, 1, 8, count_tokens, [WARM_UP_PROMPT])
+        for n, prompts in zip(streams, fresh_prompts(streams), strict=True):
+            row = await stream_round(cluster.base_url, name, n, max_tokens, count_tokens, prompts)
             rows.append(msgspec.structs.replace(row, server="mlxcluster (controller + 1 worker)"))
     finally:
         cluster.stop()
@@ -145,9 +159,9 @@ async def run_versus(model_path: str, *, streams: tuple[int, ...], max_tokens: i
     try:
         base = f"http://127.0.0.1:{port}"
         await _wait_http(f"{base}/v1/models", process)
-        await stream_round(base, "default_model", 1, 8, count_tokens)  # warm-up (loads the model)
-        for n in streams:
-            row = await stream_round(base, "default_model", n, max_tokens, count_tokens)
+        await stream_round(base, "default_model", 1, 8, count_tokens, [WARM_UP_PROMPT])  # loads the model
+        for n, prompts in zip(streams, fresh_prompts(streams), strict=True):
+            row = await stream_round(base, "default_model", n, max_tokens, count_tokens, prompts)
             rows.append(msgspec.structs.replace(row, server="mlx_lm.server"))
     finally:
         process.terminate()

@@ -18,11 +18,12 @@ from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.controller import routes_cluster, routes_openai
+from mlxcluster.controller import dashboard, openapi, routes_cluster, routes_openai, routes_ws
 from mlxcluster.controller.balancing import build_balancer
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.dispatch import Dispatcher
 from mlxcluster.controller.inbox import ResponseInbox
+from mlxcluster.controller.metrics_feed import METRICS, build_metrics_feed, run_metrics
 from mlxcluster.controller.middleware import (
     auth_middleware,
     cors_middleware,
@@ -43,11 +44,19 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     balancer = build_balancer(pm, config.load_balancing)
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
     inbox = ResponseInbox(bus, controller_id)
+    metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
     ctx = ControllerContext(
         config=config,
         bus=bus,
         registry=registry,
-        dispatcher=Dispatcher(bus=bus, registry=registry, balancer=balancer, config=config.controller, inbox=inbox),
+        dispatcher=Dispatcher(
+            bus=bus,
+            registry=registry,
+            balancer=balancer,
+            config=config.controller,
+            inbox=inbox,
+            events=metrics.emit if metrics.runners else None,
+        ),
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
     )
@@ -59,8 +68,14 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     ]
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
+    app[METRICS] = metrics
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_cluster.routes)
+    openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked
+    routes_ws.setup(app)
+    dashboard.setup(app)
+    app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
+    app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
     app.cleanup_ctx.append(join_cluster)
     return app
 

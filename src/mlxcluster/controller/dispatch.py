@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,7 +24,9 @@ from mlxcluster.config import ControllerSection
 from mlxcluster.controller.balancer_api import Balancer, WorkerView
 from mlxcluster.controller.breaker import Breakers
 from mlxcluster.controller.errors import ApiError, model_not_found, no_capacity, payload_too_large
+from mlxcluster.controller.exporter_api import RequestRetried
 from mlxcluster.controller.inbox import ResponseInbox
+from mlxcluster.controller.request_meter import EventSink, RequestMeter, discard
 from mlxcluster.protocol import (
     Accepted,
     Cancel,
@@ -40,8 +43,11 @@ log = logging.getLogger(__name__)
 
 ACCEPT_TIMEOUT_S = 3.0
 POLL_S = 1.0
+STALL_S = 15.0  # mid-stream silence (no frame, no liveness probe) that means the stream is lost;
+#                 workers probe every request older than 5 s every 5 s (worker.service.PROBE_INTERVAL_S)
 RETRY_BACKOFF_S = 0.05
 SUBJECT_HEADROOM = 1024  # bytes of max_payload left for the subject and headers
+RECENT_WINDOW = 64  # requests kept for the rolling figures in cluster status (dashboard sparklines)
 
 StreamFrame = Token | Done | Error
 
@@ -69,6 +75,23 @@ class DispatchStats:
     failed: int = 0
     in_flight: int = 0
     by_worker: dict[str, int] = field(default_factory=dict)
+    completed: int = 0
+    """Streams that ended with ``Done``."""
+    errors: int = 0
+    """Streams that ended with an ``Error`` frame."""
+    recent_ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))
+    """Time to first token of the latest requests, as the controller saw it (retries included)."""
+    recent_tokens_per_second: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))
+    """Generation speed of the latest completed requests, as their workers measured it."""
+
+    def record_end(self, frame: StreamFrame) -> None:
+        """Count a stream's last frame (Done or Error)."""
+        if isinstance(frame, Done):
+            self.completed += 1
+            if frame.timings.tokens_per_second > 0:
+                self.recent_tokens_per_second.append(frame.timings.tokens_per_second)
+        elif isinstance(frame, Error):
+            self.errors += 1
 
 
 class Dispatcher:
@@ -83,6 +106,7 @@ class Dispatcher:
         config: ControllerSection,
         inbox: ResponseInbox,
         breakers: Breakers | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self.bus = bus
         self.inbox = inbox
@@ -91,6 +115,8 @@ class Dispatcher:
         self.config = config
         self.breakers = breakers or Breakers()
         self.stats = DispatchStats()
+        self.events: EventSink = events or discard
+        """Where metrics events go (one :class:`RequestFinished` per request); ``discard`` when unmetered."""
 
     def check_size(self, request: InferenceRequest) -> bytes:
         """Encode the request, refusing one the bus cannot carry (413, not a timeout)."""
@@ -109,13 +135,23 @@ class Dispatcher:
     async def stream(self, request: InferenceRequest) -> AsyncIterator[StreamFrame]:
         """Yield the frames of one request: Tokens, then Done or Error.
 
-        Raises :class:`ApiError` (404/413/503/504) when no frame could be obtained at all.
+        Raises :class:`ApiError` (404/413/503/504) when no frame could be obtained at all. With an event
+        sink, the request is metered and one :class:`RequestFinished` event is emitted when it ends.
         """
-        payload = self.check_size(request)
-        if not self.registry.has_model(request.model):
-            raise model_not_found(request.model)
+        meter = RequestMeter() if self.events is not discard else None
+        try:
+            payload = self.check_size(request)
+            if not self.registry.has_model(request.model):
+                raise model_not_found(request.model)
+        except ApiError as exc:
+            if meter is not None:
+                meter.model_known = exc.code != "model_not_found"
+                meter.ended(exc)
+                self._finished(request, meter)
+            raise
         self.stats.requests += 1
         self.stats.in_flight += 1
+        started = time.monotonic()
         tried: set[str] = set()
         reasons: list[str] = []
         try:
@@ -127,6 +163,10 @@ class Dispatcher:
                 tried.add(worker_id)
                 if attempt > 1:
                     self.stats.retries += 1
+                    if meter is not None:
+                        self._retried(request, attempt, reasons)
+                if meter is not None:
+                    meter.worker, meter.attempts = worker_id, attempt
                 try:
                     relay = await self._start(request, payload, worker_id, attempt)
                 except _TryElsewhere as exc:
@@ -135,8 +175,13 @@ class Dispatcher:
                     await asyncio.sleep(RETRY_BACKOFF_S * attempt)
                     continue
                 self.stats.by_worker[worker_id] = self.stats.by_worker.get(worker_id, 0) + 1
+                self.stats.recent_ttft_ms.append((time.monotonic() - started) * 1000)
                 async with contextlib.aclosing(relay):  # closed now, not by the GC, when our consumer leaves
                     async for frame in relay:
+                        if meter is not None:
+                            meter.frame(frame)
+                        if not isinstance(frame, Token):
+                            self.stats.record_end(frame)
                         yield frame
                 return
             self.stats.failed += 1
@@ -145,8 +190,33 @@ class Dispatcher:
                     f"No worker could serve the request after {len(reasons)} attempt(s): " + "; ".join(reasons)
                 )
             raise no_capacity(f"No worker serving '{request.model}' is available right now")
+        except BaseException as exc:  # an ApiError, or the consumer gone (GeneratorExit, CancelledError)
+            if meter is not None:
+                meter.ended(exc)
+            raise
         finally:
             self.stats.in_flight -= 1
+            if meter is not None:
+                self._finished(request, meter)
+
+    def _finished(self, request: InferenceRequest, meter: RequestMeter) -> None:
+        try:
+            self.events(meter.finished(request))
+        except Exception:
+            log.exception("could not emit the metrics event of %s", request.request_id)
+
+    def _retried(self, request: InferenceRequest, attempt: int, reasons: list[str]) -> None:
+        failed_worker, _, reason = reasons[-1].partition(": ") if reasons else ("", "", "")
+        self.events(
+            RequestRetried(
+                time=time.time(),
+                request_id=request.request_id,
+                model=request.model,
+                worker=failed_worker,
+                attempt=attempt,
+                reason=reason,
+            )
+        )
 
     async def _start(
         self, request: InferenceRequest, payload: bytes, worker_id: str, attempt: int
@@ -186,6 +256,8 @@ class Dispatcher:
                     accepted = True
                 case Error(retryable=True):
                     raise _TryElsewhere(f"{frame.code}: {frame.message}")
+                case Token(seq=seq) | Done(seq=seq) if seq:  # lost frames, none sent on yet: start over elsewhere
+                    raise _TryElsewhere(f"lost the first frame(s) of the stream (got #{seq})")
                 case Token() | Done() | Error():
                     return frame
                 case None:
@@ -198,8 +270,16 @@ class Dispatcher:
         finished = False
         try:
             frame: StreamFrame | None = first
+            next_seq = 0
             while True:
                 if frame is not None:
+                    if isinstance(frame, Token | Done) and frame.seq not in (next_seq, None):  # NATS: at most once
+                        yield Error(
+                            code="frames_lost",
+                            message=f"lost frames from worker {worker_id} (expected #{next_seq}, got #{frame.seq})",
+                        )
+                        return  # not finished: the worker still generates, so the finally cancels it
+                    next_seq += 1
                     if not isinstance(frame, Token):
                         finished = True
                         if isinstance(frame, Done):
@@ -207,8 +287,7 @@ class Dispatcher:
                         yield frame
                         return
                     yield frame
-                deadline = time.monotonic() + self.config.request_timeout_s
-                msg = await self._next(queue, worker_id, deadline, request)
+                msg = await self._next_live(key, queue, worker_id, request)
                 if msg is None:
                     finished = True
                     self.breakers.record_failure(worker_id)
@@ -220,6 +299,23 @@ class Dispatcher:
             self._close(key, worker_id)
             if not finished:
                 await self._cancel(worker_id, request.request_id, "client went away")
+
+    async def _next_live(
+        self, key: str, queue: asyncio.Queue[Msg], worker_id: str, request: InferenceRequest
+    ) -> Msg | None:
+        """Next message of a started stream; ``None`` when the worker went offline, ``request_timeout_s``
+        passed, or neither a frame nor the worker's liveness probe came for ``STALL_S`` (frames lost, for
+        instance across a NATS reconnect, after which the worker may have finished or forgotten the request)."""
+        until = time.monotonic() + self.config.request_timeout_s
+        heard = time.monotonic()
+        while True:
+            msg = await self._next(queue, worker_id, min(until, heard + STALL_S), request)
+            if msg is not None:
+                return msg
+            probed = self.inbox.probed_at(key)
+            if probed is None or probed <= heard or time.monotonic() >= until or self.registry.is_offline(worker_id):
+                return None
+            heard = probed
 
     async def _next(
         self, queue: asyncio.Queue[Msg], worker_id: str, until: float, request: InferenceRequest

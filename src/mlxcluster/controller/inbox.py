@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -28,6 +29,7 @@ class ResponseInbox:
         self.controller_id = controller_id
         self._prefix = bus.subjects.response(controller_id, "")
         self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._probed: dict[str, float] = {}  # request key → when its worker last probed (monotonic)
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -51,6 +53,11 @@ class ResponseInbox:
 
     def discard(self, request_key: str) -> None:
         self._queues.pop(request_key, None)
+        self._probed.pop(request_key, None)
+
+    def probed_at(self, request_key: str) -> float | None:
+        """When the worker last probed ``request_key`` (``time.monotonic()``): it still works on it."""
+        return self._probed.get(request_key)
 
     @property
     def open_count(self) -> int:
@@ -60,6 +67,8 @@ class ResponseInbox:
         key = msg.subject[len(self._prefix) :]
         queue = self._queues.get(key)
         if msg.headers and msg.headers.get(PROBE_HEADER):
+            if queue is not None:
+                self._probed[key] = time.monotonic()
             if msg.reply:
                 headers = None if queue is not None else {GONE_HEADER: "1"}
                 await self.bus.nc.publish(msg.reply, b"", headers=headers)

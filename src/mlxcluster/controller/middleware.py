@@ -17,6 +17,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROTECTED_PREFIXES = ("/v1/", "/api/")
 REQUEST_ID = web.RequestKey("request_id", str)
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
+WEBSOCKET_PATH = "/v1/ws"
+API_KEY_PENDING = web.RequestKey("api_key_pending", bool)
+"""Set on a WebSocket upgrade that carried no key: the handler must get a ``{"type": "auth"}`` message first."""
+
+
+def api_key_matches(keys: list[bytes], given: str) -> bool:
+    """Whether ``given`` is one of ``keys`` (constant-time per key)."""
+    token = given.strip().encode()
+    return any(hmac.compare_digest(token, key) for key in keys)
 
 
 def stream_headers(request: web.Request) -> dict[str, str]:
@@ -57,6 +66,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         response = ApiError(exc.status, exc.reason, type=kind, code=str(exc.status)).response()
+    except web.RequestPayloadError as exc:  # the body cannot be read: bad Content-Encoding, broken chunking
+        cause = exc.__cause__ or exc
+        message = getattr(cause, "message", None) or "malformed body"
+        response = ApiError(400, f"Request body could not be read: {message}", code="invalid_body").response()
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = ApiError(500, "Internal server error", type="server_error", code="internal_error").response()
@@ -65,7 +78,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def auth_middleware(api_keys: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Require ``Authorization: Bearer <key>`` on /v1 and /api when keys are configured."""
+    """Require ``Authorization: Bearer <key>`` on /v1 and /api when keys are configured.
+
+    Browsers cannot set headers on a WebSocket, so ``/v1/ws`` also takes ``?api_key=<key>``, and an upgrade
+    with no key at all is let through marked :data:`API_KEY_PENDING` (its first message must authenticate).
+    """
     keys = [key.encode() for key in api_keys]
 
     @web.middleware
@@ -73,8 +90,12 @@ def auth_middleware(api_keys: list[str]) -> Callable[[web.Request, Handler], Awa
         if keys and request.method != "OPTIONS" and request.path.startswith(PROTECTED_PREFIXES):
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
-            given = token.strip().encode()
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, key) for key in keys):
+            if request.path == WEBSOCKET_PATH and not header:
+                if "api_key" not in request.query:
+                    request[API_KEY_PENDING] = True
+                    return await handler(request)
+                scheme, token = "bearer", request.query["api_key"]
+            if scheme.lower() != "bearer" or not api_key_matches(keys, token):
                 raise ApiError(
                     401,
                     "Invalid or missing API key (send 'Authorization: Bearer <key>')",

@@ -11,7 +11,9 @@ from aiohttp import web
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.app import create_app
+from mlxcluster.controller.balancing import UnknownBalancerError
 from mlxcluster.controller.context import CONTROLLER
+from mlxcluster.controller.metrics_feed import ExporterError
 from mlxcluster.node import NodeError
 from mlxcluster.plugins import get_plugin_manager
 
@@ -20,7 +22,10 @@ log = logging.getLogger(__name__)
 
 async def serve_controller(config: Config, bus: Bus, stop: asyncio.Event) -> None:
     """Serve the API until ``stop``; then refuse new requests and let in-flight ones finish."""
-    app = create_app(config, bus, get_plugin_manager(config.plugins))
+    try:
+        app = create_app(config, bus, get_plugin_manager(config.plugins))
+    except (UnknownBalancerError, ExporterError) as exc:
+        raise NodeError(str(exc)) from None
     ctx = app[CONTROLLER]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()

@@ -98,6 +98,12 @@ def parse_body(raw: bytes, body_type: type[BodyType]) -> Any:
         raise bad_request(f"Invalid value for '{param}': {message.replace('`', '')}", param) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    except UnicodeDecodeError as exc:  # msgspec raises this, not DecodeError, for bad UTF-8 inside a string
+        raise bad_request(
+            f"Request body is not valid UTF-8: {exc.reason} at byte {exc.start}", code="invalid_json"
+        ) from None
+    except RecursionError:  # JSON nested deeper than the decoder's recursion limit
+        raise bad_request("Request body is nested too deeply", code="invalid_json") from None
 
 
 def _flatten(message: Message, index: int) -> str:

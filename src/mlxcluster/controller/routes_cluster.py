@@ -54,10 +54,16 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "in_flight": stats.in_flight,
                 "retries": stats.retries,
                 "failed": stats.failed,
+                "completed": stats.completed,
+                "errors": stats.errors,
+            },
+            "recent": {
+                "ttft_ms": [round(v, 2) for v in stats.recent_ttft_ms],
+                "tokens_per_second": [round(v, 1) for v in stats.recent_tokens_per_second],
             },
             "nats": {
                 "connected": nc.is_connected,
-                "server": nc.connected_url.netloc if nc.connected_url else None,
+                "server": ctx.bus.server_address,
                 "max_payload": nc.max_payload if nc.is_connected else None,
                 "invalid_messages_total": ctx.bus.invalid_messages_total,
             },

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 
+import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -240,7 +241,7 @@ class WorkerService:
             return
         await publish(reply, Accepted(worker_id=self.worker_id, queued=self.admission.would_queue()))
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
-        emitted = 0
+        emitted = next_seq = 0
         try:
             async with asyncio.timeout(timeout):
                 if not await self.admission.acquire():
@@ -253,8 +254,11 @@ class WorkerService:
                         async for frame in frames:
                             if isinstance(frame, Token):
                                 emitted += frame.count
+                                next_seq = frame.seq + 1
                                 self.tokens_total += frame.count
                                 self.rate.add(frame.count)
+                            elif isinstance(frame, Done):  # tell the controller how many Token frames it should have
+                                frame = msgspec.structs.replace(frame, seq=next_seq)
                             elif isinstance(frame, Error):
                                 self.errors_total += 1
                             await publish(reply, frame)

@@ -6,17 +6,12 @@ Imports only the plugin machinery (never mlx, aiohttp or nats), so it starts fas
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated
 
 import typer
 from msgspec import Struct, to_builtins
 
-from mlxcluster.config import Config, ConfigError
-from mlxcluster.config import load as load_config
+from mlxcluster.cli_common import ConfigOption, JsonOption, get_config
 from mlxcluster.plugins import BalancerEntry, PluginManager, collect_balancers, get_plugin_manager
-
-DEFAULT_CONFIG_FILE = "cluster.toml"
 
 balancers_app = typer.Typer(
     name="balancers",
@@ -40,17 +35,6 @@ class BalancerRow(Struct, frozen=True, kw_only=True):
 @balancers_app.callback()
 def balancers_callback() -> None:
     """Load-balancing strategies from built-in and installed plugins."""
-
-
-def _config(path: Path | None) -> Config:
-    """``--config``, else ``./cluster.toml`` when present, else defaults; exit 2 on a config error."""
-    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
-        path = Path(DEFAULT_CONFIG_FILE)
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def balancer_rows(pm: PluginManager, entries: dict[str, BalancerEntry], selected: str) -> list[BalancerRow]:
@@ -84,20 +68,11 @@ def format_table(rows: list[BalancerRow]) -> str:
 
 @balancers_app.command("list")
 def list_balancers(
-    config_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            envvar="MLXCLUSTER_CONFIG",
-            help="Config file (default: ./cluster.toml when it exists).",
-            dir_okay=False,
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List balancers: name, the plugin and package that provide it, and what it does."""
-    config = _config(config_path)
+    config = get_config(config_path)
     pm = get_plugin_manager(config.plugins)
     rows = balancer_rows(pm, collect_balancers(pm), config.load_balancing.strategy)
     for name, reason in pm.failures.items():

@@ -10,14 +10,20 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from mlxcluster import __version__
 from mlxcluster.balancers_cli import balancers_app
-from mlxcluster.config import Config, ConfigError
-from mlxcluster.config import load as load_config
+from mlxcluster.cli_common import (
+    DEFAULT_CONFIG_FILE,
+    ConfigOption,
+    JsonOption,
+    fail,
+    get_config,
+    resolve_config_path,
+)
 from mlxcluster.models.commands import models_app
 from mlxcluster.plugins_cli import exporters_app, plugins_command
 
@@ -36,41 +42,6 @@ app.add_typer(models_app, name="models", help="Prepare, import and list models."
 app.add_typer(balancers_app, name="balancers", help="Load-balancing strategies (plugins).")
 app.add_typer(exporters_app, name="exporters", help="Metrics exporters (plugins).")
 app.command("plugins")(plugins_command)
-
-DEFAULT_CONFIG_FILE = "cluster.toml"
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        envvar="MLXCLUSTER_CONFIG",
-        help="Config file (default: ./cluster.toml when it exists).",
-        dir_okay=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def resolve_config_path(path: Path | None) -> Path | None:
-    """The explicit path, else ``./cluster.toml`` if present, else ``None`` (defaults)."""
-    if path is not None:
-        return path
-    default = Path(DEFAULT_CONFIG_FILE)
-    return default if default.is_file() else None
-
-
-def get_config(path: Path | None) -> Config:
-    """Load config or exit 2 with the one-line reason."""
-    try:
-        return load_config(resolve_config_path(path))
-    except ConfigError as exc:
-        fail(str(exc))
 
 
 def version_callback(value: bool) -> None:

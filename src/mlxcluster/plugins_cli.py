@@ -6,14 +6,11 @@ Imports only the plugin machinery (never mlx, aiohttp, nats or prometheus-client
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated
 
 import typer
 from msgspec import Struct, to_builtins
 
-from mlxcluster.config import Config, ConfigError
-from mlxcluster.config import load as load_config
+from mlxcluster.cli_common import ConfigOption, JsonOption, get_config
 from mlxcluster.plugins import (
     ExporterEntry,
     PluginInfo,
@@ -22,20 +19,6 @@ from mlxcluster.plugins import (
     get_plugin_manager,
     list_plugins,
 )
-
-DEFAULT_CONFIG_FILE = "cluster.toml"
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        envvar="MLXCLUSTER_CONFIG",
-        help="Config file (default: ./cluster.toml when it exists).",
-        dir_okay=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 exporters_app = typer.Typer(
     name="exporters",
@@ -54,17 +37,6 @@ class ExporterRow(Struct, frozen=True, kw_only=True):
     version: str | None
     description: str
     enabled: bool
-
-
-def cli_config(path: Path | None) -> Config:
-    """``--config``, else ``./cluster.toml`` when present, else defaults; exit 2 on a config error."""
-    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
-        path = Path(DEFAULT_CONFIG_FILE)
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def table(rows: list[tuple[str, ...]]) -> str:
@@ -97,7 +69,7 @@ def format_plugins(rows: list[PluginInfo]) -> str:
 
 def plugins_command(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List every plugin: name, version, hooks, where it came from, loaded / failed / disabled (and why)."""
-    config = cli_config(config_path)
+    config = get_config(config_path)
     pm = get_plugin_manager(config.plugins)
     rows = list_plugins(pm)
     if as_json:
@@ -133,7 +105,7 @@ def exporters_callback() -> None:
 @exporters_app.command("list")
 def list_exporters(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List exporters: name (``*``: enabled in ``[metrics] exporters``), the plugin that provides it, what it does."""
-    config = cli_config(config_path)
+    config = get_config(config_path)
     pm = get_plugin_manager(config.plugins)
     entries = collect_exporters(pm)
     rows = exporter_rows(pm, entries, config.metrics.exporters)

@@ -89,7 +89,7 @@ def run(
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
     from mlxcluster.logsetup import configure_logging
-    from mlxcluster.node import NodeError, run_node
+    from mlxcluster.node import CANNOT_START, NodeError, run_node
 
     # Flags are environment overrides, so dual mode's children inherit them.
     flags = {
@@ -115,7 +115,7 @@ def run(
     try:
         code = run_node(config, role, workers=workers)
     except NodeError as exc:
-        fail(str(exc), 1)
+        fail(str(exc), CANNOT_START)  # bad setting, busy port: restarting would not help
     raise typer.Exit(code)
 
 

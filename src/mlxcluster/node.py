@@ -20,6 +20,10 @@ from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError
 log = logging.getLogger(__name__)
 
 
+CANNOT_START = 2
+"""Exit code of a node that could not start because of its settings (a supervisor does not restart it)."""
+
+
 class NodeError(Exception):
     """A node could not start; the message says why and what to change."""
 

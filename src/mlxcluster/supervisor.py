@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent
+from mlxcluster.node import CANNOT_START
 from mlxcluster.worker.blas import preload_env
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Supervisor:
         self.workers = workers
         self.children: list[Child] = []
         self.stopping = False
+        self.exit_code = 0
+        self._stop = asyncio.Event()
 
     def specs(self, nats_url: str) -> list[ChildSpec]:
         """The controller then the workers, each pointed at the embedded server."""
@@ -108,7 +111,7 @@ class Supervisor:
         return env
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Run until ``stop`` is set, then stop children in order; return 0."""
+        """Run until ``stop`` is set (or a child cannot start), then stop children in order; return the exit code."""
         server = EmbeddedNatsServer(self.config.nats)
         await server.start()
         watch_server = asyncio.create_task(self._watch_server(server, stop))
@@ -117,6 +120,7 @@ class Supervisor:
             for child in self.children:
                 child.task = asyncio.create_task(self._keep_running(child))
             log.info("dual mode: nats-server + %d children running; Ctrl-C stops them", len(self.children))
+            self._stop = stop
             await stop.wait()
         finally:
             self.stopping = True
@@ -124,7 +128,7 @@ class Supervisor:
             for child in self.children:  # controller first: it drains in-flight requests
                 await self._stop_child(child)
             await server.stop()
-        return 0
+        return self.exit_code
 
     async def _keep_running(self, child: Child) -> None:
         """Start the child; whenever it exits unexpectedly, restart it with backoff."""
@@ -141,6 +145,11 @@ class Supervisor:
             log.info("started %s (pid %d)", child.spec.name, child.process.pid)
             code = await child.process.wait()
             if self.stopping:
+                return
+            if code == CANNOT_START:
+                log.error("%s cannot start with these settings (see its error above); stopping", child.spec.name)
+                self.exit_code = CANNOT_START
+                self._stop.set()
                 return
             if time.monotonic() - child.started_at > STABLE_AFTER_S:
                 delay = 0.5

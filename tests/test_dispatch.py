@@ -522,3 +522,47 @@ def test_forget() -> None:
     assert breakers.state("w") == "open"
     breakers.forget("w")
     assert breakers.state("w") == "closed"
+
+
+async def test_failures_across_a_bus_outage_are_not_blamed_on_the_worker(cluster_config, nats_server) -> None:
+    """A try that fails while our own NATS connection dropped says nothing about the worker: no breaker count."""
+    from mlxcluster.bus import Bus
+    from mlxcluster.controller.breaker import Breakers
+    from mlxcluster.controller.dispatch import Dispatcher
+    from mlxcluster.controller.inbox import ResponseInbox
+    from mlxcluster.controller.registry import WorkerRegistry
+    from mlxcluster.embedded import EmbeddedNatsServer
+
+    bus = await Bus.connect(cluster_config.nats, name="blame-test", attempts=5)
+    try:
+        breakers = Breakers(threshold=1)
+        dispatcher = Dispatcher(
+            bus=bus,
+            registry=WorkerRegistry(cluster_config),
+            balancer=None,  # type: ignore[arg-type]
+            config=cluster_config.controller,
+            inbox=ResponseInbox(bus, "c1"),
+            breakers=breakers,
+        )
+        steady = bus.epoch
+        dispatcher._blame("w-steady", steady)
+        assert breakers.state("w-steady") == "open"  # same connection throughout: the worker's fault
+
+        before = bus.epoch
+        await nats_server.stop()
+        deadline = asyncio.get_running_loop().time() + 10
+        while bus.is_connected and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert bus.epoch != before  # dropped
+        restarted = EmbeddedNatsServer(cluster_config.nats)
+        await restarted.start()
+        try:
+            while not bus.is_connected and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert bus.is_connected and bus.epoch != before  # back, on a new epoch
+            dispatcher._blame("w-outage", before)
+            assert breakers.state("w-outage") == "closed"
+        finally:
+            await restarted.stop()
+    finally:
+        await bus.close(drain=False)

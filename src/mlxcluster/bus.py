@@ -135,6 +135,12 @@ class Bus:
     def is_connected(self) -> bool:
         return self.nc.is_connected
 
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the connection drops or comes back: a failure seen across a change of epoch
+        may be the bus's fault rather than the peer's."""
+        return self.nc.stats["reconnects"] * 2 + (0 if self.nc.is_connected else 1)
+
     async def publish(self, subject: str, message: Struct, *, reply: str = "") -> None:
         """Encode and publish one message."""
         await self.nc.publish(subject, encode(message), reply=reply)

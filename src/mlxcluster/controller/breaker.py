@@ -60,6 +60,13 @@ class Breakers:
         if breaker.failures >= self.threshold or breaker.opened_at is not None:
             breaker.opened_at = self.clock()
 
+    def forgive(self, worker_id: str) -> None:
+        """A try failed for a reason that is not the worker's (the bus dropped): end a half-open trial
+        without counting a failure."""
+        breaker = self._breakers.get(worker_id)
+        if breaker is not None:
+            breaker.trial_in_flight = False
+
     def open_ids(self) -> set[str]:
         """Workers a pick must skip right now."""
         return {worker_id for worker_id in self._breakers if not self.allows(worker_id)}

@@ -226,16 +226,25 @@ class Dispatcher:
         reply, queue = self.inbox.open(key)
         self.registry.begin(worker_id)
         self.breakers.begin(worker_id)
+        epoch = self.bus.epoch
         try:
             await self.bus.nc.publish(self.bus.subjects.inference(worker_id), payload, reply=reply)
             first = await self._first_frame(queue, worker_id, request)
         except BaseException as exc:
             if isinstance(exc, _TryElsewhere):
-                self.breakers.record_failure(worker_id)
+                self._blame(worker_id, epoch)
             await self._cancel(worker_id, request.request_id, f"controller gave up: {exc}")
             self._close(key, worker_id)
             raise
-        return self._relay(key, queue, worker_id, request, first)
+        return self._relay(key, queue, worker_id, request, first, epoch)
+
+    def _blame(self, worker_id: str, epoch: int) -> None:
+        """Count a failure against the worker's breaker, unless our own NATS connection dropped meanwhile:
+        frames lost in a bus outage say nothing about the worker (and would open every breaker at once)."""
+        if self.bus.epoch == epoch:
+            self.breakers.record_failure(worker_id)
+        else:
+            self.breakers.forgive(worker_id)
 
     async def _first_frame(self, queue: asyncio.Queue[Msg], worker_id: str, request: InferenceRequest) -> StreamFrame:
         """Wait for Accepted, then for the first Token/Done/Error, within the timeouts."""
@@ -264,7 +273,13 @@ class Dispatcher:
                     continue
 
     async def _relay(
-        self, key: str, queue: asyncio.Queue[Msg], worker_id: str, request: InferenceRequest, first: StreamFrame
+        self,
+        key: str,
+        queue: asyncio.Queue[Msg],
+        worker_id: str,
+        request: InferenceRequest,
+        first: StreamFrame,
+        epoch: int,
     ) -> AsyncIterator[StreamFrame]:
         """Yield ``first`` and the rest of the stream; end with an Error frame if the worker is lost."""
         finished = False
@@ -290,7 +305,7 @@ class Dispatcher:
                 msg = await self._next_live(key, queue, worker_id, request)
                 if msg is None:
                     finished = True
-                    self.breakers.record_failure(worker_id)
+                    self._blame(worker_id, epoch)
                     yield Error(code="worker_lost", message=f"worker {worker_id} stopped responding mid-stream")
                     return
                 decoded = self._decode(msg)

@@ -7,6 +7,7 @@ NATS. A :class:`Cluster` remembers what it started and stops it all (controller 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -428,3 +429,13 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         line = raw.decode().strip()
         if line.startswith("data: "):
             yield line[len("data: ") :]
+
+
+@contextlib.asynccontextmanager
+async def single_worker_cluster(config: Config, worker_id: str = "w1", **worker_options: Any) -> AsyncIterator[Cluster]:
+    """A controller and one echo worker, online: the set-up most API tests start from."""
+    async with Cluster(config) as running:
+        await running.start_worker(worker_id, **worker_options)
+        controller = await running.start_controller()
+        await controller.wait_online(worker_id)
+        yield running

@@ -12,7 +12,15 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from cluster_harness import Cluster, RunningController, sse_events, wait_until, with_sections, words
+from cluster_harness import (
+    Cluster,
+    RunningController,
+    single_worker_cluster,
+    sse_events,
+    wait_until,
+    with_sections,
+    words,
+)
 from conftest import free_port
 
 from mlxcluster.bus import Bus
@@ -27,10 +35,7 @@ USER = [{"role": "user", "content": "hello brave new world"}]
 @pytest.fixture
 async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
     """A controller and one echo worker ``w1``, online."""
-    async with Cluster(cluster_config) as running:
-        await running.start_worker("w1")
-        controller = await running.start_controller()
-        await controller.wait_online("w1")
+    async with single_worker_cluster(cluster_config) as running:
         yield running
 
 

@@ -357,17 +357,23 @@ async def test_request_larger_than_max_payload_is_413(small_payload: Config) -> 
         assert completion.choices[0].message.content == big_word
 
 
-# --- the client going away --------------------------------------------------------------------
-
-
-async def test_client_disconnect_cancels_the_request_on_the_worker(cluster_config: Config, bus: Bus) -> None:
+async def record_cancels(bus: Bus, worker_id: str) -> list[Cancel]:
+    """Every Cancel the controller sends to ``worker_id``, as it arrives."""
     cancels: list[Cancel] = []
 
     async def on_cancel(cancel: Cancel, _msg: Msg) -> None:
         cancels.append(cancel)
 
-    await bus.subscribe(bus.subjects.cancel("w-slow"), Cancel, on_cancel)
+    await bus.subscribe(bus.subjects.cancel(worker_id), Cancel, on_cancel)
     await barrier(bus)
+    return cancels
+
+
+# --- the client going away --------------------------------------------------------------------
+
+
+async def test_client_disconnect_cancels_the_request_on_the_worker(cluster_config: Config, bus: Bus) -> None:
+    cancels = await record_cancels(bus, "w-slow")
     async with Cluster(cluster_config) as cluster:
         worker = await cluster.start_worker("w-slow", token_delay_ms=30)
         controller = await cluster.start_controller()
@@ -392,13 +398,7 @@ async def test_client_disconnect_cancels_the_request_on_the_worker(cluster_confi
 
 async def test_closing_the_dispatch_stream_cancels_at_once(cluster_config: Config, bus: Bus) -> None:
     """Closing the frame iterator (what the route does when its client is gone) sends Cancel before it returns."""
-    cancels: list[Cancel] = []
-
-    async def on_cancel(cancel: Cancel, _msg: Msg) -> None:
-        cancels.append(cancel)
-
-    await bus.subscribe(bus.subjects.cancel("w-slow"), Cancel, on_cancel)
-    await barrier(bus)
+    cancels = await record_cancels(bus, "w-slow")
     async with Cluster(cluster_config) as cluster:
         worker = await cluster.start_worker("w-slow", token_delay_ms=30)
         controller = await cluster.start_controller()

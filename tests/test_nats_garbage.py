@@ -16,7 +16,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from cluster_harness import Cluster, FakeWorker, RunningController, RunningWorker, barrier, wait_until
+from cluster_harness import (
+    Cluster,
+    FakeWorker,
+    RunningController,
+    RunningWorker,
+    barrier,
+    single_worker_cluster,
+    wait_until,
+)
 from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
@@ -153,10 +161,7 @@ WRONG_TYPED: dict[str, tuple[Any, list[bytes]]] = {
 
 @pytest.fixture
 async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
-    async with Cluster(cluster_config) as running:
-        await running.start_worker("w1")
-        controller = await running.start_controller()
-        await controller.wait_online("w1")
+    async with single_worker_cluster(cluster_config) as running:
         yield running
 
 

@@ -10,7 +10,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cluster_harness import Cluster, RunningController, RunningWorker, barrier, wait_until, with_sections, words
+from cluster_harness import (
+    Cluster,
+    RunningController,
+    RunningWorker,
+    barrier,
+    single_worker_cluster,
+    wait_until,
+    with_sections,
+    words,
+)
 from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
@@ -25,10 +34,7 @@ TIMEOUT_S = 10.0
 @pytest.fixture
 async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
     """A controller and one echo worker ``w1`` that waits 20 ms per token."""
-    async with Cluster(cluster_config) as running:
-        await running.start_worker("w1", token_delay_ms=20)
-        controller = await running.start_controller()
-        await controller.wait_online("w1")
+    async with single_worker_cluster(cluster_config, token_delay_ms=20) as running:
         yield running
 
 

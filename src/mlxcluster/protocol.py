@@ -65,6 +65,23 @@ class WorkerRegistration(_Message):
     started_at: float = 0.0
 
 
+class PromptCacheStats(_Message):
+    """A worker's prompt (KV) cache since it started: reuse and size."""
+
+    hits: Count = 0
+    """Requests that reused a cached prefix."""
+    misses: Count = 0
+    """Requests that found nothing to reuse."""
+    hit_tokens: Count = 0
+    """Prompt tokens served from the cache instead of prefilled."""
+    prompt_tokens: Count = 0
+    """All prompt tokens of admitted requests (the denominator of the hit rate)."""
+    bytes: Count = 0
+    limit_bytes: Count = 0
+    entries: Count = 0
+    evictions: Count = 0
+
+
 class WorkerHeartbeat(_Message):
     """Published by a worker every ``discovery.heartbeat_interval_ms``."""
 
@@ -81,6 +98,26 @@ class WorkerHeartbeat(_Message):
     tokens_total: Count = 0
     errors_total: Count = 0
     sent_at: float = 0.0
+    prompt_cache: PromptCacheStats | None = None
+    """The engine's prompt (KV) cache, when it has one."""
+
+
+class CacheEvent(_Message):
+    """Published by a worker on ``worker.cache``: prefix digests its prompt cache now holds or dropped.
+
+    Digests are :func:`mlxcluster.prefix_digest.prefix_digests` of the cached conversations, so a
+    controller computes the same values from a request without a tokenizer. ``reset`` replaces all
+    that is known of this worker instance (sent on start, on a controller's announce, and
+    periodically); otherwise the event is a delta. ``instance`` is the worker's start time: entries of an
+    earlier instance of the same id are dropped. ``seq`` numbers the events of one instance.
+    """
+
+    worker_id: WorkerId
+    instance: float = 0.0
+    seq: Count = 0
+    reset: bool = False
+    stored: list[int] = msgspec.field(default_factory=list)
+    removed: list[int] = msgspec.field(default_factory=list)
 
 
 class Deregister(_Message):
@@ -151,6 +188,8 @@ class Usage(_Message):
     prompt_tokens: Count = 0
     completion_tokens: Count = 0
     total_tokens: Count = 0
+    cached_tokens: Count = 0
+    """Prompt tokens served from the worker's prompt cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
 
 
 class Timings(_Message):
@@ -177,6 +216,14 @@ class Token(_Message, tag="token", tag_field="type"):
     seq: Count = 0
 
 
+class Progress(_Message, tag="progress", tag_field="type"):
+    """Prefill progress of a long prompt: sent before the first token so the controller's first-token
+    timer measures silence, not prefill time. Not numbered: losing one loses nothing."""
+
+    processed: Count = 0
+    total: Count = 0
+
+
 class Done(_Message, tag="done", tag_field="type"):
     """Last frame of a successful stream."""
 
@@ -195,7 +242,7 @@ class Error(_Message, tag="error", tag_field="type"):
     retryable: bool = False
 
 
-Frame = Accepted | Token | Done | Error
+Frame = Accepted | Progress | Token | Done | Error
 
 # NATS headers of the liveness probe a worker sends to a stream's reply subject: the controller answers,
 # with GONE_HEADER set when nobody waits for that stream any more (no answer at all: controller gone).

@@ -27,6 +27,11 @@ class Subjects:
         return f"{self.prefix}.worker.deregister"
 
     @property
+    def cache(self) -> str:
+        """Workers publish :class:`~mlxcluster.protocol.CacheEvent` (prompt-cache prefix digests) here."""
+        return f"{self.prefix}.worker.cache"
+
+    @property
     def announce(self) -> str:
         """Controllers publish :class:`~mlxcluster.protocol.Announce`; workers re-register on it."""
         return f"{self.prefix}.cluster.announce"

@@ -33,6 +33,7 @@ from mlxcluster.protocol import (
     Done,
     Error,
     InferenceRequest,
+    Progress,
     ProtocolError,
     Token,
     decode_frame,
@@ -247,7 +248,9 @@ class Dispatcher:
             self.breakers.forgive(worker_id)
 
     async def _first_frame(self, queue: asyncio.Queue[Msg], worker_id: str, request: InferenceRequest) -> StreamFrame:
-        """Wait for Accepted, then for the first Token/Done/Error, within the timeouts."""
+        """Wait for Accepted, then for the first Token/Done/Error, within the timeouts.
+
+        The first-token timeout measures silence: each Progress frame of a long prefill restarts it."""
         now = time.monotonic()
         first_token_by = now + self.config.first_token_timeout_s
         accepted_by = now + min(ACCEPT_TIMEOUT_S, self.config.first_token_timeout_s)
@@ -263,6 +266,9 @@ class Dispatcher:
             match frame:
                 case Accepted():
                     accepted = True
+                case Progress():
+                    accepted = True
+                    first_token_by = time.monotonic() + self.config.first_token_timeout_s
                 case Error(retryable=True):
                     raise _TryElsewhere(f"{frame.code}: {frame.message}")
                 case Token(seq=seq) | Done(seq=seq) if seq:  # lost frames, none sent on yet: start over elsewhere
@@ -309,7 +315,7 @@ class Dispatcher:
                     yield Error(code="worker_lost", message=f"worker {worker_id} stopped responding mid-stream")
                     return
                 decoded = self._decode(msg)
-                frame = None if isinstance(decoded, Accepted) else decoded
+                frame = None if isinstance(decoded, Accepted | Progress) else decoded
         finally:
             self._close(key, worker_id)
             if not finished:
@@ -351,7 +357,7 @@ class Dispatcher:
             except TimeoutError:
                 continue
 
-    def _decode(self, msg: Msg) -> Accepted | StreamFrame | None:
+    def _decode(self, msg: Msg) -> Accepted | Progress | StreamFrame | None:
         try:
             return decode_frame(msg.data)
         except ProtocolError as exc:

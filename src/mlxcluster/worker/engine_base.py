@@ -11,13 +11,17 @@ generation) are merged into one Token frame with ``count`` set.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from msgspec import Struct
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, Token
+from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, PromptCacheStats, Token
 
-EngineFrame = Token | Done | Error
+EngineFrame = Progress | Token | Done | Error
+
+CacheListener = Callable[[list[int], list[int]], None]
+"""Called as ``listener(stored, removed)`` with prefix digests (see :mod:`mlxcluster.prefix_digest`)
+whenever the engine's prompt cache changes; it may be called from the engine's own thread."""
 
 
 class EngineInfo(Struct, kw_only=True):
@@ -45,4 +49,16 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, request: InferenceRequest) -> AsyncIterator[EngineFrame]:
-        """Stream frames for one request: Tokens, then one Done or Error."""
+        """Stream frames for one request: Progress while a long prompt prefills, Tokens, then one
+        Done or Error."""
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        """Reuse and size of the engine's prompt cache; ``None`` when it has none."""
+        return None
+
+    def set_cache_listener(self, listener: CacheListener | None) -> None:
+        """Be told of prefix digests the prompt cache stores and drops (engines without one: never)."""
+
+    def cache_digests(self) -> list[int]:
+        """Every prefix digest the prompt cache holds now (for a full snapshot)."""
+        return []

@@ -1,0 +1,65 @@
+"""Prefix digests: compact names for the prefixes of a prompt, the same on every node.
+
+A request's prompt is flattened to one canonical string (chat messages as ``role␟name␟content␞``, a
+text prompt behind a marker) and cut into blocks of :data:`BLOCK_CHARS` characters. Digest *i* is a
+64-bit hash of digest *i-1* and block *i*, so one digest names the whole prefix up to the end of its
+block, and two prompts share digest *i* exactly when they share their first *i* blocks.
+
+Workers publish the digests of what their prompt cache holds (the prompt plus the generated reply,
+as the next turn of the conversation will resend it); the controller computes the digests of an
+incoming request and finds, per worker, the longest prefix held. No tokenizer is needed on the
+controller, and a digest is 8 bytes whatever the prompt's length. Text is the unit, not tokens, so a
+match is an estimate of the tokens the worker will reuse: the worker's own cache decides the rest at
+token level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+BLOCK_CHARS = 256
+"""Characters per digest block (about 64 tokens of English text)."""
+_SEED = b"mlxcluster-prefix-v1"
+_UNIT = "\x1e"  # ends one message
+_FIELD = "\x1f"  # separates role, name and content
+_PROMPT = "\x1d"  # starts a plain-text prompt (never equal to a chat's canonical text)
+
+
+class _Message(Protocol):
+    role: str
+    content: str
+    name: str | None
+
+
+def chat_text(messages: Iterable[_Message]) -> str:
+    """The canonical string of chat messages."""
+    return "".join(f"{m.role}{_FIELD}{m.name or ''}{_FIELD}{m.content}{_UNIT}" for m in messages)
+
+
+def canonical_text(messages: Sequence[_Message] | None, prompt: str | None, reply: str | None = None) -> str:
+    """The canonical string of a request's prompt; with ``reply``, as the next turn will resend it.
+
+    For chat, ``reply`` becomes an assistant message; for a text prompt it is appended as is.
+    """
+    if messages is not None:
+        text = chat_text(messages)
+        if reply is not None:
+            text += f"assistant{_FIELD}{_FIELD}{reply}{_UNIT}"
+        return text
+    return _PROMPT + (prompt or "") + (reply or "")
+
+
+def prefix_digests(text: str, block_chars: int = BLOCK_CHARS, limit: int | None = None) -> list[int]:
+    """Chained 64-bit digests of each complete ``block_chars`` block of ``text`` (at most ``limit``)."""
+    count = len(text) // block_chars
+    if limit is not None:
+        count = min(count, limit)
+    digests: list[int] = []
+    previous = _SEED
+    for i in range(count):
+        block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
+        previous = hashlib.blake2b(previous + block, digest_size=8).digest()
+        digests.append(int.from_bytes(previous, "big") >> 1)  # 63 bits: fits a signed int64 on the wire
+    return digests

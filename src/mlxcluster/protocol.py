@@ -113,6 +113,8 @@ class CacheEvent(_Message):
     """
 
     worker_id: WorkerId
+    model: str = ""
+    """The served model the digests belong to (a cache is never shared across models)."""
     instance: float = 0.0
     seq: Count = 0
     reset: bool = False

@@ -31,7 +31,13 @@ def build_engine(config: Config) -> Engine:
     from mlxcluster.worker.models import resolve_model
 
     path, served_name = resolve_model(config)
-    return MlxEngine(path, served_name=served_name, max_concurrent=config.worker.max_concurrent)
+    return MlxEngine(
+        path,
+        served_name=served_name,
+        max_concurrent=config.worker.max_concurrent,
+        prefill_step_size=config.worker.prefill_step_size,
+        prompt_cache_bytes=config.worker.prompt_cache_bytes,
+    )
 
 
 async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine: Engine | None = None) -> None:

@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_model import build_tiny_model
 
 from mlxcluster.prefix_digest import canonical_text, prefix_digests
 from mlxcluster.protocol import ChatMessage, Done, Error, InferenceRequest, Progress, SamplingParams, Token
 from mlxcluster.worker.engine import MlxEngine
 from mlxcluster.worker.prompt_cache import default_cache_bytes
-from tiny_model import build_tiny_model
 
 SYSTEM = "You are a careful assistant. " * 12  # ~80 tokens of the tiny tokenizer
 
@@ -183,7 +183,9 @@ async def test_bytes_stay_under_the_limit_and_evictions_report_digests(tiny_mode
         stats = engine.prompt_cache_stats()
         assert stats.evictions == 3 and stats.entries == 2
         # the digests of the two newest conversations are held, those of the evicted ones are gone
-        expected = [prefix_digests(canonical_text(r.messages, None, reply=t)) for r, t in zip(requests, replies)]
+        expected = [
+            prefix_digests(canonical_text(r.messages, None, reply=t)) for r, t in zip(requests, replies, strict=True)
+        ]
         held = set(engine.cache_digests())
         assert set(expected[3]) | set(expected[4]) == held
         stored = {d for s, _ in events for d in s}

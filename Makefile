@@ -85,8 +85,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src plugins tests
 	$(VENV)/bin/mypy
 
+# Coverage counts the processes the tests start too (see [tool.coverage.run] in pyproject.toml); the total is
+# printed and a run below [tool.coverage.report] fail_under fails.
 test: lint model chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@rm -f .coverage .coverage.*
+	$(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 SOAK_MINUTES ?= 10
 bench: model

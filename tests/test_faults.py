@@ -381,7 +381,7 @@ async def tail_lost(fake: FakeWorker, _request: InferenceRequest, msg: Msg) -> N
 async def slow_but_alive(fake: FakeWorker, _request: InferenceRequest, msg: Msg) -> None:
     await fake.send(msg, Accepted(worker_id=fake.id))
     await fake.send(msg, Token(text="hello", seq=0))
-    for _ in range(8):  # silent for longer than STALL_S, but probing like a real worker does
+    for _ in range(8):  # silent for longer than the stall timeout, but probing like a real worker does
         await asyncio.sleep(0.2)
         await fake.bus.nc.request(msg.reply, b"", timeout=2, headers={PROBE_HEADER: "1"})
     await fake.send(msg, Token(text=" world", seq=1))
@@ -393,10 +393,10 @@ async def test_a_silent_stream_ends_when_the_worker_no_longer_probes_it(
     cluster_config: Config, bus: Bus, monkeypatch: pytest.MonkeyPatch, handler: FakeHandler, expected: object
 ) -> None:
     """Mid-stream silence with the worker still online: the stream is lost once neither frames nor the
-    worker's liveness probes come for ``STALL_S``; a worker that still probes is waited for."""
-    monkeypatch.setattr(dispatch, "STALL_S", 0.6)
+    worker's liveness probes come for ``controller.stall_timeout_s``; a worker that still probes is waited
+    for. With no other worker to continue it, the lost stream ends with an error."""
     monkeypatch.setattr(dispatch, "POLL_S", 0.1)
-    async with Cluster(cluster_config) as cluster:
+    async with Cluster(with_sections(cluster_config, controller={"stall_timeout_s": 0.6})) as cluster:
         await cluster.start_fake("w-quiet", handler)
         controller = await cluster.start_controller()
         await controller.wait_online("w-quiet")
@@ -406,4 +406,4 @@ async def test_a_silent_stream_ends_when_the_worker_no_longer_probes_it(
             assert (text, error) == ("hello world", None)
         else:
             assert error is not None and (text, error.code) == expected
-            assert time.monotonic() - started < 3  # STALL_S, not request_timeout_s
+            assert time.monotonic() - started < 3  # the stall timeout, not request_timeout_s

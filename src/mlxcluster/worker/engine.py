@@ -57,6 +57,8 @@ class _Job:
     detokenizer: Any = None
     stop_filter: Any = None
     finished: bool = False
+    continued: int = 0
+    """Tokens at the end of ``prompt`` that continue the assistant's message (not prompt tokens in usage)."""
 
 
 class _RateMeter:
@@ -377,6 +379,7 @@ class MlxEngine(Engine):
         if problem is None:
             try:
                 job.prompt = self._tokenize(request)
+                job.continued = len(self._continuation_ids(request))
             except Exception as exc:  # template or tokenizer errors are the request's fault
                 problem = f"cannot build the prompt: {exc}"
             else:
@@ -390,18 +393,27 @@ class MlxEngine(Engine):
         self._waiting.append(job)
 
     def _tokenize(self, request: InferenceRequest) -> list[int]:
+        """The prompt's tokens, then those of ``request.continuation`` (text a lost worker had already
+        generated: the assistant's message goes on after it, and ``max_tokens`` is the remaining budget)."""
         tokenizer = self._tokenizer
+        continued = self._continuation_ids(request)
         if request.messages is not None:
             messages = [
                 {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in request.messages
             ]
             if tokenizer.has_chat_template:
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)) + continued
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(tokenizer.encode(text))
+            return list(tokenizer.encode(text)) + continued
         if request.prompt is None:
             raise ValueError("the request has neither messages nor prompt")
-        return list(tokenizer.encode(request.prompt))
+        return list(tokenizer.encode(request.prompt)) + continued
+
+    def _continuation_ids(self, request: InferenceRequest) -> list[int]:
+        """The tokens of ``request.continuation`` (none when it is not a continued request)."""
+        if not request.continuation:
+            return []
+        return list(self._tokenizer.encode(request.continuation, add_special_tokens=False))
 
     def _expire(self) -> None:
         """Drop cancelled requests and end those past their deadline."""
@@ -503,7 +515,7 @@ class MlxEngine(Engine):
         return True
 
     def _done(self, job: _Job, reason: str, now: float) -> Done:
-        prompt_tokens, completion = len(job.prompt), job.completion_tokens
+        prompt_tokens, completion = len(job.prompt) - job.continued, job.completion_tokens
         decode_s = now - job.first_token
         rate = (completion - 1) / decode_s if completion > 1 and decode_s > 0 else 0.0
         return Done(

@@ -56,6 +56,8 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "failed": stats.failed,
                 "completed": stats.completed,
                 "errors": stats.errors,
+                "migrations": stats.migrations,
+                "migrations_failed": stats.migrations_failed,
             },
             "recent": {
                 "ttft_ms": [round(v, 2) for v in stats.recent_ttft_ms],

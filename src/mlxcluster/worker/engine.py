@@ -379,7 +379,6 @@ class MlxEngine(Engine):
         if problem is None:
             try:
                 job.prompt = self._tokenize(request)
-                job.continued = len(self._continuation_ids(request))
             except Exception as exc:  # template or tokenizer errors are the request's fault
                 problem = f"cannot build the prompt: {exc}"
             else:
@@ -389,6 +388,7 @@ class MlxEngine(Engine):
             self._emit(job, Error(code="invalid_request", message=problem, retryable=False))
             return
         job.detokenizer = self._tokenizer.detokenizer
+        job.continued = self._continue_after(job.detokenizer, request)
         job.stop_filter = StopTextFilter(request.stop)
         self._waiting.append(job)
 
@@ -414,6 +414,16 @@ class MlxEngine(Engine):
         if not request.continuation:
             return []
         return list(self._tokenizer.encode(request.continuation, add_special_tokens=False))
+
+    def _continue_after(self, detokenizer: Any, request: InferenceRequest) -> int:
+        """Feed a continuation's tokens to the detokenizer (shown already: its output is dropped), so the
+        first new token reads as it would have mid-stream (a leading space is only trimmed at the start).
+        Returns how many tokens that was."""
+        continued = self._continuation_ids(request)
+        for token in continued:
+            detokenizer.add_token(token)
+        _ = detokenizer.last_segment
+        return len(continued)
 
     def _expire(self) -> None:
         """Drop cancelled requests and end those past their deadline."""

@@ -144,7 +144,8 @@ class ControllerHeartbeat(_Message):
     started_at: float = 0.0
     sent_at: float = 0.0
     address: str = ""
-    """Where its HTTP API listens (``host:port`` as configured)."""
+    """Where its HTTP API listens (``bind:port`` as configured)."""
+    hostname: str = ""
     version: str = ""
     state: str = ""
     in_flight: Count = 0

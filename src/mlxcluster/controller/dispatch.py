@@ -47,7 +47,7 @@ from mlxcluster.protocol import (
 log = logging.getLogger(__name__)
 
 ACCEPT_TIMEOUT_S = 3.0
-POLL_S = 1.0
+POLL_S = 0.25  # how soon a waiting stream notices its worker marked offline (a move starts then)
 RETRY_BACKOFF_S = 0.05
 SUBJECT_HEADROOM = 1024  # bytes of max_payload left for the subject and headers
 RECENT_WINDOW = 64  # requests kept for the rolling figures in cluster status (dashboard sparklines)

@@ -75,7 +75,8 @@ def _prompt(tokens: int) -> str:
 
 async def _stream(session: aiohttp.ClientSession, url: str, prompt: str) -> StreamOutcome:
     body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": prompt}]}
-    started = last = time.monotonic()
+    started = time.monotonic()
+    last: float | None = None  # gaps are measured between tokens, not before the first one (queueing)
     parts: list[str] = []
     finish, gap, error = None, 0.0, ""
     try:
@@ -93,7 +94,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, prompt: str) -> Stre
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
                         now = time.monotonic()
-                        gap, last = max(gap, now - last), now
+                        gap, last = (gap if last is None else max(gap, now - last)), now
                         parts.append(choice["delta"]["content"])
                     finish = choice.get("finish_reason") or finish
     except (TimeoutError, aiohttp.ClientError) as exc:

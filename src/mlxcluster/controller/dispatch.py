@@ -283,6 +283,8 @@ class Dispatcher:
         lost = so_far.loss
         so_far.moves += 1
         self.stats.migrations += 1
+        gap_s = time.monotonic() - so_far.last_frame_at
+        log.info("request %s continues on %s (%.2fs without a token)", request.request_id, worker_id, gap_s)
         if self.events is discard or lost is None:
             return
         self.events(
@@ -295,7 +297,7 @@ class Dispatcher:
                 migration=so_far.moves,
                 reason=lost.reason,
                 tokens=so_far.tokens,
-                gap_s=time.monotonic() - so_far.last_frame_at,
+                gap_s=gap_s,
             )
         )
 

@@ -5,8 +5,9 @@ separate processes, none supervised, so a killed worker stays dead. 100 streamed
 ``tokens`` tokens start together; once the victim is generating its share, it gets SIGKILL. Reported per
 round: streams completed whole out of 100, how long the controller took to mark the victim offline (its
 API polled every 20 ms), how many streams moved to another worker mid-stream, and the latency they
-added: the moved streams' duration over the median of the unmoved ones in the same round. Moved streams
-are told apart by their longest silence between two tokens (the ``migrations`` count says how many).
+added. Moved streams are told apart by their longest silence between two tokens (the ``migrations`` count
+says how many); they are compared with the first streams the other workers started (the same wave), which
+were not queued behind others either.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class StreamOutcome(msgspec.Struct):
     ok: bool
     duration_s: float
     longest_gap_s: float
+    ttft_s: float = 0.0
     detail: str = ""
 
 
@@ -51,6 +53,7 @@ class FaultRound(msgspec.Struct):
     migrations: int
     moved_p50_s: float
     unmoved_p50_s: float
+    """Median duration of the first streams the other workers started (the moved streams' wave)."""
     added_p50_s: float
     added_max_s: float
     longest_gap_p50_s: float
@@ -76,6 +79,7 @@ def _prompt(tokens: int) -> str:
 async def _stream(session: aiohttp.ClientSession, url: str, prompt: str) -> StreamOutcome:
     body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": prompt}]}
     started = time.monotonic()
+    first: float | None = None
     last: float | None = None  # gaps are measured between tokens, not before the first one (queueing)
     parts: list[str] = []
     finish, gap, error = None, 0.0, ""
@@ -95,13 +99,15 @@ async def _stream(session: aiohttp.ClientSession, url: str, prompt: str) -> Stre
                     if choice["delta"].get("content"):
                         now = time.monotonic()
                         gap, last = (gap if last is None else max(gap, now - last)), now
+                        first = first or now
                         parts.append(choice["delta"]["content"])
                     finish = choice.get("finish_reason") or finish
     except (TimeoutError, aiohttp.ClientError) as exc:
         error = type(exc).__name__
     duration = time.monotonic() - started
     ok = not error and finish is not None and "".join(parts) == prompt
-    return StreamOutcome(ok, duration, gap, error or ("" if ok else "incomplete or corrupt"))
+    ttft = (first or started) - started
+    return StreamOutcome(ok, duration, gap, ttft, error or ("" if ok else "incomplete or corrupt"))
 
 
 async def _json(session: aiohttp.ClientSession, url: str) -> dict:  # type: ignore[type-arg]
@@ -162,7 +168,10 @@ async def _one_round(tokens: int) -> FaultRound:
         await server.stop()
     by_gap = sorted(outcomes, key=lambda o: o.longest_gap_s, reverse=True)
     moved, unmoved = by_gap[:migrations], by_gap[migrations:]
-    unmoved_p50 = statistics.median(o.duration_s for o in unmoved) if unmoved else 0.0
+    # the same wave: the first streams the two other workers started (as many each as the victim ran),
+    # which, like the moved ones, were not queued behind others
+    wave = sorted(unmoved, key=lambda o: o.ttft_s)[: 2 * len(moved)] or unmoved
+    unmoved_p50 = statistics.median(o.duration_s for o in wave) if wave else 0.0
     added = [o.duration_s - unmoved_p50 for o in moved]
     return FaultRound(
         completed=sum(o.ok for o in outcomes),
@@ -214,7 +223,7 @@ def format_table(result: FaultsResult) -> str:
                 "completed",
                 "detect s",
                 "moved",
-                "unmoved p50 s",
+                "same-wave unmoved p50 s",
                 "moved p50 s",
                 "added s p50",
                 "seam gap p50 s",
@@ -222,6 +231,7 @@ def format_table(result: FaultsResult) -> str:
             rows,
         )
         + "\n\ndetect: kill → the controller lists the worker offline; added: a moved stream's duration over the"
-        "\nunmoved streams' median; seam gap: the longest silence a moved stream's client saw."
+        "\nmedian of the first streams the other workers started (the same wave: not queued behind others);"
+        "\nseam gap: the longest silence between two tokens a moved stream's client saw."
         + (f"\nfailures: {', '.join(failures)}" if failures else "")
     )

@@ -114,7 +114,6 @@ async def test_kill_9_worker_mid_stream_loses_no_stream(tmp_path: Path) -> None:
             f"online {rejoin_s:.2f}s after its start"
         )
         assert counts == {"ok": 100}, failure_kinds(outcomes)  # every stream whole: none lost, cut or repeated
-        assert all(o.tokens == 60 for o in outcomes)
         assert 1 <= moved <= WORKER_SLOTS, moved  # only the streams the victim was generating moved
         assert offline_s <= OFFLINE_TIMEOUT_MS / 1000 + 1.0
         assert max(o.ended - o.started for o in outcomes) < DEADLINE_S

@@ -56,7 +56,8 @@ def next_words(request: InferenceRequest, count: int) -> list[str]:
 
 def words_then(count: int, then: str):  # type: ignore[no-untyped-def]
     """A fake handler: stream the next ``count`` echo words, then ``then``: ``vanish`` (stop heartbeating,
-    go silent), ``stall`` (stay online, silent), ``skip`` (a frame lost on the bus), ``error`` (retryable)."""
+    go silent), ``stall`` (stay online, silent), ``skip`` (a frame lost on the bus), ``error`` (retryable),
+    ``cancel`` (the worker cancelled it)."""
 
     async def handler(fake: FakeWorker, request: InferenceRequest, msg: Msg) -> None:
         await fake.send(msg, Accepted(worker_id=fake.id))
@@ -68,6 +69,8 @@ def words_then(count: int, then: str):  # type: ignore[no-untyped-def]
             await fake.send(msg, Token(text=" lost", seq=count + 1))  # #count never arrived
         elif then == "error":
             await fake.send(msg, Error(code="engine_error", message="the batch was reset", retryable=True))
+        elif then == "cancel":  # what a draining worker sends when its drain timeout cancels the stream
+            await fake.send(msg, Done(finish_reason="cancelled", seq=count))
 
     return handler
 
@@ -115,7 +118,7 @@ def finish_reasons(payloads: list[dict[str, Any]]) -> list[str]:
     return [c["finish_reason"] for p in payloads for c in p.get("choices", []) if c["finish_reason"]]
 
 
-LOSSES = [("vanish", "offline"), ("skip", "frames_lost"), ("error", "worker_error")]
+LOSSES = [("vanish", "offline"), ("skip", "frames_lost"), ("error", "worker_error"), ("cancel", "worker_error")]
 
 
 @pytest.mark.parametrize(("then", "reason"), LOSSES)
@@ -160,7 +163,7 @@ async def test_a_lost_stream_continues_on_another_worker_with_no_seam(
         async with controller.session().get(controller.url + "/metrics") as resp:
             metrics = await resp.text()
         assert f'mlxcluster_migrations_total{{reason="{reason}"}} 1.0' in metrics
-        if then != "error":  # the abandoned generation is cancelled (a worker that ended it needs none)
+        if then in ("vanish", "skip"):  # the abandoned generation is cancelled (a worker that ended it needs none)
             await wait_until(lambda: flaky.cancels, what="a cancel to the lost worker")
 
 

@@ -58,7 +58,7 @@ class RequestFinished(_Event, tag="request_finished", kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 0
-    """Workers tried (more than 1: retried before the first token)."""
+    """Workers tried (more than 1: retried before the first token, or moved mid-stream)."""
     stream: bool = False
     model_known: bool = True
     migrations: int = 0

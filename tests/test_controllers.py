@@ -87,8 +87,12 @@ async def _only(controller: RunningController) -> bool:
 async def test_a_silent_controller_is_listed_offline(cluster_config: Config, bus: Bus) -> None:
     async with Cluster(cluster_config) as cluster:
         controller = await cluster.start_controller()
-        await bus.publish(bus.subjects.controller_heartbeat, ControllerHeartbeat(controller_id="c-ghost"))
-        await wait_until(lambda: _status_of(controller, "c-ghost", "online"), what="the ghost listed online")
+
+        async def beating_and_listed() -> bool:  # a live controller heartbeats; then it falls silent
+            await bus.publish(bus.subjects.controller_heartbeat, ControllerHeartbeat(controller_id="c-ghost"))
+            return await _status_of(controller, "c-ghost", "online")
+
+        await wait_until(beating_and_listed, what="the ghost listed online", interval=0.1)
         await wait_until(lambda: _status_of(controller, "c-ghost", "offline"), what="the ghost listed offline")
         await bus.nc.publish(bus.subjects.controller_heartbeat, b'{"controller_id": 5}')  # malformed: dropped
         await wait_until(lambda: controller.bus.invalid_messages[bus.subjects.controller_heartbeat] == 1)

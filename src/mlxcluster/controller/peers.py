@@ -119,6 +119,8 @@ async def run_controller_heartbeats(app: web.Application) -> AsyncIterator[None]
             await asyncio.sleep(interval_s)
 
     subscription = await bus.subscribe(subject, ControllerHeartbeat, on_heartbeat)
+    with contextlib.suppress(Exception):
+        await bus.nc.flush()
     task = asyncio.create_task(beat())
     try:
         yield

@@ -27,7 +27,7 @@ from mlxcluster.config import ControllerSection
 from mlxcluster.controller.balancer_api import Balancer, WorkerView
 from mlxcluster.controller.breaker import Breakers
 from mlxcluster.controller.errors import ApiError, model_not_found, no_capacity, payload_too_large
-from mlxcluster.controller.exporter_api import RequestMigrated, RequestRetried
+from mlxcluster.controller.exporter_api import RequestRetried
 from mlxcluster.controller.inbox import ResponseInbox
 from mlxcluster.controller.migration import LostMidStream, StreamSoFar, unmovable
 from mlxcluster.controller.request_meter import EventSink, RequestMeter, discard
@@ -182,7 +182,8 @@ class Dispatcher:
                 except LostMidStream as lost:
                     so_far.loss = lost
                     so_far.lost.add(lost.worker_id)
-                    ending = self._cannot_move(lost, so_far, disconnected)
+                    gone = disconnected is not None and disconnected()
+                    ending = so_far.ending(lost, self.config.migration_limit, client_gone=gone)
                     if ending is None:
                         current = so_far.continuation()
                         try:
@@ -220,19 +221,6 @@ class Dispatcher:
         self.stats.record_end(ending)
         return ending
 
-    def _cannot_move(
-        self, lost: LostMidStream, so_far: StreamSoFar, disconnected: Callable[[], bool] | None
-    ) -> Done | Error | None:
-        """The frame that ends a lost stream that cannot continue elsewhere, or ``None`` (move it)."""
-        if so_far.exhausted:  # lost between the budget's last token and its Done: nothing left to generate
-            return so_far.length_done()
-        if so_far.moves >= self.config.migration_limit:
-            limit = self.config.migration_limit
-            return unmovable(lost, f"not moved: migration limit ({limit}) reached") if limit else lost.error
-        if disconnected is not None and disconnected():
-            return unmovable(lost, "not moved: the client has gone")
-        return None
-
     async def _open(
         self, request: InferenceRequest, payload: bytes, so_far: StreamSoFar, meter: RequestMeter | None
     ) -> AsyncIterator[StreamFrame] | Error:
@@ -265,7 +253,7 @@ class Dispatcher:
                 continue
             self.stats.by_worker[worker_id] = self.stats.by_worker.get(worker_id, 0) + 1
             if moving:
-                self._moved(request, so_far, worker_id)
+                self._moved(so_far, worker_id)
             else:
                 self.stats.recent_ttft_ms.append((time.monotonic() - so_far.started) * 1000)
             return relay
@@ -279,27 +267,12 @@ class Dispatcher:
             )
         raise no_capacity(f"No worker serving '{request.model}' is available right now")
 
-    def _moved(self, request: InferenceRequest, so_far: StreamSoFar, worker_id: str) -> None:
-        lost = so_far.loss
-        so_far.moves += 1
+    def _moved(self, so_far: StreamSoFar, worker_id: str) -> None:
         self.stats.migrations += 1
-        gap_s = time.monotonic() - so_far.last_frame_at
-        log.info("request %s continues on %s (%.2fs without a token)", request.request_id, worker_id, gap_s)
-        if self.events is discard or lost is None:
-            return
-        self.events(
-            RequestMigrated(
-                time=time.time(),
-                request_id=request.request_id,
-                model=request.model,
-                worker=lost.worker_id,
-                to_worker=worker_id,
-                migration=so_far.moves,
-                reason=lost.reason,
-                tokens=so_far.tokens,
-                gap_s=gap_s,
-            )
-        )
+        event = so_far.moved_to(worker_id)
+        log.info("request %s continues on %s (%.2fs without a token)", event.request_id, worker_id, event.gap_s)
+        if self.events is not discard:
+            self.events(event)
 
     def _finished(self, request: InferenceRequest, meter: RequestMeter) -> None:
         try:

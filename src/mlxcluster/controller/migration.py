@@ -17,6 +17,7 @@ from typing import Literal
 
 import msgspec
 
+from mlxcluster.controller.exporter_api import RequestMigrated
 from mlxcluster.protocol import Done, Error, InferenceRequest, Token, Usage
 
 LossReason = Literal["offline", "stalled", "frames_lost", "worker_error"]
@@ -94,6 +95,33 @@ class StreamSoFar:
             continuation=(request.continuation or "") + self.text,
             max_tokens=request.max_tokens - self.tokens,
             sampling=sampling,
+        )
+
+    def ending(self, lost: LostMidStream, limit: int, *, client_gone: bool) -> Done | Error | None:
+        """The frame that ends the stream ``lost`` interrupted when it cannot move, or ``None`` (move it)."""
+        if self.exhausted:  # lost between the budget's last token and its Done: nothing left to generate
+            return self.length_done()
+        if self.moves >= limit:
+            return unmovable(lost, f"not moved: migration limit ({limit}) reached") if limit else lost.error
+        if client_gone:
+            return unmovable(lost, "not moved: the client has gone")
+        return None
+
+    def moved_to(self, worker_id: str) -> RequestMigrated:
+        """Count the move that just started on ``worker_id`` (its first frame came); its metrics event."""
+        assert self.loss is not None, "moved without a loss"
+        self.moves += 1
+        request, lost = self.request, self.loss
+        return RequestMigrated(
+            time=time.time(),
+            request_id=request.request_id,
+            model=request.model,
+            worker=lost.worker_id,
+            to_worker=worker_id,
+            migration=self.moves,
+            reason=lost.reason,
+            tokens=self.tokens,
+            gap_s=time.monotonic() - self.last_frame_at,
         )
 
     def length_done(self) -> Done:

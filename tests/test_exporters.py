@@ -223,6 +223,7 @@ async def test_metrics_endpoint_after_known_traffic(cluster: Cluster) -> None:
         "mlxcluster_worker_tokens_per_second",
         "mlxcluster_retries",
         "mlxcluster_invalid_messages",
+        "mlxcluster_migrations",
     } == {name for name in families if name.startswith("mlxcluster_")}
 
     await controller.bus.nc.publish(controller.bus.subjects.heartbeat, b"not msgpack or json")  # a malformed message

@@ -99,6 +99,11 @@ class ControllerSection(_Section):
     request_timeout_s: PositiveSeconds = 600.0
     max_attempts: PositiveInt = 3
     drain_timeout_s: PositiveSeconds = 30.0
+    migration_limit: Annotated[int, Meta(ge=0)] = 2
+    """Moves of a started stream to another worker when its worker is lost mid-stream (0: none, end it)."""
+    stall_timeout_s: PositiveSeconds = 15.0
+    """Mid-stream silence (no frame, no liveness probe of the worker) after which a stream counts as lost;
+    workers probe every request older than 5 s every 5 s, so keep it above 5."""
 
 
 class WorkerSection(_Section):

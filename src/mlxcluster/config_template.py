@@ -52,6 +52,8 @@ first_token_timeout_s = 30.0
 request_timeout_s = 600.0
 max_attempts = 3                   # tries on different workers before the first token
 drain_timeout_s = 30.0
+migration_limit = 2                # moves of a started stream to another worker when its worker is lost
+stall_timeout_s = 15.0             # mid-stream silence that means the worker is lost (keep above 5)
 
 [worker]
 # id = "mac-studio-1"              # default: hostname + pid

@@ -24,6 +24,12 @@ SECTIONS: list[tuple[str, list[str], str]] = [
         "demo model side by side with `mlx_lm.server` on the same model dir.",
     ),
     ("Scale", ["scale"], "One controller, simulated workers heartbeating (many per process)."),
+    (
+        "Faults",
+        ["faults"],
+        "kill -9 one of three echo workers under 100 concurrent streams: streams that still complete whole "
+        "(moved mid-stream to another worker), the time to detect the dead worker, the latency a move adds.",
+    ),
 ]
 
 

@@ -16,6 +16,7 @@ from mlxcluster.controller.exporter_api import (
     ClusterSnapshot,
     MetricsEvent,
     RequestFinished,
+    RequestMigrated,
     RequestRetried,
 )
 from mlxcluster.hookspecs import Register, hookimpl
@@ -71,6 +72,9 @@ class PrometheusExporter:
         )
         self.retries = Counter("mlxcluster_retries", "Requests retried on another worker.", registry=r)
         self.invalid = Counter("mlxcluster_invalid_messages", "Malformed NATS messages dropped.", registry=r)
+        self.migrations = Counter(
+            "mlxcluster_migrations", "Started streams moved to another worker, by reason.", ["reason"], registry=r
+        )
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind=kind)
         for status in WORKER_STATES:
@@ -94,6 +98,8 @@ class PrometheusExporter:
                     self.tokens.labels(kind="completion").inc(event.completion_tokens)
             case RequestRetried():
                 self.retries.inc()
+            case RequestMigrated():
+                self.migrations.labels(reason=event.reason).inc()
             case ClusterSnapshot():
                 self._snapshot(event)
 

@@ -31,6 +31,7 @@ from mlxcluster.controller.middleware import (
     error_middleware,
     request_id_middleware,
 )
+from mlxcluster.controller.peers import PEERS, ControllerPeers, run_controller_heartbeats
 from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
@@ -70,6 +71,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
     app[METRICS] = metrics
+    app[PEERS] = ControllerPeers(controller_id, config.discovery.offline_timeout_ms / 1000)
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_cluster.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked
@@ -78,6 +80,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
     app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
     app.cleanup_ctx.append(join_cluster)
+    app.cleanup_ctx.append(run_controller_heartbeats)  # other controllers on this NATS see us, we see them
     return app
 
 

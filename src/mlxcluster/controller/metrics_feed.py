@@ -280,6 +280,7 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
         capacity=stats.capacity,
         requests_total=dispatch.requests,
         retries_total=dispatch.retries,
+        migrations_total=dispatch.migrations,
         failed_total=dispatch.failed,
         invalid_messages_total=ctx.bus.invalid_messages_total,
         events_dropped_total=feed.dropped,

@@ -41,6 +41,7 @@ class RequestMeter:
         "error",
         "attempts",
         "model_known",
+        "migrations",
     )
 
     def __init__(self) -> None:
@@ -55,6 +56,7 @@ class RequestMeter:
         self.error: str | None = None
         self.attempts = 0
         self.model_known = True
+        self.migrations = 0
 
     def frame(self, frame: Token | Done | Error) -> None:
         """Account for one relayed frame."""
@@ -112,4 +114,5 @@ class RequestMeter:
             attempts=self.attempts,
             stream=request.stream,
             model_known=self.model_known,
+            migrations=self.migrations,
         )

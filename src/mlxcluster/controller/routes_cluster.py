@@ -12,6 +12,7 @@ from mlxcluster import __version__
 from mlxcluster.controller.balancer_api import WorkerState
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.peers import PEERS
 from mlxcluster.controller.responses import json_response
 
 routes = web.RouteTableDef()
@@ -58,11 +59,14 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "failed": stats.failed,
                 "completed": stats.completed,
                 "errors": stats.errors,
+                "migrations": stats.migrations,
+                "migrations_failed": stats.migrations_failed,
             },
             "recent": {
                 "ttft_ms": [round(v, 2) for v in stats.recent_ttft_ms],
                 "tokens_per_second": [round(v, 1) for v in stats.recent_tokens_per_second],
             },
+            "controllers": request.app[PEERS].listing() if PEERS in request.app else [],
             "nats": {
                 "connected": nc.is_connected,
                 "server": ctx.bus.server_address,

@@ -2,6 +2,8 @@
 
 It streams back the words of the last message (or the prompt), one word per token, up to
 ``max_tokens``, with an optional per-token delay. Output and usage are always labelled ``echo``.
+A continued request (``continuation`` set) goes on after the words the continuation already holds, so a
+stream moved from a lost worker reads exactly as if it had never moved.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def echo_words(request: InferenceRequest) -> tuple[list[str], int]:
     return [w if i == 0 else " " + w for i, w in enumerate(words)], prompt_tokens
 
 
+def continued_words(words: list[str], continuation: str | None) -> list[str]:
+    """The words still to echo after ``continuation`` (text a previous worker already produced)."""
+    return words[len(continuation.split()) :] if continuation else words
+
+
 class EchoEngine(Engine):
     """Deterministic tokens with a fixed delay; serves the model names it is given."""
 
@@ -49,7 +56,8 @@ class EchoEngine(Engine):
     async def generate(self, request: InferenceRequest) -> AsyncGenerator[EngineFrame, None]:
         started = time.perf_counter()
         words, prompt_tokens = echo_words(request)
-        text_so_far = ""
+        words = continued_words(words, request.continuation)
+        text_so_far = request.continuation or ""
         emitted = 0
         first_at: float | None = None
         finish = "stop"

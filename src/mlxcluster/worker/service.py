@@ -244,7 +244,7 @@ class WorkerService:
         emitted = next_seq = 0
         try:
             async with asyncio.timeout(timeout):
-                if not await self.admission.acquire():
+                if not await self.admission.acquire(continued=request.continuation is not None):
                     self.errors_total += 1
                     await publish(reply, Error(code="overloaded", message="worker queue is full", retryable=True))
                     return

@@ -140,7 +140,14 @@ async def test_a_lost_stream_continues_on_another_worker_with_no_seam(
         assert finish_reasons(payloads) == ["stop"]
         assert not any("error" in p for p in payloads)
         usage = [p["usage"] for p in payloads if p.get("usage")]
-        assert usage == [{"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}]
+        assert usage == [
+            {
+                "prompt_tokens": 4,
+                "completion_tokens": 4,
+                "total_tokens": 8,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            }
+        ]
         (continued,) = seen
         assert continued.continuation == "hello brave" and continued.max_tokens == flaky.received[0].max_tokens - 2
         assert continued.request_id == flaky.received[0].request_id

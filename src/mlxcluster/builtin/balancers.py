@@ -196,6 +196,13 @@ class PrefixAffinity:
 @hookimpl
 def mlxcluster_register_balancers(register: Register) -> None:
     """Register the built-in strategies."""
+    from mlxcluster.builtin.cache_aware import CacheAware  # it builds on this module's helpers
+
+    register(
+        "cache_aware",
+        CacheAware,
+        "Workers whose prompt cache holds the prompt's prefix, weighed against load; else least loaded.",
+    )
     register("round_robin", RoundRobin, "Each eligible worker in turn.")
     register("least_loaded", LeastLoaded, "Lowest (active + queued) / capacity; ties round-robin.")
     register(

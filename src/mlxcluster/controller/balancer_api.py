@@ -1,11 +1,16 @@
 """The balancer interface: what a load-balancing plugin receives and returns.
 
-A balancer is built by its registered factory with no arguments and answers
+A balancer is built by its registered factory and answers
 ``pick(workers, request) -> WorkerView | None``. ``workers`` holds only *eligible* workers (online or
 degraded, serving ``request.model``, not excluded by a retry), already narrowed to the preferred priority
 tier; a balancer never sees offline workers. It returns one of them, or ``None`` to refuse (the
 controller then answers "no capacity"). The controller calls it from its event loop, one pick at a time,
 so a balancer may keep plain mutable state without locks. It must be quick and must not block.
+
+A factory is called with no arguments, unless it has a parameter named ``context``: then it gets a
+:class:`BalancerContext` as ``context=`` (the ``[load_balancing]`` settings and
+:meth:`BalancerContext.prefix_match`, what each worker's prompt cache holds of a request). Factories
+written before the context existed keep working unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Literal, Protocol, runtime_checkable
 
 from msgspec import Struct
 
-from mlxcluster.protocol import InferenceRequest
+from mlxcluster.config import LoadBalancingSection
+from mlxcluster.prefix_digest import canonical_text
+from mlxcluster.protocol import InferenceRequest, PromptCacheStats
 
 WorkerState = Literal["online", "degraded", "draining", "offline"]
 ELIGIBLE_STATES: frozenset[WorkerState] = frozenset({"online", "degraded"})
@@ -56,6 +63,8 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     """Seconds since the last message from the worker when the view was made (``None``: never heard)."""
     requests_total: int = 0
     errors_total: int = 0
+    prompt_cache: PromptCacheStats | None = None
+    """The worker's prompt cache as its last heartbeat reported it (``None``: it has none)."""
 
     @property
     def free_slots(self) -> int:
@@ -75,3 +84,57 @@ class Balancer(Protocol):
     def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
         """Choose one of ``workers`` for ``request``, or ``None`` to refuse."""
         ...
+
+
+class PrefixMatch(Struct, frozen=True, kw_only=True):
+    """What the workers' prompt caches hold of one request's prompt, as the controller's index knows it.
+
+    The prompt is counted in blocks of :data:`mlxcluster.prefix_digest.BLOCK_CHARS` characters of its
+    canonical text; ``held`` maps a worker id to the number of leading blocks it holds (workers that hold
+    nothing are absent). An estimate: the worker's own cache decides reuse token by token.
+    """
+
+    blocks: int = 0
+    held: dict[str, int] = {}
+
+    def fraction(self, worker_id: str) -> float:
+        """Share of the prompt's blocks ``worker_id`` holds (0.0 to 1.0)."""
+        return self.held.get(worker_id, 0) / self.blocks if self.blocks else 0.0
+
+
+NO_MATCH = PrefixMatch()
+
+
+class CacheLookup(Protocol):
+    """The controller's cache index as a balancer sees it (:class:`mlxcluster.controller.cache_index.CacheIndex`)."""
+
+    def match(self, model: str, text: str) -> dict[str, int]: ...
+    def blocks(self, text: str) -> int: ...
+
+
+class BalancerContext:
+    """What the controller offers a balancer factory that asks for it (a ``context`` parameter).
+
+    :param settings: the ``[load_balancing]`` section.
+    :param cache: the cache index; ``None`` where there is none (a balancer built outside a controller).
+    """
+
+    def __init__(self, settings: LoadBalancingSection | None = None, cache: CacheLookup | None = None) -> None:
+        self.settings = settings or LoadBalancingSection()
+        self.cache = cache
+        self._last: tuple[InferenceRequest, PrefixMatch] | None = None
+
+    def prefix_match(self, request: InferenceRequest) -> PrefixMatch:
+        """What each worker holds of ``request``'s prompt. Computed once per request (a retry's second
+        pick reuses it); ``NO_MATCH`` without an index or for an empty prompt."""
+        last = self._last
+        if last is not None and last[0] is request:
+            return last[1]
+        cache = self.cache
+        if cache is None:
+            return NO_MATCH
+        text = canonical_text(request.messages, request.prompt)
+        blocks = cache.blocks(text)
+        found = PrefixMatch(blocks=blocks, held=cache.match(request.model, text)) if blocks else NO_MATCH
+        self._last = (request, found)
+        return found

@@ -403,4 +403,5 @@ class WorkerRegistry:
             seen_ago_s=None if w.last_seen is None else max(0.0, now - w.last_seen),
             requests_total=hb.requests_total if hb else 0,
             errors_total=hb.errors_total if hb else 0,
+            prompt_cache=hb.prompt_cache if hb else None,
         )

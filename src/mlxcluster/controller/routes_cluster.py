@@ -61,6 +61,7 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "ttft_ms": [round(v, 2) for v in stats.recent_ttft_ms],
                 "tokens_per_second": [round(v, 1) for v in stats.recent_tokens_per_second],
             },
+            "cache_index": msgspec.to_builtins(ctx.cache_index.stats()) if ctx.cache_index is not None else None,
             "nats": {
                 "connected": nc.is_connected,
                 "server": ctx.bus.server_address,
@@ -95,4 +96,20 @@ async def get_worker(request: web.Request) -> web.Response:
 def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
     data = msgspec.to_builtins(worker)
     data["breaker"] = ctx.dispatcher.breakers.state(data["id"])
+    stats = getattr(worker, "prompt_cache", None)
+    if stats is not None:
+        cache = data["prompt_cache"] = msgspec.structs.asdict(stats)  # every field: zeros are news too
+        cache.update(prompt_cache_rates(cache))
+        if ctx.cache_index is not None:
+            cache["indexed_digests"] = ctx.cache_index.worker_entries(data["id"])
     return data
+
+
+def prompt_cache_rates(cache: dict[str, int]) -> dict[str, float]:
+    """``hit_rate`` (requests that reused a prefix) and ``token_hit_rate`` (prompt tokens from the cache)."""
+    lookups = cache.get("hits", 0) + cache.get("misses", 0)
+    prompt_tokens = cache.get("prompt_tokens", 0)
+    return {
+        "hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0,
+        "token_hit_rate": round(cache.get("hit_tokens", 0) / prompt_tokens, 4) if prompt_tokens else 0.0,
+    }

@@ -210,3 +210,34 @@ async def test_malformed_cache_events_are_dropped_and_counted(cluster_config: Co
         assert bus.invalid_messages[subject] - before == 4
         conversation = Conversation(9)
         await turn(controller, conversation, index, 1)  # the controller still routes and indexes
+
+
+async def test_prompt_cache_series_in_prometheus(cluster_config: Config, nats_server: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config = with_sections(cluster_config, metrics={"exporters": ["prometheus"], "snapshot_interval_s": 0.05})
+    async with Cluster(config) as cluster:
+        controller = await two_cached_workers(cluster)
+        index = controller.ctx.cache_index
+        assert index is not None
+        conversation = Conversation(11)
+        holder = await turn(controller, conversation, index, 1)
+        await turn(controller, conversation, index, 2)
+
+        async def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            async with controller.session().get(f"{controller.url}/metrics") as resp:
+                text = await resp.text()
+            values = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            hits = values.get(("mlxcluster_worker_prompt_cache_hits_total", (("worker", holder),)), 0)
+            entries = values.get(("mlxcluster_worker_prompt_cache_entries", (("worker", holder),)), 0)
+            return values if hits >= 1 and entries >= 1 else None
+
+        values = await wait_until(scraped, what="the holder's cache hit in /metrics")
+        assert values[("mlxcluster_tokens_total", (("kind", "cached"),))] > 0
+        assert 0 < values[("mlxcluster_worker_prompt_cache_token_hit_rate", (("worker", holder),))] < 1
+        assert values[("mlxcluster_cache_index_entries", ())] > 0
+        assert values[("mlxcluster_cache_index_max_entries", ())] == 200_000

@@ -250,6 +250,17 @@ class CacheIndex:
         return self._count
 
 
+def prompt_cache_rates(cache: dict[str, int]) -> dict[str, float]:
+    """For a worker's :class:`~mlxcluster.protocol.PromptCacheStats` as a dict: ``hit_rate`` (requests that
+    reused a prefix) and ``token_hit_rate`` (prompt tokens served from the cache)."""
+    lookups = cache.get("hits", 0) + cache.get("misses", 0)
+    prompt_tokens = cache.get("prompt_tokens", 0)
+    return {
+        "hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0,
+        "token_hit_rate": round(cache.get("hit_tokens", 0) / prompt_tokens, 4) if prompt_tokens else 0.0,
+    }
+
+
 def _valid(event: CacheEvent) -> bool:
     """An event the index can use: a model named, digest counts bounded, every digest a 63-bit value."""
     if not event.model or len(event.stored) + len(event.removed) > MAX_DIGESTS_PER_EVENT:

@@ -8,6 +8,7 @@ import msgspec
 from aiohttp import web
 
 from mlxcluster import __version__
+from mlxcluster.controller.cache_index import prompt_cache_rates
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
 from mlxcluster.controller.responses import json_response
@@ -104,12 +105,3 @@ def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
             cache["indexed_digests"] = ctx.cache_index.worker_entries(data["id"])
     return data
 
-
-def prompt_cache_rates(cache: dict[str, int]) -> dict[str, float]:
-    """``hit_rate`` (requests that reused a prefix) and ``token_hit_rate`` (prompt tokens from the cache)."""
-    lookups = cache.get("hits", 0) + cache.get("misses", 0)
-    prompt_tokens = cache.get("prompt_tokens", 0)
-    return {
-        "hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0,
-        "token_hit_rate": round(cache.get("hit_tokens", 0) / prompt_tokens, 4) if prompt_tokens else 0.0,
-    }

@@ -17,11 +17,15 @@ Ties go to the lower load, then the lower id. A pick is one pass over the candid
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 from mlxcluster.builtin.balancers import Cursor, least_utilized
 from mlxcluster.config import CacheAwareSection
-from mlxcluster.controller.balancer_api import BalancerContext, WorkerView
+from mlxcluster.controller.balancer_api import BalancerContext, PrefixMatch, WorkerView
 from mlxcluster.protocol import InferenceRequest
+
+
+_load = attrgetter("load")
 
 
 class CacheAware:
@@ -47,27 +51,64 @@ class CacheAware:
         if not workers:
             return None
         match = self.context.prefix_match(request)
-        held = match.held
-        if not held:
+        if not match.levels:
             return least_utilized(workers, self._cursor)
-        holders = [w for w in workers if w.id in held]
-        if not holders:
-            return least_utilized(workers, self._cursor)
-        lowest = min(w.load for w in workers)
-        highest = max(w.load for w in workers)
+        loads: list[int] = getattr(workers, "loads", None) or list(map(_load, workers))
+        lowest, highest = min(loads), max(loads)
         if highest - lowest > self.balance_abs_threshold and highest > self.balance_rel_threshold * lowest:
             return least_utilized(workers, self._cursor)
-        blocks = match.blocks
-        weight = self.load_weight
-        best: WorkerView | None = None
-        best_key: tuple[float, int, str] | None = None
-        for worker in holders:
-            if worker.load >= worker.max_concurrent:  # saturated: queueing behind others costs more than prefill
-                continue
-            key = (held[worker.id] / blocks - weight * worker.load / worker.max_concurrent, -worker.load, worker.id)
-            if best_key is None or key[:2] > best_key[:2] or (key[:2] == best_key[:2] and key[2] < best_key[2]):
-                best, best_key = worker, key
-        if best is None or held[best.id] / blocks < self.cache_threshold:
+        positions: dict[str, int] | None = getattr(workers, "positions", None)
+        capacity: int = getattr(workers, "capacity", 0)
+        if positions is not None and capacity > 0:
+            best = self._best_by_level(workers, match, loads, positions, capacity)
+        else:
+            best = self._best_by_worker(workers, match)
+        if best is None or match.fraction(best.id) < self.cache_threshold:
             return least_utilized(workers, self._cursor)
         self.cache_picks += 1
+        return best
+
+    def _best_by_level(
+        self,
+        workers: Sequence[WorkerView],
+        match: PrefixMatch,
+        loads: list[int],
+        positions: dict[str, int],
+        capacity: int,
+    ) -> WorkerView | None:
+        """The registry's list, one capacity for all: per level of the match, the least loaded holder is
+        the level's best, found with C-level set and map operations (a system prompt that all of a large
+        fleet holds costs no Python loop over the fleet)."""
+        blocks, weight = match.blocks, self.load_weight
+        best_index, best_score = -1, 0.0
+        for depth, members in match.levels:  # deepest first
+            share = depth / blocks
+            if best_index >= 0 and share <= best_score:
+                break  # even an idle holder of a shallower level cannot score more
+            indices = [positions[w] for w in members if w in positions] if len(members) < 8 else list(
+                map(positions.__getitem__, positions.keys() & members)
+            )
+            if not indices:
+                continue
+            index = min(indices, key=loads.__getitem__)
+            load = loads[index]
+            if load >= capacity:  # the whole level is saturated: queueing there costs more than prefill
+                continue
+            score = share - weight * load / capacity
+            if best_index < 0 or score > best_score:
+                best_index, best_score = index, score
+        return workers[best_index] if best_index >= 0 else None
+
+    def _best_by_worker(self, workers: Sequence[WorkerView], match: PrefixMatch) -> WorkerView | None:
+        """Any list of workers: score each holder (ties: lower load, then lower id)."""
+        held, blocks, weight = match.held, match.blocks, self.load_weight
+        best: WorkerView | None = None
+        best_key: tuple[float, int] | None = None
+        for worker in workers:
+            depth = held.get(worker.id)
+            if depth is None or worker.load >= worker.max_concurrent:  # not a holder, or saturated
+                continue
+            key = (depth / blocks - weight * worker.load / worker.max_concurrent, -worker.load)
+            if best_key is None or key > best_key or (key == best_key and best is not None and worker.id < best.id):
+                best, best_key = worker, key
         return best

@@ -15,7 +15,7 @@ written before the context existed keep working unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from msgspec import Struct
@@ -77,6 +77,25 @@ class WorkerView(Struct, frozen=True, kw_only=True):
         return self.load / max(1, self.max_concurrent)
 
 
+class EligibleWorkers(list[WorkerView]):
+    """The list of workers a pick starts from (a plain list to any balancer), with two hints the registry
+    knows for free: ``uniform`` (every worker online and of one priority, so there is no tier to narrow to),
+    ``positions`` (worker id → index in this list; ``None`` when the list was filtered), ``loads`` and
+    ``capacity``. Balancers that
+    ignore them lose nothing but speed."""
+
+    __slots__ = ("capacity", "loads", "positions", "uniform")
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.positions: dict[str, int] | None = None
+        self.uniform = False
+        self.capacity = 0
+        """The ``max_concurrent`` every worker here shares (0: they differ, or unknown)."""
+        self.loads: list[int] | None = None
+        """``load`` of each worker, in list order (``None`` when the list was filtered)."""
+
+
 @runtime_checkable
 class Balancer(Protocol):
     """A load-balancing strategy."""
@@ -86,16 +105,28 @@ class Balancer(Protocol):
         ...
 
 
-class PrefixMatch(Struct, frozen=True, kw_only=True):
+class PrefixMatch:
     """What the workers' prompt caches hold of one request's prompt, as the controller's index knows it.
 
     The prompt is counted in blocks of :data:`mlxcluster.prefix_digest.BLOCK_CHARS` characters of its
-    canonical text; ``held`` maps a worker id to the number of leading blocks it holds (workers that hold
-    nothing are absent). An estimate: the worker's own cache decides reuse token by token.
+    canonical text. ``levels`` are ``(blocks held, worker ids)`` pairs, deepest first, each worker in one;
+    ``held`` is the same as a mapping worker id → blocks (workers holding nothing are absent). An
+    estimate: the worker's own cache decides reuse token by token.
     """
 
-    blocks: int = 0
-    held: dict[str, int] = {}
+    __slots__ = ("_held", "blocks", "levels")
+
+    def __init__(self, blocks: int = 0, levels: Sequence[tuple[int, Collection[str]]] = ()) -> None:
+        self.blocks = blocks
+        self.levels = levels
+        self._held: dict[str, int] | None = None
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Worker id → leading blocks of the prompt it holds."""
+        if self._held is None:
+            self._held = {worker: depth for depth, workers in self.levels for worker in workers}
+        return self._held
 
     def fraction(self, worker_id: str) -> float:
         """Share of the prompt's blocks ``worker_id`` holds (0.0 to 1.0)."""
@@ -108,7 +139,7 @@ NO_MATCH = PrefixMatch()
 class CacheLookup(Protocol):
     """The controller's cache index as a balancer sees it (:class:`mlxcluster.controller.cache_index.CacheIndex`)."""
 
-    def match(self, model: str, text: str) -> dict[str, int]: ...
+    def match_levels(self, model: str, text: str) -> Sequence[tuple[int, Collection[str]]]: ...
     def blocks(self, text: str) -> int: ...
 
 
@@ -135,6 +166,6 @@ class BalancerContext:
             return NO_MATCH
         text = canonical_text(request.messages, request.prompt)
         blocks = cache.blocks(text)
-        found = PrefixMatch(blocks=blocks, held=cache.match(request.model, text)) if blocks else NO_MATCH
+        found = PrefixMatch(blocks, cache.match_levels(request.model, text)) if blocks else NO_MATCH
         self._last = (request, found)
         return found

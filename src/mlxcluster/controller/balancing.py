@@ -69,8 +69,10 @@ class PreferredTier:
             return self.fallback.pick(candidates, request)
 
 
-def preferred_tier(workers: Sequence[WorkerView]) -> list[WorkerView]:
+def preferred_tier(workers: Sequence[WorkerView]) -> Sequence[WorkerView]:
     """The workers a strategy should choose among (see :class:`PreferredTier`)."""
+    if getattr(workers, "uniform", False):  # the registry says: all online, one priority: nothing to narrow
+        return workers
     online = [w for w in workers if w.status == "online"]
     pool = online or [w for w in workers if w.status == "degraded"]
     if not pool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from msgspec import Struct
@@ -185,31 +186,41 @@ class CacheIndex:
     # --- lookup ----------------------------------------------------------------------------------
 
     def match(self, model: str, text: str) -> dict[str, int]:
-        """Per worker, the number of leading ``block_chars`` blocks of ``text`` it holds (absent: none).
+        """Per worker, the number of leading ``block_chars`` blocks of ``text`` it holds (absent: none)."""
+        return {worker: depth for depth, workers in self.match_levels(model, text) for worker in workers}
+
+    def match_levels(self, model: str, text: str) -> list[tuple[int, Collection[str]]]:
+        """The same as :meth:`match`, grouped: ``(blocks, workers)`` pairs, deepest first, each worker in one.
 
         Digests are computed only while some worker holds the previous one. Going from the deepest
-        match back, a shallower level that has no more holders than already counted adds nobody (a
-        worker that holds a prefix holds its shorter prefixes too), so a system prompt that every
-        worker holds costs one pass over its holders, not one per block.
+        match back, a shallower level with no more holders than already counted adds nobody (a worker
+        that holds a prefix holds its shorter prefixes too), so a system prompt that every worker holds
+        costs one set operation in C, not a pass per block.
         """
         entries = self._entries
         if not entries:
-            return {}
+            return []
         salt = self._salt(model)
-        levels: list[str | set[str]] = []
+        found_at: list[str | set[str]] = []
         for digest in iter_prefix_digests(text, self.block_chars):
             found = entries.get(digest ^ salt)
             if found is None:
                 break
-            levels.append(found)
-        held: dict[str, int] = {}
-        for depth in range(len(levels), 0, -1):
-            found = levels[depth - 1]
+            found_at.append(found)
+        seen: set[str] = set()
+        levels: list[tuple[int, Collection[str]]] = []
+        for depth in range(len(found_at), 0, -1):
+            found = found_at[depth - 1]
             if isinstance(found, str):
-                held.setdefault(found, depth)
-            elif len(found) > len(held):  # set operations in C: one pass over the holders
-                held.update(dict.fromkeys(found.difference(held), depth))
-        return held
+                if found not in seen:
+                    seen.add(found)
+                    levels.append((depth, (found,)))
+            elif len(found) > len(seen):
+                new = found - seen
+                if new:
+                    seen |= new
+                    levels.append((depth, new))
+        return levels
 
     def blocks(self, text: str) -> int:
         """Complete blocks in ``text`` (the denominator of a match fraction)."""

@@ -224,3 +224,32 @@ def test_prefix_match_is_computed_once_per_request() -> None:
     index.apply(event("a", digests_of(request), seq=1))
     first = context.prefix_match(request)
     assert context.prefix_match(request) is first and first.fraction("a") == 1.0
+
+
+def test_fast_and_plain_paths_of_cache_aware_agree_through_the_registry() -> None:
+    from mlxcluster.config import from_dict
+    from mlxcluster.controller.registry import WorkerRegistry
+    from mlxcluster.protocol import Capabilities, WorkerHeartbeat, WorkerRegistration
+
+    registry = WorkerRegistry(from_dict({}))
+    index = CacheIndex()
+    balancer = CacheAware(BalancerContext(LoadBalancingSection(), index))
+    shared = chat("shared question " * 40)
+    deeper = chat("shared question " * 40, "an answer " * 40, "a follow-up " * 30)
+    for i in range(40):
+        worker_id = f"w{i:02d}"
+        registry.on_registration(
+            WorkerRegistration(worker_id=worker_id, capabilities=Capabilities(max_concurrent=4, models=["m"]))
+        )
+        registry.on_heartbeat(WorkerHeartbeat(worker_id=worker_id, active=i % 3, models_loaded=["m"]))
+        index.apply(event(worker_id, digests_of(shared), seq=1))
+    index.apply(event("w07", digests_of(deeper), seq=2))
+    index.apply(event("w08", digests_of(deeper), seq=2))
+    for request in (shared, deeper):
+        fast = registry.eligible("m")
+        assert fast.positions is not None and fast.capacity == 4 and fast.loads == [w.load for w in fast]
+        plain = list(fast)
+        a = balancer.pick(fast, InferenceRequest(request_id="a", model="m", messages=request.messages))
+        b = balancer.pick(plain, InferenceRequest(request_id="b", model="m", messages=request.messages))
+        assert a is not None and b is not None and a.id == b.id
+    assert a.id == "w07"  # of the deeper holders, w07 (load 1) is less loaded than w08 (load 2)

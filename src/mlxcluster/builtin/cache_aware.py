@@ -60,10 +60,10 @@ class CacheAware:
         positions: dict[str, int] | None = getattr(workers, "positions", None)
         capacity: int = getattr(workers, "capacity", 0)
         if positions is not None and capacity > 0:
-            best = self._best_by_level(workers, match, loads, positions, capacity)
+            best, depth = self._best_by_level(workers, match, loads, positions, capacity)
         else:
-            best = self._best_by_worker(workers, match)
-        if best is None or match.fraction(best.id) < self.cache_threshold:
+            best, depth = self._best_by_worker(workers, match)
+        if best is None or depth / match.blocks < self.cache_threshold:
             return least_utilized(workers, self._cursor)
         self.cache_picks += 1
         return best
@@ -75,12 +75,12 @@ class CacheAware:
         loads: list[int],
         positions: dict[str, int],
         capacity: int,
-    ) -> WorkerView | None:
+    ) -> tuple[WorkerView | None, int]:
         """The registry's list, one capacity for all: per level of the match, the least loaded holder is
         the level's best, found with C-level set and map operations (a system prompt that all of a large
         fleet holds costs no Python loop over the fleet)."""
         blocks, weight = match.blocks, self.load_weight
-        best_index, best_score = -1, 0.0
+        best_index, best_score, best_depth = -1, 0.0, 0
         for depth, members in match.levels:  # deepest first
             share = depth / blocks
             if best_index >= 0 and share <= best_score:
@@ -96,19 +96,20 @@ class CacheAware:
                 continue
             score = share - weight * load / capacity
             if best_index < 0 or score > best_score:
-                best_index, best_score = index, score
-        return workers[best_index] if best_index >= 0 else None
+                best_index, best_score, best_depth = index, score, depth
+        return (workers[best_index], best_depth) if best_index >= 0 else (None, 0)
 
-    def _best_by_worker(self, workers: Sequence[WorkerView], match: PrefixMatch) -> WorkerView | None:
+    def _best_by_worker(self, workers: Sequence[WorkerView], match: PrefixMatch) -> tuple[WorkerView | None, int]:
         """Any list of workers: score each holder (ties: lower load, then lower id)."""
         held, blocks, weight = match.held, match.blocks, self.load_weight
         best: WorkerView | None = None
         best_key: tuple[float, int] | None = None
+        best_depth = 0
         for worker in workers:
             depth = held.get(worker.id)
             if depth is None or worker.load >= worker.max_concurrent:  # not a holder, or saturated
                 continue
             key = (depth / blocks - weight * worker.load / worker.max_concurrent, -worker.load)
             if best_key is None or key > best_key or (key == best_key and best is not None and worker.id < best.id):
-                best, best_key = worker, key
-        return best
+                best, best_key, best_depth = worker, key, depth
+        return best, best_depth

@@ -109,8 +109,8 @@ class PrefixMatch:
     """What the workers' prompt caches hold of one request's prompt, as the controller's index knows it.
 
     The prompt is counted in blocks of :data:`mlxcluster.prefix_digest.BLOCK_CHARS` characters of its
-    canonical text. ``levels`` are ``(blocks held, worker ids)`` pairs, deepest first, each worker in one;
-    ``held`` is the same as a mapping worker id → blocks (workers holding nothing are absent). An
+    canonical text. ``levels`` are ``(blocks held, worker ids)`` pairs, deepest first (a worker in two
+    counts at the deeper); ``held`` is the same as a mapping worker id → blocks (workers holding nothing are absent). An
     estimate: the worker's own cache decides reuse token by token.
     """
 
@@ -125,7 +125,7 @@ class PrefixMatch:
     def held(self) -> dict[str, int]:
         """Worker id → leading blocks of the prompt it holds."""
         if self._held is None:
-            self._held = {worker: depth for depth, workers in self.levels for worker in workers}
+            self._held = {worker: depth for depth, workers in reversed(self.levels) for worker in workers}
         return self._held
 
     def fraction(self, worker_id: str) -> float:

@@ -187,15 +187,17 @@ class CacheIndex:
 
     def match(self, model: str, text: str) -> dict[str, int]:
         """Per worker, the number of leading ``block_chars`` blocks of ``text`` it holds (absent: none)."""
-        return {worker: depth for depth, workers in self.match_levels(model, text) for worker in workers}
+        levels = self.match_levels(model, text)
+        return {worker: depth for depth, workers in reversed(levels) for worker in workers}  # deepest wins
 
     def match_levels(self, model: str, text: str) -> list[tuple[int, Collection[str]]]:
-        """The same as :meth:`match`, grouped: ``(blocks, workers)`` pairs, deepest first, each worker in one.
+        """The same as :meth:`match`, grouped: ``(blocks, workers)`` pairs, deepest first.
 
-        Digests are computed only while some worker holds the previous one. Going from the deepest
-        match back, a shallower level with no more holders than already counted adds nobody (a worker
-        that holds a prefix holds its shorter prefixes too), so a system prompt that every worker holds
-        costs one set operation in C, not a pass per block.
+        Digests are computed only while some worker holds the previous one. A worker that holds a prefix
+        holds its shorter prefixes too (its cache stored them together, and the index evicts deep blocks
+        first), so going from the deepest match back, each level adds the holders of its block minus
+        those of the next deeper block: one set difference in C, and none where the two have as many
+        holders. A worker the index lost a middle block of may appear at two levels; the deeper counts.
         """
         entries = self._entries
         if not entries:
@@ -207,19 +209,22 @@ class CacheIndex:
             if found is None:
                 break
             found_at.append(found)
-        seen: set[str] = set()
         levels: list[tuple[int, Collection[str]]] = []
+        deeper: str | set[str] | None = None  # holders of the next deeper block: a subset of these, usually
         for depth in range(len(found_at), 0, -1):
             found = found_at[depth - 1]
-            if isinstance(found, str):
-                if found not in seen:
-                    seen.add(found)
+            if deeper is None:
+                levels.append((depth, (found,) if isinstance(found, str) else found))
+            elif isinstance(found, str):
+                if found != deeper and not (isinstance(deeper, set) and found in deeper):
                     levels.append((depth, (found,)))
-            elif len(found) > len(seen):
-                new = found - seen
-                if new:
-                    seen |= new
-                    levels.append((depth, new))
+            else:
+                deeper_size = 1 if isinstance(deeper, str) else len(deeper)
+                if len(found) > deeper_size:  # someone holds this block but not the next: set difference in C
+                    new = found - ({deeper} if isinstance(deeper, str) else deeper)
+                    if new:
+                        levels.append((depth, new))
+            deeper = found
         return levels
 
     def blocks(self, text: str) -> int:

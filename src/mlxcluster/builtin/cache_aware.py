@@ -11,7 +11,9 @@ share of the prompt's blocks held in its prompt cache. Then, in order:
    ``score = share held − load_weight × utilization`` (Dynamo's overlap-minus-load, in shares);
 4. the best holder's share is below ``cache_threshold``, or every holder is saturated → least loaded.
 
-Ties go to the lower load, then the lower id. A pick is one pass over the candidates plus one lookup.
+Ties go to the lower load; between equally loaded holders of the same prefix, any one of them (the
+next pick sees its load go up). On the registry's list a pick costs one lookup plus C-level passes
+over the loads and the holders, no Python loop over the fleet.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ SYSTEM = "You are a careful assistant. " * 40  # about 1,100 characters: four bl
 
 
 def event(worker: str, stored: list[int] = (), removed: list[int] = (), **fields) -> CacheEvent:  # type: ignore[assignment]
-    return CacheEvent(worker_id=worker, model=fields.pop("model", "m"), stored=list(stored), removed=list(removed), **fields)
+    return CacheEvent(
+        worker_id=worker, model=fields.pop("model", "m"), stored=list(stored), removed=list(removed), **fields
+    )
 
 
 def chat(*contents: str, system: str = SYSTEM) -> InferenceRequest:

@@ -59,7 +59,9 @@ async def turn(controller: RunningController, conversation: Conversation, index:
     """Send the conversation's next turn; wait until the index holds what the serving worker cached."""
     before = dict(controller.ctx.dispatcher.stats.by_worker)
     response = await controller.client().chat.completions.create(
-        model=MODEL, messages=conversation.messages, max_tokens=32  # type: ignore[arg-type]
+        model=MODEL,
+        messages=conversation.messages,
+        max_tokens=32,  # type: ignore[arg-type]
     )
     worker = served_by(controller, before)
     reply = response.choices[0].message.content or ""
@@ -68,7 +70,10 @@ async def turn(controller: RunningController, conversation: Conversation, index:
         lambda: all(index.holds(worker, MODEL, d) for d in digests), what=f"index holds {worker}'s new digests"
     )
     conversation.workers.append(worker)
-    conversation.messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": conversation.question(number)}]
+    conversation.messages += [
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": conversation.question(number)},
+    ]
     return worker
 
 
@@ -130,7 +135,10 @@ async def test_saturated_holder_falls_back_to_the_least_loaded(cluster_config: C
         for _ in range(2):  # two long streams fill the holder's two slots
             before = dict(controller.ctx.dispatcher.stats.by_worker)
             stream = await client.chat.completions.create(
-                model=MODEL, messages=conversation.messages, max_tokens=200, stream=True  # type: ignore[arg-type]
+                model=MODEL,
+                messages=conversation.messages,
+                max_tokens=200,
+                stream=True,  # type: ignore[arg-type]
             )
             await stream.__anext__()
             assert served_by(controller, before) == holder

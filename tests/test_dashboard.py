@@ -158,7 +158,9 @@ async def test_dashboard_in_a_real_browser(keyed: Cluster, chromium: str, tmp_pa
     print(f"dashboard screenshot: {shot}")
 
 
-async def test_dashboard_shows_prompt_cache_figures(cluster_config: Config, bus: Bus, chromium: str, tmp_path: Path) -> None:
+async def test_dashboard_shows_prompt_cache_figures(
+    cluster_config: Config, bus: Bus, chromium: str, tmp_path: Path
+) -> None:
     from mlxcluster.worker.echo import EchoEngine
 
     async with Cluster(cluster_config) as cluster:
@@ -168,7 +170,10 @@ async def test_dashboard_shows_prompt_cache_figures(cluster_config: Config, bus:
         client = controller.client()
         messages = [{"role": "system", "content": "a long system prompt " * 40}, {"role": "user", "content": "hi"}]
         reply = await client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
-        messages += [{"role": "assistant", "content": reply.choices[0].message.content or ""}, {"role": "user", "content": "and?"}]
+        messages += [
+            {"role": "assistant", "content": reply.choices[0].message.content or ""},
+            {"role": "user", "content": "and?"},
+        ]
         await client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
 
         async def hit_reported() -> bool:

@@ -26,7 +26,6 @@ from mlxcluster.config import CacheAwareSection
 from mlxcluster.controller.balancer_api import BalancerContext, PrefixMatch, WorkerView
 from mlxcluster.protocol import InferenceRequest
 
-
 _load = attrgetter("load")
 
 
@@ -87,8 +86,10 @@ class CacheAware:
             share = depth / blocks
             if best_index >= 0 and share <= best_score:
                 break  # even an idle holder of a shallower level cannot score more
-            indices = [positions[w] for w in members if w in positions] if len(members) < 8 else list(
-                map(positions.__getitem__, positions.keys() & members)
+            indices = (
+                [positions[w] for w in members if w in positions]
+                if len(members) < 8
+                else list(map(positions.__getitem__, positions.keys() & members))
             )
             if not indices:
                 continue

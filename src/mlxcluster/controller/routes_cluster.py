@@ -104,4 +104,3 @@ def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
         if ctx.cache_index is not None:
             cache["indexed_digests"] = ctx.cache_index.worker_entries(data["id"])
     return data
-

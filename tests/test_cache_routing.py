@@ -17,6 +17,7 @@ from mlxcluster.config import Config
 from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.prefix_digest import canonical_text, prefix_digests
 from mlxcluster.protocol import CacheEvent, ChatMessage, encode
+from mlxcluster.status_cli import format_status
 from mlxcluster.worker.echo import EchoEngine
 
 MODEL = "echo"
@@ -119,6 +120,7 @@ async def test_later_turns_go_to_the_worker_holding_the_prefix(cluster_config: C
             status = await resp.json()
         assert status["cache_index"]["entries"] == len(index) > 0
         assert status["cache_index"]["max_entries"] == 200_000
+        assert f"{len(index):,} of 200,000 entries, 2 workers" in format_status(status)  # mlxcluster status
 
 
 async def test_saturated_holder_falls_back_to_the_least_loaded(cluster_config: Config, nats_server: Any) -> None:

@@ -251,3 +251,51 @@ async def test_prompt_cache_series_in_prometheus(cluster_config: Config, nats_se
         assert 0 < values[("mlxcluster_worker_prompt_cache_token_hit_rate", (("worker", holder),))] < 1
         assert values[("mlxcluster_cache_index_entries", ())] > 0
         assert values[("mlxcluster_cache_index_max_entries", ())] == 200_000
+
+
+async def test_publisher_coalesces_deltas_and_chunks_snapshots(bus: Any) -> None:
+    from cluster_harness import barrier
+
+    from mlxcluster.protocol import InferenceRequest
+    from mlxcluster.worker.cache_events import CacheEventPublisher
+
+    engine = cached_engine()
+    publisher = CacheEventPublisher(
+        bus=bus, engine=engine, worker_id="pw", instance=5.0, models=[MODEL], flush_interval_s=0.05
+    )
+    publisher.max_digests = 3
+    events: list[CacheEvent] = []
+
+    async def collect(event: CacheEvent, _msg: Any) -> None:
+        events.append(event)
+
+    subscription = await bus.subscribe(bus.subjects.cache, CacheEvent, collect)
+    await barrier(bus)
+    try:
+        await publisher.start()
+        await wait_until(lambda: len(events) == 1, what="the first (empty) snapshot")
+        assert events[0].reset and events[0].stored == [] and events[0].instance == 5.0
+        publisher._on_change([11, 12], [])  # the engine's listener, as from its own thread
+        publisher._on_change([], [12])  # stored and dropped within one window: never sent
+        await wait_until(lambda: len(events) == 2, what="one coalesced delta")
+        assert (events[1].stored, events[1].removed, events[1].reset) == ([11], [], False)
+        request = InferenceRequest(request_id="r", model=MODEL, messages=[ChatMessage(role="user", content="z " * 600)])
+        _ = [frame async for frame in engine.generate(request)]  # the simulated cache stores ~6 digests
+        await wait_until(lambda: len(events) >= 3 and not publisher._stored, what="the delta of that request")
+        held = sorted(engine.cache_digests())
+        assert len(held) > 3  # more than one message of 3
+        before = len(events)
+        await publisher.snapshot()
+        await wait_until(lambda: len(events) == before + -(-len(held) // 3), what="a snapshot in chunks of 3")
+        snapshot = events[before:]
+        assert snapshot[0].reset and not any(e.reset for e in snapshot[1:])
+        assert all(len(e.stored) <= 3 for e in snapshot)
+        assert sorted(d for e in snapshot for d in e.stored) == held
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        index = CacheIndex()
+        for event in events:
+            assert index.apply(event)
+        assert index.stats().seq_gaps == 0 and index.worker_entries("pw", MODEL) == len(held)
+    finally:
+        await publisher.stop()
+        await subscription.unsubscribe()

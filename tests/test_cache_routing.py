@@ -134,13 +134,14 @@ async def test_saturated_holder_falls_back_to_the_least_loaded(cluster_config: C
         other = "w2" if holder == "w1" else "w1"
         client = controller.client()
         streams = []
-        for _ in range(2):  # two long streams fill the holder's two slots
+        long_turn = conversation.messages[:-1] + [{"role": "user", "content": " ".join(["word"] * 200)}]
+        for _ in range(2):  # two long streams (200 tokens, 10 s) fill the holder's two slots
             before = dict(controller.ctx.dispatcher.stats.by_worker)
             stream = await client.chat.completions.create(
                 model=MODEL,
-                messages=conversation.messages,
+                messages=long_turn,  # type: ignore[arg-type]
                 max_tokens=200,
-                stream=True,  # type: ignore[arg-type]
+                stream=True,
             )
             await stream.__anext__()
             assert served_by(controller, before) == holder

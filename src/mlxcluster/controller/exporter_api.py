@@ -57,6 +57,8 @@ class RequestFinished(_Event, tag="request_finished", frozen=True, kw_only=True)
     """Seconds per token between successive token frames (at most :data:`MAX_INTER_TOKEN_SAMPLES`)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the worker served from its prompt cache."""
     attempts: int = 0
     """Workers tried (more than 1: retried before the first token, or moved mid-stream)."""
     stream: bool = False
@@ -125,6 +127,11 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     """Malformed NATS messages this controller dropped."""
     events_dropped_total: int = 0
     """Events dropped because some exporter's queue was full."""
+    worker_prompt_cache: dict[str, dict[str, float]] = {}
+    """Per online or degraded worker with a prompt cache: the fields of its last reported
+    :class:`~mlxcluster.protocol.PromptCacheStats` plus ``hit_rate`` and ``token_hit_rate``."""
+    cache_index: dict[str, int] = {}
+    """The controller's cache index: :class:`~mlxcluster.controller.cache_index.CacheIndexStats` fields."""
 
 
 MetricsEvent = RequestFinished | RequestRetried | RequestMigrated | WorkerStatusChanged | ClusterSnapshot

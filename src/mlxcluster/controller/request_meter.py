@@ -36,6 +36,7 @@ class RequestMeter:
         "gaps",
         "completion_tokens",
         "prompt_tokens",
+        "cached_tokens",
         "worker",
         "status",
         "error",
@@ -51,6 +52,7 @@ class RequestMeter:
         self.gaps: list[float] = []
         self.completion_tokens = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.worker: str | None = None
         self.status: RequestStatus | None = None
         self.error: str | None = None
@@ -73,6 +75,7 @@ class RequestMeter:
             self.status = "ok"
             usage = frame.usage
             self.prompt_tokens = usage.prompt_tokens
+            self.cached_tokens = usage.cached_tokens
             self.completion_tokens = usage.completion_tokens or self.completion_tokens
         elif isinstance(frame, Error):
             self.status, self.error = "error", frame.code
@@ -111,6 +114,7 @@ class RequestMeter:
             inter_token_s=tuple(self.gaps),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
             attempts=self.attempts,
             stream=request.stream,
             model_known=self.model_known,

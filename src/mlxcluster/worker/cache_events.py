@@ -1,9 +1,11 @@
 """A worker's prompt-cache events on the bus: digests stored and dropped, coalesced, plus snapshots.
 
 The engine's cache listener may be called from the engine's own thread; each call is moved onto the
-event loop with ``call_soon_threadsafe``. Changes are coalesced for ``flush_interval_s`` and published as
-one :class:`~mlxcluster.protocol.CacheEvent` delta per served model (a digest stored then dropped within
-the window is never sent). A full snapshot (``reset``) goes out when the worker starts, when a
+event loop with ``call_soon_threadsafe``. A change after a quiet spell is published at once (the engine
+stores a finished request's cache just before its Done frame, so the controllers learn where the
+conversation is cached before its client can send the next turn); further changes within
+``flush_interval_s`` are coalesced into one :class:`~mlxcluster.protocol.CacheEvent` delta per served model
+(a digest stored then dropped within the window is never sent). A full snapshot (``reset``) goes out when the worker starts, when a
 controller announces itself (a restarted controller's index starts empty) and every
 ``snapshot_interval_s`` (healing events lost on the bus). A snapshot larger than one message is sent as
 a reset followed by deltas, each at most ``max_digests`` digests so it fits NATS's ``max_payload``.
@@ -58,6 +60,7 @@ class CacheEventPublisher:
         self.max_digests = digests_per_message(bus.max_payload)
         self.seq = 0
         self.published = 0
+        self._last_flush = float("-inf")
         self._stored: dict[int, None] = {}  # insertion-ordered: a conversation's digests stay in chain order
         self._removed: dict[int, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,10 +104,13 @@ class CacheEventPublisher:
             self._removed.pop(digest, None)
             self._stored[digest] = None
         if (self._stored or self._removed) and self._flush is None and self._loop is not None:
-            self._flush = self._loop.call_later(self.flush_interval_s, self._spawn_flush)
+            delay = max(0.0, self._last_flush + self.flush_interval_s - self._loop.time())
+            self._flush = self._loop.call_later(delay, self._spawn_flush)
 
     def _spawn_flush(self) -> None:
         self._flush = None
+        if self._loop is not None:
+            self._last_flush = self._loop.time()
         task = asyncio.ensure_future(self.flush())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -5,8 +5,8 @@ event loop with ``call_soon_threadsafe``. A change after a quiet spell is publis
 stores a finished request's cache just before its Done frame, so the controllers learn where the
 conversation is cached before its client can send the next turn); further changes within
 ``flush_interval_s`` are coalesced into one :class:`~mlxcluster.protocol.CacheEvent` delta per served model
-(a digest stored then dropped within the window is never sent). A full snapshot (``reset``) goes out when the worker starts, when a
-controller announces itself (a restarted controller's index starts empty) and every
+(a digest stored then dropped within the window is never sent). A full snapshot (``reset``) goes out
+when the worker starts, when a controller announces itself (a restarted controller's index starts empty) and every
 ``snapshot_interval_s`` (healing events lost on the bus). A snapshot larger than one message is sent as
 a reset followed by deltas, each at most ``max_digests`` digests so it fits NATS's ``max_payload``.
 """

@@ -26,6 +26,7 @@ from mlxcluster.cli_common import (
 )
 from mlxcluster.models.commands import models_app
 from mlxcluster.plugins_cli import exporters_app, plugins_command
+from mlxcluster.workers_cli import keys_command, requests_command, workers_app
 
 app = typer.Typer(
     name="mlxcluster",
@@ -42,6 +43,9 @@ app.add_typer(models_app, name="models", help="Prepare, import and list models."
 app.add_typer(balancers_app, name="balancers", help="Load-balancing strategies (plugins).")
 app.add_typer(exporters_app, name="exporters", help="Metrics exporters (plugins).")
 app.command("plugins")(plugins_command)
+app.add_typer(workers_app, name="workers", help="List and manage a running cluster's workers.")
+app.command("requests")(requests_command)
+app.command("keys")(keys_command)
 
 
 def version_callback(value: bool) -> None:
@@ -125,14 +129,9 @@ UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (de
 
 
 def _ask_controller(config_path: Path | None, url: str | None, path: str) -> dict:
-    from mlxcluster.status_cli import StatusError, controller_url, fetch
+    from mlxcluster.workers_cli import ask_controller
 
-    config = get_config(config_path)
-    api_key = config.controller.api_keys[0] if config.controller.api_keys else None
-    try:
-        return fetch(controller_url(config, url), path, api_key)
-    except StatusError as exc:
-        fail(str(exc), 1)
+    return ask_controller(config_path, url, path)
 
 
 @app.command()
@@ -144,25 +143,6 @@ def status(config_path: ConfigOption = None, url: UrlOption = None, as_json: Jso
 
     data = _ask_controller(config_path, url, "/api/cluster/status")
     typer.echo(json.dumps(data, indent=2) if as_json else format_status(data))
-
-
-@app.command()
-def workers(
-    config_path: ConfigOption = None,
-    url: UrlOption = None,
-    as_json: JsonOption = False,
-    status_filter: Annotated[
-        str | None, typer.Option("--status", help="online | degraded | draining | offline")
-    ] = None,
-) -> None:
-    """List a running cluster's workers (asks the controller)."""
-    import json
-
-    from mlxcluster.status_cli import format_workers
-
-    path = "/api/cluster/workers" + (f"?status={status_filter}" if status_filter else "")
-    data = _ask_controller(config_path, url, path)
-    typer.echo(json.dumps(data, indent=2) if as_json else format_workers(data["workers"]))
 
 
 @app.command()

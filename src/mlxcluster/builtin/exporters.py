@@ -71,6 +71,22 @@ class PrometheusExporter:
         )
         self.retries = Counter("mlxcluster_retries", "Requests retried on another worker.", registry=r)
         self.invalid = Counter("mlxcluster_invalid_messages", "Malformed NATS messages dropped.", registry=r)
+        self.key_requests = Counter(
+            "mlxcluster_key_requests",
+            "Inference requests finished, by API key and status.",
+            ["key", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "mlxcluster_key_tokens",
+            "Tokens used, by API key and kind (prompt, completion).",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.key_rate_limited = Counter(
+            "mlxcluster_key_rate_limited", "Requests refused with 429, by API key.", ["key"], registry=r
+        )
+        self._rate_limited_seen: dict[str, int] = {}
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind=kind)
         for status in WORKER_STATES:
@@ -92,6 +108,10 @@ class PrometheusExporter:
                     self.tokens.labels(kind="prompt").inc(event.prompt_tokens)
                 if event.completion_tokens:
                     self.tokens.labels(kind="completion").inc(event.completion_tokens)
+                if event.key is not None:  # key names come from the config, not from clients: bounded labels
+                    self.key_requests.labels(key=event.key, status=event.status).inc()
+                    self.key_tokens.labels(key=event.key, kind="prompt").inc(event.prompt_tokens)
+                    self.key_tokens.labels(key=event.key, kind="completion").inc(event.completion_tokens)
             case RequestRetried():
                 self.retries.inc()
             case ClusterSnapshot():
@@ -107,6 +127,11 @@ class PrometheusExporter:
         for worker, speed in event.worker_tokens_per_second.items():
             self.worker_speed.labels(worker=worker).set(speed)
         self._speed_labels = set(event.worker_tokens_per_second)
+        for key, total in event.rate_limited_by_key.items():
+            seen = self._rate_limited_seen.get(key, 0)
+            if total > seen:
+                self.key_rate_limited.labels(key=key).inc(total - seen)
+            self._rate_limited_seen[key] = total
         if event.invalid_messages_total > self._invalid_seen:
             self.invalid.inc(event.invalid_messages_total - self._invalid_seen)
             self._invalid_seen = event.invalid_messages_total

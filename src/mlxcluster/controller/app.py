@@ -18,8 +18,9 @@ from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.controller import dashboard, openapi, routes_cluster, routes_openai, routes_ws
+from mlxcluster.controller import dashboard, openapi, routes_admin, routes_cluster, routes_openai, routes_ws
 from mlxcluster.controller.balancing import build_balancer
+from mlxcluster.controller.bus_watch import watch_bus
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.dispatch import Dispatcher
 from mlxcluster.controller.inbox import ResponseInbox
@@ -30,6 +31,7 @@ from mlxcluster.controller.middleware import (
     error_middleware,
     request_id_middleware,
 )
+from mlxcluster.controller.ops import Operations
 from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
@@ -45,6 +47,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
     inbox = ResponseInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
+    ops = Operations.from_config(config.controller)  # a bad key entry fails here, at startup
     ctx = ControllerContext(
         config=config,
         bus=bus,
@@ -55,22 +58,24 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
             balancer=balancer,
             config=config.controller,
             inbox=inbox,
-            events=metrics.emit if metrics.runners else None,
+            events=ops.sink(metrics.emit if metrics.runners else None),
         ),
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
+        ops=ops,
     )
     middlewares = [
         request_id_middleware,
         cors_middleware(config.controller.cors),
         error_middleware,
-        auth_middleware(config.controller.api_keys),
+        auth_middleware(ops.keys, ops.limiter),
     ]
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
     app[METRICS] = metrics
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_cluster.routes)
+    app.add_routes(routes_admin.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked
     routes_ws.setup(app)
     dashboard.setup(app)
@@ -111,10 +116,12 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
     await announce()
     sweeper = asyncio.create_task(_sweep_forever(registry))
     ctx.lifecycle.to("ready")
+    watcher = asyncio.create_task(watch_bus(ctx.lifecycle, bus))
     try:
         yield
     finally:
         sweeper.cancel()
+        watcher.cancel()
         await ctx.dispatcher.inbox.close()
         for sub in subscriptions:
             with contextlib.suppress(Exception):

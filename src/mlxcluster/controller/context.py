@@ -11,6 +11,7 @@ from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.dispatch import Dispatcher
 from mlxcluster.controller.lifecycle import Lifecycle
+from mlxcluster.controller.ops import Operations
 from mlxcluster.controller.registry import WorkerRegistry
 
 
@@ -26,6 +27,8 @@ class ControllerContext:
     controller_id: str
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     started_at: int = field(default_factory=lambda: int(time.time()))
+    ops: Operations = field(default_factory=Operations)
+    """API keys, rate limits and request monitoring."""
 
 
 CONTROLLER = web.AppKey("controller", ControllerContext)

@@ -61,6 +61,16 @@ class RequestFinished(_Event, tag="request_finished", kw_only=True):
     """Workers tried (more than 1: retried before the first token)."""
     stream: bool = False
     model_known: bool = True
+    key: str | None = None
+    """Name of the API key the request came with (``None``: no keys configured)."""
+    finish_reason: str | None = None
+    """``stop``, ``length``, ``cancelled``... from the worker's ``Done`` (``None``: no Done)."""
+    queue_s: float | None = None
+    """Seconds the request waited in the worker's queue, as the worker measured it."""
+    started: float = 0.0
+    """Wall-clock time the request reached the dispatcher."""
+    migrations: int = 0
+    """Times the stream moved to another worker after its first token (mid-stream migration)."""
 
 
 class RequestRetried(_Event, tag="request_retried", kw_only=True):
@@ -103,6 +113,8 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", kw_only=True):
     """Malformed NATS messages this controller dropped."""
     events_dropped_total: int = 0
     """Events dropped because some exporter's queue was full."""
+    rate_limited_by_key: dict[str, int] = {}
+    """Requests refused with 429, by API key name, since the controller started."""
 
 
 MetricsEvent = RequestFinished | RequestRetried | WorkerStatusChanged | ClusterSnapshot

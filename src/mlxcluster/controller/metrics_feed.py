@@ -283,6 +283,7 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
         failed_total=dispatch.failed,
         invalid_messages_total=ctx.bus.invalid_messages_total,
         events_dropped_total=feed.dropped,
+        rate_limited_by_key={name: usage.rate_limited for name, usage in ctx.ops.keys.usage.items()},
     )
 
 

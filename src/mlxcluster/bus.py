@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,9 @@ def connect_options(config: NatsSection, *, name: str) -> dict[str, Any]:
         "ping_interval": 10,
         "max_outstanding_pings": 3,
     }
+    options["reconnect_to_server_handler"] = reconnect_backoff(
+        config.reconnect_time_wait_ms / 1000, max(config.reconnect_time_wait_ms, config.reconnect_max_wait_ms) / 1000
+    )
     if config.user is not None:
         options["user"] = config.user
         options["password"] = config.password or ""
@@ -59,6 +63,24 @@ def connect_options(config: NatsSection, *, name: str) -> dict[str, Any]:
     if config.tls.enabled:
         options["tls"] = tls_context(config)
     return options
+
+
+def backoff_delay(failures: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with jitter: ``min(cap, base * 2**failures)`` scaled by 0.5..1.0, so
+    reconnecting nodes spread out instead of hitting a restarted server all at once."""
+    ceiling = min(cap_s, base_s * 2 ** min(failures, 30))
+    return ceiling * (0.5 + 0.5 * (rng or random).random())
+
+
+def reconnect_backoff(base_s: float, cap_s: float) -> Callable[[list[Any], dict[str, Any]], tuple[Any, float]]:
+    """nats-py's ``reconnect_to_server_handler``: the server tried least (first in pool order among equals),
+    after :func:`backoff_delay` of its failed attempts so far."""
+
+    def choose(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        server = min(servers, key=lambda s: s.reconnects)
+        return server, backoff_delay(server.reconnects, base_s, cap_s)
+
+    return choose
 
 
 def tls_context(config: NatsSection) -> ssl.SSLContext:

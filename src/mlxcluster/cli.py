@@ -90,6 +90,9 @@ def run(
     model: Annotated[str | None, typer.Option(help="Model dir or Hugging Face repo id.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="Requests a worker serves at once.")] = None,
     port: Annotated[int | None, typer.Option(help="Controller HTTP port.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow an API or embedded NATS open beyond loopback without credentials.")
+    ] = False,
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
     from mlxcluster.logsetup import configure_logging
@@ -101,6 +104,8 @@ def run(
         "WORKER_MODEL": model,
         "WORKER_MAX_CONCURRENT": max_concurrent,
         "CONTROLLER_PORT": port,
+        "CONTROLLER_INSECURE": "true" if insecure else None,
+        "NATS_EMBEDDED_INSECURE": "true" if insecure else None,
     }
     for key, value in flags.items():
         if value is not None:
@@ -171,10 +176,29 @@ def doctor(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
 def config_init(
     path: Annotated[Path, typer.Argument(help="Where to write it.")] = Path(DEFAULT_CONFIG_FILE),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    secure: Annotated[
+        bool,
+        typer.Option("--secure", help="Write a two-machine set-up instead: NATS users per role, an admin API key."),
+    ] = False,
+    controller_host: Annotated[
+        str, typer.Option("--controller-host", help="With --secure: the address workers use to reach NATS.")
+    ] = "controller.local",
 ) -> None:
-    """Write a commented default cluster.toml."""
+    """Write a commented default cluster.toml (or, with --secure, a directory of credentials and configs)."""
     from mlxcluster.config_template import DEFAULT_CONFIG_TOML
 
+    if secure:
+        from mlxcluster.nats_auth import secure_setup
+
+        directory = path if path != Path(DEFAULT_CONFIG_FILE) else Path("mlxcluster-secure")
+        try:
+            written = secure_setup(directory, controller_host)
+        except FileExistsError as exc:
+            fail(str(exc))
+        typer.echo(f"wrote {written['controller']} (this machine: controller + NATS)")
+        typer.echo(f"wrote {written['worker']} (copy to each worker machine)")
+        typer.echo(f"wrote {written['users']} (NATS users per role) and {written['api_key']} (the admin API key)")
+        return
     if path.exists() and not force:
         fail(f"{path} exists; use --force to overwrite it")
     path.write_text(DEFAULT_CONFIG_TOML, encoding="utf-8")

@@ -84,6 +84,8 @@ class NatsSection(_Section):
     subject_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "mlxcluster"
     max_reconnect_attempts: Annotated[int, Meta(ge=-1)] = -1
     reconnect_time_wait_ms: PositiveMs = 1000
+    """First reconnect delay; each failed attempt doubles it (with jitter) up to ``reconnect_max_wait_ms``."""
+    reconnect_max_wait_ms: PositiveMs = 5000
     connect_timeout_ms: PositiveMs = 2000
     randomize_servers: bool = True
     """Try ``url``'s servers in random order (spreads clients over a NATS cluster); false: in the order given,

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from mlxcluster.bus import Bus, BusError
-from mlxcluster.config import Config
-from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError
+from mlxcluster.config import Config, ConfigError
+from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError, keep_server_running
+from mlxcluster.secure import check_exposure
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ def run_node(config: Config, role: str, *, workers: int = 1) -> int:
 
 
 async def _main(config: Config, role: str, workers: int) -> int:
+    try:
+        check_exposure(config, role)  # refuse an open API or NATS beyond loopback unless insecure is set
+    except ConfigError as exc:
+        raise NodeError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,9 +80,15 @@ async def embedded_server_for(config: Config, role: str) -> AsyncIterator[str | 
         return
     server = EmbeddedNatsServer(config.nats)
     await server.start()
+    stopping = False
+    supervise = asyncio.create_task(keep_server_running(server, lambda: stopping))  # restarted if it dies
     try:
         yield server.url
     finally:
+        stopping = True
+        supervise.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervise
         await server.stop()
 
 

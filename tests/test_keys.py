@@ -96,6 +96,10 @@ async def test_only_admin_keys_reach_mutating_cluster_api_and_keys(keyed: Runnin
 
 async def test_a_key_uses_only_its_models(keyed: RunningController) -> None:
     alice = keyed.client(api_key=USER)
+    assert [m.id for m in (await alice.models.list()).data] == ["echo"]  # "slow" is served, but not for alice
+    assert {m.id for m in (await keyed.client(api_key=ADMIN).models.list()).data} == {"echo", "slow"}
+    with pytest.raises(openai.NotFoundError):
+        await alice.models.retrieve("slow")
     with pytest.raises(openai.PermissionDeniedError) as caught:
         await alice.chat.completions.create(model="slow", messages=HELLO)
     assert caught.value.code == "model_not_allowed"
@@ -279,3 +283,27 @@ async def test_rate_limit_window_slides(cluster_config: Config) -> None:
     now[0] += 30.01
     assert limiter.admit(key)["x-ratelimit-remaining-requests"] == "0"
     await asyncio.sleep(0)
+
+
+async def test_websocket_requests_pass_the_same_limits(keyed: RunningController) -> None:
+    """Over /v1/ws the key's model list and rpm apply per message; the request meter sees the key."""
+    async with keyed.session().ws_connect(f"{keyed.url}/v1/ws?api_key={LIMITED}") as ws:
+        replies: list[dict[str, Any]] = []
+        for i in range(3):
+            await ws.send_json({"type": "chat", "id": f"r{i}", "model": "echo", "messages": HELLO})
+            while True:
+                message = await ws.receive_json(timeout=10)
+                if message["type"] in ("done", "error"):
+                    replies.append(message)
+                    break
+    assert [r["type"] for r in replies] == ["done", "done", "error"]
+    assert replies[2]["error"]["code"] == "rate_limit_exceeded"
+    status, body, _ = await call(keyed, "GET", "/api/cluster/keys", ADMIN)
+    usage = {row["name"]: row["usage"] for row in body["keys"]}["limited"]
+    assert (usage["requests"], usage["rate_limited"]) == (2, 1)
+    async with keyed.session().ws_connect(f"{keyed.url}/v1/ws") as ws:
+        await ws.send_json({"type": "auth", "api_key": USER})
+        assert (await ws.receive_json(timeout=10))["type"] == "auth"
+        await ws.send_json({"type": "chat", "id": "x", "model": "slow", "messages": HELLO})
+        message = await ws.receive_json(timeout=10)
+        assert message["type"] == "error" and message["error"]["code"] == "model_not_allowed"

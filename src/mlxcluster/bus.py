@@ -123,7 +123,7 @@ class Bus:
         # on an auth error), so each attempt here allows one retry per server; the configured policy is
         # restored once connected.
         options["max_reconnect_attempts"] = 1
-        delay, tried = 0.1, 0
+        tried = 0
         while True:
             try:
                 nc = await nats.connect(**options)
@@ -135,9 +135,9 @@ class Bus:
                 if 0 <= limit <= tried:
                     url = redact_url(config.url)
                     raise BusError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
+                delay = backoff_delay(tried - 1, 0.1, MAX_CONNECT_BACKOFF_S)
                 log.warning("NATS not reachable at %s (%s); retrying in %.1fs", redact_url(config.url), exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
         bus = cls(nc, Subjects(config.subject_prefix))
         log.info("connected to NATS %s as %s", bus.server_address or redact_url(config.url), name)
         return bus

@@ -16,6 +16,7 @@ from mlxcluster.controller.keys import CURRENT_KEY, ApiKey, KeyRing
 from mlxcluster.controller.ratelimit import RateLimited, RateLimiter
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("mlxcluster.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROTECTED_PREFIXES = ("/v1/", "/api/")
@@ -146,8 +147,15 @@ def auth_middleware(
                 raise model_not_allowed(key.name, model)
         try:
             headers = limits.admit(key)
-        except RateLimited:
+        except RateLimited as exc:
             ring.record_rate_limited(key.name)
+            access_log.info(
+                "request refused key=%s status=rate_limited limit=%s path=%s",
+                key.name,
+                exc.type,
+                request.path,
+                extra={"key": key.name, "status": "rate_limited", "limit": exc.type, "path": request.path},
+            )
             raise
         request[RATE_HEADERS] = headers
         token_var = CURRENT_KEY.set(key.name)

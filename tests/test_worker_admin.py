@@ -13,7 +13,7 @@ from typing import Any
 
 import openai
 import pytest
-from cluster_harness import Cluster, RunningController, wait_until
+from cluster_harness import Cluster, RunningController, start_controller, wait_until
 from typer.testing import CliRunner
 
 from mlxcluster.bus import Bus
@@ -167,3 +167,34 @@ async def test_a_request_for_a_fully_drained_model_is_503(two: Cluster) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         await controller.client().chat.completions.create(model="echo", messages=HELLO)
     assert caught.value.status_code == 503
+
+
+async def test_settings_reach_every_controller_and_new_ones_learn_them(two: Cluster) -> None:
+    """A drain through one controller holds on all of them; a controller started later learns it."""
+    first = two.controller
+    assert first is not None
+    second = await start_controller(two.config)
+    later: RunningController | None = None
+    try:
+        await second.wait_online("w1", "w2")
+        status, _ = await admin(first, "w1", "drain")
+        assert status == 200
+        await wait_until(lambda: second.ctx.registry.get("w1").status == "draining", what="drained on the second")  # type: ignore[union-attr]
+        assert set(await served_by(second, 4)) == {"w2"}
+        await admin(second, "w2", "settings", {"priority": 9, "tags": ["big"]})
+        await wait_until(lambda: first.ctx.registry.get("w2").priority == 9, what="priority on the first")  # type: ignore[union-attr]
+        later = await start_controller(two.config)  # learns both from the others' answers to its announce
+        await later.wait_online("w2")
+
+        def learned() -> bool:
+            w1, w2 = later.ctx.registry.get("w1"), later.ctx.registry.get("w2")  # type: ignore[union-attr]
+            return bool(w1 and w2 and w1.status == "draining" and w2.priority == 9 and w2.tags == ("big",))
+
+        await wait_until(learned, what="the third controller learns the settings")
+        await admin(later, "w1", "resume")
+        for controller in (first, second, later):
+            await wait_until(lambda c=controller: c.ctx.registry.get("w1").status == "online", what="resumed")  # type: ignore[misc]
+    finally:
+        await second.stop()
+        if later is not None:
+            await later.stop()

@@ -46,8 +46,14 @@ def permissions(role: Role, prefix: str) -> dict[str, Any]:
     p = prefix
     discovery = [f"{p}.worker.register", f"{p}.worker.heartbeat", f"{p}.worker.deregister", f"{p}.worker.cache"]
     if role == "controller":
-        publish = [f"{p}.worker.*.inference", f"{p}.worker.*.cancel", f"{p}.cluster.announce", INBOX]
-        subscribe = [*discovery, f"{p}.response.>", INBOX]
+        publish = [
+            f"{p}.worker.*.inference",
+            f"{p}.worker.*.cancel",
+            f"{p}.cluster.announce",
+            f"{p}.cluster.worker_settings",
+            INBOX,
+        ]
+        subscribe = [*discovery, f"{p}.response.>", f"{p}.cluster.announce", f"{p}.cluster.worker_settings", INBOX]
     elif role == "worker":
         publish = [*discovery, f"{p}.response.>", INBOX]
         subscribe = [f"{p}.worker.*.inference", f"{p}.worker.*.cancel", f"{p}.cluster.announce", INBOX]

@@ -33,6 +33,7 @@ from mlxcluster.controller.middleware import (
 )
 from mlxcluster.controller.ops import Operations
 from mlxcluster.controller.registry import WorkerRegistry
+from mlxcluster.controller.settings_sync import share_worker_settings
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     dashboard.setup(app)
     app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
     app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
+    app.cleanup_ctx.append(share_worker_settings)  # before join_cluster: peers answer its announce
     app.cleanup_ctx.append(join_cluster)
     return app
 

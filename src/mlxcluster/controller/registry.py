@@ -382,13 +382,16 @@ class WorkerRegistry:
         settings = self._settings.get(worker.id)
         return settings.status(reported) if settings is not None else reported
 
-    def configure(self, worker_id: str, change: WorkerSettings) -> WorkerView | None:
-        """Apply run-time settings to a known worker (``None`` fields keep their value); ``None`` if unknown.
+    def configure(self, worker_id: str, change: WorkerSettings, *, remember: bool = False) -> WorkerView | None:
+        """Apply run-time settings to a known worker (``None`` fields keep their value); ``None`` if unknown
+        (with ``remember``, they are kept for when it appears: settings another controller sent).
 
         They survive heartbeats and are applied again when the worker re-registers after leaving.
         """
         worker = self._workers.get(worker_id)
         if worker is None:
+            if remember:
+                self._settings.setdefault(worker_id, WorkerSettings(drained=False)).update(change)
             return None
         settings = self._settings.setdefault(worker_id, WorkerSettings.defaults_of(worker))
         settings.update(change)
@@ -400,6 +403,14 @@ class WorkerRegistry:
         worker.view = None
         self._candidates.clear()
         return self._view(worker, now)
+
+    def all_settings(self) -> dict[str, WorkerSettings]:
+        """Every worker's run-time settings, by id."""
+        return dict(self._settings)
+
+    def drop_settings(self, worker_id: str) -> None:
+        """Forget ``worker_id``'s run-time settings (the worker keeps its current priority and tags)."""
+        self._settings.pop(worker_id, None)
 
     def settings_of(self, worker_id: str) -> WorkerSettings | None:
         """The run-time settings of ``worker_id`` (``None``: never configured)."""

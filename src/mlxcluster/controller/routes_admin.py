@@ -14,6 +14,7 @@ from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError, bad_request
 from mlxcluster.controller.middleware import API_KEY, admin_required, is_admin
 from mlxcluster.controller.responses import json_response
+from mlxcluster.controller.settings_sync import publish_settings
 from mlxcluster.controller.worker_admin import WorkerSettings, parse_settings
 
 routes = web.RouteTableDef()
@@ -63,6 +64,7 @@ async def _configure(request: web.Request, change: WorkerSettings) -> web.Respon
     if view is None:
         raise ApiError(404, f"No worker '{worker_id}'", code="worker_not_found")
     settings = ctx.registry.settings_of(worker_id)
+    await publish_settings(ctx, worker_id)  # every other controller applies them too
     return json_response(
         {
             "id": worker_id,
@@ -112,4 +114,5 @@ async def forget_worker(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ApiError(409, str(exc), code="worker_not_offline") from None
     ctx.ops.requests.forget_worker(worker_id)
+    await publish_settings(ctx, worker_id, forget=True)
     return json_response({"id": worker_id, "forgotten": True})

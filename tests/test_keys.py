@@ -10,12 +10,17 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from cluster_harness import Cluster, RunningController, wait_until, with_sections
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlxcluster.bus import Bus
@@ -307,3 +312,34 @@ async def test_websocket_requests_pass_the_same_limits(keyed: RunningController)
         await ws.send_json({"type": "chat", "id": "x", "model": "slow", "messages": HELLO})
         message = await ws.receive_json(timeout=10)
         assert message["type"] == "error" and message["error"]["code"] == "model_not_allowed"
+
+
+def test_a_bad_key_entry_stops_the_controller_with_the_key_path(tmp_path: Path) -> None:
+    """A real ``run --mode controller``: a missing key_env is a one-line error (exit 2), not a traceback."""
+    nats_port = free_port()
+    (tmp_path / "cluster.toml").write_text(
+        f"""
+[nats]
+url = "nats://127.0.0.1:{nats_port}"
+[nats.embedded]
+port = {nats_port}
+http_port = 0
+[controller]
+port = {free_port()}
+[[controller.keys]]
+name = "ci"
+key_env = "OPS_TEST_UNSET_KEY"
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXCLUSTER_") and k != "OPS_TEST_UNSET_KEY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlxcluster", "run", "--mode", "controller"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "controller.keys[0].key_env: environment variable OPS_TEST_UNSET_KEY is not set" in done.stderr
+    assert "Traceback" not in done.stderr

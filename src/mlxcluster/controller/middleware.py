@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,12 +28,6 @@ RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 API_KEY_PENDING = web.RequestKey("api_key_pending", bool)
 """Set on a WebSocket upgrade that carried no key: the handler must get a ``{"type": "auth"}`` message first."""
-
-
-def api_key_matches(keys: list[bytes], given: str) -> bool:
-    """Whether ``given`` is one of ``keys`` (constant-time per key)."""
-    token = given.strip().encode()
-    return any(hmac.compare_digest(token, key) for key in keys)
 
 
 def stream_headers(request: web.Request) -> dict[str, str]:

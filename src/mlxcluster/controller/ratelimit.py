@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 from mlxcluster.controller.errors import ApiError
 from mlxcluster.controller.keys import ApiKey
 
@@ -45,7 +47,8 @@ class RateLimited(ApiError):
         super().__init__(429, message, type=kind, code="rate_limit_exceeded", retry_after=max(1.0, retry_after))
         self.headers = headers
 
-    def response(self):  # type: ignore[no-untyped-def]
+    def response(self) -> web.Response:
+        """The 429 with ``Retry-After`` in whole seconds (rounded up) and the ``x-ratelimit-*`` headers."""
         response = super().response()
         response.headers["Retry-After"] = str(max(1, math.ceil(self.retry_after or 1)))
         response.headers.update(self.headers)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from cluster_harness import Cluster, RunningController, wait_until, with_sections, words
+from cluster_harness import Cluster, RunningController, demo_model_or_skip, wait_until, with_sections, words
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, LoggingSection
@@ -188,3 +188,42 @@ async def test_controller_is_degraded_while_nats_is_down(
         await wait_until(lambda: controller.ctx.registry.stats().online == 1, timeout=20, what="w1 back")
         async with controller.session().get(controller.url + "/ready") as resp:
             assert resp.status == 200
+
+
+@pytest.mark.model
+async def test_the_real_model_end_to_end_with_a_limited_key(cluster_config: Config, bus: Bus) -> None:
+    """The demo model behind a key with a TPM limit: usage from the model's own token counts reaches the
+    request monitor (with the engine's queue time), the key's usage and the rate-limit headers."""
+    from mlxcluster.worker.engine import MlxEngine
+
+    demo_model = demo_model_or_skip()
+    keys = keys_of([{"name": "team", "key": ALICE, "tpm": 100_000}, {"name": "ops", "key": ADMIN, "admin": True}])
+    config = with_sections(cluster_config, controller={"keys": keys})
+    engine = MlxEngine(str(demo_model), max_concurrent=2)
+    await engine.start()
+    async with Cluster(config) as running:
+        await running.start_worker("mlx-1", engine=engine)  # type: ignore[arg-type]
+        controller = await running.start_controller()
+        await wait_until(lambda: controller.ctx.registry.stats().online == 1, what="the model worker online")
+        client = controller.client(api_key=ALICE, timeout=120)
+        model = engine.model_name
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8
+        )
+        usage = raw.parse().usage
+        assert usage is not None and usage.prompt_tokens > 10 and 1 <= usage.completion_tokens <= 8
+        assert raw.headers["x-ratelimit-remaining-tokens"] == "100000"  # counted when it finished
+        second = await client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+        )
+        assert int(second.headers["x-ratelimit-remaining-tokens"]) == 100_000 - usage.total_tokens
+        _, listing = await get(controller, "/api/cluster/requests")
+        first = listing["recent"][-1]
+        assert (first["key"], first["model"], first["worker"], first["state"]) == ("team", model, "mlx-1", "ok")
+        assert (first["prompt_tokens"], first["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+        assert first["queued_ms"] is not None and first["queued_ms"] >= 0  # the mlx engine measures its queue
+        assert first["finish_reason"] in ("stop", "length") and first["ttft_ms"] > 0
+        _, keys_body = await get(controller, "/api/cluster/keys")
+        team = {row["name"]: row for row in keys_body["keys"]}["team"]
+        assert team["usage"]["requests"] == 2 and team["usage"]["prompt_tokens"] >= usage.prompt_tokens
+    await engine.stop()

@@ -287,3 +287,17 @@ def test_controller_mode_restarts_a_killed_nats_server(
     )
     assert body["time"] > 0
     assert proc.poll() is None
+
+
+def test_config_validate_checks_keys_and_the_users_file(secure_dir: dict[str, Any], tmp_path: Path) -> None:
+    runner = CliRunner()
+    good = runner.invoke(cli_app, ["config", "validate", str(secure_dir["dir"] / "controller.toml")], env={})
+    assert good.exit_code == 0 and good.output.strip().endswith(": ok"), good.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[controller.keys]]\nname = "a"\nkey_env = "OPS_TEST_NOT_SET"\n')
+    result = runner.invoke(cli_app, ["config", "validate", str(bad)], env={})
+    assert result.exit_code == 2 and "controller.keys[0].key_env" in result.output
+    missing = tmp_path / "missing.toml"
+    missing.write_text('[nats.embedded]\nusers_file = "/nonexistent/users.json"\n')
+    result = runner.invoke(cli_app, ["config", "validate", str(missing)], env={})
+    assert result.exit_code == 2 and "nats.embedded.users_file" in result.output

@@ -210,8 +210,18 @@ def config_validate(
     path: Annotated[Path | None, typer.Argument(help="File to check (default: ./cluster.toml).")] = None,
 ) -> None:
     """Check a config file (and MLXCLUSTER_* overrides); exit 2 with the key path when it is wrong."""
+    from mlxcluster.config import ConfigError
+    from mlxcluster.controller.keys import KeyRing
+    from mlxcluster.nats_auth import load_users
+
     resolved = resolve_config_path(path)
-    get_config(resolved)
+    config = get_config(resolved)
+    try:  # what the controller checks when it starts: key entries (key_env set), the NATS users file
+        KeyRing.from_config(config.controller)
+        if config.nats.embedded.users_file is not None:
+            load_users(config.nats.embedded.users_file)
+    except ConfigError as exc:
+        fail(f"{resolved or '<defaults>'}: {exc}")
     typer.echo(f"{resolved or '<defaults>'}: ok")
 
 

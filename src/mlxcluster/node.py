@@ -65,7 +65,7 @@ async def _main(config: Config, role: str, workers: int) -> int:
             finally:
                 await bus.close()
         return 0
-    except (EmbeddedServerError, BusError) as exc:
+    except (EmbeddedServerError, BusError, ConfigError) as exc:  # ConfigError: e.g. an unreadable users_file
         raise NodeError(str(exc)) from None
 
 

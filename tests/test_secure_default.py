@@ -117,17 +117,28 @@ def test_reconnect_backoff_is_exponential_capped_and_jittered() -> None:
 @pytest.fixture
 def secure_dir(tmp_path: Path) -> dict[str, Any]:
     result = CliRunner().invoke(
-        cli_app, ["config", "init", "--secure", str(tmp_path / "secure"), "--controller-host", "10.1.2.3"]
+        cli_app,
+        [
+            "config",
+            "init",
+            "--secure",
+            str(tmp_path / "secure"),
+            "--controller-host",
+            "10.1.2.3",
+            "--workers",
+            "pinned-1",
+        ],
     )
     assert result.exit_code == 0, result.output
     directory = tmp_path / "secure"
     users = json.loads((directory / "nats-users.json").read_text())["users"]
-    return {"dir": directory, "users": {u["role"]: u for u in users}}
+    by_role = {u["role"]: u for u in users if not u.get("worker_id")}
+    return {"dir": directory, "users": by_role, "users_by_name": {u["user"]: u for u in users}}
 
 
 def test_config_init_secure_writes_a_two_machine_set_up(secure_dir: dict[str, Any]) -> None:
     directory: Path = secure_dir["dir"]
-    for name in ("controller.toml", "worker.toml", "nats-users.json", "admin-api-key.txt"):
+    for name in ("controller.toml", "worker.toml", "worker-pinned-1.toml", "nats-users.json", "admin-api-key.txt"):
         mode = stat.S_IMODE((directory / name).stat().st_mode)
         assert mode == 0o600, (name, oct(mode))
     controller = load(directory / "controller.toml", {})
@@ -137,6 +148,9 @@ def test_config_init_secure_writes_a_two_machine_set_up(secure_dir: dict[str, An
     check_exposure(controller, "controller")  # secure: starts without --insecure
     assert worker.cluster.mode == "worker" and worker.nats.url == "nats://10.1.2.3:4222"
     assert (worker.nats.user, worker.nats.password) == ("worker", secure_dir["users"]["worker"]["password"])
+    pinned = load(directory / "worker-pinned-1.toml", {})
+    assert (pinned.worker.id, pinned.nats.user) == ("pinned-1", "worker-pinned-1")
+    assert pinned.nats.password == secure_dir["users_by_name"]["worker-pinned-1"]["password"]
     key = (directory / "admin-api-key.txt").read_text().strip()
     assert key not in (directory / "controller.toml").read_text()  # only its SHA-256 is
     [entry] = controller.controller.keys
@@ -301,3 +315,37 @@ def test_config_validate_checks_keys_and_the_users_file(secure_dir: dict[str, An
     missing.write_text('[nats.embedded]\nusers_file = "/nonexistent/users.json"\n')
     result = runner.invoke(cli_app, ["config", "validate", str(missing)], env={})
     assert result.exit_code == 2 and "nats.embedded.users_file" in result.output
+
+
+async def test_a_worker_pinned_to_its_id_reads_only_its_own_requests(
+    cluster_config: Config, secure_dir: dict[str, Any]
+) -> None:
+    """A per-worker NATS user serves its own id; it may claim another id, but never receives its prompts."""
+    users_file = secure_dir["dir"] / "nats-users.json"
+    pinned = secure_dir["users_by_name"]["worker-pinned-1"]
+    controller_config = role_config(cluster_config, users_file, secure_dir["users"]["controller"])
+    pinned_config = role_config(cluster_config, users_file, pinned)
+    server = EmbeddedNatsServer(controller_config.nats)
+    await server.start()
+    try:
+        async with Cluster(controller_config) as cluster:
+            await cluster.start_worker("pinned-1", config=pinned_config)
+            controller = await cluster.start_controller()
+            await wait_until(lambda: controller.ctx.registry.stats().online == 1, what="pinned-1 online")
+            done = await controller.client().chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "for pinned-1 only"}]
+            )
+            assert done.choices[0].message.content == "for pinned-1 only"
+            errors: list[str] = []
+
+            async def on_error(exc: Exception) -> None:
+                errors.append(str(exc))
+
+            thief = await nats.connect(server.url, user=pinned["user"], password=pinned["password"], error_cb=on_error)
+            await thief.subscribe(f"{cluster_config.nats.subject_prefix}.worker.other.inference")
+            await thief.flush()
+            await wait_until(lambda: errors, what="a permissions violation")
+            assert "permissions violation" in errors[0].lower()
+            await thief.close()
+    finally:
+        await server.stop()

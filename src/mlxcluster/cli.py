@@ -183,6 +183,10 @@ def config_init(
     controller_host: Annotated[
         str, typer.Option("--controller-host", help="With --secure: the address workers use to reach NATS.")
     ] = "controller.local",
+    worker_ids: Annotated[
+        str | None,
+        typer.Option("--workers", help="With --secure: worker ids (a,b) that get their own NATS user and config."),
+    ] = None,
 ) -> None:
     """Write a commented default cluster.toml (or, with --secure, a directory of credentials and configs)."""
     from mlxcluster.config_template import DEFAULT_CONFIG_TOML
@@ -192,11 +196,15 @@ def config_init(
 
         directory = path if path != Path(DEFAULT_CONFIG_FILE) else Path("mlxcluster-secure")
         try:
-            written = secure_setup(directory, controller_host)
-        except FileExistsError as exc:
+            ids = [w.strip() for w in (worker_ids or "").split(",") if w.strip()]
+            written = secure_setup(directory, controller_host, workers=ids)
+        except (FileExistsError, ValueError) as exc:
             fail(str(exc))
         typer.echo(f"wrote {written['controller']} (this machine: controller + NATS)")
         typer.echo(f"wrote {written['worker']} (copy to each worker machine)")
+        for name, extra in written.items():
+            if name.startswith("worker-"):
+                typer.echo(f"wrote {extra} (only for worker {name.removeprefix('worker-')})")
         typer.echo(f"wrote {written['users']} (NATS users per role) and {written['api_key']} (the admin API key)")
         return
     if path.exists() and not force:

@@ -17,6 +17,7 @@ that role. :func:`secure_setup` writes the users file and both machines' configs
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Literal
@@ -35,15 +36,19 @@ class NatsUser(msgspec.Struct, forbid_unknown_fields=True):
     user: str
     password: str
     role: Role
+    worker_id: str | None = None
+    """For a ``worker``: the one worker id this user serves (it may read only that id's requests)."""
 
 
 class UsersFile(msgspec.Struct, forbid_unknown_fields=True):
     users: list[NatsUser]
 
 
-def permissions(role: Role, prefix: str) -> dict[str, Any]:
-    """nats-server ``permissions`` for ``role`` under the subject ``prefix``."""
+def permissions(role: Role, prefix: str, worker_id: str | None = None) -> dict[str, Any]:
+    """nats-server ``permissions`` for ``role`` under the subject ``prefix`` (a worker pinned to
+    ``worker_id`` reads only that worker's requests and cancels)."""
     p = prefix
+    own = worker_id or "*"
     discovery = [f"{p}.worker.register", f"{p}.worker.heartbeat", f"{p}.worker.deregister", f"{p}.worker.cache"]
     if role == "controller":
         publish = [
@@ -56,7 +61,7 @@ def permissions(role: Role, prefix: str) -> dict[str, Any]:
         subscribe = [*discovery, f"{p}.response.>", f"{p}.cluster.announce", f"{p}.cluster.worker_settings", INBOX]
     elif role == "worker":
         publish = [*discovery, f"{p}.response.>", INBOX]
-        subscribe = [f"{p}.worker.*.inference", f"{p}.worker.*.cancel", f"{p}.cluster.announce", INBOX]
+        subscribe = [f"{p}.worker.{own}.inference", f"{p}.worker.{own}.cancel", f"{p}.cluster.announce", INBOX]
     elif role == "client":
         publish = [INBOX]
         subscribe = [f"{p}.worker.heartbeat", f"{p}.worker.register", f"{p}.worker.deregister", INBOX]
@@ -88,7 +93,10 @@ def load_users(path: str | Path) -> list[NatsUser]:
 def authorization(users: list[NatsUser], prefix: str) -> dict[str, Any]:
     """The ``authorization`` block of the server config."""
     return {
-        "users": [{"user": u.user, "password": u.password, "permissions": permissions(u.role, prefix)} for u in users]
+        "users": [
+            {"user": u.user, "password": u.password, "permissions": permissions(u.role, prefix, u.worker_id)}
+            for u in users
+        ]
     }
 
 
@@ -96,18 +104,26 @@ def _password() -> str:
     return secrets.token_urlsafe(24)
 
 
-def secure_setup(directory: Path, controller_host: str, *, prefix: str = "mlxcluster") -> dict[str, Path]:
+def secure_setup(
+    directory: Path, controller_host: str, *, prefix: str = "mlxcluster", workers: list[str] | None = None
+) -> dict[str, Path]:
     """Write credentials and configs for a controller machine and a worker machine; return the paths.
 
     ``controller.toml`` runs the controller with the embedded nats-server on all interfaces, NATS users per
     role and an admin API key stored as its SHA-256; ``worker.toml`` (for the other machine) connects to
-    ``controller_host`` as the worker user. Secret files are created mode 0600.
+    ``controller_host`` as the worker user. With ``workers`` (ids), each gets its own NATS user that may
+    read only its own requests, and its own ``worker-<id>.toml``. Secret files are created mode 0600.
     """
     from mlxcluster.controller.keys import key_digest
 
+    for worker_id in workers or ():
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", worker_id):
+            raise ValueError(f"--workers: {worker_id!r} is not a worker id (letters, digits, '-' and '_')")
     directory.mkdir(parents=True, exist_ok=True)
     users = [NatsUser(user=role, password=_password(), role=role) for role in ("controller", "worker", "client")]
     by_role = {u.role: u for u in users}
+    pinned = [NatsUser(user=f"worker-{w}", password=_password(), role="worker", worker_id=w) for w in workers or ()]
+    users += pinned
     api_key = "sk-" + secrets.token_urlsafe(32)
     users_path = directory / "nats-users.json"
     key_path = directory / "admin-api-key.txt"
@@ -146,11 +162,19 @@ user = "worker"
 password = "{by_role["worker"].password}"
 subject_prefix = "{prefix}"
 """
+    written = {"users": users_path, "api_key": key_path, "controller": controller_path, "worker": worker_path}
+    for user in pinned:
+        path = directory / f"{user.user}.toml"
+        text = worker_toml.replace('user = "worker"', f'user = "{user.user}"').replace(
+            by_role["worker"].password, user.password
+        )
+        _write_secret(path, text.replace("[nats]", f'[worker]\nid = "{user.worker_id}"\n\n[nats]', 1))
+        written[user.user] = path
     _write_secret(users_path, json.dumps({"users": [msgspec.to_builtins(u) for u in users]}, indent=2) + "\n")
     _write_secret(key_path, api_key + "\n")
     _write_secret(controller_path, controller_toml)
     _write_secret(worker_path, worker_toml)
-    return {"users": users_path, "api_key": key_path, "controller": controller_path, "worker": worker_path}
+    return written
 
 
 def _write_secret(path: Path, text: str) -> None:

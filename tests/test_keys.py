@@ -84,6 +84,10 @@ async def test_every_kind_of_key_authenticates(keyed: RunningController) -> None
         assert completion.choices[0].message.content == "hello brave new world"
     with pytest.raises(openai.AuthenticationError):
         await keyed.client(api_key=hashlib.sha256(HASHED.encode()).hexdigest()).models.list()  # the hash is no key
+    async with keyed.session().get(keyed.url + "/v1/models", headers={"x-api-key": USER}) as resp:
+        assert resp.status == 200  # the header Anthropic's clients use
+    async with keyed.session().get(keyed.url + "/v1/models", headers={"x-api-key": "sk-nope"}) as resp:
+        assert resp.status == 401
 
 
 async def test_only_admin_keys_reach_mutating_cluster_api_and_keys(keyed: RunningController) -> None:

@@ -121,7 +121,9 @@ def auth_middleware(
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if request.path == WEBSOCKET_PATH and not header:
+        if not header and "x-api-key" in request.headers:  # Anthropic's clients send the key this way
+            scheme, token = "bearer", request.headers["x-api-key"]
+        elif request.path == WEBSOCKET_PATH and not header:
             if "api_key" not in request.query:
                 request[API_KEY_PENDING] = True
                 return await handler(request)

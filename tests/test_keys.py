@@ -35,7 +35,8 @@ TOKENS = "sk-tokens-1234abcd"
 SLOW = "sk-slow-9911beef"
 HASHED = "sk-hashed-77aa55cc"
 ENV_KEY = "sk-from-env-0d0d0d0d"
-ALL_VALUES = (ADMIN, USER, LIMITED, TOKENS, SLOW, HASHED, ENV_KEY)
+BUDGET = "sk-budget-4242abab"
+ALL_VALUES = (ADMIN, USER, LIMITED, TOKENS, SLOW, HASHED, ENV_KEY, BUDGET)
 HELLO = [{"role": "user", "content": "hello brave new world"}]  # echo: 4 completion tokens
 CHAT = "/v1/chat/completions"
 
@@ -49,6 +50,7 @@ def key_entries() -> list[dict[str, Any]]:
         {"name": "slow", "key": SLOW, "max_concurrent": 1},
         {"name": "hashed", "key_sha256": hashlib.sha256(HASHED.encode()).hexdigest()},
         {"name": "env", "key_env": "OPS_TEST_KEY"},
+        {"name": "budget", "key": BUDGET, "tpm": 100},
     ]
 
 
@@ -184,7 +186,7 @@ async def test_usage_per_key_in_the_keys_api_and_prometheus(keyed: RunningContro
     status, body, _ = await call(keyed, "GET", "/api/cluster/keys", ADMIN)
     assert status == 200
     rows = {row["name"]: row for row in body["keys"]}
-    assert set(rows) == {"ops", "alice", "limited", "tokens", "slow", "hashed", "env"}
+    assert set(rows) == {"ops", "alice", "limited", "tokens", "slow", "hashed", "env", "budget"}
     assert rows["alice"]["usage"]["requests"] == 3
     assert rows["alice"]["usage"]["completion_tokens"] == 12
     assert rows["alice"]["usage"]["prompt_tokens"] > 0
@@ -347,3 +349,30 @@ key_env = "OPS_TEST_UNSET_KEY"
     assert done.returncode == 2, done.stderr
     assert "controller.keys[0].key_env: environment variable OPS_TEST_UNSET_KEY is not set" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_running_requests_reserve_their_max_tokens_against_tpm(keyed: RunningController) -> None:
+    """Long requests started together cannot each spend the whole TPM budget: max_tokens is reserved."""
+    client = keyed.client(api_key=BUDGET)
+    first = await client.chat.completions.with_raw_response.create(
+        model="slow", messages=HELLO, stream=True, max_tokens=95
+    )
+    assert first.headers["x-ratelimit-remaining-tokens"] == "5"  # 100 - 95 reserved
+    chunks = aiter(first.parse())
+    await anext(chunks)
+    second = await client.chat.completions.with_raw_response.create(model="echo", messages=HELLO, max_tokens=3)
+    assert second.headers["x-ratelimit-remaining-tokens"] == "2"  # 95 reserved < 100: admitted, 3 more reserved
+    used = second.parse().usage
+    assert used is not None
+    status, body, headers = await call(keyed, "POST", CHAT, BUDGET, {"model": "echo", "messages": HELLO})
+    assert status == 429, body  # used + 95 reserved by the running stream >= 100
+    assert "reserved by running requests 95" in body["error"]["message"]
+    assert body["error"]["type"] == "tokens" and int(headers["Retry-After"]) >= 1
+    async for _ in chunks:
+        pass
+    key = keyed.ctx.ops.keys.get("budget")
+    assert key is not None
+    await wait_until(lambda: keyed.ctx.ops.limiter.running(key) == 0, what="the stream finished")
+    window = keyed.ctx.ops.limiter.snapshot(key)
+    assert window["tokens_reserved"] == 0  # reservations end with their requests; actual use stays
+    assert window["tokens_last_minute"] > used.total_tokens

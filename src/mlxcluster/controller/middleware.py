@@ -136,12 +136,14 @@ def auth_middleware(
             raise admin_required()
         if request.method != "POST" or not request.path.startswith("/v1/"):
             return await handler(request)
-        if key.models:
-            model = await _body_model(request)
-            if model is not None and not key.allows_model(model):
-                raise model_not_allowed(key.name, model)
+        reserve = 0
+        if key.models or key.tpm is not None:
+            body = await _body_fields(request)
+            if key.models and body.model is not None and not key.allows_model(body.model):
+                raise model_not_allowed(key.name, body.model)
+            reserve = body.completion_limit()
         try:
-            headers = limits.admit(key)
+            headers = limits.admit(key, reserve=reserve)
         except RateLimited as exc:
             ring.record_rate_limited(key.name)
             access_log.info(
@@ -158,7 +160,7 @@ def auth_middleware(
             response = await handler(request)
         finally:
             CURRENT_KEY.reset(token_var)
-            limits.release(key)
+            limits.release(key, reserve=reserve)
         if headers and not response.prepared:
             response.headers.update(headers)
         return response
@@ -173,19 +175,30 @@ def model_not_allowed(key_name: str, model: str) -> ApiError:
     )
 
 
-class _ModelOnly(msgspec.Struct):
+class _BodyFields(msgspec.Struct):
+    """What admission needs from an inference body: the model and the completion token limit."""
+
     model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_output_tokens: int | None = None
+
+    def completion_limit(self) -> int:
+        """Tokens reserved against the key's TPM while the request runs (0 when the body sets no limit)."""
+        limit = self.max_completion_tokens or self.max_tokens or self.max_output_tokens or 0
+        return max(0, min(limit, 1 << 30))
 
 
-_model_decoder = msgspec.json.Decoder(_ModelOnly)
+_body_decoder = msgspec.json.Decoder(_BodyFields)
 
 
-async def _body_model(request: web.Request) -> str | None:
-    """The body's ``model`` (the body stays cached for the handler); ``None`` if it has none or is not JSON."""
+async def _body_fields(request: web.Request) -> _BodyFields:
+    """The body's model and token limit (the body stays cached for the handler); empty if it is not valid JSON
+    of that shape: the handler then answers with the 400 naming the field."""
     try:
-        return _model_decoder.decode(await request.read()).model
+        return _body_decoder.decode(await request.read())
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return None  # the handler answers with the 400 naming the field
+        return _BodyFields()
 
 
 def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:

@@ -30,6 +30,8 @@ class _KeyWindow:
     starts: deque[float] = field(default_factory=deque)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)
     tokens_used: int = 0
+    reserved: int = 0
+    """``max_tokens`` of the requests running now: counted against ``tpm`` until each one finishes."""
     running: int = 0
 
     def prune(self, now: float) -> None:
@@ -79,17 +81,19 @@ class RateLimiter:
             window = self._windows[key.name] = _KeyWindow()
         return window
 
-    def admit(self, key: ApiKey) -> dict[str, str]:
+    def admit(self, key: ApiKey, reserve: int = 0) -> dict[str, str]:
         """Start one request of ``key`` or raise :class:`RateLimited`; return the headers to send.
 
-        Every admitted request must be followed by exactly one :meth:`release`.
+        ``reserve`` (the request's ``max_tokens``) counts against ``tpm`` while the request runs, so many
+        long requests started at once cannot each take the whole budget. Every admitted request must be
+        followed by exactly one :meth:`release` with the same ``reserve``.
         """
         if not key.limited:
             return {}
         now = self._clock()
         window = self._window(key)
         window.prune(now)
-        headers = self._headers(key, window, now, starting=1)
+        headers = self._headers(key, window, now, starting=1, reserve=reserve)
         if key.rpm is not None and len(window.starts) >= key.rpm:
             wait = window.starts[0] + WINDOW_S - now
             raise RateLimited(
@@ -99,11 +103,12 @@ class RateLimiter:
                 wait,
                 headers,
             )
-        if key.tpm is not None and window.tokens_used >= key.tpm:
-            wait = self._tokens_reset(key, window, now)
+        if key.tpm is not None and window.tokens_used + window.reserved >= key.tpm:
+            wait = self._tokens_reset(key, window, now) if window.tokens_used >= key.tpm else 1.0
             raise RateLimited(
                 f"Rate limit reached for key '{key.name}' on tokens per min (TPM): limit {key.tpm}, "
-                f"used {window.tokens_used}. Please try again in {format_reset(wait)}.",
+                f"used {window.tokens_used}, reserved by running requests {window.reserved}. "
+                f"Please try again in {format_reset(wait)}.",
                 "tokens",
                 wait,
                 headers,
@@ -117,13 +122,15 @@ class RateLimiter:
             )
         window.starts.append(now)
         window.running += 1
+        window.reserved += reserve
         return headers
 
-    def release(self, key: ApiKey) -> None:
-        """One admitted request of ``key`` ended."""
+    def release(self, key: ApiKey, reserve: int = 0) -> None:
+        """One admitted request of ``key`` ended (its actual tokens come through :meth:`record_tokens`)."""
         window = self._windows.get(key.name)
         if window is not None and window.running > 0:
             window.running -= 1
+            window.reserved = max(0, window.reserved - reserve)
 
     def record_tokens(self, key_name: str, tokens: int) -> None:
         """Count ``tokens`` (prompt + completion) of a finished request against the key's TPM window."""
@@ -142,11 +149,12 @@ class RateLimiter:
         """The key's use of its windows now: requests and tokens in the last minute, running."""
         window = self._windows.get(key.name)
         if window is None:
-            return {"requests_last_minute": 0, "tokens_last_minute": 0, "running": 0}
+            return {"requests_last_minute": 0, "tokens_last_minute": 0, "tokens_reserved": 0, "running": 0}
         window.prune(self._clock())
         return {
             "requests_last_minute": len(window.starts),
             "tokens_last_minute": window.tokens_used,
+            "tokens_reserved": window.reserved,
             "running": window.running,
         }
 
@@ -162,7 +170,7 @@ class RateLimiter:
                 return max(0.0, at + WINDOW_S - now)
         return 0.0
 
-    def _headers(self, key: ApiKey, window: _KeyWindow, now: float, starting: int) -> dict[str, str]:
+    def _headers(self, key: ApiKey, window: _KeyWindow, now: float, starting: int, reserve: int = 0) -> dict[str, str]:
         """OpenAI's headers; a reset is the time until the next unit of the limit frees up."""
         headers: dict[str, str] = {}
         if key.rpm is not None:
@@ -176,6 +184,8 @@ class RateLimiter:
             else:
                 reset = window.tokens[0][0] + WINDOW_S - now if window.tokens else 0.0
             headers["x-ratelimit-limit-tokens"] = str(key.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - window.tokens_used))
+            headers["x-ratelimit-remaining-tokens"] = str(
+                max(0, key.tpm - window.tokens_used - window.reserved - reserve)
+            )
             headers["x-ratelimit-reset-tokens"] = format_reset(reset)
         return headers

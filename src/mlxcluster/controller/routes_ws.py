@@ -167,7 +167,7 @@ class Session:
             if not key.allows_model(inference.model):
                 raise model_not_allowed(key.name, inference.model)
             try:
-                self.ctx.ops.limiter.admit(key)
+                self.ctx.ops.limiter.admit(key, reserve=inference.max_tokens)
             except ApiError:
                 self.ctx.ops.keys.record_rate_limited(key.name)
                 raise
@@ -181,7 +181,7 @@ class Session:
         def finished(_task: asyncio.Task[None]) -> None:
             self.tasks.pop(client_id, None)
             if key is not None:
-                self.ctx.ops.limiter.release(key)
+                self.ctx.ops.limiter.release(key, reserve=inference.max_tokens)
 
         task.add_done_callback(finished)
 

@@ -201,29 +201,34 @@ async def test_the_real_model_end_to_end_with_a_limited_key(cluster_config: Conf
     config = with_sections(cluster_config, controller={"keys": keys})
     engine = MlxEngine(str(demo_model), max_concurrent=2)
     await engine.start()
-    async with Cluster(config) as running:
-        await running.start_worker("mlx-1", engine=engine)  # type: ignore[arg-type]
-        controller = await running.start_controller()
-        await wait_until(lambda: controller.ctx.registry.stats().online == 1, what="the model worker online")
-        client = controller.client(api_key=ALICE, timeout=120)
-        model = engine.model_name
-        raw = await client.chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8
-        )
-        usage = raw.parse().usage
-        assert usage is not None and usage.prompt_tokens > 10 and 1 <= usage.completion_tokens <= 8
-        assert raw.headers["x-ratelimit-remaining-tokens"] == "100000"  # counted when it finished
-        second = await client.chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
-        )
-        assert int(second.headers["x-ratelimit-remaining-tokens"]) == 100_000 - usage.total_tokens
-        _, listing = await get(controller, "/api/cluster/requests")
-        first = listing["recent"][-1]
-        assert (first["key"], first["model"], first["worker"], first["state"]) == ("team", model, "mlx-1", "ok")
-        assert (first["prompt_tokens"], first["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
-        assert first["queued_ms"] is not None and first["queued_ms"] >= 0  # the mlx engine measures its queue
-        assert first["finish_reason"] in ("stop", "length") and first["ttft_ms"] > 0
-        _, keys_body = await get(controller, "/api/cluster/keys")
-        team = {row["name"]: row for row in keys_body["keys"]}["team"]
-        assert team["usage"]["requests"] == 2 and team["usage"]["prompt_tokens"] >= usage.prompt_tokens
-    await engine.stop()
+    try:
+        async with Cluster(config) as running:
+            await running.start_worker("mlx-1", engine=engine)  # type: ignore[arg-type]
+            controller = await running.start_controller()
+            await wait_until(lambda: controller.ctx.registry.stats().online == 1, what="the model worker online")
+            client = controller.client(api_key=ALICE, timeout=120)
+            model = engine.model_name
+            raw = await client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8
+            )
+            usage = raw.parse().usage
+            assert usage is not None and usage.prompt_tokens > 10 and 1 <= usage.completion_tokens <= 8
+            assert raw.headers["x-ratelimit-remaining-tokens"] == str(100_000 - 8)  # max_tokens reserved while it ran
+            second = await client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+            )
+            assert int(second.headers["x-ratelimit-remaining-tokens"]) == 100_000 - usage.total_tokens - 4
+            _, listing = await get(controller, "/api/cluster/requests")
+            first = listing["recent"][-1]
+            assert (first["key"], first["model"], first["worker"], first["state"]) == ("team", model, "mlx-1", "ok")
+            assert (first["prompt_tokens"], first["completion_tokens"]) == (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+            assert first["queued_ms"] is not None and first["queued_ms"] >= 0  # the mlx engine measures its queue
+            assert first["finish_reason"] in ("stop", "length") and first["ttft_ms"] > 0
+            _, keys_body = await get(controller, "/api/cluster/keys")
+            team = {row["name"]: row for row in keys_body["keys"]}["team"]
+            assert team["usage"]["requests"] == 2 and team["usage"]["prompt_tokens"] >= usage.prompt_tokens
+    finally:
+        await engine.stop()

@@ -41,6 +41,11 @@ class Subjects:
         """Controllers publish :class:`~mlxcluster.protocol.ControllerHeartbeat` here (they know each other)."""
         return f"{self.prefix}.cluster.controller"
 
+    @property
+    def worker_settings(self) -> str:
+        """Controllers publish :class:`~mlxcluster.protocol.WorkerSettingsChanged` (drain, priority, tags)."""
+        return f"{self.prefix}.cluster.worker_settings"
+
     def inference(self, worker_id: str) -> str:
         """A worker's request subject; the request's NATS reply subject receives the stream frames."""
         return f"{self.prefix}.worker.{worker_id}.inference"

@@ -86,6 +86,16 @@ def run(
     model: Annotated[str | None, typer.Option(help="Model dir or Hugging Face repo id.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="Requests a worker serves at once.")] = None,
     port: Annotated[int | None, typer.Option(help="Controller HTTP port.")] = None,
+    group: Annotated[
+        str | None, typer.Option("--group", help="Worker: join the worker group NAME that shards one model.")
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option("--group-size", min=1, help="Members of the worker group (dual: workers per local group)."),
+    ] = None,
+    parallel: Annotated[
+        str | None, typer.Option("--parallel", help="How a group splits the model: tensor | pipeline.")
+    ] = None,
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
     from mlxcluster.logsetup import configure_logging
@@ -97,6 +107,9 @@ def run(
         "WORKER_MODEL": model,
         "WORKER_MAX_CONCURRENT": max_concurrent,
         "CONTROLLER_PORT": port,
+        "WORKER_GROUP_NAME": group,
+        "WORKER_GROUP_SIZE": group_size,
+        "WORKER_GROUP_PARALLEL": parallel,
     }
     for key, value in flags.items():
         if value is not None:

@@ -61,6 +61,19 @@ max_concurrent = 8                 # requests generated together (continuous bat
 max_queue = 64                     # waiting requests beyond which new ones are refused
 echo_token_delay_ms = 0.0
 drain_timeout_s = 30.0
+# memory_budget_gb = 48.0          # weights larger than this are refused (default: available memory)
+
+[worker.group]                     # several workers serving one model together (mx.distributed)
+# name = "big"                     # set on every member; rank 0 registers the group under this name
+size = 1                           # members in the group (tensor: must divide the attention heads)
+parallel = "tensor"                # tensor | pipeline
+backend = "ring"                   # ring (TCP, any OS) | jaccl (RDMA over Thunderbolt 5, macOS 26.2+)
+host = "127.0.0.1"                 # the address this member's ring listens on (e.g. the Thunderbolt bridge)
+port = 0                           # 0: a free port
+# rank = 0                         # pin this member's rank (default: by member id)
+# hostfile = "jaccl-hosts.json"    # use this hostfile as is (JACCL); ranks then come from `rank`
+rendezvous_timeout_s = 60.0
+# stall_timeout_s = 4.0            # default: offline timeout less one heartbeat interval
 
 [discovery]
 heartbeat_interval_ms = 2000

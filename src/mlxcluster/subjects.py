@@ -36,6 +36,10 @@ class Subjects:
         """Controllers publish :class:`~mlxcluster.protocol.Announce`; workers re-register on it."""
         return f"{self.prefix}.cluster.announce"
 
+    def group(self, name: str) -> str:
+        """A worker group's members publish :class:`~mlxcluster.protocol.GroupHello` here (rendezvous, heartbeat)."""
+        return f"{self.prefix}.group.{name}"
+
     def inference(self, worker_id: str) -> str:
         """A worker's request subject; the request's NATS reply subject receives the stream frames."""
         return f"{self.prefix}.worker.{worker_id}.inference"

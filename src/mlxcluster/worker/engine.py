@@ -296,7 +296,7 @@ class MlxEngine(Engine):
         from mlxcluster.worker.blas import blas_in_use
 
         started = time.perf_counter()
-        model, tokenizer, config = mlx_lm.load(self.model, return_config=True)
+        model, tokenizer, config = self._load_model()
         self._model, self._tokenizer = model, tokenizer
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
         self._eos_stops = make_stop_sequences(tokenizer)
@@ -319,6 +319,12 @@ class MlxEngine(Engine):
             "max_concurrent": str(self.max_concurrent),
             "load_seconds": f"{time.perf_counter() - started:.2f}",
         }
+
+    def _load_model(self) -> tuple[Any, Any, dict[str, Any]]:
+        """Model, tokenizer and config (a worker group's engine loads only its shard here)."""
+        import mlx_lm
+
+        return mlx_lm.load(self.model, return_config=True)
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator

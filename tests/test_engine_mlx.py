@@ -9,7 +9,6 @@ the ``eos_first`` variant, always ends at once. The Paris test uses the real dem
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -17,84 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_model import build_tiny_model
 
 from mlxcluster.protocol import ChatMessage, Done, Error, InferenceRequest, SamplingParams, Token
 from mlxcluster.worker import blas
 from mlxcluster.worker.engine import MlxEngine
 from mlxcluster.worker.sampling import StopTextFilter
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-TRAINING_TEXT = [
-    "The capital of France is Paris. The quick brown fox jumps over the lazy dog. " * 3,
-    "Hello world! 0123456789 héllo wörld ünïcödé 東京 🙂",
-    "def f(x):\n    return x + 1\n",
-]
-
-
-def build_tiny_model(path: Path, *, eos_first: bool = False, seed: int = 0) -> Path:
-    """Write a random-weight mlx-lm llama model dir (hidden 64, 2 layers, ~400-token byte-level BPE)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
-    tokenizer.save(str(path / "tokenizer.json"))
-    vocab = tokenizer.get_vocab_size()
-    eos = tokenizer.token_to_id("<|im_end|>")
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": vocab,
-        "tie_word_embeddings": False,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 2048,
-        "eos_token_id": eos,
-    }
-    (path / "config.json").write_text(json.dumps(config))
-
-    mx.random.seed(seed)
-    weights = dict(tree_flatten(llama.Model(llama.ModelArgs.from_dict(config)).parameters()))
-    # A large constant in hidden dim 0 survives the final RMSNorm as a positive feature, so column 0
-    # of the output head is a per-token bias: -10 bans a token, +10 makes it win.
-    embed = weights["model.embed_tokens.weight"]
-    weights["model.embed_tokens.weight"] = mx.concatenate([mx.full((vocab, 1), 30.0), embed[:, 1:]], axis=1)
-    bias = []
-    for token_id in range(vocab):
-        text = tokenizer.decode([token_id], skip_special_tokens=False)
-        banned = tokenizer.id_to_token(token_id) in SPECIAL_TOKENS or not (text.isascii() and text.isprintable())
-        bias.append(-10.0 if banned else 0.0)
-    bias[eos] = 10.0 if eos_first else -10.0
-    head = mx.random.normal((vocab, 64)) * 0.5
-    weights["lm_head.weight"] = mx.concatenate([mx.array(bias)[:, None], head[:, 1:]], axis=1)
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +217,7 @@ async def test_cancellation_stops_generation_and_frees_the_slot(tiny_model: Path
     engine = MlxEngine(str(tiny_model), max_concurrent=1)
     await engine.start()
     try:
-        stream = engine.generate(request(max_tokens=100_000))
+        stream = engine.generate(request(max_tokens=2_000))
         received = 0
         async for frame in stream:
             assert isinstance(frame, Token)
@@ -314,7 +241,7 @@ async def test_task_cancellation_cancels_the_request(tiny_model: Path) -> None:
     engine = MlxEngine(str(tiny_model), max_concurrent=1)
     await engine.start()
     try:
-        consumer = asyncio.create_task(run(engine, request(max_tokens=100_000)))
+        consumer = asyncio.create_task(run(engine, request(max_tokens=2_000)))
         while engine.tokens_total < 5:
             await asyncio.sleep(0.01)
         consumer.cancel()
@@ -328,7 +255,7 @@ async def test_task_cancellation_cancels_the_request(tiny_model: Path) -> None:
 
 
 async def test_deadline_exceeded(engine: MlxEngine) -> None:
-    _, error, _ = await run(engine, request(max_tokens=100_000, deadline=time.time() + 0.3))
+    _, error, _ = await run(engine, request(max_tokens=2_000, deadline=time.time() + 0.3))
     assert isinstance(error, Error) and error.code == "deadline_exceeded"
     _, error, frames = await run(engine, request(max_tokens=5, deadline=time.time() - 1))
     assert isinstance(error, Error) and error.code == "deadline_exceeded" and len(frames) == 1
@@ -348,8 +275,8 @@ async def test_invalid_requests(engine: MlxEngine) -> None:
 async def test_stop_ends_pending_streams_with_shutting_down(tiny_model: Path) -> None:
     engine = MlxEngine(str(tiny_model), max_concurrent=1)
     await engine.start()
-    running = asyncio.create_task(run(engine, request(max_tokens=100_000)))
-    queued = asyncio.create_task(run(engine, request(max_tokens=100_000)))
+    running = asyncio.create_task(run(engine, request(max_tokens=2_000)))
+    queued = asyncio.create_task(run(engine, request(max_tokens=2_000)))
     while engine.tokens_total < 3:
         await asyncio.sleep(0.01)
     await engine.stop()

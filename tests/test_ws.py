@@ -86,7 +86,12 @@ async def test_two_requests_multiplexed_on_one_socket(controller: RunningControl
     assert text_of(messages, "b") == words(5, "b")
     done = {m["id"]: m for m in messages if m["type"] == "done"}
     assert done["a"]["finish_reason"] == "stop" and done["b"]["finish_reason"] == "length"
-    assert done["a"]["usage"] == {"prompt_tokens": 12, "completion_tokens": 12, "total_tokens": 24}
+    assert done["a"]["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 12,
+        "total_tokens": 24,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert done["a"]["completion_id"].startswith("chatcmpl-")
     order = [m["id"] for m in messages if m["type"] == "token"]
     assert order.index("b") < len(order) - order[::-1].index("a") - 1, "the two streams should interleave"

@@ -133,6 +133,9 @@ class WorkerSection(_Section):
     max_queue: Annotated[int, Meta(ge=0)] = 64
     echo_token_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
     drain_timeout_s: PositiveSeconds = 30.0
+    prefill_step_size: PositiveInt = 256
+    """Prompt tokens prefilled per step of the batch: smaller lets running streams decode more often
+    while a long prompt prefills, larger prefills faster."""
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
     """Bytes of KV cache kept for reuse by later prompts (LRU); unset: a share of the machine's memory,
     0: no prompt cache."""

@@ -61,6 +61,8 @@ max_concurrent = 8                 # requests generated together (continuous bat
 max_queue = 64                     # waiting requests beyond which new ones are refused
 echo_token_delay_ms = 0.0
 drain_timeout_s = 30.0
+prefill_step_size = 256            # prompt tokens per prefill step; smaller keeps other streams decoding
+# prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
 # memory_budget_gb = 48.0          # weights larger than this are refused (default: available memory)
 
 [worker.group]                     # several workers serving one model together (mx.distributed)

@@ -71,7 +71,14 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             )
         },
     ),
-    "Usage": _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT}),
+    "Usage": _obj(
+        {
+            "prompt_tokens": INT,
+            "completion_tokens": INT,
+            "total_tokens": INT,
+            "prompt_tokens_details": _obj({"cached_tokens": INT}),
+        }
+    ),
     "ChatCompletion": _obj(
         {
             "id": STR,

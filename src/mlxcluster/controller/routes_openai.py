@@ -35,17 +35,23 @@ routes = web.RouteTableDef()
 
 
 def worker_error(frame: Error) -> ApiError:
-    """A worker's Error frame as the HTTP error the client sees."""
+    """A worker's Error frame as the HTTP error the client sees: the request's own fault is a 400."""
     if frame.code == "deadline_exceeded":
         return ApiError(504, "The request timed out on the worker", type="server_error", code="timeout")
+    if frame.code == "context_length_exceeded":
+        return ApiError(400, frame.message, param="messages", code="context_length_exceeded")
+    if frame.code == "invalid_request":
+        return ApiError(400, frame.message, code="invalid_request")
     return ApiError(502, f"Worker error ({frame.code}): {frame.message}", type="server_error", code=frame.code)
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage object, with the prompt tokens the worker's prompt cache served."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

@@ -5,6 +5,14 @@ One thread owns everything MLX: it loads the model, tokenizes, and drives a
 prefills newly inserted ones between decode steps. Requests reach the thread through a queue;
 frames come back with ``loop.call_soon_threadsafe`` onto a per-request :class:`asyncio.Queue`.
 
+Prompt cache: before a request is inserted into the batch, the KV cache of the longest prefix any
+earlier prompt shares with it is fetched from :class:`~mlxcluster.worker.prompt_cache.PromptCache`
+(mlx-lm's LRU prompt cache, bounded by bytes) and handed to ``BatchGenerator.insert`` with the tokens
+it covers, so only the rest is prefilled; hits and misses mix freely in one batch. When a request
+ends, its final KV cache (prompt plus reply) is stored back, so the next turn of a conversation finds
+it. Long prompts prefill in chunks of ``prefill_step_size`` between decode steps of the others, and
+send :class:`~mlxcluster.protocol.Progress` frames while they do.
+
 Per-request sampling: greedy requests share mlx-lm's greedy sampler (one batched argmax); any
 other request gets a :class:`~mlxcluster.worker.sampling.KeyedSampler` with its own PRNG key, so a
 seed fixes its draws even inside a batch. Stop strings are matched on decoded text, and any tail
@@ -25,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, Timings, Token, Usage
-from mlxcluster.worker.engine_base import Engine, EngineFrame, EngineInfo
+from mlxcluster.prefix_digest import canonical_text, prefix_digests
+from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, PromptCacheStats, Timings, Token, Usage
+from mlxcluster.worker.engine_base import CacheListener, Engine, EngineFrame, EngineInfo
+from mlxcluster.worker.prompt_cache import PromptCache, default_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,8 @@ class _Job:
     seq: int = 0
     # generation thread side
     prompt: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    reply: list[str] = field(default_factory=list)
     uid: int | None = None
     admitted: float = 0.0
     first_token: float = 0.0
@@ -100,6 +112,8 @@ class MlxEngine(Engine):
     :param served_name: the served model name (default :func:`default_served_name` of ``model``);
         ``name`` is an alias.
     :param rate_window_s: window of :meth:`tokens_per_second`.
+    :param prompt_cache_bytes: bound of the prompt cache; ``None``: :func:`default_cache_bytes` of the
+        machine's memory; 0: no prompt cache.
 
     ``tokens_total`` (generated tokens since start) and :meth:`tokens_per_second` feed heartbeats.
     """
@@ -115,6 +129,7 @@ class MlxEngine(Engine):
         name: str | None = None,
         rate_window_s: float = 5.0,
         stop_timeout_s: float = 30.0,
+        prompt_cache_bytes: int | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -124,6 +139,14 @@ class MlxEngine(Engine):
         self.prefill_step_size = prefill_step_size
         self.prefill_batch_size = prefill_batch_size or min(max_concurrent, 8)
         self.stop_timeout_s = stop_timeout_s
+        if prompt_cache_bytes is None:
+            import psutil
+
+            prompt_cache_bytes = default_cache_bytes(psutil.virtual_memory().total)
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self._prompt_cache: PromptCache | None = None
+        self._cache_listener: CacheListener | None = None
+        self._context_window = 0
         self.tokens_total = 0
         self.prompt_tokens_total = 0
         self._rate = _RateMeter(rate_window_s)
@@ -183,6 +206,28 @@ class MlxEngine(Engine):
         """Name, served model and details (weights dtype, quantization, BLAS, mlx version, device)."""
         return EngineInfo(name="mlx", models=[self.model_name], details=dict(self._details))
 
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        """Hits, hit tokens, bytes, entries and evictions of the prompt cache (``None``: disabled)."""
+        cache = self._prompt_cache
+        return cache.stats() if cache is not None else None
+
+    def set_cache_listener(self, listener: CacheListener | None) -> None:
+        """Be told (on the generation thread) of prefix digests the prompt cache stores and drops."""
+        self._cache_listener = listener
+
+    def cache_digests(self) -> list[int]:
+        """Every prefix digest the prompt cache holds now."""
+        cache = self._prompt_cache
+        return cache.digests() if cache is not None else []
+
+    def _on_cache_change(self, stored: list[int], removed: list[int]) -> None:
+        listener = self._cache_listener
+        if listener is not None:
+            try:
+                listener(stored, removed)
+            except Exception:  # a listener must not take the batch down
+                log.exception("the prompt-cache listener failed")
+
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last ``rate_window_s`` seconds (all requests)."""
         return self._rate.rate()
@@ -212,7 +257,7 @@ class MlxEngine(Engine):
                 frame = await self._next_frame(job)
                 if isinstance(frame, Token):
                     frame = self._coalesce(job, frame)
-                else:
+                elif not isinstance(frame, Progress):
                     finished = True
                 yield frame
                 if finished:
@@ -299,6 +344,9 @@ class MlxEngine(Engine):
         model, tokenizer, config = self._load_model()
         self._model, self._tokenizer = model, tokenizer
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
+        self._context_window = _context_window(config, tokenizer)
+        if self.prompt_cache_bytes > 0:
+            self._prompt_cache = PromptCache(self._model_key(), self.prompt_cache_bytes, self._on_cache_change)
         self._eos_stops = make_stop_sequences(tokenizer)
         self._stream = stream
         self._generator = self._new_generator()
@@ -317,8 +365,14 @@ class MlxEngine(Engine):
             "device": device_name,
             "model_path": str(Path(self.model).expanduser().resolve()) if Path(self.model).exists() else self.model,
             "max_concurrent": str(self.max_concurrent),
+            "context_window": str(self._context_window),
+            "prompt_cache_bytes": str(self.prompt_cache_bytes),
             "load_seconds": f"{time.perf_counter() - started:.2f}",
         }
+
+    def _model_key(self) -> str:
+        path = Path(self.model).expanduser()
+        return str(path.resolve()) if path.exists() else self.model
 
     def _load_model(self) -> tuple[Any, Any, dict[str, Any]]:
         """Model, tokenizer and config (a worker group's engine loads only its shard here)."""
@@ -388,6 +442,14 @@ class MlxEngine(Engine):
             else:
                 if not job.prompt:
                     problem = "the prompt is empty"
+        if problem is None and self._context_window and len(job.prompt) + request.max_tokens > self._context_window:
+            message = (
+                f"This model's context window is {self._context_window} tokens; the prompt has "
+                f"{len(job.prompt)} tokens and max_tokens asks for {request.max_tokens} more. "
+                "Shorten the prompt or lower max_tokens."
+            )
+            self._emit(job, Error(code="context_length_exceeded", message=message, retryable=False))
+            return
         if problem is not None:
             self._emit(job, Error(code="invalid_request", message=problem, retryable=False))
             return
@@ -435,9 +497,13 @@ class MlxEngine(Engine):
             job = self._waiting.popleft()
             request = job.request
             sampler = make_request_sampler(request.sampling, request.seed, self._vocab_size)
+            cache, cached = self._prompt_cache.fetch(job.prompt) if self._prompt_cache is not None else (None, 0)
+            job.cached_tokens = cached
             try:
                 (uid,) = self._generator.insert(
-                    [job.prompt],
+                    [job.prompt[cached:]],
+                    caches=[cache] if cache is not None else None,
+                    all_tokens=[job.prompt[:cached]],
                     max_tokens=[request.max_tokens],
                     samplers=[sampler],
                     logits_processors=[make_request_processors(request.sampling)],
@@ -454,13 +520,15 @@ class MlxEngine(Engine):
     def _step(self) -> None:
         """One BatchGenerator step: a decode step for the batch plus a prefill chunk for new prompts."""
         try:
-            _, responses = self._generator.next()
+            prefilling, responses = self._generator.next()
         except Exception as exc:  # fail the batch, keep serving
             log.exception("mlx generation step failed")
             self._fail_all("engine_error", f"generation failed: {exc}", retryable=True)
             self._generator = self._new_generator()
             return
         now = time.perf_counter()
+        for progress in prefilling:
+            self._on_prefill(progress)
         responses = [r for r in responses if r.uid in self._active]
         if responses:  # counted before any Done frame goes out
             self.tokens_total += len(responses)
@@ -473,6 +541,7 @@ class MlxEngine(Engine):
                 job.first_token = now
             if response.finish_reason is not None:
                 self._active.pop(response.uid)  # BatchGenerator already dropped it
+                self._keep_cache(job, response.all_tokens, response.prompt_cache)
             if job.cancelled:
                 continue  # _expire removes it from the batch
             try:
@@ -484,7 +553,27 @@ class MlxEngine(Engine):
             if ended and response.finish_reason is None:
                 stopped.append(response.uid)
         if stopped:
-            self._remove(stopped)
+            self._remove(stopped, keep_caches=True)
+
+    def _on_prefill(self, progress: Any) -> None:
+        """A chunk of a prompt was prefilled: tell the controller when more chunks are still to come."""
+        job = self._active.get(progress.uid)
+        if job is None or job.cancelled or progress.end_of_prompt:
+            return
+        processed, total = progress.progress
+        if total - processed > 1:  # a long prompt: more chunks to go before the first token
+            self._emit(job, Progress(processed=job.cached_tokens + processed, total=job.cached_tokens + total))
+
+    def _keep_cache(self, job: _Job, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        """Store a finished request's KV cache (prompt and reply) for later prompts."""
+        if self._prompt_cache is None or not tokens or not cache:
+            return
+        request = job.request
+        text = canonical_text(request.messages, request.prompt, reply="".join(job.reply))
+        try:
+            self._prompt_cache.store(tokens, cache, prefix_digests(text))
+        except Exception:  # the cache is an optimisation: never fail a request over it
+            log.exception("storing a prompt cache failed")
 
     def _on_token(self, job: _Job, token: int, finish_reason: str | None, now: float) -> bool:
         """Turn one generated token into frames; True when the request ended here."""
@@ -500,6 +589,7 @@ class MlxEngine(Engine):
             text += job.stop_filter.flush()
         job.unreported += 1
         if text:
+            job.reply.append(text)
             self._emit(job, Token(text=text, count=job.unreported))
             job.unreported = 0
         if not hit_stop and finish_reason is None:
@@ -515,7 +605,10 @@ class MlxEngine(Engine):
         return Done(
             finish_reason=reason,  # type: ignore[arg-type]
             usage=Usage(
-                prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion,
+                total_tokens=prompt_tokens + completion,
+                cached_tokens=job.cached_tokens,
             ),
             timings=Timings(
                 queue_ms=round((job.admitted - job.submitted) * 1000, 3),
@@ -525,15 +618,21 @@ class MlxEngine(Engine):
             ),
         )
 
-    def _remove(self, uids: list[int]) -> None:
-        for uid in uids:
-            self._active.pop(uid, None)
+    def _remove(self, uids: list[int], *, keep_caches: bool = False) -> None:
+        """Take requests out of the batch; with ``keep_caches`` (they ended well), store their KV caches."""
+        jobs = {uid: self._active.pop(uid) for uid in uids if uid in self._active}
+        keep = keep_caches and self._prompt_cache is not None
         try:
-            self._generator.remove(uids)
+            caches = self._generator.remove(uids, return_prompt_caches=keep)
         except Exception:
             log.exception("removing requests from the batch failed; starting a fresh batch")
             self._fail_all("engine_error", "the batch was reset", retryable=True)
             self._generator = self._new_generator()
+            return
+        for uid, (cache, tokens) in (caches or {}).items():
+            job = jobs.get(uid)
+            if job is not None:
+                self._keep_cache(job, tokens, cache)
 
     def _fail_all(self, code: str, message: str, *, retryable: bool) -> None:
         jobs = list(self._waiting) + list(self._active.values())
@@ -552,7 +651,7 @@ class MlxEngine(Engine):
         """Hand a frame to the request's event loop (dropped if the stream is gone)."""
         if job.finished:
             return
-        if not isinstance(frame, Token):
+        if not isinstance(frame, Token | Progress):
             job.finished = True
         try:
             job.loop.call_soon_threadsafe(job.frames.put_nowait, frame)
@@ -576,6 +675,16 @@ def _weights_dtype(model: Any) -> str:
     quantized = any(name.endswith(".scales") for name, _ in tree_flatten(model.parameters()))
     dtype = max(sizes, key=sizes.__getitem__)
     return f"{dtype} (+ quantized)" if quantized else dtype
+
+
+def _context_window(config: dict[str, Any], tokenizer: Any) -> int:
+    """The model's context window in tokens (0: unknown), from its config or its tokenizer."""
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length", "n_ctx"):
+        value = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", 0)
+    return limit if isinstance(limit, int) and 0 < limit < 10_000_000 else 0
 
 
 def _quantization(config: dict[str, Any]) -> str:

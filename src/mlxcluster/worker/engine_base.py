@@ -58,6 +58,7 @@ class Engine(ABC):
 
     def set_cache_listener(self, listener: CacheListener | None) -> None:
         """Be told of prefix digests the prompt cache stores and drops (engines without one: never)."""
+        return None
 
     def cache_digests(self) -> list[int]:
         """Every prefix digest the prompt cache holds now (for a full snapshot)."""

@@ -34,7 +34,13 @@ def build_engine(config: Config) -> Engine:
     from mlxcluster.worker.group_node import check_placement
 
     check_placement(config, path)  # a model too big for this worker is refused before loading
-    return MlxEngine(path, served_name=served_name, max_concurrent=config.worker.max_concurrent)
+    return MlxEngine(
+        path,
+        served_name=served_name,
+        max_concurrent=config.worker.max_concurrent,
+        prefill_step_size=config.worker.prefill_step_size,
+        prompt_cache_bytes=config.worker.prompt_cache_bytes,
+    )
 
 
 async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine: Engine | None = None) -> None:

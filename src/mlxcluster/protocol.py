@@ -54,7 +54,7 @@ class Capabilities(_Message):
     version: str = ""
 
 
-class GroupMember(_Message):
+class GroupMember(_Message, omit_defaults=False):
     """One process of a worker group (see :class:`GroupInfo`)."""
 
     rank: Count = 0
@@ -64,7 +64,7 @@ class GroupMember(_Message):
     """Its ``host:port`` on the group's ring."""
 
 
-class GroupInfo(_Message):
+class GroupInfo(_Message, omit_defaults=False):
     """A worker group: several processes that serve one model together, sharded with ``mx.distributed``.
 
     Rank 0 registers the group as one worker and carries this in its registration."""

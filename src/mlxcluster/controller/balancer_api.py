@@ -15,7 +15,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from msgspec import Struct
 
-from mlxcluster.protocol import InferenceRequest
+from mlxcluster.protocol import GroupInfo, InferenceRequest
 
 WorkerState = Literal["online", "degraded", "draining", "offline"]
 ELIGIBLE_STATES: frozenset[WorkerState] = frozenset({"online", "degraded"})
@@ -56,6 +56,8 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     """Seconds since the last message from the worker when the view was made (``None``: never heard)."""
     requests_total: int = 0
     errors_total: int = 0
+    group: GroupInfo | None = None
+    """Set when the worker is a worker group's rank 0 (the group's name, size, parallelism and members)."""
 
     @property
     def free_slots(self) -> int:

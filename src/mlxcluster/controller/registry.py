@@ -403,4 +403,5 @@ class WorkerRegistry:
             seen_ago_s=None if w.last_seen is None else max(0.0, now - w.last_seen),
             requests_total=hb.requests_total if hb else 0,
             errors_total=hb.errors_total if hb else 0,
+            group=reg.group if reg else None,
         )

@@ -11,8 +11,9 @@ parameters, keyed samplers with rank 0's seed, so every rank draws the same toke
 Follower output is discarded; rank 0 alone detokenizes and streams. While idle, rank 0 broadcasts an
 empty operation list twice a second: the followers' proof that rank 0 is alive.
 
-The prompt cache is not used in a group (``prompt_cache_bytes`` is forced to 0): each rank's cache
-would hold its own shard, and rank 0 would have to broadcast which entry to use and what to evict.
+The prompt cache works as on a single worker: rank 0's cache decides (which entry a prompt starts
+from, what is stored and dropped) and broadcasts each decision; every rank keeps its own shard of each
+entry (:mod:`~mlxcluster.worker.group_cache`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,26 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from mlxcluster.protocol import Error, GroupInfo
+from mlxcluster.protocol import Error
 from mlxcluster.worker.engine import MlxEngine
+from mlxcluster.worker.group_cache import FollowerCache, MirroredPromptCache
 from mlxcluster.worker.group_channel import Channel, GroupBroken
+from mlxcluster.worker.group_ops import (
+    DropOp,
+    Formation,
+    InsertOp,
+    Op,
+    RemoveOp,
+    ResetOp,
+    SamplerSpec,
+    StepOp,
+    StopOp,
+    StoreOp,
+    decoder,
+    encoder,
+)
 from mlxcluster.worker.placement import PlacementError
 
 log = logging.getLogger(__name__)
@@ -40,77 +53,19 @@ LOAD_TIMEOUT_S = 600.0
 """Bound on joining the ring and loading a shard (the slowest member sets the pace)."""
 
 
-# --- the operations rank 0 broadcasts ---------------------------------------------------------
-
-
-class SamplerSpec(msgspec.Struct, array_like=True):
-    """A :class:`~mlxcluster.worker.sampling.KeyedSampler`'s parameters, seed included."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    seed: int
-
-
-class ResetOp(msgspec.Struct, tag="reset", array_like=True):
-    """Start a fresh BatchGenerator with these settings."""
-
-    completion_batch_size: int
-    prefill_batch_size: int
-    prefill_step_size: int
-
-
-class InsertOp(msgspec.Struct, tag="insert", array_like=True):
-    uids: list[int]
-    segments: list[list[list[int]]]
-    max_tokens: list[int] | None
-    all_tokens: list[list[int]] | None
-    samplers: list[SamplerSpec | None]
-    """``None``: the greedy sampler."""
-    penalties: list[float]
-
-
-class RemoveOp(msgspec.Struct, tag="remove", array_like=True):
-    uids: list[int]
-
-
-class StepOp(msgspec.Struct, tag="step", array_like=True):
-    """Call ``next()`` once."""
-
-
-class StopOp(msgspec.Struct, tag="stop", array_like=True):
-    """Rank 0 is stopping."""
-
-
-Op = ResetOp | InsertOp | RemoveOp | StepOp | StopOp
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(list[Op])
-
-
-@dataclass(frozen=True, slots=True)
-class Formation:
-    """Where this process stands in a formed group."""
-
-    rank: int
-    size: int
-    parallel: str
-    backend: str
-    hostfile: str
-    info: GroupInfo
-    stall_timeout_s: float
-
-
 # --- rank 0 -----------------------------------------------------------------------------------
 
 
 class BroadcastGenerator:
     """A ``BatchGenerator`` whose every operation is replayed by the other ranks."""
 
-    def __init__(self, inner: Any, channel: Channel, reset: ResetOp, eos_stops: Any) -> None:
+    def __init__(
+        self, inner: Any, channel: Channel, reset: ResetOp, eos_stops: Any, cache: Callable[[], Any] = lambda: None
+    ) -> None:
         self._inner = inner
         self._channel = channel
         self._eos_stops = eos_stops
+        self._cache = cache
         self._pending: list[Op] = [reset]
         self._last_sent = time.monotonic()
 
@@ -138,8 +93,7 @@ class BroadcastGenerator:
         logits_processors: Any = None,
         stop_sequences: Any = None,
     ) -> list[int]:
-        if caches and any(c is not None for c in caches):
-            raise ValueError("a worker group does not use prompt caches")
+        uses = [self._use_of(c) for c in caches] if caches else []
         if stop_sequences and any(s is not self._eos_stops for s in stop_sequences):
             raise ValueError("a worker group supports only the model's end-of-sequence stop tokens")
         count = len(segments)
@@ -150,6 +104,8 @@ class BroadcastGenerator:
             all_tokens=[list(t) for t in all_tokens] if all_tokens else None,
             samplers=[_sampler_spec(s) for s in (samplers or [None] * count)],
             penalties=[float(getattr(p, "repetition_penalty", 1.0)) for p in (logits_processors or [[]] * count)],
+            cache_keys=[u[0] if u else None for u in uses],
+            cached=[u[1] if u else 0 for u in uses],
         )
         uids = self._inner.insert_segments(
             segments, max_tokens, caches, all_tokens, samplers, logits_processors, stop_sequences
@@ -160,8 +116,21 @@ class BroadcastGenerator:
 
     def remove(self, uids: list[int], return_prompt_caches: bool = False) -> Any:
         result = self._inner.remove(uids, return_prompt_caches)
-        self._pending.append(RemoveOp(uids=list(uids)))
+        self._pending.append(RemoveOp(uids=list(uids), keep_caches=bool(return_prompt_caches)))
         return result
+
+    def record(self, op: Op) -> None:
+        """Queue a prompt-cache decision for the followers (in order with the batch operations)."""
+        self._pending.append(op)
+
+    def _use_of(self, cache: Any) -> tuple[list[int], int] | None:
+        if cache is None:
+            return None
+        prompt_cache = self._cache()
+        use = prompt_cache.use_of(cache) if isinstance(prompt_cache, MirroredPromptCache) else None
+        if use is None:
+            raise ValueError("a worker group inserts only caches its prompt cache handed out")
+        return use
 
     def next(self) -> Any:
         self._send(StepOp())
@@ -189,7 +158,7 @@ class BroadcastGenerator:
 
     def _send(self, *extra: Op) -> None:
         ops, self._pending = [*self._pending, *extra], []
-        self._channel.broadcast(_encoder.encode(ops))
+        self._channel.broadcast(encoder.encode(ops))
         self._last_sent = time.monotonic()
 
 
@@ -216,6 +185,16 @@ class GroupEngine(MlxEngine):
         self.formation = formation
         self.channel = Channel(stall_timeout_s=formation.stall_timeout_s, on_broken=on_broken)
 
+    def _load(self, stream: Any) -> None:
+        super()._load(stream)
+        if self._prompt_cache is not None:  # the same cache, reporting its decisions to the followers
+            self._prompt_cache = MirroredPromptCache(
+                self._model_key(), self.prompt_cache_bytes, self._on_cache_change, record=self._record
+            )
+
+    def _record(self, op: Op) -> None:
+        self._generator.record(op)
+
     def _load_model(self) -> tuple[Any, Any, dict[str, Any]]:
         result = load_shard(self.model, self.formation, self.channel)
         self._details_group = f"rank 0 of {self.formation.size} ({self.formation.parallel}, {self.formation.backend})"
@@ -228,7 +207,9 @@ class GroupEngine(MlxEngine):
 
     def _new_generator(self) -> Any:
         reset = ResetOp(self.max_concurrent, self.prefill_batch_size, self.prefill_step_size)
-        return BroadcastGenerator(super()._new_generator(), self.channel, reset, self._eos_stops)
+        return BroadcastGenerator(
+            super()._new_generator(), self.channel, reset, self._eos_stops, lambda: self._prompt_cache
+        )
 
     def _take_inbox(self, *, block: bool) -> bool:
         stop = super()._take_inbox(block=block)
@@ -310,9 +291,10 @@ class GroupFollower:
 
         vocab = int(config.get("vocab_size") or len(tokenizer))
         eos = make_stop_sequences(tokenizer)
+        cache = FollowerCache()
         generator: Any = None
         while True:
-            for op in _decoder.decode(self.channel.broadcast()):
+            for op in decoder.decode(self.channel.broadcast()):
                 match op:
                     case ResetOp():
                         if generator is not None:
@@ -335,19 +317,41 @@ class GroupFollower:
                             )
                             for s in op.samplers
                         ]
-                        processors = [make_request_processors(SamplingParams(repetition_penalty=p)) for p in op.penalties]
+                        processors = [
+                            make_request_processors(SamplingParams(repetition_penalty=p)) for p in op.penalties
+                        ]
+                        caches = [
+                            cache.take(key, cached) if key is not None else None
+                            for key, cached in zip(op.cache_keys, op.cached, strict=True)
+                        ]
                         uids = generator.insert_segments(
-                            op.segments, op.max_tokens, None, op.all_tokens, samplers, processors, [eos] * len(samplers)
+                            op.segments,
+                            op.max_tokens,
+                            caches or None,
+                            op.all_tokens,
+                            samplers,
+                            processors,
+                            [eos] * len(samplers),
                         )
                         if list(uids) != op.uids:
                             raise GroupBroken(f"out of step with rank 0 (uids {uids} != {op.uids})")
                     case RemoveOp():
-                        generator.remove(op.uids)
+                        removed = generator.remove(op.uids, return_prompt_caches=op.keep_caches)
+                        for prompt_cache, tokens in (removed or {}).values():
+                            cache.finished(tokens, prompt_cache)
+                    case StoreOp():
+                        cache.store(op.tokens)
+                    case DropOp():
+                        cache.drop(op.tokens)
                     case StepOp():
                         self.steps += 1
+                        cache.new_step()
                         try:
                             with self.channel.guarded("a model step"):
-                                generator.next()
+                                _, responses = generator.next()
+                            for response in responses:
+                                if response.finish_reason is not None:
+                                    cache.finished(response.all_tokens, response.prompt_cache)
                         except GroupBroken:
                             raise
                         except Exception:  # rank 0 failed the same step and starts a fresh batch

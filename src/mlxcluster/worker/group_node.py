@@ -74,9 +74,7 @@ async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, m
     await rendezvous.start()
     try:
         reforming = os.environ.get(REFORM_ENV) == "1"
-        members = await _until_stop(
-            rendezvous.form(None if reforming else settings.rendezvous_timeout_s), stop
-        )
+        members = await _until_stop(rendezvous.form(None if reforming else settings.rendezvous_timeout_s), stop)
         if members is None:
             return
         rank = next(i for i, m in enumerate(members) if m.member_id == member_id)
@@ -90,7 +88,10 @@ async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, m
             stall_timeout_s=stall_timeout(config),
         )
         log.info(
-            "group %s formed: rank %d of %d (%s)", settings.name, rank, settings.size,
+            "group %s formed: rank %d of %d (%s)",
+            settings.name,
+            rank,
+            settings.size,
             ", ".join(f"{m.member_id}@{m.address}" for m in members),
         )
         member = _Member(config, bus, rendezvous, formation, path, served_name)

@@ -72,11 +72,13 @@ async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, m
     check_placement(config, path)
     rendezvous = Rendezvous(bus, settings, member_id, served_name)
     await rendezvous.start()
+    formed = False
     try:
         reforming = os.environ.get(REFORM_ENV) == "1"
         members = await _until_stop(rendezvous.form(None if reforming else settings.rendezvous_timeout_s), stop)
         if members is None:
             return
+        formed = True
         rank = next(i for i, m in enumerate(members) if m.member_id == member_id)
         formation = Formation(
             rank=rank,
@@ -102,6 +104,11 @@ async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, m
         await rendezvous.close()
     if reason is not None:
         reexec(reason)
+    if formed:  # the distributed backend's threads abort a normal interpreter exit: leave at once
+        with contextlib.suppress(Exception):
+            await bus.close()
+        _flush_logs()
+        os._exit(0)
 
 
 class _Member:
@@ -234,11 +241,15 @@ async def _until_stop(work, stop: asyncio.Event):  # type: ignore[no-untyped-def
 def reexec(reason: str) -> None:
     """Start this process over (same pid, same arguments) to re-form the group; never returns."""
     log.warning("re-forming the worker group: %s", reason)
+    _flush_logs()
+    os.environ[REFORM_ENV] = "1"
+    os.closerange(3, 4096)  # the ring's sockets too, so peers see them close
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def _flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.environ[REFORM_ENV] = "1"
-    os.closerange(3, 4096)  # the ring's sockets too, so peers see them close
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

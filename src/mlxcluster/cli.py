@@ -337,6 +337,29 @@ def bench_engine(
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
+@bench_app.command("group")
+def bench_group(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
+    streams: Annotated[str, typer.Option(help="Concurrencies to measure.")] = "1,4",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request.", min=2)] = 32,
+    quick: Annotated[bool, typer.Option("--quick", help="One stream, 8 tokens (a couple of minutes).")] = False,
+) -> None:
+    """A worker group of 3 vs one worker on the same model: tokens/s, TTFT, each rank's peak RSS."""
+    import asyncio
+
+    import msgspec
+
+    from mlxcluster.bench.group import format_table, run_group_bench
+    from mlxcluster.models.demo import ensure_demo_model
+
+    model_path = model or str(ensure_demo_model(get_config(config_path).models_dir))
+    counts = (1,) if quick else tuple(int(n) for n in streams.split(",") if n.strip())
+    result = asyncio.run(run_group_bench(model_path, streams=counts, max_tokens=8 if quick else max_tokens))
+    typer.echo(msgspec.json.encode(result).decode() if as_json else format_table(result))
+
+
 @bench_app.command("scale")
 def bench_scale(
     as_json: JsonOption = False,

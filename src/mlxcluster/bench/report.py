@@ -24,6 +24,13 @@ SECTIONS: list[tuple[str, list[str], str]] = [
         "demo model side by side with `mlx_lm.server` on the same model dir.",
     ),
     ("Scale", ["scale"], "One controller, simulated workers heartbeating (many per process)."),
+    (
+        "Worker group",
+        ["group", "--streams", "1,2", "--max-tokens", "16"],
+        "A worker group of 3 (tensor parallel over the ring on loopback) against one worker, same model and "
+        "prompts: tokens/s, TTFT and each process's peak RSS. On few cores a group is slower; it exists for "
+        "models that do not fit one machine.",
+    ),
 ]
 
 

@@ -50,8 +50,8 @@ def member_env(rank: int) -> dict[str, str]:
         MLXCLUSTER_WORKER_GROUP_NAME="grp",
         MLXCLUSTER_WORKER_GROUP_SIZE="3",
         MLXCLUSTER_WORKER_GROUP_RANK=str(rank),
-        # a model step takes seconds on this loaded machine; a dead member is seen at once by the ring anyway
-        MLXCLUSTER_WORKER_GROUP_STALL_TIMEOUT_S="60",
+        # a model step can take seconds on this loaded machine; a dead member is seen by its silent hellos
+        MLXCLUSTER_WORKER_GROUP_STALL_TIMEOUT_S="20",
     )
 
 

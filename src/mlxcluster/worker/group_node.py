@@ -49,6 +49,12 @@ def stall_timeout(config: Config) -> float:
     return max(1.0, (discovery.offline_timeout_ms - discovery.heartbeat_interval_ms) / 1000)
 
 
+def member_silence(config: Config) -> float:
+    """How long a member's hellos may stop before the others call it gone: half the offline timeout (so the
+    group is out of service within it), at most the stall timeout, at least a second."""
+    return max(1.0, min(stall_timeout(config), config.discovery.offline_timeout_ms / 2000))
+
+
 def check_placement(config: Config, model_path: str) -> None:
     """Refuse, before loading, a group that cannot split the model or a shard that does not fit memory."""
     group = config.worker.group
@@ -96,7 +102,7 @@ async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, m
             settings.size,
             ", ".join(f"{m.member_id}@{m.address}" for m in members),
         )
-        member = _Member(config, bus, rendezvous, formation, path, served_name)
+        member = _Member(config, bus, rendezvous, formation, path, served_name, member_silence(config))
         reason = await (member.serve_face(stop) if rank == 0 else member.follow(stop))
     except RendezvousError as exc:
         raise NodeError(str(exc)) from None
@@ -114,13 +120,23 @@ async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, m
 class _Member:
     """One formed member: waits for ``stop`` or for the group to break."""
 
-    def __init__(self, config: Config, bus: Bus, rendezvous: Rendezvous, formation: Formation, path: str, served: str):
+    def __init__(
+        self,
+        config: Config,
+        bus: Bus,
+        rendezvous: Rendezvous,
+        formation: Formation,
+        path: str,
+        served: str,
+        silence_s: float,
+    ) -> None:
         self.config = config
         self.bus = bus
         self.rendezvous = rendezvous
         self.formation = formation
         self.path = path
         self.served = served
+        self.silence_s = silence_s
         self.broken = asyncio.Event()
         self.reason = ""
         self._loop = asyncio.get_running_loop()
@@ -162,7 +178,7 @@ class _Member:
             hardware=detect_hardware(probe_accelerator=True),
             group=info,
         )
-        watch = asyncio.create_task(self.rendezvous.watch(self.formation.stall_timeout_s, self.on_broken))
+        watch = asyncio.create_task(self.rendezvous.watch(self.silence_s, self.on_broken))
         try:
             await service.start()
             if await self._stop_or_break(stop) is None:
@@ -171,7 +187,7 @@ class _Member:
             failed = engine.fail_in_flight(f"worker group {info.name} lost a member: {self.reason}")
             reason = await self._blame()
             log.error("group %s broken: %s; %d request(s) ended with an error", info.name, reason, failed)
-            await service.drain(3.0, reason=f"worker group {info.name} broken: {reason}")
+            await service.drain(1.0, reason=f"worker group {info.name} broken: {reason}")
             return reason
         finally:
             watch.cancel()
@@ -192,7 +208,7 @@ class _Member:
         if error is not None:
             return f"while loading: {error}"
         log.info("following rank 0 of group %s as rank %d", self.formation.info.name, self.formation.rank)
-        watch = asyncio.create_task(self.rendezvous.watch(self.formation.stall_timeout_s, self.on_broken))
+        watch = asyncio.create_task(self.rendezvous.watch(self.silence_s, self.on_broken))
         try:
             if await self._stop_or_break(stop) is None:
                 return None

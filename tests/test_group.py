@@ -86,6 +86,18 @@ def test_a_group_that_does_not_divide_the_model_exits_2(tmp_path: Path, nats_ser
     assert "group of 2 does not divide the model's 9 attention heads" in out
 
 
+def test_a_pipeline_group_of_a_model_without_pipelining_exits_2(tmp_path: Path, nats_server) -> None:  # type: ignore[no-untyped-def]
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30})
+    )
+    argv = ["run", "--mode", "worker", "--model", str(model), "--group", "g", "--group-size", "3"]
+    code, out = _run_cli([*argv, "--parallel", "pipeline"], nats_server.url)
+    assert code == 2, out
+    assert "no pipeline parallelism for llama models; use --parallel tensor" in out
+
+
 def _run_cli(args: list[str], nats_url: str, **env: str) -> tuple[int, str]:
     """Run ``mlxcluster`` as a worker on ``nats_url``; placement fails before any weight is read."""
     import subprocess

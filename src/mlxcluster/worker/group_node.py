@@ -28,6 +28,7 @@ from mlxcluster.worker.placement import (
     available_memory_bytes,
     check_group_fits,
     check_memory_fits,
+    check_sharding_supported,
     model_shape,
 )
 from mlxcluster.worker.rendezvous import HELLO_INTERVAL_S, Rendezvous, RendezvousError
@@ -64,6 +65,8 @@ def check_placement(config: Config, model_path: str) -> None:
     size = group.size if group.name else 1
     try:
         check_group_fits(shape, size, group.parallel)
+        if size > 1:
+            check_sharding_supported(model_path, group.parallel)
         check_memory_fits(shape, available_memory_bytes(config.worker.memory_budget_gb), size=size)
     except PlacementError as exc:
         raise NodeError(str(exc)) from None

@@ -73,6 +73,32 @@ def check_group_fits(shape: ModelShape, size: int, parallel: str) -> None:
         )
 
 
+def check_sharding_supported(model_dir: str | Path, parallel: str) -> None:
+    """Raise when mlx-lm cannot shard this architecture that way (read from ``config.json``, nothing loaded)."""
+    import sys
+
+    from mlx_lm.models.pipeline import PipelineMixin
+    from mlx_lm.utils import _get_classes
+
+    path = Path(model_dir).expanduser()
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    try:
+        model_class, _ = _get_classes(config)
+    except ValueError as exc:
+        raise PlacementError(f"cannot tell how to shard this model: {exc}") from None
+    kind = config.get("model_type", "?")
+    if parallel == "tensor" and not hasattr(model_class, "shard"):
+        raise PlacementError(f"mlx-lm has no tensor parallelism for {kind} models; try --parallel pipeline")
+    if parallel == "pipeline":
+        module = vars(sys.modules[model_class.__module__]).values()
+        if not any(isinstance(c, type) and issubclass(c, PipelineMixin) for c in module):
+            raise PlacementError(f"mlx-lm has no pipeline parallelism for {kind} models; use --parallel tensor")
+        if not (path / "model.safetensors.index.json").is_file():
+            raise PlacementError(
+                "pipeline parallelism needs model.safetensors.index.json next to the weights (mlx_lm.convert writes it)"
+            )
+
+
 def check_memory_fits(shape: ModelShape, available_bytes: int, *, size: int = 1) -> None:
     """Raise when this worker's share of the weights exceeds what it may use."""
     if available_bytes <= 0 or shape.weights_bytes <= 0:

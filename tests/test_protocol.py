@@ -264,6 +264,7 @@ def _all_subjects(subjects: Subjects) -> list[str]:
         subjects.announce,
         subjects.inference("w1"),
         subjects.cancel("w1"),
+        subjects.group("big"),
         subjects.response("c1", "req-1.1"),
         subjects.responses("c1"),
         subjects.all,
@@ -287,6 +288,7 @@ def test_default_subjects() -> None:
         "mlxcluster.cluster.announce",
         "mlxcluster.worker.w1.inference",
         "mlxcluster.worker.w1.cancel",
+        "mlxcluster.group.big",
         "mlxcluster.response.c1.req-1.1",
         "mlxcluster.response.c1.>",
         "mlxcluster.>",
@@ -297,6 +299,7 @@ def test_every_subject_property_is_covered() -> None:
     """A subject added to Subjects must get the prefix too; this lists them all."""
     names = {n for n in dir(Subjects) if not n.startswith("_") and n != "prefix"}
     assert names == {
+        "group",
         "register",
         "heartbeat",
         "deregister",

@@ -235,3 +235,53 @@ def test_operations_round_trip_compactly() -> None:
     data = encoder.encode(ops)
     assert decoder.decode(data) == ops
     assert len(encoder.encode([StepOp()])) < 16  # the step every decode broadcasts stays tiny
+
+
+# --- the watchdog and a broken channel ----------------------------------------------------------
+
+
+def test_a_section_that_overruns_its_timeout_is_reported_once() -> None:
+    import threading
+    import time
+
+    from mlxcluster.worker.group_channel import Watchdog
+
+    fired: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def on_stall(what: str, seconds: float) -> None:
+        fired.append((what, seconds))
+        done.set()
+
+    watchdog = Watchdog(0.2, on_stall, poll_s=0.02)
+    try:
+        with watchdog.guard("a quick step"):
+            pass
+        with watchdog.guard("a stuck collective"):
+            assert done.wait(10)  # the section is still running when the watchdog speaks
+            time.sleep(0.1)
+        assert len(fired) == 1 and fired[0][0] == "a stuck collective" and fired[0][1] > 0.2
+    finally:
+        watchdog.stop()
+
+
+def test_a_broken_channel_refuses_every_further_collective() -> None:
+    from mlxcluster.worker.group_channel import Channel, GroupBroken
+
+    reasons: list[str] = []
+    channel = Channel(stall_timeout_s=5, on_broken=reasons.append)
+    try:
+        with pytest.raises(GroupBroken, match="peer was lost"), channel.guarded("a model step"):
+            raise RuntimeError("[ring] connection to a peer was lost")
+        assert reasons == ["a model step failed: [ring] connection to a peer was lost"]
+        with pytest.raises(GroupBroken):
+            channel.broadcast(b"x")
+        channel.fail("another reason")
+        assert len(reasons) == 1  # the first reason wins; the owner hears once
+        other = Channel(stall_timeout_s=5, on_broken=reasons.append)
+        with pytest.raises(ValueError), other.guarded("x"):
+            raise ValueError("not a collective failure: raised as is")
+        assert other.broken is None
+        other.close()
+    finally:
+        channel.close()

@@ -5,7 +5,8 @@ life of a group, because every group start loads three shards on two shared core
 worker's token for token (greedy) and the prompt cache is reused on every rank; a member killed with
 SIGKILL under load ends the in-flight requests with explicit errors, takes the group out of service
 within the offline timeout and is named in the deregistration; the survivors stay up (same pids) and
-the group comes back when the member is restarted.
+the group comes back when the member is restarted; a member stopped with SIGSTOP does the same, and
+rejoins when resumed.
 """
 
 from __future__ import annotations
@@ -128,13 +129,25 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
         await wait_until(lambda: reasons, 10, "the deregistration")
         assert "grp-r2" in reasons[0] and "broken" in reasons[0], reasons
         print(f"group offline {offline_after:.1f} s after kill -9; reason: {reasons[0]}")
-        await bus.close()
 
         # the survivors stay up (re-executed in place); the group re-forms when the member is back
         assert all(m.alive for m in members[:2]) and {m.name: m.pid for m in members[:2]} == survivors
         procs.worker(MEMBERS[2], [nats.url], **member_env(2))
         await controller.wait_status(["grp"], "online", START_S)
         assert (await ask(client, PROMPTS[1]))[0] == expected[1]
+
+        # a member that stalls (SIGSTOP) takes the group out of service too; resumed, it rejoins
+        reasons.clear()
+        members[1].signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        await wait_until(lambda: _gone(controller, "grp"), OFFLINE_TIMEOUT_S, "the group out of service (stall)")
+        print(f"group offline {time.monotonic() - stopped_at:.1f} s after SIGSTOP of rank 1")
+        await wait_until(lambda: reasons, 10, "the deregistration")
+        assert "grp-r1" in reasons[0], reasons
+        members[1].signal(signal.SIGCONT)
+        await controller.wait_status(["grp"], "online", START_S)
+        assert (await ask(client, PROMPTS[0]))[0] == expected[0]
+        await bus.close()
     except BaseException:
         print(procs.logs())
         raise

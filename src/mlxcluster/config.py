@@ -119,8 +119,8 @@ class GroupSection(_Section):
     """A hostfile to use as is (JACCL: the one ``mlx.distributed_config`` wrote); ranks then come from ``rank``."""
     rendezvous_timeout_s: PositiveSeconds = 60.0
     stall_timeout_s: PositiveSeconds | None = None
-    """A collective or member heartbeat silent this long breaks the group; unset: the offline timeout less
-    one heartbeat interval."""
+    """A collective or model step that has not returned after this long breaks the group; unset: 30 s or the
+    offline timeout, the larger (a member that dies or freezes is noticed sooner: its hellos stop)."""
 
 
 class WorkerSection(_Section):

@@ -75,7 +75,7 @@ port = 0                           # 0: a free port
 # rank = 0                         # pin this member's rank (default: by member id)
 # hostfile = "jaccl-hosts.json"    # use this hostfile as is (JACCL); ranks then come from `rank`
 rendezvous_timeout_s = 60.0
-# stall_timeout_s = 4.0            # default: offline timeout less one heartbeat interval
+# stall_timeout_s = 30.0           # a collective or model step longer than this breaks the group
 
 [discovery]
 heartbeat_interval_ms = 2000

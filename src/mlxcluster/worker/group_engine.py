@@ -275,6 +275,7 @@ class GroupFollower:
             self.loaded.set()
             try:
                 self.ended = self._follow(model, tokenizer, config, stream)
+                self.channel.fail(self.ended)  # rank 0 left on purpose: wait for it at the rendezvous
             except GroupBroken as exc:
                 self.ended = str(exc)
             except BaseException as exc:

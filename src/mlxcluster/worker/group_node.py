@@ -41,13 +41,19 @@ SILENT_MEMBER_S = 4 * HELLO_INTERVAL_S
 """How long a member's hellos may pause before a broken group blames that member."""
 
 
+DEFAULT_STALL_TIMEOUT_S = 30.0
+
+
 def stall_timeout(config: Config) -> float:
-    """``worker.group.stall_timeout_s``, else the offline timeout less one heartbeat interval (at least 1 s)."""
+    """``worker.group.stall_timeout_s``, else the larger of 30 s and the offline timeout.
+
+    It bounds one collective or model step while every member still says hello (a member that dies or
+    freezes is caught sooner, by its silence: :func:`member_silence`), so it must exceed the longest
+    prefill step of a large model."""
     configured = config.worker.group.stall_timeout_s
     if configured is not None:
         return configured
-    discovery = config.discovery
-    return max(1.0, (discovery.offline_timeout_ms - discovery.heartbeat_interval_ms) / 1000)
+    return max(DEFAULT_STALL_TIMEOUT_S, config.discovery.offline_timeout_ms / 1000)
 
 
 def member_silence(config: Config) -> float:

@@ -45,7 +45,9 @@ def build_engine(config: Config) -> Engine:
 
 async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine: Engine | None = None) -> None:
     """Start the engine and the service, serve until ``stop``, then drain."""
-    if config.worker.group.name and engine is None:
+    if config.worker.group.name and config.worker.group.size == 1:
+        log.warning("worker.group.name is set but the group size is 1: serving as a stand-alone worker")
+    if config.worker.group.name and config.worker.group.size > 1 and engine is None:
         from mlxcluster.worker.group_node import serve_group_member
 
         await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id())

@@ -138,9 +138,7 @@ class WorkerService:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self.bus.publish(
-                self.bus.subjects.deregister, Deregister(worker_id=self.worker_id, reason=reason)
-            )
+            await self.bus.publish(self.bus.subjects.deregister, Deregister(worker_id=self.worker_id, reason=reason))
             await self.bus.nc.flush(timeout=2)
 
     @property

@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mlxcluster.protocol import Error
@@ -44,6 +45,7 @@ from mlxcluster.worker.group_ops import (
     encoder,
 )
 from mlxcluster.worker.placement import PlacementError
+from mlxcluster.worker.rendezvous import HOSTFILE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +387,9 @@ def load_shard(model: str, formation: Formation, channel: Channel) -> tuple[Any,
             f"expected {formation.size} / {formation.rank}"
         )
     channel.attach(group)
+    hostfile = Path(formation.hostfile)
+    if hostfile.name.startswith(HOSTFILE_PREFIX):  # ours, read by now
+        hostfile.unlink(missing_ok=True)
     log.info("joined group %s as rank %d of %d", formation.info.name, formation.rank, formation.size)
     groups = {"pipeline_group": group} if formation.parallel == "pipeline" else {"tensor_group": group}
     try:

@@ -117,7 +117,7 @@ async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, m
         raise NodeError(str(exc)) from None
     finally:
         await rendezvous.close()
-    if reason is not None:
+    if reason is not None and not stop.is_set():  # asked to stop meanwhile: stop, do not start over
         reexec(reason)
     if formed:  # the distributed backend's threads abort a normal interpreter exit: leave at once
         with contextlib.suppress(Exception):

@@ -34,6 +34,7 @@ from mlxcluster.worker.system import hostname
 log = logging.getLogger(__name__)
 
 HELLO_INTERVAL_S = 0.25
+HOSTFILE_PREFIX = "mlxcluster-group-"
 FORGET_AFTER_S = 1.5
 
 
@@ -126,7 +127,7 @@ class Rendezvous:
             return str(Path(self.settings.hostfile).expanduser().resolve())
         hosts = [[m.address] for m in self.formed or []]
         handle = tempfile.NamedTemporaryFile(
-            "w", prefix=f"mlxcluster-group-{self.settings.name}-", suffix=".json", dir=directory, delete=False
+            "w", prefix=f"{HOSTFILE_PREFIX}{self.settings.name}-", suffix=".json", dir=directory, delete=False
         )
         with handle:
             json.dump(hosts, handle)

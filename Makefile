@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 PLUGINS ?=
 PYZ := mlxcluster.pyz
 
-.PHONY: run test setup model openblas chromium bench clean help
+.PHONY: run test lint setup model openblas chromium bench clean help
 
 help:
 	@echo "make run    set up (venv, deps, demo model), build $(PYZ) if stale and start its dual cluster on 127.0.0.1:8080"
 	@echo "make pyz    build the $(PYZ) zipapp if stale (PLUGINS=\"plugins/a plugins/b\" bundles plugin packages)"
-	@echo "make test   set up and run the test suite"
+	@echo "make lint   ruff check, ruff format --check and mypy --strict"
+	@echo "make test   set up, lint and run the test suite"
 	@echo "make bench  run the benchmarks"
 
 # The plugin packages in plugins/ are installed (editable) too, so their entry points are registered and
@@ -78,8 +79,17 @@ $(PYZ): $(STAMP) $(PYZ_INPUTS) $(PYZ_PLUGINS_STAMP)
 $(PYZ_PLUGINS_STAMP): FORCE
 	@mkdir -p $(@D); [ -f $@ ] && [ "$$(cat $@)" = "$(strip $(PLUGINS))" ] || echo "$(strip $(PLUGINS))" > $@
 
-test: model chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Lint, format and strict types over src/ and plugins/; `make test` runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src plugins tests
+	$(VENV)/bin/ruff format --check src plugins tests
+	$(VENV)/bin/mypy
+
+# Coverage counts the processes the tests start too (see [tool.coverage.run] in pyproject.toml); the total is
+# printed and a run below [tool.coverage.report] fail_under fails.
+test: lint model chromium
+	@rm -f .coverage .coverage.*
+	$(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 SOAK_MINUTES ?= 10
 bench: model

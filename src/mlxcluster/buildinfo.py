@@ -40,7 +40,8 @@ def read_build_info(package_dir: Path | None = None) -> dict[str, Any] | None:
     """The zipapp's build record, or ``None`` when not running from a zipapp build."""
     path = (package_dir or Path(__file__).parent) / BUILD_INFO_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return info
     except (OSError, ValueError):
         return None
 

@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -137,13 +137,14 @@ def run(
 UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (default: from the config).")]
 
 
-def _ask_controller(config_path: Path | None, url: str | None, path: str) -> dict:
+def _ask_controller(config_path: Path | None, url: str | None, path: str) -> dict[str, Any]:
     from mlxcluster.status_cli import StatusError, controller_url, fetch
 
     config = get_config(config_path)
     api_key = config.controller.api_keys[0] if config.controller.api_keys else None
     try:
-        return fetch(controller_url(config, url), path, api_key)
+        answer: dict[str, Any] = fetch(controller_url(config, url), path, api_key)
+        return answer
     except StatusError as exc:
         fail(str(exc), 1)
 

@@ -271,7 +271,8 @@ def to_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
             if value:
                 data[section][key] = [MASK] * len(value) if isinstance(value, list) else MASK
         data["nats"]["url"] = redact_url(data["nats"]["url"])
-    return _drop_none(data)
+    cleaned: dict[str, Any] = _drop_none(data)
+    return cleaned
 
 
 _URL_CREDENTIALS = re.compile(r"(^|,|//)([^/@,\s]+)@")

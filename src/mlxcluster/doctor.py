@@ -43,7 +43,11 @@ def _mlx() -> Check:
     except Exception as exc:  # an import error is exactly what doctor is for
         return Check("mlx", "fail", f"cannot import mlx/mlx-lm: {exc}")
     device = "metal" if mx.metal.is_available() else "cpu"
-    return Check("mlx", "ok", f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, device {device}")
+    return Check(
+        "mlx",
+        "ok",
+        f"mlx {getattr(mx, '__version__', '?')}, mlx-lm {getattr(mlx_lm, '__version__', '?')}, device {device}",
+    )
 
 
 def _blas() -> Check:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
@@ -31,9 +31,22 @@ class NodeError(Exception):
 def run_node(config: Config, role: str, *, workers: int = 1) -> int:
     """Run ``role`` in a fresh event loop; return the process exit code.
 
+    Controllers and workers run on uvloop where it is installed (a cheaper loop on the request path);
+    the dual-mode supervisor, which only waits on its children, keeps asyncio's own loop.
+
     :param workers: worker processes that dual mode starts.
     """
-    return asyncio.run(_main(config, role, workers))
+    with asyncio.Runner(loop_factory=None if role == "dual" else fast_loop_factory()) as runner:
+        return runner.run(_main(config, role, workers))
+
+
+def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory, or ``None`` (asyncio's default loop) where uvloop is not installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _main(config: Config, role: str, workers: int) -> int:

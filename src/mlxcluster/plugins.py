@@ -10,6 +10,7 @@ so a ``pip install --target DIR`` folder works as a plugin directory.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -106,7 +107,7 @@ def get_plugin_manager(config: PluginsSection | None = None, env: Mapping[str, s
         if _normalize(name) in disabled:
             pm.disabled[name] = origin
             continue
-        _register(pm, name, lambda module_name=module_name: importlib.import_module(module_name), origin)
+        _register(pm, name, functools.partial(importlib.import_module, module_name), origin)
     add_plugin_paths([*config.paths, *env_plugin_paths(env)])
     load_entry_points(pm, disabled)
     return pm

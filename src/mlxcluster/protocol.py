@@ -319,7 +319,8 @@ def decoder_for(message_type: type[T] | Any) -> msgspec.json.Decoder[T]:
 def decode(data: bytes, message_type: type[T] | Any) -> T:
     """Parse bytes into ``message_type``; anything invalid raises :class:`ProtocolError`."""
     try:
-        return decoder_for(message_type).decode(data)
+        decoded: T = decoder_for(message_type).decode(data)
+        return decoded
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # bad UTF-8 in a str
         name = getattr(message_type, "__name__", "Frame")
         raise ProtocolError(f"invalid {name}: {exc}") from None

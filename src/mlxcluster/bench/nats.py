@@ -37,7 +37,8 @@ def free_port() -> int:
     """A port that is free on 127.0.0.1 right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def bench_config() -> Config:

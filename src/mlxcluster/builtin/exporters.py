@@ -115,7 +115,7 @@ class PrometheusExporter:
         """The current metrics in the Prometheus text exposition format (without ``*_created`` series)."""
         from prometheus_client import generate_latest
 
-        return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]
+        return generate_latest(_WithoutCreated(self.registry))
 
     def routes(self) -> list[Any]:
         """``GET <path>`` on the controller."""

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pluggy
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
@@ -60,7 +61,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
     )
-    middlewares = [
+    middlewares: list[Middleware] = [
         request_id_middleware,
         cors_middleware(config.controller.cors),
         error_middleware,

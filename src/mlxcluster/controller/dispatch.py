@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -133,7 +133,7 @@ class Dispatcher:
             return None
         return self.balancer.pick(workers, request)
 
-    async def stream(self, request: InferenceRequest) -> AsyncIterator[StreamFrame]:
+    async def stream(self, request: InferenceRequest) -> AsyncGenerator[StreamFrame, None]:
         """Yield the frames of one request: Tokens, then Done or Error.
 
         Raises :class:`ApiError` (404/413/503/504) when no frame could be obtained at all. With an event
@@ -221,7 +221,7 @@ class Dispatcher:
 
     async def _start(
         self, request: InferenceRequest, payload: bytes, worker_id: str, attempt: int
-    ) -> AsyncIterator[StreamFrame]:
+    ) -> AsyncGenerator[StreamFrame, None]:
         """Send to one worker and wait for its first token; return the relay of the whole stream."""
         key = f"{request.request_id}.{attempt}"
         reply, queue = self.inbox.open(key)
@@ -286,7 +286,7 @@ class Dispatcher:
         request: InferenceRequest,
         first: StreamFrame,
         epoch: int,
-    ) -> AsyncIterator[StreamFrame]:
+    ) -> AsyncGenerator[StreamFrame, None]:
         """Yield ``first`` and the rest of the stream; end with an Error frame if the worker is lost."""
         finished = False
         try:

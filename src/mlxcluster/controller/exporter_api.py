@@ -35,7 +35,7 @@ class _Event(Struct, frozen=True, kw_only=True, tag_field="event"):
     time: float
 
 
-class RequestFinished(_Event, tag="request_finished", kw_only=True):
+class RequestFinished(_Event, tag="request_finished", frozen=True, kw_only=True):
     """One inference request ended: answered (``ok``), failed (``error``) or given up by the client.
 
     ``worker`` is the worker that served it last (``None`` when none was picked: unknown model, no
@@ -63,7 +63,7 @@ class RequestFinished(_Event, tag="request_finished", kw_only=True):
     model_known: bool = True
 
 
-class RequestRetried(_Event, tag="request_retried", kw_only=True):
+class RequestRetried(_Event, tag="request_retried", frozen=True, kw_only=True):
     """A request failed on ``worker`` before its first token and goes to another worker (``attempt``)."""
 
     request_id: str
@@ -73,7 +73,7 @@ class RequestRetried(_Event, tag="request_retried", kw_only=True):
     reason: str
 
 
-class WorkerStatusChanged(_Event, tag="worker_status_changed", kw_only=True):
+class WorkerStatusChanged(_Event, tag="worker_status_changed", frozen=True, kw_only=True):
     """A worker appeared (``previous is None``), changed status, or was forgotten (``current is None``)."""
 
     worker: str
@@ -81,7 +81,7 @@ class WorkerStatusChanged(_Event, tag="worker_status_changed", kw_only=True):
     current: WorkerState | None = None
 
 
-class ClusterSnapshot(_Event, tag="cluster_snapshot", kw_only=True):
+class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True):
     """The controller's state, sent every ``[metrics] snapshot_interval_s``.
 
     Counters (``*_total``) count since the controller started.

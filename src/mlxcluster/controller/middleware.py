@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from mlxcluster.controller.errors import ApiError
 
@@ -77,7 +78,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-def auth_middleware(api_keys: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(api_keys: list[str]) -> Middleware:
     """Require ``Authorization: Bearer <key>`` on /v1 and /api when keys are configured.
 
     Browsers cannot set headers on a WebSocket, so ``/v1/ws`` also takes ``?api_key=<key>``, and an upgrade
@@ -107,7 +108,7 @@ def auth_middleware(api_keys: list[str]) -> Callable[[web.Request, Handler], Awa
     return check
 
 
-def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def cors_middleware(origins: list[str]) -> Middleware:
     """Answer preflights and add CORS headers for the configured origins (``*`` allows any)."""
     allowed = set(origins)
 

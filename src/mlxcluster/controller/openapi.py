@@ -28,7 +28,7 @@ OPENAPI_PATH = "/openapi.json"
 OPENAPI_CACHE = web.AppKey("openapi_cache", dict)
 REF = "#/components/schemas/{name}"
 JSON = "application/json"
-SECURED = [{"bearerAuth": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 PUBLIC: list[dict[str, list[str]]] = []
 
 routes = web.RouteTableDef()

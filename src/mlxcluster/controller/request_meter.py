@@ -60,7 +60,7 @@ class RequestMeter:
         """Account for one relayed frame."""
         if frame.__class__ is Token:  # the hot case: no isinstance chain
             now = perf_counter()
-            count = frame.count or 1  # type: ignore[union-attr]
+            count = frame.count or 1
             if self.first_token is None:
                 self.first_token = now
             elif len(self.gaps) < MAX_INTER_TOKEN_SAMPLES:
@@ -72,7 +72,7 @@ class RequestMeter:
             usage = frame.usage
             self.prompt_tokens = usage.prompt_tokens
             self.completion_tokens = usage.completion_tokens or self.completion_tokens
-        else:
+        elif isinstance(frame, Error):
             self.status, self.error = "error", frame.code
 
     def ended(self, exc: BaseException) -> None:

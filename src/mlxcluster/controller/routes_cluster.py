@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import msgspec
 from aiohttp import web
 
 from mlxcluster import __version__
+from mlxcluster.controller.balancer_api import WorkerState
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
 from mlxcluster.controller.responses import json_response
@@ -78,7 +80,8 @@ async def list_workers(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in WORKER_STATES:
         raise ApiError(400, f"Invalid status '{status}'; expected one of {', '.join(WORKER_STATES)}", param="status")
-    workers = ctx.registry.query(status=status, model=request.query.get("model"), tag=request.query.get("tag"))
+    state = cast(WorkerState | None, status)  # checked against WORKER_STATES above
+    workers = ctx.registry.query(status=state, model=request.query.get("model"), tag=request.query.get("tag"))
     return json_response({"workers": [_worker_json(ctx, w) for w in workers]})
 
 
@@ -93,6 +96,6 @@ async def get_worker(request: web.Request) -> web.Response:
 
 
 def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
-    data = msgspec.to_builtins(worker)
-    data["breaker"] = ctx.dispatcher.breakers.state(data["id"])
+    data: dict[str, object] = msgspec.to_builtins(worker)
+    data["breaker"] = ctx.dispatcher.breakers.state(str(data["id"]))
     return data

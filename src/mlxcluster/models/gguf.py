@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -267,7 +267,8 @@ def import_gguf(
     if progress is not None:
         progress("reading GGUF", 0, 0)
     try:
-        raw, metadata = mx.load(str(gguf_path), return_metadata=True)
+        loaded = mx.load(str(gguf_path), return_metadata=True)
+        raw, metadata = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
     except (RuntimeError, ValueError) as exc:
         raise GGUFImportError(f"MLX cannot read {gguf_path.name}: {exc}") from exc
     by_name = {info.name: info for info in infos}

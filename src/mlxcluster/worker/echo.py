@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from mlxcluster.protocol import Done, Error, InferenceRequest, Timings, Token, Usage
 from mlxcluster.worker.engine_base import Engine, EngineFrame, EngineInfo
@@ -46,7 +46,7 @@ class EchoEngine(Engine):
             name="echo", models=list(self.models), details={"token_delay_ms": str(self.token_delay_s * 1000)}
         )
 
-    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineFrame]:
+    async def generate(self, request: InferenceRequest) -> AsyncGenerator[EngineFrame, None]:
         started = time.perf_counter()
         words, prompt_tokens = echo_words(request)
         text_so_far = ""

@@ -28,10 +28,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mlxcluster.prefix_digest import canonical_text, prefix_digests
 from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, PromptCacheStats, Timings, Token, Usage
@@ -242,7 +242,7 @@ class MlxEngine(Engine):
         """Requests accepted but waiting for a batch slot."""
         return len(self._waiting)
 
-    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineFrame]:
+    async def generate(self, request: InferenceRequest) -> AsyncGenerator[EngineFrame, None]:
         """Stream Token frames, then one Done or Error; closing the iterator early cancels the request."""
         loop = asyncio.get_running_loop()
         job = _Job(request=request, loop=loop, frames=asyncio.Queue(), submitted=time.perf_counter())
@@ -347,7 +347,7 @@ class MlxEngine(Engine):
         self._context_window = _context_window(config, tokenizer)
         if self.prompt_cache_bytes > 0:
             self._prompt_cache = PromptCache(self._model_key(), self.prompt_cache_bytes, self._on_cache_change)
-        self._eos_stops = make_stop_sequences(tokenizer)
+        self._eos_stops = make_stop_sequences(tokenizer)  # type: ignore[no-untyped-call]
         self._stream = stream
         self._generator = self._new_generator()
         device = mx.default_device()
@@ -360,7 +360,7 @@ class MlxEngine(Engine):
             "weights_dtype": _weights_dtype(model),
             "quantization": _quantization(config),
             "blas": blas_in_use() if device.type == mx.DeviceType.cpu else "n/a (gpu)",
-            "mlx_version": mx.__version__,
+            "mlx_version": getattr(mx, "__version__", ""),
             "mlx_lm_version": getattr(mlx_lm, "__version__", ""),
             "device": device_name,
             "model_path": str(Path(self.model).expanduser().resolve()) if Path(self.model).exists() else self.model,
@@ -378,7 +378,7 @@ class MlxEngine(Engine):
         """Model, tokenizer and config (a worker group's engine loads only its shard here)."""
         import mlx_lm
 
-        return mlx_lm.load(self.model, return_config=True)
+        return mlx_lm.load(self.model, return_config=True)  # type: ignore[misc,no-any-return]
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -665,14 +665,15 @@ def _weights_dtype(model: Any) -> str:
     from mlx.utils import tree_flatten
 
     sizes: dict[str, int] = {}
-    for name, value in tree_flatten(model.parameters()):
+    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    for name, value in parameters:
         if not mx.issubdtype(value.dtype, mx.floating) or name.endswith((".scales", ".biases")):
             continue
         key = str(value.dtype).removeprefix("mlx.core.")
         sizes[key] = sizes.get(key, 0) + value.size
     if not sizes:
         return "unknown"
-    quantized = any(name.endswith(".scales") for name, _ in tree_flatten(model.parameters()))
+    quantized = any(name.endswith(".scales") for name, _ in parameters)
     dtype = max(sizes, key=sizes.__getitem__)
     return f"{dtype} (+ quantized)" if quantized else dtype
 

@@ -11,7 +11,7 @@ generation) are merged into one Token frame with ``count`` set.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from msgspec import Struct
 
@@ -48,7 +48,7 @@ class Engine(ABC):
         """Name, served model names and details such as BLAS and weight dtype."""
 
     @abstractmethod
-    def generate(self, request: InferenceRequest) -> AsyncIterator[EngineFrame]:
+    def generate(self, request: InferenceRequest) -> AsyncGenerator[EngineFrame, None]:
         """Stream frames for one request: Progress while a long prompt prefills, Tokens, then one
         Done or Error."""
 

@@ -50,7 +50,7 @@ class PromptCache:
         self.limit_bytes = limit_bytes
         self.listener = listener
         self._cache = LRUPromptCache(max_size=ENTRY_LIMIT, max_bytes=limit_bytes)
-        self._cache._trie = _ObservedTrie(self._cache._trie, self._on_popped)
+        self._cache._trie = _ObservedTrie(self._cache._trie, self._on_popped)  # type: ignore[assignment]
         self._digests_of: dict[tuple[int, ...], list[int]] = {}
         self._held: Counter[int] = Counter()
         self._lock = threading.Lock()

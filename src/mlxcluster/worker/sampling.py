@@ -8,7 +8,8 @@ split once per token, so a seed fixes the draws of that request whatever else sh
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
@@ -43,21 +44,21 @@ class KeyedSampler:
         return mx.random.categorical(logprobs * (1.0 / self.temperature), key=keys[1])
 
 
-def make_request_sampler(params: SamplingParams, seed: int | None, vocab_size: int):
+def make_request_sampler(params: SamplingParams, seed: int | None, vocab_size: int) -> Callable[[Any], Any]:
     """The shared greedy sampler for ``temperature == 0`` (lets the batch sample in one call), else a keyed one."""
     if params.temperature <= 0.0:
         return greedy_sampler
     return KeyedSampler(params, seed, vocab_size)
 
 
-class RequestProcessors(list):
+class RequestProcessors(list[Callable[[Any, Any], Any]]):
     """A request's logits processors, remembering the parameters they were made from (worker groups
     rebuild them on the other ranks)."""
 
     repetition_penalty: float = 1.0
 
 
-def make_request_processors(params: SamplingParams) -> list:
+def make_request_processors(params: SamplingParams) -> list[Callable[[Any, Any], Any]]:
     """Logits processors for the request (the repetition penalty over the last 20 tokens, when not 1)."""
     penalty = params.repetition_penalty
     processors = RequestProcessors()

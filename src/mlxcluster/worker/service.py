@@ -131,9 +131,9 @@ class WorkerService:
                 task.cancel()
             if still_running:
                 await asyncio.wait(still_running, timeout=5)
-        for task in (self._heartbeat_task, self._probe_task):
-            if task is not None:
-                task.cancel()
+        for loop_task in (self._heartbeat_task, self._probe_task):
+            if loop_task is not None:
+                loop_task.cancel()
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

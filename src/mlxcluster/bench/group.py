@@ -62,7 +62,7 @@ async def run_group_bench(model_path: str, *, streams: tuple[int, ...], max_toke
     rows: list[VersusRow] = []
     memory: list[MemoryRow] = []
     threads = {"OPENBLAS_NUM_THREADS": "1"}
-    setups = [
+    setups: list[tuple[str, dict[str, dict[str, str]]]] = [
         ("1 worker", {"solo": {}}),
         (
             f"group of {GROUP_SIZE}",

@@ -378,7 +378,7 @@ class MlxEngine(Engine):
         """Model, tokenizer and config (a worker group's engine loads only its shard here)."""
         import mlx_lm
 
-        return mlx_lm.load(self.model, return_config=True)  # type: ignore[misc,no-any-return]
+        return mlx_lm.load(self.model, return_config=True)  # type: ignore[return-value]
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator

@@ -109,10 +109,12 @@ class BroadcastGenerator:
             cache_keys=[u[0] if u else None for u in uses],
             cached=[u[1] if u else 0 for u in uses],
         )
-        uids = self._inner.insert_segments(
-            segments, max_tokens, caches, all_tokens, samplers, logits_processors, stop_sequences
+        uids: list[int] = list(
+            self._inner.insert_segments(
+                segments, max_tokens, caches, all_tokens, samplers, logits_processors, stop_sequences
+            )
         )
-        op.uids = list(uids)
+        op.uids = uids
         self._pending.append(op)
         return uids
 
@@ -293,7 +295,7 @@ class GroupFollower:
         from mlxcluster.worker.sampling import KeyedSampler, make_request_processors
 
         vocab = int(config.get("vocab_size") or len(tokenizer))
-        eos = make_stop_sequences(tokenizer)
+        eos = make_stop_sequences(tokenizer)  # type: ignore[no-untyped-call]
         cache = FollowerCache()
         generator: Any = None
         while True:
@@ -391,10 +393,15 @@ def load_shard(model: str, formation: Formation, channel: Channel) -> tuple[Any,
     if hostfile.name.startswith(HOSTFILE_PREFIX):  # ours, read by now
         hostfile.unlink(missing_ok=True)
     log.info("joined group %s as rank %d of %d", formation.info.name, formation.rank, formation.size)
-    groups = {"pipeline_group": group} if formation.parallel == "pipeline" else {"tensor_group": group}
+    pipeline = formation.parallel == "pipeline"
     try:
         with channel.guarded("loading this rank's shard", LOAD_TIMEOUT_S):
-            return sharded_load(model, return_config=True, **groups)  # type: ignore[no-any-return]
+            return sharded_load(  # type: ignore[no-any-return]
+                model,
+                pipeline_group=group if pipeline else None,
+                tensor_group=None if pipeline else group,
+                return_config=True,
+            )
     except (ValueError, FileNotFoundError) as exc:
         raise PlacementError(f"cannot shard {model} for {formation.parallel} parallelism: {exc}") from exc
 

@@ -22,7 +22,8 @@ from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.node import NodeError
 from mlxcluster.worker.group_channel import GroupBroken
-from mlxcluster.worker.group_engine import Formation, GroupEngine, GroupFollower
+from mlxcluster.worker.group_engine import GroupEngine, GroupFollower
+from mlxcluster.worker.group_ops import Formation
 from mlxcluster.worker.placement import (
     PlacementError,
     available_memory_bytes,

@@ -43,7 +43,8 @@ def model_shape(model_dir: str | Path) -> ModelShape | None:
     if not config_file.is_file():
         return None
     config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else config
     heads = int(text.get("num_attention_heads") or 0)
     return ModelShape(
         weights_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),

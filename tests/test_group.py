@@ -285,3 +285,26 @@ def test_a_broken_channel_refuses_every_further_collective() -> None:
         other.close()
     finally:
         channel.close()
+
+
+# --- the followers' prompt cache ----------------------------------------------------------------
+
+
+def test_a_follower_keeps_what_rank_0_stored_and_hands_out_trimmed_copies() -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlxcluster.worker.group_cache import FollowerCache
+
+    kv = KVCache()
+    kv.update_and_fetch(mx.zeros((1, 1, 5, 4)), mx.zeros((1, 1, 5, 4)))
+    cache = FollowerCache()
+    cache.finished([1, 2, 3, 4, 5], [kv])
+    cache.store([1, 2, 3, 4, 5])
+    copy = cache.take([1, 2, 3, 4, 5], 3)  # rank 0 reused 3 of the entry's 5 tokens
+    assert copy[0].offset == 3 and cache.entries[(1, 2, 3, 4, 5)][0].offset == 5  # a copy; the entry is intact
+    cache.new_step()
+    with pytest.raises(KeyError):  # rank 0 can only store what finished since the last step
+        cache.store([9, 9])
+    cache.drop([1, 2, 3, 4, 5])
+    assert cache.entries == {}

@@ -33,8 +33,28 @@ class GroupBenchResult(msgspec.Struct):
     model: str
     weights_mb: float
     group_size: int
+    sharded_mb: float
+    """Weights tensor parallelism splits (the attention and MLP projections); the rest is on every rank."""
     rows: list[VersusRow]
     memory: list[MemoryRow]
+
+
+def sharded_weights_mb(model_path: str) -> float:
+    """Megabytes of the projection weights (``*_proj.*``), which a tensor-parallel group splits, from the
+    safetensors headers (nothing is loaded)."""
+    import json
+    import struct
+
+    total = 0
+    for file in Path(model_path).glob("*.safetensors"):
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, info in header.items():
+            if name != "__metadata__" and "_proj." in name:
+                start, end = info["data_offsets"]
+                total += end - start
+    return round(total / 1024**2, 1)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -104,7 +124,12 @@ async def run_group_bench(model_path: str, *, streams: tuple[int, ...], max_toke
             await server.stop()
     weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
     return GroupBenchResult(
-        model=name, weights_mb=round(weights / 1024**2, 1), group_size=GROUP_SIZE, rows=rows, memory=memory
+        model=name,
+        weights_mb=round(weights / 1024**2, 1),
+        group_size=GROUP_SIZE,
+        sharded_mb=sharded_weights_mb(model_path),
+        rows=rows,
+        memory=memory,
     )
 
 
@@ -123,10 +148,16 @@ def format_table(result: GroupBenchResult) -> str:
     ]
     solo = [m.peak_rss_mb for m in result.memory if m.setup == "1 worker"]
     ranks = [m.peak_rss_mb for m in result.memory if m.setup != "1 worker"]
+    n = result.group_size
+    unsharded = result.weights_mb - result.sharded_mb
+    lines.append(
+        f"weights per rank: {unsharded:.0f} MB on every rank (embeddings, norms) + {result.sharded_mb:.0f} MB / {n} "
+        f"= {unsharded + result.sharded_mb / n:.0f} MB, against {result.weights_mb:.0f} MB for one worker"
+    )
     if solo and ranks:
         lines.append(
-            f"largest rank / one worker peak RSS = {max(ranks) / solo[0]:.2f} (weights alone would give "
-            f"1/{result.group_size} plus the unsharded embeddings; the rest is the Python process and MLX)"
+            f"peak RSS: largest rank / one worker = {max(ranks) / solo[0]:.2f}; every rank saves "
+            f"{solo[0] - max(ranks):.0f} MB (the rest of an RSS is the Python process, MLX and the KV cache)"
         )
     by_setup = {(r.server, r.streams): r for r in result.rows}
     for (setup, n), row in by_setup.items():

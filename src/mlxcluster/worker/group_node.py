@@ -194,6 +194,7 @@ class _Member:
             if await self._stop_or_break(stop) is None:
                 await service.drain(worker.drain_timeout_s)
                 return None
+            service.status = "draining"  # from now on new requests are refused (retryable), not queued
             failed = engine.fail_in_flight(f"worker group {info.name} lost a member: {self.reason}")
             reason = await self._blame()
             log.error("group %s broken: %s; %d request(s) ended with an error", info.name, reason, failed)

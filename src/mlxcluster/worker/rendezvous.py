@@ -146,17 +146,22 @@ class Rendezvous:
     def lost_member(self, silent_after_s: float) -> str | None:
         """A member of the formed group that is silent for ``silent_after_s`` or restarted, described; else None."""
         now = time.monotonic()
+        silent: list[tuple[float, str]] = []  # the longest silence first: others may be silent because of it
+        restarted: list[str] = []
         for rank, member in enumerate(self.formed or []):
             if member.member_id == self.member_id:
                 continue
             seen = self._seen.get(member.member_id)
             label = f"member {member.member_id} (rank {rank}, {member.address})"
             if seen is None or now - seen.at > silent_after_s:
-                ago = "never heard" if seen is None else f"silent for {now - seen.at:.1f} s"
-                return f"{label} is gone ({ago})"
-            if seen.hello.instance != member.instance:
-                return f"{label} restarted"
-        return None
+                quiet = float("inf") if seen is None else now - seen.at
+                ago = "never heard" if seen is None else f"silent for {quiet:.1f} s"
+                silent.append((quiet, f"{label} is gone ({ago})"))
+            elif seen.hello.instance != member.instance:
+                restarted.append(f"{label} restarted")
+        if silent:
+            return max(silent)[1]
+        return restarted[0] if restarted else None
 
     # --- internals ------------------------------------------------------------------------------
 

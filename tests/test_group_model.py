@@ -15,6 +15,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -56,9 +57,13 @@ def member_env(rank: int) -> dict[str, str]:
     )
 
 
-async def ask(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, int]:
+async def ask(client: openai.AsyncOpenAI, prompt: str, **options: Any) -> tuple[str, int]:
     reply = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=options.pop("max_tokens", MAX_TOKENS),
+        temperature=0,
+        **options,
     )
     details = reply.usage.prompt_tokens_details if reply.usage else None
     return reply.choices[0].message.content or "", (details.cached_tokens or 0) if details else 0
@@ -97,6 +102,7 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
         solo = procs.worker("solo", [nats.url], **mlx_env())
         await controller.wait_status(["solo"], "online", START_S)
         expected = [(await ask(client, p))[0] for p in PROMPTS]
+        stopped = (await ask(client, PROMPTS[0], stop=["\n"], max_tokens=12))[0]  # a stop string ends it early
         solo.signal(signal.SIGTERM)
         assert await solo.wait_exit(60) is not None
         await wait_until(lambda: _gone(controller, "solo"), 30, "solo gone")
@@ -110,6 +116,15 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
         assert [(await ask(client, p))[0] for p in PROMPTS] == expected
         again, cached = await ask(client, PROMPTS[0])
         assert again == expected[0] and cached > 0
+        both = await asyncio.gather(*(ask(client, f"{p} ") for p in PROMPTS))  # one batch, fresh prompts
+        assert [text for text, _ in both] == [(await ask(client, f"{p} "))[0] for p in PROMPTS]
+        assert (await ask(client, PROMPTS[0], stop=["\n"], max_tokens=12))[0] == stopped
+        # a stream closed after its first token is cancelled; the ranks stay in step
+        first_token = asyncio.Event()
+        cancelled = asyncio.create_task(stream(client, "Tell me a long story.", first_token))
+        await asyncio.wait_for(first_token.wait(), 240)
+        cancelled.cancel()
+        assert (await ask(client, PROMPTS[1]))[0] == expected[1]
 
         # kill -9 a non-zero rank under load
         bus = await Bus.connect(from_dict({"nats": {"url": nats.url}}).nats, name="watch", attempts=5)

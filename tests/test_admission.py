@@ -147,3 +147,27 @@ async def test_timeout_while_queued_releases_the_place() -> None:
     assert await waiter
     gate.release()
     assert gate.active == 0
+
+
+async def test_continued_streams_wait_ahead_of_new_requests_and_past_a_full_queue() -> None:
+    gate = Admission(max_concurrent=1, max_queue=1)
+    assert await gate.acquire()
+    order: list[str] = []
+
+    async def wait(name: str, *, continued: bool = False) -> None:
+        assert await gate.acquire(continued=continued)
+        order.append(name)
+
+    new = asyncio.create_task(wait("new"))
+    await settle()
+    assert not await gate.acquire()  # the queue (1) is full for a new request...
+    moved = [asyncio.create_task(wait(f"moved{i}", continued=True)) for i in range(2)]
+    await settle()
+    assert gate.queued == 3  # ...not for streams moved here mid-answer
+    for _ in range(3):
+        gate.release()
+        await settle()
+    assert order == ["moved0", "moved1", "new"]
+    gate.release()
+    await asyncio.gather(new, *moved)
+    assert (gate.active, gate.queued) == (0, 0)

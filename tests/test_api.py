@@ -427,7 +427,7 @@ async def test_cluster_status(controller: RunningController, client: openai.Asyn
     assert status == 200
     assert data["controller_id"] == controller.ctx.controller_id
     assert data["state"] == "ready"
-    assert data["balancer"] == "least_loaded"
+    assert data["balancer"] == "cache_aware"  # the default strategy
     assert data["workers"]["online"] == 1 and data["workers"]["total"] == 1
     assert data["workers"]["capacity"] == controller.ctx.config.worker.max_concurrent
     assert data["models"] == ["echo"]

@@ -219,7 +219,9 @@ def _registry_with_workers() -> WorkerRegistry:
     return registry
 
 
-@pytest.mark.parametrize("strategy", ["round_robin", "least_loaded", "hardware_aware", "random", "prefix_affinity"])
+@pytest.mark.parametrize(
+    "strategy", ["cache_aware", "round_robin", "least_loaded", "hardware_aware", "random", "prefix_affinity"]
+)
 def test_every_strategy_only_sees_eligible_workers(strategy: str) -> None:
     registry = _registry_with_workers()
     registry.on_heartbeat(WorkerHeartbeat(worker_id="w4", status="draining"))

@@ -156,3 +156,36 @@ async def test_dashboard_in_a_real_browser(keyed: Cluster, chromium: str, tmp_pa
         assert page.exceptions == [], page.exceptions
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     print(f"dashboard screenshot: {shot}")
+
+
+async def test_dashboard_shows_prompt_cache_figures(
+    cluster_config: Config, bus: Bus, chromium: str, tmp_path: Path
+) -> None:
+    from mlxcluster.worker.echo import EchoEngine
+
+    async with Cluster(cluster_config) as cluster:
+        await cluster.start_worker("w-cache", engine=EchoEngine(models=["echo"], prompt_cache_entries=16))
+        controller = await cluster.start_controller()
+        await controller.wait_online("w-cache")
+        client = controller.client()
+        messages = [{"role": "system", "content": "a long system prompt " * 40}, {"role": "user", "content": "hi"}]
+        reply = await client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
+        messages += [
+            {"role": "assistant", "content": reply.choices[0].message.content or ""},
+            {"role": "user", "content": "and?"},
+        ]
+        await client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
+
+        async def hit_reported() -> bool:
+            workers = await controller.workers()
+            return bool(workers and workers[0]["prompt_cache"] and workers[0]["prompt_cache"]["hits"] == 1)
+
+        await wait_until(hit_reported, what="the cache hit in a heartbeat")
+        async with Browser(chromium, tmp_path / "profile") as page:
+            await page.goto(controller.url + "/")
+            cache_cell = f"{row('w-cache')}.querySelector('.prompt-cache')"
+            await page.wait_for(f"{row('w-cache')} && {cache_cell}.textContent.includes('%')", what="the cache cell")
+            assert "1 hits" in await page.evaluate(f"{cache_cell}.title")
+            await page.wait_for("document.getElementById('cache-rate').textContent.endsWith('%')", what="the card")
+            assert "index" in await page.evaluate("document.getElementById('cache-sub').textContent")
+            assert page.exceptions == [], page.exceptions

@@ -183,10 +183,11 @@ async def token_then_vanish(fake: FakeWorker, _request: InferenceRequest, msg: M
     fake.heartbeating = False  # and never another word: the registry will mark it offline
 
 
-async def test_worker_lost_after_first_token_ends_the_stream_with_an_error(
+async def test_worker_lost_after_first_token_ends_the_stream_with_an_error_when_migration_is_off(
     cluster_config: Config, bus: Bus, fast_polls: None
 ) -> None:
-    async with Cluster(preferring(cluster_config, "w-flaky")) as cluster:
+    """``controller.migration_limit = 0``: a started stream is never moved (tests/test_migration.py moves it)."""
+    async with Cluster(preferring(cluster_config, "w-flaky", migration_limit=0)) as cluster:
         await cluster.start_fake("w-flaky", token_then_vanish)
         real = await cluster.start_worker("w-real")
         controller = await cluster.start_controller()

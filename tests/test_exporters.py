@@ -223,6 +223,11 @@ async def test_metrics_endpoint_after_known_traffic(cluster: Cluster) -> None:
         "mlxcluster_worker_tokens_per_second",
         "mlxcluster_retries",
         "mlxcluster_invalid_messages",
+        "mlxcluster_migrations",
+        "mlxcluster_cache_index_entries",  # the index exists with any strategy; no worker here has a cache
+        "mlxcluster_cache_index_max_entries",
+        "mlxcluster_cache_index_evictions",
+        "mlxcluster_cache_index_events",
     } == {name for name in families if name.startswith("mlxcluster_")}
 
     await controller.bus.nc.publish(controller.bus.subjects.heartbeat, b"not msgpack or json")  # a malformed message

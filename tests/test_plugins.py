@@ -31,7 +31,7 @@ from mlxcluster.plugins import (
 )
 from mlxcluster.protocol import InferenceRequest
 
-BUILTIN_NAMES = {"round_robin", "least_loaded", "hardware_aware", "random", "prefix_affinity"}
+BUILTIN_NAMES = {"cache_aware", "round_robin", "least_loaded", "hardware_aware", "random", "prefix_affinity"}
 
 GOOD_PLUGIN = '''
 from mlxcluster.hookspecs import hookimpl

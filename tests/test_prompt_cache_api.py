@@ -12,7 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from cluster_harness import Cluster, FakeWorker, single_worker_cluster, with_sections
+from cluster_harness import Cluster, FakeWorker, single_worker_cluster, wait_until, with_sections
 from nats.aio.msg import Msg
 from tiny_model import build_tiny_model
 
@@ -128,3 +128,50 @@ async def test_first_token_timer_measures_silence_not_prefill(cluster_config: Co
             assert caught.value.status_code == 503
             assert "no first token in time" in caught.value.message
         assert len(fake.received) == 1
+
+
+async def test_cache_aware_routing_with_real_engines(cluster_config: Config, nats_server, tiny_model: Path) -> None:
+    """Two mlx workers, conversations interleaved: every later turn goes to the worker that holds the
+    conversation, as the digests the engine publishes say, and is served from its prompt cache."""
+    from mlxcluster.prefix_digest import canonical_text, prefix_digests
+    from mlxcluster.protocol import ChatMessage
+
+    engines = [MlxEngine(str(tiny_model), max_concurrent=2, prompt_cache_bytes=64 << 20) for _ in range(2)]
+    for engine in engines:
+        await engine.start()
+    try:
+        async with Cluster(cluster_config) as cluster:
+            for i, engine in enumerate(engines):
+                await cluster.start_worker(f"m{i}", engine=engine)
+            controller = await cluster.start_controller()
+            await controller.wait_online("m0", "m1")
+            assert controller.ctx.balancer_name == "cache_aware"
+            client = controller.client()
+            index = controller.ctx.cache_index
+            histories = [[{"role": "system", "content": f"Conversation {c}. " + SYSTEM}] for c in range(4)]
+            later_prompt = later_cached = 0
+            for turn in range(3):
+                for history in histories:
+                    history.append({"role": "user", "content": f"Question {turn}?"})
+                    reply = await client.chat.completions.create(
+                        model="tiny", messages=history, max_tokens=6, temperature=0
+                    )
+                    usage = reply.usage
+                    if turn > 0:
+                        later_prompt += usage.prompt_tokens
+                        later_cached += usage.prompt_tokens_details.cached_tokens
+                    history.append({"role": "assistant", "content": reply.choices[0].message.content})
+                    # the next turn is routed on what the worker published: wait until the index has it
+                    messages = [ChatMessage(role=m["role"], content=m["content"]) for m in history]
+                    last = prefix_digests(canonical_text(messages, None))[-1]
+                    await wait_until(
+                        lambda d=last: any(index.holds(w, "tiny", d) for w in ("m0", "m1")),
+                        what="the worker's cache event in the index",
+                    )
+            # every later turn found its whole previous turn cached on the worker it was sent to
+            assert later_cached / later_prompt > 0.8
+            held = [index.worker_entries(w) for w in ("m0", "m1")]
+            assert all(held), held  # the conversations were spread over both workers
+    finally:
+        for engine in engines:
+            await engine.stop()

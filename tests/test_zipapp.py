@@ -293,7 +293,7 @@ def test_dual_mode_answers_a_request_and_stops_cleanly(zipapp: Zipapp, bundled: 
         assert chat(url, "hello from the zipapp") == "hello from the zipapp"
         with urllib.request.urlopen(f"{url}/api/cluster/status", timeout=10) as response:
             status = json.load(response)
-        assert status["balancer"] == env.get("MLXCLUSTER_LOAD_BALANCING_STRATEGY", "least_loaded")
+        assert status["balancer"] == env.get("MLXCLUSTER_LOAD_BALANCING_STRATEGY", "cache_aware")
         children = psutil.Process(proc.pid).children(recursive=True)
         seen.update((c.pid, c) for c in children)
         commands = [" ".join(c.cmdline()) for c in children]

@@ -393,6 +393,24 @@ def bench_soak(
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
+@bench_app.command("faults")
+def bench_faults(
+    as_json: JsonOption = False,
+    quick: Annotated[bool, typer.Option(help="One round of 30-token streams (about half a minute).")] = False,
+    rounds: Annotated[int, typer.Option(help="Rounds (each a fresh cluster and one kill).", min=1)] = 3,
+    tokens: Annotated[int, typer.Option(help="Tokens per stream.", min=10)] = 60,
+) -> None:
+    """kill -9 one of 3 echo workers under 100 streams: completed streams, detection time, migration latency."""
+    import asyncio
+
+    from mlxcluster.bench.faults import format_table, run_faults_bench
+
+    if quick:
+        rounds, tokens = 1, 30
+    result = asyncio.run(run_faults_bench(rounds=rounds, tokens=tokens))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
 @bench_app.command("report")
 def bench_report(
     output: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("docs/BENCHMARKS.md"),

@@ -99,6 +99,11 @@ class ControllerSection(_Section):
     request_timeout_s: PositiveSeconds = 600.0
     max_attempts: PositiveInt = 3
     drain_timeout_s: PositiveSeconds = 30.0
+    migration_limit: Annotated[int, Meta(ge=0)] = 2
+    """Moves of a started stream to another worker when its worker is lost mid-stream (0: none, end it)."""
+    stall_timeout_s: PositiveSeconds = 15.0
+    """Mid-stream silence (no frame, no liveness probe of the worker) after which a stream counts as lost;
+    workers probe every request older than 5 s every 5 s, so keep it above 5."""
 
 
 class GroupSection(_Section):
@@ -132,6 +137,9 @@ class WorkerSection(_Section):
     max_concurrent: PositiveInt = 8
     max_queue: Annotated[int, Meta(ge=0)] = 64
     echo_token_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
+    echo_prompt_cache_entries: Annotated[int, Meta(ge=0)] = 0
+    """The echo engine's SIMULATED prompt cache: conversations remembered (LRU); 0: none. For tests and
+    benchmarks of cache-aware routing without a model."""
     drain_timeout_s: PositiveSeconds = 30.0
     prefill_step_size: PositiveInt = 256
     """Prompt tokens prefilled per step of the batch: smaller lets running streams decode more often
@@ -168,11 +176,29 @@ class WorkersSection(_Section):
     static: list[StaticWorker] = msgspec.field(default_factory=list)
 
 
+class CacheAwareSection(_Section):
+    """``[load_balancing.cache_aware]``: when the ``cache_aware`` balancer follows the cache, when the load.
+
+    Named after SGLang's cache-aware router: the cluster counts as imbalanced (and the least loaded worker
+    wins) when the busiest worker has more than ``balance_abs_threshold`` requests more than the idlest and
+    more than ``balance_rel_threshold`` times its load."""
+
+    cache_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.5
+    """The best holder's share of the prompt's blocks below which the least loaded worker is used instead."""
+    balance_abs_threshold: Annotated[int, Meta(ge=0)] = 8
+    balance_rel_threshold: Annotated[float, Meta(ge=1)] = 1.5
+    load_weight: Annotated[float, Meta(ge=0)] = 0.5
+    """Score = share of the prompt held − load_weight × utilization (load / max_concurrent)."""
+
+
 class LoadBalancingSection(_Section):
     """``[load_balancing]``: which balancer plugin picks workers."""
 
-    strategy: str = "least_loaded"
+    strategy: str = "cache_aware"
     sticky_sessions: bool = False
+    cache_index_max_entries: PositiveInt = 200_000
+    """(prefix digest, worker) pairs the controller's cache index keeps at most (LRU)."""
+    cache_aware: CacheAwareSection = msgspec.field(default_factory=CacheAwareSection)
 
 
 class LoggingSection(_Section):

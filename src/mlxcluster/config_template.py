@@ -52,6 +52,8 @@ first_token_timeout_s = 30.0
 request_timeout_s = 600.0
 max_attempts = 3                   # tries on different workers before the first token
 drain_timeout_s = 30.0
+migration_limit = 2                # moves of a started stream to another worker when its worker is lost
+stall_timeout_s = 15.0             # mid-stream silence that means the worker is lost (keep above 5)
 
 [worker]
 # id = "mac-studio-1"              # default: hostname + pid
@@ -60,6 +62,7 @@ engine = "mlx"                     # mlx | echo (no model, for tests and benchma
 max_concurrent = 8                 # requests generated together (continuous batching)
 max_queue = 64                     # waiting requests beyond which new ones are refused
 echo_token_delay_ms = 0.0
+echo_prompt_cache_entries = 0      # echo engine only: a SIMULATED prompt cache of this many conversations
 drain_timeout_s = 30.0
 prefill_step_size = 256            # prompt tokens per prefill step; smaller keeps other streams decoding
 # prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
@@ -91,8 +94,15 @@ static = []
 # tags = ["big"]
 
 [load_balancing]
-strategy = "least_loaded"          # see: mlxcluster balancers list
+strategy = "cache_aware"           # see: mlxcluster balancers list
 sticky_sessions = false
+cache_index_max_entries = 200000   # (prefix digest, worker) pairs the controller indexes at most (LRU)
+
+[load_balancing.cache_aware]       # follow the workers' prompt caches, within load limits
+cache_threshold = 0.5              # best holder's share of the prompt below which least loaded wins
+balance_abs_threshold = 8          # imbalanced (→ least loaded) when max load - min load > this
+balance_rel_threshold = 1.5        # ... and max load > this × min load
+load_weight = 0.5                  # score = share held - load_weight × utilization
 
 [logging]
 level = "info"                     # debug | info | warning | error

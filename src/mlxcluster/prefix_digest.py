@@ -16,7 +16,7 @@ token level.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 BLOCK_CHARS = 256
@@ -63,3 +63,13 @@ def prefix_digests(text: str, block_chars: int = BLOCK_CHARS, limit: int | None 
         previous = hashlib.blake2b(previous + block, digest_size=8).digest()
         digests.append(int.from_bytes(previous, "big") >> 1)  # 63 bits: fits a signed int64 on the wire
     return digests
+
+
+def iter_prefix_digests(text: str, block_chars: int = BLOCK_CHARS) -> Iterator[int]:
+    """The digests of :func:`prefix_digests`, one at a time: a lookup that stops at the first block nobody
+    holds hashes only the blocks it needs."""
+    previous = _SEED
+    for i in range(len(text) // block_chars):
+        block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
+        previous = hashlib.blake2b(previous + block, digest_size=8).digest()
+        yield int.from_bytes(previous, "big") >> 1

@@ -182,6 +182,24 @@ class Announce(_Message):
     started_at: float = 0.0
 
 
+class ControllerHeartbeat(_Message):
+    """Published by every controller each ``discovery.heartbeat_interval_ms`` on ``cluster.controller``, so
+    controllers sharing one NATS know each other (workers ignore it)."""
+
+    controller_id: str
+    started_at: float = 0.0
+    sent_at: float = 0.0
+    address: str = ""
+    """Where its HTTP API listens (``bind:port`` as configured)."""
+    hostname: str = ""
+    version: str = ""
+    state: str = ""
+    in_flight: Count = 0
+    requests_total: Count = 0
+    stopping: bool = False
+    """Its last heartbeat: it is shutting down (peers forget it at once)."""
+
+
 # --- inference --------------------------------------------------------------------------------
 
 
@@ -201,6 +219,9 @@ class SamplingParams(_Message):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    seed_offset: Count = 0
+    """Draws of the seeded random stream already spent: a continued request (see
+    :attr:`InferenceRequest.continuation`) resumes the stream where the interrupted worker stopped."""
 
 
 class InferenceRequest(_Message):
@@ -218,6 +239,11 @@ class InferenceRequest(_Message):
     session_id: str | None = None
     deadline: float | None = None
     """Unix time after which the worker gives up on the request."""
+    continuation: str | None = None
+    """Text already generated for this request by a worker that was lost mid-stream: the engine continues
+    the assistant's message after it (chat: after the generation prompt; text: after the prompt) instead of
+    starting it. ``max_tokens`` is then the remaining budget, and usage counts only the new tokens as
+    completion tokens, the original prompt's as prompt tokens."""
 
 
 class Cancel(_Message):

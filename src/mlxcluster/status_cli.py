@@ -71,6 +71,15 @@ def format_status(status: dict[str, Any]) -> str:
             f"{nats['invalid_messages_total']} invalid messages dropped",
         ],
     ]
+    index = status.get("cache_index")
+    if index:
+        rows.append(
+            [
+                "cache index",
+                f"{index['entries']:,} of {index['max_entries']:,} entries, {index['workers']} workers, "
+                f"{index['evictions']:,} evicted",
+            ]
+        )
     return "\n".join(f"{key:<12}{value}" for key, value in rows)
 
 

@@ -36,6 +36,11 @@ class Subjects:
         """Controllers publish :class:`~mlxcluster.protocol.Announce`; workers re-register on it."""
         return f"{self.prefix}.cluster.announce"
 
+    @property
+    def controller_heartbeat(self) -> str:
+        """Controllers publish :class:`~mlxcluster.protocol.ControllerHeartbeat` here (they know each other)."""
+        return f"{self.prefix}.cluster.controller"
+
     def group(self, name: str) -> str:
         """A worker group's members publish :class:`~mlxcluster.protocol.GroupHello` here (rendezvous, heartbeat)."""
         return f"{self.prefix}.group.{name}"

@@ -10,6 +10,7 @@ import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 
 from mlxcluster.controller.balancer_api import WorkerView
 from mlxcluster.hookspecs import Register, hookimpl
@@ -27,10 +28,18 @@ class Cursor:
     def next(self, workers: Sequence[WorkerView]) -> WorkerView:
         """The first worker (by id) after the previous pick; stable when workers come and go."""
         last = self._last
-        after = [w for w in workers if last is None or w.id > last]
-        chosen = min(after or workers, key=lambda w: w.id)
+        chosen = None
+        if last is not None:
+            chosen = min((w for w in workers if w.id > last), key=_id, default=None)
+        if chosen is None:
+            chosen = min(workers, key=_id)
         self._last = chosen.id
         return chosen
+
+    def mark(self, worker: WorkerView) -> WorkerView:
+        """Count ``worker`` as picked (chosen without a tie-break); returns it."""
+        self._last = worker.id
+        return worker
 
 
 def best(
@@ -42,11 +51,27 @@ def best(
     return cursor.next([w for k, w in keyed if k == top])
 
 
+_id = attrgetter("id")
+_load = attrgetter("load")
+_capacity = attrgetter("max_concurrent")
+
+
 def least_utilized(workers: Sequence[WorkerView], cursor: Cursor) -> WorkerView:
-    """The worker with the lowest ``load / max_concurrent``; ties round-robin."""
-    keyed = [(w.load / (w.max_concurrent or 1), w) for w in workers]  # inlined: runs on every pick
-    lowest = min(k for k, _ in keyed)
-    return cursor.next([w for k, w in keyed if k == lowest])
+    """The worker with the lowest ``load / max_concurrent``; ties round-robin.
+
+    Runs on every pick over every candidate, so it works on C-level maps: with one capacity for all (the
+    usual fleet) the lowest load is the lowest utilization, and a unique minimum needs no tie-break."""
+    loads: list[int] | None = getattr(workers, "loads", None)  # the registry's hints (EligibleWorkers)
+    if loads is not None and getattr(workers, "capacity", 0) > 0:
+        keys: list[float] = loads  # type: ignore[assignment]
+    elif len(set(map(_capacity, workers))) == 1:
+        keys = list(map(_load, workers))
+    else:
+        keys = [w.load / (w.max_concurrent or 1) for w in workers]
+    lowest = min(keys)
+    if keys.count(lowest) == 1:
+        return cursor.mark(workers[keys.index(lowest)])
+    return cursor.next([w for k, w in zip(keys, workers, strict=True) if k == lowest])
 
 
 class RoundRobin:
@@ -196,6 +221,13 @@ class PrefixAffinity:
 @hookimpl
 def mlxcluster_register_balancers(register: Register) -> None:
     """Register the built-in strategies."""
+    from mlxcluster.builtin.cache_aware import CacheAware  # it builds on this module's helpers
+
+    register(
+        "cache_aware",
+        CacheAware,
+        "Workers whose prompt cache holds the prompt's prefix, weighed against load; else least loaded.",
+    )
     register("round_robin", RoundRobin, "Each eligible worker in turn.")
     register("least_loaded", LeastLoaded, "Lowest (active + queued) / capacity; ties round-robin.")
     register(

@@ -16,6 +16,7 @@ from mlxcluster.controller.exporter_api import (
     ClusterSnapshot,
     MetricsEvent,
     RequestFinished,
+    RequestMigrated,
     RequestRetried,
 )
 from mlxcluster.hookspecs import Register, hookimpl
@@ -71,7 +72,12 @@ class PrometheusExporter:
         )
         self.retries = Counter("mlxcluster_retries", "Requests retried on another worker.", registry=r)
         self.invalid = Counter("mlxcluster_invalid_messages", "Malformed NATS messages dropped.", registry=r)
-        for kind in ("prompt", "completion"):
+        self.migrations = Counter(
+            "mlxcluster_migrations", "Started streams moved to another worker, by reason.", ["reason"], registry=r
+        )
+        self.prompt_cache = PromptCacheCollector()
+        r.register(self.prompt_cache)
+        for kind in ("prompt", "completion", "cached"):
             self.tokens.labels(kind=kind)
         for status in WORKER_STATES:
             self.workers.labels(status=status)
@@ -92,8 +98,12 @@ class PrometheusExporter:
                     self.tokens.labels(kind="prompt").inc(event.prompt_tokens)
                 if event.completion_tokens:
                     self.tokens.labels(kind="completion").inc(event.completion_tokens)
+                if event.cached_tokens:
+                    self.tokens.labels(kind="cached").inc(event.cached_tokens)
             case RequestRetried():
                 self.retries.inc()
+            case RequestMigrated():
+                self.migrations.labels(reason=event.reason).inc()
             case ClusterSnapshot():
                 self._snapshot(event)
 
@@ -110,6 +120,8 @@ class PrometheusExporter:
         if event.invalid_messages_total > self._invalid_seen:
             self.invalid.inc(event.invalid_messages_total - self._invalid_seen)
             self._invalid_seen = event.invalid_messages_total
+        self.prompt_cache.workers = event.worker_prompt_cache
+        self.prompt_cache.index = event.cache_index
 
     def text(self) -> bytes:
         """The current metrics in the Prometheus text exposition format (without ``*_created`` series)."""
@@ -125,6 +137,67 @@ class PrometheusExporter:
             return web.Response(body=self.text(), headers={"Content-Type": CONTENT_TYPE})
 
         return [web.get(self.path, metrics)]
+
+
+PROMPT_CACHE_COUNTERS = {
+    "hits": "Requests that reused a cached prompt prefix, as each worker reports.",
+    "misses": "Requests that found no cached prefix, as each worker reports.",
+    "hit_tokens": "Prompt tokens served from each worker's prompt cache.",
+    "prompt_tokens": "Prompt tokens each worker admitted (the denominator of the token hit rate).",
+    "evictions": "Entries each worker's prompt cache evicted.",
+}
+PROMPT_CACHE_GAUGES = {
+    "bytes": "Bytes each worker's prompt cache holds.",
+    "limit_bytes": "Each worker's prompt cache limit in bytes.",
+    "entries": "Entries in each worker's prompt cache.",
+    "hit_rate": "Share of requests that reused a cached prefix, per worker.",
+    "token_hit_rate": "Share of prompt tokens served from the cache, per worker.",
+}
+
+
+class PromptCacheCollector:
+    """``mlxcluster_worker_prompt_cache_*`` per worker and ``mlxcluster_cache_index_*`` from the last snapshot.
+
+    The workers' figures are their own counters since they started, as their heartbeats said; series of
+    workers gone from the snapshot disappear with it.
+    """
+
+    def __init__(self) -> None:
+        self.workers: dict[str, dict[str, float]] = {}
+        self.index: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        workers, index = self.workers, self.index
+        if workers:
+            for key, help_text in PROMPT_CACHE_COUNTERS.items():
+                counter = CounterMetricFamily(f"mlxcluster_worker_prompt_cache_{key}", help_text, labels=["worker"])
+                for worker, stats in workers.items():
+                    counter.add_metric([worker], stats.get(key, 0))
+                yield counter
+            for key, help_text in PROMPT_CACHE_GAUGES.items():
+                gauge = GaugeMetricFamily(f"mlxcluster_worker_prompt_cache_{key}", help_text, labels=["worker"])
+                for worker, stats in workers.items():
+                    gauge.add_metric([worker], stats.get(key, 0))
+                yield gauge
+        if index:
+            yield GaugeMetricFamily(
+                "mlxcluster_cache_index_entries",
+                "(prefix digest, worker) pairs in the controller's cache index.",
+                value=index.get("entries", 0),
+            )
+            yield GaugeMetricFamily(
+                "mlxcluster_cache_index_max_entries", "The cache index's bound.", value=index.get("max_entries", 0)
+            )
+            yield CounterMetricFamily(
+                "mlxcluster_cache_index_evictions",
+                "Index entries dropped because the index was full.",
+                value=index.get("evictions", 0),
+            )
+            yield CounterMetricFamily(
+                "mlxcluster_cache_index_events", "Cache events applied to the index.", value=index.get("events", 0)
+            )
 
 
 class LoopHistogram:

@@ -20,7 +20,10 @@ from nats.aio.msg import Msg
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller import dashboard, openapi, routes_cluster, routes_openai, routes_ws
+from mlxcluster.controller.balancer_api import BalancerContext
 from mlxcluster.controller.balancing import build_balancer
+from mlxcluster.controller.cache_feed import follow_cache_events
+from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.dispatch import Dispatcher
 from mlxcluster.controller.inbox import ResponseInbox
@@ -31,6 +34,7 @@ from mlxcluster.controller.middleware import (
     error_middleware,
     request_id_middleware,
 )
+from mlxcluster.controller.peers import PEERS, ControllerPeers, run_controller_heartbeats
 from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
@@ -42,7 +46,8 @@ SWEEP_INTERVAL_S = 0.5
 def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Application:
     """Build the controller app; its cleanup_ctx joins the cluster when the app starts."""
     registry = WorkerRegistry(config)
-    balancer = build_balancer(pm, config.load_balancing)
+    cache_index = CacheIndex(config.load_balancing.cache_index_max_entries)
+    balancer = build_balancer(pm, config.load_balancing, BalancerContext(config.load_balancing, cache_index))
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
     inbox = ResponseInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
@@ -60,6 +65,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
         ),
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
+        cache_index=cache_index,
     )
     middlewares: list[Middleware] = [
         request_id_middleware,
@@ -70,6 +76,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
     app[METRICS] = metrics
+    app[PEERS] = ControllerPeers(controller_id, config.discovery.offline_timeout_ms / 1000)
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_cluster.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked
@@ -77,7 +84,9 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     dashboard.setup(app)
     app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
     app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
+    app.cleanup_ctx.append(follow_cache_events)  # before join_cluster: workers answer its announce with snapshots
     app.cleanup_ctx.append(join_cluster)
+    app.cleanup_ctx.append(run_controller_heartbeats)  # other controllers on this NATS see us, we see them
     return app
 
 

@@ -1,21 +1,28 @@
 """The balancer interface: what a load-balancing plugin receives and returns.
 
-A balancer is built by its registered factory with no arguments and answers
+A balancer is built by its registered factory and answers
 ``pick(workers, request) -> WorkerView | None``. ``workers`` holds only *eligible* workers (online or
 degraded, serving ``request.model``, not excluded by a retry), already narrowed to the preferred priority
 tier; a balancer never sees offline workers. It returns one of them, or ``None`` to refuse (the
 controller then answers "no capacity"). The controller calls it from its event loop, one pick at a time,
 so a balancer may keep plain mutable state without locks. It must be quick and must not block.
+
+A factory is called with no arguments, unless it has a parameter named ``context``: then it gets a
+:class:`BalancerContext` as ``context=`` (the ``[load_balancing]`` settings and
+:meth:`BalancerContext.prefix_match`, what each worker's prompt cache holds of a request). Factories
+written before the context existed keep working unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from msgspec import Struct
 
-from mlxcluster.protocol import GroupInfo, InferenceRequest
+from mlxcluster.config import LoadBalancingSection
+from mlxcluster.prefix_digest import canonical_text
+from mlxcluster.protocol import GroupInfo, InferenceRequest, PromptCacheStats
 
 WorkerState = Literal["online", "degraded", "draining", "offline"]
 ELIGIBLE_STATES: frozenset[WorkerState] = frozenset({"online", "degraded"})
@@ -56,6 +63,8 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     """Seconds since the last message from the worker when the view was made (``None``: never heard)."""
     requests_total: int = 0
     errors_total: int = 0
+    prompt_cache: PromptCacheStats | None = None
+    """The worker's prompt cache as its last heartbeat reported it (``None``: it has none)."""
     group: GroupInfo | None = None
     """Set when the worker is a worker group's rank 0 (the group's name, size, parallelism and members)."""
 
@@ -70,6 +79,25 @@ class WorkerView(Struct, frozen=True, kw_only=True):
         return self.load / max(1, self.max_concurrent)
 
 
+class EligibleWorkers(list[WorkerView]):
+    """The list of workers a pick starts from (a plain list to any balancer), with two hints the registry
+    knows for free: ``uniform`` (every worker online and of one priority, so there is no tier to narrow to),
+    ``positions`` (worker id → index in this list; ``None`` when the list was filtered), ``loads`` and
+    ``capacity``. Balancers that
+    ignore them lose nothing but speed."""
+
+    __slots__ = ("capacity", "loads", "positions", "uniform")
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.positions: dict[str, int] | None = None
+        self.uniform = False
+        self.capacity = 0
+        """The ``max_concurrent`` every worker here shares (0: they differ, or unknown)."""
+        self.loads: list[int] | None = None
+        """``load`` of each worker, in list order (``None`` when the list was filtered)."""
+
+
 @runtime_checkable
 class Balancer(Protocol):
     """A load-balancing strategy."""
@@ -77,3 +105,69 @@ class Balancer(Protocol):
     def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
         """Choose one of ``workers`` for ``request``, or ``None`` to refuse."""
         ...
+
+
+class PrefixMatch:
+    """What the workers' prompt caches hold of one request's prompt, as the controller's index knows it.
+
+    The prompt is counted in blocks of :data:`mlxcluster.prefix_digest.BLOCK_CHARS` characters of its
+    canonical text. ``levels`` are ``(blocks held, worker ids)`` pairs, deepest first (a worker in two
+    counts at the deeper); ``held`` is the same as a mapping worker id → blocks (workers holding nothing are absent). An
+    estimate: the worker's own cache decides reuse token by token.
+    """
+
+    __slots__ = ("_held", "blocks", "levels")
+
+    def __init__(self, blocks: int = 0, levels: Sequence[tuple[int, Collection[str]]] = ()) -> None:
+        self.blocks = blocks
+        self.levels = levels
+        self._held: dict[str, int] | None = None
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Worker id → leading blocks of the prompt it holds."""
+        if self._held is None:
+            self._held = {worker: depth for depth, workers in reversed(self.levels) for worker in workers}
+        return self._held
+
+    def fraction(self, worker_id: str) -> float:
+        """Share of the prompt's blocks ``worker_id`` holds (0.0 to 1.0)."""
+        return self.held.get(worker_id, 0) / self.blocks if self.blocks else 0.0
+
+
+NO_MATCH = PrefixMatch()
+
+
+class CacheLookup(Protocol):
+    """The controller's cache index as a balancer sees it (:class:`mlxcluster.controller.cache_index.CacheIndex`)."""
+
+    def match_levels(self, model: str, text: str) -> Sequence[tuple[int, Collection[str]]]: ...
+    def blocks(self, text: str) -> int: ...
+
+
+class BalancerContext:
+    """What the controller offers a balancer factory that asks for it (a ``context`` parameter).
+
+    :param settings: the ``[load_balancing]`` section.
+    :param cache: the cache index; ``None`` where there is none (a balancer built outside a controller).
+    """
+
+    def __init__(self, settings: LoadBalancingSection | None = None, cache: CacheLookup | None = None) -> None:
+        self.settings = settings or LoadBalancingSection()
+        self.cache = cache
+        self._last: tuple[InferenceRequest, PrefixMatch] | None = None
+
+    def prefix_match(self, request: InferenceRequest) -> PrefixMatch:
+        """What each worker holds of ``request``'s prompt. Computed once per request (a retry's second
+        pick reuses it); ``NO_MATCH`` without an index or for an empty prompt."""
+        last = self._last
+        if last is not None and last[0] is request:
+            return last[1]
+        cache = self.cache
+        if cache is None:
+            return NO_MATCH
+        text = canonical_text(request.messages, request.prompt)
+        blocks = cache.blocks(text)
+        found = PrefixMatch(blocks, cache.match_levels(request.model, text)) if blocks else NO_MATCH
+        self._last = (request, found)
+        return found

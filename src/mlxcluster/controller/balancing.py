@@ -6,7 +6,9 @@ The pipeline for one pick, built by :func:`build_balancer`::
       → StickySessions (if enabled)        same session id → same worker while it is eligible
       → PreferredTier                      online before degraded, then the highest priority tier
                                            that has a free slot (else the highest tier)
-      → the strategy plugin                round_robin, least_loaded, ... or a third-party one
+      → the strategy plugin                cache_aware, least_loaded, ... or a third-party one
+                                           (a factory with a ``context`` parameter gets the
+                                           BalancerContext: settings and the cache index)
 
 A strategy that raises or returns something that is not one of its workers is logged and replaced, for
 that pick, by ``least_loaded``, so a broken plugin never fails a request.
@@ -15,6 +17,7 @@ that pick, by ``least_loaded``, so a broken plugin never fails a request.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Collection, Mapping, Sequence
 
@@ -22,7 +25,7 @@ import pluggy
 
 from mlxcluster.builtin.balancers import DEFAULT_MAX_ENTRIES, LeastLoaded, LruMap
 from mlxcluster.config import LoadBalancingSection
-from mlxcluster.controller.balancer_api import Balancer, WorkerView
+from mlxcluster.controller.balancer_api import Balancer, BalancerContext, WorkerView
 from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.plugins import BalancerEntry, collect_balancers
 from mlxcluster.protocol import InferenceRequest
@@ -66,8 +69,10 @@ class PreferredTier:
             return self.fallback.pick(candidates, request)
 
 
-def preferred_tier(workers: Sequence[WorkerView]) -> list[WorkerView]:
+def preferred_tier(workers: Sequence[WorkerView]) -> Sequence[WorkerView]:
     """The workers a strategy should choose among (see :class:`PreferredTier`)."""
+    if getattr(workers, "uniform", False):  # the registry says: all online, one priority: nothing to narrow
+        return workers
     online = [w for w in workers if w.status == "online"]
     pool = online or [w for w in workers if w.status == "degraded"]
     if not pool:
@@ -107,15 +112,34 @@ class StickySessions:
         return chosen
 
 
-def build_balancer(pm: pluggy.PluginManager, section: LoadBalancingSection) -> Balancer:
+def build_balancer(
+    pm: pluggy.PluginManager, section: LoadBalancingSection, context: BalancerContext | None = None
+) -> Balancer:
     """The balancer for ``[load_balancing]``, from the strategies the plugins in ``pm`` register.
 
+    :param context: given to factories that take a ``context`` parameter (default: one with ``section``
+        and no cache index).
     :raises UnknownBalancerError: the strategy is not registered (the message lists the ones that are).
     """
-    return balancer_from_entries(collect_balancers(pm), section)
+    return balancer_from_entries(collect_balancers(pm), section, context)
 
 
-def balancer_from_entries(entries: Mapping[str, BalancerEntry], section: LoadBalancingSection) -> Balancer:
+def wants_context(factory: object) -> bool:
+    """Whether a balancer factory takes a ``context`` parameter (see :class:`BalancerContext`)."""
+    try:
+        parameters = inspect.signature(factory).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: call it bare
+        return False
+    parameter = parameters.get("context")
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def balancer_from_entries(
+    entries: Mapping[str, BalancerEntry], section: LoadBalancingSection, context: BalancerContext | None = None
+) -> Balancer:
     """Like :func:`build_balancer`, from entries already collected with :func:`collect_balancers`."""
     entry = entries.get(section.strategy)
     if entry is None:
@@ -123,7 +147,10 @@ def balancer_from_entries(entries: Mapping[str, BalancerEntry], section: LoadBal
         raise UnknownBalancerError(
             f"load_balancing.strategy: unknown balancer {section.strategy!r} (registered: {known})"
         )
-    strategy = entry.factory()
+    if wants_context(entry.factory):
+        strategy = entry.factory(context=context or BalancerContext(section))
+    else:
+        strategy = entry.factory()
     if not callable(getattr(strategy, "pick", None)):
         raise UnknownBalancerError(
             f"load_balancing.strategy: {section.strategy!r} from plugin {entry.plugin} has no pick() method"

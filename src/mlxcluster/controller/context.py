@@ -9,6 +9,7 @@ from aiohttp import web
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.controller.dispatch import Dispatcher
 from mlxcluster.controller.lifecycle import Lifecycle
 from mlxcluster.controller.registry import WorkerRegistry
@@ -26,6 +27,8 @@ class ControllerContext:
     controller_id: str
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     started_at: int = field(default_factory=lambda: int(time.time()))
+    cache_index: CacheIndex | None = None
+    """Which workers' prompt caches hold which prefixes (soft state, fed by ``worker.cache`` events)."""
 
 
 CONTROLLER = web.AppKey("controller", ControllerContext)

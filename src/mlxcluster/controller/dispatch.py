@@ -2,8 +2,11 @@
 
 Before the first token a failure (no responders, no ``Accepted`` in time, a retryable error, the
 first-token timeout, the worker going offline) is retried on another worker — never the same one
-twice — up to ``controller.max_attempts``. After the first token a failure ends the stream with an
-``Error`` frame; it is never silently truncated. A stream closed early (client gone) sends ``Cancel``.
+twice — up to ``controller.max_attempts``. After the first token a lost worker (offline, silent past
+``controller.stall_timeout_s``, frames lost, a retryable error) moves the stream to another worker, which
+continues the text relayed so far (:mod:`mlxcluster.controller.migration`), at most
+``controller.migration_limit`` times; past that, or with no worker left, the stream ends with an
+``Error`` frame: it is never silently truncated. A stream closed early (client gone) sends ``Cancel``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from nats.aio.msg import Msg
 
@@ -26,6 +29,7 @@ from mlxcluster.controller.breaker import Breakers
 from mlxcluster.controller.errors import ApiError, model_not_found, no_capacity, payload_too_large
 from mlxcluster.controller.exporter_api import RequestRetried
 from mlxcluster.controller.inbox import ResponseInbox
+from mlxcluster.controller.migration import LostMidStream, StreamSoFar, unmovable
 from mlxcluster.controller.request_meter import EventSink, RequestMeter, discard
 from mlxcluster.protocol import (
     Accepted,
@@ -43,9 +47,7 @@ from mlxcluster.protocol import (
 log = logging.getLogger(__name__)
 
 ACCEPT_TIMEOUT_S = 3.0
-POLL_S = 1.0
-STALL_S = 15.0  # mid-stream silence (no frame, no liveness probe) that means the stream is lost;
-#                 workers probe every request older than 5 s every 5 s (worker.service.PROBE_INTERVAL_S)
+POLL_S = 0.25  # how soon a waiting stream notices its worker marked offline (a move starts then)
 RETRY_BACKOFF_S = 0.05
 SUBJECT_HEADROOM = 1024  # bytes of max_payload left for the subject and headers
 RECENT_WINDOW = 64  # requests kept for the rolling figures in cluster status (dashboard sparklines)
@@ -84,6 +86,10 @@ class DispatchStats:
     """Time to first token of the latest requests, as the controller saw it (retries included)."""
     recent_tokens_per_second: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))
     """Generation speed of the latest completed requests, as their workers measured it."""
+    migrations: int = 0
+    """Started streams moved to another worker after their worker was lost."""
+    migrations_failed: int = 0
+    """Started streams whose worker was lost and that could not move (limit reached, no worker, client gone)."""
 
     def record_end(self, frame: StreamFrame) -> None:
         """Count a stream's last frame (Done or Error)."""
@@ -133,11 +139,14 @@ class Dispatcher:
             return None
         return self.balancer.pick(workers, request)
 
-    async def stream(self, request: InferenceRequest) -> AsyncGenerator[StreamFrame, None]:
+    async def stream(
+        self, request: InferenceRequest, *, disconnected: Callable[[], bool] | None = None
+    ) -> AsyncGenerator[StreamFrame, None]:
         """Yield the frames of one request: Tokens, then Done or Error.
 
         Raises :class:`ApiError` (404/413/503/504) when no frame could be obtained at all. With an event
         sink, the request is metered and one :class:`RequestFinished` event is emitted when it ends.
+        ``disconnected`` says whether the client has gone: such a stream is not migrated.
         """
         meter = RequestMeter() if self.events is not discard else None
         try:
@@ -152,45 +161,47 @@ class Dispatcher:
             raise
         self.stats.requests += 1
         self.stats.in_flight += 1
-        started = time.monotonic()
-        tried: set[str] = set()
-        reasons: list[str] = []
+        so_far = StreamSoFar(request)
+        current = request
         try:
-            for attempt in range(1, self.config.max_attempts + 1):
-                worker = self._pick(request, tried)
-                if worker is None:
-                    break
-                worker_id = worker.id
-                tried.add(worker_id)
-                if attempt > 1:
-                    self.stats.retries += 1
-                    if meter is not None:
-                        self._retried(request, attempt, reasons)
-                if meter is not None:
-                    meter.worker, meter.attempts = worker_id, attempt
+            while True:
+                relay = await self._open(current, payload, so_far, meter)
+                if isinstance(relay, Error):  # a continuation that no worker could start
+                    yield self._unmoved(relay, meter)
+                    return
                 try:
-                    relay = await self._start(request, payload, worker_id, attempt)
-                except _TryElsewhere as exc:
-                    reasons.append(f"{worker_id}: {exc}")
-                    log.info("request %s: %s failed before the first token (%s)", request.request_id, worker_id, exc)
-                    await asyncio.sleep(RETRY_BACKOFF_S * attempt)
-                    continue
-                self.stats.by_worker[worker_id] = self.stats.by_worker.get(worker_id, 0) + 1
-                self.stats.recent_ttft_ms.append((time.monotonic() - started) * 1000)
-                async with contextlib.aclosing(relay):  # closed now, not by the GC, when our consumer leaves
-                    async for frame in relay:
-                        if meter is not None:
-                            meter.frame(frame)
-                        if not isinstance(frame, Token):
-                            self.stats.record_end(frame)
-                        yield frame
-                return
-            self.stats.failed += 1
-            if reasons:
-                raise no_capacity(
-                    f"No worker could serve the request after {len(reasons)} attempt(s): " + "; ".join(reasons)
-                )
-            raise no_capacity(f"No worker serving '{request.model}' is available right now")
+                    async with contextlib.aclosing(relay):  # closed now, not by the GC, when our consumer leaves
+                        async for frame in relay:
+                            frame = so_far.relayed(frame)
+                            if meter is not None:
+                                meter.frame(frame)
+                            if not isinstance(frame, Token):
+                                self.stats.record_end(frame)
+                            yield frame
+                    return
+                except LostMidStream as lost:
+                    so_far.loss = lost
+                    so_far.lost.add(lost.worker_id)
+                    gone = disconnected is not None and disconnected()
+                    ending = so_far.ending(lost, self.config.migration_limit, client_gone=gone)
+                    if ending is None:
+                        current = so_far.continuation()
+                        try:
+                            payload = self.check_size(current)
+                        except ApiError as exc:
+                            ending = unmovable(lost, exc.message)
+                    if ending is not None:
+                        yield self._unmoved(ending, meter)
+                        return
+                    log.info(
+                        "request %s: %s lost mid-stream (%s) after %d token(s); moving it (%d/%d)",
+                        request.request_id,
+                        lost.worker_id,
+                        lost.reason,
+                        so_far.tokens,
+                        so_far.moves + 1,
+                        self.config.migration_limit,
+                    )
         except BaseException as exc:  # an ApiError, or the consumer gone (GeneratorExit, CancelledError)
             if meter is not None:
                 meter.ended(exc)
@@ -198,7 +209,70 @@ class Dispatcher:
         finally:
             self.stats.in_flight -= 1
             if meter is not None:
+                meter.migrations = so_far.moves
                 self._finished(request, meter)
+
+    def _unmoved(self, ending: Done | Error, meter: RequestMeter | None) -> Done | Error:
+        """Count the last frame of a stream that lost its worker and did not move on."""
+        if isinstance(ending, Error):
+            self.stats.migrations_failed += 1
+        if meter is not None:
+            meter.frame(ending)
+        self.stats.record_end(ending)
+        return ending
+
+    async def _open(
+        self, request: InferenceRequest, payload: bytes, so_far: StreamSoFar, meter: RequestMeter | None
+    ) -> AsyncGenerator[StreamFrame, None] | Error:
+        """Start ``request`` (the original or a continuation) on a worker, retrying on others before its
+        first frame; return the relay of its stream. When no worker could start it: a 503, or for a
+        continuation the Error frame that ends the stream."""
+        moving = so_far.loss is not None
+        tried: set[str] = set(so_far.lost)
+        reasons: list[str] = []
+        for segment_attempt in range(1, self.config.max_attempts + 1):
+            worker = self._pick(request, tried)
+            if worker is None:
+                break
+            worker_id = worker.id
+            tried.add(worker_id)
+            so_far.attempts += 1
+            attempt = so_far.attempts
+            if segment_attempt > 1:
+                self.stats.retries += 1
+                if meter is not None:
+                    self._retried(request, attempt, reasons)
+            if meter is not None:
+                meter.worker, meter.attempts = worker_id, attempt
+            try:
+                relay = await self._start(request, payload, worker_id, attempt)
+            except _TryElsewhere as exc:
+                reasons.append(f"{worker_id}: {exc}")
+                log.info("request %s: %s failed before the first token (%s)", request.request_id, worker_id, exc)
+                await asyncio.sleep(RETRY_BACKOFF_S * segment_attempt)
+                continue
+            self.stats.by_worker[worker_id] = self.stats.by_worker.get(worker_id, 0) + 1
+            if moving:
+                self._moved(so_far, worker_id)
+            else:
+                self.stats.recent_ttft_ms.append((time.monotonic() - so_far.started) * 1000)
+            return relay
+        if moving and so_far.loss is not None:
+            why = "; ".join(reasons) if reasons else f"no other worker serving '{request.model}' is available"
+            return unmovable(so_far.loss, f"no worker could continue it: {why}")
+        self.stats.failed += 1
+        if reasons:
+            raise no_capacity(
+                f"No worker could serve the request after {len(reasons)} attempt(s): " + "; ".join(reasons)
+            )
+        raise no_capacity(f"No worker serving '{request.model}' is available right now")
+
+    def _moved(self, so_far: StreamSoFar, worker_id: str) -> None:
+        self.stats.migrations += 1
+        event = so_far.moved_to(worker_id)
+        log.info("request %s continues on %s (%.2fs without a token)", event.request_id, worker_id, event.gap_s)
+        if self.events is not discard:
+            self.events(event)
 
     def _finished(self, request: InferenceRequest, meter: RequestMeter) -> None:
         try:
@@ -287,7 +361,8 @@ class Dispatcher:
         first: StreamFrame,
         epoch: int,
     ) -> AsyncGenerator[StreamFrame, None]:
-        """Yield ``first`` and the rest of the stream; end with an Error frame if the worker is lost."""
+        """Yield ``first`` and the rest of the stream; raise :class:`LostMidStream` if the worker is lost
+        (the stream may then continue on another worker)."""
         finished = False
         try:
             frame: StreamFrame | None = first
@@ -295,47 +370,53 @@ class Dispatcher:
             while True:
                 if frame is not None:
                     if isinstance(frame, Token | Done) and frame.seq not in (next_seq, None):  # NATS: at most once
-                        yield Error(
-                            code="frames_lost",
-                            message=f"lost frames from worker {worker_id} (expected #{next_seq}, got #{frame.seq})",
-                        )
-                        return  # not finished: the worker still generates, so the finally cancels it
+                        message = f"lost frames from worker {worker_id} (expected #{next_seq}, got #{frame.seq})"
+                        # not finished: the worker still generates, so the finally cancels it
+                        raise LostMidStream(worker_id, "frames_lost", Error(code="frames_lost", message=message))
                     next_seq += 1
                     if not isinstance(frame, Token):
                         finished = True
+                        if isinstance(frame, Error) and frame.retryable:  # e.g. its engine reset the batch
+                            raise LostMidStream(worker_id, "worker_error", frame)
+                        # we never read on after cancelling, so this cancel is the worker's (a drain ran out)
+                        if isinstance(frame, Done) and frame.finish_reason == "cancelled":
+                            message = f"worker {worker_id} cancelled the stream"
+                            raise LostMidStream(worker_id, "worker_error", Error(code="worker_lost", message=message))
                         if isinstance(frame, Done):
                             self.breakers.record_success(worker_id)
                         yield frame
                         return
                     yield frame
                 msg = await self._next_live(key, queue, worker_id, request)
-                if msg is None:
-                    finished = True
+                if not isinstance(msg, Msg):
                     self._blame(worker_id, epoch)
-                    yield Error(code="worker_lost", message=f"worker {worker_id} stopped responding mid-stream")
-                    return
+                    message = f"worker {worker_id} stopped responding mid-stream ({msg})"
+                    raise LostMidStream(worker_id, msg, Error(code="worker_lost", message=message))
                 decoded = self._decode(msg)
                 frame = None if isinstance(decoded, Accepted | Progress) else decoded
         finally:
             self._close(key, worker_id)
-            if not finished:
-                await self._cancel(worker_id, request.request_id, "client went away")
+            if not finished:  # the client went away, or the worker is lost (a frozen one may wake up)
+                await self._cancel(worker_id, request.request_id, "controller gave up on the stream")
 
     async def _next_live(
         self, key: str, queue: asyncio.Queue[Msg], worker_id: str, request: InferenceRequest
-    ) -> Msg | None:
-        """Next message of a started stream; ``None`` when the worker went offline, ``request_timeout_s``
-        passed, or neither a frame nor the worker's liveness probe came for ``STALL_S`` (frames lost, for
-        instance across a NATS reconnect, after which the worker may have finished or forgotten the request)."""
+    ) -> Msg | Literal["offline", "stalled"]:
+        """Next message of a started stream; ``"offline"`` when the worker went offline in the registry,
+        ``"stalled"`` when ``request_timeout_s`` passed or neither a frame nor the worker's liveness probe
+        came for ``controller.stall_timeout_s`` (a frozen worker, or frames lost, for instance across a NATS
+        reconnect, after which the worker may have finished or forgotten the request)."""
         until = time.monotonic() + self.config.request_timeout_s
         heard = time.monotonic()
         while True:
-            msg = await self._next(queue, worker_id, min(until, heard + STALL_S), request)
+            msg = await self._next(queue, worker_id, min(until, heard + self.config.stall_timeout_s), request)
             if msg is not None:
                 return msg
+            if self.registry.is_offline(worker_id):
+                return "offline"
             probed = self.inbox.probed_at(key)
-            if probed is None or probed <= heard or time.monotonic() >= until or self.registry.is_offline(worker_id):
-                return None
+            if probed is None or probed <= heard or time.monotonic() >= until:
+                return "stalled"
             heard = probed
 
     async def _next(

@@ -57,10 +57,14 @@ class RequestFinished(_Event, tag="request_finished", frozen=True, kw_only=True)
     """Seconds per token between successive token frames (at most :data:`MAX_INTER_TOKEN_SAMPLES`)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the worker served from its prompt cache."""
     attempts: int = 0
-    """Workers tried (more than 1: retried before the first token)."""
+    """Workers tried (more than 1: retried before the first token, or moved mid-stream)."""
     stream: bool = False
     model_known: bool = True
+    migrations: int = 0
+    """Times the started stream moved to another worker after its worker was lost mid-stream."""
 
 
 class RequestRetried(_Event, tag="request_retried", frozen=True, kw_only=True):
@@ -71,6 +75,24 @@ class RequestRetried(_Event, tag="request_retried", frozen=True, kw_only=True):
     worker: str
     attempt: int
     reason: str
+
+
+class RequestMigrated(_Event, tag="request_migrated", frozen=True, kw_only=True):
+    """A started stream lost ``worker`` (``reason``: ``offline``, ``stalled``, ``frames_lost``,
+    ``worker_error``) and continues on ``to_worker``: ``migration`` counts the moves of this request.
+
+    ``tokens`` were streamed before the move; ``gap_s`` is the silence the client saw between the last
+    token of the lost worker and the first frame of the new one (detection included).
+    """
+
+    request_id: str
+    model: str
+    worker: str
+    to_worker: str
+    migration: int
+    reason: str
+    tokens: int = 0
+    gap_s: float = 0.0
 
 
 class WorkerStatusChanged(_Event, tag="worker_status_changed", frozen=True, kw_only=True):
@@ -99,13 +121,20 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     requests_total: int = 0
     retries_total: int = 0
     failed_total: int = 0
+    migrations_total: int = 0
+    """Started streams moved to another worker (mid-stream migrations)."""
     invalid_messages_total: int = 0
     """Malformed NATS messages this controller dropped."""
     events_dropped_total: int = 0
     """Events dropped because some exporter's queue was full."""
+    worker_prompt_cache: dict[str, dict[str, float]] = {}
+    """Per online or degraded worker with a prompt cache: the fields of its last reported
+    :class:`~mlxcluster.protocol.PromptCacheStats` plus ``hit_rate`` and ``token_hit_rate``."""
+    cache_index: dict[str, int] = {}
+    """The controller's cache index: :class:`~mlxcluster.controller.cache_index.CacheIndexStats` fields."""
 
 
-MetricsEvent = RequestFinished | RequestRetried | WorkerStatusChanged | ClusterSnapshot
+MetricsEvent = RequestFinished | RequestRetried | RequestMigrated | WorkerStatusChanged | ClusterSnapshot
 """Everything an exporter receives; ``match`` on it."""
 
 MAX_INTER_TOKEN_SAMPLES = 1024

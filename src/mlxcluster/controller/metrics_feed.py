@@ -20,10 +20,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import msgspec
 import pluggy
 from aiohttp import web
 
 from mlxcluster.config import MetricsSection
+from mlxcluster.controller.cache_index import prompt_cache_rates
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.exporter_api import ClusterSnapshot, MetricsEvent, WorkerStatusChanged
 from mlxcluster.controller.registry import WorkerEvent
@@ -264,7 +266,14 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
     """The controller's state now, from the registry, the dispatcher and the bus."""
     registry = ctx.registry
     stats = registry.stats()
-    speeds = {w.id: w.tokens_per_second for w in registry.query(status=("online", "degraded"))}
+    eligible = registry.query(status=("online", "degraded"))
+    speeds = {w.id: w.tokens_per_second for w in eligible}
+    caches: dict[str, dict[str, float]] = {}
+    for w in eligible:
+        if w.prompt_cache is not None:
+            fields: dict[str, float] = msgspec.structs.asdict(w.prompt_cache)
+            caches[w.id] = {**fields, **prompt_cache_rates(fields)}  # type: ignore[arg-type]
+    index = ctx.cache_index
     dispatch = ctx.dispatcher.stats
     return ClusterSnapshot(
         time=time.time(),
@@ -280,9 +289,12 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
         capacity=stats.capacity,
         requests_total=dispatch.requests,
         retries_total=dispatch.retries,
+        migrations_total=dispatch.migrations,
         failed_total=dispatch.failed,
         invalid_messages_total=ctx.bus.invalid_messages_total,
         events_dropped_total=feed.dropped,
+        worker_prompt_cache=caches,
+        cache_index=msgspec.structs.asdict(index.stats()) if index is not None else {},
     )
 
 

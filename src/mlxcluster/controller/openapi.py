@@ -126,6 +126,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "workers": _ref("RegistryStats"),
             "models": {"type": "array", "items": STR},
             "requests": {"type": "object", "additionalProperties": INT},
+            "cache_index": {"type": ["object", "null"], "additionalProperties": INT},
             "nats": _obj(
                 {
                     "connected": BOOL,

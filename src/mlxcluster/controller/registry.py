@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from msgspec import Struct
 
 from mlxcluster.config import Config
-from mlxcluster.controller.balancer_api import ELIGIBLE_STATES, WorkerState, WorkerView
+from mlxcluster.controller.balancer_api import ELIGIBLE_STATES, EligibleWorkers, WorkerState, WorkerView
 from mlxcluster.protocol import Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class WorkerRegistry:
         self._workers: dict[str, _Worker] = {}
         self._departed: dict[str, float] = {}
         self._listeners: list[Listener] = []
-        self._candidates: dict[str, list[_Worker]] = {}  # model → eligible workers, in priority order
+        self._candidates: dict[str, EligibleWorkers] = {}  # model → eligible workers' views, in priority order
         for entry in config.workers.static:
             self._workers[entry.name] = _Worker(
                 id=entry.name,
@@ -199,6 +199,7 @@ class WorkerRegistry:
             self._emit(worker.id, None, message.status)
         else:
             self._set_status(worker, message.status, now)
+        self._refresh(worker, now)
         if worker.registered:
             return False
         asked = worker.asked_to_register_at
@@ -279,7 +280,7 @@ class WorkerRegistry:
         if worker is not None:
             worker.inflight += 1
             worker.since_heartbeat += 1
-            worker.view = None
+            self._refresh(worker, self._clock())
 
     def end(self, worker_id: str) -> None:
         """A request sent to ``worker_id`` finished, failed or was cancelled (call once per :meth:`begin`)."""
@@ -287,7 +288,7 @@ class WorkerRegistry:
         if worker is not None:
             worker.inflight = max(0, worker.inflight - 1)
             worker.since_heartbeat -= 1
-            worker.view = None
+            self._refresh(worker, self._clock())
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -314,25 +315,49 @@ class WorkerRegistry:
             and (model is None or model in w.models)
         ]
 
-    def eligible(self, model: str, exclude: Collection[str] = frozenset()) -> list[WorkerView]:
+    def eligible(self, model: str, exclude: Collection[str] = frozenset()) -> EligibleWorkers:
         """Online or degraded workers serving ``model``, minus ``exclude`` (workers already tried).
 
-        This runs on every pick, so the candidate list per model and each worker's view are cached and
-        rebuilt only when something they show changes (a view's ``seen_ago_s`` is as of that change).
+        This runs on every pick, so the list of views per model is cached: rebuilt when the set of
+        candidates changes (status, models, capacity, a worker added or removed), and patched in place when
+        one worker's view is refreshed (a heartbeat, a request begun or ended; a view's ``seen_ago_s`` is as
+        of that change). With nothing to exclude a pick costs one C-level copy of that list.
         """
-        candidates = self._candidates.get(model)
-        if candidates is None:
-            candidates = self._candidates[model] = [
+        cached = self._candidates.get(model)
+        if cached is None:
+            now = self._clock()
+            members = [
                 w for w in self._sorted(self._workers.values()) if w.status in ELIGIBLE_STATES and model in w.models
             ]
-        views = []
-        for worker in candidates:
-            if worker.id in exclude:
-                continue
-            if worker.view is None:
-                worker.view = self._view(worker, self._clock())
-            views.append(worker.view)
-        return views
+            for worker in members:
+                if worker.view is None:
+                    worker.view = self._view(worker, now)
+            cached = self._candidates[model] = EligibleWorkers(w.view for w in members)
+            cached.positions = {w.id: i for i, w in enumerate(members)}
+            cached.loads = [v.load for v in cached]
+            cached.uniform = len({w.priority for w in members}) <= 1 and all(w.status == "online" for w in members)
+            capacities = {w.max_concurrent for w in members}
+            cached.capacity = capacities.pop() if len(capacities) == 1 else 0
+        if exclude:
+            result = EligibleWorkers(v for v in cached if v.id not in exclude)
+        else:
+            result = EligibleWorkers(cached)
+            result.positions = cached.positions
+            result.loads = list(cached.loads) if cached.loads is not None else None
+        result.uniform, result.capacity = cached.uniform, cached.capacity
+        return result
+
+    def _refresh(self, worker: _Worker, now: float) -> None:
+        """Rebuild one worker's view now and put it in the cached candidate lists that hold it."""
+        view = worker.view = self._view(worker, now)
+        for model in worker.models:
+            cached = self._candidates.get(model)
+            if cached is not None and cached.positions is not None:
+                position = cached.positions.get(worker.id)
+                if position is not None:
+                    cached[position] = view
+                    if cached.loads is not None:
+                        cached.loads[position] = view.load
 
     def has_model(self, model: str) -> bool:
         """Whether any known worker, whatever its status, serves ``model``.
@@ -403,5 +428,6 @@ class WorkerRegistry:
             seen_ago_s=None if w.last_seen is None else max(0.0, now - w.last_seen),
             requests_total=hb.requests_total if hb else 0,
             errors_total=hb.errors_total if hb else 0,
+            prompt_cache=hb.prompt_cache if hb else None,
             group=reg.group if reg else None,
         )

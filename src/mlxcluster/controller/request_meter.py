@@ -36,11 +36,13 @@ class RequestMeter:
         "gaps",
         "completion_tokens",
         "prompt_tokens",
+        "cached_tokens",
         "worker",
         "status",
         "error",
         "attempts",
         "model_known",
+        "migrations",
     )
 
     def __init__(self) -> None:
@@ -50,11 +52,13 @@ class RequestMeter:
         self.gaps: list[float] = []
         self.completion_tokens = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.worker: str | None = None
         self.status: RequestStatus | None = None
         self.error: str | None = None
         self.attempts = 0
         self.model_known = True
+        self.migrations = 0
 
     def frame(self, frame: Token | Done | Error) -> None:
         """Account for one relayed frame."""
@@ -71,6 +75,7 @@ class RequestMeter:
             self.status = "ok"
             usage = frame.usage
             self.prompt_tokens = usage.prompt_tokens
+            self.cached_tokens = usage.cached_tokens
             self.completion_tokens = usage.completion_tokens or self.completion_tokens
         elif isinstance(frame, Error):
             self.status, self.error = "error", frame.code
@@ -109,7 +114,9 @@ class RequestMeter:
             inter_token_s=tuple(self.gaps),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
             attempts=self.attempts,
             stream=request.stream,
             model_known=self.model_known,
+            migrations=self.migrations,
         )

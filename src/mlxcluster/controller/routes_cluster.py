@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
 
 from mlxcluster import __version__
 from mlxcluster.controller.balancer_api import WorkerState
+from mlxcluster.controller.cache_index import prompt_cache_rates
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.peers import PEERS
 from mlxcluster.controller.responses import json_response
 
 routes = web.RouteTableDef()
@@ -58,11 +60,15 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "failed": stats.failed,
                 "completed": stats.completed,
                 "errors": stats.errors,
+                "migrations": stats.migrations,
+                "migrations_failed": stats.migrations_failed,
             },
             "recent": {
                 "ttft_ms": [round(v, 2) for v in stats.recent_ttft_ms],
                 "tokens_per_second": [round(v, 1) for v in stats.recent_tokens_per_second],
             },
+            "controllers": request.app[PEERS].listing() if PEERS in request.app else [],
+            "cache_index": msgspec.to_builtins(ctx.cache_index.stats()) if ctx.cache_index is not None else None,
             "nats": {
                 "connected": nc.is_connected,
                 "server": ctx.bus.server_address,
@@ -96,6 +102,12 @@ async def get_worker(request: web.Request) -> web.Response:
 
 
 def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
-    data: dict[str, object] = msgspec.to_builtins(worker)
-    data["breaker"] = ctx.dispatcher.breakers.state(str(data["id"]))
+    data: dict[str, Any] = msgspec.to_builtins(worker)
+    data["breaker"] = ctx.dispatcher.breakers.state(data["id"])
+    stats = getattr(worker, "prompt_cache", None)
+    if stats is not None:
+        cache = data["prompt_cache"] = msgspec.structs.asdict(stats)  # every field: zeros are news too
+        cache.update(prompt_cache_rates(cache))
+        if ctx.cache_index is not None:
+            cache["indexed_digests"] = ctx.cache_index.worker_entries(data["id"])
     return data

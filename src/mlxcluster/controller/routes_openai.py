@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,16 @@ def worker_error(frame: Error) -> ApiError:
     if frame.code == "invalid_request":
         return ApiError(400, frame.message, code="invalid_request")
     return ApiError(502, f"Worker error ({frame.code}): {frame.message}", type="server_error", code=frame.code)
+
+
+def client_gone(request: web.Request) -> Callable[[], bool]:
+    """Whether the client of ``request`` has disconnected (a stream it no longer reads is not migrated)."""
+
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    return gone
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -108,7 +118,7 @@ async def complete(
             code="not_ready",
             retry_after=1,
         )
-    async with contextlib.aclosing(ctx.dispatcher.stream(inference)) as frames:
+    async with contextlib.aclosing(ctx.dispatcher.stream(inference, disconnected=client_gone(request))) as frames:
         first = await anext(frames, None)
         if first is None:
             raise ApiError(502, "The worker ended the stream without a result", type="server_error")

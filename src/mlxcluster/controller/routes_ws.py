@@ -180,7 +180,8 @@ class Session:
     async def _run(self, client_id: str, inference: InferenceRequest) -> None:
         """Relay one request's frames as messages."""
         try:
-            async with contextlib.aclosing(self.ctx.dispatcher.stream(inference)) as frames:
+            stream = self.ctx.dispatcher.stream(inference, disconnected=lambda: self.ws.closed)
+            async with contextlib.aclosing(stream) as frames:
                 async for frame in frames:
                     match frame:
                         case Token(text=text):

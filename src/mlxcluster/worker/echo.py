@@ -2,6 +2,11 @@
 
 It streams back the words of the last message (or the prompt), one word per token, up to
 ``max_tokens``, with an optional per-token delay. Output and usage are always labelled ``echo``.
+A continued request (``continuation`` set) goes on after the words the continuation already holds, so a
+stream moved from a lost worker reads exactly as if it had never moved.
+
+With ``prompt_cache_entries`` it keeps a SIMULATED prompt cache (:mod:`mlxcluster.worker.echo_cache`):
+the output is the same, usage reports ``cached_tokens`` and the cache's digests reach the listener.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, Timings, Token, Usage
-from mlxcluster.worker.engine_base import Engine, EngineFrame, EngineInfo
+from mlxcluster.protocol import Done, Error, InferenceRequest, PromptCacheStats, Timings, Token, Usage
+from mlxcluster.worker.echo_cache import SimulatedPromptCache
+from mlxcluster.worker.engine_base import CacheListener, Engine, EngineFrame, EngineInfo
 
 ECHO_MODEL = "echo"
 
@@ -28,12 +34,20 @@ def echo_words(request: InferenceRequest) -> tuple[list[str], int]:
     return [w if i == 0 else " " + w for i, w in enumerate(words)], prompt_tokens
 
 
+def continued_words(words: list[str], continuation: str | None) -> list[str]:
+    """The words still to echo after ``continuation`` (text a previous worker already produced)."""
+    return words[len(continuation.split()) :] if continuation else words
+
+
 class EchoEngine(Engine):
     """Deterministic tokens with a fixed delay; serves the model names it is given."""
 
-    def __init__(self, *, models: list[str] | None = None, token_delay_ms: float = 0.0) -> None:
+    def __init__(
+        self, *, models: list[str] | None = None, token_delay_ms: float = 0.0, prompt_cache_entries: int = 0
+    ) -> None:
         self.models = models or [ECHO_MODEL]
         self.token_delay_s = token_delay_ms / 1000
+        self.prompt_cache = SimulatedPromptCache(prompt_cache_entries) if prompt_cache_entries > 0 else None
 
     async def start(self) -> None:
         """Nothing to load."""
@@ -42,14 +56,28 @@ class EchoEngine(Engine):
         """Nothing to release."""
 
     def info(self) -> EngineInfo:
-        return EngineInfo(
-            name="echo", models=list(self.models), details={"token_delay_ms": str(self.token_delay_s * 1000)}
-        )
+        details = {"token_delay_ms": str(self.token_delay_s * 1000)}
+        if self.prompt_cache is not None:
+            details["prompt_cache"] = f"simulated, {self.prompt_cache.max_entries} conversations"
+        return EngineInfo(name="echo", models=list(self.models), details=details)
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        return self.prompt_cache.stats() if self.prompt_cache is not None else None
+
+    def set_cache_listener(self, listener: CacheListener | None) -> None:
+        if self.prompt_cache is not None:
+            self.prompt_cache.set_listener(listener)
+
+    def cache_digests(self) -> list[int]:
+        return self.prompt_cache.digests() if self.prompt_cache is not None else []
 
     async def generate(self, request: InferenceRequest) -> AsyncGenerator[EngineFrame, None]:
         started = time.perf_counter()
         words, prompt_tokens = echo_words(request)
-        text_so_far = ""
+        words = continued_words(words, request.continuation)
+        text_so_far = request.continuation or ""
+        cache = self.prompt_cache
+        cached_tokens = cache.lookup(request, prompt_tokens) if cache is not None else 0
         emitted = 0
         first_at: float | None = None
         finish = "stop"
@@ -67,6 +95,7 @@ class EchoEngine(Engine):
             if hit is not None:
                 tail = candidate[: candidate.index(hit)][len(text_so_far) :]
                 if tail:
+                    text_so_far += tail
                     yield Token(text=tail, seq=emitted)
                     emitted += 1
                 break
@@ -76,9 +105,16 @@ class EchoEngine(Engine):
             emitted += 1
         total_s = time.perf_counter() - started
         ttft_s = (first_at - started) if first_at else total_s
+        if cache is not None:
+            cache.store(request, text_so_far)
         yield Done(
             finish_reason=finish,  # type: ignore[arg-type]
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=emitted, total_tokens=prompt_tokens + emitted),
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=emitted,
+                total_tokens=prompt_tokens + emitted,
+                cached_tokens=cached_tokens,
+            ),
             timings=Timings(
                 ttft_ms=ttft_s * 1000,
                 total_ms=total_s * 1000,

@@ -69,6 +69,8 @@ class _Job:
     detokenizer: Any = None
     stop_filter: Any = None
     finished: bool = False
+    continued: int = 0
+    """Tokens at the end of ``prompt`` that continue the assistant's message (not prompt tokens in usage)."""
 
 
 class _RateMeter:
@@ -454,22 +456,42 @@ class MlxEngine(Engine):
             self._emit(job, Error(code="invalid_request", message=problem, retryable=False))
             return
         job.detokenizer = self._tokenizer.detokenizer
+        job.continued = self._continue_after(job.detokenizer, request)
         job.stop_filter = StopTextFilter(request.stop)
         self._waiting.append(job)
 
     def _tokenize(self, request: InferenceRequest) -> list[int]:
+        """The prompt's tokens, then those of ``request.continuation`` (text a lost worker had already
+        generated: the assistant's message goes on after it, and ``max_tokens`` is the remaining budget)."""
         tokenizer = self._tokenizer
+        continued = self._continuation_ids(request)
         if request.messages is not None:
             messages = [
                 {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in request.messages
             ]
             if tokenizer.has_chat_template:
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)) + continued
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(tokenizer.encode(text))
+            return list(tokenizer.encode(text)) + continued
         if request.prompt is None:
             raise ValueError("the request has neither messages nor prompt")
-        return list(tokenizer.encode(request.prompt))
+        return list(tokenizer.encode(request.prompt)) + continued
+
+    def _continuation_ids(self, request: InferenceRequest) -> list[int]:
+        """The tokens of ``request.continuation`` (none when it is not a continued request)."""
+        if not request.continuation:
+            return []
+        return list(self._tokenizer.encode(request.continuation, add_special_tokens=False))
+
+    def _continue_after(self, detokenizer: Any, request: InferenceRequest) -> int:
+        """Feed a continuation's tokens to the detokenizer (shown already: its output is dropped), so the
+        first new token reads as it would have mid-stream (a leading space is only trimmed at the start).
+        Returns how many tokens that was."""
+        continued = self._continuation_ids(request)
+        for token in continued:
+            detokenizer.add_token(token)
+        _ = detokenizer.last_segment
+        return len(continued)
 
     def _expire(self) -> None:
         """Drop cancelled requests and end those past their deadline."""
@@ -569,7 +591,8 @@ class MlxEngine(Engine):
         if self._prompt_cache is None or not tokens or not cache:
             return
         request = job.request
-        text = canonical_text(request.messages, request.prompt, reply="".join(job.reply))
+        reply = (request.continuation or "") + "".join(job.reply)  # a continued stream: the whole reply so far
+        text = canonical_text(request.messages, request.prompt, reply=reply)
         try:
             self._prompt_cache.store(tokens, cache, prefix_digests(text))
         except Exception:  # the cache is an optimisation: never fail a request over it
@@ -599,7 +622,7 @@ class MlxEngine(Engine):
         return True
 
     def _done(self, job: _Job, reason: str, now: float) -> Done:
-        prompt_tokens, completion = len(job.prompt), job.completion_tokens
+        prompt_tokens, completion = len(job.prompt) - job.continued, job.completion_tokens
         decode_s = now - job.first_token
         rate = (completion - 1) / decode_s if completion > 1 and decode_s > 0 else 0.0
         return Done(
@@ -608,7 +631,7 @@ class MlxEngine(Engine):
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion,
                 total_tokens=prompt_tokens + completion,
-                cached_tokens=job.cached_tokens,
+                cached_tokens=min(job.cached_tokens, prompt_tokens),
             ),
             timings=Timings(
                 queue_ms=round((job.admitted - job.submitted) * 1000, 3),

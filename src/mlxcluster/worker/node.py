@@ -26,7 +26,11 @@ def build_engine(config: Config) -> Engine:
         from mlxcluster.worker.echo import EchoEngine
 
         models = [config.worker.model] if config.worker.model else None
-        return EchoEngine(models=models, token_delay_ms=config.worker.echo_token_delay_ms)
+        return EchoEngine(
+            models=models,
+            token_delay_ms=config.worker.echo_token_delay_ms,
+            prompt_cache_entries=config.worker.echo_prompt_cache_entries,
+        )
     from mlxcluster.worker.engine import MlxEngine
     from mlxcluster.worker.models import resolve_model
 

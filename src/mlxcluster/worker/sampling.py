@@ -31,6 +31,10 @@ class KeyedSampler:
         self.top_k = int(params.top_k) if 0 < params.top_k < vocab_size else 0
         self.seed = secrets.randbits(63) if seed is None else int(seed) & 0xFFFF_FFFF_FFFF_FFFF
         self._key = mx.random.key(self.seed)
+        for done in range(params.seed_offset):  # a continued request: skip the draws its first worker made
+            self._key = mx.random.split(self._key)[0]
+            if done % 256 == 255:
+                mx.eval(self._key)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         if 0.0 < self.top_p < 1.0:

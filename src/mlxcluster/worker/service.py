@@ -41,6 +41,7 @@ from mlxcluster.protocol import (
     WorkerStatus,
 )
 from mlxcluster.worker.admission import Admission
+from mlxcluster.worker.cache_events import CacheEventPublisher
 from mlxcluster.worker.engine_base import Engine
 from mlxcluster.worker.system import ProcessMonitor, hostname
 
@@ -102,6 +103,8 @@ class WorkerService:
         self._subscriptions: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self.cache_events: CacheEventPublisher | None = None
+        """Publishes the engine's prompt-cache digests (engines with a prompt cache only)."""
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -115,6 +118,11 @@ class WorkerService:
         ]
         await self.bus.nc.flush()
         await self.register()
+        if self.engine.prompt_cache_stats() is not None:
+            self.cache_events = CacheEventPublisher(
+                bus=self.bus, engine=self.engine, worker_id=self.worker_id, instance=self.started_at, models=self.models
+            )
+            await self.cache_events.start()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         self._probe_task = asyncio.create_task(self._probe_loop())
         log.info("worker %s serving %s with the %s engine", self.worker_id, self.models, self.engine.info().name)
@@ -134,6 +142,8 @@ class WorkerService:
         for loop_task in (self._heartbeat_task, self._probe_task):
             if loop_task is not None:
                 loop_task.cancel()
+        if self.cache_events is not None:
+            await self.cache_events.stop()
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -185,6 +195,7 @@ class WorkerService:
             tokens_total=self.tokens_total,
             errors_total=self.errors_total,
             sent_at=time.time(),
+            prompt_cache=self.engine.prompt_cache_stats(),
         )
 
     async def publish_heartbeat(self) -> None:
@@ -203,6 +214,8 @@ class WorkerService:
         log.info("controller %s announced itself; registering again", announce.controller_id)
         await self.register()
         await self.publish_heartbeat()
+        if self.cache_events is not None:  # a new controller's cache index starts empty
+            await self.cache_events.snapshot()
 
     async def _on_cancel(self, cancel: Cancel, _msg: Msg) -> None:
         task = self.in_flight.get(cancel.request_id)
@@ -246,7 +259,7 @@ class WorkerService:
         emitted = next_seq = 0
         try:
             async with asyncio.timeout(timeout):
-                if not await self.admission.acquire():
+                if not await self.admission.acquire(continued=request.continuation is not None):
                     self.errors_total += 1
                     await publish(reply, Error(code="overloaded", message="worker queue is full", retryable=True))
                     return

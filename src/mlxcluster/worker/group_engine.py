@@ -233,9 +233,8 @@ class GroupEngine(MlxEngine):
                 break
             if not isinstance(item, str | type(None)):
                 jobs.append(item)
-        for job in jobs:
-            retryable = job.completion_tokens == 0
-            self._emit(job, Error(code="group_member_lost", message=message, retryable=retryable))
+        for job in jobs:  # retryable: before its first token elsewhere, after it moved mid-stream (migration)
+            self._emit(job, Error(code="group_member_lost", message=message, retryable=True))
         return len(jobs)
 
     async def stop(self) -> None:

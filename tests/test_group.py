@@ -122,13 +122,13 @@ async def _members(config, count: int, size: int, **settings) -> tuple[list[Bus]
     return buses, members
 
 
-async def test_members_agree_on_one_rank_order_and_hostfile(cluster_config, nats_server) -> None:  # type: ignore[no-untyped-def]
+async def test_members_agree_on_one_rank_order_and_hostfile(cluster_config, nats_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     buses, members = await _members(cluster_config, 3, 3)
     try:
         formed = await asyncio.gather(*(m.form(10.0) for m in members))
         orders = [[h.member_id for h in f] for f in formed]
         assert orders == [["host-a", "host-b", "host-c"]] * 3  # by member id, the same everywhere
-        hostfiles = [json.loads(Path(m.write_hostfile()).read_text()) for m in members]
+        hostfiles = [json.loads(Path(m.write_hostfile(str(tmp_path))).read_text()) for m in members]
         assert hostfiles[0] == hostfiles[1] == hostfiles[2] == [[h.address] for h in formed[0]]
         info = members[0].group_info("ring")
         assert [(m.rank, m.member_id) for m in info.members] == [(0, "host-a"), (1, "host-b"), (2, "host-c")]

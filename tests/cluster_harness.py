@@ -441,3 +441,20 @@ async def single_worker_cluster(config: Config, worker_id: str = "w1", **worker_
         controller = await running.start_controller()
         await controller.wait_online(worker_id)
         yield running
+
+
+def demo_model_or_skip() -> Any:
+    """The demo model's directory (made on first use), or skip the test when it cannot be prepared."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from mlxcluster.models.demo import DemoModelError, ensure_demo_model
+    from mlxcluster.models.registry import default_models_dir
+
+    models_dir = Path(os.environ.get("MLXCLUSTER_MODELS_DIR") or default_models_dir())
+    try:
+        return ensure_demo_model(models_dir)
+    except DemoModelError as exc:
+        pytest.skip(f"demo model cannot be prepared: {exc}")

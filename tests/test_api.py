@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -301,7 +302,8 @@ async def test_api_keys(cluster_config: Config, bus: Bus) -> None:
         status, data, _ = await post(controller, CHAT, {"model": "echo", "messages": USER})
         assert status == 401
         status, data, _ = await get(controller, "/health")
-        assert (status, data) == (200, {"status": "ok"})
+        assert (status, data["status"], data["state"]) == (200, "ok", "ready")
+        assert abs(data["time"] - time.time()) < 60
 
         with pytest.raises(openai.AuthenticationError) as caught:
             await controller.client(api_key="wrong").models.list()
@@ -407,7 +409,8 @@ async def test_health_and_ready(cluster_config: Config, bus: Bus) -> None:
     async with Cluster(cluster_config) as cluster:
         controller = await cluster.start_controller()
         status, data, _ = await get(controller, "/health")
-        assert (status, data) == (200, {"status": "ok"})
+        assert (status, data["status"], data["state"]) == (200, "ok", "ready")
+        assert abs(data["time"] - time.time()) < 60
         status, data, _ = await get(controller, "/ready")
         assert status == 503
         assert data["ready"] is False and data["workers_online"] == 0 and data["state"] == "ready"

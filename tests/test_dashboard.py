@@ -189,3 +189,51 @@ async def test_dashboard_shows_prompt_cache_figures(
             await page.wait_for("document.getElementById('cache-rate').textContent.endsWith('%')", what="the card")
             assert "index" in await page.evaluate("document.getElementById('cache-sub').textContent")
             assert page.exceptions == [], page.exceptions
+
+
+async def test_dashboard_manages_workers_and_shows_requests(keyed: Cluster, chromium: str, tmp_path: Path) -> None:
+    """The worker buttons drain, resume and forget; the requests panel shows a stream live, then finished;
+    each worker row shows its hardware and telemetry."""
+    controller = controller_of(keyed)
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await page.goto(controller.url + "/")
+        await page.type("#api-key", KEY)
+        await page.click("#save-key")
+        await page.wait_for(f"{ROWS}.length === 2", what="two worker rows")
+        await page.wait_for(f"{row('w-alpha')}.querySelector('.telemetry')", what="telemetry line")
+        telemetry = await page.evaluate(f"{row('w-alpha')}.querySelector('.telemetry').textContent")
+        assert "Test CPU 9000" in telemetry and "4 cores" in telemetry and "RSS" in telemetry
+
+        await page.click("#workers-body tr.worker[data-id='w-alpha'] button.drain")
+        await page.wait_for(f"{row('w-alpha')}.dataset.status === 'draining'", what="w-alpha draining")
+        assert controller.ctx.registry.get("w-alpha").status == "draining"  # type: ignore[union-attr]
+        await page.click("#workers-body tr.worker[data-id='w-alpha'] button.resume")
+        await page.wait_for(f"{row('w-alpha')}.dataset.status === 'online'", what="w-alpha online again")
+
+        client = controller.client(api_key=KEY)
+        stream = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": words(60)}], stream=True
+        )
+        chunks = aiter(stream)
+        await anext(chunks)
+        await page.wait_for(
+            "document.querySelector('#inflight-body tr.request.streaming')", what="the stream in flight"
+        )
+        assert await page.evaluate("document.querySelector('#inflight-body tr.request').cells[1].textContent") == (
+            "api_keys[0]"
+        )
+        async for _ in chunks:
+            pass
+        await page.wait_for("document.querySelector('#recent-body tr.request.ok')", what="the finished request")
+        assert (
+            await page.evaluate("document.querySelector('#recent-body tr.request.ok').cells[9].textContent") == "stop"
+        )
+
+        await keyed.workers["w-beta"].stop(drain=False)
+        await page.wait_for(f"{row('w-beta')}.dataset.status === 'offline'", timeout=10, what="w-beta offline")
+        await page.evaluate("window.confirm = () => true")
+        await page.click("#workers-body tr.worker[data-id='w-beta'] button.forget")
+        await page.wait_for(f"!{row('w-beta')}", what="w-beta forgotten")
+        assert "w-beta" not in controller.ctx.registry
+        await page.screenshot(tmp_path / "dashboard-ops.png")
+        assert page.exceptions == [], page.exceptions

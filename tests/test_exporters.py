@@ -228,7 +228,14 @@ async def test_metrics_endpoint_after_known_traffic(cluster: Cluster) -> None:
         "mlxcluster_cache_index_max_entries",
         "mlxcluster_cache_index_evictions",
         "mlxcluster_cache_index_events",
+        "mlxcluster_key_requests",
+        "mlxcluster_key_tokens",
+        "mlxcluster_key_rate_limited",
     } == {name for name in families if name.startswith("mlxcluster_")}
+    key = ("key", "api_keys[0]")  # the plain api_keys entry, by its position
+    assert values[("mlxcluster_key_requests_total", (key, ("status", "ok")))] == 3
+    assert values[("mlxcluster_key_requests_total", (key, ("status", "error")))] == 1
+    assert values[("mlxcluster_key_tokens_total", (key, ("kind", "completion")))] == completion
 
     await controller.bus.nc.publish(controller.bus.subjects.heartbeat, b"not msgpack or json")  # a malformed message
 
@@ -311,7 +318,7 @@ async def test_events_from_a_controller(cluster: Cluster, pm: PluginManager) -> 
 
     def last_snapshot() -> ClusterSnapshot | None:
         snapshot = next(e for e in reversed(recorder.events) if isinstance(e, ClusterSnapshot))
-        return snapshot if snapshot.requests_total == 3 else None
+        return snapshot if snapshot.requests_total == 3 and snapshot.inflight == 0 else None  # not mid-request
 
     snapshot = await wait_until(last_snapshot, what="a snapshot after the traffic")
     assert snapshot.workers["online"] == 2 and snapshot.inflight == 0 and snapshot.capacity > 0

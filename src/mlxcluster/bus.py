@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,9 @@ def connect_options(config: NatsSection, *, name: str) -> dict[str, Any]:
         "ping_interval": 10,
         "max_outstanding_pings": 3,
     }
+    options["reconnect_to_server_handler"] = reconnect_backoff(
+        config.reconnect_time_wait_ms / 1000, max(config.reconnect_time_wait_ms, config.reconnect_max_wait_ms) / 1000
+    )
     if config.user is not None:
         options["user"] = config.user
         options["password"] = config.password or ""
@@ -59,6 +63,25 @@ def connect_options(config: NatsSection, *, name: str) -> dict[str, Any]:
     if config.tls.enabled:
         options["tls"] = tls_context(config)
     return options
+
+
+def backoff_delay(failures: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with jitter: ``min(cap, base * 2**failures)`` scaled by 0.5..1.0, so
+    reconnecting nodes spread out instead of hitting a restarted server all at once."""
+    ceiling = min(cap_s, base_s * 2.0 ** min(failures, 30))
+    draw = rng.random() if rng is not None else random.random()
+    return ceiling * (0.5 + 0.5 * draw)
+
+
+def reconnect_backoff(base_s: float, cap_s: float) -> Callable[[list[Any], dict[str, Any]], tuple[Any, float]]:
+    """nats-py's ``reconnect_to_server_handler``: the server tried least (first in pool order among equals),
+    after :func:`backoff_delay` of its failed attempts so far."""
+
+    def choose(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        server = min(servers, key=lambda s: s.reconnects)
+        return server, backoff_delay(server.reconnects, base_s, cap_s)
+
+    return choose
 
 
 def tls_context(config: NatsSection) -> ssl.SSLContext:
@@ -101,7 +124,7 @@ class Bus:
         # on an auth error), so each attempt here allows one retry per server; the configured policy is
         # restored once connected.
         options["max_reconnect_attempts"] = 1
-        delay, tried = 0.1, 0
+        tried = 0
         while True:
             try:
                 nc = await nats.connect(**options)
@@ -113,9 +136,9 @@ class Bus:
                 if 0 <= limit <= tried:
                     url = redact_url(config.url)
                     raise BusError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
+                delay = backoff_delay(tried - 1, 0.1, MAX_CONNECT_BACKOFF_S)
                 log.warning("NATS not reachable at %s (%s); retrying in %.1fs", redact_url(config.url), exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
         bus = cls(nc, Subjects(config.subject_prefix))
         log.info("connected to NATS %s as %s", bus.server_address or redact_url(config.url), name)
         return bus

@@ -26,6 +26,7 @@ from mlxcluster.cli_common import (
 )
 from mlxcluster.models.commands import models_app
 from mlxcluster.plugins_cli import exporters_app, plugins_command
+from mlxcluster.workers_cli import keys_command, requests_command, workers_app
 
 app = typer.Typer(
     name="mlxcluster",
@@ -42,6 +43,9 @@ app.add_typer(models_app, name="models", help="Prepare, import and list models."
 app.add_typer(balancers_app, name="balancers", help="Load-balancing strategies (plugins).")
 app.add_typer(exporters_app, name="exporters", help="Metrics exporters (plugins).")
 app.command("plugins")(plugins_command)
+app.add_typer(workers_app, name="workers", help="List and manage a running cluster's workers.")
+app.command("requests")(requests_command)
+app.command("keys")(keys_command)
 
 
 def version_callback(value: bool) -> None:
@@ -86,6 +90,9 @@ def run(
     model: Annotated[str | None, typer.Option(help="Model dir or Hugging Face repo id.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="Requests a worker serves at once.")] = None,
     port: Annotated[int | None, typer.Option(help="Controller HTTP port.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow an API or embedded NATS open beyond loopback without credentials.")
+    ] = False,
     group: Annotated[
         str | None, typer.Option("--group", help="Worker: join the worker group NAME that shards one model.")
     ] = None,
@@ -107,6 +114,8 @@ def run(
         "WORKER_MODEL": model,
         "WORKER_MAX_CONCURRENT": max_concurrent,
         "CONTROLLER_PORT": port,
+        "CONTROLLER_INSECURE": "true" if insecure else None,
+        "NATS_EMBEDDED_INSECURE": "true" if insecure else None,
         "WORKER_GROUP_NAME": group,
         "WORKER_GROUP_SIZE": group_size,
         "WORKER_GROUP_PARALLEL": parallel,
@@ -138,15 +147,10 @@ UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (de
 
 
 def _ask_controller(config_path: Path | None, url: str | None, path: str) -> dict[str, Any]:
-    from mlxcluster.status_cli import StatusError, controller_url, fetch
+    from mlxcluster.workers_cli import ask_controller
 
-    config = get_config(config_path)
-    api_key = config.controller.api_keys[0] if config.controller.api_keys else None
-    try:
-        answer: dict[str, Any] = fetch(controller_url(config, url), path, api_key)
-        return answer
-    except StatusError as exc:
-        fail(str(exc), 1)
+    answer: dict[str, Any] = ask_controller(config_path, url, path)
+    return answer
 
 
 @app.command()
@@ -158,25 +162,6 @@ def status(config_path: ConfigOption = None, url: UrlOption = None, as_json: Jso
 
     data = _ask_controller(config_path, url, "/api/cluster/status")
     typer.echo(json.dumps(data, indent=2) if as_json else format_status(data))
-
-
-@app.command()
-def workers(
-    config_path: ConfigOption = None,
-    url: UrlOption = None,
-    as_json: JsonOption = False,
-    status_filter: Annotated[
-        str | None, typer.Option("--status", help="online | degraded | draining | offline")
-    ] = None,
-) -> None:
-    """List a running cluster's workers (asks the controller)."""
-    import json
-
-    from mlxcluster.status_cli import format_workers
-
-    path = "/api/cluster/workers" + (f"?status={status_filter}" if status_filter else "")
-    data = _ask_controller(config_path, url, path)
-    typer.echo(json.dumps(data, indent=2) if as_json else format_workers(data["workers"]))
 
 
 @app.command()
@@ -205,10 +190,37 @@ def doctor(config_path: ConfigOption = None, as_json: JsonOption = False) -> Non
 def config_init(
     path: Annotated[Path, typer.Argument(help="Where to write it.")] = Path(DEFAULT_CONFIG_FILE),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    secure: Annotated[
+        bool,
+        typer.Option("--secure", help="Write a two-machine set-up instead: NATS users per role, an admin API key."),
+    ] = False,
+    controller_host: Annotated[
+        str, typer.Option("--controller-host", help="With --secure: the address workers use to reach NATS.")
+    ] = "controller.local",
+    worker_ids: Annotated[
+        str | None,
+        typer.Option("--workers", help="With --secure: worker ids (a,b) that get their own NATS user and config."),
+    ] = None,
 ) -> None:
-    """Write a commented default cluster.toml."""
+    """Write a commented default cluster.toml (or, with --secure, a directory of credentials and configs)."""
     from mlxcluster.config_template import DEFAULT_CONFIG_TOML
 
+    if secure:
+        from mlxcluster.nats_auth import secure_setup
+
+        directory = path if path != Path(DEFAULT_CONFIG_FILE) else Path("mlxcluster-secure")
+        try:
+            ids = [w.strip() for w in (worker_ids or "").split(",") if w.strip()]
+            written = secure_setup(directory, controller_host, workers=ids)
+        except (FileExistsError, ValueError) as exc:
+            fail(str(exc))
+        typer.echo(f"wrote {written['controller']} (this machine: controller + NATS)")
+        typer.echo(f"wrote {written['worker']} (copy to each worker machine)")
+        for name, extra in written.items():
+            if name.startswith("worker-"):
+                typer.echo(f"wrote {extra} (only for worker {name.removeprefix('worker-')})")
+        typer.echo(f"wrote {written['users']} (NATS users per role) and {written['api_key']} (the admin API key)")
+        return
     if path.exists() and not force:
         fail(f"{path} exists; use --force to overwrite it")
     path.write_text(DEFAULT_CONFIG_TOML, encoding="utf-8")
@@ -220,8 +232,18 @@ def config_validate(
     path: Annotated[Path | None, typer.Argument(help="File to check (default: ./cluster.toml).")] = None,
 ) -> None:
     """Check a config file (and MLXCLUSTER_* overrides); exit 2 with the key path when it is wrong."""
+    from mlxcluster.config import ConfigError
+    from mlxcluster.controller.keys import KeyRing
+    from mlxcluster.nats_auth import load_users
+
     resolved = resolve_config_path(path)
-    get_config(resolved)
+    config = get_config(resolved)
+    try:  # what the controller checks when it starts: key entries (key_env set), the NATS users file
+        KeyRing.from_config(config.controller)
+        if config.nats.embedded.users_file is not None:
+            load_users(config.nats.embedded.users_file)
+    except ConfigError as exc:
+        fail(f"{resolved or '<defaults>'}: {exc}")
     typer.echo(f"{resolved or '<defaults>'}: ok")
 
 

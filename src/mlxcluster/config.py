@@ -64,6 +64,10 @@ class EmbeddedNatsSection(_Section):
     store_dir: str = ".nats/jetstream"
     log_level: LogLevel = "info"
     start_timeout_s: PositiveSeconds = 5.0
+    insecure: bool = False
+    """Listen on a non-loopback ``host`` without NATS auth (refused otherwise; warned about at every start)."""
+    users_file: str | None = None
+    """A JSON file of NATS users with per-role permissions (``mlxcluster config init --secure`` writes one)."""
 
 
 class NatsSection(_Section):
@@ -80,11 +84,36 @@ class NatsSection(_Section):
     subject_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "mlxcluster"
     max_reconnect_attempts: Annotated[int, Meta(ge=-1)] = -1
     reconnect_time_wait_ms: PositiveMs = 1000
+    """First reconnect delay; each failed attempt doubles it (with jitter) up to ``reconnect_max_wait_ms``."""
+    reconnect_max_wait_ms: PositiveMs = 5000
     connect_timeout_ms: PositiveMs = 2000
     randomize_servers: bool = True
     """Try ``url``'s servers in random order (spreads clients over a NATS cluster); false: in the order given,
     so a node prefers the first (its local server) and fails over to the next."""
     embedded: EmbeddedNatsSection = msgspec.field(default_factory=EmbeddedNatsSection)
+
+
+class ApiKeyEntry(_Section):
+    """One ``[[controller.keys]]`` entry: an API key with a name, limits, allowed models and a role.
+
+    Exactly one of ``key`` (the value), ``key_env`` (an environment variable holding it) or ``key_sha256``
+    (the hex SHA-256 of the value, so the file holds no secret) says which key it is.
+    """
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+    key: str | None = None
+    key_env: str | None = None
+    key_sha256: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    rpm: PositiveInt | None = None
+    """Requests per minute (sliding window); unset: no limit."""
+    tpm: PositiveInt | None = None
+    """Prompt + completion tokens per minute (sliding window); unset: no limit."""
+    max_concurrent: PositiveInt | None = None
+    """Requests of this key running at once; unset: no limit."""
+    models: list[str] = msgspec.field(default_factory=list)
+    """Models this key may use; empty: all."""
+    admin: bool = False
+    """Admin keys reach the mutating cluster API (worker management) and ``/api/cluster/keys``."""
 
 
 class ControllerSection(_Section):
@@ -93,6 +122,12 @@ class ControllerSection(_Section):
     bind: str = "127.0.0.1"
     port: Port = 8080
     api_keys: list[str] = msgspec.field(default_factory=list)
+    """Plain keys: each one is an admin key without limits (``keys`` gives names, limits and roles)."""
+    keys: list[ApiKeyEntry] = msgspec.field(default_factory=list)
+    recent_requests: Annotated[int, Meta(ge=0, le=100_000)] = 200
+    """Finished requests kept for ``/api/cluster/requests``."""
+    insecure: bool = False
+    """Serve a non-loopback ``bind`` without any API key (refused otherwise; warned about at every start)."""
     cors: list[str] = msgspec.field(default_factory=list)
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     first_token_timeout_s: PositiveSeconds = 30.0
@@ -296,6 +331,10 @@ def to_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
             value = data[section].get(key)
             if value:
                 data[section][key] = [MASK] * len(value) if isinstance(value, list) else MASK
+        for entry in data["controller"]["keys"]:
+            for secret in ("key", "key_sha256"):
+                if entry.get(secret):
+                    entry[secret] = MASK
         data["nats"]["url"] = redact_url(data["nats"]["url"])
     cleaned: dict[str, Any] = _drop_none(data)
     return cleaned

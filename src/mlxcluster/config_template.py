@@ -22,7 +22,8 @@ url = "nats://127.0.0.1:4222"      # several servers of a NATS cluster: comma-se
 max_payload = 8388608              # bytes; larger prompts are refused with HTTP 413
 subject_prefix = "mlxcluster"
 max_reconnect_attempts = -1        # -1: forever
-reconnect_time_wait_ms = 1000
+reconnect_time_wait_ms = 1000      # first reconnect delay; doubles (with jitter) per failure
+reconnect_max_wait_ms = 5000       # the cap of that backoff
 connect_timeout_ms = 2000
 randomize_servers = true           # false: try url's servers in the order given (list the local one first)
 
@@ -41,11 +42,15 @@ jetstream = false
 store_dir = ".nats/jetstream"
 log_level = "info"                 # debug | info | warning | error
 start_timeout_s = 5.0
+insecure = false                   # true: allow a non-loopback host without NATS auth (refused otherwise)
+# users_file = "nats-users.json"   # NATS users per role with permissions (mlxcluster config init --secure)
 
 [controller]
-bind = "127.0.0.1"                 # use 0.0.0.0 to serve other machines (set api_keys then)
+bind = "127.0.0.1"                 # use 0.0.0.0 to serve other machines (needs API keys, or insecure = true)
 port = 8080
-api_keys = []                      # when set, "Authorization: Bearer <key>" is required on /v1 and /api
+api_keys = []                      # plain keys (admin, no limits); "Authorization: Bearer <key>" on /v1 and /api
+insecure = false                   # true: allow a non-loopback bind without API keys (refused otherwise)
+recent_requests = 200              # finished requests kept for /api/cluster/requests
 cors = []                          # allowed origins, e.g. ["https://example.org"] or ["*"]
 max_body_bytes = 4194304
 first_token_timeout_s = 30.0
@@ -54,6 +59,14 @@ max_attempts = 3                   # tries on different workers before the first
 drain_timeout_s = 30.0
 migration_limit = 2                # moves of a started stream to another worker when its worker is lost
 stall_timeout_s = 15.0             # mid-stream silence that means the worker is lost (keep above 5)
+
+# API keys as records (any number of entries):
+# [[controller.keys]]
+# name = "team-a"                  # shown in usage, the request monitor, the access log and metrics
+# key_env = "TEAM_A_API_KEY"       # or key = "sk-...", or key_sha256 = "<hex sha256 of the key>"
+# models = []                      # models the key may use (empty: all)
+# rpm = 60                         # requests per minute; tpm = tokens per minute; max_concurrent = at once
+# admin = false                    # admin keys manage workers and read /api/cluster/keys
 
 [worker]
 # id = "mac-studio-1"              # default: hostname + pid

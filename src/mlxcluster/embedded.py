@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mlxcluster.config import NatsSection
@@ -90,7 +91,11 @@ def server_config_text(config: NatsSection) -> str:
     }
     if embedded.http_port:
         conf["http_port"] = embedded.http_port
-    if config.user is not None:
+    if embedded.users_file is not None:  # users per role, each with only its role's subjects
+        from mlxcluster.nats_auth import authorization, load_users
+
+        conf["authorization"] = authorization(load_users(embedded.users_file), config.subject_prefix)
+    elif config.user is not None:
         conf["authorization"] = {"user": config.user, "password": config.password or ""}
     elif config.token is not None:
         conf["authorization"] = {"token": config.token}
@@ -223,3 +228,32 @@ class EmbeddedNatsServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+STABLE_AFTER_S = 10.0
+MAX_RESTART_BACKOFF_S = 10.0
+
+
+async def keep_server_running(
+    server: EmbeddedNatsServer, stopping: Callable[[], bool], *, first_delay_s: float = 0.5
+) -> None:
+    """Restart ``server`` whenever it exits, with exponential backoff (reset after a stable run), until
+    ``stopping()`` says so or the task is cancelled. Clients reconnect by themselves."""
+    delay = first_delay_s
+    while not stopping():
+        process = server.process
+        started = time.monotonic()
+        if process is not None:
+            await process.wait()
+            if stopping():
+                return
+            if time.monotonic() - started > STABLE_AFTER_S:
+                delay = first_delay_s
+            log.warning("nats-server exited with code %s; restarting in %.1fs", process.returncode, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, MAX_RESTART_BACKOFF_S)
+        await server.stop()
+        try:
+            await server.start()
+        except Exception as exc:
+            log.error("nats-server restart failed: %s", exc)

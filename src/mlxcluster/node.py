@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 
 from mlxcluster.bus import Bus, BusError
-from mlxcluster.config import Config
-from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError
+from mlxcluster.config import Config, ConfigError
+from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError, keep_server_running
+from mlxcluster.secure import check_exposure
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _main(config: Config, role: str, workers: int) -> int:
+    try:
+        check_exposure(config, role)  # refuse an open API or NATS beyond loopback unless insecure is set
+    except ConfigError as exc:
+        raise NodeError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,7 +78,7 @@ async def _main(config: Config, role: str, workers: int) -> int:
             finally:
                 await bus.close()
         return 0
-    except (EmbeddedServerError, BusError) as exc:
+    except (EmbeddedServerError, BusError, ConfigError) as exc:  # ConfigError: e.g. an unreadable users_file
         raise NodeError(str(exc)) from None
 
 
@@ -88,9 +93,15 @@ async def embedded_server_for(config: Config, role: str) -> AsyncIterator[str | 
         return
     server = EmbeddedNatsServer(config.nats)
     await server.start()
+    stopping = False
+    supervise = asyncio.create_task(keep_server_running(server, lambda: stopping))  # restarted if it dies
     try:
         yield server.url
     finally:
+        stopping = True
+        supervise.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervise
         await server.stop()
 
 

@@ -200,6 +200,19 @@ class ControllerHeartbeat(_Message):
     """Its last heartbeat: it is shutting down (peers forget it at once)."""
 
 
+class WorkerSettingsChanged(_Message):
+    """Published by a controller on ``cluster.worker_settings`` when an operator changes a worker's run-time
+    settings (the whole state, so applying it twice is harmless), and again for every worker it has settings
+    for when another controller announces itself. ``forget``: the worker was forgotten."""
+
+    controller_id: str
+    worker_id: WorkerId
+    drained: bool = False
+    priority: int | None = None
+    tags: list[str] | None = None
+    forget: bool = False
+
+
 # --- inference --------------------------------------------------------------------------------
 
 

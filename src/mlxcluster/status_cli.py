@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 from mlxcluster.bench.stats import table
@@ -27,9 +28,14 @@ def controller_url(config: Config, url: str | None) -> str:
     return f"http://{host}:{config.controller.port}"
 
 
-def fetch(base_url: str, path: str, api_key: str | None, timeout: float = 5.0) -> Any:
-    """GET ``path`` as JSON, with the API key when one is configured."""
-    request = urllib.request.Request(base_url + path)
+def fetch(
+    base_url: str, path: str, api_key: str | None, timeout: float = 5.0, *, method: str = "GET", body: Any = None
+) -> Any:
+    """Ask ``path`` (GET, or ``method`` with a JSON ``body``) and return the JSON answer, with the API key."""
+    data = json.dumps(body).encode() if body is not None else (b"" if method != "GET" else None)
+    request = urllib.request.Request(base_url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
@@ -44,6 +50,20 @@ def fetch(base_url: str, path: str, api_key: str | None, timeout: float = 5.0) -
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StatusError(f"cannot reach the controller at {base_url}: {reason}") from None
+
+
+def cli_api_key(config: Config, env: Mapping[str, str]) -> str | None:
+    """The key the CLI sends: ``MLXCLUSTER_API_KEY``, else the first admin key whose value the config holds
+    (``api_keys``, or a ``[[controller.keys]]`` entry's ``key`` / ``key_env``), else the first such key."""
+    if env.get("MLXCLUSTER_API_KEY"):
+        return env["MLXCLUSTER_API_KEY"]
+    known: list[tuple[bool, str]] = [(True, key) for key in config.controller.api_keys]
+    for entry in config.controller.keys:
+        value = entry.key if entry.key is not None else env.get(entry.key_env or "", "") or None
+        if value:
+            known.append((entry.admin, value))
+    known.sort(key=lambda item: not item[0])  # admin keys first, stable otherwise
+    return known[0][1] if known else None
 
 
 def format_status(status: dict[str, Any]) -> str:

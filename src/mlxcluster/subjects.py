@@ -41,6 +41,11 @@ class Subjects:
         """Controllers publish :class:`~mlxcluster.protocol.ControllerHeartbeat` here (they know each other)."""
         return f"{self.prefix}.cluster.controller"
 
+    @property
+    def worker_settings(self) -> str:
+        """Controllers publish :class:`~mlxcluster.protocol.WorkerSettingsChanged` (drain, priority, tags)."""
+        return f"{self.prefix}.cluster.worker_settings"
+
     def group(self, name: str) -> str:
         """A worker group's members publish :class:`~mlxcluster.protocol.GroupHello` here (rendezvous, heartbeat)."""
         return f"{self.prefix}.group.{name}"

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from mlxcluster.config import Config
-from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent
+from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent, keep_server_running
 from mlxcluster.node import CANNOT_START, NodeError
 from mlxcluster.worker.blas import preload_env
 
@@ -192,21 +192,7 @@ class Supervisor:
 
     async def _watch_server(self, server: EmbeddedNatsServer, stop: asyncio.Event) -> None:
         """Restart nats-server if it dies (clients reconnect by themselves)."""
-        delay = 0.5
-        while not (stop.is_set() or self.stopping):
-            process = server.process
-            if process is not None:
-                await process.wait()
-                if stop.is_set() or self.stopping:
-                    return
-                log.warning("nats-server exited with code %s; restarting in %.1fs", process.returncode, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_BACKOFF_S)
-            await server.stop()
-            try:
-                await server.start()
-            except Exception as exc:
-                log.error("nats-server restart failed: %s", exc)
+        await keep_server_running(server, lambda: stop.is_set() or self.stopping)
 
 
 async def terminate(

@@ -77,6 +77,22 @@ class PrometheusExporter:
         )
         self.prompt_cache = PromptCacheCollector()
         r.register(self.prompt_cache)
+        self.key_requests = Counter(
+            "mlxcluster_key_requests",
+            "Inference requests finished, by API key and status.",
+            ["key", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "mlxcluster_key_tokens",
+            "Tokens used, by API key and kind (prompt, completion).",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.key_rate_limited = Counter(
+            "mlxcluster_key_rate_limited", "Requests refused with 429, by API key.", ["key"], registry=r
+        )
+        self._rate_limited_seen: dict[str, int] = {}
         for kind in ("prompt", "completion", "cached"):
             self.tokens.labels(kind=kind)
         for status in WORKER_STATES:
@@ -100,6 +116,10 @@ class PrometheusExporter:
                     self.tokens.labels(kind="completion").inc(event.completion_tokens)
                 if event.cached_tokens:
                     self.tokens.labels(kind="cached").inc(event.cached_tokens)
+                if event.key is not None:  # key names come from the config, not from clients: bounded labels
+                    self.key_requests.labels(key=event.key, status=event.status).inc()
+                    self.key_tokens.labels(key=event.key, kind="prompt").inc(event.prompt_tokens)
+                    self.key_tokens.labels(key=event.key, kind="completion").inc(event.completion_tokens)
             case RequestRetried():
                 self.retries.inc()
             case RequestMigrated():
@@ -117,6 +137,11 @@ class PrometheusExporter:
         for worker, speed in event.worker_tokens_per_second.items():
             self.worker_speed.labels(worker=worker).set(speed)
         self._speed_labels = set(event.worker_tokens_per_second)
+        for key, total in event.rate_limited_by_key.items():
+            seen = self._rate_limited_seen.get(key, 0)
+            if total > seen:
+                self.key_rate_limited.labels(key=key).inc(total - seen)
+            self._rate_limited_seen[key] = total
         if event.invalid_messages_total > self._invalid_seen:
             self.invalid.inc(event.invalid_messages_total - self._invalid_seen)
             self._invalid_seen = event.invalid_messages_total

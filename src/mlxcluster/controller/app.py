@@ -19,9 +19,10 @@ from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.controller import dashboard, openapi, routes_cluster, routes_openai, routes_ws
+from mlxcluster.controller import dashboard, openapi, routes_admin, routes_cluster, routes_openai, routes_ws
 from mlxcluster.controller.balancer_api import BalancerContext
 from mlxcluster.controller.balancing import build_balancer
+from mlxcluster.controller.bus_watch import watch_bus
 from mlxcluster.controller.cache_feed import follow_cache_events
 from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
@@ -34,8 +35,10 @@ from mlxcluster.controller.middleware import (
     error_middleware,
     request_id_middleware,
 )
+from mlxcluster.controller.ops import Operations
 from mlxcluster.controller.peers import PEERS, ControllerPeers, run_controller_heartbeats
 from mlxcluster.controller.registry import WorkerRegistry
+from mlxcluster.controller.settings_sync import share_worker_settings
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
     inbox = ResponseInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
+    ops = Operations.from_config(config.controller)  # a bad key entry fails here, at startup
     ctx = ControllerContext(
         config=config,
         bus=bus,
@@ -61,17 +65,18 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
             balancer=balancer,
             config=config.controller,
             inbox=inbox,
-            events=metrics.emit if metrics.runners else None,
+            events=ops.sink(metrics.emit if metrics.runners else None),
         ),
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
         cache_index=cache_index,
+        ops=ops,
     )
     middlewares: list[Middleware] = [
         request_id_middleware,
         cors_middleware(config.controller.cors),
         error_middleware,
-        auth_middleware(config.controller.api_keys),
+        auth_middleware(ops.keys, ops.limiter),
     ]
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
@@ -79,12 +84,14 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app[PEERS] = ControllerPeers(controller_id, config.discovery.offline_timeout_ms / 1000)
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_cluster.routes)
+    app.add_routes(routes_admin.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked
     routes_ws.setup(app)
     dashboard.setup(app)
     app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
     app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
     app.cleanup_ctx.append(follow_cache_events)  # before join_cluster: workers answer its announce with snapshots
+    app.cleanup_ctx.append(share_worker_settings)  # before join_cluster: peers answer its announce
     app.cleanup_ctx.append(join_cluster)
     app.cleanup_ctx.append(run_controller_heartbeats)  # other controllers on this NATS see us, we see them
     return app
@@ -122,10 +129,12 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
     await announce()
     sweeper = asyncio.create_task(_sweep_forever(registry))
     ctx.lifecycle.to("ready")
+    watcher = asyncio.create_task(watch_bus(ctx.lifecycle, bus))
     try:
         yield
     finally:
         sweeper.cancel()
+        watcher.cancel()
         await ctx.dispatcher.inbox.close()
         for sub in subscriptions:
             with contextlib.suppress(Exception):

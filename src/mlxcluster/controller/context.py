@@ -12,6 +12,7 @@ from mlxcluster.config import Config
 from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.controller.dispatch import Dispatcher
 from mlxcluster.controller.lifecycle import Lifecycle
+from mlxcluster.controller.ops import Operations
 from mlxcluster.controller.registry import WorkerRegistry
 
 
@@ -29,6 +30,8 @@ class ControllerContext:
     started_at: int = field(default_factory=lambda: int(time.time()))
     cache_index: CacheIndex | None = None
     """Which workers' prompt caches hold which prefixes (soft state, fed by ``worker.cache`` events)."""
+    ops: Operations = field(default_factory=Operations)
+    """API keys, rate limits and request monitoring."""
 
 
 CONTROLLER = web.AppKey("controller", ControllerContext)

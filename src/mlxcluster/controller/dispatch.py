@@ -124,6 +124,8 @@ class Dispatcher:
         self.stats = DispatchStats()
         self.events: EventSink = events or discard
         """Where metrics events go (one :class:`RequestFinished` per request); ``discard`` when unmetered."""
+        self.live: dict[str, RequestMeter] = {}
+        """Meters of the requests in flight, by request id (for ``/api/cluster/requests``)."""
 
     def check_size(self, request: InferenceRequest) -> bytes:
         """Encode the request, refusing one the bus cannot carry (413, not a timeout)."""
@@ -148,7 +150,7 @@ class Dispatcher:
         sink, the request is metered and one :class:`RequestFinished` event is emitted when it ends.
         ``disconnected`` says whether the client has gone: such a stream is not migrated.
         """
-        meter = RequestMeter() if self.events is not discard else None
+        meter = RequestMeter(request, self.live) if self.events is not discard else None
         try:
             payload = self.check_size(request)
             if not self.registry.has_model(request.model):

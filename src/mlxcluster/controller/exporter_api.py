@@ -63,8 +63,16 @@ class RequestFinished(_Event, tag="request_finished", frozen=True, kw_only=True)
     """Workers tried (more than 1: retried before the first token, or moved mid-stream)."""
     stream: bool = False
     model_known: bool = True
+    key: str | None = None
+    """Name of the API key the request came with (``None``: no keys configured)."""
+    finish_reason: str | None = None
+    """``stop``, ``length``, ``cancelled``... from the worker's ``Done`` (``None``: no Done)."""
+    queue_s: float | None = None
+    """Seconds the request waited in the worker's queue, as the worker measured it."""
+    started: float = 0.0
+    """Wall-clock time the request reached the dispatcher."""
     migrations: int = 0
-    """Times the started stream moved to another worker after its worker was lost mid-stream."""
+    """Times the stream moved to another worker after its first token (mid-stream migration)."""
 
 
 class RequestRetried(_Event, tag="request_retried", frozen=True, kw_only=True):
@@ -132,6 +140,8 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     :class:`~mlxcluster.protocol.PromptCacheStats` plus ``hit_rate`` and ``token_hit_rate``."""
     cache_index: dict[str, int] = {}
     """The controller's cache index: :class:`~mlxcluster.controller.cache_index.CacheIndexStats` fields."""
+    rate_limited_by_key: dict[str, int] = {}
+    """Requests refused with 429, by API key name, since the controller started."""
 
 
 MetricsEvent = RequestFinished | RequestRetried | RequestMigrated | WorkerStatusChanged | ClusterSnapshot

@@ -1,4 +1,7 @@
-"""The controller's lifecycle: idle → connecting → starting → ready → draining → stopped (or error)."""
+"""The controller's lifecycle: idle → connecting → starting → ready → draining → stopped (or error).
+
+``ready`` ⇄ ``degraded`` while the NATS connection is down (nothing can be dispatched then).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,14 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-State = Literal["idle", "connecting", "starting", "ready", "draining", "stopped", "error"]
+State = Literal["idle", "connecting", "starting", "ready", "degraded", "draining", "stopped", "error"]
 
 _ALLOWED: dict[State, set[State]] = {
     "idle": {"connecting", "error", "stopped"},
     "connecting": {"starting", "error", "stopped"},
     "starting": {"ready", "error", "draining", "stopped"},
-    "ready": {"draining", "error", "stopped"},
+    "ready": {"degraded", "draining", "error", "stopped"},
+    "degraded": {"ready", "draining", "error", "stopped"},
     "draining": {"stopped", "error"},
     "stopped": set(),
     "error": {"stopped"},

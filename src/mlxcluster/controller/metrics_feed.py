@@ -295,6 +295,7 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
         events_dropped_total=feed.dropped,
         worker_prompt_cache=caches,
         cache_index=msgspec.structs.asdict(index.stats()) if index is not None else {},
+        rate_limited_by_key={name: usage.rate_limited for name, usage in ctx.ops.keys.usage.items()},
     )
 
 

@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 
 from mlxcluster.bus import Bus
-from mlxcluster.config import Config
+from mlxcluster.config import Config, ConfigError
 from mlxcluster.controller.app import create_app
 from mlxcluster.controller.balancing import UnknownBalancerError
 from mlxcluster.controller.context import CONTROLLER
@@ -24,7 +24,7 @@ async def serve_controller(config: Config, bus: Bus, stop: asyncio.Event) -> Non
     """Serve the API until ``stop``; then refuse new requests and let in-flight ones finish."""
     try:
         app = create_app(config, bus, get_plugin_manager(config.plugins))
-    except (UnknownBalancerError, ExporterError) as exc:
+    except (UnknownBalancerError, ExporterError, ConfigError) as exc:  # ConfigError: a bad [[controller.keys]]
         raise NodeError(str(exc)) from None
     ctx = app[CONTROLLER]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)

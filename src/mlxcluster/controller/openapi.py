@@ -57,6 +57,7 @@ STR = {"type": "string"}
 NUM = {"type": "number"}
 BOOL = {"type": "boolean"}
 NULLABLE_STR = {"type": ["string", "null"]}
+NULLABLE_NUM = {"type": ["number", "null"]}
 FINISH = {"enum": ["stop", "length"]}
 UNAUTHORIZED = _error("Missing or wrong API key (when `controller.api_keys` is set).")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": STR}}
@@ -114,7 +115,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     ),
     "Model": _obj({"id": STR, "object": {"const": "model"}, "created": INT, "owned_by": STR}),
     "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}),
-    "Health": _obj({"status": {"const": "ok"}}),
+    "Health": _obj({"status": {"enum": ["ok", "degraded"]}, "state": STR, "time": NUM}),
     "Readiness": _obj({"ready": BOOL, "state": STR, "workers_online": INT}),
     "ClusterStatus": _obj(
         {
@@ -141,9 +142,53 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         "allOf": [
             _ref("WorkerView"),
             _obj({"breaker": {"enum": ["closed", "open", "half_open"]}}),
+            _obj(
+                {
+                    "hardware": {"type": ["object", "null"]},
+                    "capabilities": {"type": ["object", "null"]},
+                    "registered_at": NULLABLE_NUM,
+                    "cpu_percent": NULLABLE_NUM,
+                    "rss_bytes": {"type": ["integer", "null"]},
+                    "drained": BOOL,
+                    "avg_latency_ms": NULLABLE_NUM,
+                    "avg_ttft_ms": NULLABLE_NUM,
+                }
+            ),
         ]
     },
     "WorkerList": _obj({"workers": {"type": "array", "items": _ref("Worker")}}),
+    "WorkerChange": _obj(
+        {
+            "id": STR,
+            "status": STR,
+            "inflight": INT,
+            "settings": _obj({"drained": BOOL, "priority": INT, "tags": {"type": "array", "items": STR}}),
+        }
+    ),
+    "WorkerSettings": {
+        "type": "object",
+        "properties": {
+            "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000},
+            "tags": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 64}, "maxItems": 32},
+            "drained": BOOL,
+        },
+        "additionalProperties": False,
+        "minProperties": 1,
+    },
+    "RequestRecord": _obj(
+        {"id": STR, "key": NULLABLE_STR, "model": STR, "worker": NULLABLE_STR, "state": STR, "started": NUM},
+    ),
+    "RequestList": _obj(
+        {
+            "time": NUM,
+            "in_flight": {"type": "array", "items": _ref("RequestRecord")},
+            "recent": {"type": "array", "items": _ref("RequestRecord")},
+            "recent_capacity": {"type": ["integer", "null"]},
+        }
+    ),
+    "KeyList": _obj(
+        {"keys": {"type": "array", "items": _obj({"name": STR, "admin": BOOL, "usage": {"type": "object"}})}}
+    ),
 }
 
 SSE = {
@@ -205,6 +250,20 @@ WORKER_QUERY = [
     {"name": "model", "in": "query", "schema": STR},
     {"name": "tag", "in": "query", "schema": STR},
 ]
+REQUEST_QUERY = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    {
+        "name": "state",
+        "in": "query",
+        "schema": {"enum": ["routing", "waiting", "streaming", "ok", "error", "cancelled"]},
+    },
+    {"name": "key", "in": "query", "schema": STR},
+]
+WORKER_CHANGE: dict[str, Schema] = {
+    "200": _json(_ref("WorkerChange"), "The worker's status and settings now."),
+    "403": _error("Not an admin key (`admin_required`)."),
+    "404": _error("No such worker (`worker_not_found`)."),
+}
 WS_SUMMARY = "Chat and text completions over a WebSocket (JSON messages, requests multiplexed by `id`)"
 
 OPERATIONS: dict[str, dict[str, Schema]] = {
@@ -254,6 +313,51 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
             "One worker",
             {"200": _json(_ref("Worker"), "The worker."), "404": _error("No such worker (`worker_not_found`).")},
             parameters=[WORKER_ID_PARAM],
+        )
+    },
+    "/api/cluster/workers/{worker_id}/drain": {
+        "post": _op(
+            "Drain a worker (admin key): no new work, running streams finish",
+            WORKER_CHANGE,
+            parameters=[WORKER_ID_PARAM],
+        )
+    },
+    "/api/cluster/workers/{worker_id}/resume": {
+        "post": _op("Undo a drain (admin key)", WORKER_CHANGE, parameters=[WORKER_ID_PARAM])
+    },
+    "/api/cluster/workers/{worker_id}/settings": {
+        "post": {
+            **_op(
+                "Set a worker's priority, tags or drained flag (admin key)",
+                {**WORKER_CHANGE, "400": _error("A bad field (`param` names it).")},
+                parameters=[WORKER_ID_PARAM],
+            ),
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("WorkerSettings")}}},
+        }
+    },
+    "/api/cluster/workers/{worker_id}/forget": {
+        "post": _op(
+            "Forget an offline worker and its settings (admin key)",
+            {
+                "200": _json(_obj({"id": STR, "forgotten": BOOL}), "Forgotten."),
+                "403": _error("Not an admin key (`admin_required`)."),
+                "404": _error("No such worker (`worker_not_found`)."),
+                "409": _error("The worker is not offline (`worker_not_offline`)."),
+            },
+            parameters=[WORKER_ID_PARAM],
+        )
+    },
+    "/api/cluster/requests": {
+        "get": _op(
+            "Requests in flight and the latest finished ones",
+            {"200": _json(_ref("RequestList"), "The requests."), "400": _error("A bad `limit` or `state`.")},
+            parameters=REQUEST_QUERY,
+        )
+    },
+    "/api/cluster/keys": {
+        "get": _op(
+            "API keys with limits and usage (admin key; never a key value)",
+            {"200": _json(_ref("KeyList"), "The keys."), "403": _error("Not an admin key (`admin_required`).")},
         )
     },
     "/metrics": {

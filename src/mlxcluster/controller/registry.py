@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+import msgspec
 from msgspec import Struct
 
 from mlxcluster.config import Config
 from mlxcluster.controller.balancer_api import ELIGIBLE_STATES, EligibleWorkers, WorkerState, WorkerView
+from mlxcluster.controller.worker_admin import WorkerSettings
 from mlxcluster.protocol import Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class _Worker:
     inflight: int = 0
     since_heartbeat: int = 0
     static_address: str = ""
+    registered_at: float | None = None
+    """Wall-clock time of the latest registration."""
     view: WorkerView | None = None
     """Cached snapshot for picks; reset whenever anything above changes."""
 
@@ -110,6 +114,7 @@ class WorkerRegistry:
         self._departed: dict[str, float] = {}
         self._listeners: list[Listener] = []
         self._candidates: dict[str, EligibleWorkers] = {}  # model → eligible workers' views, in priority order
+        self._settings: dict[str, WorkerSettings] = {}  # run-time settings by worker id (worker_admin)
         for entry in config.workers.static:
             self._workers[entry.name] = _Worker(
                 id=entry.name,
@@ -167,11 +172,13 @@ class WorkerRegistry:
         worker.asked_to_register_at = None
         worker.view = None
         self._candidates.clear()  # models or capacity may have changed
+        worker.registered_at = time.time()
+        status = self._admin_status(worker, "online")
         if created:
-            worker.status = "online"
-            self._emit(worker.id, None, "online")
+            worker.status = status
+            self._emit(worker.id, None, status)
         else:
-            self._set_status(worker, "online", now)
+            self._set_status(worker, status, now)
         return self._view(worker, now)
 
     def on_heartbeat(self, message: WorkerHeartbeat) -> bool:
@@ -194,11 +201,12 @@ class WorkerRegistry:
         if message.models_loaded and tuple(message.models_loaded) != worker.models:
             worker.models = tuple(message.models_loaded)
             self._candidates.clear()
+        status = self._admin_status(worker, message.status)
         if created:
-            worker.status = message.status
-            self._emit(worker.id, None, message.status)
+            worker.status = status
+            self._emit(worker.id, None, status)
         else:
-            self._set_status(worker, message.status, now)
+            self._set_status(worker, status, now)
         self._refresh(worker, now)
         if worker.registered:
             return False
@@ -230,6 +238,9 @@ class WorkerRegistry:
         if worker is not None:
             return worker, False
         worker = self._workers[worker_id] = _Worker(id=worker_id)
+        settings = self._settings.get(worker_id)
+        if settings is not None:
+            settings.apply(worker)
         self._candidates.clear()
         return worker, True
 
@@ -389,6 +400,76 @@ class WorkerRegistry:
         return RegistryStats(
             total=len(self._workers), capacity=capacity, active=active, queued=queued, inflight=inflight, **counts
         )
+
+    # --- run-time settings (drain, priority, tags, forget: see worker_admin) ----------------------
+
+    def _admin_status(self, worker: _Worker, reported: WorkerState) -> WorkerState:
+        settings = self._settings.get(worker.id)
+        return settings.status(reported) if settings is not None else reported
+
+    def configure(self, worker_id: str, change: WorkerSettings, *, remember: bool = False) -> WorkerView | None:
+        """Apply run-time settings to a known worker (``None`` fields keep their value); ``None`` if unknown
+        (with ``remember``, they are kept for when it appears: settings another controller sent).
+
+        They survive heartbeats and are applied again when the worker re-registers after leaving.
+        """
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            if remember:
+                self._settings.setdefault(worker_id, WorkerSettings(drained=False)).update(change)
+            return None
+        settings = self._settings.setdefault(worker_id, WorkerSettings.defaults_of(worker))
+        settings.update(change)
+        settings.apply(worker)
+        now = self._clock()
+        if worker.status != "offline":
+            reported = worker.heartbeat.status if worker.heartbeat is not None else "online"
+            self._set_status(worker, settings.status(reported), now)
+        worker.view = None
+        self._candidates.clear()
+        return self._view(worker, now)
+
+    def all_settings(self) -> dict[str, WorkerSettings]:
+        """Every worker's run-time settings, by id."""
+        return dict(self._settings)
+
+    def drop_settings(self, worker_id: str) -> None:
+        """Forget ``worker_id``'s run-time settings (the worker keeps its current priority and tags)."""
+        self._settings.pop(worker_id, None)
+
+    def settings_of(self, worker_id: str) -> WorkerSettings | None:
+        """The run-time settings of ``worker_id`` (``None``: never configured)."""
+        return self._settings.get(worker_id)
+
+    def forget(self, worker_id: str) -> bool:
+        """Remove an offline worker and its settings; False if unknown. Raises ``ValueError`` if not offline."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        if worker.status != "offline":
+            raise ValueError(f"worker {worker_id} is {worker.status}; only an offline worker can be forgotten")
+        del self._workers[worker_id]
+        self._settings.pop(worker_id, None)
+        self._candidates.clear()
+        self._emit(worker_id, "offline", None)
+        return True
+
+    def telemetry(self, worker_id: str) -> dict[str, object] | None:
+        """What the worker reported beyond its view: hardware, capabilities, CPU, RSS, registration."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return None
+        reg, hb = worker.registration, worker.heartbeat
+        return {
+            "hardware": msgspec.to_builtins(reg.hardware) if reg is not None else None,
+            "capabilities": msgspec.to_builtins(reg.capabilities) if reg is not None else None,
+            "started_at": reg.started_at if reg is not None and reg.started_at else None,
+            "registered_at": worker.registered_at,
+            "cpu_percent": hb.cpu_percent if hb is not None else None,
+            "rss_bytes": hb.rss_bytes if hb is not None else None,
+            "tokens_total": hb.tokens_total if hb is not None else None,
+            "drained": bool(self._settings.get(worker_id) and self._settings[worker_id].drained),
+        }
 
     def __len__(self) -> int:
         return len(self._workers)

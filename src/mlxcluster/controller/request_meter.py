@@ -16,6 +16,7 @@ from mlxcluster.controller.exporter_api import (
     RequestFinished,
     RequestStatus,
 )
+from mlxcluster.controller.keys import CURRENT_KEY
 from mlxcluster.protocol import Done, Error, InferenceRequest, Token
 
 EventSink = Callable[[MetricsEvent], None]
@@ -42,11 +43,27 @@ class RequestMeter:
         "error",
         "attempts",
         "model_known",
+        "key",
+        "finish_reason",
+        "queue_s",
         "migrations",
+        "request",
+        "started_wall",
+        "_live",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, request: InferenceRequest | None = None, live: dict[str, RequestMeter] | None = None) -> None:
+        """``live``: the table of requests in flight; this meter is in it from now until :meth:`finished`."""
         self.started = perf_counter()
+        self.started_wall = time.time()
+        self.request = request
+        self.key = CURRENT_KEY.get()
+        self.finish_reason: str | None = None
+        self.queue_s: float | None = None
+        self.migrations = 0
+        self._live = live
+        if live is not None and request is not None:
+            live[request.request_id] = self
         self.first_token: float | None = None
         self.last_token = 0.0
         self.gaps: list[float] = []
@@ -58,7 +75,6 @@ class RequestMeter:
         self.error: str | None = None
         self.attempts = 0
         self.model_known = True
-        self.migrations = 0
 
     def frame(self, frame: Token | Done | Error) -> None:
         """Account for one relayed frame."""
@@ -73,6 +89,8 @@ class RequestMeter:
             self.completion_tokens += count
         elif isinstance(frame, Done):
             self.status = "ok"
+            self.finish_reason = frame.finish_reason
+            self.queue_s = frame.timings.queue_ms / 1000 if frame.timings.queue_ms else None
             usage = frame.usage
             self.prompt_tokens = usage.prompt_tokens
             self.cached_tokens = usage.cached_tokens
@@ -100,6 +118,8 @@ class RequestMeter:
     def finished(self, request: InferenceRequest) -> RequestFinished:
         """The event for this request; a stream that ended without Done or Error counts as an error."""
         now = perf_counter()
+        if self._live is not None:
+            self._live.pop(request.request_id, None)
         status: RequestStatus = self.status or "error"
         error = self.error if self.status is not None else "incomplete_stream"
         return RequestFinished(
@@ -118,5 +138,9 @@ class RequestMeter:
             attempts=self.attempts,
             stream=request.stream,
             model_known=self.model_known,
+            key=self.key,
+            finish_reason=self.finish_reason,
+            queue_s=self.queue_s,
+            started=self.started_wall,
             migrations=self.migrations,
         )

@@ -22,8 +22,11 @@ WORKER_STATES = ("online", "degraded", "draining", "offline")
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return json_response({"status": "ok"})
+    """Liveness: the process answers (200 even while degraded); ``status`` is ``degraded`` without NATS."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    state = ctx.lifecycle.state
+    status = "degraded" if state == "degraded" or not ctx.bus.is_connected else "ok"
+    return json_response({"status": status, "state": state, "time": time.time()})
 
 
 @routes.get("/ready")
@@ -104,6 +107,8 @@ async def get_worker(request: web.Request) -> web.Response:
 def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
     data: dict[str, Any] = msgspec.to_builtins(worker)
     data["breaker"] = ctx.dispatcher.breakers.state(data["id"])
+    data.update(ctx.registry.telemetry(data["id"]) or {})
+    data.update(ctx.ops.requests.latency(data["id"]))
     stats = getattr(worker, "prompt_cache", None)
     if stats is not None:
         cache = data["prompt_cache"] = msgspec.structs.asdict(stats)  # every field: zeros are news too

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
-from mlxcluster.controller.middleware import stream_headers
+from mlxcluster.controller.middleware import API_KEY, stream_headers
 from mlxcluster.controller.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -211,9 +211,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     """Every model some online worker serves, in OpenAI's list shape."""
     ctx: ControllerContext = request.app[CONTROLLER]
+    key = request.get(API_KEY)  # a key limited to some models sees only those
     data = [
         {"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"}
         for model in ctx.registry.models()
+        if key is None or key.allows_model(model)
     ]
     return json_response({"object": "list", "data": data})
 
@@ -222,6 +224,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     ctx: ControllerContext = request.app[CONTROLLER]
     model = request.match_info["model"]
-    if model not in ctx.registry.models():
+    key = request.get(API_KEY)
+    if model not in ctx.registry.models() or (key is not None and not key.allows_model(model)):
         raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
     return json_response({"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"})

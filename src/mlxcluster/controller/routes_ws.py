@@ -28,7 +28,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError, bad_request
-from mlxcluster.controller.middleware import API_KEY_PENDING, api_key_matches
+from mlxcluster.controller.keys import CURRENT_KEY, ApiKey
+from mlxcluster.controller.middleware import API_KEY, API_KEY_PENDING, model_not_allowed
 from mlxcluster.controller.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -86,10 +87,13 @@ def error_message(client_id: str | None, exc: ApiError) -> dict[str, Any]:
 class Session:
     """One socket: its authentication state and its requests in flight, by client id."""
 
-    def __init__(self, ctx: ControllerContext, ws: web.WebSocketResponse, *, authenticated: bool) -> None:
+    def __init__(
+        self, ctx: ControllerContext, ws: web.WebSocketResponse, *, authenticated: bool, key: ApiKey | None = None
+    ) -> None:
         self.ctx = ctx
         self.ws = ws
         self.authenticated = authenticated
+        self.key = key
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -133,9 +137,9 @@ class Session:
             await self.send(error_message(client_id, internal))
 
     async def _authenticate(self, envelope: Envelope) -> None:
-        keys = [key.encode() for key in self.ctx.config.controller.api_keys]
-        if envelope.type == "auth" and envelope.api_key is not None and api_key_matches(keys, envelope.api_key):
-            self.authenticated = True
+        key = self.ctx.ops.keys.lookup(envelope.api_key) if envelope.api_key is not None else None
+        if envelope.type == "auth" and key is not None:
+            self.authenticated, self.key = True, key
             await self.send({"type": "auth", "ok": True})
             return
         await self.send(error_message(envelope.id, unauthorized()))
@@ -159,9 +163,28 @@ class Session:
                 code="not_ready",
             )
         inference = self._inference(envelope.type, raw.encode())
-        task = asyncio.create_task(self._run(client_id, inference), name=f"ws-{inference.request_id}")
+        key = self.key
+        if key is not None:  # the same model list and rate limits as over HTTP
+            if not key.allows_model(inference.model):
+                raise model_not_allowed(key.name, inference.model)
+            try:
+                self.ctx.ops.limiter.admit(key, reserve=inference.max_tokens)
+            except ApiError:
+                self.ctx.ops.keys.record_rate_limited(key.name)
+                raise
+        token = CURRENT_KEY.set(key.name if key is not None else None)
+        try:  # the task copies the context: its request meter sees the key
+            task = asyncio.create_task(self._run(client_id, inference), name=f"ws-{inference.request_id}")
+        finally:
+            CURRENT_KEY.reset(token)
         self.tasks[client_id] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(client_id, None))
+
+        def finished(_task: asyncio.Task[None]) -> None:
+            self.tasks.pop(client_id, None)
+            if key is not None:
+                self.ctx.ops.limiter.release(key, reserve=inference.max_tokens)
+
+        task.add_done_callback(finished)
 
     def _inference(self, kind: str, raw: bytes) -> InferenceRequest:
         deadline = time.time() + self.ctx.config.controller.request_timeout_s
@@ -240,7 +263,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         raise ApiError(400, "/v1/ws is a WebSocket endpoint; connect with a WebSocket client", code="not_websocket")
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    session = Session(ctx, ws, authenticated=not request.get(API_KEY_PENDING, False))
+    session = Session(ctx, ws, authenticated=not request.get(API_KEY_PENDING, False), key=request.get(API_KEY))
     try:
         while not ws.closed:
             timeout = None if session.authenticated else AUTH_TIMEOUT_S

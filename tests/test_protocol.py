@@ -273,6 +273,7 @@ def _all_subjects(subjects: Subjects) -> list[str]:
         subjects.worker_settings,
         subjects.inference("w1"),
         subjects.cancel("w1"),
+        subjects.group("big"),
         subjects.response("c1", "req-1.1"),
         subjects.responses("c1"),
         subjects.all,
@@ -298,6 +299,7 @@ def test_default_subjects() -> None:
         "mlxcluster.cluster.worker_settings",
         "mlxcluster.worker.w1.inference",
         "mlxcluster.worker.w1.cancel",
+        "mlxcluster.group.big",
         "mlxcluster.response.c1.req-1.1",
         "mlxcluster.response.c1.>",
         "mlxcluster.>",
@@ -308,6 +310,7 @@ def test_every_subject_property_is_covered() -> None:
     """A subject added to Subjects must get the prefix too; this lists them all."""
     names = {n for n in dir(Subjects) if not n.startswith("_") and n != "prefix"}
     assert names == {
+        "group",
         "register",
         "heartbeat",
         "deregister",

@@ -93,6 +93,16 @@ def run(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow an API or embedded NATS open beyond loopback without credentials.")
     ] = False,
+    group: Annotated[
+        str | None, typer.Option("--group", help="Worker: join the worker group NAME that shards one model.")
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option("--group-size", min=1, help="Members of the worker group (dual: workers per local group)."),
+    ] = None,
+    parallel: Annotated[
+        str | None, typer.Option("--parallel", help="How a group splits the model: tensor | pipeline.")
+    ] = None,
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
     from mlxcluster.logsetup import configure_logging
@@ -106,6 +116,9 @@ def run(
         "CONTROLLER_PORT": port,
         "CONTROLLER_INSECURE": "true" if insecure else None,
         "NATS_EMBEDDED_INSECURE": "true" if insecure else None,
+        "WORKER_GROUP_NAME": group,
+        "WORKER_GROUP_SIZE": group_size,
+        "WORKER_GROUP_PARALLEL": parallel,
     }
     for key, value in flags.items():
         if value is not None:
@@ -345,6 +358,29 @@ def bench_engine(
         run_engine_bench(model_path=model_path, served_name=served, streams=streams, max_tokens=max_tokens)
     )
     typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("group")
+def bench_group(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
+    streams: Annotated[str, typer.Option(help="Concurrencies to measure.")] = "1,4",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request.", min=2)] = 32,
+    quick: Annotated[bool, typer.Option("--quick", help="One stream, 8 tokens (a couple of minutes).")] = False,
+) -> None:
+    """A worker group of 3 vs one worker on the same model: tokens/s, TTFT, each rank's peak RSS."""
+    import asyncio
+
+    import msgspec
+
+    from mlxcluster.bench.group import format_table, run_group_bench
+    from mlxcluster.models.demo import ensure_demo_model
+
+    model_path = model or str(ensure_demo_model(get_config(config_path).models_dir))
+    counts = (1,) if quick else tuple(int(n) for n in streams.split(",") if n.strip())
+    result = asyncio.run(run_group_bench(model_path, streams=counts, max_tokens=8 if quick else max_tokens))
+    typer.echo(msgspec.json.encode(result).decode() if as_json else format_table(result))
 
 
 @bench_app.command("scale")

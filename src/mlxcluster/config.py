@@ -141,6 +141,28 @@ class ControllerSection(_Section):
     workers probe every request older than 5 s every 5 s, so keep it above 5."""
 
 
+class GroupSection(_Section):
+    """``[worker.group]``: this worker is one member of a group that shards one model (``mx.distributed``)."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    """The group's name (every member uses the same); unset: a stand-alone worker. Rank 0 registers under it."""
+    size: PositiveInt = 1
+    parallel: Literal["tensor", "pipeline"] = "tensor"
+    backend: Literal["ring", "jaccl"] = "ring"
+    host: str = "127.0.0.1"
+    """The address this member's ring listens on and announces (e.g. its Thunderbolt bridge address)."""
+    port: OptionalPort = 0
+    """The ring port (0: a free one)."""
+    rank: Annotated[int, Meta(ge=0)] | None = None
+    """A preferred rank (0 makes this member the group's face); unset: ranks follow member ids."""
+    hostfile: str | None = None
+    """A hostfile to use as is (JACCL: the one ``mlx.distributed_config`` wrote); ranks then come from ``rank``."""
+    rendezvous_timeout_s: PositiveSeconds = 60.0
+    stall_timeout_s: PositiveSeconds | None = None
+    """A collective or model step that has not returned after this long breaks the group; unset: 30 s or the
+    offline timeout, the larger (a member that dies or freezes is noticed sooner: its hellos stop)."""
+
+
 class WorkerSection(_Section):
     """``[worker]``: the inference node."""
 
@@ -160,6 +182,10 @@ class WorkerSection(_Section):
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
     """Bytes of KV cache kept for reuse by later prompts (LRU); unset: a share of the machine's memory,
     0: no prompt cache."""
+    memory_budget_gb: Annotated[float, Meta(gt=0)] | None = None
+    """Memory the model's weights may take on this worker; unset: the machine's available memory. A model
+    (or, in a group, a shard) larger than this is refused at load."""
+    group: GroupSection = msgspec.field(default_factory=GroupSection)
 
 
 class DiscoverySection(_Section):

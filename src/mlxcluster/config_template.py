@@ -79,6 +79,19 @@ echo_prompt_cache_entries = 0      # echo engine only: a SIMULATED prompt cache 
 drain_timeout_s = 30.0
 prefill_step_size = 256            # prompt tokens per prefill step; smaller keeps other streams decoding
 # prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
+# memory_budget_gb = 48.0          # weights larger than this are refused (default: available memory)
+
+[worker.group]                     # several workers serving one model together (mx.distributed)
+# name = "big"                     # set on every member; rank 0 registers the group under this name
+size = 1                           # members in the group (tensor: must divide the attention heads)
+parallel = "tensor"                # tensor | pipeline
+backend = "ring"                   # ring (TCP, any OS) | jaccl (RDMA over Thunderbolt 5, macOS 26.2+)
+host = "127.0.0.1"                 # the address this member's ring listens on (e.g. the Thunderbolt bridge)
+port = 0                           # 0: a free port
+# rank = 0                         # pin this member's rank (default: by member id)
+# hostfile = "jaccl-hosts.json"    # use this hostfile as is (JACCL); ranks then come from `rank`
+rendezvous_timeout_s = 60.0
+# stall_timeout_s = 30.0           # a collective or model step longer than this breaks the group
 
 [discovery]
 heartbeat_interval_ms = 2000

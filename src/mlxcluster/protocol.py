@@ -54,6 +54,28 @@ class Capabilities(_Message):
     version: str = ""
 
 
+class GroupMember(_Message, omit_defaults=False):
+    """One process of a worker group (see :class:`GroupInfo`)."""
+
+    rank: Count = 0
+    member_id: str = ""
+    hostname: str = ""
+    address: str = ""
+    """Its ``host:port`` on the group's ring."""
+
+
+class GroupInfo(_Message, omit_defaults=False):
+    """A worker group: several processes that serve one model together, sharded with ``mx.distributed``.
+
+    Rank 0 registers the group as one worker and carries this in its registration."""
+
+    name: str = ""
+    size: Count = 1
+    parallel: str = "tensor"
+    backend: str = "ring"
+    members: list[GroupMember] = msgspec.field(default_factory=list)
+
+
 class WorkerRegistration(_Message):
     """Published by a worker when it starts and whenever a controller announces itself."""
 
@@ -63,6 +85,30 @@ class WorkerRegistration(_Message):
     hardware: Hardware = msgspec.field(default_factory=Hardware)
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     started_at: float = 0.0
+    group: GroupInfo | None = None
+    """Set when this worker is rank 0 of a worker group."""
+
+
+class GroupHello(_Message):
+    """Published on ``group.<name>`` by every member of a worker group, a few times a second, for its whole life.
+
+    Before the group forms it is the rendezvous (who is there, at which ring address); afterwards it is the
+    members' heartbeat to each other. ``sees`` lists the instances this member currently hears (itself
+    included): the group forms when every member sees the same ``size`` instances."""
+
+    group: str
+    member_id: str
+    instance: str
+    hostname: str = ""
+    address: str = ""
+    size: Count = 1
+    parallel: str = "tensor"
+    backend: str = "ring"
+    model: str = ""
+    rank_hint: int | None = None
+    sees: list[str] = msgspec.field(default_factory=list)
+    formed: bool = False
+    sent_at: float = 0.0
 
 
 class PromptCacheStats(_Message):

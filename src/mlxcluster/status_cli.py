@@ -123,6 +123,24 @@ def format_workers(workers: list[dict[str, Any]]) -> str:
                 w["engine"] or "-",
             ]
         )
+        group = w.get("group")
+        if group:  # a worker group: one line per member under its face
+            for member in group.get("members", []):
+                where = member.get("hostname") or member.get("address") or ""
+                rows.append(
+                    [
+                        f"  r{member['rank']} {member['member_id']}",
+                        f"{group['parallel']} {group['backend']}",
+                        where,
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
     return table(
         ["worker", "status", "models", "active", "queued", "tok/s", "free GB", "last seen", "breaker", "engine"], rows
     )

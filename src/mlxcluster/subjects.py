@@ -46,6 +46,10 @@ class Subjects:
         """Controllers publish :class:`~mlxcluster.protocol.WorkerSettingsChanged` (drain, priority, tags)."""
         return f"{self.prefix}.cluster.worker_settings"
 
+    def group(self, name: str) -> str:
+        """A worker group's members publish :class:`~mlxcluster.protocol.GroupHello` here (rendezvous, heartbeat)."""
+        return f"{self.prefix}.group.{name}"
+
     def inference(self, worker_id: str) -> str:
         """A worker's request subject; the request's NATS reply subject receives the stream frames."""
         return f"{self.prefix}.worker.{worker_id}.inference"

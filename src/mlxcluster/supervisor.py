@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent, keep_server_running
-from mlxcluster.node import CANNOT_START
+from mlxcluster.node import CANNOT_START, NodeError
 from mlxcluster.worker.blas import preload_env
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,37 @@ class Supervisor:
             )
         ]
         worker_common = {**common, **self.blas_env()}
+        group_size = self.config.worker.group.size
         for index in range(self.workers):
             worker_id = base_id if self.workers == 1 and self.config.worker.id else f"{base_id}-w{index + 1}"
+            env = {**worker_common, "MLXCLUSTER_WORKER_ID": worker_id}
+            if group_size > 1:  # local worker groups: members g1-r0 .. g1-r(N-1), g2-r0 ...
+                group, rank = divmod(index, group_size)
+                name = self.config.worker.group.name or f"{base_id}-g{group + 1}"
+                if self.workers > group_size:
+                    name = f"{name}-{group + 1}" if self.config.worker.group.name else name
+                worker_id = f"{name}-r{rank}"
+                env.update(
+                    MLXCLUSTER_WORKER_ID=worker_id,
+                    MLXCLUSTER_WORKER_GROUP_NAME=name,
+                    MLXCLUSTER_WORKER_GROUP_RANK=str(rank),
+                )
             specs.append(
                 ChildSpec(
                     f"worker {worker_id}",
                     [*child_command(), "run", "--mode", "worker"],
-                    child_env({**worker_common, "MLXCLUSTER_WORKER_ID": worker_id}),
+                    child_env(env),
                     stop_timeout_s=self.config.worker.drain_timeout_s + 5,
                 )
             )
         return specs
+
+    def check_groups(self) -> str | None:
+        """A problem with dual mode's local groups, or None."""
+        size = self.config.worker.group.size
+        if size > 1 and self.workers % size:
+            return f"--workers {self.workers} is not a multiple of --group-size {size}"
+        return None
 
     def blas_env(self) -> dict[str, str]:
         """CPU fast path for mlx workers: preload the system OpenBLAS, its threads shared among the workers."""
@@ -112,6 +132,9 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set (or a child cannot start), then stop children in order; return the exit code."""
+        problem = self.check_groups()
+        if problem is not None:
+            raise NodeError(problem)
         server = EmbeddedNatsServer(self.config.nats)
         await server.start()
         watch_server = asyncio.create_task(self._watch_server(server, stop))

@@ -30,6 +30,13 @@ SECTIONS: list[tuple[str, list[str], str]] = [
         "kill -9 one of three echo workers under 100 concurrent streams: streams that still complete whole "
         "(moved mid-stream to another worker), the time to detect the dead worker, the latency a move adds.",
     ),
+    (
+        "Worker group",
+        ["group", "--streams", "1,2", "--max-tokens", "16"],
+        "A worker group of 3 (tensor parallel over the ring on loopback) against one worker, same model and "
+        "prompts: tokens/s, TTFT and each process's peak RSS. On few cores a group is slower; it exists for "
+        "models that do not fit one machine.",
+    ),
 ]
 
 

@@ -113,7 +113,8 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
             await announce()  # an unknown worker: ask everyone to register again
 
     async def on_deregister(message: Deregister, _msg: Msg) -> None:
-        registry.on_deregister(message)
+        if registry.on_deregister(message):
+            log.info("worker %s left: %s", message.worker_id, message.reason or "no reason given")
 
     async def announce() -> None:
         await bus.publish(subjects.announce, Announce(controller_id=ctx.controller_id, started_at=ctx.started_at))

@@ -22,7 +22,7 @@ from msgspec import Struct
 
 from mlxcluster.config import LoadBalancingSection
 from mlxcluster.prefix_digest import canonical_text
-from mlxcluster.protocol import InferenceRequest, PromptCacheStats
+from mlxcluster.protocol import GroupInfo, InferenceRequest, PromptCacheStats
 
 WorkerState = Literal["online", "degraded", "draining", "offline"]
 ELIGIBLE_STATES: frozenset[WorkerState] = frozenset({"online", "degraded"})
@@ -65,6 +65,8 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     errors_total: int = 0
     prompt_cache: PromptCacheStats | None = None
     """The worker's prompt cache as its last heartbeat reported it (``None``: it has none)."""
+    group: GroupInfo | None = None
+    """Set when the worker is a worker group's rank 0 (the group's name, size, parallelism and members)."""
 
     @property
     def free_slots(self) -> int:

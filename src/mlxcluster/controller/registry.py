@@ -510,4 +510,5 @@ class WorkerRegistry:
             requests_total=hb.requests_total if hb else 0,
             errors_total=hb.errors_total if hb else 0,
             prompt_cache=hb.prompt_cache if hb else None,
+            group=reg.group if reg else None,
         )

@@ -343,7 +343,7 @@ class MlxEngine(Engine):
         from mlxcluster.worker.blas import blas_in_use
 
         started = time.perf_counter()
-        model, tokenizer, config = mlx_lm.load(self.model, return_config=True)  # type: ignore[misc]
+        model, tokenizer, config = self._load_model()
         self._model, self._tokenizer = model, tokenizer
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
         self._context_window = _context_window(config, tokenizer)
@@ -375,6 +375,12 @@ class MlxEngine(Engine):
     def _model_key(self) -> str:
         path = Path(self.model).expanduser()
         return str(path.resolve()) if path.exists() else self.model
+
+    def _load_model(self) -> tuple[Any, Any, dict[str, Any]]:
+        """Model, tokenizer and config (a worker group's engine loads only its shard here)."""
+        import mlx_lm
+
+        return mlx_lm.load(self.model, return_config=True)  # type: ignore[return-value]
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator

@@ -35,6 +35,9 @@ def build_engine(config: Config) -> Engine:
     from mlxcluster.worker.models import resolve_model
 
     path, served_name = resolve_model(config)
+    from mlxcluster.worker.group_node import check_placement
+
+    check_placement(config, path)  # a model too big for this worker is refused before loading
     return MlxEngine(
         path,
         served_name=served_name,
@@ -46,6 +49,13 @@ def build_engine(config: Config) -> Engine:
 
 async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine: Engine | None = None) -> None:
     """Start the engine and the service, serve until ``stop``, then drain."""
+    if config.worker.group.name and config.worker.group.size == 1:
+        log.warning("worker.group.name is set but the group size is 1: serving as a stand-alone worker")
+    if config.worker.group.name and config.worker.group.size > 1 and engine is None:
+        from mlxcluster.worker.group_node import serve_group_member
+
+        await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id())
+        return
     engine = engine or build_engine(config)
     await engine.start()
     info = engine.info()

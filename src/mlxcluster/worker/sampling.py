@@ -55,12 +55,22 @@ def make_request_sampler(params: SamplingParams, seed: int | None, vocab_size: i
     return KeyedSampler(params, seed, vocab_size)
 
 
+class RequestProcessors(list[Callable[[Any, Any], Any]]):
+    """A request's logits processors, remembering the parameters they were made from (worker groups
+    rebuild them on the other ranks)."""
+
+    repetition_penalty: float = 1.0
+
+
 def make_request_processors(params: SamplingParams) -> list[Callable[[Any, Any], Any]]:
     """Logits processors for the request (the repetition penalty over the last 20 tokens, when not 1)."""
     penalty = params.repetition_penalty
+    processors = RequestProcessors()
     if penalty is None or penalty == 1.0 or penalty <= 0.0:
-        return []
-    return make_logits_processors(repetition_penalty=penalty)
+        return processors
+    processors.extend(make_logits_processors(repetition_penalty=penalty))
+    processors.repetition_penalty = float(penalty)
+    return processors
 
 
 def validate_sampling(params: SamplingParams, max_tokens: int) -> str | None:

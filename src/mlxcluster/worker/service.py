@@ -32,6 +32,7 @@ from mlxcluster.protocol import (
     Deregister,
     Done,
     Error,
+    GroupInfo,
     Hardware,
     InferenceRequest,
     Token,
@@ -81,8 +82,10 @@ class WorkerService:
         engine: Engine,
         worker_id: str,
         hardware: Hardware,
+        group: GroupInfo | None = None,
     ) -> None:
         self.config = config
+        self.group = group
         self.bus = bus
         self.engine = engine
         self.worker_id = worker_id
@@ -124,8 +127,8 @@ class WorkerService:
         self._probe_task = asyncio.create_task(self._probe_loop())
         log.info("worker %s serving %s with the %s engine", self.worker_id, self.models, self.engine.info().name)
 
-    async def drain(self, timeout: float) -> None:
-        """Refuse new work, let in-flight requests finish up to ``timeout``, deregister."""
+    async def drain(self, timeout: float, reason: str = "shutdown") -> None:
+        """Refuse new work, let in-flight requests finish up to ``timeout``, deregister with ``reason``."""
         self.status = "draining"
         await self.publish_heartbeat()
         pending = list(self.in_flight.values())
@@ -145,9 +148,7 @@ class WorkerService:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self.bus.publish(
-                self.bus.subjects.deregister, Deregister(worker_id=self.worker_id, reason="shutdown")
-            )
+            await self.bus.publish(self.bus.subjects.deregister, Deregister(worker_id=self.worker_id, reason=reason))
             await self.bus.nc.flush(timeout=2)
 
     @property
@@ -169,6 +170,7 @@ class WorkerService:
                 version=__version__,
             ),
             started_at=self.started_at,
+            group=self.group,
         )
 
     async def register(self) -> None:

@@ -68,8 +68,15 @@ def permissions(role: Role, prefix: str, worker_id: str | None = None) -> dict[s
             INBOX,
         ]
     elif role == "worker":
-        publish = [*discovery, f"{p}.response.>", INBOX]
-        subscribe = [f"{p}.worker.{own}.inference", f"{p}.worker.{own}.cancel", f"{p}.cluster.announce", INBOX]
+        # group.*: a worker group's rendezvous and member heartbeats (worker/rendezvous.py)
+        publish = [*discovery, f"{p}.response.>", f"{p}.group.*", INBOX]
+        subscribe = [
+            f"{p}.worker.{own}.inference",
+            f"{p}.worker.{own}.cancel",
+            f"{p}.cluster.announce",
+            f"{p}.group.*",
+            INBOX,
+        ]
     elif role == "client":
         publish = [INBOX]
         subscribe = [f"{p}.worker.heartbeat", f"{p}.worker.register", f"{p}.worker.deregister", INBOX]

@@ -56,6 +56,7 @@ class _Job:
     unreported: int = 0
     detokenizer: Any = None
     stop_filter: Any = None
+    features: Any = None
     finished: bool = False
 
 
@@ -140,6 +141,7 @@ class MlxEngine(Engine):
         self._eos_stops: Any = None
         self._stream: Any = None
         self._vocab_size = 0
+        self._features: Any = None
 
     # --- Engine API (asyncio side) -------------------------------------------------------------
 
@@ -248,15 +250,16 @@ class MlxEngine(Engine):
     @staticmethod
     def _coalesce(job: _Job, first: Token) -> Token:
         """Merge Token frames already waiting (the consumer is slower than generation)."""
-        text, count = [first.text], first.count
+        from mlxcluster.worker.output import merge_tokens
+
+        tokens = [first]
         while not job.frames.empty():
             frame = job.frames.get_nowait()
             if not isinstance(frame, Token):
                 job.held = frame
                 break
-            text.append(frame.text)
-            count += frame.count
-        token = Token(text="".join(text), count=count, seq=job.seq)
+            tokens.append(frame)
+        token = merge_tokens(tokens, job.seq)
         job.seq += 1
         return token
 
@@ -300,6 +303,9 @@ class MlxEngine(Engine):
         self._model, self._tokenizer = model, tokenizer
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
         self._eos_stops = make_stop_sequences(tokenizer)
+        from mlxcluster.worker.features import EngineFeatures
+
+        self._features = EngineFeatures(tokenizer, self._vocab_size, sorted(tokenizer.eos_token_ids))
         self._stream = stream
         self._generator = self._new_generator()
         device = mx.default_device()
@@ -375,8 +381,13 @@ class MlxEngine(Engine):
         request = job.request
         problem = validate_sampling(request.sampling, request.max_tokens)
         if problem is None:
+            from mlxcluster.worker.grammar import GrammarError
+
             try:
-                job.prompt = self._tokenize(request)
+                job.prompt = self._features.prompt(request)
+                job.features = self._features.prepare(request, job.prompt) if job.prompt else None
+            except GrammarError as exc:  # an unsupported schema or tool choice
+                problem = str(exc)
             except Exception as exc:  # template or tokenizer errors are the request's fault
                 problem = f"cannot build the prompt: {exc}"
             else:
@@ -388,20 +399,6 @@ class MlxEngine(Engine):
         job.detokenizer = self._tokenizer.detokenizer
         job.stop_filter = StopTextFilter(request.stop)
         self._waiting.append(job)
-
-    def _tokenize(self, request: InferenceRequest) -> list[int]:
-        tokenizer = self._tokenizer
-        if request.messages is not None:
-            messages = [
-                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in request.messages
-            ]
-            if tokenizer.has_chat_template:
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(tokenizer.encode(text))
-        if request.prompt is None:
-            raise ValueError("the request has neither messages nor prompt")
-        return list(tokenizer.encode(request.prompt))
 
     def _expire(self) -> None:
         """Drop cancelled requests and end those past their deadline."""
@@ -434,7 +431,7 @@ class MlxEngine(Engine):
                     [job.prompt],
                     max_tokens=[request.max_tokens],
                     samplers=[sampler],
-                    logits_processors=[make_request_processors(request.sampling)],
+                    logits_processors=[make_request_processors(request.sampling) + job.features.processors],
                     stop_sequences=[self._eos_stops],
                 )
             except ValueError as exc:
@@ -470,7 +467,7 @@ class MlxEngine(Engine):
             if job.cancelled:
                 continue  # _expire removes it from the batch
             try:
-                ended = self._on_token(job, response.token, response.finish_reason, now)
+                ended = self._on_token(job, response.token, response.finish_reason, now, response.logprobs)
             except Exception as exc:  # one bad request must not take the batch down
                 log.exception("post-processing a token failed")
                 self._emit(job, Error(code="engine_error", message=str(exc), retryable=False))
@@ -480,7 +477,7 @@ class MlxEngine(Engine):
         if stopped:
             self._remove(stopped)
 
-    def _on_token(self, job: _Job, token: int, finish_reason: str | None, now: float) -> bool:
+    def _on_token(self, job: _Job, token: int, finish_reason: str | None, now: float, logprobs: Any = None) -> bool:
         """Turn one generated token into frames; True when the request ended here."""
         detokenizer = job.detokenizer
         if finish_reason == "stop":  # an end-of-sequence token: never shown
@@ -493,8 +490,10 @@ class MlxEngine(Engine):
         if finish_reason is not None and not hit_stop:
             text += job.stop_filter.flush()
         job.unreported += 1
-        if text:
-            self._emit(job, Token(text=text, count=job.unreported))
+        job.features.on_token(None if finish_reason == "stop" else token, logprobs)
+        frame = job.features.frame(text, job.unreported, final=hit_stop or finish_reason is not None)
+        if frame is not None:
+            self._emit(job, frame)
             job.unreported = 0
         if not hit_stop and finish_reason is None:
             return False

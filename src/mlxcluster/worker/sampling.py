@@ -51,11 +51,20 @@ def make_request_sampler(params: SamplingParams, seed: int | None, vocab_size: i
 
 
 def make_request_processors(params: SamplingParams) -> list:
-    """Logits processors for the request (the repetition penalty over the last 20 tokens, when not 1)."""
+    """Logits processors for the request: repetition penalty (when not 1), presence / frequency penalties
+    (when not 0; over the last 20 tokens, as mlx-lm does) and the logit bias."""
     penalty = params.repetition_penalty
-    if penalty is None or penalty == 1.0 or penalty <= 0.0:
+    repetition = None if penalty is None or penalty == 1.0 or penalty <= 0.0 else penalty
+    presence = params.presence_penalty or None
+    frequency = params.frequency_penalty or None
+    if repetition is None and presence is None and frequency is None and not params.logit_bias:
         return []
-    return make_logits_processors(repetition_penalty=penalty)
+    return make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=repetition,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
 
 
 def validate_sampling(params: SamplingParams, max_tokens: int) -> str | None:

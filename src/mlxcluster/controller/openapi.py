@@ -57,7 +57,44 @@ STR = {"type": "string"}
 NUM = {"type": "number"}
 BOOL = {"type": "boolean"}
 NULLABLE_STR = {"type": ["string", "null"]}
-FINISH = {"enum": ["stop", "length"]}
+FINISH = {"enum": ["stop", "length", "tool_calls"]}
+TOP_LOGPROB = _obj({"token": STR, "logprob": NUM, "bytes": {"type": ["array", "null"], "items": INT}})
+CHAT_LOGPROBS = {
+    "anyOf": [
+        {"type": "null"},
+        _obj(
+            {
+                "content": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "token": STR,
+                            "logprob": NUM,
+                            "bytes": {"type": ["array", "null"], "items": INT},
+                            "top_logprobs": {"type": "array", "items": TOP_LOGPROB},
+                        }
+                    ),
+                }
+            }
+        ),
+    ]
+}
+TEXT_LOGPROBS = {
+    "anyOf": [
+        {"type": "null"},
+        _obj(
+            {
+                "tokens": {"type": "array", "items": STR},
+                "token_logprobs": {"type": "array", "items": NUM},
+                "top_logprobs": {"type": "array", "items": {"type": "object", "additionalProperties": NUM}},
+                "text_offset": {"type": "array", "items": INT},
+            }
+        ),
+    ]
+}
+TOOL_CALL = _obj(
+    {"id": STR, "type": {"const": "function"}, "function": _obj({"name": STR, "arguments": STR})},
+)
 UNAUTHORIZED = _error("Missing or wrong API key (when `controller.api_keys` is set).")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": STR}}
 
@@ -83,8 +120,16 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                 "items": _obj(
                     {
                         "index": INT,
-                        "message": _obj({"role": {"const": "assistant"}, "content": STR}),
-                        "logprobs": {"type": "null"},
+                        "message": {
+                            **_obj({"role": {"const": "assistant"}, "content": NULLABLE_STR}),
+                            "properties": {
+                                "role": {"const": "assistant"},
+                                "content": NULLABLE_STR,
+                                "tool_calls": {"type": "array", "items": TOOL_CALL},
+                                "reasoning_content": STR,
+                            },
+                        },
+                        "logprobs": CHAT_LOGPROBS,
                         "finish_reason": FINISH,
                     }
                 ),
@@ -100,7 +145,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "model": STR,
             "choices": {
                 "type": "array",
-                "items": _obj({"index": INT, "text": STR, "logprobs": {"type": "null"}, "finish_reason": FINISH}),
+                "items": _obj({"index": INT, "text": STR, "logprobs": TEXT_LOGPROBS, "finish_reason": FINISH}),
             },
             "usage": _ref("Usage"),
         }
@@ -271,6 +316,24 @@ def request_schemas() -> dict[str, Schema]:
         props["n"] = {"type": "integer", "minimum": 1, "maximum": 1, "default": 1}
         props["stop"]["anyOf"][1]["maxItems"] = MAX_STOP_SEQUENCES
     text["prompt"]["anyOf"][1].update(minItems=1, maxItems=1)
+    refused = "Not supported: refused with a 400 naming it when set."
+    for name in (
+        "audio",
+        "functions",
+        "function_call",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+    ):
+        chat[name] = {"type": "null", "default": None, "description": refused}
+    chat["modalities"] = {"anyOf": [{"const": ["text"]}, {"type": "null"}], "default": None}
+    for props in (chat, text):
+        props["store"] = {"enum": [False, None], "default": None, "description": "Completions are not stored."}
+        props["metadata"] = {"type": ["object", "null"], "maxProperties": 0, "default": None}
+        props["service_tier"] = {"enum": ["auto", "default", None], "default": None}
+    text["echo"] = {"const": False, "default": False, "description": refused}
+    text["best_of"] = {"enum": [1, None], "default": None, "description": "Only 1."}
     text["suffix"] = {"anyOf": [{"const": ""}, {"type": "null"}], "default": None, "description": "Not supported."}
     return components
 

@@ -43,6 +43,7 @@ from mlxcluster.protocol import Done, Error, InferenceRequest, Token
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
+ENVELOPE_FIELDS = ("type", "id", "api_key")
 SOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
 
 MAX_REQUESTS_PER_SOCKET = 64
@@ -164,6 +165,10 @@ class Session:
 
     def _inference(self, kind: str, raw: bytes) -> InferenceRequest:
         deadline = time.time() + self.ctx.config.controller.request_timeout_s
+        body = msgspec.json.decode(raw)
+        for envelope_field in ENVELOPE_FIELDS:  # the body proper is refused with unknown fields
+            body.pop(envelope_field, None)
+        raw = msgspec.json.encode(body)
         if kind == "chat":
             chat: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
             return chat_to_inference(chat, f"chatcmpl-{uuid.uuid4().hex}", deadline)

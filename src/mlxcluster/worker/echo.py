@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, Timings, Token, Usage
+from mlxcluster.protocol import Done, Error, InferenceRequest, Timings, Token, TokenLogprob, TopLogprob, Usage
 from mlxcluster.worker.engine_base import Engine, EngineFrame, EngineInfo
 
 ECHO_MODEL = "echo"
@@ -26,6 +26,16 @@ def echo_words(request: InferenceRequest) -> tuple[list[str], int]:
         prompt_tokens = len(source.split())
     words = source.split() or ["echo"]
     return [w if i == 0 else " " + w for i, w in enumerate(words)], prompt_tokens
+
+
+def _certain(word: str, request: InferenceRequest) -> list[TokenLogprob] | None:
+    """Echo's logprobs: each word is certain (log-probability 0), and it is its own only alternative."""
+    if not request.logprobs:
+        return None
+    entry = TokenLogprob(token=word, logprob=0.0, bytes=list(word.encode()))
+    if request.top_logprobs:
+        entry.top = [TopLogprob(token=word, logprob=0.0, bytes=entry.bytes)]
+    return [entry]
 
 
 class EchoEngine(Engine):
@@ -48,6 +58,12 @@ class EchoEngine(Engine):
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineFrame]:
         started = time.perf_counter()
+        if request.response_format is not None and request.response_format.type != "text":
+            yield Error(code="invalid_request", message="the echo engine cannot enforce response_format")
+            return
+        if request.tools and request.tool_choice in ("required", "function"):
+            yield Error(code="invalid_request", message="the echo engine cannot force a tool call")
+            return
         words, prompt_tokens = echo_words(request)
         text_so_far = ""
         emitted = 0
@@ -67,12 +83,12 @@ class EchoEngine(Engine):
             if hit is not None:
                 tail = candidate[: candidate.index(hit)][len(text_so_far) :]
                 if tail:
-                    yield Token(text=tail, seq=emitted)
+                    yield Token(text=tail, seq=emitted, logprobs=_certain(tail, request))
                     emitted += 1
                 break
             text_so_far = candidate
             first_at = first_at or time.perf_counter()
-            yield Token(text=word, seq=emitted)
+            yield Token(text=word, seq=emitted, logprobs=_certain(word, request))
             emitted += 1
         total_s = time.perf_counter() - started
         ttft_s = (first_at - started) if first_at else total_s

@@ -18,7 +18,15 @@ from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.controller import dashboard, openapi, routes_cluster, routes_openai, routes_ws
+from mlxcluster.controller import (
+    dashboard,
+    openapi,
+    routes_anthropic,
+    routes_cluster,
+    routes_openai,
+    routes_responses,
+    routes_ws,
+)
 from mlxcluster.controller.balancing import build_balancer
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.dispatch import Dispatcher
@@ -70,6 +78,8 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app[CONTROLLER] = ctx
     app[METRICS] = metrics
     app.add_routes(routes_openai.routes)
+    app.add_routes(routes_responses.routes)
+    app.add_routes(routes_anthropic.routes)
     app.add_routes(routes_cluster.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked
     routes_ws.setup(app)

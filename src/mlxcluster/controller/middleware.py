@@ -78,7 +78,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def auth_middleware(api_keys: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Require ``Authorization: Bearer <key>`` on /v1 and /api when keys are configured.
+    """Require ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``) on /v1 and /api when keys are configured.
 
     Browsers cannot set headers on a WebSocket, so ``/v1/ws`` also takes ``?api_key=<key>``, and an upgrade
     with no key at all is let through marked :data:`API_KEY_PENDING` (its first message must authenticate).
@@ -90,6 +90,8 @@ def auth_middleware(api_keys: list[str]) -> Callable[[web.Request, Handler], Awa
         if keys and request.method != "OPTIONS" and request.path.startswith(PROTECTED_PREFIXES):
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
+            if not header and "x-api-key" in request.headers:  # Anthropic's clients send the key this way
+                header, scheme, token = "x-api-key", "bearer", request.headers["x-api-key"]
             if request.path == WEBSOCKET_PATH and not header:
                 if "api_key" not in request.query:
                     request[API_KEY_PENDING] = True

@@ -39,7 +39,7 @@ ERROR_TYPES = {
 
 def error_body(exc: ApiError) -> dict[str, Any]:
     kind = ERROR_TYPES.get(exc.status, "api_error")
-    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+    return {"type": "error", "error": {"type": kind, "message": exc.message, "code": exc.code, "param": exc.param}}
 
 
 def stop_reason(finish: str, tool_calls: bool) -> str:
@@ -169,7 +169,8 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     try:
         return await _create_message(request)
     except ApiError as exc:
-        return json_response(error_body(exc), status=exc.status)
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+        return json_response(error_body(exc), status=exc.status, headers=headers)
 
 
 async def _create_message(request: web.Request) -> web.StreamResponse:

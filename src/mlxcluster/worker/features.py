@@ -12,10 +12,18 @@ import math
 from typing import Any
 
 from mlxcluster.protocol import InferenceRequest, Token, TokenLogprob, TopLogprob
-from mlxcluster.worker.grammar import GrammarCompiler, GrammarLogitsProcessor, request_grammar
+from mlxcluster.worker.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    GrammarLogitsProcessor,
+    forced_tools,
+    request_grammar,
+)
 from mlxcluster.worker.output import OutputShaper, tool_dicts
 from mlxcluster.worker.prompt import render_chat, tool_markup, tools_enabled
 
+JSON_TOOLS_PARSER = "mlx_lm.tool_parsers.json_tools"
+"""The one tool-call family whose calls are ``{"name", "arguments"}`` JSON, which a forced call's grammar writes."""
 LOGPROB_FLOOR = -9999.0
 """What OpenAI reports for a token of (numerically) zero probability; JSON has no -inf."""
 
@@ -83,6 +91,11 @@ class EngineFeatures:
         """Grammar, processors and shaper for ``request``; raises ValueError (the request's fault)."""
         start, end, parse = tool_markup(self.tokenizer)
         processors: list = []
+        if forced_tools(request) is not None and getattr(parse, "__module__", "") != JSON_TOOLS_PARSER:
+            raise GrammarError(
+                f"cannot force a tool call for this model: its tool-call format ({parse.__module__}) is not JSON; "
+                "use tool_choice 'auto'"
+            )
         grammar = request_grammar(request, tool_start=start, tool_end=end, special=self._special)
         if grammar is not None:
             processors.append(

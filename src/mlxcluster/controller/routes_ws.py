@@ -37,7 +37,7 @@ from mlxcluster.controller.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
-from mlxcluster.controller.routes_openai import usage_dict, worker_error
+from mlxcluster.controller.routes_openai import chat_logprobs, tool_call_dict, usage_dict, worker_error
 from mlxcluster.protocol import Done, Error, InferenceRequest, Token
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,25 @@ class Session:
         """Relay one request's frames as messages."""
         try:
             async with contextlib.aclosing(self.ctx.dispatcher.stream(inference)) as frames:
+                called = False
                 async for frame in frames:
                     match frame:
                         case Token(text=text):
-                            await self.send({"type": "token", "id": client_id, "text": text})
+                            message: dict[str, Any] = {"type": "token", "id": client_id, "text": text}
+                            if frame.reasoning:
+                                message["reasoning"] = frame.reasoning
+                            if frame.tool_calls:
+                                message["tool_calls"] = [tool_call_dict(call) for call in frame.tool_calls]
+                                called = True
+                            if frame.logprobs:
+                                message["logprobs"] = chat_logprobs(frame.logprobs)["content"]
+                            await self.send(message)
                         case Done():
                             await self.send(
                                 {
                                     "type": "done",
                                     "id": client_id,
-                                    "finish_reason": openai_finish_reason(frame.finish_reason),
+                                    "finish_reason": openai_finish_reason(frame.finish_reason, called),
                                     "usage": usage_dict(frame.usage),
                                     "completion_id": inference.request_id,
                                 }

@@ -384,7 +384,7 @@ class MlxEngine(Engine):
             from mlxcluster.worker.grammar import GrammarError
 
             try:
-                job.prompt = self._features.prompt(request)
+                job.prompt = self._tokenize(request)
                 job.features = self._features.prepare(request, job.prompt) if job.prompt else None
             except GrammarError as exc:  # an unsupported schema or tool choice
                 problem = str(exc)
@@ -399,6 +399,10 @@ class MlxEngine(Engine):
         job.detokenizer = self._tokenizer.detokenizer
         job.stop_filter = StopTextFilter(request.stop)
         self._waiting.append(job)
+
+    def _tokenize(self, request: InferenceRequest) -> list[int]:
+        """The prompt's token ids: chat messages (and tools) through the chat template, or the raw prompt."""
+        return self._features.prompt(request)
 
     def _expire(self) -> None:
         """Drop cancelled requests and end those past their deadline."""

@@ -54,6 +54,14 @@ def test_tool_calls_are_parsed_and_a_bad_one_is_shown() -> None:
     assert merged.text == "Sure. <tool_call>{oops</tool_call>"
 
 
+def test_one_call_only_when_parallel_calls_are_off() -> None:
+    call = '<tool_call>{"name": "%s", "arguments": {}}</tool_call>'
+    merged = merge_tokens(shape(OutputShaper(tools=TOOLS, parallel=False), [call % "a", call % "b"]), 0)
+    assert [c.name for c in merged.tool_calls] == ["a"]
+    merged = merge_tokens(shape(OutputShaper(tools=TOOLS), [call % "a", call % "b"]), 0)
+    assert [c.name for c in merged.tool_calls] == ["a", "b"]
+
+
 def test_an_unclosed_call_at_the_end_is_still_parsed() -> None:
     merged = merge_tokens(shape(OutputShaper(tools=TOOLS), ['<tool_call>{"name": "f", "arguments": {}}']), 0)
     assert [c.name for c in merged.tool_calls] == ["f"] and merged.text == ""

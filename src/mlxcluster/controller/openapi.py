@@ -14,9 +14,8 @@ import msgspec
 from aiohttp import web
 
 from mlxcluster import __version__
-from mlxcluster.controller.balancer_api import WorkerView
 from mlxcluster.controller.anthropic_schema import MessagesRequest
-from mlxcluster.controller.responses_schema import ResponsesRequest
+from mlxcluster.controller.balancer_api import WorkerView
 from mlxcluster.controller.openai_schema import (
     MAX_STOP_SEQUENCES,
     ROLES,
@@ -25,6 +24,7 @@ from mlxcluster.controller.openai_schema import (
 )
 from mlxcluster.controller.registry import RegistryStats
 from mlxcluster.controller.responses import json_response
+from mlxcluster.controller.responses_schema import ResponsesRequest
 
 OPENAPI_PATH = "/openapi.json"
 OPENAPI_CACHE = web.AppKey("openapi_cache", dict)

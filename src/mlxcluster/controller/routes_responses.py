@@ -65,6 +65,13 @@ def function_call_item(item_id: str, call: ToolCall, status: str = "completed") 
     }
 
 
+def _tool_choice(body: ResponsesRequest) -> Any:
+    choice = body.tool_choice
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    return {"type": choice.type, "name": choice.name}
+
+
 @dataclass
 class ResponseShell:
     """The fields of a response object that do not depend on the output."""
@@ -91,7 +98,7 @@ class ResponseShell:
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) else "auto",
+            "tool_choice": _tool_choice(body),
             "tools": [
                 {
                     "type": "function",

@@ -106,5 +106,7 @@ class EngineFeatures:
         if self.think and request.messages is not None:
             tail = self.tokenizer.decode(prompt[-16:])
             in_reasoning = tail.rfind(self.think[0]) > tail.rfind(self.think[1])
-        shaper = OutputShaper(think=self.think, in_reasoning=in_reasoning, tools=tools)
+        shaper = OutputShaper(
+            think=self.think, in_reasoning=in_reasoning, tools=tools, parallel=request.parallel_tool_calls
+        )
         return RequestFeatures(request, self.tokenizer, shaper, processors)

@@ -53,6 +53,7 @@ class OutputShaper:
     :param think: ``(start, end)`` thinking markers, or None.
     :param in_reasoning: the prompt ends inside a thinking block (the template opened it).
     :param tools: ``(start, end, parse, tool_dicts)`` when tool calls are to be parsed, else None.
+    :param parallel: several calls may be returned; when False, calls after the first are dropped.
     """
 
     def __init__(
@@ -61,8 +62,10 @@ class OutputShaper:
         think: tuple[str, str] | None = None,
         in_reasoning: bool = False,
         tools: tuple[str, str, ToolParser, list[dict[str, Any]]] | None = None,
+        parallel: bool = True,
     ) -> None:
         self.think = think
+        self.parallel = parallel
         self.tools = tools
         self.state = "reasoning" if in_reasoning and think else "content"
         self._held = ""
@@ -146,9 +149,14 @@ class OutputShaper:
         if parsed is None:
             content.append(start + self._call_text + end)
         else:
-            calls.extend(parsed)
-            self.made_tool_call = True
+            self._add_calls(parsed, calls)
         self._call_text = ""
+
+    def _add_calls(self, parsed: list[ToolCall], calls: list[ToolCall]) -> None:
+        if not self.parallel:
+            parsed = [] if self.made_tool_call else parsed[:1]
+        calls.extend(parsed)
+        self.made_tool_call = self.made_tool_call or bool(parsed)
 
     def _finish(self, content: list[str], calls: list[ToolCall]) -> None:
         """End of output: an unclosed call is parsed if it can be (EOS right after the JSON), else shown."""
@@ -157,8 +165,7 @@ class OutputShaper:
             if parsed is None:
                 content.append(self.tools[0] + self._call_text)
             else:
-                calls.extend(parsed)
-                self.made_tool_call = True
+                self._add_calls(parsed, calls)
             self._call_text = ""
             self.state = "content"
 

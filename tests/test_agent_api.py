@@ -130,7 +130,13 @@ async def test_unsupported_parameter_is_a_400_naming_it(client: openai.AsyncOpen
 
 async def test_required_tool_call(client: openai.AsyncOpenAI, model: str) -> None:
     response = await client.chat.completions.create(
-        model=model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0, max_tokens=48
+        model=model,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,  # with parallel calls the grammar lets the model go on to a second call
+        temperature=1.0,
+        max_tokens=64,
     )
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -146,7 +152,7 @@ async def test_streamed_named_tool_call_and_history(client: openai.AsyncOpenAI, 
         tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "w"}},
         parallel_tool_calls=False,
-        max_tokens=48,
+        max_tokens=64,
         stream=True,
     )
     names, arguments, ids, finish = [], "", set(), None
@@ -200,7 +206,9 @@ async def test_logprobs_non_streamed_and_streamed(client: openai.AsyncOpenAI, mo
     ]
     assert [e.token for e in streamed] == [e.token for e in content]
     text = await client.completions.create(model=model, prompt="The capital of France is", logprobs=2, max_tokens=3)
-    assert len(text.choices[0].logprobs.tokens) == 3 and len(text.choices[0].logprobs.top_logprobs[0]) == 2
+    legacy = text.choices[0].logprobs
+    assert 1 <= len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) <= 3
+    assert all(len(top) == 2 for top in legacy.top_logprobs) and "".join(legacy.tokens) == text.choices[0].text
 
 
 # --- langchain ---------------------------------------------------------------------------------------
@@ -241,7 +249,7 @@ async def test_responses_create_with_text_format(client: openai.AsyncOpenAI, mod
 async def test_responses_function_call_then_output_item(client: openai.AsyncOpenAI, model: str) -> None:
     tools = [{"type": "function", "name": "w", "description": "Weather in a city", "parameters": WEATHER}]
     response = await client.responses.create(
-        model=model, input=ASK, tools=tools, tool_choice="required", max_output_tokens=48
+        model=model, input=ASK, tools=tools, tool_choice="required", parallel_tool_calls=False, max_output_tokens=64
     )
     (call,) = [item for item in response.output if item.type == "function_call"]
     assert call.name == "w"
@@ -322,7 +330,11 @@ async def test_anthropic_forced_tool_use_and_result(controller: RunningControlle
     client = anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{controller.port}", api_key="none", max_retries=0)
     tools = [{"name": "w", "description": "Weather in a city", "input_schema": WEATHER}]
     message = await client.messages.create(
-        model=model, max_tokens=48, messages=ASK, tools=tools, tool_choice={"type": "tool", "name": "w"}
+        model=model,
+        max_tokens=64,
+        messages=ASK,
+        tools=tools,
+        tool_choice={"type": "tool", "name": "w", "disable_parallel_tool_use": True},
     )
     assert message.stop_reason == "tool_use"
     (use,) = [block for block in message.content if block.type == "tool_use"]

@@ -208,7 +208,8 @@ async def test_logprobs_non_streamed_and_streamed(client: openai.AsyncOpenAI, mo
     text = await client.completions.create(model=model, prompt="The capital of France is", logprobs=2, max_tokens=3)
     legacy = text.choices[0].logprobs
     assert 1 <= len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) <= 3
-    assert all(len(top) == 2 for top in legacy.top_logprobs) and "".join(legacy.tokens) == text.choices[0].text
+    assert all(len(top) == 2 for top in legacy.top_logprobs)
+    assert "".join(legacy.tokens).lstrip() == text.choices[0].text.lstrip()  # mlx-lm's detokenizer trims a first space
 
 
 # --- langchain ---------------------------------------------------------------------------------------

@@ -265,11 +265,15 @@ async def test_bad_request_is_refused_through_the_openai_client(client: openai.A
     assert caught.value.param == "n"
 
 
-async def test_unknown_fields_are_ignored(controller: RunningController) -> None:
+async def test_openai_fields_are_accepted_and_unknown_fields_refused(controller: RunningController) -> None:
     body = {"model": "echo", "messages": USER, "frequency_penalty": 0.5, "logit_bias": {}, "tools": []}
     status, data, _ = await post(controller, CHAT, body)
     assert status == 200, data
     assert data["choices"][0]["message"]["content"] == "hello brave new world"
+    status, data, _ = await post(controller, CHAT, {"model": "echo", "messages": USER, "temprature": 0.5})
+    assert status == 400, data
+    assert data["error"]["param"] == "temprature"
+    assert data["error"]["code"] == "unknown_parameter"
 
 
 async def test_unknown_path_and_method_are_errors_in_shape(controller: RunningController) -> None:

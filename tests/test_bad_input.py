@@ -107,9 +107,10 @@ async def test_undecodable_bodies_are_400(controller: RunningController, raw: by
 
 @pytest.mark.parametrize("depth", [50, 10_000, 200_000])
 async def test_deeply_nested_json_is_refused_or_served_never_500(controller: RunningController, depth: int) -> None:
-    """Nesting in an ignored field and in a typed one: a shallow document is served, a deep one is a 400."""
+    """Nesting in a free-form field (a tool's schema) and in a typed one: shallow is served, deep is a 400."""
     nested = "[" * depth + "]" * depth
-    ignored = f'{{"model": "echo", "messages": [{{"role": "user", "content": "deep"}}], "extra": {nested}}}'
+    tool = f'{{"type": "function", "function": {{"name": "f", "parameters": {{"type": "object", "x-n": {nested}}}}}}}'
+    ignored = f'{{"model": "echo", "messages": [{{"role": "user", "content": "deep"}}], "tools": [{tool}]}}'
     typed = f'{{"model": "echo", "messages": [{{"role": "user", "content": "deep"}}], "stop": {nested}}}'
     status, body, _ = await send(controller, CHAT, ignored.encode())
     if depth <= 50:

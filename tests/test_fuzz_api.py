@@ -190,6 +190,10 @@ def assert_no_server_error(response: requests.Response) -> None:
 def assert_stream_completes(response: requests.Response) -> None:
     if response.status_code != 200 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
         return
+    named = [line[7:] for line in response.text.splitlines() if line.startswith("event: ")]
+    if named:  # the Responses and Anthropic streams: named events, no [DONE]
+        assert named[-1] in ("response.completed", "response.incomplete", "message_stop"), response.text[-500:]
+        return
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert events and events[-1] == "[DONE]", response.text[-500:]
     for event in events[:-1]:

@@ -383,6 +383,31 @@ def bench_group(
     typer.echo(msgspec.json.encode(result).decode() if as_json else format_table(result))
 
 
+@bench_app.command("grammar")
+def bench_grammar(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
+    streams: Annotated[int, typer.Option(help="Concurrent streams.", min=1)] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request at most.", min=8)] = 64,
+    quick: Annotated[bool, typer.Option("--quick", help="One round of 24 tokens, 8 schemas.")] = False,
+) -> None:
+    """Constrained decoding: schema compile p50 and tokens/s with vs without a JSON schema (N streams)."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.grammar import format_table, run_grammar_bench
+    from mlxcluster.models.demo import ensure_demo_model
+
+    config = get_config(config_path)
+    model_path = model or str(ensure_demo_model(config.models_dir))
+    options = {"rounds": 1, "max_tokens": 24, "schemas": 8} if quick else {"max_tokens": max_tokens}
+    result = asyncio.run(run_grammar_bench(model_path=model_path, streams=streams, **options))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
 @bench_app.command("scale")
 def bench_scale(
     as_json: JsonOption = False,

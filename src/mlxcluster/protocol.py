@@ -216,12 +216,33 @@ class WorkerSettingsChanged(_Message):
 # --- inference --------------------------------------------------------------------------------
 
 
+class ToolCall(_Message):
+    """A function call the model made: ``arguments`` is JSON text (as OpenAI sends it)."""
+
+    name: str
+    arguments: str = "{}"
+    id: str = ""
+
+
+class ToolSpec(_Message):
+    """A function the model may call; ``parameters`` is its JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool = False
+
+
 class ChatMessage(_Message):
     """One chat turn, content already flattened to text."""
 
     role: str
     content: str = ""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls (history sent back by the client)."""
+    tool_call_id: str | None = None
+    """A ``tool`` turn: the call it answers."""
 
 
 class SamplingParams(_Message):
@@ -235,6 +256,20 @@ class SamplingParams(_Message):
     seed_offset: Count = 0
     """Draws of the seeded random stream already spent: a continued request (see
     :attr:`InferenceRequest.continuation`) resumes the stream where the interrupted worker stopped."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+
+
+class ResponseFormat(_Message):
+    """Constrained output: ``json_object`` (any object) or ``json_schema`` (``schema``), enforced by the worker."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: dict[str, Any] | None = None
+    name: str = ""
+
+
+ToolChoice = Literal["none", "auto", "required", "function"]
 
 
 class InferenceRequest(_Message):
@@ -257,6 +292,14 @@ class InferenceRequest(_Message):
     the assistant's message after it (chat: after the generation prompt; text: after the prompt) instead of
     starting it. ``max_tokens`` is then the remaining budget, and usage counts only the new tokens as
     completion tokens, the original prompt's as prompt tokens."""
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice = "auto"
+    """``required`` and ``function`` (the one named by ``tool_name``) are enforced with a grammar."""
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] = 0
 
 
 class Cancel(_Message):
@@ -295,12 +338,36 @@ class Accepted(_Message, tag="accepted", tag_field="type"):
     queued: bool = False
 
 
+class TopLogprob(_Message):
+    """One candidate token and its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Message):
+    """A generated token's log-probability and the most likely alternatives (from the sampled distribution)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: list[TopLogprob] = msgspec.field(default_factory=list)
+
+
 class Token(_Message, tag="token", tag_field="type"):
-    """Generated text; ``count`` tokens coalesced when the consumer is slower than generation."""
+    """Generated text; ``count`` tokens coalesced when the consumer is slower than generation.
+
+    ``reasoning`` is text inside the model's thinking markers, ``tool_calls`` the calls parsed from
+    the model's tool-call markup (their text is not in ``text``), ``logprobs`` one entry per token when asked.
+    """
 
     text: str
     count: Count = 1
     seq: Count = 0
+    reasoning: str = ""
+    tool_calls: list[ToolCall] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Progress(_Message, tag="progress", tag_field="type"):

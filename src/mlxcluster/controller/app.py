@@ -19,7 +19,16 @@ from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.controller import dashboard, openapi, routes_admin, routes_cluster, routes_openai, routes_ws
+from mlxcluster.controller import (
+    dashboard,
+    openapi,
+    routes_admin,
+    routes_anthropic,
+    routes_cluster,
+    routes_openai,
+    routes_responses,
+    routes_ws,
+)
 from mlxcluster.controller.balancer_api import BalancerContext
 from mlxcluster.controller.balancing import build_balancer
 from mlxcluster.controller.bus_watch import watch_bus
@@ -83,6 +92,8 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app[METRICS] = metrics
     app[PEERS] = ControllerPeers(controller_id, config.discovery.offline_timeout_ms / 1000)
     app.add_routes(routes_openai.routes)
+    app.add_routes(routes_responses.routes)
+    app.add_routes(routes_anthropic.routes)
     app.add_routes(routes_cluster.routes)
     app.add_routes(routes_admin.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked

@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from mlxcluster import __version__
+from mlxcluster.controller.anthropic_schema import MessagesRequest
 from mlxcluster.controller.balancer_api import WorkerView
 from mlxcluster.controller.openai_schema import (
     MAX_STOP_SEQUENCES,
@@ -23,6 +24,7 @@ from mlxcluster.controller.openai_schema import (
 )
 from mlxcluster.controller.registry import RegistryStats
 from mlxcluster.controller.responses import json_response
+from mlxcluster.controller.responses_schema import ResponsesRequest
 
 OPENAPI_PATH = "/openapi.json"
 OPENAPI_CACHE = web.AppKey("openapi_cache", dict)
@@ -58,7 +60,44 @@ NUM = {"type": "number"}
 BOOL = {"type": "boolean"}
 NULLABLE_STR = {"type": ["string", "null"]}
 NULLABLE_NUM = {"type": ["number", "null"]}
-FINISH = {"enum": ["stop", "length"]}
+FINISH = {"enum": ["stop", "length", "tool_calls"]}
+TOP_LOGPROB = _obj({"token": STR, "logprob": NUM, "bytes": {"type": ["array", "null"], "items": INT}})
+CHAT_LOGPROBS = {
+    "anyOf": [
+        {"type": "null"},
+        _obj(
+            {
+                "content": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "token": STR,
+                            "logprob": NUM,
+                            "bytes": {"type": ["array", "null"], "items": INT},
+                            "top_logprobs": {"type": "array", "items": TOP_LOGPROB},
+                        }
+                    ),
+                }
+            }
+        ),
+    ]
+}
+TEXT_LOGPROBS = {
+    "anyOf": [
+        {"type": "null"},
+        _obj(
+            {
+                "tokens": {"type": "array", "items": STR},
+                "token_logprobs": {"type": "array", "items": NUM},
+                "top_logprobs": {"type": "array", "items": {"type": "object", "additionalProperties": NUM}},
+                "text_offset": {"type": "array", "items": INT},
+            }
+        ),
+    ]
+}
+TOOL_CALL = _obj(
+    {"id": STR, "type": {"const": "function"}, "function": _obj({"name": STR, "arguments": STR})},
+)
 UNAUTHORIZED = _error("Missing or wrong API key (when `controller.api_keys` is set).")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": STR}}
 
@@ -91,8 +130,16 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                 "items": _obj(
                     {
                         "index": INT,
-                        "message": _obj({"role": {"const": "assistant"}, "content": STR}),
-                        "logprobs": {"type": "null"},
+                        "message": {
+                            **_obj({"role": {"const": "assistant"}, "content": NULLABLE_STR}),
+                            "properties": {
+                                "role": {"const": "assistant"},
+                                "content": NULLABLE_STR,
+                                "tool_calls": {"type": "array", "items": TOOL_CALL},
+                                "reasoning_content": STR,
+                            },
+                        },
+                        "logprobs": CHAT_LOGPROBS,
                         "finish_reason": FINISH,
                     }
                 ),
@@ -108,10 +155,38 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "model": STR,
             "choices": {
                 "type": "array",
-                "items": _obj({"index": INT, "text": STR, "logprobs": {"type": "null"}, "finish_reason": FINISH}),
+                "items": _obj({"index": INT, "text": STR, "logprobs": TEXT_LOGPROBS, "finish_reason": FINISH}),
             },
             "usage": _ref("Usage"),
         }
+    ),
+    "Response": {
+        **_obj(
+            {
+                "id": STR,
+                "object": {"const": "response"},
+                "created_at": INT,
+                "status": {"enum": ["completed", "incomplete", "in_progress", "failed"]},
+                "model": STR,
+                "output": {"type": "array", "items": {"type": "object", "required": ["type", "id"]}},
+            }
+        ),
+        "description": "Output items: `reasoning`, `message` (`output_text` parts) and `function_call`.",
+    },
+    "AnthropicMessage": _obj(
+        {
+            "id": STR,
+            "type": {"const": "message"},
+            "role": {"const": "assistant"},
+            "model": STR,
+            "content": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+            "stop_reason": {"enum": ["end_turn", "max_tokens", "tool_use"]},
+            "stop_sequence": {"type": "null"},
+            "usage": {"type": "object", "required": ["input_tokens", "output_tokens"]},
+        }
+    ),
+    "AnthropicError": _obj(
+        {"type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"]}},
     ),
     "Model": _obj({"id": STR, "object": {"const": "model"}, "created": INT, "owned_by": STR}),
     "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}),
@@ -201,7 +276,10 @@ SSE = {
 }
 
 
-def _completion_operation(summary: str, request: str, response: str) -> Schema:
+def _completion_operation(summary: str, request: str, response: str, error: str = "Error") -> Schema:
+    def _error(description: str) -> Schema:
+        return _json(_ref(error), description)
+
     return {
         "summary": summary,
         "security": SECURED,
@@ -272,6 +350,23 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
     },
     "/v1/completions": {
         "post": _completion_operation("OpenAI text completions", "CompletionRequest", "TextCompletion")
+    },
+    "/v1/responses": {
+        "post": {
+            **_completion_operation("OpenAI Responses API (stateless)", "ResponsesRequest", "Response"),
+            "description": "`previous_response_id`, `store: true` and `conversation` are refused with a 400: "
+            "nothing is stored; send the history as input items. A stream sends named events "
+            "(`response.created` ... `response.completed`) and no `[DONE]`.",
+        }
+    },
+    "/v1/messages": {
+        "post": {
+            **_completion_operation(
+                "Anthropic Messages API", "MessagesRequest", "AnthropicMessage", error="AnthropicError"
+            ),
+            "description": "Errors use Anthropic's shape. `x-api-key` is accepted like a Bearer key. A stream "
+            "sends named events (`message_start` ... `message_stop`).",
+        }
     },
     "/v1/models": {"get": _op("Models served by online workers", {"200": _json(_ref("ModelList"), "The models.")})},
     "/v1/models/{model}": {
@@ -372,7 +467,8 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
 def request_schemas() -> dict[str, Schema]:
     """Component schemas of the request bodies, from the Structs, tightened by the routes' own checks."""
     _, components = msgspec.json.schema_components(
-        [ChatCompletionRequest, CompletionRequest, WorkerView, RegistryStats], ref_template=REF
+        [ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, WorkerView, RegistryStats],
+        ref_template=REF,
     )
     chat, text = components["ChatCompletionRequest"]["properties"], components["CompletionRequest"]["properties"]
     chat["messages"]["minItems"] = 1
@@ -383,6 +479,56 @@ def request_schemas() -> dict[str, Schema]:
         props["n"] = {"type": "integer", "minimum": 1, "maximum": 1, "default": 1}
         props["stop"]["anyOf"][1]["maxItems"] = MAX_STOP_SEQUENCES
     text["prompt"]["anyOf"][1].update(minItems=1, maxItems=1)
+    refused = "Not supported: refused with a 400 naming it when set."
+    for name in (
+        "audio",
+        "functions",
+        "function_call",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+    ):
+        chat[name] = {"type": "null", "default": None, "description": refused}
+    chat["modalities"] = {"anyOf": [{"const": ["text"]}, {"type": "null"}], "default": None}
+    for props in (chat, text):
+        props["store"] = {"enum": [False, None], "default": None, "description": "Completions are not stored."}
+        props["metadata"] = {"type": ["object", "null"], "maxProperties": 0, "default": None}
+        props["service_tier"] = {"enum": ["auto", "default", None], "default": None}
+    text["echo"] = {"const": False, "default": False, "description": refused}
+    text["best_of"] = {"enum": [1, None], "default": None, "description": "Only 1."}
+    responses = components["ResponsesRequest"]["properties"]
+    for name in (
+        "previous_response_id",
+        "conversation",
+        "reasoning",
+        "max_tool_calls",
+        "top_logprobs",
+        "prompt",
+        "stream_options",
+    ):
+        responses[name] = {"type": "null", "default": None, "description": refused}
+    responses["store"] = {"enum": [False, None], "default": None, "description": "Responses are not stored."}
+    responses["background"] = {"enum": [False, None], "default": None}
+    responses["include"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "default": None}
+    responses["metadata"] = {"type": ["object", "null"], "maxProperties": 0, "default": None}
+    responses["service_tier"] = {"enum": ["auto", "default", None], "default": None}
+    responses["truncation"] = {"enum": ["disabled", None], "default": None}
+    messages = components["MessagesRequest"]["properties"]
+    for name in (
+        "container",
+        "context_management",
+        "diagnostics",
+        "inference_geo",
+        "speed",
+        "user_profile_id",
+        "workspace_id",
+    ):
+        messages[name] = {"type": "null", "default": None, "description": refused}
+    messages["mcp_servers"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "default": None}
+    messages["thinking"] = {"anyOf": [{"const": {"type": "disabled"}}, {"type": "null"}], "default": None}
+    messages["service_tier"] = {"enum": ["auto", "standard_only", None], "default": None}
+    messages["stop_sequences"]["anyOf"][0]["maxItems"] = MAX_STOP_SEQUENCES
     text["suffix"] = {"anyOf": [{"const": ""}, {"type": "null"}], "default": None, "description": "Not supported."}
     return components
 
@@ -403,7 +549,9 @@ def build_document(app: web.Application) -> dict[str, Any]:
             "title": "mlxcluster controller",
             "version": __version__,
             "description": "OpenAI-compatible inference API and cluster API. Routes under /v1 and /api need "
-            "`Authorization: Bearer <key>` when `controller.api_keys` is set; errors use OpenAI's shape.",
+            "`Authorization: Bearer <key>` (or `x-api-key: <key>`, as Anthropic's clients send it) when "
+            "`controller.api_keys` is set; errors use OpenAI's shape (Anthropic's on /v1/messages). Every "
+            "request field is honoured or refused with a 400 naming it; unknown fields are refused too.",
         },
         "paths": {path: ops for path, ops in paths.items() if ops},
         "components": {

@@ -6,10 +6,8 @@ proper 4xx/5xx JSON error instead of a 200 stream that fails at once.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +15,7 @@ from aiohttp import web
 
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.generation import Generated, collect, frames_after, generation, worker_error  # noqa: F401
 from mlxcluster.controller.middleware import API_KEY, stream_headers
 from mlxcluster.controller.openai_schema import (
     ChatCompletionRequest,
@@ -29,30 +28,9 @@ from mlxcluster.controller.openai_schema import (
 )
 from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.sse import SseWriter
-from mlxcluster.protocol import Done, Error, InferenceRequest, Token, Usage
+from mlxcluster.protocol import Done, InferenceRequest, Token, TokenLogprob, ToolCall, Usage
 
 routes = web.RouteTableDef()
-
-
-def worker_error(frame: Error) -> ApiError:
-    """A worker's Error frame as the HTTP error the client sees: the request's own fault is a 400."""
-    if frame.code == "deadline_exceeded":
-        return ApiError(504, "The request timed out on the worker", type="server_error", code="timeout")
-    if frame.code == "context_length_exceeded":
-        return ApiError(400, frame.message, param="messages", code="context_length_exceeded")
-    if frame.code == "invalid_request":
-        return ApiError(400, frame.message, code="invalid_request")
-    return ApiError(502, f"Worker error ({frame.code}): {frame.message}", type="server_error", code=frame.code)
-
-
-def client_gone(request: web.Request) -> Callable[[], bool]:
-    """Whether the client of ``request`` has disconnected (a stream it no longer reads is not migrated)."""
-
-    def gone() -> bool:
-        transport = request.transport
-        return transport is None or transport.is_closing()
-
-    return gone
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -65,6 +43,39 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
     }
 
 
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top],
+            }
+            for e in entries
+        ]
+    }
+
+
+def text_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """Legacy completions' ``logprobs``: parallel lists of tokens, logprobs, top alternatives, offsets."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 @dataclass
 class Renderer:
     """Builds the response objects of one endpoint (chat or text)."""
@@ -73,112 +84,105 @@ class Renderer:
     completion_id: str
     model: str
     created: int
+    logprobs: bool = False
+    tool_calls_sent: int = 0
+    text_offset: int = 0
 
     def _base(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.completion_id, "object": kind, "created": self.created, "model": self.model}
 
-    def choice(self, text: str | None, finish: str | None, *, chunk: bool) -> dict[str, Any]:
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(entries or [])
+        body = text_logprobs(entries or [], self.text_offset)
+        self.text_offset += sum(len(e.token) for e in entries or [])
+        return body
+
+    def token_chunks(self, token: Token) -> list[dict[str, Any]]:
+        """The chunks of one Token frame: text/reasoning (with logprobs), then each tool call in two pieces."""
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        if chunk:
-            delta = {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        message = {"role": "assistant", "content": text or ""}
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": token.text, "logprobs": self._logprobs(token.logprobs), "finish_reason": None}
+            return [{**self._base(True), "choices": [choice]}]
+        chunks = []
+        delta: dict[str, Any] = {}
+        if token.text:
+            delta["content"] = token.text
+        if token.reasoning:
+            delta["reasoning_content"] = token.reasoning
+        if delta or token.logprobs:
+            chunks.append(self._delta(delta, self._logprobs(token.logprobs)))
+        for call in token.tool_calls or []:
+            index = self.tool_calls_sent
+            self.tool_calls_sent += 1
+            head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            chunks.append(self._delta({"tool_calls": [head]}, None))
+            chunks.append(
+                self._delta({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}, None)
+            )
+        return chunks
 
-    def chunk(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
-        return {**self._base(True), "choices": [self.choice(text, finish, chunk=True)]}
-
-    def role_chunk(self) -> dict[str, Any]:
+    def _delta(self, delta: dict[str, Any], logprobs: Any, finish: str | None = None) -> dict[str, Any]:
         return {
             **self._base(True),
-            "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            ],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
+
+    def finish_chunk(self, reason: str) -> dict[str, Any]:
+        finish = openai_finish_reason(reason, self.tool_calls_sent > 0)
+        if not self.chat:
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
+            return {**self._base(True), "choices": [choice]}
+        return self._delta({}, None, finish)
+
+    def role_chunk(self) -> dict[str, Any]:
+        return self._delta({"role": "assistant", "content": ""}, None)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return {**self._base(True), "choices": [], "usage": usage_dict(usage)}
 
-    def final(self, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-        return {**self._base(False), "choices": [self.choice(text, finish, chunk=False)], "usage": usage_dict(usage)}
+    def final(self, result: Generated) -> dict[str, Any]:
+        finish = openai_finish_reason(result.finish_reason, bool(result.tool_calls))
+        logprobs = self._logprobs(result.logprobs)
+        if not self.chat:
+            choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            message: dict[str, Any] = {"role": "assistant", "content": result.text or None}
+            if not result.tool_calls:
+                message["content"] = result.text
+            else:
+                message["tool_calls"] = [tool_call_dict(call) for call in result.tool_calls]
+            if result.reasoning:
+                message["reasoning_content"] = result.reasoning
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+        return {**self._base(False), "choices": [choice], "usage": usage_dict(result.usage)}
 
 
 async def complete(
     request: web.Request, inference: InferenceRequest, renderer: Renderer, *, usage_in_stream: bool
 ) -> web.StreamResponse:
     """Dispatch ``inference`` and answer with one JSON body or an SSE stream."""
-    ctx: ControllerContext = request.app[CONTROLLER]
-    if not ctx.lifecycle.accepting:
-        raise ApiError(
-            503,
-            f"The controller is {ctx.lifecycle.state}; try again shortly",
-            type="server_error",
-            code="not_ready",
-            retry_after=1,
-        )
-    async with contextlib.aclosing(ctx.dispatcher.stream(inference, disconnected=client_gone(request))) as frames:
-        first = await anext(frames, None)
-        if first is None:
-            raise ApiError(502, "The worker ended the stream without a result", type="server_error")
-        if isinstance(first, Error):
-            raise worker_error(first)
-        if inference.stream:
-            return await _stream(request, renderer, first, frames, usage_in_stream)
-        return await _collect(renderer, first, frames)
-
-
-async def _collect(
-    renderer: Renderer, first: Token | Done, frames: AsyncIterator[Token | Done | Error]
-) -> web.Response:
-    parts: list[str] = []
-    frame: Token | Done | Error | None = first
-    while frame is not None:
-        match frame:
-            case Token(text=text):
-                parts.append(text)
-            case Done():
-                body = renderer.final("".join(parts), openai_finish_reason(frame.finish_reason), frame.usage)
-                return json_response(body)
-            case Error():
-                raise worker_error(frame)
-        frame = await anext(frames, None)
-    raise ApiError(502, "The worker ended the stream without a result", type="server_error")
-
-
-async def _stream(
-    request: web.Request,
-    renderer: Renderer,
-    first: Token | Done,
-    frames: AsyncIterator[Token | Done | Error],
-    usage_in_stream: bool,
-) -> web.StreamResponse:
-    sse = await SseWriter.open(request, stream_headers(request))
-    if renderer.chat:
-        await sse.send(renderer.role_chunk())
-    frame: Token | Done | Error | None = first
-    while frame is not None:
-        match frame:
-            case Token(text=text):
-                await sse.send(renderer.chunk(text))
-            case Done():
-                await sse.send(renderer.chunk(None if renderer.chat else "", openai_finish_reason(frame.finish_reason)))
-                if usage_in_stream:
-                    await sse.send(renderer.usage_chunk(frame.usage))
-                break
-            case Error():
-                await sse.send(worker_error(frame).body())
-                break
-        try:
-            frame = await anext(frames, None)
-        except ApiError as exc:  # e.g. the request deadline passed mid-stream: headers are sent, say it in-band
-            await sse.send(exc.body())
-            break
-    else:
-        await sse.send(ApiError(502, "The stream ended without a result", type="server_error").body())
-    await sse.done()
-    return sse.response
+    async with generation(request, inference) as (first, frames):
+        if not inference.stream:
+            return json_response(renderer.final(await collect(first, frames)))
+        sse = await SseWriter.open(request, stream_headers(request))
+        if renderer.chat:
+            await sse.send(renderer.role_chunk())
+        async for frame in frames_after(first, frames):
+            match frame:
+                case Token():
+                    for chunk in renderer.token_chunks(frame):
+                        await sse.send(chunk)
+                case Done():
+                    await sse.send(renderer.finish_chunk(frame.finish_reason))
+                    if usage_in_stream:
+                        await sse.send(renderer.usage_chunk(frame.usage))
+                case ApiError():
+                    await sse.send(frame.body())
+        await sse.done()
+        return sse.response
 
 
 def _deadline(ctx: ControllerContext) -> float:
@@ -192,7 +196,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = parse_body(await request.read(), ChatCompletionRequest)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     inference = chat_to_inference(body, completion_id, _deadline(ctx))
-    renderer = Renderer(chat=True, completion_id=completion_id, model=body.model, created=int(time.time()))
+    renderer = Renderer(
+        chat=True, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
+    )
     return await complete(request, inference, renderer, usage_in_stream=include_usage(body))
 
 
@@ -203,7 +209,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body: CompletionRequest = parse_body(await request.read(), CompletionRequest)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     inference = completion_to_inference(body, completion_id, _deadline(ctx))
-    renderer = Renderer(chat=False, completion_id=completion_id, model=body.model, created=int(time.time()))
+    renderer = Renderer(
+        chat=False, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
+    )
     return await complete(request, inference, renderer, usage_in_stream=include_usage(body))
 
 

@@ -28,6 +28,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError, bad_request
+from mlxcluster.controller.generation import worker_error
 from mlxcluster.controller.keys import CURRENT_KEY, ApiKey
 from mlxcluster.controller.middleware import API_KEY, API_KEY_PENDING, model_not_allowed
 from mlxcluster.controller.openai_schema import (
@@ -38,12 +39,13 @@ from mlxcluster.controller.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
-from mlxcluster.controller.routes_openai import usage_dict, worker_error
+from mlxcluster.controller.routes_openai import chat_logprobs, tool_call_dict, usage_dict
 from mlxcluster.protocol import Done, Error, InferenceRequest, Token
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
+ENVELOPE_FIELDS = ("type", "id", "api_key")
 SOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
 
 MAX_REQUESTS_PER_SOCKET = 64
@@ -188,6 +190,10 @@ class Session:
 
     def _inference(self, kind: str, raw: bytes) -> InferenceRequest:
         deadline = time.time() + self.ctx.config.controller.request_timeout_s
+        body = msgspec.json.decode(raw)
+        for envelope_field in ENVELOPE_FIELDS:  # the body proper is refused with unknown fields
+            body.pop(envelope_field, None)
+        raw = msgspec.json.encode(body)
         if kind == "chat":
             chat: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
             return chat_to_inference(chat, f"chatcmpl-{uuid.uuid4().hex}", deadline)
@@ -205,16 +211,25 @@ class Session:
         try:
             stream = self.ctx.dispatcher.stream(inference, disconnected=lambda: self.ws.closed)
             async with contextlib.aclosing(stream) as frames:
+                called = False
                 async for frame in frames:
                     match frame:
                         case Token(text=text):
-                            await self.send({"type": "token", "id": client_id, "text": text})
+                            message: dict[str, Any] = {"type": "token", "id": client_id, "text": text}
+                            if frame.reasoning:
+                                message["reasoning"] = frame.reasoning
+                            if frame.tool_calls:
+                                message["tool_calls"] = [tool_call_dict(call) for call in frame.tool_calls]
+                                called = True
+                            if frame.logprobs:
+                                message["logprobs"] = chat_logprobs(frame.logprobs)["content"]
+                            await self.send(message)
                         case Done():
                             await self.send(
                                 {
                                     "type": "done",
                                     "id": client_id,
-                                    "finish_reason": openai_finish_reason(frame.finish_reason),
+                                    "finish_reason": openai_finish_reason(frame.finish_reason, called),
                                     "usage": usage_dict(frame.usage),
                                     "completion_id": inference.request_id,
                                 }

@@ -34,6 +34,14 @@ class SseWriter:
         """One ``data:`` event with ``data`` as JSON."""
         await self.response.write(b"data: " + _encoder.encode(data) + b"\n\n")
 
+    async def event(self, name: str, data: Any) -> None:
+        """One named event (``event: <name>``), as the Responses and Anthropic streams send them."""
+        await self.response.write(b"event: " + name.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n")
+
+    async def end(self) -> None:
+        """End the stream without OpenAI's ``[DONE]`` sentinel."""
+        await self.response.write_eof()
+
     async def done(self) -> None:
         await self.response.write(b"data: [DONE]\n\n")
         await self.response.write_eof()

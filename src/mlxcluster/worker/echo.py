@@ -15,7 +15,17 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, PromptCacheStats, Timings, Token, Usage
+from mlxcluster.protocol import (
+    Done,
+    Error,
+    InferenceRequest,
+    PromptCacheStats,
+    Timings,
+    Token,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from mlxcluster.worker.echo_cache import SimulatedPromptCache
 from mlxcluster.worker.engine_base import CacheListener, Engine, EngineFrame, EngineInfo
 
@@ -37,6 +47,16 @@ def echo_words(request: InferenceRequest) -> tuple[list[str], int]:
 def continued_words(words: list[str], continuation: str | None) -> list[str]:
     """The words still to echo after ``continuation`` (text a previous worker already produced)."""
     return words[len(continuation.split()) :] if continuation else words
+
+
+def _certain(word: str, request: InferenceRequest) -> list[TokenLogprob] | None:
+    """Echo's logprobs: each word is certain (log-probability 0), and it is its own only alternative."""
+    if not request.logprobs:
+        return None
+    entry = TokenLogprob(token=word, logprob=0.0, bytes=list(word.encode()))
+    if request.top_logprobs:
+        entry.top = [TopLogprob(token=word, logprob=0.0, bytes=entry.bytes)]
+    return [entry]
 
 
 class EchoEngine(Engine):
@@ -73,6 +93,12 @@ class EchoEngine(Engine):
 
     async def generate(self, request: InferenceRequest) -> AsyncGenerator[EngineFrame, None]:
         started = time.perf_counter()
+        if request.response_format is not None and request.response_format.type != "text":
+            yield Error(code="invalid_request", message="the echo engine cannot enforce response_format")
+            return
+        if request.tools and request.tool_choice in ("required", "function"):
+            yield Error(code="invalid_request", message="the echo engine cannot force a tool call")
+            return
         words, prompt_tokens = echo_words(request)
         words = continued_words(words, request.continuation)
         text_so_far = request.continuation or ""
@@ -96,12 +122,12 @@ class EchoEngine(Engine):
                 tail = candidate[: candidate.index(hit)][len(text_so_far) :]
                 if tail:
                     text_so_far += tail
-                    yield Token(text=tail, seq=emitted)
+                    yield Token(text=tail, seq=emitted, logprobs=_certain(tail, request))
                     emitted += 1
                 break
             text_so_far = candidate
             first_at = first_at or time.perf_counter()
-            yield Token(text=word, seq=emitted)
+            yield Token(text=word, seq=emitted, logprobs=_certain(word, request))
             emitted += 1
         total_s = time.perf_counter() - started
         ttft_s = (first_at - started) if first_at else total_s

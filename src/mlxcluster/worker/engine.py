@@ -68,6 +68,7 @@ class _Job:
     unreported: int = 0
     detokenizer: Any = None
     stop_filter: Any = None
+    features: Any = None
     finished: bool = False
     continued: int = 0
     """Tokens at the end of ``prompt`` that continue the assistant's message (not prompt tokens in usage)."""
@@ -165,6 +166,7 @@ class MlxEngine(Engine):
         self._eos_stops: Any = None
         self._stream: Any = None
         self._vocab_size = 0
+        self._features: Any = None
 
     # --- Engine API (asyncio side) -------------------------------------------------------------
 
@@ -295,15 +297,16 @@ class MlxEngine(Engine):
     @staticmethod
     def _coalesce(job: _Job, first: Token) -> Token:
         """Merge Token frames already waiting (the consumer is slower than generation)."""
-        text, count = [first.text], first.count
+        from mlxcluster.worker.output import merge_tokens
+
+        tokens = [first]
         while not job.frames.empty():
             frame = job.frames.get_nowait()
             if not isinstance(frame, Token):
                 job.held = frame
                 break
-            text.append(frame.text)
-            count += frame.count
-        token = Token(text="".join(text), count=count, seq=job.seq)
+            tokens.append(frame)
+        token = merge_tokens(tokens, job.seq)
         job.seq += 1
         return token
 
@@ -350,6 +353,9 @@ class MlxEngine(Engine):
         if self.prompt_cache_bytes > 0:
             self._prompt_cache = PromptCache(self._model_key(), self.prompt_cache_bytes, self._on_cache_change)
         self._eos_stops = make_stop_sequences(tokenizer)  # type: ignore[no-untyped-call]
+        from mlxcluster.worker.features import EngineFeatures
+
+        self._features = EngineFeatures(tokenizer, self._vocab_size, sorted(tokenizer.eos_token_ids))
         self._stream = stream
         self._generator = self._new_generator()
         device = mx.default_device()
@@ -437,8 +443,13 @@ class MlxEngine(Engine):
         request = job.request
         problem = validate_sampling(request.sampling, request.max_tokens)
         if problem is None:
+            from mlxcluster.worker.grammar import GrammarError
+
             try:
                 job.prompt = self._tokenize(request)
+                job.features = self._features.prepare(request, job.prompt) if job.prompt else None
+            except GrammarError as exc:  # an unsupported schema or tool choice
+                problem = str(exc)
             except Exception as exc:  # template or tokenizer errors are the request's fault
                 problem = f"cannot build the prompt: {exc}"
             else:
@@ -461,21 +472,11 @@ class MlxEngine(Engine):
         self._waiting.append(job)
 
     def _tokenize(self, request: InferenceRequest) -> list[int]:
-        """The prompt's tokens, then those of ``request.continuation`` (text a lost worker had already
-        generated: the assistant's message goes on after it, and ``max_tokens`` is the remaining budget)."""
-        tokenizer = self._tokenizer
-        continued = self._continuation_ids(request)
-        if request.messages is not None:
-            messages = [
-                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in request.messages
-            ]
-            if tokenizer.has_chat_template:
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)) + continued
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(tokenizer.encode(text)) + continued
-        if request.prompt is None:
-            raise ValueError("the request has neither messages nor prompt")
-        return list(tokenizer.encode(request.prompt)) + continued
+        """The prompt's token ids (chat messages and tools through the chat template, or the raw prompt),
+        then those of ``request.continuation`` (text a lost worker had already generated: the assistant's
+        message goes on after it, and ``max_tokens`` is the remaining budget)."""
+        prompt: list[int] = self._features.prompt(request)
+        return prompt + self._continuation_ids(request)
 
     def _continuation_ids(self, request: InferenceRequest) -> list[int]:
         """The tokens of ``request.continuation`` (none when it is not a continued request)."""
@@ -519,6 +520,10 @@ class MlxEngine(Engine):
             job = self._waiting.popleft()
             request = job.request
             sampler = make_request_sampler(request.sampling, request.seed, self._vocab_size)
+            processors = make_request_processors(request.sampling)
+            if job.features.processors:  # a grammar: beyond what a worker group's followers can rebuild
+                processors.extend(job.features.processors)
+                processors.replayable = False
             cache, cached = self._prompt_cache.fetch(job.prompt) if self._prompt_cache is not None else (None, 0)
             job.cached_tokens = cached
             try:
@@ -528,7 +533,7 @@ class MlxEngine(Engine):
                     all_tokens=[job.prompt[:cached]],
                     max_tokens=[request.max_tokens],
                     samplers=[sampler],
-                    logits_processors=[make_request_processors(request.sampling)],
+                    logits_processors=[processors],
                     stop_sequences=[self._eos_stops],
                 )
             except ValueError as exc:
@@ -567,7 +572,7 @@ class MlxEngine(Engine):
             if job.cancelled:
                 continue  # _expire removes it from the batch
             try:
-                ended = self._on_token(job, response.token, response.finish_reason, now)
+                ended = self._on_token(job, response.token, response.finish_reason, now, response.logprobs)
             except Exception as exc:  # one bad request must not take the batch down
                 log.exception("post-processing a token failed")
                 self._emit(job, Error(code="engine_error", message=str(exc), retryable=False))
@@ -598,7 +603,7 @@ class MlxEngine(Engine):
         except Exception:  # the cache is an optimisation: never fail a request over it
             log.exception("storing a prompt cache failed")
 
-    def _on_token(self, job: _Job, token: int, finish_reason: str | None, now: float) -> bool:
+    def _on_token(self, job: _Job, token: int, finish_reason: str | None, now: float, logprobs: Any = None) -> bool:
         """Turn one generated token into frames; True when the request ended here."""
         detokenizer = job.detokenizer
         if finish_reason == "stop":  # an end-of-sequence token: never shown
@@ -613,7 +618,10 @@ class MlxEngine(Engine):
         job.unreported += 1
         if text:
             job.reply.append(text)
-            self._emit(job, Token(text=text, count=job.unreported))
+        job.features.on_token(None if finish_reason == "stop" else token, logprobs)
+        frame = job.features.frame(text, job.unreported, final=hit_stop or finish_reason is not None)
+        if frame is not None:
+            self._emit(job, frame)
             job.unreported = 0
         if not hit_stop and finish_reason is None:
             return False

@@ -105,7 +105,7 @@ class BroadcastGenerator:
             max_tokens=list(max_tokens) if max_tokens is not None else None,
             all_tokens=[list(t) for t in all_tokens] if all_tokens else None,
             samplers=[_sampler_spec(s) for s in (samplers or [None] * count)],
-            penalties=[float(getattr(p, "repetition_penalty", 1.0)) for p in (logits_processors or [[]] * count)],
+            penalties=[_penalty_spec(p) for p in (logits_processors or [[]] * count)],
             cache_keys=[u[0] if u else None for u in uses],
             cached=[u[1] if u else 0 for u in uses],
         )
@@ -164,6 +164,21 @@ class BroadcastGenerator:
         ops, self._pending = [*self._pending, *extra], []
         self._channel.broadcast(encoder.encode(ops))
         self._last_sent = time.monotonic()
+
+
+def _penalty_spec(processors: Any) -> float:
+    """The repetition penalty a follower rebuilds; anything more (a grammar, presence / frequency
+    penalties, a logit bias) cannot be replayed on the other ranks yet, so the request is refused."""
+    from mlxcluster.worker.sampling import RequestProcessors
+
+    if not processors:
+        return 1.0
+    if not isinstance(processors, RequestProcessors) or not processors.replayable:
+        raise ValueError(
+            "a worker group does not support constrained output (response_format, forced tool calls), "
+            "presence/frequency penalties or logit_bias yet"
+        )
+    return processors.repetition_penalty
 
 
 def _sampler_spec(sampler: Any) -> SamplerSpec | None:

@@ -56,20 +56,33 @@ def make_request_sampler(params: SamplingParams, seed: int | None, vocab_size: i
 
 
 class RequestProcessors(list[Callable[[Any, Any], Any]]):
-    """A request's logits processors, remembering the parameters they were made from (worker groups
-    rebuild them on the other ranks)."""
+    """A request's logits processors, remembering the parameters they were made from: a worker group's
+    followers rebuild them, which they can only do when ``replayable`` (the repetition penalty alone)."""
 
     repetition_penalty: float = 1.0
+    replayable: bool = True
 
 
-def make_request_processors(params: SamplingParams) -> list[Callable[[Any, Any], Any]]:
-    """Logits processors for the request (the repetition penalty over the last 20 tokens, when not 1)."""
+def make_request_processors(params: SamplingParams) -> RequestProcessors:
+    """Logits processors for the request: repetition penalty (when not 1), presence / frequency penalties
+    (when not 0; over the last 20 tokens, as mlx-lm does) and the logit bias."""
     penalty = params.repetition_penalty
+    repetition = None if penalty is None or penalty == 1.0 or penalty <= 0.0 else penalty
+    presence = params.presence_penalty or None
+    frequency = params.frequency_penalty or None
     processors = RequestProcessors()
-    if penalty is None or penalty == 1.0 or penalty <= 0.0:
+    if repetition is None and presence is None and frequency is None and not params.logit_bias:
         return processors
-    processors.extend(make_logits_processors(repetition_penalty=penalty))
-    processors.repetition_penalty = float(penalty)
+    processors.extend(
+        make_logits_processors(
+            logit_bias=params.logit_bias or None,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+        )
+    )
+    processors.repetition_penalty = float(repetition or 1.0)
+    processors.replayable = presence is None and frequency is None and not params.logit_bias
     return processors
 
 

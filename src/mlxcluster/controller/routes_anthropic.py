@@ -1,0 +1,196 @@
+"""``POST /v1/messages``: Anthropic's Messages API over the same frames as chat completions.
+
+Content blocks out: ``thinking`` (text inside the model's thinking markers), ``text`` and
+``tool_use``. A stream sends ``message_start``, per block ``content_block_start`` / ``_delta`` /
+``_stop``, then ``message_delta`` (stop_reason, usage) and ``message_stop``. Errors use Anthropic's
+shape, ``{"type": "error", "error": {"type", "message"}}`` (the auth middleware's 401 stays OpenAI's).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from mlxcluster.controller.anthropic_schema import MessagesRequest, messages_to_inference
+from mlxcluster.controller.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.generation import Generated, collect, frames_after, generation
+from mlxcluster.controller.middleware import stream_headers
+from mlxcluster.controller.openai_schema import parse_body
+from mlxcluster.controller.openai_tools import decode_tool_arguments
+from mlxcluster.controller.responses import json_response
+from mlxcluster.controller.sse import SseWriter
+from mlxcluster.protocol import Done, Token, ToolCall, Usage
+
+routes = web.RouteTableDef()
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def error_body(exc: ApiError) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(exc.status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message, "code": exc.code, "param": exc.param}}
+
+
+def stop_reason(finish: str, tool_calls: bool) -> str:
+    if finish == "length":
+        return "max_tokens"
+    return "tool_use" if tool_calls else "end_turn"
+
+
+def usage_object(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    arguments = decode_tool_arguments(call.arguments)
+    return {
+        "type": "tool_use",
+        "id": call.id.replace("call_", "toolu_", 1),
+        "name": call.name,
+        "input": arguments if isinstance(arguments, dict) else {},
+    }
+
+
+def final_message(message_id: str, model: str, result: Generated) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if result.reasoning:
+        content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
+    if result.text or not result.tool_calls:
+        content.append({"type": "text", "text": result.text})
+    content.extend(tool_use_block(call) for call in result.tool_calls)
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(result.finish_reason, bool(result.tool_calls)),
+        "stop_sequence": None,
+        "usage": usage_object(result.usage),
+    }
+
+
+class MessageStream:
+    """Frames as Anthropic stream events; one open block (thinking or text) at a time."""
+
+    def __init__(self, sse: SseWriter, message_id: str, model: str) -> None:
+        self.sse = sse
+        self.message_id = message_id
+        self.model = model
+        self.index = 0
+        self.open_kind: str | None = None
+        self.tool_calls = 0
+
+    async def send(self, name: str, **data: Any) -> None:
+        await self.sse.event(name, {"type": name, **data})
+
+    async def start(self, prompt_tokens: int = 0) -> None:
+        message: dict[str, Any] = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+        }
+        await self.send("message_start", message=message)
+
+    async def _open(self, kind: str) -> None:
+        if self.open_kind == kind:
+            return
+        await self._close()
+        block = (
+            {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
+        )
+        await self.send("content_block_start", index=self.index, content_block=block)
+        self.open_kind = kind
+
+    async def _close(self) -> None:
+        if self.open_kind is None:
+            return
+        if self.open_kind == "thinking":
+            await self.send("content_block_delta", index=self.index, delta={"type": "signature_delta", "signature": ""})
+        await self.send("content_block_stop", index=self.index)
+        self.index += 1
+        self.open_kind = None
+
+    async def token(self, frame: Token) -> None:
+        if frame.reasoning:
+            await self._open("thinking")
+            await self.send(
+                "content_block_delta", index=self.index, delta={"type": "thinking_delta", "thinking": frame.reasoning}
+            )
+        if frame.text:
+            await self._open("text")
+            await self.send("content_block_delta", index=self.index, delta={"type": "text_delta", "text": frame.text})
+        for call in frame.tool_calls or []:
+            await self._close()
+            block = {**tool_use_block(call), "input": {}}
+            await self.send("content_block_start", index=self.index, content_block=block)
+            await self.send(
+                "content_block_delta",
+                index=self.index,
+                delta={"type": "input_json_delta", "partial_json": call.arguments},
+            )
+            await self.send("content_block_stop", index=self.index)
+            self.index += 1
+            self.tool_calls += 1
+
+    async def done(self, frame: Done) -> None:
+        if self.index == 0 and self.open_kind is None:
+            await self._open("text")
+        await self._close()
+        delta = {"stop_reason": stop_reason(frame.finish_reason, self.tool_calls > 0), "stop_sequence": None}
+        await self.send("message_delta", delta=delta, usage=usage_object(frame.usage))
+        await self.send("message_stop")
+
+
+@routes.post("/v1/messages")
+async def create_message(request: web.Request) -> web.StreamResponse:
+    """Anthropic Messages API, streamed (named SSE events) or not."""
+    try:
+        return await _create_message(request)
+    except ApiError as exc:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+        return json_response(error_body(exc), status=exc.status, headers=headers)
+
+
+async def _create_message(request: web.Request) -> web.StreamResponse:
+    ctx: ControllerContext = request.app[CONTROLLER]
+    body: MessagesRequest = parse_body(await request.read(), MessagesRequest)  # type: ignore[arg-type]
+    message_id = f"msg_{uuid.uuid4().hex}"
+    inference = messages_to_inference(body, message_id, time.time() + ctx.config.controller.request_timeout_s)
+    async with generation(request, inference) as (first, frames):
+        if not body.stream:
+            return json_response(final_message(message_id, body.model, await collect(first, frames)))
+        sse = await SseWriter.open(request, stream_headers(request))
+        stream = MessageStream(sse, message_id, body.model)
+        await stream.start()
+        async for frame in frames_after(first, frames):
+            match frame:
+                case Token():
+                    await stream.token(frame)
+                case Done():
+                    await stream.done(frame)
+                case ApiError():
+                    await sse.event("error", error_body(frame))
+        await sse.end()
+        return sse.response

@@ -1,0 +1,282 @@
+"""``POST /v1/responses``: OpenAI's Responses API over the same frames as chat completions (stateless).
+
+Output items: ``reasoning`` (text inside the model's thinking markers), ``message`` (``output_text``)
+and ``function_call``. A stream sends the official event sequence: ``response.created``,
+``response.in_progress``, then per item ``response.output_item.added`` … deltas … ``.done``, then
+``response.completed`` (``response.incomplete`` when ``max_output_tokens`` cut it short).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from mlxcluster.controller.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.generation import Generated, collect, frames_after, generation
+from mlxcluster.controller.middleware import stream_headers
+from mlxcluster.controller.openai_schema import parse_body
+from mlxcluster.controller.responses import json_response
+from mlxcluster.controller.responses_schema import ResponsesRequest, responses_to_inference
+from mlxcluster.controller.sse import SseWriter
+from mlxcluster.protocol import Done, Token, ToolCall, Usage
+
+routes = web.RouteTableDef()
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = (
+        [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+    )
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
+def function_call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments if status == "completed" else "",
+        "status": status,
+    }
+
+
+def _tool_choice(body: ResponsesRequest) -> Any:
+    choice = body.tool_choice
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    return {"type": choice.type, "name": choice.name}
+
+
+@dataclass
+class ResponseShell:
+    """The fields of a response object that do not depend on the output."""
+
+    body: ResponsesRequest
+    response_id: str = field(default_factory=lambda: _id("resp"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def build(self, status: str, output: list[dict[str, Any]], usage: Usage | None) -> dict[str, Any]:
+        body = self.body
+        fmt = body.text.format if body.text and body.text.format else None
+        return {
+            "id": self.response_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "model": body.model,
+            "output": output,
+            "usage": usage_object(usage) if usage is not None else None,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "tool_choice": _tool_choice(body),
+            "tools": [
+                {
+                    "type": "function",
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                    "strict": bool(t.strict),
+                }
+                for t in body.tools or []
+            ],
+            "text": {"format": {"type": fmt.type, **({"name": fmt.name, "schema": fmt.schema} if fmt.schema else {})}}
+            if fmt
+            else {"format": {"type": "text"}},
+            "previous_response_id": None,
+            "store": False,
+            "metadata": {},
+        }
+
+
+def final_response(shell: ResponseShell, result: Generated) -> dict[str, Any]:
+    output = []
+    if result.reasoning:
+        output.append(reasoning_item(_id("rs"), result.reasoning))
+    if result.text or not result.tool_calls:
+        output.append(message_item(_id("msg"), result.text))
+    output.extend(function_call_item(_id("fc"), call) for call in result.tool_calls)
+    status = "incomplete" if result.finish_reason == "length" else "completed"
+    return shell.build(status, output, result.usage)
+
+
+class ResponseStream:
+    """Turns frames into the Responses event sequence; one open item (reasoning or message) at a time."""
+
+    def __init__(self, sse: SseWriter, shell: ResponseShell) -> None:
+        self.sse = sse
+        self.shell = shell
+        self.seq = 0
+        self.output: list[dict[str, Any]] = []
+        self.open_kind: str | None = None
+        self.open_id = ""
+        self.open_text = ""
+
+    async def send(self, event: str, /, **data: Any) -> None:
+        """One event of the stream; ``data`` may hold a ``name`` field (function calls have one)."""
+        await self.sse.event(event, {"type": event, "sequence_number": self.seq, **data})
+        self.seq += 1
+
+    async def start(self) -> None:
+        response = self.shell.build("in_progress", [], None)
+        await self.send("response.created", response=response)
+        await self.send("response.in_progress", response=response)
+
+    async def _open(self, kind: str) -> None:
+        if self.open_kind == kind:
+            return
+        await self._close()
+        self.open_kind, self.open_id, self.open_text = kind, _id("msg" if kind == "message" else "rs"), ""
+        index = len(self.output)
+        if kind == "message":
+            await self.send(
+                "response.output_item.added", output_index=index, item=message_item(self.open_id, "", "in_progress")
+            )
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            await self.send(
+                "response.content_part.added", item_id=self.open_id, output_index=index, content_index=0, part=part
+            )
+        else:
+            await self.send(
+                "response.output_item.added", output_index=index, item=reasoning_item(self.open_id, "", "in_progress")
+            )
+
+    async def _close(self) -> None:
+        if self.open_kind is None:
+            return
+        index, text, item_id = len(self.output), self.open_text, self.open_id
+        if self.open_kind == "message":
+            await self.send(
+                "response.output_text.done",
+                item_id=item_id,
+                output_index=index,
+                content_index=0,
+                text=text,
+                logprobs=[],
+            )
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            await self.send(
+                "response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part
+            )
+            item = message_item(item_id, text)
+        else:
+            await self.send(
+                "response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text
+            )
+            item = reasoning_item(item_id, text)
+        await self.send("response.output_item.done", output_index=index, item=item)
+        self.output.append(item)
+        self.open_kind = None
+
+    async def token(self, frame: Token) -> None:
+        if frame.reasoning:
+            await self._open("reasoning")
+            self.open_text += frame.reasoning
+            await self.send(
+                "response.reasoning_text.delta",
+                item_id=self.open_id,
+                output_index=len(self.output),
+                content_index=0,
+                delta=frame.reasoning,
+            )
+        if frame.text:
+            await self._open("message")
+            self.open_text += frame.text
+            await self.send(
+                "response.output_text.delta",
+                item_id=self.open_id,
+                output_index=len(self.output),
+                content_index=0,
+                delta=frame.text,
+                logprobs=[],
+            )
+        for call in frame.tool_calls or []:
+            await self._close()
+            index, item_id = len(self.output), _id("fc")
+            await self.send(
+                "response.output_item.added", output_index=index, item=function_call_item(item_id, call, "in_progress")
+            )
+            await self.send(
+                "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=call.arguments
+            )
+            await self.send(
+                "response.function_call_arguments.done",
+                item_id=item_id,
+                output_index=index,
+                name=call.name,
+                arguments=call.arguments,
+            )
+            item = function_call_item(item_id, call)
+            await self.send("response.output_item.done", output_index=index, item=item)
+            self.output.append(item)
+
+    async def done(self, frame: Done) -> None:
+        if not self.output and self.open_kind is None:
+            await self._open("message")  # an empty answer is still one (empty) message
+        await self._close()
+        status = "incomplete" if frame.finish_reason == "length" else "completed"
+        await self.send(f"response.{status}", response=self.shell.build(status, self.output, frame.usage))
+
+    async def error(self, exc: ApiError) -> None:
+        await self.send("error", code=exc.code, message=exc.message, param=exc.param)
+        await self.send(
+            "response.failed",
+            response={
+                **self.shell.build("failed", self.output, None),
+                "error": {"code": exc.code or "server_error", "message": exc.message},
+            },
+        )
+
+
+@routes.post("/v1/responses")
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """OpenAI Responses API, streamed (named SSE events) or not; stateless."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    body: ResponsesRequest = parse_body(await request.read(), ResponsesRequest)  # type: ignore[arg-type]
+    shell = ResponseShell(body)
+    inference = responses_to_inference(body, shell.response_id, time.time() + ctx.config.controller.request_timeout_s)
+    async with generation(request, inference) as (first, frames):
+        if not body.stream:
+            return json_response(final_response(shell, await collect(first, frames)))
+        sse = await SseWriter.open(request, stream_headers(request))
+        stream = ResponseStream(sse, shell)
+        await stream.start()
+        async for frame in frames_after(first, frames):
+            match frame:
+                case Token():
+                    await stream.token(frame)
+                case Done():
+                    await stream.done(frame)
+                case ApiError():
+                    await stream.error(frame)
+        await sse.end()
+        return sse.response

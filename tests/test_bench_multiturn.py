@@ -64,6 +64,8 @@ def test_summary_counts_only_later_turns_as_cached() -> None:
     assert summary.later_ttft_p50_ms == 600  # nearest-rank median of 500, 600, 11000
     assert summary.turn1_ttft_p50_ms in (10_000, 12_000)
     assert summary.later_over_turn1 == round(600 / summary.turn1_ttft_p50_ms, 3)
+    assert summary.turn1_ttft_mean_ms == 11_000 and summary.later_ttft_mean_ms == 4_033.3
+    assert summary.later_over_turn1_mean == round((12_100 / 3) / 11_000, 3)  # the miss at turn 2 counts
 
 
 def test_summary_of_nothing_is_zero_not_a_division_error() -> None:
@@ -94,7 +96,11 @@ def test_format_states_absent_balancers_and_verdicts() -> None:
     )
     text = format_multiturn(result)
     assert "cache_aware: not run" in text
-    assert "round_robin: cached 96% (target ≥ 80%: met), later/turn 1 0.20× (target ≤ 0.35×: met)" in text
+    assert (
+        "round_robin: cached 96% (target ≥ 80%: met), later/turn 1 by mean 0.20× (p50 0.20×; target ≤ 0.35×: met)"
+        in text
+    )
+    assert "w1:1" in text
 
 
 def test_replace_section_keeps_the_others() -> None:

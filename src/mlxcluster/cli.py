@@ -399,7 +399,10 @@ def bench_report(
     output: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("docs/BENCHMARKS.md"),
     soak_minutes: Annotated[float, typer.Option(help="Soak length in minutes (0 skips it).", min=0)] = 10.0,
     only: Annotated[
-        str, typer.Option(help="Comma-separated benchmarks (e.g. multiturn,soak) to rerun in the existing report.")
+        str,
+        typer.Option(
+            help="Comma-separated sections (multiturn, soak, soak-cache-full, ...) to rerun in the existing report."
+        ),
     ] = "",
     quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,
 ) -> None:

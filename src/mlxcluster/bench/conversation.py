@@ -116,6 +116,10 @@ class TurnSummary(msgspec.Struct):
     later_cached_tokens: int
     turn1_samples: int
     later_samples: int
+    turn1_ttft_mean_ms: float = 0.0
+    later_ttft_mean_ms: float = 0.0
+    later_over_turn1_mean: float = 0.0
+    """later-turn mean TTFT / turn-1 mean TTFT: unlike the p50s, every later turn that missed counts."""
 
 
 def summarize(samples: list[TurnSample]) -> TurnSummary:
@@ -124,6 +128,8 @@ def summarize(samples: list[TurnSample]) -> TurnSummary:
     later = [s for s in samples if s.turn > 1]
     first_p50 = percentile([s.ttft_ms for s in first], 50)
     later_p50 = percentile([s.ttft_ms for s in later], 50)
+    first_mean = _mean([s.ttft_ms for s in first])
+    later_mean = _mean([s.ttft_ms for s in later])
     prompt = sum(s.prompt_tokens for s in later)
     cached = sum(s.cached_tokens for s in later)
     return TurnSummary(
@@ -135,7 +141,14 @@ def summarize(samples: list[TurnSample]) -> TurnSummary:
         later_cached_tokens=cached,
         turn1_samples=len(first),
         later_samples=len(later),
+        turn1_ttft_mean_ms=round(first_mean, 1),
+        later_ttft_mean_ms=round(later_mean, 1),
+        later_over_turn1_mean=round(later_mean / first_mean, 3) if first_mean else 0.0,
     )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def gaps_ms(arrivals: list[float]) -> list[float]:

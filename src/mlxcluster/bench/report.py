@@ -66,6 +66,11 @@ def soak_sections(soak_minutes: float) -> list[tuple[str, list[str], str]]:
     ]
 
 
+def section_key(args: list[str]) -> str:
+    """What ``bench report --only`` calls a section: the benchmark, plus ``-cache-full`` for that soak."""
+    return args[0] + ("-cache-full" if "--cache-full" in args else "")
+
+
 def _timeout(args: list[str], soak_minutes: float) -> float:
     return soak_minutes * 60 + 600 if args[0] == "soak" else 1800 if args[0] == "multiturn" else 900
 
@@ -97,14 +102,17 @@ def refresh_sections(
 ) -> None:
     """Run only the sections whose benchmark is in ``only`` and replace them in the existing report (the
     rest stays as it was); each says that it was refreshed alone, how, on what and under what load."""
-    sections = [s for s in list(SECTIONS) + soak_sections(soak_minutes) if s[1][0] in only]
+    sections = [s for s in list(SECTIONS) + soak_sections(soak_minutes) if section_key(s[1]) in only]
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     for title, args, blurb in sections:
         args = [*args, "--quick"] if quick and args[0] in QUICK else args
         progress(f"bench {' '.join(args)}...")
         load = _load()
         output = run_section(args, timeout_s=_timeout(args, soak_minutes))
-        note = f"Refreshed alone (`mlxcluster bench report --only {args[0]}{' --quick' if quick else ''}`) on "
+        command = f"mlxcluster bench report --only {section_key(args)}{' --quick' if quick else ''}"
+        if args[0] == "soak":
+            command += f" --soak-minutes {soak_minutes:g}"
+        note = f"Refreshed alone (`{command}`) on "
         body = f"{blurb}\n\n{note}{machine_line()}, {load}.\n\n```\n{output}\n```\n"
         text = replace_section(text, title, body)
     path.parent.mkdir(parents=True, exist_ok=True)

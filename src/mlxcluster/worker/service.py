@@ -183,6 +183,7 @@ class WorkerService:
             tokens_total=self.tokens_total,
             errors_total=self.errors_total,
             sent_at=time.time(),
+            prompt_cache=self.engine.prompt_cache_stats(),
         )
 
     async def publish_heartbeat(self) -> None:

@@ -76,7 +76,11 @@ def _timeout(args: list[str], soak_minutes: float) -> float:
 
 
 def _load() -> str:
-    return "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min) at its start"
+    load = os.getloadavg()
+    text = "load average " + " / ".join(f"{x:.1f}" for x in load) + " (1/5/15 min) at its start"
+    if load[0] > (os.cpu_count() or 1):
+        text += " — more runnable work than cores: other jobs shared the machine, so figures are noisy"
+    return text
 
 
 def write_report(path: Path, *, soak_minutes: float, progress: Callable[[str], None] = print) -> None:
@@ -112,7 +116,7 @@ def refresh_sections(
         command = f"mlxcluster bench report --only {section_key(args)}{' --quick' if quick else ''}"
         if args[0] == "soak":
             command += f" --soak-minutes {soak_minutes:g}"
-        note = f"Refreshed alone (`{command}`) on "
+        note = f"Refreshed alone by a {'quick ' if quick else ''}run (`{command}`) on "
         body = f"{blurb}\n\n{note}{machine_line()}, {load}.\n\n```\n{output}\n```\n"
         text = replace_section(text, title, body)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -182,21 +182,37 @@ async def run_balancers(model_path: str, settings: Settings, balancers: list[str
 
 
 async def run_concurrent(model_path: str, settings: Settings) -> list[VersusRow]:
-    """Part d: concurrent distinct greedy non-streamed requests, both servers in the same run."""
+    """Part d: concurrent distinct greedy non-streamed requests. Both servers are up at once and take
+    rounds in the order ours, theirs, theirs, ours, each round with prompts never sent before, so load
+    from elsewhere falls on both alike; each server's figure sums its two rounds."""
     count = token_counter(model_path)
     n, max_tokens = settings.concurrent_requests, settings.concurrent_max_tokens
-    prompts = PROMPTS[:n]
-    rows = []
-    async with mlxcluster_server(model_path, max_concurrent=n) as cluster:
-        name = Path(model_path).name
-        await _warm_up(cluster.base_url, name)
-        row = await stream_round(cluster.base_url, name, n, max_tokens, count, prompts, stream=False)
-        rows.append(msgspec.structs.replace(row, server=OURS))
-    async with mlx_lm_server(model_path, decode_concurrency=n) as base:
-        await _warm_up(base, "default_model")
-        row = await stream_round(base, "default_model", n, max_tokens, count, prompts, stream=False)
-        rows.append(msgspec.structs.replace(row, server=THEIRS))
-    return rows
+    rounds = [[f"Request {r * n + i}: {PROMPTS[i % len(PROMPTS)]}" for i in range(n)] for r in range(2)]
+    name = Path(model_path).name
+    async with (
+        mlxcluster_server(model_path, max_concurrent=n) as cluster,
+        mlx_lm_server(model_path, decode_concurrency=n) as base,
+    ):
+        targets = {OURS: (cluster.base_url, name), THEIRS: (base, "default_model")}
+        for url, model in targets.values():
+            await _warm_up(url, model)
+        measured: dict[str, list[VersusRow]] = {server: [] for server in targets}
+        for server, prompts in ((OURS, rounds[0]), (THEIRS, rounds[0]), (THEIRS, rounds[1]), (OURS, rounds[1])):
+            url, model = targets[server]
+            measured[server].append(await stream_round(url, model, n, max_tokens, count, prompts, stream=False))
+    return [_combined(server, rows) for server, rows in measured.items()]
+
+
+def _combined(server: str, rows: list[VersusRow]) -> VersusRow:
+    tokens, seconds = sum(r.tokens for r in rows), sum(r.seconds for r in rows)
+    return VersusRow(
+        server=server,
+        streams=rows[0].streams,
+        tokens=tokens,
+        seconds=round(seconds, 2),
+        tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
+        ttft_p50_ms=round(sum(r.ttft_p50_ms for r in rows) / len(rows), 1),
+    )
 
 
 class MultiturnResult(msgspec.Struct):

@@ -408,6 +408,35 @@ def bench_grammar(
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
+@bench_app.command("multiturn")
+def bench_multiturn(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    quick: Annotated[bool, typer.Option(help="Fewer conversations and turns (a few minutes in all).")] = False,
+    parts: Annotated[
+        str,
+        typer.Option(
+            help="Parts to run: a (vs mlx_lm.server), b (balancers), c (prefill "
+            "stall), d (no cache help), e (cache byte bound)."
+        ),
+    ] = "abcde",
+) -> None:
+    """Multi-turn conversations with a long system prompt: the prompt cache against mlx_lm.server and
+    across balancers, the decode stall of chunked prefill, and the cache's byte bound."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()  # part c runs the engine in-process, on the workers' BLAS
+    from mlxcluster.bench.multiturn import run_multiturn
+    from mlxcluster.bench.multiturn_format import format_multiturn
+    from mlxcluster.models.demo import ensure_demo_model
+
+    model_path = str(ensure_demo_model(get_config(config_path).models_dir))
+    result = asyncio.run(run_multiturn(model_path, parts=parts, quick=quick))
+    typer.echo(result.to_json() if as_json else format_multiturn(result))
+
+
 @bench_app.command("scale")
 def bench_scale(
     as_json: JsonOption = False,
@@ -430,13 +459,22 @@ def bench_soak(
     as_json: JsonOption = False,
     minutes: Annotated[float, typer.Option(help="How long to run.", min=0.1)] = 10.0,
     window: Annotated[float, typer.Option(help="Seconds per reported window.", min=5)] = 60.0,
+    cache_full: Annotated[
+        bool, typer.Option(help="One mlx worker on the demo model with its prompt cache kept full instead.")
+    ] = False,
+    config_path: ConfigOption = None,
 ) -> None:
     """Steady load at half capacity (echo workers): RSS growth, p50/p99 over time, errors."""
     import asyncio
 
     from mlxcluster.bench.soak import format_table, run_soak
 
-    result = asyncio.run(run_soak(minutes=minutes, window_s=window))
+    model_path = ""
+    if cache_full:
+        from mlxcluster.models.demo import ensure_demo_model
+
+        model_path = str(ensure_demo_model(get_config(config_path).models_dir))
+    result = asyncio.run(run_soak(minutes=minutes, window_s=window, cache_full=cache_full, model_path=model_path))
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
@@ -462,11 +500,25 @@ def bench_faults(
 def bench_report(
     output: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("docs/BENCHMARKS.md"),
     soak_minutes: Annotated[float, typer.Option(help="Soak length in minutes (0 skips it).", min=0)] = 10.0,
+    only: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated sections (multiturn, soak, soak-cache-full, ...) to rerun in the existing report."
+        ),
+    ] = "",
+    quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,
 ) -> None:
     """Run every benchmark and write the report (docs/BENCHMARKS.md)."""
-    from mlxcluster.bench.report import write_report
+    from mlxcluster.bench.report import refresh_sections, write_report
 
-    write_report(output, soak_minutes=soak_minutes, progress=lambda line: typer.echo(line, err=True))
+    def progress(line: str) -> None:
+        typer.echo(line, err=True)
+
+    if only:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        refresh_sections(output, names, quick=quick, soak_minutes=soak_minutes, progress=progress)
+    else:
+        write_report(output, soak_minutes=soak_minutes, progress=progress)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -83,24 +84,27 @@ async def run_load(
     concurrency: int,
     requests: int,
     time_limit_s: float,
-    body: dict[str, object],
+    body: dict[str, object] | Callable[[int], dict[str, object]],
 ) -> LoadResult:
-    """``requests`` chat calls from ``concurrency`` clients, stopping early at ``time_limit_s``."""
+    """``requests`` chat calls from ``concurrency`` clients, stopping early at ``time_limit_s``.
+
+    ``body`` is the request body, or a function of the request's number that builds it."""
     latencies: list[float] = []
     errors = 0
     tokens = 0
     issued = 0
     stop_at = time.monotonic() + time_limit_s
     url = f"{base_url}/v1/chat/completions"
-    streaming = bool(body.get("stream"))
+    streaming = bool((body(0) if callable(body) else body).get("stream"))
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal errors, tokens, issued
         while issued < requests and time.monotonic() < stop_at:
+            payload = body(issued) if callable(body) else body
             issued += 1
             started = time.perf_counter()
             try:
-                async with session.post(url, json=body) as response:
+                async with session.post(url, json=payload) as response:
                     if streaming:
                         async for line in response.content:
                             if line.startswith(b"data: {") and b'"usage"' in line:

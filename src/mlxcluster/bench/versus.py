@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -38,14 +39,22 @@ WARM_UP_PROMPT = "Say hello."  # not one of PROMPTS: mlx_lm.server's prompt cach
 
 
 async def stream_round(  # type: ignore[no-untyped-def]
-    base_url: str, model: str, streams: int, max_tokens: int, count_tokens, prompts: list[str] = PROMPTS
+    base_url: str,
+    model: str,
+    streams: int,
+    max_tokens: int,
+    count_tokens,
+    prompts: list[str] = PROMPTS,
+    *,
+    stream: bool = True,
 ) -> VersusRow:
-    """``streams`` concurrent greedy streamed chats; TTFT and aggregate generated tokens/s."""
+    """``streams`` concurrent greedy chats, streamed (TTFT measured) or not (TTFT is the whole answer's
+    latency); aggregate generated tokens/s."""
 
     async def one(session: aiohttp.ClientSession, index: int) -> tuple[int, float]:
         body = {
             "model": model,
-            "stream": True,
+            "stream": stream,
             "temperature": 0,
             "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": prompts[index % len(prompts)]}],
@@ -55,6 +64,10 @@ async def stream_round(  # type: ignore[no-untyped-def]
         parts: list[str] = []
         async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
             response.raise_for_status()
+            if not stream:
+                answer = await response.json()
+                text = answer["choices"][0]["message"].get("content") or ""
+                return count_tokens(text), (time.perf_counter() - started) * 1000
             async for line in response.content:
                 if not line.startswith(b"data: {"):
                     continue
@@ -81,6 +94,41 @@ async def stream_round(  # type: ignore[no-untyped-def]
     )
 
 
+async def chat_turn(
+    session: aiohttp.ClientSession, base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[str, float, int, int]:
+    """One streamed greedy turn: (reply, ms to the first token, prompt tokens, cached tokens)."""
+    body = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    started = time.perf_counter()
+    first = 0.0
+    parts: list[str] = []
+    prompt_tokens = cached = 0
+    async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            text = (choices[0].get("delta") or {}).get("content") if choices else None
+            if text:
+                first = first or time.perf_counter() - started
+                parts.append(text)
+            usage = chunk.get("usage")
+            if usage:
+                prompt_tokens = usage.get("prompt_tokens", 0)
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0
+    return "".join(parts), first * 1000, prompt_tokens, cached
+
+
 def fresh_prompts(streams: tuple[int, ...]) -> list[list[str]]:
     """Prompts for each round, none used before in the run, so no server starts with a warm prompt cache."""
     rounds, used = [], 0
@@ -104,36 +152,37 @@ async def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float 
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
-async def run_versus(model_path: str, *, streams: tuple[int, ...], max_tokens: int) -> list[VersusRow]:
-    """Measure mlxcluster (controller + one worker) then ``mlx_lm.server`` on the same model dir."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False).ids)
-
-    rows: list[VersusRow] = []
+@contextlib.asynccontextmanager
+async def mlxcluster_server(
+    model_path: str, *, workers: int = 1, max_concurrent: int = 8, env: dict[str, str] | None = None
+) -> AsyncIterator[BenchCluster]:
+    """nats-server, a controller and ``workers`` mlx workers on ``model_path`` (OpenBLAS preloaded)."""
     config = bench_config()
     server = EmbeddedNatsServer(config.nats)
     await server.start()
     cluster = BenchCluster(
         nats_url=server.url,
-        env={"MLXCLUSTER_WORKER_MODEL": model_path, "MLXCLUSTER_WORKER_MAX_CONCURRENT": str(max(streams))},
+        env={
+            "MLXCLUSTER_WORKER_MODEL": model_path,
+            "MLXCLUSTER_WORKER_MAX_CONCURRENT": str(max_concurrent),
+            **(env or {}),
+        },
     )
     try:
         cluster.start_controller()
-        cluster.start_worker("versus-w1", cluster_blas_env())
-        await cluster.wait_for_workers(1)
-        name = Path(model_path).name
-        await stream_round(cluster.base_url, name, 1, 8, count_tokens, [WARM_UP_PROMPT])
-        for n, prompts in zip(streams, fresh_prompts(streams), strict=True):
-            row = await stream_round(cluster.base_url, name, n, max_tokens, count_tokens, prompts)
-            rows.append(msgspec.structs.replace(row, server="mlxcluster (controller + 1 worker)"))
+        for index in range(workers):
+            cluster.start_worker(f"bench-w{index + 1}", cluster_blas_env())
+        await cluster.wait_for_workers(workers)
+        yield cluster
     finally:
         cluster.stop()
         await server.stop()
 
+
+@contextlib.asynccontextmanager
+async def mlx_lm_server(model_path: str, *, decode_concurrency: int, args: tuple[str, ...] = ()) -> AsyncIterator[str]:
+    """``mlx_lm.server`` on ``model_path`` with the same BLAS as our workers (its prompt cache on, as by
+    default); yields its base URL once it answers."""
     port = free_port()
     env = {**os.environ, **cluster_blas_env(), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
@@ -148,7 +197,8 @@ async def run_versus(model_path: str, *, streams: tuple[int, ...], max_tokens: i
             "--port",
             str(port),
             "--decode-concurrency",
-            str(max(streams)),
+            str(decode_concurrency),
+            *args,
         ],
         env=env,
         stdin=subprocess.DEVNULL,
@@ -159,10 +209,7 @@ async def run_versus(model_path: str, *, streams: tuple[int, ...], max_tokens: i
     try:
         base = f"http://127.0.0.1:{port}"
         await _wait_http(f"{base}/v1/models", process)
-        await stream_round(base, "default_model", 1, 8, count_tokens, [WARM_UP_PROMPT])  # loads the model
-        for n, prompts in zip(streams, fresh_prompts(streams), strict=True):
-            row = await stream_round(base, "default_model", n, max_tokens, count_tokens, prompts)
-            rows.append(msgspec.structs.replace(row, server="mlx_lm.server"))
+        yield base
     finally:
         process.terminate()
         try:
@@ -170,6 +217,33 @@ async def run_versus(model_path: str, *, streams: tuple[int, ...], max_tokens: i
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def token_counter(model_path: str) -> Callable[[str], int]:
+    """Counts tokens of text with the model's own tokenizer (both servers' output counted alike)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+async def run_versus(
+    model_path: str, *, streams: tuple[int, ...], max_tokens: int, stream: bool = True
+) -> list[VersusRow]:
+    """Measure mlxcluster (controller + one worker) then ``mlx_lm.server`` on the same model dir."""
+    count_tokens = token_counter(model_path)
+    rows: list[VersusRow] = []
+    async with mlxcluster_server(model_path, max_concurrent=max(streams)) as cluster:
+        name = Path(model_path).name
+        await stream_round(cluster.base_url, name, 1, 8, count_tokens, [WARM_UP_PROMPT])
+        for n, prompts in zip(streams, fresh_prompts(streams), strict=True):
+            row = await stream_round(cluster.base_url, name, n, max_tokens, count_tokens, prompts, stream=stream)
+            rows.append(msgspec.structs.replace(row, server="mlxcluster (controller + 1 worker)"))
+    async with mlx_lm_server(model_path, decode_concurrency=max(streams)) as base:
+        await stream_round(base, "default_model", 1, 8, count_tokens, [WARM_UP_PROMPT])  # loads the model
+        for n, prompts in zip(streams, fresh_prompts(streams), strict=True):
+            row = await stream_round(base, "default_model", n, max_tokens, count_tokens, prompts, stream=stream)
+            rows.append(msgspec.structs.replace(row, server="mlx_lm.server"))
     return rows
 
 

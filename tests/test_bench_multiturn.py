@@ -1,0 +1,114 @@
+"""The logic of ``bench multiturn`` that needs no model: conversations, turn order, and the arithmetic."""
+
+from __future__ import annotations
+
+from mlxcluster.bench.conversation import (
+    USER_TURNS,
+    Conversation,
+    TurnSample,
+    build_conversations,
+    gaps_ms,
+    summarize,
+    system_prompt,
+    turn_major,
+)
+from mlxcluster.bench.multiturn import MultiturnResult, Settings
+from mlxcluster.bench.multiturn_format import format_multiturn
+
+
+def words(text: str) -> int:
+    """A stand-in tokenizer: one token per word."""
+    return len(text.split())
+
+
+def test_system_prompts_reach_the_target_and_differ_from_the_first_words() -> None:
+    prompts = [system_prompt(i, 300, words) for i in range(3)]
+    assert all(300 <= words(p) < 340 for p in prompts)
+    assert len({p.split()[1] for p in prompts}) == 3  # "Session <n>": the first tokens already differ
+
+
+def test_each_turn_resends_the_whole_history() -> None:
+    (conversation,) = build_conversations(1, 50, words)
+    first = conversation.request_messages()
+    assert [m["role"] for m in first] == ["system", "user"]
+    assert first[1]["content"] == USER_TURNS[0]
+    conversation.record("Hi, I am an assistant.")
+    second = conversation.request_messages()
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+    assert second[:2] == first
+    assert second[2]["content"] == "Hi, I am an assistant."
+    assert second[3]["content"] == USER_TURNS[1]
+    assert conversation.turns_done == 1
+
+
+def test_turn_major_sends_every_conversation_before_the_next_turn() -> None:
+    conversations = [Conversation(i, f"system {i}") for i in range(3)]
+    rounds = turn_major(conversations, 4)
+    assert len(rounds) == 4
+    assert all([c.index for c in r] == [0, 1, 2] for r in rounds)
+
+
+def test_summary_counts_only_later_turns_as_cached() -> None:
+    samples = [
+        TurnSample(conversation=0, turn=1, ttft_ms=10_000, prompt_tokens=1000, cached_tokens=3),
+        TurnSample(conversation=1, turn=1, ttft_ms=12_000, prompt_tokens=1000, cached_tokens=3),
+        TurnSample(conversation=0, turn=2, ttft_ms=500, prompt_tokens=1040, cached_tokens=1020),
+        TurnSample(conversation=1, turn=2, ttft_ms=11_000, prompt_tokens=1040, cached_tokens=3),
+        TurnSample(conversation=0, turn=3, ttft_ms=600, prompt_tokens=1080, cached_tokens=1060),
+    ]
+    summary = summarize(samples)
+    assert summary.turn1_samples == 2 and summary.later_samples == 3
+    assert summary.later_prompt_tokens == 1040 + 1040 + 1080
+    assert summary.later_cached_tokens == 1020 + 3 + 1060
+    assert summary.later_cached_fraction == round(2083 / 3160, 3)
+    assert summary.later_ttft_p50_ms == 600  # nearest-rank median of 500, 600, 11000
+    assert summary.turn1_ttft_p50_ms in (10_000, 12_000)
+    assert summary.later_over_turn1 == round(600 / summary.turn1_ttft_p50_ms, 3)
+    assert summary.turn1_ttft_mean_ms == 11_000 and summary.later_ttft_mean_ms == 4_033.3
+    assert summary.later_over_turn1_mean == round((12_100 / 3) / 11_000, 3)  # the miss at turn 2 counts
+
+
+def test_summary_of_nothing_is_zero_not_a_division_error() -> None:
+    summary = summarize([])
+    assert summary.later_cached_fraction == 0.0 and summary.later_over_turn1 == 0.0
+
+
+def test_gaps_between_arrivals() -> None:
+    assert gaps_ms([1.0, 1.1, 1.6]) == [100.00000000000009, 500.0]
+    assert gaps_ms([2.0]) == []
+
+
+def test_format_states_absent_balancers_and_verdicts() -> None:
+    from mlxcluster.bench.multiturn import BalancerTurns
+
+    samples = [
+        TurnSample(conversation=0, turn=1, ttft_ms=10_000, prompt_tokens=1000, cached_tokens=0),
+        TurnSample(conversation=0, turn=2, ttft_ms=2_000, prompt_tokens=1040, cached_tokens=1000),
+    ]
+    result = MultiturnResult(
+        machine="test machine",
+        model="m",
+        quick=True,
+        settings=Settings.quick(),
+        balancers=[BalancerTurns("round_robin", summarize(samples), samples, {"w1": 1})],
+        balancers_absent=["cache_aware"],
+        default_strategy="least_loaded",
+    )
+    text = format_multiturn(result)
+    assert "cache_aware: not run" in text
+    assert (
+        "round_robin: cached 96% (target ≥ 80%: met), later/turn 1 by mean 0.20× (p50 0.20×; target ≤ 0.35×: met)"
+        in text
+    )
+    assert "w1:1" in text
+
+
+def test_replace_section_keeps_the_others() -> None:
+    from mlxcluster.bench.report import replace_section
+
+    text = "# Benchmarks\n\nintro\n\n## Engine\n\nold engine\n\n## Scale\n\nold scale\n"
+    replaced = replace_section(text, "Engine", "new engine\n")
+    assert replaced == "# Benchmarks\n\nintro\n\n## Engine\n\nnew engine\n\n## Scale\n\nold scale\n"
+    appended = replace_section(text, "Multi-turn", "turns\n")
+    assert appended.startswith(text.rstrip("\n")) and appended.endswith("## Multi-turn\n\nturns\n")
+    assert replace_section(appended, "Multi-turn", "again\n").endswith("## Multi-turn\n\nagain\n")

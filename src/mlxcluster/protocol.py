@@ -386,6 +386,8 @@ class Done(_Message, tag="done", tag_field="type"):
     timings: Timings = msgspec.field(default_factory=Timings)
     seq: Count | None = None
     """The ``seq`` a next Token would have had: the receiver sees frames lost before the end (None: not said)."""
+    stop_sequence: str | None = None
+    """The request's stop string that ended the output (its text is not sent), or None."""
 
 
 class Error(_Message, tag="error", tag_field="type"):

@@ -42,9 +42,11 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": exc.message, "code": exc.code, "param": exc.param}}
 
 
-def stop_reason(finish: str, tool_calls: bool) -> str:
+def stop_reason(finish: str, tool_calls: bool, stop_sequence: str | None = None) -> str:
     if finish == "length":
         return "max_tokens"
+    if stop_sequence is not None:
+        return "stop_sequence"
     return "tool_use" if tool_calls else "end_turn"
 
 
@@ -80,8 +82,8 @@ def final_message(message_id: str, model: str, result: Generated) -> dict[str, A
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(result.finish_reason, bool(result.tool_calls)),
-        "stop_sequence": None,
+        "stop_reason": stop_reason(result.finish_reason, bool(result.tool_calls), result.stop_sequence),
+        "stop_sequence": result.stop_sequence,
         "usage": usage_object(result.usage),
     }
 
@@ -158,7 +160,8 @@ class MessageStream:
         if self.index == 0 and self.open_kind is None:
             await self._open("text")
         await self._close()
-        delta = {"stop_reason": stop_reason(frame.finish_reason, self.tool_calls > 0), "stop_sequence": None}
+        reason = stop_reason(frame.finish_reason, self.tool_calls > 0, frame.stop_sequence)
+        delta = {"stop_reason": reason, "stop_sequence": frame.stop_sequence}
         await self.send("message_delta", delta=delta, usage=usage_object(frame.usage))
         await self.send("message_stop")
 

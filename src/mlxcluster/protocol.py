@@ -224,6 +224,16 @@ class ToolCall(_Message):
     id: str = ""
 
 
+class ToolCallDelta(_Message):
+    """A piece of a tool call being streamed: its first piece has ``id`` and ``name`` (no arguments), the
+    next ones a piece of ``arguments``. The complete :class:`ToolCall` (same ``id``) follows in
+    ``Token.tool_calls``, its ``arguments`` the concatenation of the pieces."""
+
+    id: str
+    name: str = ""
+    arguments: str = ""
+
+
 class ToolSpec(_Message):
     """A function the model may call; ``parameters`` is its JSON schema."""
 
@@ -368,6 +378,8 @@ class Token(_Message, tag="token", tag_field="type"):
     reasoning: str = ""
     tool_calls: list[ToolCall] | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_call_deltas: list[ToolCallDelta] | None = None
+    """Pieces of calls being streamed (streamed requests, JSON tool-call formats): see :class:`ToolCallDelta`."""
 
 
 class Progress(_Message, tag="progress", tag_field="type"):

@@ -98,6 +98,8 @@ class MessageStream:
         self.index = 0
         self.open_kind: str | None = None
         self.tool_calls = 0
+        self.open_call: str | None = None
+        """The id of the tool call being streamed in the open block."""
 
     async def send(self, name: str, **data: Any) -> None:
         await self.sse.event(name, {"type": name, **data})
@@ -143,7 +145,20 @@ class MessageStream:
         if frame.text:
             await self._open("text")
             await self.send("content_block_delta", index=self.index, delta={"type": "text_delta", "text": frame.text})
+        for piece in frame.tool_call_deltas or []:
+            if piece.name:
+                await self._close()
+                block = {**tool_use_block(ToolCall(id=piece.id, name=piece.name)), "input": {}}
+                await self.send("content_block_start", index=self.index, content_block=block)
+                self.open_kind, self.open_call = "tool_use", piece.id
+            if piece.arguments and self.open_call == piece.id:
+                delta = {"type": "input_json_delta", "partial_json": piece.arguments}
+                await self.send("content_block_delta", index=self.index, delta=delta)
         for call in frame.tool_calls or []:
+            if call.id == self.open_call:  # streamed in pieces: only its block's end is left
+                await self._close()
+                self.tool_calls += 1
+                continue
             await self._close()
             block = {**tool_use_block(call), "input": {}}
             await self.send("content_block_start", index=self.index, content_block=block)

@@ -101,3 +101,19 @@ def test_merging_frames_joins_a_calls_pieces_but_keeps_its_head() -> None:
     assert merged.tool_call_deltas is not None
     head, body = merged.tool_call_deltas
     assert head.name == "w" and body.arguments == merged.tool_calls[0].arguments  # type: ignore[index]
+
+
+def test_a_stream_lost_inside_a_streamed_call_is_not_moved() -> None:
+    from mlxcluster.controller.migration import LostMidStream, StreamSoFar
+    from mlxcluster.protocol import Error, InferenceRequest
+
+    lost = LostMidStream("w1", "offline", Error(code="worker_lost", message="worker w1 went offline"))
+    frames = shape(OutputShaper(tools=TOOLS, stream_calls=True), pieces_of(CALL, 4))
+    closing = next(i for i, f in enumerate(frames) if f.tool_calls)
+    so_far = StreamSoFar(InferenceRequest(request_id="r", model="m", max_tokens=64))
+    for frame in frames[:closing]:
+        so_far.relayed(frame)
+    ending = so_far.ending(lost, 3, client_gone=False)
+    assert isinstance(ending, Error) and "tool call" in ending.message and not ending.retryable
+    so_far.relayed(frames[closing])  # the call's end came: the stream may move again
+    assert so_far.ending(lost, 3, client_gone=False) is None

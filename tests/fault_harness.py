@@ -487,13 +487,19 @@ class Controller:
         status, body = await self.get(f"/api/cluster/workers/{worker_id}")
         return body if status == 200 else None
 
-    async def wait_status(self, worker_ids: Iterable[str], status: str, timeout: float = START_TIMEOUT_S) -> float:
-        """Wait until every named worker has ``status``; return the seconds it took."""
-        wanted, started = set(worker_ids), time.monotonic()
+    async def wait_status(
+        self, worker_ids: Iterable[str], status: str, timeout: float = START_TIMEOUT_S, watch: Iterable[Proc] = ()
+    ) -> float:
+        """Wait until every named worker has ``status``; return the seconds it took. A process of ``watch``
+        (the workers being waited for) that exits fails the wait at once, with its log, not at the timeout."""
+        wanted, started, watched = set(worker_ids), time.monotonic(), list(watch)
 
         async def reached() -> bool:
             if not self.proc.alive:
                 raise AssertionError(f"controller exited ({self.proc.returncode}):\n{self.proc.output()}")
+            for proc in watched:
+                if not proc.alive:
+                    raise AssertionError(f"{proc.name} exited ({proc.returncode}):\n{proc.output()}")
             workers = await self.workers()
             return all(workers.get(w, {}).get("status") == status for w in wanted)
 

@@ -181,6 +181,76 @@ async def test_streamed_named_tool_call_and_history(client: openai.AsyncOpenAI, 
     assert after.choices[0].finish_reason in ("stop", "length")
 
 
+async def test_streamed_tool_call_arguments_come_in_pieces(controller: RunningController, model: str) -> None:
+    """OpenAI, Responses and Anthropic streams: the head first, then the arguments in several pieces that
+    concatenate to the final arguments (valid JSON of the schema)."""
+    import anthropic
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{controller.port}/v1", api_key="none", max_retries=0)
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=1.0,
+        max_tokens=64,
+        stream=True,
+    )
+    heads, pieces, finish = [], [], None
+    async for chunk in stream:
+        if not chunk.choices:
+            continue
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            assert delta.index == 0
+            if delta.id:
+                heads.append((delta.id, delta.function.name, delta.function.arguments))
+            elif delta.function.arguments:
+                pieces.append(delta.function.arguments)
+        finish = chunk.choices[0].finish_reason or finish
+    assert len(heads) == 1 and heads[0][1:] == ("w", "") and finish == "tool_calls"
+    assert len(pieces) > 1, pieces
+    jsonschema.validate(json.loads("".join(pieces)), WEATHER)
+
+    events = [
+        event
+        async for event in await client.responses.create(
+            model=model,
+            input="What is the weather in Paris?",
+            tools=[{"type": "function", **TOOLS[0]["function"]}],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_output_tokens=64,
+            stream=True,
+        )
+    ]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(deltas) > 1 and "".join(deltas) == done.arguments and done.name == "w"
+    jsonschema.validate(json.loads(done.arguments), WEATHER)
+    (item,) = [out for out in events[-1].response.output if out.type == "function_call"]
+    assert item.arguments == done.arguments
+
+    messages = anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{controller.port}", api_key="none", max_retries=0)
+    tools = [{"name": "w", "description": "Weather in a city", "input_schema": WEATHER}]
+    async with messages.messages.stream(
+        model=model,
+        max_tokens=64,
+        messages=ASK,
+        tools=tools,
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+    ) as streamed:
+        parts = [
+            e.delta.partial_json
+            async for e in streamed
+            if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+        ]
+        final = await streamed.get_final_message()
+    (use,) = [block for block in final.content if block.type == "tool_use"]
+    assert len(parts) > 1 and json.loads("".join(parts)) == use.input and final.stop_reason == "tool_use"
+    jsonschema.validate(use.input, WEATHER)
+
+
 # --- logprobs --------------------------------------------------------------------------------------
 
 

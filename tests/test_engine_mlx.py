@@ -84,6 +84,7 @@ def test_stop_filter_holds_back_partial_stop_text() -> None:
 def test_stop_filter_earliest_stop_wins_and_flush_releases_tail() -> None:
     stop = StopTextFilter(["cd", "b"])
     assert stop.feed("abcd") == ("a", True)
+    assert stop.matched == "b"  # the stop string that ended the text (Done.stop_sequence)
     tail = StopTextFilter(["xyz"])
     assert tail.feed("ax") == ("a", False)
     assert tail.flush() == "x"
@@ -152,7 +153,7 @@ async def test_stop_strings_do_not_leak(engine: MlxEngine) -> None:
         seeded = request(temperature=1.0, seed=11, max_tokens=40, stop=[stop, "never-generated"])
         text, done, frames = await run(engine, seeded)
         assert text == full[:cut], stop
-        assert isinstance(done, Done) and done.finish_reason == "stop"
+        assert isinstance(done, Done) and done.finish_reason == "stop" and done.stop_sequence == stop
         assert done.usage.completion_tokens < 40
         assert all(stop not in f.text for f in frames[:-1])
 
@@ -162,7 +163,7 @@ async def test_stop_string_never_matched_releases_held_text(engine: MlxEngine) -
     # a stop string that starts with the last character of the output is held back, then released
     text, done, _ = await run(engine, request(max_tokens=16, stop=[full[-1] + "\x00zz"]))
     assert text == full
-    assert done.finish_reason == "length"
+    assert done.finish_reason == "length" and done.stop_sequence is None
 
 
 async def test_seed_determinism(engine: MlxEngine) -> None:

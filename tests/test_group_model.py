@@ -100,7 +100,7 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
 
         # one worker's answers
         solo = procs.worker("solo", [nats.url], **mlx_env())
-        await controller.wait_status(["solo"], "online", START_S)
+        await controller.wait_status(["solo"], "online", START_S, watch=[solo])
         expected = [(await ask(client, p))[0] for p in PROMPTS]
         stopped = (await ask(client, PROMPTS[0], stop=["\n"], max_tokens=12))[0]  # a stop string ends it early
         solo.signal(signal.SIGTERM)
@@ -109,7 +109,7 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
 
         # the group's: the same, token for token; a repeated prompt reuses the cache on every rank
         members = [procs.worker(m, [nats.url], **member_env(i)) for i, m in enumerate(MEMBERS)]
-        await controller.wait_status(["grp"], "online", START_S)
+        await controller.wait_status(["grp"], "online", START_S, watch=members)
         view = await controller.worker("grp")
         assert view is not None and view["group"]["size"] == 3 and view["group"]["parallel"] == "tensor"
         assert [(m["rank"], m["member_id"]) for m in view["group"]["members"]] == list(enumerate(MEMBERS))
@@ -147,8 +147,8 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
 
         # the survivors stay up (re-executed in place); the group re-forms when the member is back
         assert all(m.alive for m in members[:2]) and {m.name: m.pid for m in members[:2]} == survivors
-        procs.worker(MEMBERS[2], [nats.url], **member_env(2))
-        await controller.wait_status(["grp"], "online", START_S)
+        members[2] = procs.worker(MEMBERS[2], [nats.url], **member_env(2))
+        await controller.wait_status(["grp"], "online", START_S, watch=members)
         assert (await ask(client, PROMPTS[1]))[0] == expected[1]
 
         # a member that stalls (SIGSTOP) takes the group out of service too; resumed, it rejoins
@@ -160,7 +160,7 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
         await wait_until(lambda: reasons, 10, "the deregistration")
         assert "grp-r1" in reasons[0], reasons
         members[1].signal(signal.SIGCONT)
-        await controller.wait_status(["grp"], "online", START_S)
+        await controller.wait_status(["grp"], "online", START_S, watch=members)
         assert (await ask(client, PROMPTS[0]))[0] == expected[0]
         await bus.close()
     except BaseException:

@@ -224,6 +224,16 @@ class ToolCall(_Message):
     id: str = ""
 
 
+class ToolCallDelta(_Message):
+    """A piece of a tool call being streamed: its first piece has ``id`` and ``name`` (no arguments), the
+    next ones a piece of ``arguments``. The complete :class:`ToolCall` (same ``id``) follows in
+    ``Token.tool_calls``, its ``arguments`` the concatenation of the pieces."""
+
+    id: str
+    name: str = ""
+    arguments: str = ""
+
+
 class ToolSpec(_Message):
     """A function the model may call; ``parameters`` is its JSON schema."""
 
@@ -368,6 +378,8 @@ class Token(_Message, tag="token", tag_field="type"):
     reasoning: str = ""
     tool_calls: list[ToolCall] | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_call_deltas: list[ToolCallDelta] | None = None
+    """Pieces of calls being streamed (streamed requests, JSON tool-call formats): see :class:`ToolCallDelta`."""
 
 
 class Progress(_Message, tag="progress", tag_field="type"):
@@ -386,6 +398,8 @@ class Done(_Message, tag="done", tag_field="type"):
     timings: Timings = msgspec.field(default_factory=Timings)
     seq: Count | None = None
     """The ``seq`` a next Token would have had: the receiver sees frames lost before the end (None: not said)."""
+    stop_sequence: str | None = None
+    """The request's stop string that ended the output (its text is not sent), or None."""
 
 
 class Error(_Message, tag="error", tag_field="type"):

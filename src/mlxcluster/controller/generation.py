@@ -51,6 +51,7 @@ class Generated:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str = "stop"
     usage: Usage = field(default_factory=Usage)
+    stop_sequence: str | None = None
 
     def add(self, token: Token) -> None:
         self.text += token.text
@@ -93,6 +94,7 @@ async def collect(first: Token | Done, frames: FrameIter) -> Generated:
             case Done():
                 result.finish_reason = frame.finish_reason
                 result.usage = frame.usage
+                result.stop_sequence = frame.stop_sequence
                 return result
             case Error():
                 raise worker_error(frame)

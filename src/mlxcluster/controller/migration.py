@@ -56,6 +56,9 @@ class StreamSoFar:
     last_frame_at: float = field(default_factory=time.monotonic)
     loss: LostMidStream | None = None
     """The latest loss (the one being moved away from)."""
+    open_calls: set[str] = field(default_factory=set)
+    """Tool calls whose head was relayed in pieces but not yet their end: a stream lost inside one cannot
+    move (the continuation carries text only; another worker would start the call again)."""
 
     def relayed(self, frame: Token | Done | Error) -> Token | Done | Error:
         """Account for a frame about to reach the client; a continuation's Done gets the whole stream's usage."""
@@ -63,6 +66,9 @@ class StreamSoFar:
         if frame.__class__ is Token:
             self.parts.append(frame.text)
             self.tokens += frame.count or 1
+            if frame.tool_call_deltas or self.open_calls:
+                self.open_calls.update(d.id for d in frame.tool_call_deltas or [] if d.name)
+                self.open_calls.difference_update(c.id for c in frame.tool_calls or [])
             return frame
         if isinstance(frame, Done) and self.continued:
             usage = frame.usage
@@ -105,6 +111,8 @@ class StreamSoFar:
             return unmovable(lost, f"not moved: migration limit ({limit}) reached") if limit else lost.error
         if client_gone:
             return unmovable(lost, "not moved: the client has gone")
+        if self.open_calls:
+            return unmovable(lost, "not moved: lost inside a tool call being streamed")
         return None
 
     def moved_to(self, worker_id: str) -> RequestMigrated:

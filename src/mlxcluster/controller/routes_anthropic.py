@@ -42,9 +42,11 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": exc.message, "code": exc.code, "param": exc.param}}
 
 
-def stop_reason(finish: str, tool_calls: bool) -> str:
+def stop_reason(finish: str, tool_calls: bool, stop_sequence: str | None = None) -> str:
     if finish == "length":
         return "max_tokens"
+    if stop_sequence is not None:
+        return "stop_sequence"
     return "tool_use" if tool_calls else "end_turn"
 
 
@@ -80,8 +82,8 @@ def final_message(message_id: str, model: str, result: Generated) -> dict[str, A
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(result.finish_reason, bool(result.tool_calls)),
-        "stop_sequence": None,
+        "stop_reason": stop_reason(result.finish_reason, bool(result.tool_calls), result.stop_sequence),
+        "stop_sequence": result.stop_sequence,
         "usage": usage_object(result.usage),
     }
 
@@ -96,6 +98,8 @@ class MessageStream:
         self.index = 0
         self.open_kind: str | None = None
         self.tool_calls = 0
+        self.open_call: str | None = None
+        """The id of the tool call being streamed in the open block."""
 
     async def send(self, name: str, **data: Any) -> None:
         await self.sse.event(name, {"type": name, **data})
@@ -141,7 +145,20 @@ class MessageStream:
         if frame.text:
             await self._open("text")
             await self.send("content_block_delta", index=self.index, delta={"type": "text_delta", "text": frame.text})
+        for piece in frame.tool_call_deltas or []:
+            if piece.name:
+                await self._close()
+                block = {**tool_use_block(ToolCall(id=piece.id, name=piece.name)), "input": {}}
+                await self.send("content_block_start", index=self.index, content_block=block)
+                self.open_kind, self.open_call = "tool_use", piece.id
+            if piece.arguments and self.open_call == piece.id:
+                delta = {"type": "input_json_delta", "partial_json": piece.arguments}
+                await self.send("content_block_delta", index=self.index, delta=delta)
         for call in frame.tool_calls or []:
+            if call.id == self.open_call:  # streamed in pieces: only its block's end is left
+                await self._close()
+                self.tool_calls += 1
+                continue
             await self._close()
             block = {**tool_use_block(call), "input": {}}
             await self.send("content_block_start", index=self.index, content_block=block)
@@ -158,7 +175,8 @@ class MessageStream:
         if self.index == 0 and self.open_kind is None:
             await self._open("text")
         await self._close()
-        delta = {"stop_reason": stop_reason(frame.finish_reason, self.tool_calls > 0), "stop_sequence": None}
+        reason = stop_reason(frame.finish_reason, self.tool_calls > 0, frame.stop_sequence)
+        delta = {"stop_reason": reason, "stop_sequence": frame.stop_sequence}
         await self.send("message_delta", delta=delta, usage=usage_object(frame.usage))
         await self.send("message_stop")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -87,6 +87,8 @@ class Renderer:
     logprobs: bool = False
     tool_calls_sent: int = 0
     text_offset: int = 0
+    streamed_calls: dict[str, int] = field(default_factory=dict)
+    """Calls sent in pieces (ToolCallDelta): their id and index."""
 
     def _base(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -102,7 +104,8 @@ class Renderer:
         return body
 
     def token_chunks(self, token: Token) -> list[dict[str, Any]]:
-        """The chunks of one Token frame: text/reasoning (with logprobs), then each tool call in two pieces."""
+        """The chunks of one Token frame: text/reasoning (with logprobs), then tool calls: a streamed call's
+        head (index, id, name) and argument pieces as they come, a call sent whole in two pieces."""
         if not self.chat:
             choice = {"index": 0, "text": token.text, "logprobs": self._logprobs(token.logprobs), "finish_reason": None}
             return [{**self._base(True), "choices": [choice]}]
@@ -114,7 +117,19 @@ class Renderer:
             delta["reasoning_content"] = token.reasoning
         if delta or token.logprobs:
             chunks.append(self._delta(delta, self._logprobs(token.logprobs)))
+        for piece in token.tool_call_deltas or []:
+            if piece.name:
+                index = self.streamed_calls[piece.id] = self.tool_calls_sent
+                self.tool_calls_sent += 1
+                function = {"name": piece.name, "arguments": ""}
+                head = {"index": index, "id": piece.id, "type": "function", "function": function}
+                chunks.append(self._delta({"tool_calls": [head]}, None))
+            if piece.arguments and piece.id in self.streamed_calls:
+                part = {"index": self.streamed_calls[piece.id], "function": {"arguments": piece.arguments}}
+                chunks.append(self._delta({"tool_calls": [part]}, None))
         for call in token.tool_calls or []:
+            if call.id in self.streamed_calls:
+                continue  # already sent in pieces
             index = self.tool_calls_sent
             self.tool_calls_sent += 1
             head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}

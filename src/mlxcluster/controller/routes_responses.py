@@ -140,6 +140,8 @@ class ResponseStream:
         self.open_kind: str | None = None
         self.open_id = ""
         self.open_text = ""
+        self.open_call: tuple[str, int, str] | None = None
+        """The tool call being streamed in pieces: its id, output index and item id."""
 
     async def send(self, event: str, /, **data: Any) -> None:
         """One event of the stream; ``data`` may hold a ``name`` field (function calls have one)."""
@@ -219,7 +221,23 @@ class ResponseStream:
                 delta=frame.text,
                 logprobs=[],
             )
+        for piece in frame.tool_call_deltas or []:
+            if piece.name:
+                await self._close()
+                self.open_call = (piece.id, len(self.output), _id("fc"))
+                item = function_call_item(self.open_call[2], ToolCall(id=piece.id, name=piece.name), "in_progress")
+                await self.send("response.output_item.added", output_index=self.open_call[1], item=item)
+            if piece.arguments and self.open_call is not None and self.open_call[0] == piece.id:
+                _, index, item_id = self.open_call
+                await self.send(
+                    "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=piece.arguments
+                )
         for call in frame.tool_calls or []:
+            if self.open_call is not None and self.open_call[0] == call.id:  # streamed: only its end is left
+                _, index, item_id = self.open_call
+                self.open_call = None
+                await self._end_call(index, item_id, call)
+                continue
             await self._close()
             index, item_id = len(self.output), _id("fc")
             await self.send(
@@ -228,16 +246,19 @@ class ResponseStream:
             await self.send(
                 "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=call.arguments
             )
-            await self.send(
-                "response.function_call_arguments.done",
-                item_id=item_id,
-                output_index=index,
-                name=call.name,
-                arguments=call.arguments,
-            )
-            item = function_call_item(item_id, call)
-            await self.send("response.output_item.done", output_index=index, item=item)
-            self.output.append(item)
+            await self._end_call(index, item_id, call)
+
+    async def _end_call(self, index: int, item_id: str, call: ToolCall) -> None:
+        await self.send(
+            "response.function_call_arguments.done",
+            item_id=item_id,
+            output_index=index,
+            name=call.name,
+            arguments=call.arguments,
+        )
+        item = function_call_item(item_id, call)
+        await self.send("response.output_item.done", output_index=index, item=item)
+        self.output.append(item)
 
     async def done(self, frame: Done) -> None:
         if not self.output and self.open_kind is None:

@@ -107,6 +107,7 @@ class EchoEngine(Engine):
         emitted = 0
         first_at: float | None = None
         finish = "stop"
+        stop_sequence: str | None = None
         for word in words:
             if emitted >= request.max_tokens:
                 finish = "length"
@@ -117,13 +118,14 @@ class EchoEngine(Engine):
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
             candidate = text_so_far + word
-            hit = next((s for s in request.stop if s and s in candidate), None)
+            hit = min((s for s in request.stop if s and s in candidate), key=candidate.index, default=None)
             if hit is not None:
                 tail = candidate[: candidate.index(hit)][len(text_so_far) :]
                 if tail:
                     text_so_far += tail
                     yield Token(text=tail, seq=emitted, logprobs=_certain(tail, request))
                     emitted += 1
+                stop_sequence = hit
                 break
             text_so_far = candidate
             first_at = first_at or time.perf_counter()
@@ -135,6 +137,7 @@ class EchoEngine(Engine):
             cache.store(request, text_so_far)
         yield Done(
             finish_reason=finish,  # type: ignore[arg-type]
+            stop_sequence=stop_sequence,
             usage=Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=emitted,

@@ -626,7 +626,10 @@ class MlxEngine(Engine):
         if not hit_stop and finish_reason is None:
             return False
         reason = "stop" if hit_stop or finish_reason == "stop" else "length"
-        self._emit(job, self._done(job, reason, now))
+        done = self._done(job, reason, now)
+        if hit_stop:
+            done.stop_sequence = job.stop_filter.matched
+        self._emit(job, done)
         return True
 
     def _done(self, job: _Job, reason: str, now: float) -> Done:

@@ -110,6 +110,10 @@ class EngineFeatures:
             tail = self.tokenizer.decode(prompt[-16:])
             in_reasoning = tail.rfind(self.think[0]) > tail.rfind(self.think[1])
         shaper = OutputShaper(
-            think=self.think, in_reasoning=in_reasoning, tools=tools, parallel=request.parallel_tool_calls
+            think=self.think,
+            in_reasoning=in_reasoning,
+            tools=tools,
+            parallel=request.parallel_tool_calls,
+            stream_calls=request.stream and getattr(parse, "__module__", "") == JSON_TOOLS_PARSER,
         )
         return RequestFeatures(request, self.tokenizer, shaper, processors)

@@ -5,6 +5,12 @@ becomes ``reasoning``; text between its tool-call markers is parsed with mlx-lm'
 the model's family into :class:`~mlxcluster.protocol.ToolCall` s (a call that does not parse is
 passed on as content, never dropped). A tail that could be the start of a marker is held back until
 it is resolved, as the stop filter does for stop strings.
+
+With ``stream_calls`` (a streamed request, a JSON tool-call format) a call is also sent while it is
+generated, as :class:`~mlxcluster.protocol.ToolCallDelta` pieces (see :mod:`mlxcluster.worker.tool_stream`):
+once its name is parsed and its arguments object has opened it is committed, and its final ToolCall
+carries exactly the argument text streamed (the same text as the buffered result for a call that parses;
+the text so far when the output ends inside the call, e.g. at ``max_tokens``, as OpenAI does).
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from mlxcluster.protocol import Token, TokenLogprob, ToolCall, ToolSpec
+from mlxcluster.protocol import Token, TokenLogprob, ToolCall, ToolCallDelta, ToolSpec
+from mlxcluster.worker.tool_stream import CallStreamer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ class OutputShaper:
     :param in_reasoning: the prompt ends inside a thinking block (the template opened it).
     :param tools: ``(start, end, parse, tool_dicts)`` when tool calls are to be parsed, else None.
     :param parallel: several calls may be returned; when False, calls after the first are dropped.
+    :param stream_calls: send calls in pieces while they are generated (JSON call formats only).
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class OutputShaper:
         in_reasoning: bool = False,
         tools: tuple[str, str, ToolParser, list[dict[str, Any]]] | None = None,
         parallel: bool = True,
+        stream_calls: bool = False,
     ) -> None:
         self.think = think
         self.parallel = parallel
@@ -72,6 +81,9 @@ class OutputShaper:
         self._call_text = ""
         self._logprobs: list[TokenLogprob] = []
         self.made_tool_call = False
+        self.stream_calls = stream_calls
+        self._streamer: CallStreamer | None = None
+        self._deltas: list[ToolCallDelta] = []
 
     def add_logprob(self, entry: TokenLogprob) -> None:
         self._logprobs.append(entry)
@@ -80,10 +92,18 @@ class OutputShaper:
         """The Token frame for the text of ``count`` more tokens (None: nothing to send yet)."""
         content, reasoning, calls = self._split(text, final)
         logprobs = self._logprobs or None
-        if not (content or reasoning or calls or (final and logprobs)):
+        deltas, self._deltas = self._deltas, []
+        if not (content or reasoning or calls or deltas or (final and logprobs)):
             return None
         self._logprobs = []
-        return Token(text=content, count=count, reasoning=reasoning, tool_calls=calls or None, logprobs=logprobs)
+        return Token(
+            text=content,
+            count=count,
+            reasoning=reasoning,
+            tool_calls=calls or None,
+            logprobs=logprobs,
+            tool_call_deltas=deltas or None,
+        )
 
     def _markers(self) -> list[str]:
         if self.state == "reasoning" and self.think:
@@ -127,6 +147,7 @@ class OutputShaper:
             reasoning.append(text)
         elif self.state == "tool":
             self._call_text += text
+            self._stream(text)
         else:
             content.append(text)
 
@@ -141,12 +162,41 @@ class OutputShaper:
         else:
             self.state = "tool"
             self._call_text = ""
+            if self.stream_calls and (self.parallel or not self.made_tool_call):
+                self._streamer = CallStreamer()
+
+    def _stream(self, text: str) -> None:
+        streamer = self._streamer
+        if streamer is None:
+            return
+        started, piece = streamer.feed(text)
+        if started:
+            assert streamer.name is not None
+            self._deltas.append(ToolCallDelta(id=streamer.id, name=streamer.name))
+        if piece:
+            self._deltas.append(ToolCallDelta(id=streamer.id, arguments=piece))
+
+    def _streamed_call(self, parsed: list[ToolCall] | None) -> ToolCall | None:
+        """The final ToolCall of a call that was streamed (None: it was not; parse it as before)."""
+        streamer, self._streamer = self._streamer, None
+        if streamer is None or streamer.name is None:
+            return None
+        arguments = streamer.sent
+        if parsed is not None and len(parsed) == 1 and parsed[0].arguments.startswith(arguments):
+            rest = parsed[0].arguments[len(arguments) :]  # nothing, unless the parse completed what was cut
+            if rest:
+                self._deltas.append(ToolCallDelta(id=streamer.id, arguments=rest))
+            arguments += rest
+        return ToolCall(id=streamer.id, name=streamer.name, arguments=arguments)
 
     def _close_call(self, content: list[str], calls: list[ToolCall]) -> None:
         assert self.tools is not None
         start, end, parse, tool_dicts = self.tools
         parsed = parse_tool_calls(self._call_text, parse, tool_dicts)
-        if parsed is None:
+        streamed = self._streamed_call(parsed)
+        if streamed is not None:
+            self._add_calls([streamed], calls)
+        elif parsed is None:
             content.append(start + self._call_text + end)
         else:
             self._add_calls(parsed, calls)
@@ -162,7 +212,10 @@ class OutputShaper:
         """End of output: an unclosed call is parsed if it can be (EOS right after the JSON), else shown."""
         if self.state == "tool" and self.tools is not None:
             parsed = parse_tool_calls(self._call_text, self.tools[2], self.tools[3])
-            if parsed is None:
+            streamed = self._streamed_call(parsed)
+            if streamed is not None:
+                self._add_calls([streamed], calls)
+            elif parsed is None:
                 content.append(self.tools[0] + self._call_text)
             else:
                 self._add_calls(parsed, calls)
@@ -189,9 +242,17 @@ def merge_tokens(frames: list[Token], seq: int) -> Token:
             reasoning=first.reasoning,
             tool_calls=first.tool_calls,
             logprobs=first.logprobs,
+            tool_call_deltas=first.tool_call_deltas,
         )
     calls = [c for f in frames for c in f.tool_calls or []]
     logprobs = [e for f in frames for e in f.logprobs or []]
+    deltas: list[ToolCallDelta] = []
+    for delta in (d for f in frames for d in f.tool_call_deltas or []):
+        last = deltas[-1] if deltas else None
+        if last is not None and not last.name and not delta.name and last.id == delta.id:  # the same call's pieces
+            deltas[-1] = ToolCallDelta(id=delta.id, arguments=last.arguments + delta.arguments)
+        else:
+            deltas.append(delta)
     return Token(
         text="".join(f.text for f in frames),
         count=sum(f.count for f in frames),
@@ -199,4 +260,5 @@ def merge_tokens(frames: list[Token], seq: int) -> Token:
         reasoning="".join(f.reasoning for f in frames),
         tool_calls=calls or None,
         logprobs=logprobs or None,
+        tool_call_deltas=deltas or None,
     )

@@ -115,6 +115,8 @@ class StopTextFilter:
         self.stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the text (the earliest in it; the first listed on a tie)."""
 
     def feed(self, text: str) -> tuple[str, bool]:
         if self.stopped:
@@ -122,10 +124,12 @@ class StopTextFilter:
         if not self.stops:
             return text, False
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(at, order) for order, at in enumerate(buffer.find(s) for s in self.stops) if at >= 0]
+        if found:
+            cut, order = min(found)
             self._held = ""
             self.stopped = True
+            self.matched = self.stops[order]
             return buffer[:cut], True
         keep = self._partial_tail(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""

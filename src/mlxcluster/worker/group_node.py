@@ -270,7 +270,12 @@ def reexec(reason: str) -> None:
     log.warning("re-forming the worker group: %s", reason)
     _flush_logs()
     os.environ[REFORM_ENV] = "1"
-    os.closerange(3, 4096)  # the ring's sockets too, so peers see them close
+    # Every descriptor (the ring's sockets too, so peers see them close) is closed by exec itself, once the
+    # other threads are gone. Closing them here instead races the ring's receive thread, which fails on
+    # the closed sockets and aborts the process before exec replaces it (seen with a SIGSTOPped peer).
+    for fd in range(3, 4096):
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 

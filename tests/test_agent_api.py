@@ -320,7 +320,7 @@ async def test_responses_create_with_text_format(client: openai.AsyncOpenAI, mod
 async def test_responses_function_call_then_output_item(client: openai.AsyncOpenAI, model: str) -> None:
     tools = [{"type": "function", "name": "w", "description": "Weather in a city", "parameters": WEATHER}]
     response = await client.responses.create(
-        model=model, input=ASK, tools=tools, tool_choice="required", parallel_tool_calls=False, max_output_tokens=64
+        model=model, input=ASK, tools=tools, tool_choice="required", parallel_tool_calls=False, max_output_tokens=128
     )
     (call,) = [item for item in response.output if item.type == "function_call"]
     assert call.name == "w"

@@ -145,6 +145,22 @@ def test_forced_tools_need_a_known_name() -> None:
     assert grammar is not None and '"<a>"' in grammar and "%json" in grammar
 
 
+@pytest.mark.parametrize(
+    ("arguments", "accepted"), [('{"city":"P"}', True), ('{ "city": "P" }', False), ('{"city":"P"} ', False)]
+)
+def test_a_forced_tool_call_is_compact_json(compiler: GrammarCompiler, arguments: str, accepted: bool) -> None:
+    """Free blanks inside a forced call would let a small model at temperature 1 spend max_tokens on them."""
+    tools = [ToolSpec(name="w", parameters={"type": "object", "properties": {"city": {"type": "string"}}})]
+    grammar = request_grammar(
+        request(tools=tools, tool_choice="required"), tool_start="<tool_call>", tool_end="</tool_call>", special={}
+    )
+    assert grammar is not None
+    text = f'<tool_call>\n{{"name":"w","arguments":{arguments}}}\n</tool_call>'
+    matcher = compiler.matcher(grammar)
+    consumed = matcher.consume_tokens(compiler._hf_tokenizer.encode(text, add_special_tokens=False))
+    assert (consumed and matcher.is_accepting()) is accepted
+
+
 # --- the control plane (echo engine) ---------------------------------------------------------------------------
 
 

@@ -94,7 +94,8 @@ def tool_calls_grammar(
     tools: Sequence[ToolSpec], *, parallel: bool, start: str, end: str, special: dict[str, int]
 ) -> str:
     """A Lark grammar: one (or, with ``parallel``, several) ``start {json} end`` calls, nothing else."""
-    call_schema = json.dumps(tool_call_schema(tools), separators=(",", ":"))
+    compact = {"x-guidance": dict(JSON_OPTIONS), **tool_call_schema(tools)}  # a %json block takes no defaults
+    call_schema = json.dumps(compact, separators=(",", ":"))
     repeat = "+" if parallel else ""
     return (
         f"start: (call){repeat}\n"

@@ -7,17 +7,16 @@ from collections.abc import Sequence
 
 import pytest
 
+from mlxcluster.api import Balancer, LruMap, WorkerView
 from mlxcluster.builtin.balancers import (
     HardwareAware,
     LeastLoaded,
-    LruMap,
     PrefixAffinity,
     RandomChoice,
     RoundRobin,
     affinity_key,
 )
 from mlxcluster.config import LoadBalancingSection, from_dict
-from mlxcluster.controller.balancer_api import Balancer, WorkerView
 from mlxcluster.controller.balancing import (
     PreferredTier,
     StickySessions,

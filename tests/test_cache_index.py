@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from mlxcluster.api import BalancerContext, WorkerView
 from mlxcluster.builtin.cache_aware import CacheAware
 from mlxcluster.config import LoadBalancingSection
-from mlxcluster.controller.balancer_api import BalancerContext, WorkerView
 from mlxcluster.controller.balancing import build_balancer, wants_context
 from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.plugins import get_plugin_manager

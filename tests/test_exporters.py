@@ -19,19 +19,19 @@ from cluster_harness import Cluster, RunningController, sse_events, wait_until, 
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlxcluster.builtin.exporters import LogExporter, PrometheusExporter
-from mlxcluster.bus import Bus
-from mlxcluster.config import Config, MetricsSection, PluginsSection
-from mlxcluster.controller.app import create_app
-from mlxcluster.controller.exporter_api import (
+from mlxcluster.api import (
     ClusterSnapshot,
     MetricsEvent,
     RequestFinished,
     RequestRetried,
     WorkerStatusChanged,
+    hookimpl,
 )
+from mlxcluster.builtin.exporters import LogExporter, PrometheusExporter
+from mlxcluster.bus import Bus
+from mlxcluster.config import Config, MetricsSection, PluginsSection
+from mlxcluster.controller.app import create_app
 from mlxcluster.controller.metrics_feed import METRICS, ExporterError, ExporterRunner, MetricsFeed, build_metrics_feed
-from mlxcluster.hookspecs import hookimpl
 from mlxcluster.plugins import PluginManager, get_plugin_manager
 
 USER = [{"role": "user", "content": "one two three four five"}]

@@ -23,10 +23,10 @@ from cluster_harness import (
 )
 from nats.aio.msg import Msg
 
+from mlxcluster.api import MetricsEvent, RequestFinished, RequestMigrated
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
 from mlxcluster.controller import dispatch
-from mlxcluster.controller.exporter_api import MetricsEvent, RequestFinished, RequestMigrated
 from mlxcluster.protocol import Accepted, Done, Error, InferenceRequest, SamplingParams, Token
 from mlxcluster.worker.echo import continued_words, echo_words
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,11 +16,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mlxcluster.api import WorkerView, hookimpl
 from mlxcluster.balancers_cli import balancers_app
-from mlxcluster.config import LoadBalancingSection, PluginsSection
-from mlxcluster.controller.balancer_api import WorkerView
+from mlxcluster.config import Config, LoadBalancingSection, PluginsSection
 from mlxcluster.controller.balancing import build_balancer
-from mlxcluster.hookspecs import hookimpl
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.plugins import (
     DEFAULT_PLUGINS,
     PLUGIN_PATH_ENV,
@@ -34,7 +35,7 @@ from mlxcluster.protocol import InferenceRequest
 BUILTIN_NAMES = {"cache_aware", "round_robin", "least_loaded", "hardware_aware", "random", "prefix_affinity"}
 
 GOOD_PLUGIN = '''
-from mlxcluster.hookspecs import hookimpl
+from mlxcluster.api import hookimpl
 
 
 class Last:
@@ -182,13 +183,12 @@ BROKEN_PLUGINS = {
     "import-error": ("import not_a_real_module_xyz\n", "ModuleNotFoundError"),
     "raises": ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
     "bad-signature": (
-        "from mlxcluster.hookspecs import hookimpl\n\n"
+        "from mlxcluster.api import hookimpl\n\n"
         "@hookimpl\ndef mlxcluster_register_balancers(register, extra):\n    pass\n",
         "extra",
     ),
     "unknown-hook": (
-        "from mlxcluster.hookspecs import hookimpl\n\n"
-        "@hookimpl\ndef mlxcluster_register_balancer(register):\n    pass\n",
+        "from mlxcluster.api import hookimpl\n\n@hookimpl\ndef mlxcluster_register_balancer(register):\n    pass\n",
         "unknown hook mlxcluster_register_balancer",
     ),
 }
@@ -215,7 +215,7 @@ def test_broken_plugins_are_reported_and_the_rest_still_load(
 
 def test_plugin_whose_hook_raises_contributes_nothing(make_plugin: MakePlugin) -> None:
     source = (
-        "from mlxcluster.hookspecs import hookimpl\n\n"
+        "from mlxcluster.api import hookimpl\n\n"
         "@hookimpl\ndef mlxcluster_register_balancers(register):\n"
         "    register('half', object, 'registered before the error')\n"
         "    register('', object, 'invalid name')\n"
@@ -299,6 +299,95 @@ def test_balancers_list_imports_no_heavy_modules() -> None:
         "result = CliRunner().invoke(balancers_app, ['list'])\n"
         "assert result.exit_code == 0, result.output\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'mlx', 'mlx_lm', 'aiohttp', 'nats'})\n"
+        "print(heavy)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+CONTROLLER_WITH_PLUGINS = """
+import asyncio, json, sys
+from mlxcluster.bus import Bus
+from mlxcluster.config import from_dict
+from mlxcluster.controller.app import create_app
+from mlxcluster.plugins import get_plugin_manager, list_plugins
+
+
+async def main():
+    config = from_dict(json.loads(sys.argv[1]))
+    pm = get_plugin_manager(config.plugins, env={})
+    bus = await Bus.connect(config.nats, name="plugin-isolation", attempts=5)
+    try:
+        create_app(config, bus, pm)
+    finally:
+        await bus.close()
+    print(json.dumps({
+        "builtin_modules": sorted(m for m in sys.modules if m.startswith("mlxcluster.builtin")),
+        "status": {p.name: p.status for p in list_plugins(pm) if p.name.startswith("builtin-")},
+    }))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("disabled", "imported"),
+    [
+        (
+            [],
+            [
+                "mlxcluster.builtin",
+                "mlxcluster.builtin.balancers",
+                "mlxcluster.builtin.cache_aware",
+                "mlxcluster.builtin.exporters",
+            ],
+        ),
+        (["builtin-balancers"], ["mlxcluster.builtin", "mlxcluster.builtin.exporters"]),
+        (["builtin-balancers", "builtin-exporters"], []),
+    ],
+)
+async def test_a_disabled_builtin_is_never_imported_by_a_controller(
+    make_plugin: MakePlugin,
+    cluster_config: Config,
+    nats_server: EmbeddedNatsServer,
+    disabled: list[str],
+    imported: list[str],
+) -> None:
+    """A controller built with built-ins disabled (and a plugin's strategy) never imports their modules."""
+    site_dir, _ = make_plugin(GOOD_PLUGIN)
+    settings = {
+        "nats": {"url": cluster_config.nats.url},
+        "load_balancing": {"strategy": "last_worker"},
+        "plugins": {"paths": [str(site_dir)], "disabled": disabled},
+    }
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", CONTROLLER_WITH_PLUGINS, json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["builtin_modules"] == imported
+    assert found["status"] == {
+        name: "disabled" if name in disabled else "loaded" for name in ("builtin-balancers", "builtin-exporters")
+    }
+
+
+def test_importing_mlxcluster_loads_no_heavy_modules() -> None:
+    """``import mlxcluster`` (and its plugin API) loads neither aiohttp, NATS, MLX nor the controller."""
+    code = (
+        "import sys\n"
+        "import mlxcluster, mlxcluster.api\n"
+        "assert mlxcluster.WorkerView is mlxcluster.api.WorkerView and mlxcluster.hookimpl is mlxcluster.api.hookimpl\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'mlx', 'mlx_lm', 'aiohttp', 'nats'}\n"
+        "               or m.startswith(('mlxcluster.controller', 'mlxcluster.worker', 'mlxcluster.builtin')))\n"
         "print(heavy)\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}

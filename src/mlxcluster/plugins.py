@@ -25,7 +25,8 @@ from typing import Any, Literal
 import pluggy
 from msgspec import Struct
 
-from mlxcluster import __version__, hookspecs
+from mlxcluster import __version__
+from mlxcluster.api import hooks as hookspecs
 from mlxcluster.config import PluginsSection
 
 log = logging.getLogger(__name__)

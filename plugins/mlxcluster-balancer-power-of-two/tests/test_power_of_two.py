@@ -7,11 +7,10 @@ from collections import Counter
 import pytest
 from mlxcluster_power_of_two import PowerOfTwo
 
+from mlxcluster.api import InferenceRequest, WorkerView
 from mlxcluster.config import LoadBalancingSection, PluginsSection
-from mlxcluster.controller.balancer_api import WorkerView
 from mlxcluster.controller.balancing import build_balancer
 from mlxcluster.plugins import collect_balancers, get_plugin_manager, list_plugins
-from mlxcluster.protocol import InferenceRequest
 
 REQUEST = InferenceRequest(request_id="r", model="m", prompt="hi")
 

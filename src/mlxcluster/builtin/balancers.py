@@ -1,77 +1,27 @@
 """Built-in load-balancing strategies, registered through the same hook as third-party plugins.
 
-Every strategy receives only eligible workers (see :mod:`mlxcluster.controller.balancer_api`) and keeps
-its state bounded: a cursor, or an LRU of at most ``max_entries`` keys.
+Every strategy receives only eligible workers (see :mod:`mlxcluster.api.balancer`) and keeps its state
+bounded: a cursor, or an LRU of at most ``max_entries`` keys (the helpers in :mod:`mlxcluster.api.helpers`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from operator import attrgetter
+from collections.abc import Sequence
 
-from mlxcluster.controller.balancer_api import WorkerView
-from mlxcluster.hookspecs import Register, hookimpl
-from mlxcluster.protocol import InferenceRequest
-
-DEFAULT_MAX_ENTRIES = 10_000
-
-
-class Cursor:
-    """Round-robin over a changing set of workers: the next id after the last one picked, wrapping."""
-
-    def __init__(self) -> None:
-        self._last: str | None = None
-
-    def next(self, workers: Sequence[WorkerView]) -> WorkerView:
-        """The first worker (by id) after the previous pick; stable when workers come and go."""
-        last = self._last
-        chosen = None
-        if last is not None:
-            chosen = min((w for w in workers if w.id > last), key=_id, default=None)
-        if chosen is None:
-            chosen = min(workers, key=_id)
-        self._last = chosen.id
-        return chosen
-
-    def mark(self, worker: WorkerView) -> WorkerView:
-        """Count ``worker`` as picked (chosen without a tie-break); returns it."""
-        self._last = worker.id
-        return worker
-
-
-def best(
-    workers: Sequence[WorkerView], key: Callable[[WorkerView], float | tuple[float, ...]], cursor: Cursor
-) -> WorkerView:
-    """The worker with the highest ``key``; ties are broken round-robin with ``cursor``."""
-    keyed = [(key(w), w) for w in workers]  # one key call per worker: this runs on every pick
-    top = max(k for k, _ in keyed)
-    return cursor.next([w for k, w in keyed if k == top])
-
-
-_id = attrgetter("id")
-_load = attrgetter("load")
-_capacity = attrgetter("max_concurrent")
-
-
-def least_utilized(workers: Sequence[WorkerView], cursor: Cursor) -> WorkerView:
-    """The worker with the lowest ``load / max_concurrent``; ties round-robin.
-
-    Runs on every pick over every candidate, so it works on C-level maps: with one capacity for all (the
-    usual fleet) the lowest load is the lowest utilization, and a unique minimum needs no tie-break."""
-    loads: list[int] | None = getattr(workers, "loads", None)  # the registry's hints (EligibleWorkers)
-    if loads is not None and getattr(workers, "capacity", 0) > 0:
-        keys: list[float] = loads  # type: ignore[assignment]
-    elif len(set(map(_capacity, workers))) == 1:
-        keys = list(map(_load, workers))
-    else:
-        keys = [w.load / (w.max_concurrent or 1) for w in workers]
-    lowest = min(keys)
-    if keys.count(lowest) == 1:
-        return cursor.mark(workers[keys.index(lowest)])
-    return cursor.next([w for k, w in zip(keys, workers, strict=True) if k == lowest])
+from mlxcluster.api import (
+    DEFAULT_MAX_ENTRIES,
+    Cursor,
+    InferenceRequest,
+    LruMap,
+    Register,
+    WorkerView,
+    best,
+    hookimpl,
+    least_utilized,
+)
+from mlxcluster.builtin.cache_aware import CacheAware
 
 
 class RoundRobin:
@@ -162,31 +112,6 @@ def affinity_key(request: InferenceRequest, prefix_chars: int) -> bytes | None:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-class LruMap:
-    """A bounded mapping key → worker id that forgets the least recently used key first."""
-
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
-        self.max_entries = max_entries
-        self._data: OrderedDict[bytes, str] = OrderedDict()
-
-    def get(self, key: bytes) -> str | None:
-        """The worker id for ``key`` (marking it recently used), or ``None``."""
-        found = self._data.get(key)
-        if found is not None:
-            self._data.move_to_end(key)
-        return found
-
-    def set(self, key: bytes, worker_id: str) -> None:
-        """Remember ``key`` → ``worker_id``, evicting the oldest key when full."""
-        self._data[key] = worker_id
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 class PrefixAffinity:
     """Same session id or prompt prefix → same worker (its KV/prefix cache is warm), else least loaded.
 
@@ -221,8 +146,6 @@ class PrefixAffinity:
 @hookimpl
 def mlxcluster_register_balancers(register: Register) -> None:
     """Register the built-in strategies."""
-    from mlxcluster.builtin.cache_aware import CacheAware  # it builds on this module's helpers
-
     register(
         "cache_aware",
         CacheAware,

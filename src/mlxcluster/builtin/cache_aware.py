@@ -21,10 +21,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from operator import attrgetter
 
-from mlxcluster.builtin.balancers import Cursor, least_utilized
-from mlxcluster.config import CacheAwareSection
-from mlxcluster.controller.balancer_api import BalancerContext, PrefixMatch, WorkerView
-from mlxcluster.protocol import InferenceRequest
+from mlxcluster.api import (
+    BalancerContext,
+    CacheAwareSection,
+    Cursor,
+    InferenceRequest,
+    PrefixMatch,
+    WorkerView,
+    least_utilized,
+)
 
 _load = attrgetter("load")
 

@@ -12,14 +12,15 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mlxcluster.controller.exporter_api import (
+from mlxcluster.api import (
     ClusterSnapshot,
     MetricsEvent,
+    Register,
     RequestFinished,
     RequestMigrated,
     RequestRetried,
+    hookimpl,
 )
-from mlxcluster.hookspecs import Register, hookimpl
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic Prometheus text format that ``generate_latest`` writes (every Prometheus version reads it)."""

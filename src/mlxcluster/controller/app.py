@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from nats.aio.msg import Msg
 
+from mlxcluster.api import BalancerContext
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller import (
@@ -29,7 +30,6 @@ from mlxcluster.controller import (
     routes_responses,
     routes_ws,
 )
-from mlxcluster.controller.balancer_api import BalancerContext
 from mlxcluster.controller.balancing import build_balancer
 from mlxcluster.controller.bus_watch import watch_bus
 from mlxcluster.controller.cache_feed import follow_cache_events

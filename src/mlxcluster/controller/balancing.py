@@ -23,12 +23,19 @@ from collections.abc import Collection, Mapping, Sequence
 
 import pluggy
 
-from mlxcluster.builtin.balancers import DEFAULT_MAX_ENTRIES, LeastLoaded, LruMap
+from mlxcluster.api import (
+    DEFAULT_MAX_ENTRIES,
+    Balancer,
+    BalancerContext,
+    Cursor,
+    InferenceRequest,
+    LruMap,
+    WorkerView,
+    least_utilized,
+)
 from mlxcluster.config import LoadBalancingSection
-from mlxcluster.controller.balancer_api import Balancer, BalancerContext, WorkerView
 from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.plugins import BalancerEntry, collect_balancers
-from mlxcluster.protocol import InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ class PreferredTier:
     def __init__(self, strategy: Balancer, name: str = "strategy") -> None:
         self.strategy = strategy
         self.name = name
-        self.fallback = LeastLoaded()
+        self._fallback = Cursor()  # least_loaded's round-robin among equally loaded workers
         self.errors = 0
 
     def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
@@ -66,7 +73,7 @@ class PreferredTier:
             self.errors += 1
             if self.errors == 1 or self.errors % 1000 == 0:
                 log.exception("balancer %s failed (%d times); using least_loaded", self.name, self.errors)
-            return self.fallback.pick(candidates, request)
+            return least_utilized(candidates, self._fallback)
 
 
 def preferred_tier(workers: Sequence[WorkerView]) -> Sequence[WorkerView]:

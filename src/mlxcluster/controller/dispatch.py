@@ -22,12 +22,11 @@ from typing import Literal, Protocol
 
 from nats.aio.msg import Msg
 
+from mlxcluster.api import Balancer, RequestRetried, WorkerView
 from mlxcluster.bus import Bus
 from mlxcluster.config import ControllerSection
-from mlxcluster.controller.balancer_api import Balancer, WorkerView
 from mlxcluster.controller.breaker import Breakers
 from mlxcluster.controller.errors import ApiError, model_not_found, no_capacity, payload_too_large
-from mlxcluster.controller.exporter_api import RequestRetried
 from mlxcluster.controller.inbox import ResponseInbox
 from mlxcluster.controller.migration import LostMidStream, StreamSoFar, unmovable
 from mlxcluster.controller.request_meter import EventSink, RequestMeter, discard

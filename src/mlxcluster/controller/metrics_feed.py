@@ -24,10 +24,10 @@ import msgspec
 import pluggy
 from aiohttp import web
 
+from mlxcluster.api import ClusterSnapshot, MetricsEvent, WorkerStatusChanged
 from mlxcluster.config import MetricsSection
 from mlxcluster.controller.cache_index import prompt_cache_rates
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
-from mlxcluster.controller.exporter_api import ClusterSnapshot, MetricsEvent, WorkerStatusChanged
 from mlxcluster.controller.registry import WorkerEvent
 from mlxcluster.plugins import ExporterEntry, collect_exporters
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import msgspec
 
-from mlxcluster.controller.exporter_api import RequestMigrated
+from mlxcluster.api import RequestMigrated
 from mlxcluster.protocol import Done, Error, InferenceRequest, Token, Usage
 
 LossReason = Literal["offline", "stalled", "frames_lost", "worker_error"]

@@ -14,8 +14,8 @@ import msgspec
 from aiohttp import web
 
 from mlxcluster import __version__
+from mlxcluster.api import WorkerView
 from mlxcluster.controller.anthropic_schema import MessagesRequest
-from mlxcluster.controller.balancer_api import WorkerView
 from mlxcluster.controller.openai_schema import (
     MAX_STOP_SEQUENCES,
     ROLES,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlxcluster.api import MetricsEvent, RequestFinished
 from mlxcluster.config import ControllerSection
-from mlxcluster.controller.exporter_api import MetricsEvent, RequestFinished
 from mlxcluster.controller.keys import KeyRing
 from mlxcluster.controller.ratelimit import RateLimiter
 from mlxcluster.controller.requests_log import RequestLog

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import msgspec
 from msgspec import Struct
 
+from mlxcluster.api import ELIGIBLE_STATES, EligibleWorkers, WorkerState, WorkerView
 from mlxcluster.config import Config
-from mlxcluster.controller.balancer_api import ELIGIBLE_STATES, EligibleWorkers, WorkerState, WorkerView
 from mlxcluster.controller.worker_admin import WorkerSettings
 from mlxcluster.protocol import Deregister, WorkerHeartbeat, WorkerRegistration
 

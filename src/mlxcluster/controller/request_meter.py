@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from time import perf_counter
 
-from mlxcluster.controller.exporter_api import (
+from mlxcluster.api import (
     MAX_INTER_TOKEN_SAMPLES,
     MetricsEvent,
     RequestFinished,

@@ -16,7 +16,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from mlxcluster.controller.exporter_api import RequestFinished
+from mlxcluster.api import RequestFinished
 from mlxcluster.controller.request_meter import RequestMeter
 
 access_log = logging.getLogger("mlxcluster.access")

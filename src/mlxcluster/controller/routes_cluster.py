@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from mlxcluster import __version__
-from mlxcluster.controller.balancer_api import WorkerState
+from mlxcluster.api import WorkerState
 from mlxcluster.controller.cache_index import prompt_cache_rates
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mlxcluster.controller.balancer_api import ELIGIBLE_STATES, WorkerState
+from mlxcluster.api import ELIGIBLE_STATES, WorkerState
 
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 64

@@ -10,9 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from mlxcluster.controller.balancer_api import WorkerView
-from mlxcluster.hookspecs import Register, hookimpl
-from mlxcluster.protocol import InferenceRequest
+from mlxcluster.api import InferenceRequest, Register, WorkerView, hookimpl
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,7 @@ from typing import IO
 
 import msgspec
 
-from mlxcluster.controller.exporter_api import MetricsEvent, RequestFinished
-from mlxcluster.hookspecs import Register, hookimpl
+from mlxcluster.api import MetricsEvent, Register, RequestFinished, hookimpl
 
 __version__ = "0.1.0"
 

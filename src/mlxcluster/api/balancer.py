@@ -15,7 +15,7 @@ written before the context existed keep working unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from msgspec import Struct
@@ -105,6 +105,11 @@ class Balancer(Protocol):
     def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
         """Choose one of ``workers`` for ``request``, or ``None`` to refuse."""
         ...
+
+
+BalancerFactory = Callable[..., Balancer]
+"""What ``mlxcluster_register_balancers`` registers: called with no arguments, or with ``context=`` a
+:class:`BalancerContext` when it has a parameter named ``context``; it returns a :class:`Balancer`."""
 
 
 class PrefixMatch:

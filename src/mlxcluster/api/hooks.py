@@ -29,7 +29,7 @@ def mlxcluster_register_balancers(register: Register) -> None:
 
     :param register: call ``register(name, factory, description)`` once per strategy: ``name`` is what
         ``load_balancing.strategy`` names, ``factory()`` (usually the class) returns an object with
-        ``pick(workers, request) -> WorkerView | None`` (see :mod:`mlxcluster.controller.balancer_api`),
+        ``pick(workers, request) -> WorkerView | None`` (see :mod:`mlxcluster.api.balancer`),
         ``description`` is one line for ``mlxcluster balancers list``.
     :return: nothing; registration happens through ``register``.
     """

@@ -19,12 +19,12 @@ This module imports neither aiohttp nor NATS, so plugins and ``mlxcluster export
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import Literal, Protocol, runtime_checkable
 
 from msgspec import Struct
 
-from mlxcluster.controller.balancer_api import WorkerState
+from mlxcluster.api.balancer import WorkerState
 
 RequestStatus = Literal["ok", "error", "cancelled"]
 
@@ -159,9 +159,6 @@ class Exporter(Protocol):
         ...
 
 
-class ExporterWithRoutes(Protocol):
-    """An exporter that serves HTTP endpoints on the controller."""
-
-    def routes(self) -> Iterable[Any]:
-        """aiohttp route definitions (``web.get(path, handler)``...), added once when the app is built."""
-        ...
+ExporterFactory = Callable[..., Exporter]
+"""What ``mlxcluster_register_exporters`` registers: called with the ``[metrics.settings.NAME]`` table as
+keyword arguments, it returns an :class:`Exporter`."""

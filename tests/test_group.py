@@ -207,7 +207,7 @@ def test_dual_mode_starts_local_groups() -> None:
 
 async def test_dual_mode_refuses_workers_that_do_not_make_whole_groups() -> None:
     config = make_config(worker={"group": {"size": 3}})
-    from mlxcluster.node import NodeError
+    from mlxcluster.errors import NodeError
 
     with pytest.raises(NodeError, match="not a multiple"):
         await Supervisor(config, workers=2).run(asyncio.Event())

@@ -105,8 +105,9 @@ def run(
     ] = None,
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
+    from mlxcluster.errors import CANNOT_START, NodeError
     from mlxcluster.logsetup import configure_logging
-    from mlxcluster.node import CANNOT_START, NodeError, run_node
+    from mlxcluster.node import run_node
 
     # Flags are environment overrides, so dual mode's children inherit them.
     flags = {

@@ -16,17 +16,10 @@ import msgspec
 from mlxcluster.bus import Bus, BusError
 from mlxcluster.config import Config, ConfigError
 from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError, keep_server_running
+from mlxcluster.errors import NodeError
 from mlxcluster.secure import check_exposure
 
 log = logging.getLogger(__name__)
-
-
-CANNOT_START = 2
-"""Exit code of a node that could not start because of its settings (a supervisor does not restart it)."""
-
-
-class NodeError(Exception):
-    """A node could not start; the message says why and what to change."""
 
 
 def run_node(config: Config, role: str, *, workers: int = 1) -> int:

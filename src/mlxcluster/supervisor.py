@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent, keep_server_running
-from mlxcluster.node import CANNOT_START, NodeError
+from mlxcluster.errors import CANNOT_START, NodeError
 from mlxcluster.worker.blas import preload_env
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from mlxcluster.controller.app import create_app
 from mlxcluster.controller.balancing import UnknownBalancerError
 from mlxcluster.controller.context import CONTROLLER
 from mlxcluster.controller.metrics_feed import ExporterError
-from mlxcluster.node import NodeError
+from mlxcluster.errors import NodeError
 from mlxcluster.plugins import get_plugin_manager
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import time
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.node import NodeError
+from mlxcluster.errors import NodeError
 from mlxcluster.worker.group_channel import GroupBroken
 from mlxcluster.worker.group_engine import GroupEngine, GroupFollower
 from mlxcluster.worker.group_ops import Formation

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mlxcluster.balancers_cli import balancers_app
+from mlxcluster.cli.balancers import balancers_app
 from mlxcluster.config import LoadBalancingSection, PluginsSection
 from mlxcluster.controller.balancer_api import WorkerView
 from mlxcluster.controller.balancing import build_balancer
@@ -295,7 +295,7 @@ def test_balancers_list_imports_no_heavy_modules() -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from mlxcluster.balancers_cli import balancers_app\n"
+        "from mlxcluster.cli.balancers import balancers_app\n"
         "result = CliRunner().invoke(balancers_app, ['list'])\n"
         "assert result.exit_code == 0, result.output\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'mlx', 'mlx_lm', 'aiohttp', 'nats'})\n"

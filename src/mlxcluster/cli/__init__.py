@@ -15,8 +15,8 @@ from typing import Annotated, Any
 import typer
 
 from mlxcluster import __version__
-from mlxcluster.balancers_cli import balancers_app
-from mlxcluster.cli_common import (
+from mlxcluster.cli.balancers import balancers_app
+from mlxcluster.cli.common import (
     DEFAULT_CONFIG_FILE,
     ConfigOption,
     JsonOption,
@@ -24,9 +24,9 @@ from mlxcluster.cli_common import (
     get_config,
     resolve_config_path,
 )
-from mlxcluster.models.commands import models_app
-from mlxcluster.plugins_cli import exporters_app, plugins_command
-from mlxcluster.workers_cli import keys_command, requests_command, workers_app
+from mlxcluster.cli.models import models_app
+from mlxcluster.cli.plugins import exporters_app, plugins_command
+from mlxcluster.cli.workers import keys_command, requests_command, workers_app
 
 app = typer.Typer(
     name="mlxcluster",
@@ -147,7 +147,7 @@ UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (de
 
 
 def _ask_controller(config_path: Path | None, url: str | None, path: str) -> dict[str, Any]:
-    from mlxcluster.workers_cli import ask_controller
+    from mlxcluster.cli.workers import ask_controller
 
     answer: dict[str, Any] = ask_controller(config_path, url, path)
     return answer
@@ -158,7 +158,7 @@ def status(config_path: ConfigOption = None, url: UrlOption = None, as_json: Jso
     """Show a running cluster's state (asks the controller)."""
     import json
 
-    from mlxcluster.status_cli import format_status
+    from mlxcluster.cli.status import format_status
 
     data = _ask_controller(config_path, url, "/api/cluster/status")
     typer.echo(json.dumps(data, indent=2) if as_json else format_status(data))

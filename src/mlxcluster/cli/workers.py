@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mlxcluster.cli_common import ConfigOption, JsonOption, fail, get_config
+from mlxcluster.cli.common import ConfigOption, JsonOption, fail, get_config
 
 UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (default: from the config).")]
 WorkerId = Annotated[str, typer.Argument(help="The worker's id.")]
@@ -29,7 +29,7 @@ def ask_controller(
     config_path: Path | None, url: str | None, path: str, *, method: str = "GET", body: Any = None
 ) -> Any:
     """One call to the controller named by ``--url`` or the config; exit 1 with the reason on failure."""
-    from mlxcluster.status_cli import StatusError, cli_api_key, controller_url, fetch
+    from mlxcluster.cli.status import StatusError, cli_api_key, controller_url, fetch
 
     config = get_config(config_path)
     try:
@@ -67,7 +67,7 @@ def workers_list(
     """List a running cluster's workers (asks the controller); subcommands manage one."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlxcluster.status_cli import format_workers
+    from mlxcluster.cli.status import format_workers
 
     path = "/api/cluster/workers" + (f"?status={status_filter}" if status_filter else "")
     data = ask_controller(config_path, url, path)

@@ -15,8 +15,9 @@ import uuid
 import msgspec
 
 from mlxcluster.bench.nats import bench_config
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bus import Bus
+from mlxcluster.cli.tables import table
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
     PROBE_HEADER,

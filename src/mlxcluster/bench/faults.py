@@ -26,7 +26,8 @@ import msgspec
 
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
+from mlxcluster.cli.tables import table
 from mlxcluster.embedded import EmbeddedNatsServer
 
 STREAMS = 100

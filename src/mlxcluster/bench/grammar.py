@@ -14,7 +14,8 @@ import time
 import msgspec
 
 from mlxcluster.bench.engine import PROMPTS
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
+from mlxcluster.cli.tables import table
 from mlxcluster.protocol import ChatMessage, Done, InferenceRequest, ResponseFormat, SamplingParams, Token, ToolSpec
 from mlxcluster.worker.grammar import tool_calls_grammar
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import msgspec
 
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bus import Bus
+from mlxcluster.cli.tables import table
 from mlxcluster.config import Config, from_dict, load
 from mlxcluster.embedded import EmbeddedNatsServer
 

@@ -24,7 +24,8 @@ import psutil
 from aiohttp import web
 
 from mlxcluster.bench.nats import bench_config, free_port
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
+from mlxcluster.cli.tables import table
 from mlxcluster.config import Config, from_dict
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ChatMessage, InferenceRequest, WorkerHeartbeat

@@ -22,7 +22,8 @@ import msgspec
 from mlxcluster.bench.engine import PROMPTS, cluster_blas_env
 from mlxcluster.bench.nats import bench_config, free_port
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stats import percentile, table
+from mlxcluster.bench.stats import percentile
+from mlxcluster.cli.tables import table
 from mlxcluster.embedded import EmbeddedNatsServer
 
 

@@ -26,6 +26,7 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (default: from the config).")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

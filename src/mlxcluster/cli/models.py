@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn, TextIO
 
 import typer
 
+from mlxcluster.cli.tables import table
 from mlxcluster.models.registry import default_models_dir, list_models
 
 MODELS_DIR_ENV = "MLXCLUSTER_MODELS_DIR"
@@ -154,8 +155,5 @@ def list_command(
     if not models:
         typer.echo(f"no models in {models_dir}", err=True)
         return
-    rows = [("NAME", "SIZE MB", "DTYPE", "SOURCE")]
-    rows += [(m.name, f"{m.size_bytes / 1e6:.1f}", m.dtype, m.source) for m in models]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        typer.echo(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
+    rows = [[m.name, f"{m.size_bytes / 1e6:.1f}", m.dtype, m.source] for m in models]
+    typer.echo(table(["NAME", "SIZE MB", "DTYPE", "SOURCE"], rows, align="lrll"))

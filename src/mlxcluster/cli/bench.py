@@ -1,0 +1,273 @@
+"""``mlxcluster bench ...``: each benchmark's command; the benchmarks themselves live in ``bench/``.
+
+The bench modules (and mlx, aiohttp, nats) are imported inside the commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlxcluster.cli.common import ConfigOption, JsonOption, get_config
+
+bench_app = typer.Typer(help="Benchmarks (figures are ratios measured in the same run).", no_args_is_help=True)
+
+
+@bench_app.command("nats")
+def bench_nats(
+    as_json: JsonOption = False,
+    requests: Annotated[int, typer.Option(help="Request/reply round trips to time.", min=10)] = 5000,
+    messages: Annotated[int, typer.Option(help="Messages for the publish throughput test.", min=100)] = 200_000,
+    payload: Annotated[int, typer.Option(help="Payload bytes per message.", min=1)] = 128,
+) -> None:
+    """Embedded server start time, request/reply latency and publish throughput on loopback."""
+    import asyncio
+
+    from mlxcluster.bench.nats import format_table, run_nats_bench
+
+    result = asyncio.run(run_nats_bench(requests=requests, messages=messages, payload=payload))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("cluster")
+def bench_cluster(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    requests: Annotated[int, typer.Option(help="Requests per throughput step (Python client).", min=10)] = 4000,
+    latency_requests: Annotated[int, typer.Option(help="Sequential requests for the latency figures.", min=10)] = 500,
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients in the throughput steps.", min=1)] = 32,
+    time_limit: Annotated[float, typer.Option(help="Seconds at most per step.", min=1)] = 20.0,
+    real: Annotated[bool, typer.Option(help="Also compare with mlx_lm.server on the demo model.")] = True,
+    streams: Annotated[str, typer.Option(help="Concurrencies for the real-model comparison.")] = "1,4",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request in the real-model comparison.")] = 64,
+) -> None:
+    """Echo: added latency of the cluster path, req/s at 1/2/4 workers, streamed tokens/s; then the real
+    model side by side with mlx_lm.server."""
+    import asyncio
+    import json
+
+    import msgspec
+
+    from mlxcluster.bench.cluster import format_table, run_cluster_bench
+
+    if real:
+        from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas()
+    result = asyncio.run(
+        run_cluster_bench(
+            latency_requests=latency_requests,
+            throughput_requests=requests,
+            concurrency=concurrency,
+            time_limit_s=time_limit,
+        )
+    )
+    versus = []
+    if real:
+        from mlxcluster.bench.versus import run_versus
+        from mlxcluster.models.demo import ensure_demo_model
+
+        model_path = str(ensure_demo_model(get_config(config_path).models_dir))
+        counts = tuple(int(n) for n in streams.split(",") if n.strip())
+        versus = asyncio.run(run_versus(model_path, streams=counts, max_tokens=max_tokens))
+    if as_json:
+        typer.echo(
+            json.dumps({"echo": msgspec.to_builtins(result), "versus_mlx_lm_server": msgspec.to_builtins(versus)})
+        )
+        return
+    typer.echo(format_table(result))
+    if versus:
+        from mlxcluster.bench.versus import format_versus
+
+        typer.echo(
+            f"\nreal model ({Path(model_path).name}), greedy, {max_tokens} tokens, streamed:\n" + format_versus(versus)
+        )
+
+
+@bench_app.command("engine")
+def bench_engine(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
+    streams: Annotated[int, typer.Option(help="Concurrent streams.", min=2)] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request at most.", min=8)] = 128,
+) -> None:
+    """mlx engine in-process vs the same model behind one worker over NATS (1 and N streams)."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()  # measure in-process on the same BLAS the worker gets
+    from mlxcluster.bench.engine import format_table, run_engine_bench
+    from mlxcluster.models.demo import DEMO_BASE_NAME, ensure_demo_model
+
+    config = get_config(config_path)
+    model_path = model or str(ensure_demo_model(config.models_dir))
+    served = DEMO_BASE_NAME if model is None else Path(model).name
+    result = asyncio.run(
+        run_engine_bench(model_path=model_path, served_name=served, streams=streams, max_tokens=max_tokens)
+    )
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("group")
+def bench_group(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
+    streams: Annotated[str, typer.Option(help="Concurrencies to measure.")] = "1,4",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request.", min=2)] = 32,
+    quick: Annotated[bool, typer.Option("--quick", help="One stream, 8 tokens (a couple of minutes).")] = False,
+) -> None:
+    """A worker group of 3 vs one worker on the same model: tokens/s, TTFT, each rank's peak RSS."""
+    import asyncio
+
+    import msgspec
+
+    from mlxcluster.bench.group import format_table, run_group_bench
+    from mlxcluster.models.demo import ensure_demo_model
+
+    model_path = model or str(ensure_demo_model(get_config(config_path).models_dir))
+    counts = (1,) if quick else tuple(int(n) for n in streams.split(",") if n.strip())
+    result = asyncio.run(run_group_bench(model_path, streams=counts, max_tokens=8 if quick else max_tokens))
+    typer.echo(msgspec.json.encode(result).decode() if as_json else format_table(result))
+
+
+@bench_app.command("grammar")
+def bench_grammar(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
+    streams: Annotated[int, typer.Option(help="Concurrent streams.", min=1)] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request at most.", min=8)] = 64,
+    quick: Annotated[bool, typer.Option("--quick", help="One round of 24 tokens, 8 schemas.")] = False,
+) -> None:
+    """Constrained decoding: schema compile p50 and tokens/s with vs without a JSON schema (N streams)."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.grammar import format_table, run_grammar_bench
+    from mlxcluster.models.demo import ensure_demo_model
+
+    config = get_config(config_path)
+    model_path = model or str(ensure_demo_model(config.models_dir))
+    options = {"rounds": 1, "max_tokens": 24, "schemas": 8} if quick else {"max_tokens": max_tokens}
+    result = asyncio.run(run_grammar_bench(model_path=model_path, streams=streams, **options))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("multiturn")
+def bench_multiturn(
+    config_path: ConfigOption = None,
+    as_json: JsonOption = False,
+    quick: Annotated[bool, typer.Option(help="Fewer conversations and turns (a few minutes in all).")] = False,
+    parts: Annotated[
+        str,
+        typer.Option(
+            help="Parts to run: a (vs mlx_lm.server), b (balancers), c (prefill "
+            "stall), d (no cache help), e (cache byte bound)."
+        ),
+    ] = "abcde",
+) -> None:
+    """Multi-turn conversations with a long system prompt: the prompt cache against mlx_lm.server and
+    across balancers, the decode stall of chunked prefill, and the cache's byte bound."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()  # part c runs the engine in-process, on the workers' BLAS
+    from mlxcluster.bench.multiturn import run_multiturn
+    from mlxcluster.bench.multiturn_format import format_multiturn
+    from mlxcluster.models.demo import ensure_demo_model
+
+    model_path = str(ensure_demo_model(get_config(config_path).models_dir))
+    result = asyncio.run(run_multiturn(model_path, parts=parts, quick=quick))
+    typer.echo(result.to_json() if as_json else format_multiturn(result))
+
+
+@bench_app.command("scale")
+def bench_scale(
+    as_json: JsonOption = False,
+    fleets: Annotated[str, typer.Option(help="Simulated fleet sizes.")] = "100,500,1000",
+    window: Annotated[float, typer.Option(help="Seconds measured per fleet.", min=1)] = 10.0,
+    interval_ms: Annotated[int, typer.Option(help="Heartbeat interval of the simulated workers.", min=100)] = 2000,
+) -> None:
+    """One controller with 100/500/1,000 simulated workers: CPU %, pick latency, heartbeat lag."""
+    import asyncio
+
+    from mlxcluster.bench.scale import format_table, run_scale_bench
+
+    sizes = tuple(int(n) for n in fleets.split(",") if n.strip())
+    result = asyncio.run(run_scale_bench(fleets=sizes, window_s=window, interval_ms=interval_ms))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    as_json: JsonOption = False,
+    minutes: Annotated[float, typer.Option(help="How long to run.", min=0.1)] = 10.0,
+    window: Annotated[float, typer.Option(help="Seconds per reported window.", min=5)] = 60.0,
+    cache_full: Annotated[
+        bool, typer.Option(help="One mlx worker on the demo model with its prompt cache kept full instead.")
+    ] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Steady load at half capacity (echo workers): RSS growth, p50/p99 over time, errors."""
+    import asyncio
+
+    from mlxcluster.bench.soak import format_table, run_soak
+
+    model_path = ""
+    if cache_full:
+        from mlxcluster.models.demo import ensure_demo_model
+
+        model_path = str(ensure_demo_model(get_config(config_path).models_dir))
+    result = asyncio.run(run_soak(minutes=minutes, window_s=window, cache_full=cache_full, model_path=model_path))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("faults")
+def bench_faults(
+    as_json: JsonOption = False,
+    quick: Annotated[bool, typer.Option(help="One round of 30-token streams (about half a minute).")] = False,
+    rounds: Annotated[int, typer.Option(help="Rounds (each a fresh cluster and one kill).", min=1)] = 3,
+    tokens: Annotated[int, typer.Option(help="Tokens per stream.", min=10)] = 60,
+) -> None:
+    """kill -9 one of 3 echo workers under 100 streams: completed streams, detection time, migration latency."""
+    import asyncio
+
+    from mlxcluster.bench.faults import format_table, run_faults_bench
+
+    if quick:
+        rounds, tokens = 1, 30
+    result = asyncio.run(run_faults_bench(rounds=rounds, tokens=tokens))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench_app.command("report")
+def bench_report(
+    output: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("docs/BENCHMARKS.md"),
+    soak_minutes: Annotated[float, typer.Option(help="Soak length in minutes (0 skips it).", min=0)] = 10.0,
+    only: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated sections (multiturn, soak, soak-cache-full, ...) to rerun in the existing report."
+        ),
+    ] = "",
+    quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,
+) -> None:
+    """Run every benchmark and write the report (docs/BENCHMARKS.md)."""
+    from mlxcluster.bench.report import refresh_sections, write_report
+
+    def progress(line: str) -> None:
+        typer.echo(line, err=True)
+
+    if only:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        refresh_sections(output, names, quick=quick, soak_minutes=soak_minutes, progress=progress)
+    else:
+        write_report(output, soak_minutes=soak_minutes, progress=progress)

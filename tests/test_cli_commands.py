@@ -109,6 +109,10 @@ async def test_workers_requests_and_keys_tables_and_json(running: Cluster, cli_c
     assert sorted(row.split()[:3] for row in rows) == [["w1", "online", "echo"], ["w2", "online", "echo"]]
     listed = json.loads((await cli("workers", "--json", *common)).stdout)
     assert sorted(w["id"] for w in listed["workers"]) == ["w1", "w2"]
+    shown_one = json.loads((await cli("workers", "show", "w1", *common)).stdout)
+    assert shown_one["id"] == "w1" and shown_one["status"] == "online"
+    resumed = json.loads((await cli("workers", "resume", "w2", "--json", *common)).stdout)
+    assert (resumed["id"], resumed["status"]) == ("w2", "online")
     none_offline = await cli("workers", "--status", "offline", *common)
     assert none_offline.stdout.strip() == "no workers known"
 
@@ -216,3 +220,20 @@ def test_json_of_models_list_and_balancers_list_shapes(tmp_path: Path) -> None:
     listed = json.loads(invoke("balancers", "list", "--json").stdout)
     assert all(set(r) == {"name", "plugin", "package", "version", "description", "selected"} for r in listed)
     assert [r["name"] for r in listed if r["selected"]] == [Config().load_balancing.strategy]
+
+
+def test_doctor_plain_says_each_check_on_one_line() -> None:
+    checks = json.loads(invoke("doctor", "--json").stdout)
+    result = invoke("doctor")
+    assert result.exit_code == (1 if any(c["status"] == "fail" for c in checks) else 0)
+    lines = result.stdout.splitlines()
+    marks = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
+    assert [line.split()[:2] for line in lines] == [[marks[c["status"]], c["name"].split()[0]] for c in checks]
+
+
+def test_bench_nats_prints_its_table_in_plain_text() -> None:
+    result = invoke("bench", "nats", "--requests", "20", "--messages", "200")
+    assert result.exit_code == 0, result.output
+    title, header, *rows = result.stdout.splitlines()
+    assert title.startswith("bench nats — ") and header.split() == ["measure", "result", "target"]
+    assert len(rows) >= 3 and not any(set(row) <= {"-", " "} for row in rows)  # no rule line

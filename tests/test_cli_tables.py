@@ -58,6 +58,12 @@ def test_rich_draws_a_header_rule_and_keeps_brackets_literal() -> None:
     assert row.split() == ["[red]x[/red]", "ok"]  # a cell is text, never rich markup
 
 
+def test_rich_shows_a_note_under_its_row() -> None:
+    text = ANSI.sub("", table(["NAME", "STATUS"], [["bad", "failed"]], notes={0: "ImportError: x"}, style="rich"))
+    *_, row, note = text.splitlines()
+    assert row.split() == ["bad", "failed"] and note.strip() == "↳ ImportError: x"
+
+
 def test_output_style_follows_the_stream() -> None:
     assert output_style(io.StringIO()) == "plain"
     primary, secondary = os.openpty()

@@ -13,11 +13,11 @@ from typing import Any
 
 from cluster_harness import Cluster, RunningController, wait_until, with_sections
 
+from mlxcluster.cli.status import format_status
 from mlxcluster.config import Config
 from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.prefix_digest import canonical_text, prefix_digests
 from mlxcluster.protocol import CacheEvent, ChatMessage, encode
-from mlxcluster.status_cli import format_status
 from mlxcluster.worker.echo import EchoEngine
 
 MODEL = "echo"

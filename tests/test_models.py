@@ -19,7 +19,7 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from mlxcluster.models.commands import models_app
+from mlxcluster.cli.models import models_app
 from mlxcluster.models.demo import DEMO_SOURCE, DEMO_WHEEL_MEMBER, demo_gguf, ensure_demo_model
 from mlxcluster.models.gguf import GGUFImportError, import_gguf, unpermute_rows
 from mlxcluster.models.registry import default_models_dir, list_models

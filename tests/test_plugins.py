@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlxcluster.api import WorkerView, hookimpl
-from mlxcluster.balancers_cli import balancers_app
+from mlxcluster.cli.balancers import balancers_app
 from mlxcluster.config import Config, LoadBalancingSection, PluginsSection
 from mlxcluster.controller.balancing import build_balancer
 from mlxcluster.embedded import EmbeddedNatsServer
@@ -295,7 +295,7 @@ def test_balancers_list_imports_no_heavy_modules() -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from mlxcluster.balancers_cli import balancers_app\n"
+        "from mlxcluster.cli.balancers import balancers_app\n"
         "result = CliRunner().invoke(balancers_app, ['list'])\n"
         "assert result.exit_code == 0, result.output\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'mlx', 'mlx_lm', 'aiohttp', 'nats'})\n"

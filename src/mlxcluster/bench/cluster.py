@@ -17,10 +17,11 @@ import msgspec
 
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bench.wrk import run_wrk, wrk_available
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ChatMessage, InferenceRequest
+from mlxcluster.tables import table
 from mlxcluster.worker.echo import EchoEngine
 
 SHORT_PROMPT = "ping"

@@ -15,7 +15,7 @@ import uuid
 import msgspec
 
 from mlxcluster.bench.nats import bench_config
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bus import Bus
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
@@ -28,6 +28,7 @@ from mlxcluster.protocol import (
     Token,
     decode_frame,
 )
+from mlxcluster.tables import table
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",

@@ -26,8 +26,9 @@ import msgspec
 
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.tables import table
 
 STREAMS = 100
 WORKERS = ("fw1", "fw2", "fw3")

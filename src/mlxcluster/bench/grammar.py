@@ -14,8 +14,9 @@ import time
 import msgspec
 
 from mlxcluster.bench.engine import PROMPTS
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.protocol import ChatMessage, Done, InferenceRequest, ResponseFormat, SamplingParams, Token, ToolSpec
+from mlxcluster.tables import table
 from mlxcluster.worker.grammar import tool_calls_grammar
 
 LONG_SCHEMA = {

@@ -16,9 +16,9 @@ import msgspec
 from mlxcluster.bench.engine import cluster_blas_env
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stats import table
 from mlxcluster.bench.versus import WARM_UP_PROMPT, VersusRow, fresh_prompts, stream_round
 from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.tables import table
 
 GROUP_SIZE = 3
 

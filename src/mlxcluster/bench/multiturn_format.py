@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mlxcluster.bench.multiturn import OURS, THEIRS, MultiturnResult
-from mlxcluster.bench.stats import table
+from mlxcluster.tables import table
 
 
 def _verdict(ok: bool) -> str:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import msgspec
 
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, from_dict, load
 from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.tables import table
 
 
 class NatsBenchResult(msgspec.Struct):

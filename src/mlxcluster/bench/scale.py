@@ -24,10 +24,11 @@ import psutil
 from aiohttp import web
 
 from mlxcluster.bench.nats import bench_config, free_port
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.config import Config, from_dict
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ChatMessage, InferenceRequest, WorkerHeartbeat
+from mlxcluster.tables import table
 
 SIMULATOR = r"""
 import asyncio, sys, time

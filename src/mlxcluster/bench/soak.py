@@ -24,8 +24,9 @@ from mlxcluster.bench.cluster import chat_body, run_load
 from mlxcluster.bench.engine import cluster_blas_env
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stats import machine_line, percentile, table
+from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.tables import table
 
 WORKERS = 2
 MAX_CONCURRENT = 8

@@ -25,12 +25,3 @@ def machine_line() -> str:
         f"{platform.system()} {platform.machine()} ({cpu}), {psutil.cpu_count()} cores, "
         f"{memory_gb:.0f} GiB, {time.strftime('%Y-%m-%d')}"
     )
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain aligned text table."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=False))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
-    return "\n".join(lines)

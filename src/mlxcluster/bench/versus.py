@@ -22,8 +22,9 @@ import msgspec
 from mlxcluster.bench.engine import PROMPTS, cluster_blas_env
 from mlxcluster.bench.nats import bench_config, free_port
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stats import percentile, table
+from mlxcluster.bench.stats import percentile
 from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.tables import table
 
 
 class VersusRow(msgspec.Struct):

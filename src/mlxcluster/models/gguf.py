@@ -16,10 +16,10 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import mlx.core as mx
 
@@ -27,8 +27,13 @@ from .gguf_header import GGUFHeaderError, TensorInfo, read_header
 from .gguf_tokenizer import TokenizerImportError, special_token, write_tokenizer
 from .registry import write_model_metadata
 
-ProgressFn = Callable[[str, int, int], None]
-"""Progress callback: ``(stage, done, total)``; ``total`` is 0 when unknown."""
+
+class ProgressFn(Protocol):
+    """Progress callback: ``(stage, done, total)``; ``total`` is 0 when unknown, ``unit`` is ``"bytes"`` when
+    ``done`` and ``total`` count bytes (else they count items, tensors say)."""
+
+    def __call__(self, stage: str, done: int, total: int, unit: str = "") -> None: ...
+
 
 SUPPORTED_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 GROUP_SIZE = 32
@@ -206,6 +211,7 @@ def _convert_tensors(
                 parts = {"weight": mx.dequantize(parts["weight"], scales, biases, group_size=GROUP_SIZE, bits=bits)}
         if dequantize is not None:
             parts = {k: v.astype(_DEQUANTIZE_DTYPES[dequantize]) for k, v in parts.items()}
+        mx.eval(*parts.values())  # convert now, so that the progress counts the work (not saving later)
         for suffix, array in parts.items():
             weights[f"{module}.{suffix}"] = array
         if progress is not None:
@@ -286,6 +292,8 @@ def import_gguf(
             progress("writing weights", 0, 0)
         mx.save_safetensors(str(tmp_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if progress is not None:
+            progress("rebuilding the tokenizer", 0, 0)
         try:
             write_tokenizer(metadata, tmp_dir, model_max_length=config["max_position_embeddings"])
         except (TokenizerImportError, KeyError) as exc:

@@ -1,6 +1,6 @@
 """What every command module shares: the ``--config``/``--json`` options and loading the config.
 
-Kept apart from ``cli.py`` so the plugin and balancer command modules use the same options and the
+Kept apart from the main app (``cli/__init__.py``) so every command module uses the same options and the
 same one-line config errors without importing the main app.
 """
 
@@ -26,6 +26,7 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (default: from the config).")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -10,7 +10,7 @@ import json
 import typer
 from msgspec import Struct, to_builtins
 
-from mlxcluster.cli_common import ConfigOption, JsonOption, get_config
+from mlxcluster.cli.common import ConfigOption, JsonOption, get_config
 from mlxcluster.plugins import (
     ExporterEntry,
     PluginInfo,
@@ -19,6 +19,7 @@ from mlxcluster.plugins import (
     get_plugin_manager,
     list_plugins,
 )
+from mlxcluster.tables import table
 
 exporters_app = typer.Typer(
     name="exporters",
@@ -39,32 +40,29 @@ class ExporterRow(Struct, frozen=True, kw_only=True):
     enabled: bool
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
-    """Left-aligned columns; the last column is not padded."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join(
-        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]).rstrip()
-        for row in rows
-    )
+def source_of(plugin: str, package: str | None, version: str | None) -> str:
+    """``plugin (package version)``, or the plugin name alone when no package is known."""
+    return f"{plugin} ({package} {version})" if package else plugin
+
+
+def marked_table(rows: list[tuple[bool, str, str, str]]) -> str:
+    """NAME (``*`` marks the chosen ones), SOURCE, DESCRIPTION: what ``balancers list`` and ``exporters list``
+    show for ``(marked, name, source, description)`` rows."""
+    cells = [[("* " if marked else "  ") + name, source, description] for marked, name, source, description in rows]
+    return table(["  NAME", "SOURCE", "DESCRIPTION"], cells)
 
 
 def format_plugins(rows: list[PluginInfo]) -> str:
     """NAME, VERSION, STATUS, SOURCE, HOOKS; the reason of a failure on the line below its plugin."""
-    lines: list[tuple[str, ...]] = [("NAME", "VERSION", "STATUS", "SOURCE", "HOOKS")]
+    cells: list[list[str]] = []
     reasons: dict[int, str] = {}
     for row in rows:
         source = row.source + (f" ({row.package})" if row.package and row.source != "builtin" else "")
         hooks = ", ".join(hook.removeprefix("mlxcluster_") for hook in row.hooks) or "-"
-        lines.append((row.name, row.version or "-", row.status, source, hooks))
+        cells.append([row.name, row.version or "-", row.status, source, hooks])
         if row.error:
-            reasons[len(lines) - 1] = row.error
-    text = table(lines).splitlines()
-    out: list[str] = []
-    for index, line in enumerate(text):
-        out.append(line)
-        if index in reasons:
-            out.append(f"    ↳ {reasons[index]}")
-    return "\n".join(out)
+            reasons[len(cells) - 1] = row.error
+    return table(["NAME", "VERSION", "STATUS", "SOURCE", "HOOKS"], cells, notes=reasons)
 
 
 def plugins_command(config_path: ConfigOption = None, as_json: JsonOption = False) -> None:
@@ -117,8 +115,5 @@ def list_exporters(config_path: ConfigOption = None, as_json: JsonOption = False
     if as_json:
         typer.echo(json.dumps(to_builtins(rows), indent=2, ensure_ascii=False))
         return
-    lines: list[tuple[str, ...]] = [("  NAME", "SOURCE", "DESCRIPTION")]
-    for row in rows:
-        source = f"{row.plugin} ({row.package} {row.version})" if row.package else row.plugin
-        lines.append((("* " if row.enabled else "  ") + row.name, source, row.description))
-    typer.echo(table(lines))
+    entries_shown = [(r.enabled, r.name, source_of(r.plugin, r.package, r.version), r.description) for r in rows]
+    typer.echo(marked_table(entries_shown))

@@ -8,34 +8,20 @@ only, so these commands start fast.
 from __future__ import annotations
 
 import json
-import os
 import urllib.parse
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mlxcluster.cli_common import ConfigOption, JsonOption, fail, get_config
+from mlxcluster.cli.client import ask_controller
+from mlxcluster.cli.common import ConfigOption, JsonOption, UrlOption, fail
+from mlxcluster.tables import table
 
-UrlOption = Annotated[str | None, typer.Option("--url", help="Controller URL (default: from the config).")]
 WorkerId = Annotated[str, typer.Argument(help="The worker's id.")]
 
 workers_app = typer.Typer(
     name="workers", help="List and manage a running cluster's workers.", invoke_without_command=True
 )
-
-
-def ask_controller(
-    config_path: Path | None, url: str | None, path: str, *, method: str = "GET", body: Any = None
-) -> Any:
-    """One call to the controller named by ``--url`` or the config; exit 1 with the reason on failure."""
-    from mlxcluster.status_cli import StatusError, cli_api_key, controller_url, fetch
-
-    config = get_config(config_path)
-    try:
-        return fetch(controller_url(config, url), path, cli_api_key(config, os.environ), method=method, body=body)
-    except StatusError as exc:
-        fail(str(exc), 1)
 
 
 def _worker_path(worker_id: str, action: str) -> str:
@@ -67,8 +53,6 @@ def workers_list(
     """List a running cluster's workers (asks the controller); subcommands manage one."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlxcluster.status_cli import format_workers
-
     path = "/api/cluster/workers" + (f"?status={status_filter}" if status_filter else "")
     data = ask_controller(config_path, url, path)
     typer.echo(json.dumps(data, indent=2) if as_json else format_workers(data["workers"]))
@@ -132,8 +116,6 @@ def requests_command(
     limit: Annotated[int, typer.Option("--limit", help="Finished requests to show.")] = 20,
 ) -> None:
     """Requests in flight and the latest finished ones (asks the controller)."""
-    from mlxcluster.bench.stats import table
-
     data = ask_controller(config_path, url, f"/api/cluster/requests?limit={limit}")
     if as_json:
         typer.echo(json.dumps(data, indent=2))
@@ -158,8 +140,6 @@ def requests_command(
 
 def keys_command(config_path: ConfigOption = None, url: UrlOption = None, as_json: JsonOption = False) -> None:
     """API keys with their limits and usage (asks the controller; admin key)."""
-    from mlxcluster.bench.stats import table
-
     data = ask_controller(config_path, url, "/api/cluster/keys")
     if as_json:
         typer.echo(json.dumps(data, indent=2))
@@ -186,3 +166,46 @@ def keys_command(config_path: ConfigOption = None, url: UrlOption = None, as_jso
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def format_workers(workers: list[dict[str, Any]]) -> str:
+    if not workers:
+        return "no workers known"
+    rows = []
+    for w in workers:
+        seen = w.get("seen_ago_s")
+        rows.append(
+            [
+                w["id"],
+                w["status"],
+                ",".join(w["models"]) or "-",
+                f"{w['active']}/{w['max_concurrent']}",
+                str(w["queued"]),
+                f"{w['tokens_per_second']:.1f}",
+                f"{w['available_memory_gb']:.1f}",
+                "-" if seen is None else f"{seen:.1f}s",
+                w.get("breaker", "closed"),
+                w["engine"] or "-",
+            ]
+        )
+        group = w.get("group")
+        if group:  # a worker group: one line per member under its face
+            for member in group.get("members", []):
+                where = member.get("hostname") or member.get("address") or ""
+                rows.append(
+                    [
+                        f"  r{member['rank']} {member['member_id']}",
+                        f"{group['parallel']} {group['backend']}",
+                        where,
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
+    return table(
+        ["worker", "status", "models", "active", "queued", "tok/s", "free GB", "last seen", "breaker", "engine"], rows
+    )

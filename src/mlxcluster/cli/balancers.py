@@ -10,7 +10,8 @@ import json
 import typer
 from msgspec import Struct, to_builtins
 
-from mlxcluster.cli_common import ConfigOption, JsonOption, get_config
+from mlxcluster.cli.common import ConfigOption, JsonOption, get_config
+from mlxcluster.cli.plugins import marked_table, source_of
 from mlxcluster.plugins import BalancerEntry, PluginManager, collect_balancers, get_plugin_manager
 
 balancers_app = typer.Typer(
@@ -57,13 +58,8 @@ def balancer_rows(pm: PluginManager, entries: dict[str, BalancerEntry], selected
 
 
 def format_table(rows: list[BalancerRow]) -> str:
-    """A plain-text table: name (``*`` marks the configured strategy), source, description."""
-    lines = [("  NAME", "SOURCE", "DESCRIPTION")]
-    for row in rows:
-        source = f"{row.plugin} ({row.package} {row.version})" if row.package else row.plugin
-        lines.append((("* " if row.selected else "  ") + row.name, source, row.description))
-    widths = [max(len(line[i]) for line in lines) for i in range(2)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in lines)
+    """Name (``*`` marks the configured strategy), source, description."""
+    return marked_table([(r.selected, r.name, source_of(r.plugin, r.package, r.version), r.description) for r in rows])
 
 
 @balancers_app.command("list")

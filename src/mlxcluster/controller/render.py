@@ -21,19 +21,26 @@ from mlxcluster.protocol import Done, Token, ToolCall
 
 
 class StreamRenderer(Protocol):
-    """One API's shape of a stream; each method buffers its output until the loop flushes it."""
+    """One API's shape of a stream; each method buffers its output until the loop flushes it.
+
+    Renderers subclass it: a renderer that sends no tool calls apart (the WebSocket's) keeps the do-nothing
+    ``call_*`` methods.
+    """
 
     def token(self, frame: Token) -> None:
         """Every Token frame: its ``text``, ``reasoning`` and ``logprobs`` (its tool calls come apart)."""
 
     def call_start(self, call_id: str, name: str, index: int) -> None:
         """A call streamed in pieces begins; ``index`` counts the calls of the stream from 0."""
+        return None
 
     def call_arguments(self, arguments: str, index: int) -> None:
         """A piece of the arguments of the streamed call ``index`` (the one open)."""
+        return None
 
     def call(self, call: ToolCall, index: int, streamed: bool) -> None:
         """A complete call; ``streamed``: its head and arguments went before (only its end is left)."""
+        return None
 
     def done(self, frame: Done, called: bool) -> None:
         """The end: finish reason, usage, stop sequence; ``called``: the model called a tool."""

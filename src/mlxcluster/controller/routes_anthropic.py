@@ -21,7 +21,7 @@ from mlxcluster.controller.generation import Generated, collect, generation
 from mlxcluster.controller.middleware import stream_headers
 from mlxcluster.controller.openai_schema import parse_body
 from mlxcluster.controller.openai_tools import decode_tool_arguments
-from mlxcluster.controller.render import relay
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.sse import SseWriter
 from mlxcluster.protocol import Done, Token, ToolCall, Usage
@@ -89,7 +89,7 @@ def final_message(message_id: str, model: str, result: Generated) -> dict[str, A
     }
 
 
-class MessageStream:
+class MessageStream(StreamRenderer):
     """A stream's pieces as Anthropic stream events; one open block (thinking, text or tool_use) at a time."""
 
     def __init__(self, sse: SseWriter, message_id: str, model: str) -> None:

@@ -26,7 +26,7 @@ from mlxcluster.controller.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
-from mlxcluster.controller.render import relay
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.sse import SseWriter
 from mlxcluster.protocol import Done, InferenceRequest, Token, TokenLogprob, ToolCall, Usage
@@ -148,7 +148,7 @@ class Renderer:
         return {**self._base(False), "choices": [choice], "usage": usage_dict(result.usage)}
 
 
-class ChunkStream:
+class ChunkStream(StreamRenderer):
     """A stream's pieces as OpenAI chunks: text (with reasoning and logprobs), then on chat the tool calls,
     a streamed call's head and argument pieces as they come, a call sent whole in two pieces (head, arguments).
     Text completions have no tools: a chunk per Token frame."""

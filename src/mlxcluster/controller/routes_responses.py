@@ -20,7 +20,7 @@ from mlxcluster.controller.errors import ApiError
 from mlxcluster.controller.generation import Generated, collect, generation
 from mlxcluster.controller.middleware import stream_headers
 from mlxcluster.controller.openai_schema import parse_body
-from mlxcluster.controller.render import relay
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.responses_schema import ResponsesRequest, responses_to_inference
 from mlxcluster.controller.sse import SseWriter
@@ -130,7 +130,7 @@ def final_response(shell: ResponseShell, result: Generated) -> dict[str, Any]:
     return shell.build(status, output, result.usage)
 
 
-class ResponseStream:
+class ResponseStream(StreamRenderer):
     """A stream's pieces as the Responses event sequence; one open item (reasoning or message) at a time."""
 
     def __init__(self, sse: SseWriter, shell: ResponseShell) -> None:

@@ -39,9 +39,9 @@ from mlxcluster.controller.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
-from mlxcluster.controller.render import relay
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.routes_openai import chat_logprobs, tool_call_dict, usage_dict
-from mlxcluster.protocol import Done, InferenceRequest, Token, ToolCall
+from mlxcluster.protocol import Done, InferenceRequest, Token
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def error_message(client_id: str | None, exc: ApiError) -> dict[str, Any]:
     return {"type": "error", "id": client_id, **exc.body()}
 
 
-class SocketStream:
+class SocketStream(StreamRenderer):
     """One request's pieces as socket messages: a ``token`` message per Token frame (its complete tool
     calls in it; pieces of calls are not sent), then ``done`` or ``error``. One message per frame."""
 
@@ -106,15 +106,6 @@ class SocketStream:
         if frame.logprobs:
             message["logprobs"] = chat_logprobs(frame.logprobs)["content"]
         self.message = message
-
-    def call_start(self, call_id: str, name: str, index: int) -> None:
-        pass
-
-    def call_arguments(self, arguments: str, index: int) -> None:
-        pass
-
-    def call(self, call: ToolCall, index: int, streamed: bool) -> None:
-        pass  # sent whole in its Token's message
 
     def done(self, frame: Done, called: bool) -> None:
         self.message = {

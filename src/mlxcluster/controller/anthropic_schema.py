@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, field
 
 from mlxcluster.controller.errors import ApiError, bad_request
 from mlxcluster.controller.openai_schema import MAX_STOP_SEQUENCES, MaxTokens, TopP
-from mlxcluster.controller.openai_tools import check_schema
+from mlxcluster.controller.tool_schema import FunctionDef, NamedTool, check_schema, choose_tool
 from mlxcluster.protocol import ChatMessage, InferenceRequest, ResponseFormat, SamplingParams, ToolCall, ToolSpec
 
 
@@ -23,18 +23,13 @@ class AnthropicMessage(Struct, kw_only=True, forbid_unknown_fields=True):
     content: str | list[dict[str, Any]]
 
 
-class AnthropicTool(Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str
-    input_schema: dict[str, Any] | None = None
-    description: str | None = None
+class AnthropicTool(FunctionDef, kw_only=True):  # the function's fields flat, its schema named input_schema
+    parameters: dict[str, Any] | None = field(default=None, name="input_schema")
     type: str | None = None
     cache_control: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
-class AnthropicToolChoice(Struct, kw_only=True, forbid_unknown_fields=True):
-    type: str
-    name: str | None = None
+class AnthropicToolChoice(NamedTool, kw_only=True):
     disable_parallel_tool_use: bool | None = None
 
 
@@ -135,9 +130,7 @@ def _tools(body: MessagesRequest) -> list[ToolSpec] | None:
     for index, tool in enumerate(body.tools or []):
         if tool.type not in (None, "custom"):
             raise bad_request(f"Only custom (client) tools are supported, not '{tool.type}'", f"tools[{index}].type")
-        if tool.input_schema is not None:
-            check_schema(tool.input_schema, f"tools[{index}].input_schema")
-        specs.append(ToolSpec(name=tool.name, description=tool.description or "", parameters=tool.input_schema))
+        specs.append(tool.spec(f"tools[{index}].input_schema"))
     return specs or None
 
 
@@ -153,9 +146,7 @@ def _choice(body: MessagesRequest, tools: list[ToolSpec] | None) -> tuple[Any, s
             raise bad_request("tool_choice 'any' needs 'tools'", "tool_choice")
         return "required", None, parallel
     if choice.type == "tool":
-        if not any(t.name == choice.name for t in tools or []):
-            raise bad_request(f"tool_choice names '{choice.name}', which is not in 'tools'", "tool_choice.name")
-        return "function", choice.name, parallel
+        return (*choose_tool(choice.name, tools, "tool_choice.name"), parallel)
     raise bad_request(f"Unknown tool_choice type '{choice.type}'", "tool_choice.type")
 
 

@@ -1,6 +1,7 @@
-"""One generation as every API renders it: dispatch, the first frame, and the frames collected.
+"""One generation as every API answers it: dispatch, the first frame, and the frames collected.
 
-The OpenAI, Responses and Anthropic routes share this; each has its own renderer of the same frames.
+The OpenAI, Responses and Anthropic routes share this (the WebSocket shares the readiness check and
+the worker errors); a stream's frames then go through :func:`mlxcluster.controller.render.relay`.
 A stream's HTTP status is decided by its first frame: if no worker produced one, the client gets a
 proper 4xx/5xx error instead of a 200 stream that fails at once.
 """
@@ -29,6 +30,18 @@ def worker_error(frame: Error) -> ApiError:
     if frame.code == "invalid_request":
         return ApiError(400, frame.message, code="invalid_request")
     return ApiError(502, f"Worker error ({frame.code}): {frame.message}", type="server_error", code=frame.code)
+
+
+def check_ready(ctx: ControllerContext) -> None:
+    """The not-ready 503 while the controller starts or drains (``Retry-After`` where there are headers)."""
+    if not ctx.lifecycle.accepting:
+        raise ApiError(
+            503,
+            f"The controller is {ctx.lifecycle.state}; try again shortly",
+            type="server_error",
+            code="not_ready",
+            retry_after=1,
+        )
 
 
 def client_gone(request: web.Request) -> Callable[[], bool]:
@@ -66,14 +79,7 @@ async def generation(
 ) -> AsyncIterator[tuple[Token | Done, FrameIter]]:
     """Dispatch ``inference``; yields its first frame (raising the HTTP error if it failed) and the rest."""
     ctx: ControllerContext = request.app[CONTROLLER]
-    if not ctx.lifecycle.accepting:
-        raise ApiError(
-            503,
-            f"The controller is {ctx.lifecycle.state}; try again shortly",
-            type="server_error",
-            code="not_ready",
-            retry_after=1,
-        )
+    check_ready(ctx)
     async with contextlib.aclosing(ctx.dispatcher.stream(inference, disconnected=client_gone(request))) as frames:
         first = await anext(frames, None)
         if first is None:
@@ -100,21 +106,3 @@ async def collect(first: Token | Done, frames: FrameIter) -> Generated:
                 raise worker_error(frame)
         frame = await anext(frames, None)
     raise ApiError(502, "The worker ended the stream without a result", type="server_error")
-
-
-async def frames_after(first: Token | Done, frames: FrameIter) -> AsyncIterator[Token | Done | ApiError]:
-    """The stream's frames from the first, with failures as ApiError items (headers are sent: say it in-band)."""
-    frame: Token | Done | Error | None = first
-    while frame is not None:
-        if isinstance(frame, Error):
-            yield worker_error(frame)
-            return
-        yield frame
-        if isinstance(frame, Done):
-            return
-        try:
-            frame = await anext(frames, None)
-        except ApiError as exc:  # e.g. the request deadline passed mid-stream
-            yield exc
-            return
-    yield ApiError(502, "The stream ended without a result", type="server_error")

@@ -1,8 +1,8 @@
 """OpenAI ``tools``, ``tool_choice``, ``response_format`` and ``logprobs`` fields: Structs and validation.
 
-Schemas are checked where they arrive: each becomes an llguidance grammar (the engine the worker
-enforces it with), and one that cannot be built is a 400 naming the field and the problem. The
-worker checks again and answers ``invalid_request``.
+The function, the named choice and the JSON schema are the Structs every API shares
+(:mod:`mlxcluster.controller.tool_schema`); here is how OpenAI chat nests them. Schemas are checked
+where they arrive (a 400 naming the field); the worker checks again and answers ``invalid_request``.
 """
 
 from __future__ import annotations
@@ -13,15 +13,8 @@ import msgspec
 from msgspec import Struct
 
 from mlxcluster.controller.errors import ApiError, bad_request
+from mlxcluster.controller.tool_schema import FunctionDef, SchemaFormat, choose_tool, output_format
 from mlxcluster.protocol import ResponseFormat, ToolCall, ToolChoice, ToolSpec
-from mlxcluster.worker.grammar import GrammarError, json_schema_grammar, validate_grammar
-
-
-class FunctionDef(Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class OpenAITool(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -52,24 +45,13 @@ class ToolCallParam(Struct, kw_only=True, forbid_unknown_fields=True):
     function: CallFunction
 
 
-class JsonSchemaParam(Struct, kw_only=True, forbid_unknown_fields=True):
+class JsonSchemaParam(SchemaFormat, kw_only=True):
     name: str = "response"
-    description: str | None = None
-    schema: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class ResponseFormatParam(Struct, kw_only=True, forbid_unknown_fields=True):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaParam | None = None
-
-
-def check_schema(schema: dict[str, Any], param: str) -> None:
-    """A 400 naming ``param`` unless the worker can enforce ``schema``."""
-    try:
-        validate_grammar(json_schema_grammar(schema))
-    except GrammarError as exc:
-        raise bad_request(f"Invalid schema for '{param}': {exc}", param, code="invalid_schema") from None
 
 
 def convert_tools(tools: list[OpenAITool] | None, param: str) -> list[ToolSpec] | None:
@@ -87,16 +69,7 @@ def convert_tools(tools: list[OpenAITool] | None, param: str) -> list[ToolSpec] 
         if function.name in names:
             raise bad_request(f"Duplicate tool name '{function.name}'", f"{where}.function.name")
         names.add(function.name)
-        if function.parameters is not None:
-            check_schema(function.parameters, f"{where}.function.parameters")
-        specs.append(
-            ToolSpec(
-                name=function.name,
-                description=function.description or "",
-                parameters=function.parameters,
-                strict=bool(function.strict),
-            )
-        )
+        specs.append(function.spec(f"{where}.function.parameters"))
     return specs
 
 
@@ -109,29 +82,14 @@ def convert_tool_choice(
     if isinstance(choice, NamedToolChoice):
         if choice.type != "function" or choice.function is None:
             raise bad_request(f"Unsupported tool_choice type '{choice.type}'", f"{param}.type")
-        name = choice.function.name
-        if not any(tool.name == name for tool in tools or []):
-            raise bad_request(f"tool_choice names '{name}', which is not in 'tools'", f"{param}.function.name")
-        return "function", name
+        return choose_tool(choice.function.name, tools, f"{param}.function.name")
     if choice == "required" and not tools:
         raise bad_request("tool_choice 'required' needs 'tools'", param)
     return choice, None  # type: ignore[return-value]
 
 
 def convert_response_format(fmt: ResponseFormatParam | None, param: str) -> ResponseFormat | None:
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return ResponseFormat(type="json_object")
-    spec = fmt.json_schema
-    if spec is None or spec.schema is None:
-        raise bad_request(
-            "response_format json_schema needs 'json_schema.schema'",
-            f"{param}.json_schema.schema",
-            "missing_required_parameter",
-        )
-    check_schema(spec.schema, f"{param}.json_schema.schema")
-    return ResponseFormat(type="json_schema", schema=spec.schema, name=spec.name)
+    return None if fmt is None else output_format(fmt.type, fmt.json_schema, param, "json_schema.schema")
 
 
 def history_tool_calls(calls: list[ToolCallParam] | None, param: str) -> list[ToolCall] | None:
@@ -158,4 +116,4 @@ def decode_tool_arguments(text: str) -> Any:
         return text
 
 
-__all__ = ["ApiError"]
+__all__ = ["ApiError", "FunctionDef"]

@@ -14,29 +14,24 @@ from msgspec import Meta, Struct
 
 from mlxcluster.controller.errors import ApiError, bad_request
 from mlxcluster.controller.openai_schema import DEFAULT_MAX_TOKENS, MaxTokens, Temperature, TopP
-from mlxcluster.controller.openai_tools import check_schema
+from mlxcluster.controller.tool_schema import (
+    FunctionDef,
+    NamedTool,
+    SchemaFormat,
+    choose_tool,
+    not_in_tools,
+    output_format,
+)
 from mlxcluster.protocol import ChatMessage, InferenceRequest, ResponseFormat, SamplingParams, ToolCall, ToolSpec
 
 
-class FunctionTool(Struct, kw_only=True, forbid_unknown_fields=True):
+class FunctionTool(FunctionDef, kw_only=True):  # the function's fields flat, beside ``type``
     type: str
     name: str = ""
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
-class NamedTool(Struct, kw_only=True, forbid_unknown_fields=True):
-    type: str
-    name: str | None = None
-
-
-class TextFormat(Struct, kw_only=True, forbid_unknown_fields=True):
+class TextFormat(SchemaFormat, kw_only=True):  # the schema's fields flat, beside ``type``
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
-    description: str | None = None
-    schema: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class TextOptions(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -171,16 +166,7 @@ def _tools(body: ResponsesRequest) -> list[ToolSpec] | None:
     for index, tool in enumerate(body.tools or []):
         if tool.type != "function" or not tool.name:
             raise bad_request(f"Only function tools are supported (got '{tool.type}')", f"tools[{index}].type")
-        if tool.parameters is not None:
-            check_schema(tool.parameters, f"tools[{index}].parameters")
-        specs.append(
-            ToolSpec(
-                name=tool.name,
-                description=tool.description or "",
-                parameters=tool.parameters,
-                strict=bool(tool.strict),
-            )
-        )
+        specs.append(tool.spec(f"tools[{index}].parameters"))
     return specs or None
 
 
@@ -189,9 +175,9 @@ def _tool_choice(body: ResponsesRequest, tools: list[ToolSpec] | None) -> tuple[
     if choice is None:
         return "auto", None
     if isinstance(choice, NamedTool):
-        if choice.type != "function" or not any(t.name == choice.name for t in tools or []):
-            raise bad_request(f"tool_choice names '{choice.name}', which is not in 'tools'", "tool_choice")
-        return "function", choice.name
+        if choice.type != "function":
+            raise not_in_tools(choice.name, "tool_choice")
+        return choose_tool(choice.name, tools, "tool_choice")
     if choice == "required" and not tools:
         raise bad_request("tool_choice 'required' needs 'tools'", "tool_choice")
     return choice, None
@@ -199,14 +185,7 @@ def _tool_choice(body: ResponsesRequest, tools: list[ToolSpec] | None) -> tuple[
 
 def _format(body: ResponsesRequest) -> ResponseFormat | None:
     fmt = body.text.format if body.text else None
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return ResponseFormat(type="json_object")
-    if fmt.schema is None:
-        raise bad_request("text.format json_schema needs 'schema'", "text.format.schema", "missing_required_parameter")
-    check_schema(fmt.schema, "text.format.schema")
-    return ResponseFormat(type="json_schema", schema=fmt.schema, name=fmt.name or "")
+    return None if fmt is None else output_format(fmt.type, fmt, "text.format", "schema")
 
 
 def responses_to_inference(body: ResponsesRequest, request_id: str, deadline: float) -> InferenceRequest:

@@ -17,10 +17,11 @@ from aiohttp import web
 from mlxcluster.controller.anthropic_schema import MessagesRequest, messages_to_inference
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
-from mlxcluster.controller.generation import Generated, collect, frames_after, generation
+from mlxcluster.controller.generation import Generated, collect, generation
 from mlxcluster.controller.middleware import stream_headers
 from mlxcluster.controller.openai_schema import parse_body
 from mlxcluster.controller.openai_tools import decode_tool_arguments
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.sse import SseWriter
 from mlxcluster.protocol import Done, Token, ToolCall, Usage
@@ -88,23 +89,20 @@ def final_message(message_id: str, model: str, result: Generated) -> dict[str, A
     }
 
 
-class MessageStream:
-    """Frames as Anthropic stream events; one open block (thinking or text) at a time."""
+class MessageStream(StreamRenderer):
+    """A stream's pieces as Anthropic stream events; one open block (thinking, text or tool_use) at a time."""
 
     def __init__(self, sse: SseWriter, message_id: str, model: str) -> None:
-        self.sse = sse
+        self.put_event = sse.put_event
         self.message_id = message_id
         self.model = model
         self.index = 0
         self.open_kind: str | None = None
-        self.tool_calls = 0
-        self.open_call: str | None = None
-        """The id of the tool call being streamed in the open block."""
 
-    async def send(self, name: str, **data: Any) -> None:
-        await self.sse.event(name, {"type": name, **data})
+    def send(self, name: str, **data: Any) -> None:
+        self.put_event(name, {"type": name, **data})
 
-    async def start(self, prompt_tokens: int = 0) -> None:
+    def start(self, prompt_tokens: int = 0) -> None:
         message: dict[str, Any] = {
             "id": self.message_id,
             "type": "message",
@@ -115,70 +113,67 @@ class MessageStream:
             "stop_sequence": None,
             "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
         }
-        await self.send("message_start", message=message)
+        self.send("message_start", message=message)
 
-    async def _open(self, kind: str) -> None:
+    def _open(self, kind: str) -> None:
         if self.open_kind == kind:
             return
-        await self._close()
+        self._close()
         block = (
             {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
         )
-        await self.send("content_block_start", index=self.index, content_block=block)
+        self.send("content_block_start", index=self.index, content_block=block)
         self.open_kind = kind
 
-    async def _close(self) -> None:
+    def _close(self) -> None:
         if self.open_kind is None:
             return
         if self.open_kind == "thinking":
-            await self.send("content_block_delta", index=self.index, delta={"type": "signature_delta", "signature": ""})
-        await self.send("content_block_stop", index=self.index)
+            self.send("content_block_delta", index=self.index, delta={"type": "signature_delta", "signature": ""})
+        self.send("content_block_stop", index=self.index)
         self.index += 1
         self.open_kind = None
 
-    async def token(self, frame: Token) -> None:
+    def token(self, frame: Token) -> None:
         if frame.reasoning:
-            await self._open("thinking")
-            await self.send(
+            self._open("thinking")
+            self.send(
                 "content_block_delta", index=self.index, delta={"type": "thinking_delta", "thinking": frame.reasoning}
             )
         if frame.text:
-            await self._open("text")
-            await self.send("content_block_delta", index=self.index, delta={"type": "text_delta", "text": frame.text})
-        for piece in frame.tool_call_deltas or []:
-            if piece.name:
-                await self._close()
-                block = {**tool_use_block(ToolCall(id=piece.id, name=piece.name)), "input": {}}
-                await self.send("content_block_start", index=self.index, content_block=block)
-                self.open_kind, self.open_call = "tool_use", piece.id
-            if piece.arguments and self.open_call == piece.id:
-                delta = {"type": "input_json_delta", "partial_json": piece.arguments}
-                await self.send("content_block_delta", index=self.index, delta=delta)
-        for call in frame.tool_calls or []:
-            if call.id == self.open_call:  # streamed in pieces: only its block's end is left
-                await self._close()
-                self.tool_calls += 1
-                continue
-            await self._close()
-            block = {**tool_use_block(call), "input": {}}
-            await self.send("content_block_start", index=self.index, content_block=block)
-            await self.send(
-                "content_block_delta",
-                index=self.index,
-                delta={"type": "input_json_delta", "partial_json": call.arguments},
-            )
-            await self.send("content_block_stop", index=self.index)
-            self.index += 1
-            self.tool_calls += 1
+            self._open("text")
+            self.send("content_block_delta", index=self.index, delta={"type": "text_delta", "text": frame.text})
 
-    async def done(self, frame: Done) -> None:
+    def call_start(self, call_id: str, name: str, index: int) -> None:
+        self._close()
+        block = {**tool_use_block(ToolCall(id=call_id, name=name)), "input": {}}
+        self.send("content_block_start", index=self.index, content_block=block)
+        self.open_kind = "tool_use"
+
+    def call_arguments(self, arguments: str, index: int) -> None:
+        delta = {"type": "input_json_delta", "partial_json": arguments}
+        self.send("content_block_delta", index=self.index, delta=delta)
+
+    def call(self, call: ToolCall, index: int, streamed: bool) -> None:
+        self._close()  # a streamed call's block: only its end is left
+        if streamed:
+            return
+        self.send("content_block_start", index=self.index, content_block={**tool_use_block(call), "input": {}})
+        self.call_arguments(call.arguments, index)
+        self.send("content_block_stop", index=self.index)
+        self.index += 1
+
+    def done(self, frame: Done, called: bool) -> None:
         if self.index == 0 and self.open_kind is None:
-            await self._open("text")
-        await self._close()
-        reason = stop_reason(frame.finish_reason, self.tool_calls > 0, frame.stop_sequence)
+            self._open("text")
+        self._close()
+        reason = stop_reason(frame.finish_reason, called, frame.stop_sequence)
         delta = {"stop_reason": reason, "stop_sequence": frame.stop_sequence}
-        await self.send("message_delta", delta=delta, usage=usage_object(frame.usage))
-        await self.send("message_stop")
+        self.send("message_delta", delta=delta, usage=usage_object(frame.usage))
+        self.send("message_stop")
+
+    def error(self, exc: ApiError) -> None:
+        self.put_event("error", error_body(exc))
 
 
 @routes.post("/v1/messages")
@@ -201,14 +196,7 @@ async def _create_message(request: web.Request) -> web.StreamResponse:
             return json_response(final_message(message_id, body.model, await collect(first, frames)))
         sse = await SseWriter.open(request, stream_headers(request))
         stream = MessageStream(sse, message_id, body.model)
-        await stream.start()
-        async for frame in frames_after(first, frames):
-            match frame:
-                case Token():
-                    await stream.token(frame)
-                case Done():
-                    await stream.done(frame)
-                case ApiError():
-                    await sse.event("error", error_body(frame))
+        stream.start()
+        await relay(frames, stream, sse.flush, first)
         await sse.end()
         return sse.response

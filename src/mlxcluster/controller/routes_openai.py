@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
-from mlxcluster.controller.errors import ApiError
-from mlxcluster.controller.generation import Generated, collect, frames_after, generation, worker_error  # noqa: F401
+from mlxcluster.controller.errors import ApiError, model_not_found
+from mlxcluster.controller.generation import Generated, collect, generation
 from mlxcluster.controller.middleware import API_KEY, stream_headers
 from mlxcluster.controller.openai_schema import (
     ChatCompletionRequest,
@@ -26,6 +26,7 @@ from mlxcluster.controller.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.sse import SseWriter
 from mlxcluster.protocol import Done, InferenceRequest, Token, TokenLogprob, ToolCall, Usage
@@ -78,23 +79,20 @@ def tool_call_dict(call: ToolCall) -> dict[str, Any]:
 
 @dataclass
 class Renderer:
-    """Builds the response objects of one endpoint (chat or text)."""
+    """Builds the response objects of one endpoint (chat or text): the JSON answer, or a stream's chunks."""
 
     chat: bool
     completion_id: str
     model: str
     created: int
     logprobs: bool = False
-    tool_calls_sent: int = 0
     text_offset: int = 0
-    streamed_calls: dict[str, int] = field(default_factory=dict)
-    """Calls sent in pieces (ToolCallDelta): their id and index."""
 
     def _base(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.completion_id, "object": kind, "created": self.created, "model": self.model}
 
-    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprob_body(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         if self.chat:
@@ -103,64 +101,39 @@ class Renderer:
         self.text_offset += sum(len(e.token) for e in entries or [])
         return body
 
-    def token_chunks(self, token: Token) -> list[dict[str, Any]]:
-        """The chunks of one Token frame: text/reasoning (with logprobs), then tool calls: a streamed call's
-        head (index, id, name) and argument pieces as they come, a call sent whole in two pieces."""
-        if not self.chat:
-            choice = {"index": 0, "text": token.text, "logprobs": self._logprobs(token.logprobs), "finish_reason": None}
-            return [{**self._base(True), "choices": [choice]}]
-        chunks = []
-        delta: dict[str, Any] = {}
-        if token.text:
-            delta["content"] = token.text
-        if token.reasoning:
-            delta["reasoning_content"] = token.reasoning
-        if delta or token.logprobs:
-            chunks.append(self._delta(delta, self._logprobs(token.logprobs)))
-        for piece in token.tool_call_deltas or []:
-            if piece.name:
-                index = self.streamed_calls[piece.id] = self.tool_calls_sent
-                self.tool_calls_sent += 1
-                function = {"name": piece.name, "arguments": ""}
-                head = {"index": index, "id": piece.id, "type": "function", "function": function}
-                chunks.append(self._delta({"tool_calls": [head]}, None))
-            if piece.arguments and piece.id in self.streamed_calls:
-                part = {"index": self.streamed_calls[piece.id], "function": {"arguments": piece.arguments}}
-                chunks.append(self._delta({"tool_calls": [part]}, None))
-        for call in token.tool_calls or []:
-            if call.id in self.streamed_calls:
-                continue  # already sent in pieces
-            index = self.tool_calls_sent
-            self.tool_calls_sent += 1
-            head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-            chunks.append(self._delta({"tool_calls": [head]}, None))
-            chunks.append(
-                self._delta({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}, None)
-            )
-        return chunks
+    def text_chunk(self, token: Token) -> dict[str, Any]:
+        choice = {"index": 0, "text": token.text, "logprobs": self.logprob_body(token.logprobs), "finish_reason": None}
+        return {**self._base(True), "choices": [choice]}
 
-    def _delta(self, delta: dict[str, Any], logprobs: Any, finish: str | None = None) -> dict[str, Any]:
+    def delta(self, delta: dict[str, Any], logprobs: Any, finish: str | None = None) -> dict[str, Any]:
         return {
             **self._base(True),
             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
-    def finish_chunk(self, reason: str) -> dict[str, Any]:
-        finish = openai_finish_reason(reason, self.tool_calls_sent > 0)
+    def call_head(self, call_id: str, name: str, index: int) -> dict[str, Any]:
+        head = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        return self.delta({"tool_calls": [head]}, None)
+
+    def call_arguments(self, arguments: str, index: int) -> dict[str, Any]:
+        return self.delta({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}, None)
+
+    def finish_chunk(self, reason: str, called: bool) -> dict[str, Any]:
+        finish = openai_finish_reason(reason, called)
         if not self.chat:
             choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
             return {**self._base(True), "choices": [choice]}
-        return self._delta({}, None, finish)
+        return self.delta({}, None, finish)
 
     def role_chunk(self) -> dict[str, Any]:
-        return self._delta({"role": "assistant", "content": ""}, None)
+        return self.delta({"role": "assistant", "content": ""}, None)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return {**self._base(True), "choices": [], "usage": usage_dict(usage)}
 
     def final(self, result: Generated) -> dict[str, Any]:
         finish = openai_finish_reason(result.finish_reason, bool(result.tool_calls))
-        logprobs = self._logprobs(result.logprobs)
+        logprobs = self.logprob_body(result.logprobs)
         if not self.chat:
             choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": finish}
         else:
@@ -175,6 +148,52 @@ class Renderer:
         return {**self._base(False), "choices": [choice], "usage": usage_dict(result.usage)}
 
 
+class ChunkStream(StreamRenderer):
+    """A stream's pieces as OpenAI chunks: text (with reasoning and logprobs), then on chat the tool calls,
+    a streamed call's head and argument pieces as they come, a call sent whole in two pieces (head, arguments).
+    Text completions have no tools: a chunk per Token frame."""
+
+    def __init__(self, renderer: Renderer, sse: SseWriter, include_usage: bool) -> None:
+        self.renderer = renderer
+        self.chat = renderer.chat
+        self.put = sse.put
+        self.include_usage = include_usage
+
+    def token(self, frame: Token) -> None:
+        renderer = self.renderer
+        if not self.chat:
+            self.put(renderer.text_chunk(frame))
+            return
+        delta: dict[str, Any] = {}
+        if frame.text:
+            delta["content"] = frame.text
+        if frame.reasoning:
+            delta["reasoning_content"] = frame.reasoning
+        if delta or frame.logprobs:
+            self.put(renderer.delta(delta, renderer.logprob_body(frame.logprobs)))
+
+    def call_start(self, call_id: str, name: str, index: int) -> None:
+        if self.chat:
+            self.put(self.renderer.call_head(call_id, name, index))
+
+    def call_arguments(self, arguments: str, index: int) -> None:
+        if self.chat:
+            self.put(self.renderer.call_arguments(arguments, index))
+
+    def call(self, call: ToolCall, index: int, streamed: bool) -> None:
+        if self.chat and not streamed:
+            self.put(self.renderer.call_head(call.id, call.name, index))
+            self.put(self.renderer.call_arguments(call.arguments, index))
+
+    def done(self, frame: Done, called: bool) -> None:
+        self.put(self.renderer.finish_chunk(frame.finish_reason, called and self.chat))
+        if self.include_usage:
+            self.put(self.renderer.usage_chunk(frame.usage))
+
+    def error(self, exc: ApiError) -> None:
+        self.put(exc.body())
+
+
 async def complete(
     request: web.Request, inference: InferenceRequest, renderer: Renderer, *, usage_in_stream: bool
 ) -> web.StreamResponse:
@@ -184,18 +203,8 @@ async def complete(
             return json_response(renderer.final(await collect(first, frames)))
         sse = await SseWriter.open(request, stream_headers(request))
         if renderer.chat:
-            await sse.send(renderer.role_chunk())
-        async for frame in frames_after(first, frames):
-            match frame:
-                case Token():
-                    for chunk in renderer.token_chunks(frame):
-                        await sse.send(chunk)
-                case Done():
-                    await sse.send(renderer.finish_chunk(frame.finish_reason))
-                    if usage_in_stream:
-                        await sse.send(renderer.usage_chunk(frame.usage))
-                case ApiError():
-                    await sse.send(frame.body())
+            sse.put(renderer.role_chunk())
+        await relay(frames, ChunkStream(renderer, sse, usage_in_stream), sse.flush, first)
         await sse.done()
         return sse.response
 
@@ -249,5 +258,5 @@ async def get_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     key = request.get(API_KEY)
     if model not in ctx.registry.models() or (key is not None and not key.allows_model(model)):
-        raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+        raise model_not_found(model)
     return json_response({"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"})

@@ -17,9 +17,10 @@ from aiohttp import web
 
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
-from mlxcluster.controller.generation import Generated, collect, frames_after, generation
+from mlxcluster.controller.generation import Generated, collect, generation
 from mlxcluster.controller.middleware import stream_headers
 from mlxcluster.controller.openai_schema import parse_body
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.responses import json_response
 from mlxcluster.controller.responses_schema import ResponsesRequest, responses_to_inference
 from mlxcluster.controller.sse import SseWriter
@@ -129,55 +130,55 @@ def final_response(shell: ResponseShell, result: Generated) -> dict[str, Any]:
     return shell.build(status, output, result.usage)
 
 
-class ResponseStream:
-    """Turns frames into the Responses event sequence; one open item (reasoning or message) at a time."""
+class ResponseStream(StreamRenderer):
+    """A stream's pieces as the Responses event sequence; one open item (reasoning or message) at a time."""
 
     def __init__(self, sse: SseWriter, shell: ResponseShell) -> None:
-        self.sse = sse
+        self.put_event = sse.put_event
         self.shell = shell
         self.seq = 0
         self.output: list[dict[str, Any]] = []
         self.open_kind: str | None = None
         self.open_id = ""
         self.open_text = ""
-        self.open_call: tuple[str, int, str] | None = None
-        """The tool call being streamed in pieces: its id, output index and item id."""
+        self.open_call: tuple[int, str] = (0, "")
+        """The tool call being streamed in pieces: its output index and item id."""
 
-    async def send(self, event: str, /, **data: Any) -> None:
+    def send(self, event: str, /, **data: Any) -> None:
         """One event of the stream; ``data`` may hold a ``name`` field (function calls have one)."""
-        await self.sse.event(event, {"type": event, "sequence_number": self.seq, **data})
+        self.put_event(event, {"type": event, "sequence_number": self.seq, **data})
         self.seq += 1
 
-    async def start(self) -> None:
+    def start(self) -> None:
         response = self.shell.build("in_progress", [], None)
-        await self.send("response.created", response=response)
-        await self.send("response.in_progress", response=response)
+        self.send("response.created", response=response)
+        self.send("response.in_progress", response=response)
 
-    async def _open(self, kind: str) -> None:
+    def _open(self, kind: str) -> None:
         if self.open_kind == kind:
             return
-        await self._close()
+        self._close()
         self.open_kind, self.open_id, self.open_text = kind, _id("msg" if kind == "message" else "rs"), ""
         index = len(self.output)
         if kind == "message":
-            await self.send(
+            self.send(
                 "response.output_item.added", output_index=index, item=message_item(self.open_id, "", "in_progress")
             )
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            await self.send(
+            self.send(
                 "response.content_part.added", item_id=self.open_id, output_index=index, content_index=0, part=part
             )
         else:
-            await self.send(
+            self.send(
                 "response.output_item.added", output_index=index, item=reasoning_item(self.open_id, "", "in_progress")
             )
 
-    async def _close(self) -> None:
+    def _close(self) -> None:
         if self.open_kind is None:
             return
         index, text, item_id = len(self.output), self.open_text, self.open_id
         if self.open_kind == "message":
-            await self.send(
+            self.send(
                 "response.output_text.done",
                 item_id=item_id,
                 output_index=index,
@@ -186,24 +187,20 @@ class ResponseStream:
                 logprobs=[],
             )
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            await self.send(
-                "response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part
-            )
+            self.send("response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part)
             item = message_item(item_id, text)
         else:
-            await self.send(
-                "response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text
-            )
+            self.send("response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text)
             item = reasoning_item(item_id, text)
-        await self.send("response.output_item.done", output_index=index, item=item)
+        self.send("response.output_item.done", output_index=index, item=item)
         self.output.append(item)
         self.open_kind = None
 
-    async def token(self, frame: Token) -> None:
+    def token(self, frame: Token) -> None:
         if frame.reasoning:
-            await self._open("reasoning")
+            self._open("reasoning")
             self.open_text += frame.reasoning
-            await self.send(
+            self.send(
                 "response.reasoning_text.delta",
                 item_id=self.open_id,
                 output_index=len(self.output),
@@ -211,9 +208,9 @@ class ResponseStream:
                 delta=frame.reasoning,
             )
         if frame.text:
-            await self._open("message")
+            self._open("message")
             self.open_text += frame.text
-            await self.send(
+            self.send(
                 "response.output_text.delta",
                 item_id=self.open_id,
                 output_index=len(self.output),
@@ -221,55 +218,52 @@ class ResponseStream:
                 delta=frame.text,
                 logprobs=[],
             )
-        for piece in frame.tool_call_deltas or []:
-            if piece.name:
-                await self._close()
-                self.open_call = (piece.id, len(self.output), _id("fc"))
-                item = function_call_item(self.open_call[2], ToolCall(id=piece.id, name=piece.name), "in_progress")
-                await self.send("response.output_item.added", output_index=self.open_call[1], item=item)
-            if piece.arguments and self.open_call is not None and self.open_call[0] == piece.id:
-                _, index, item_id = self.open_call
-                await self.send(
-                    "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=piece.arguments
-                )
-        for call in frame.tool_calls or []:
-            if self.open_call is not None and self.open_call[0] == call.id:  # streamed: only its end is left
-                _, index, item_id = self.open_call
-                self.open_call = None
-                await self._end_call(index, item_id, call)
-                continue
-            await self._close()
-            index, item_id = len(self.output), _id("fc")
-            await self.send(
-                "response.output_item.added", output_index=index, item=function_call_item(item_id, call, "in_progress")
-            )
-            await self.send(
-                "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=call.arguments
-            )
-            await self._end_call(index, item_id, call)
 
-    async def _end_call(self, index: int, item_id: str, call: ToolCall) -> None:
-        await self.send(
+    def call_start(self, call_id: str, name: str, index: int) -> None:
+        self._close()
+        self.open_call = (len(self.output), _id("fc"))
+        item = function_call_item(self.open_call[1], ToolCall(id=call_id, name=name), "in_progress")
+        self.send("response.output_item.added", output_index=self.open_call[0], item=item)
+
+    def call_arguments(self, arguments: str, index: int) -> None:
+        output_index, item_id = self.open_call
+        self.send("response.function_call_arguments.delta", item_id=item_id, output_index=output_index, delta=arguments)
+
+    def call(self, call: ToolCall, index: int, streamed: bool) -> None:
+        if streamed:  # only its end is left
+            output_index, item_id = self.open_call
+        else:
+            self._close()
+            output_index, item_id = len(self.output), _id("fc")
+            item = function_call_item(item_id, call, "in_progress")
+            self.send("response.output_item.added", output_index=output_index, item=item)
+            self.send(
+                "response.function_call_arguments.delta",
+                item_id=item_id,
+                output_index=output_index,
+                delta=call.arguments,
+            )
+        self.send(
             "response.function_call_arguments.done",
             item_id=item_id,
-            output_index=index,
+            output_index=output_index,
             name=call.name,
             arguments=call.arguments,
         )
         item = function_call_item(item_id, call)
-        await self.send("response.output_item.done", output_index=index, item=item)
+        self.send("response.output_item.done", output_index=output_index, item=item)
         self.output.append(item)
 
-    async def done(self, frame: Done) -> None:
+    def done(self, frame: Done, called: bool) -> None:
         if not self.output and self.open_kind is None:
-            await self._open("message")  # an empty answer is still one (empty) message
-        await self._close()
+            self._open("message")  # an empty answer is still one (empty) message
+        self._close()
         status = "incomplete" if frame.finish_reason == "length" else "completed"
-        await self.send(f"response.{status}", response=self.shell.build(status, self.output, frame.usage))
+        self.send(f"response.{status}", response=self.shell.build(status, self.output, frame.usage))
 
-    async def error(self, exc: ApiError) -> None:
-        await self.send("error", code=exc.code, message=exc.message, param=exc.param)
-        await self.send(
+    def error(self, exc: ApiError) -> None:
+        self.send("error", code=exc.code, message=exc.message, param=exc.param)
+        self.send(
             "response.failed",
             response={
                 **self.shell.build("failed", self.output, None),
@@ -290,14 +284,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return json_response(final_response(shell, await collect(first, frames)))
         sse = await SseWriter.open(request, stream_headers(request))
         stream = ResponseStream(sse, shell)
-        await stream.start()
-        async for frame in frames_after(first, frames):
-            match frame:
-                case Token():
-                    await stream.token(frame)
-                case Done():
-                    await stream.done(frame)
-                case ApiError():
-                    await stream.error(frame)
+        stream.start()
+        await relay(frames, stream, sse.flush, first)
         await sse.end()
         return sse.response

@@ -28,7 +28,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError, bad_request
-from mlxcluster.controller.generation import worker_error
+from mlxcluster.controller.generation import check_ready
 from mlxcluster.controller.keys import CURRENT_KEY, ApiKey
 from mlxcluster.controller.middleware import API_KEY, API_KEY_PENDING, model_not_allowed
 from mlxcluster.controller.openai_schema import (
@@ -39,8 +39,9 @@ from mlxcluster.controller.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
+from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.routes_openai import chat_logprobs, tool_call_dict, usage_dict
-from mlxcluster.protocol import Done, Error, InferenceRequest, Token
+from mlxcluster.protocol import Done, InferenceRequest, Token
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,46 @@ async def _close_sockets(app: web.Application) -> None:
 
 def error_message(client_id: str | None, exc: ApiError) -> dict[str, Any]:
     return {"type": "error", "id": client_id, **exc.body()}
+
+
+class SocketStream(StreamRenderer):
+    """One request's pieces as socket messages: a ``token`` message per Token frame (its complete tool
+    calls in it; pieces of calls are not sent), then ``done`` or ``error``. One message per frame."""
+
+    def __init__(self, ws: web.WebSocketResponse, client_id: str, completion_id: str) -> None:
+        self.ws = ws
+        self.client_id = client_id
+        self.completion_id = completion_id
+        self.message: dict[str, Any] | None = None
+
+    def token(self, frame: Token) -> None:
+        message: dict[str, Any] = {"type": "token", "id": self.client_id, "text": frame.text}
+        if frame.reasoning:
+            message["reasoning"] = frame.reasoning
+        if frame.tool_calls:
+            message["tool_calls"] = [tool_call_dict(call) for call in frame.tool_calls]
+        if frame.logprobs:
+            message["logprobs"] = chat_logprobs(frame.logprobs)["content"]
+        self.message = message
+
+    def done(self, frame: Done, called: bool) -> None:
+        self.message = {
+            "type": "done",
+            "id": self.client_id,
+            "finish_reason": openai_finish_reason(frame.finish_reason, called),
+            "usage": usage_dict(frame.usage),
+            "completion_id": self.completion_id,
+        }
+
+    def error(self, exc: ApiError) -> None:
+        self.message = error_message(self.client_id, exc)
+
+    async def flush(self) -> None:
+        """Send the frame's message; a socket already closing swallows it (as :meth:`Session.send`)."""
+        message, self.message = self.message, None
+        if message is not None and not self.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_str(_encoder.encode(message).decode())
 
 
 class Session:
@@ -157,13 +198,7 @@ class Session:
             raise ApiError(
                 429, f"At most {MAX_REQUESTS_PER_SOCKET} requests may run on one socket", code="too_many_requests"
             )
-        if not self.ctx.lifecycle.accepting:
-            raise ApiError(
-                503,
-                f"The controller is {self.ctx.lifecycle.state}; try again shortly",
-                type="server_error",
-                code="not_ready",
-            )
+        check_ready(self.ctx)
         inference = self._inference(envelope.type, raw.encode())
         key = self.key
         if key is not None:  # the same model list and rate limits as over HTTP
@@ -211,38 +246,8 @@ class Session:
         try:
             stream = self.ctx.dispatcher.stream(inference, disconnected=lambda: self.ws.closed)
             async with contextlib.aclosing(stream) as frames:
-                called = False
-                async for frame in frames:
-                    match frame:
-                        case Token(text=text):
-                            message: dict[str, Any] = {"type": "token", "id": client_id, "text": text}
-                            if frame.reasoning:
-                                message["reasoning"] = frame.reasoning
-                            if frame.tool_calls:
-                                message["tool_calls"] = [tool_call_dict(call) for call in frame.tool_calls]
-                                called = True
-                            if frame.logprobs:
-                                message["logprobs"] = chat_logprobs(frame.logprobs)["content"]
-                            await self.send(message)
-                        case Done():
-                            await self.send(
-                                {
-                                    "type": "done",
-                                    "id": client_id,
-                                    "finish_reason": openai_finish_reason(frame.finish_reason, called),
-                                    "usage": usage_dict(frame.usage),
-                                    "completion_id": inference.request_id,
-                                }
-                            )
-                            return
-                        case Error():
-                            await self.send(error_message(client_id, worker_error(frame)))
-                            return
-            await self.send(
-                error_message(client_id, ApiError(502, "The stream ended without a result", type="server_error"))
-            )
-        except ApiError as exc:
-            await self.send(error_message(client_id, exc))
+                messages = SocketStream(self.ws, client_id, inference.request_id)
+                await relay(frames, messages, messages.flush)
         except asyncio.CancelledError:
             await self.send({"type": "done", "id": client_id, "finish_reason": "cancelled", "usage": None})
             raise

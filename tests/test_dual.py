@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-from conftest import free_port
+from loopback import free_port
 
 READY_TIMEOUT_S = 60.0  # CI has two slow cores and starts three Python processes
 MODEL_READY_TIMEOUT_S = 180.0

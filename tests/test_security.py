@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +23,8 @@ import openai
 import psutil
 import pytest
 from cluster_harness import Cluster, RunningController, with_sections
-from conftest import free_port
+from fault_harness import controller_mode_process
+from loopback import free_port
 from test_dual import READY_TIMEOUT_S, Dual
 from typer.testing import CliRunner
 
@@ -44,7 +43,7 @@ WEBSOCKET = "/v1/ws"
 
 
 @pytest.fixture
-async def keyed(cluster_config: Config, bus: Bus) -> AsyncIterator[RunningController]:
+async def keyed(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[RunningController]:
     """Keys on, CORS for any origin, the Prometheus exporter's /metrics, one echo worker online."""
     config = with_sections(
         cluster_config,
@@ -200,12 +199,6 @@ def test_default_binds_are_loopback() -> None:
     assert template.controller.bind == "127.0.0.1" and template.nats.embedded.host == "127.0.0.1"
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXCLUSTER_")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def non_loopback_ipv4() -> list[str]:
     found = []
     for addresses in psutil.net_if_addrs().values():
@@ -244,32 +237,8 @@ def wait_http(port: int, path: str, timeout: float, proc: subprocess.Popen[bytes
 @pytest.fixture
 def controller_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
     """``run --mode controller`` with the default config, only the ports moved to free ones."""
-    ports = {"http": free_port(), "nats": free_port(), "monitor": free_port()}
-    env = clean_env(
-        MLXCLUSTER_CONTROLLER_PORT=str(ports["http"]),
-        MLXCLUSTER_NATS_EMBEDDED_PORT=str(ports["nats"]),
-        MLXCLUSTER_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
-        MLXCLUSTER_NATS_EMBEDDED_HTTP_PORT=str(ports["monitor"]),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxcluster", "run", "--mode", "controller"],
-        cwd=tmp_path,  # no cluster.toml here: the defaults
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc, ports
-    finally:
-        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        psutil.wait_procs(children, timeout=5)
+    with controller_mode_process(tmp_path, monitor=True) as running:  # no cluster.toml in tmp_path: the defaults
+        yield running
 
 
 @pytest.mark.timeout(120)

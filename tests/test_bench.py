@@ -9,6 +9,7 @@ echo workers through the benchmark's own code and takes well under 30 s on two b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ from mlxcluster.bench import nats as nats_bench
 from mlxcluster.bench import scale as scale_bench
 from mlxcluster.bench import soak as soak_bench
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.report import run_section, section_key, soak_sections
+from mlxcluster.bench.report import refresh_sections, run_section, section_key, soak_sections
 from mlxcluster.bench.stats import percentile, table
 from mlxcluster.bench.wrk import parse_wrk_output, wrk_available
 from mlxcluster.embedded import EmbeddedNatsServer
@@ -194,3 +195,16 @@ def test_soak_sections_and_their_keys() -> None:
     sections = soak_sections(2)
     assert [section_key(args) for _, args, _ in sections] == ["soak", "soak-cache-full"]
     assert all(args[args.index("--minutes") + 1] == "2" for _, args, _ in sections)
+
+
+def test_refreshing_one_section_keeps_the_others(tmp_path: Path) -> None:
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\n## Message bus\n\nold figures\n\n## Engine\n\nkept as it was\n")
+    progress: list[str] = []
+    refresh_sections(report, ["nats"], quick=False, soak_minutes=0, progress=progress.append)
+    assert progress == ["bench nats...", f"wrote {report}"]
+    text = report.read_text()
+    bus = text.split("## Message bus\n", 1)[1].split("## Engine\n", 1)[0]
+    assert "old figures" not in bus and "bench nats — " in bus
+    assert "Refreshed alone by a run (`mlxcluster bench report --only nats`)" in bus and "load average" in bus
+    assert text.endswith("## Engine\n\nkept as it was\n")

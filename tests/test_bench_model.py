@@ -113,3 +113,30 @@ def test_peak_rss_is_at_least_the_current_rss() -> None:
     import psutil
 
     assert peak_rss_mb(os.getpid()) >= round(psutil.Process().memory_info().rss / 1024**2, 1) - 1
+
+
+async def test_multiturn_stall_part_measures_each_prefill_step(tiny_model: Path) -> None:
+    from mlxcluster.bench.multiturn import run_multiturn
+    from mlxcluster.bench.multiturn_format import format_multiturn
+
+    result = await run_multiturn(str(tiny_model), parts="c", quick=True)
+    assert result.quick and result.model == "tiny"
+    assert (result.single, result.balancers, result.concurrent, result.cache_bound) == ([], [], [], None)
+    assert [row.prefill_step_size for row in result.stall] == [64, 256, 1024]
+    for row in result.stall:
+        assert row.long_prompt_tokens >= result.settings.system_tokens  # the long system prompt, as asked
+        assert 0 < row.baseline_gap_p50_ms <= row.baseline_gap_max_ms
+        assert row.long_prompt_ttft_ms > 0 and row.gaps_during_prefill >= 0
+    text = format_multiturn(result)
+    assert "c) a running stream's inter-token gaps" in text and "a) one conversation" not in text
+
+
+async def test_cache_bound_holds_under_distinct_prompts(tiny_model: Path) -> None:
+    from mlxcluster.bench.cache_bound import run_cache_bound
+
+    limit = 1 << 20  # a few of the tiny model's 400-token prompts
+    result = await run_cache_bound(str(tiny_model), requests=6, prompt_tokens=400, limit_bytes=limit)
+    assert (result.requests, result.prompt_tokens_each, result.limit_bytes) == (6, 400, limit)
+    assert result.heartbeats > 0 and result.entries >= 1
+    assert 0 < result.max_bytes_seen <= limit and result.within_bound
+    assert result.evictions >= 1  # six distinct prompts do not fit: older ones were evicted

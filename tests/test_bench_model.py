@@ -18,7 +18,7 @@ from tiny_model import build_tiny_model
 from mlxcluster.bench import engine as engine_bench
 from mlxcluster.bench import grammar as grammar_bench
 from mlxcluster.bench import versus
-from mlxcluster.bench.group import peak_rss_mb, sharded_weights_mb
+from mlxcluster.bench.group import GROUP_SIZE, format_table, peak_rss_mb, run_group_bench, sharded_weights_mb
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -140,3 +140,16 @@ async def test_cache_bound_holds_under_distinct_prompts(tiny_model: Path) -> Non
     assert result.heartbeats > 0 and result.entries >= 1
     assert 0 < result.max_bytes_seen <= limit and result.within_bound
     assert result.evictions >= 1  # six distinct prompts do not fit: older ones were evicted
+
+
+async def test_bench_group_runs_one_worker_then_a_group(tmp_path: Path) -> None:
+    """A tiny llama with heads divisible by the group's size: one worker, then a tensor-parallel group of 3."""
+    model = build_tiny_model(tmp_path / "tiny-6h", hidden=96, heads=6, kv_heads=3)
+    result = await run_group_bench(str(model), streams=(1,), max_tokens=4)
+    assert (result.model, result.group_size) == ("tiny-6h", GROUP_SIZE)
+    assert [(row.server, row.streams) for row in result.rows] == [("1 worker", 1), (f"group of {GROUP_SIZE}", 1)]
+    assert all(row.tokens > 0 and row.tokens_per_s > 0 for row in result.rows)
+    assert [m.process for m in result.memory] == ["solo", *(f"bench-g-r{rank}" for rank in range(GROUP_SIZE))]
+    assert all(m.peak_rss_mb > 0 for m in result.memory)
+    assert 0 < result.sharded_mb < result.weights_mb
+    assert "group of 3" in format_table(result)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import openai
 import psutil
 import pytest
 from cluster_harness import Cluster, RunningController, with_sections
+from dual_harness import READY_TIMEOUT_S, Dual, dual_runs
 from fault_harness import controller_mode_process
 from loopback import free_port
-from test_dual import READY_TIMEOUT_S, Dual
 from typer.testing import CliRunner
 
 from mlxcluster.bus import Bus, BusError
@@ -279,23 +279,19 @@ async def nats_accepts(url: str, **credentials: str) -> None:
 
 
 @pytest.fixture
-def dual_runs(tmp_path: Path) -> Iterator[list[Dual]]:
-    """Dual-mode supervisors started by a test, each killed with its children at the end."""
-    started: list[Dual] = []
-    yield started
-    for dual in started:
-        dual.cleanup()
+def start_dual(tmp_path: Path) -> Iterator[Callable[..., Dual]]:
+    with dual_runs(tmp_path) as start:
+        yield start
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("auth", list(NATS_AUTH))
 def test_dual_mode_with_nats_auth_serves_refuses_strangers_and_prints_no_secret(
-    dual_runs: list[Dual], tmp_path: Path, auth: str
+    start_dual: Callable[..., Dual], auth: str
 ) -> None:
     secrets_env = {**NATS_AUTH[auth], "MLXCLUSTER_CONTROLLER_API_KEYS": API_KEY}
     verbose = {"MLXCLUSTER_LOGGING_LEVEL": "debug", "MLXCLUSTER_NATS_EMBEDDED_LOG_LEVEL": "debug"}
-    dual = Dual(tmp_path, "--engine", "echo", env={**secrets_env, **verbose})
-    dual_runs.append(dual)
+    dual = start_dual("--engine", "echo", env={**secrets_env, **verbose})
     dual.wait_for(dual.ready, READY_TIMEOUT_S, "/ready")
     nats_url = psutil.Process(dual.proc.pid).environ()["MLXCLUSTER_NATS_URL"]
     client = openai.OpenAI(base_url=f"{dual.url}/v1", api_key=API_KEY, max_retries=0, timeout=30)

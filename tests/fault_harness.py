@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import aiohttp
 import openai
 import psutil
 from cluster_harness import wait_until
-from conftest import free_port
+from loopback import free_port
 
 from mlxcluster.embedded import die_with_parent, nats_server_binary
 
@@ -46,6 +46,47 @@ def base_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def controller_mode_process(
+    cwd: Path, *, monitor: bool = False, **extra_env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
+    """``run --mode controller`` in ``cwd`` with the default config, only its ports moved to free ones.
+
+    Yields the process and its ports (``http``, ``nats`` and, with ``monitor``, the NATS ``monitor`` port;
+    without it the monitoring port is off). On exit it is stopped with SIGTERM (killed after 20 s) and
+    the children it started (the embedded nats-server) are waited for.
+    """
+    ports = {"http": free_port(), "nats": free_port()}
+    if monitor:
+        ports["monitor"] = free_port()
+    env = base_env(
+        MLXCLUSTER_CONTROLLER_PORT=str(ports["http"]),
+        MLXCLUSTER_NATS_EMBEDDED_PORT=str(ports["nats"]),
+        MLXCLUSTER_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
+        MLXCLUSTER_NATS_EMBEDDED_HTTP_PORT=str(ports.get("monitor", 0)),
+        **extra_env,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxcluster", "run", "--mode", "controller"],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc, ports
+    finally:
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        psutil.wait_procs(children, timeout=5)
 
 
 class Proc:

@@ -18,8 +18,8 @@ import openai
 import pytest
 from cluster_harness import Cluster, RunningController, with_sections
 
-from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.worker.engine import MlxEngine
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]  # slow on shared, loaded CPUs
@@ -53,7 +53,9 @@ def engine() -> Iterator[MlxEngine]:
 
 
 @pytest.fixture
-async def controller(cluster_config: Config, bus: Bus, engine: MlxEngine) -> AsyncIterator[RunningController]:
+async def controller(
+    cluster_config: Config, nats_server: EmbeddedNatsServer, engine: MlxEngine
+) -> AsyncIterator[RunningController]:
     slow_cpu = with_sections(  # shared, loaded cores: the model's thread may delay heartbeats past 1 s
         cluster_config,
         controller={"first_token_timeout_s": 300.0},

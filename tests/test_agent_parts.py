@@ -15,8 +15,8 @@ import pytest
 from cluster_harness import Cluster, RunningController, single_worker_cluster, wait_until, with_sections
 from mlx_lm.tool_parsers import json_tools
 
-from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import InferenceRequest, ResponseFormat, Token, ToolSpec
 from mlxcluster.worker.grammar import GrammarCompiler, GrammarError, GrammarLogitsProcessor, request_grammar
 from mlxcluster.worker.output import OutputShaper, merge_tokens
@@ -165,7 +165,7 @@ def test_a_forced_tool_call_is_compact_json(compiler: GrammarCompiler, arguments
 
 
 @pytest.fixture
-async def controller(cluster_config: Config, bus: Bus) -> AsyncIterator[RunningController]:
+async def controller(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[RunningController]:
     async with single_worker_cluster(cluster_config) as cluster:
         yield cluster.controller
 
@@ -232,7 +232,7 @@ async def test_anthropic_errors_are_in_anthropic_shape(controller: RunningContro
     )
 
 
-async def test_x_api_key_is_accepted_like_bearer(cluster_config: Config, bus: Bus) -> None:
+async def test_x_api_key_is_accepted_like_bearer(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
     config = with_sections(cluster_config, controller={"api_keys": ["sekret"]})
     async with Cluster(config) as cluster:
         await cluster.start_worker("w1")

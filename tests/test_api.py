@@ -22,19 +22,20 @@ from cluster_harness import (
     with_sections,
     words,
 )
-from conftest import free_port
+from loopback import free_port
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.node import serve_controller
 from mlxcluster.controller.openai_schema import MAX_TOKENS_LIMIT
+from mlxcluster.embedded import EmbeddedNatsServer
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hello brave new world"}]
 
 
 @pytest.fixture
-async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def cluster(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     """A controller and one echo worker ``w1``, online."""
     async with single_worker_cluster(cluster_config) as running:
         yield running
@@ -288,7 +289,7 @@ async def test_unknown_path_and_method_are_errors_in_shape(controller: RunningCo
 # --- auth, CORS, request ids, limits ----------------------------------------------------------
 
 
-async def test_api_keys(cluster_config: Config, bus: Bus) -> None:
+async def test_api_keys(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
     config = with_sections(cluster_config, controller={"api_keys": ["k-one", "k-two"]})
     async with Cluster(config) as cluster:
         await cluster.start_worker("w1")
@@ -322,7 +323,7 @@ async def test_api_keys(cluster_config: Config, bus: Bus) -> None:
         assert completion.choices[0].message.content == "hello brave new world"
 
 
-async def test_cors(cluster_config: Config, bus: Bus) -> None:
+async def test_cors(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
     allowed = "https://app.example"
     config = with_sections(cluster_config, controller={"cors": [allowed]})
     async with Cluster(config) as cluster:
@@ -355,7 +356,7 @@ async def test_cors(cluster_config: Config, bus: Bus) -> None:
             assert "Access-Control-Allow-Origin" not in resp.headers
 
 
-async def test_cors_preflight_is_answered_before_auth(cluster_config: Config, bus: Bus) -> None:
+async def test_cors_preflight_is_answered_before_auth(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
     config = with_sections(cluster_config, controller={"cors": ["*"], "api_keys": ["k"]})
     async with Cluster(config) as cluster:
         controller = await cluster.start_controller()
@@ -391,7 +392,7 @@ async def test_request_id_is_echoed(controller: RunningController) -> None:
     assert headers["x-request-id"] != "x" * 200  # an absurd id is replaced, not echoed
 
 
-async def test_body_over_max_body_bytes_is_413(cluster_config: Config, bus: Bus) -> None:
+async def test_body_over_max_body_bytes_is_413(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
     config = with_sections(cluster_config, controller={"max_body_bytes": 2048})
     async with Cluster(config) as cluster:
         await cluster.start_worker("w1")
@@ -409,7 +410,7 @@ async def test_body_over_max_body_bytes_is_413(cluster_config: Config, bus: Bus)
 # --- health, readiness, cluster API -----------------------------------------------------------
 
 
-async def test_health_and_ready(cluster_config: Config, bus: Bus) -> None:
+async def test_health_and_ready(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
     async with Cluster(cluster_config) as cluster:
         controller = await cluster.start_controller()
         status, data, _ = await get(controller, "/health")
@@ -507,7 +508,7 @@ async def test_draining_controller_refuses_new_requests(controller: RunningContr
     assert (await get(controller, "/health"))[0] == 200
 
 
-async def test_draining_lets_streams_in_flight_finish(cluster_config: Config, bus: Bus) -> None:
+async def test_draining_lets_streams_in_flight_finish(cluster_config: Config, nats_server: EmbeddedNatsServer) -> None:
     async with Cluster(cluster_config) as cluster:
         await cluster.start_worker("w-slow", token_delay_ms=20)
         controller = await cluster.start_controller()
@@ -530,7 +531,9 @@ async def test_draining_lets_streams_in_flight_finish(cluster_config: Config, bu
 # --- load -------------------------------------------------------------------------------------
 
 
-async def test_fifty_concurrent_requests_over_three_workers(cluster_config: Config, bus: Bus) -> None:
+async def test_fifty_concurrent_requests_over_three_workers(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     async with Cluster(cluster_config) as cluster:
         for worker_id in ("wa", "wb", "wc"):
             await cluster.start_worker(worker_id, token_delay_ms=2)
@@ -565,7 +568,9 @@ async def test_fifty_concurrent_requests_over_three_workers(cluster_config: Conf
 # --- the controller role's lifetime -----------------------------------------------------------
 
 
-async def test_serve_controller_drains_in_flight_streams_on_stop(cluster_config: Config, bus: Bus) -> None:
+async def test_serve_controller_drains_in_flight_streams_on_stop(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     port = free_port()
     config = with_sections(cluster_config, controller={"port": port, "drain_timeout_s": 10})
     async with Cluster(config) as cluster:
@@ -585,6 +590,10 @@ async def test_serve_controller_drains_in_flight_streams_on_stop(cluster_config:
                     except aiohttp.ClientConnectionError:
                         return False
 
+                async def not_ready() -> bool:
+                    async with session.get(f"{url}/ready") as resp:
+                        return resp.status == 503
+
                 await wait_until(ready)
                 stream = await client.chat.completions.create(
                     model="echo", messages=[{"role": "user", "content": words(30)}], stream=True
@@ -595,7 +604,7 @@ async def test_serve_controller_drains_in_flight_streams_on_stop(cluster_config:
                         pieces.append(chunk.choices[0].delta.content)
                         if len(pieces) == 1:
                             stop.set()  # as on SIGTERM
-                            await asyncio.sleep(0.05)
+                            await wait_until(not_ready, what="the controller draining")
                             async with session.post(
                                 f"{url}/v1/chat/completions", json={"model": "echo", "messages": USER}
                             ) as resp:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from cluster_harness import Cluster, RunningController, sse_events
-from conftest import make_config
+from loopback import make_config
 
 from mlxcluster.embedded import EmbeddedNatsServer
 

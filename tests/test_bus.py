@@ -8,7 +8,7 @@ from collections import Counter
 
 import nats.errors
 import pytest
-from conftest import free_port, make_config
+from loopback import free_port, make_config
 from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus, BusError, connect_options

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import psutil
 import pytest
-from conftest import free_port
+from loopback import free_port
 from typer.testing import CliRunner
 
 from mlxcluster import __version__

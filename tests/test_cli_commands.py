@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import pytest
 from cluster_harness import Cluster, wait_until
-from conftest import free_port
+from loopback import free_port
 from typer.testing import CliRunner, Result
 
 from mlxcluster.cli import app

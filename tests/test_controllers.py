@@ -13,6 +13,7 @@ from cluster_harness import Cluster, RunningController, start_controller, wait_u
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ControllerHeartbeat
 
 
@@ -27,7 +28,9 @@ async def known_controllers(controller: RunningController) -> dict[str, str]:
     return {c["id"]: c["status"] for c in (await status(controller))["controllers"]}
 
 
-async def test_two_controllers_know_each_other_and_share_the_workers(cluster_config: Config, bus: Bus) -> None:
+async def test_two_controllers_know_each_other_and_share_the_workers(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     config = with_sections(cluster_config, worker={"max_concurrent": 2, "max_queue": 0})
     async with Cluster(config) as cluster:
         for worker_id in ("w1", "w2"):

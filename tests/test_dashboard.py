@@ -17,16 +17,16 @@ import pytest
 from cdp import Browser, find_chromium
 from cluster_harness import Cluster, RunningController, wait_until, with_sections, words
 
-from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.dashboard import load_page
+from mlxcluster.embedded import EmbeddedNatsServer
 
 KEY = "sk-dashboard-test"
 BEARER = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
-async def keyed(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def keyed(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     """A controller requiring ``KEY`` and two echo workers (40 ms a token, so streaming shows)."""
     config = with_sections(cluster_config, controller={"api_keys": [KEY]})
     async with Cluster(config) as cluster:
@@ -159,7 +159,7 @@ async def test_dashboard_in_a_real_browser(keyed: Cluster, chromium: str, tmp_pa
 
 
 async def test_dashboard_shows_prompt_cache_figures(
-    cluster_config: Config, bus: Bus, chromium: str, tmp_path: Path
+    cluster_config: Config, nats_server: EmbeddedNatsServer, chromium: str, tmp_path: Path
 ) -> None:
     from mlxcluster.worker.echo import EchoEngine
 

@@ -9,7 +9,7 @@ import socket
 import msgspec
 import psutil
 import pytest
-from conftest import free_port, make_config
+from loopback import free_port, make_config
 
 from mlxcluster.bus import Bus, BusError
 from mlxcluster.config import Config, NatsSection

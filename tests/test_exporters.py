@@ -16,7 +16,7 @@ import openai
 import pytest
 from aiohttp import web
 from cluster_harness import Cluster, RunningController, sse_events, wait_until, with_sections
-from conftest import free_port
+from loopback import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlxcluster.api import (
@@ -32,6 +32,7 @@ from mlxcluster.bus import Bus
 from mlxcluster.config import Config, MetricsSection, PluginsSection
 from mlxcluster.controller.app import create_app
 from mlxcluster.controller.metrics_feed import METRICS, ExporterError, ExporterRunner, MetricsFeed, build_metrics_feed
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.plugins import PluginManager, get_plugin_manager
 
 USER = [{"role": "user", "content": "one two three four five"}]
@@ -130,7 +131,7 @@ def metrics_config(config: Config, *exporters: str, **settings: dict[str, Any]) 
 
 
 @pytest.fixture
-async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def cluster(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     """Two echo workers (``w1``, ``w2``) started; each test starts its own controller."""
     async with Cluster(cluster_config) as running:
         await running.start_worker("w1")

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from fault_harness import Controller, Processes, base_env
+from loopback import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

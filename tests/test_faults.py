@@ -15,7 +15,6 @@ from pathlib import Path
 import openai
 import pytest
 from cluster_harness import Cluster, FakeHandler, FakeWorker, RunningController, wait_until, with_sections
-from conftest import free_port
 from fault_harness import (
     OFFLINE_TIMEOUT_MS,
     Controller,
@@ -30,11 +29,12 @@ from fault_harness import (
     stream_many,
     tally,
 )
+from loopback import free_port
 from nats.aio.msg import Msg
 
-from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
 from mlxcluster.controller import dispatch
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import PROBE_HEADER, Accepted, Done, InferenceRequest, Token
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(150)]
@@ -401,7 +401,9 @@ async def frames_before_done_lost(fake: FakeWorker, _request: InferenceRequest, 
 
 
 @pytest.mark.parametrize("handler", [middle_frame_lost, frames_before_done_lost])
-async def test_lost_frames_end_the_stream_with_an_error(cluster_config: Config, bus: Bus, handler: FakeHandler) -> None:
+async def test_lost_frames_end_the_stream_with_an_error(
+    cluster_config: Config, nats_server: EmbeddedNatsServer, handler: FakeHandler
+) -> None:
     async with Cluster(cluster_config) as cluster:
         await cluster.start_fake("w-lossy", handler)
         controller = await cluster.start_controller()
@@ -424,7 +426,7 @@ async def all_tokens_lost(fake: FakeWorker, _request: InferenceRequest, msg: Msg
 
 @pytest.mark.parametrize("handler", [token_lost_first, all_tokens_lost])
 async def test_lost_first_frames_are_retried_on_another_worker(
-    cluster_config: Config, bus: Bus, handler: FakeHandler
+    cluster_config: Config, nats_server: EmbeddedNatsServer, handler: FakeHandler
 ) -> None:
     async with Cluster(preferring(cluster_config, "w-lossy")) as cluster:
         lossy = await cluster.start_fake("w-lossy", handler)
@@ -453,7 +455,11 @@ async def slow_but_alive(fake: FakeWorker, _request: InferenceRequest, msg: Msg)
 
 @pytest.mark.parametrize(("handler", "expected"), [(tail_lost, ("hello", "worker_lost")), (slow_but_alive, None)])
 async def test_a_silent_stream_ends_when_the_worker_no_longer_probes_it(
-    cluster_config: Config, bus: Bus, monkeypatch: pytest.MonkeyPatch, handler: FakeHandler, expected: object
+    cluster_config: Config,
+    nats_server: EmbeddedNatsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    handler: FakeHandler,
+    expected: object,
 ) -> None:
     """Mid-stream silence with the worker still online: the stream is lost once neither frames nor the
     worker's liveness probes come for ``controller.stall_timeout_s``; a worker that still probes is waited

@@ -33,8 +33,8 @@ import pytest
 import requests
 import schemathesis
 from cluster_harness import Cluster
-from conftest import make_config
 from hypothesis import HealthCheck, Phase, given, settings
+from loopback import make_config
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_config
+from loopback import make_config
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import ConfigError, GroupSection, load

@@ -20,8 +20,8 @@ from typing import Any
 import openai
 import pytest
 from cluster_harness import wait_until
-from conftest import free_port
 from fault_harness import NatsNode, Processes
+from loopback import free_port
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import from_dict

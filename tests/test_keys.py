@@ -20,13 +20,13 @@ from typing import Any
 import openai
 import pytest
 from cluster_harness import Cluster, RunningController, wait_until, with_sections
-from conftest import free_port
+from loopback import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlxcluster.bus import Bus
 from mlxcluster.config import Config, ConfigError, from_dict, to_dict
 from mlxcluster.controller.keys import KeyRing
 from mlxcluster.controller.ratelimit import format_reset
+from mlxcluster.embedded import EmbeddedNatsServer
 
 ADMIN = "sk-admin-3f9a1c77"
 USER = "sk-user-58d2e0aa"
@@ -55,7 +55,9 @@ def key_entries() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def keyed(cluster_config: Config, bus: Bus, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RunningController]:
+async def keyed(
+    cluster_config: Config, nats_server: EmbeddedNatsServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RunningController]:
     monkeypatch.setenv("OPS_TEST_KEY", ENV_KEY)
     config = with_sections(
         cluster_config,
@@ -231,7 +233,9 @@ async def test_key_values_never_in_logs_or_config_show(
     assert repr(keyed.ctx.ops.keys.keys()).count("digest") == 0
 
 
-async def test_plain_api_keys_keep_working_as_admin_keys(cluster_config: Config, bus: Bus) -> None:
+async def test_plain_api_keys_keep_working_as_admin_keys(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     config = with_sections(cluster_config, controller={"api_keys": ["k-plain"]})
     async with Cluster(config) as cluster:
         await cluster.start_worker("w1")

@@ -27,6 +27,7 @@ from mlxcluster.api import MetricsEvent, RequestFinished, RequestMigrated
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
 from mlxcluster.controller import dispatch
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import Accepted, Done, Error, InferenceRequest, SamplingParams, Token
 from mlxcluster.worker.echo import continued_words, echo_words
 
@@ -174,7 +175,9 @@ async def test_a_lost_stream_continues_on_another_worker_with_no_seam(
             await wait_until(lambda: flaky.cancels, what="a cancel to the lost worker")
 
 
-async def test_a_stalled_stream_moves_after_the_stall_timeout(cluster_config: Config, bus: Bus) -> None:
+async def test_a_stalled_stream_moves_after_the_stall_timeout(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     """Online, heartbeating, but silent mid-stream (no frames, no liveness probes): moved after the stall timeout."""
     config = migrating(cluster_config, "w-frozen", stall_timeout_s=0.8)
     async with Cluster(config) as cluster:
@@ -190,7 +193,9 @@ async def test_a_stalled_stream_moves_after_the_stall_timeout(cluster_config: Co
         assert controller.ctx.registry.get("w-frozen").status == "online"  # type: ignore[union-attr]
 
 
-async def test_non_stream_chat_and_text_completions_are_continued(cluster_config: Config, bus: Bus) -> None:
+async def test_non_stream_chat_and_text_completions_are_continued(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     async with Cluster(migrating(cluster_config, "w-flaky")) as cluster:
         await cluster.start_fake("w-flaky", words_then(1, "skip"))
         await cluster.start_worker("w-real")
@@ -210,7 +215,9 @@ async def test_non_stream_chat_and_text_completions_are_continued(cluster_config
         assert controller.ctx.dispatcher.stats.migrations == 3
 
 
-async def test_max_tokens_is_the_budget_of_the_whole_stream(cluster_config: Config, bus: Bus) -> None:
+async def test_max_tokens_is_the_budget_of_the_whole_stream(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     async with Cluster(migrating(cluster_config, "w-flaky")) as cluster:
         await cluster.start_fake("w-flaky", words_then(2, "vanish"))
         await cluster.start_worker("w-real")
@@ -224,7 +231,9 @@ async def test_max_tokens_is_the_budget_of_the_whole_stream(cluster_config: Conf
 
 
 @pytest.mark.parametrize(("limit", "expected"), [(1, "hello brave"), (2, ANSWER)])
-async def test_at_most_migration_limit_moves(cluster_config: Config, bus: Bus, limit: int, expected: str) -> None:
+async def test_at_most_migration_limit_moves(
+    cluster_config: Config, nats_server: EmbeddedNatsServer, limit: int, expected: str
+) -> None:
     """Two workers lose the stream one after the other: with a limit of 1 the second loss ends it with an error."""
     async with Cluster(migrating(cluster_config, "w-f1", "w-f2", migration_limit=limit)) as cluster:
         await cluster.start_fake("w-f1", words_then(1, "vanish"))
@@ -244,7 +253,9 @@ async def test_at_most_migration_limit_moves(cluster_config: Config, bus: Bus, l
             assert finish_reasons(payloads) == ["stop"] and stats.migrations == 2
 
 
-async def test_with_no_worker_left_the_stream_ends_with_the_loss(cluster_config: Config, bus: Bus) -> None:
+async def test_with_no_worker_left_the_stream_ends_with_the_loss(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     async with Cluster(migrating(cluster_config, "w-flaky")) as cluster:
         await cluster.start_fake("w-flaky", words_then(1, "vanish"))
         controller = await cluster.start_controller()

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from cluster_harness import Cluster, RunningController, demo_model_or_skip, wait_until, with_sections, words
 
-from mlxcluster.bus import Bus
 from mlxcluster.config import Config, LoggingSection
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.logsetup import JsonFormatter
@@ -26,7 +25,7 @@ ADMIN, ALICE, BOB = "sk-admin-aa11", "sk-alice-bb22", "sk-bob-cc33"
 
 
 @pytest.fixture
-async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def cluster(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     keys = [
         {"name": "ops", "key": ADMIN, "admin": True},
         {"name": "alice", "key": ALICE},
@@ -191,7 +190,9 @@ async def test_controller_is_degraded_while_nats_is_down(
 
 
 @pytest.mark.model
-async def test_the_real_model_end_to_end_with_a_limited_key(cluster_config: Config, bus: Bus) -> None:
+async def test_the_real_model_end_to_end_with_a_limited_key(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
     """The demo model behind a key with a TPM limit: usage from the model's own token counts reaches the
     request monitor (with the engine's queue time), the key's usage and the rate-limit headers."""
     from mlxcluster.worker.engine import MlxEngine

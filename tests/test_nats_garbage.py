@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
     Accepted,
     Announce,
@@ -160,7 +161,7 @@ WRONG_TYPED: dict[str, tuple[Any, list[bytes]]] = {
 
 
 @pytest.fixture
-async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def cluster(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     async with single_worker_cluster(cluster_config) as running:
         yield running
 
@@ -289,7 +290,9 @@ async def test_stray_frames_on_the_response_inbox_are_ignored(cluster: Cluster, 
     assert await controller_invalid_total(controller) == 0
 
 
-async def test_garbage_inside_an_open_stream_is_counted_and_skipped(cluster: Cluster, bus: Bus) -> None:
+async def test_garbage_inside_an_open_stream_is_counted_and_skipped(
+    cluster: Cluster, nats_server: EmbeddedNatsServer
+) -> None:
     """A worker (here a fake one) that mixes garbage into its frames: the stream still completes."""
     controller, real = parts(cluster)
     await real.stop()  # only the fake serves "echo" now

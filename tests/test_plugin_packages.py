@@ -18,9 +18,9 @@ import pytest
 from cluster_harness import Cluster, with_sections
 from typer.testing import CliRunner
 
-from mlxcluster.bus import Bus
 from mlxcluster.cli import app as cli_app
 from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
 
 ROOT = Path(__file__).resolve().parents[1]
 POWER_OF_TWO = ROOT / "plugins" / "mlxcluster-balancer-power-of-two"
@@ -120,7 +120,7 @@ def test_plugin_commands_import_no_heavy_modules(command: list[str]) -> None:
 
 
 @pytest.fixture
-async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def cluster(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     async with Cluster(cluster_config) as running:
         yield running
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from cluster_harness import wait_until
 
 from mlxcluster.config import Config, from_dict
 from mlxcluster.controller.registry import WorkerEvent, WorkerRegistry
@@ -237,7 +238,6 @@ async def test_run_sweeper_marks_offline_and_stops() -> None:
     registry.on_registration(registration("w1"))
     stop = asyncio.Event()
     task = asyncio.create_task(registry.run_sweeper(stop))
-    await asyncio.sleep(0.15)
-    assert registry.get("w1").status == "offline"
+    await wait_until(lambda: registry.get("w1").status == "offline", what="the sweeper to mark w1 offline")
     stop.set()
     await asyncio.wait_for(task, 1)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
 import stat
 import subprocess
 import sys
@@ -31,7 +29,7 @@ import nats
 import psutil
 import pytest
 from cluster_harness import Cluster, wait_until
-from conftest import free_port
+from fault_harness import base_env, controller_mode_process
 from typer.testing import CliRunner
 
 from mlxcluster.bus import Bus, BusError, backoff_delay
@@ -44,17 +42,11 @@ from mlxcluster.secure import check_exposure, is_loopback
 READY_S = 60.0
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXCLUSTER_")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mlxcluster", "run", *args],
         cwd=tmp_path,
-        env=clean_env(**env),
+        env=base_env(**env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -234,33 +226,11 @@ async def test_roles_are_enforced_by_nats_server(cluster_config: Config, secure_
 
 @pytest.fixture
 def controller_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
-    ports = {"http": free_port(), "nats": free_port()}
-    env = clean_env(
-        MLXCLUSTER_CONTROLLER_PORT=str(ports["http"]),
-        MLXCLUSTER_NATS_EMBEDDED_PORT=str(ports["nats"]),
-        MLXCLUSTER_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
-        MLXCLUSTER_NATS_EMBEDDED_HTTP_PORT="0",
-        MLXCLUSTER_NATS_RECONNECT_TIME_WAIT_MS="100",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxcluster", "run", "--mode", "controller"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc, ports
-    finally:
-        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        psutil.wait_procs(children, timeout=5)
+    """``run --mode controller`` with the default config, only the ports moved to free ones."""
+    with controller_mode_process(
+        tmp_path, MLXCLUSTER_NATS_RECONNECT_TIME_WAIT_MS="100"
+    ) as running:  # no cluster.toml in tmp_path: the defaults
+        yield running
 
 
 def health(port: int) -> dict[str, Any] | None:

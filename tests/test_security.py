@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,9 @@ import openai
 import psutil
 import pytest
 from cluster_harness import Cluster, RunningController, with_sections
-from conftest import free_port
-from test_dual import READY_TIMEOUT_S, Dual
+from dual_harness import READY_TIMEOUT_S, Dual, dual_runs
+from fault_harness import controller_mode_process
+from loopback import free_port
 from typer.testing import CliRunner
 
 from mlxcluster.bus import Bus, BusError
@@ -44,7 +43,7 @@ WEBSOCKET = "/v1/ws"
 
 
 @pytest.fixture
-async def keyed(cluster_config: Config, bus: Bus) -> AsyncIterator[RunningController]:
+async def keyed(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[RunningController]:
     """Keys on, CORS for any origin, the Prometheus exporter's /metrics, one echo worker online."""
     config = with_sections(
         cluster_config,
@@ -200,12 +199,6 @@ def test_default_binds_are_loopback() -> None:
     assert template.controller.bind == "127.0.0.1" and template.nats.embedded.host == "127.0.0.1"
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXCLUSTER_")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def non_loopback_ipv4() -> list[str]:
     found = []
     for addresses in psutil.net_if_addrs().values():
@@ -244,32 +237,8 @@ def wait_http(port: int, path: str, timeout: float, proc: subprocess.Popen[bytes
 @pytest.fixture
 def controller_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
     """``run --mode controller`` with the default config, only the ports moved to free ones."""
-    ports = {"http": free_port(), "nats": free_port(), "monitor": free_port()}
-    env = clean_env(
-        MLXCLUSTER_CONTROLLER_PORT=str(ports["http"]),
-        MLXCLUSTER_NATS_EMBEDDED_PORT=str(ports["nats"]),
-        MLXCLUSTER_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
-        MLXCLUSTER_NATS_EMBEDDED_HTTP_PORT=str(ports["monitor"]),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxcluster", "run", "--mode", "controller"],
-        cwd=tmp_path,  # no cluster.toml here: the defaults
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc, ports
-    finally:
-        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        psutil.wait_procs(children, timeout=5)
+    with controller_mode_process(tmp_path, monitor=True) as running:  # no cluster.toml in tmp_path: the defaults
+        yield running
 
 
 @pytest.mark.timeout(120)
@@ -310,23 +279,19 @@ async def nats_accepts(url: str, **credentials: str) -> None:
 
 
 @pytest.fixture
-def dual_runs(tmp_path: Path) -> Iterator[list[Dual]]:
-    """Dual-mode supervisors started by a test, each killed with its children at the end."""
-    started: list[Dual] = []
-    yield started
-    for dual in started:
-        dual.cleanup()
+def start_dual(tmp_path: Path) -> Iterator[Callable[..., Dual]]:
+    with dual_runs(tmp_path) as start:
+        yield start
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("auth", list(NATS_AUTH))
 def test_dual_mode_with_nats_auth_serves_refuses_strangers_and_prints_no_secret(
-    dual_runs: list[Dual], tmp_path: Path, auth: str
+    start_dual: Callable[..., Dual], auth: str
 ) -> None:
     secrets_env = {**NATS_AUTH[auth], "MLXCLUSTER_CONTROLLER_API_KEYS": API_KEY}
     verbose = {"MLXCLUSTER_LOGGING_LEVEL": "debug", "MLXCLUSTER_NATS_EMBEDDED_LOG_LEVEL": "debug"}
-    dual = Dual(tmp_path, "--engine", "echo", env={**secrets_env, **verbose})
-    dual_runs.append(dual)
+    dual = start_dual("--engine", "echo", env={**secrets_env, **verbose})
     dual.wait_for(dual.ready, READY_TIMEOUT_S, "/ready")
     nats_url = psutil.Process(dual.proc.pid).environ()["MLXCLUSTER_NATS_URL"]
     client = openai.OpenAI(base_url=f"{dual.url}/v1", api_key=API_KEY, max_retries=0, timeout=30)

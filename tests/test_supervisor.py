@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import free_port
+from loopback import free_port
 
 
 def test_dual_stops_with_exit_2_when_the_controller_cannot_start(tmp_path) -> None:

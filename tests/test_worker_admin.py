@@ -16,15 +16,15 @@ import pytest
 from cluster_harness import Cluster, RunningController, start_controller, wait_until
 from typer.testing import CliRunner
 
-from mlxcluster.bus import Bus
 from mlxcluster.cli import app as cli_app
 from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
 
 HELLO = [{"role": "user", "content": "one two three four five six"}]
 
 
 @pytest.fixture
-async def two(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def two(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     async with Cluster(cluster_config) as cluster:
         await cluster.start_worker("w1", token_delay_ms=100)
         await cluster.start_worker("w2", token_delay_ms=100)

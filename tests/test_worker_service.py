@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from mlxcluster import __version__
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
     GONE_HEADER,
     PROBE_HEADER,
@@ -42,7 +43,6 @@ from mlxcluster.protocol import (
     WorkerRegistration,
     encode,
 )
-from mlxcluster.worker import service as service_module
 from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.engine_base import EngineFrame
 from mlxcluster.worker.node import serve_worker
@@ -66,7 +66,7 @@ async def collect(bus: Bus, subject: str, message_type: type) -> Collected:
 
 
 @pytest.fixture
-async def worker(cluster_config: Config, bus: Bus) -> AsyncIterator[RunningWorker]:
+async def worker(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[RunningWorker]:
     """One echo worker ``w1`` with no token delay."""
     running = await start_worker(cluster_config, "w1")
     yield running
@@ -346,12 +346,9 @@ async def test_garbage_cancel_and_announce_are_counted(worker: RunningWorker, bu
 
 
 @pytest.mark.parametrize("how", ["unsubscribed", "answered-gone"])
-async def test_generation_stops_when_nobody_waits_for_the_stream(
-    cluster_config: Config, bus: Bus, monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
+async def test_generation_stops_when_nobody_waits_for_the_stream(cluster_config: Config, bus: Bus, how: str) -> None:
     """The worker probes the reply subject; no responders (controller gone) or a "gone" answer cancels."""
-    monkeypatch.setattr(service_module, "PROBE_INTERVAL_S", 0.2)
-    running = await start_worker(cluster_config, "w-p", token_delay_ms=20)
+    running = await start_worker(cluster_config, "w-p", token_delay_ms=20, probe_interval_s=0.2)
     try:
         inbox = bus.nc.new_inbox()
         probes = 0
@@ -376,11 +373,8 @@ async def test_generation_stops_when_nobody_waits_for_the_stream(
         await running.stop()
 
 
-async def test_a_listening_consumer_keeps_the_stream_alive(
-    cluster_config: Config, bus: Bus, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(service_module, "PROBE_INTERVAL_S", 0.1)
-    running = await start_worker(cluster_config, "w-p2", token_delay_ms=5)
+async def test_a_listening_consumer_keeps_the_stream_alive(cluster_config: Config, bus: Bus) -> None:
+    running = await start_worker(cluster_config, "w-p2", token_delay_ms=5, probe_interval_s=0.1)
     try:
         frames = await request_frames(bus, "w-p2", chat_request(words(80)))  # answers probes with b""
         check_stream(frames, words(80))

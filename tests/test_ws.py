@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.routes_ws import CLOSE_UNAUTHORIZED
+from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import Cancel
 
 KEY = "sk-test-ws"
@@ -32,7 +33,7 @@ TIMEOUT_S = 10.0
 
 
 @pytest.fixture
-async def cluster(cluster_config: Config, bus: Bus) -> AsyncIterator[Cluster]:
+async def cluster(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     """A controller and one echo worker ``w1`` that waits 20 ms per token."""
     async with single_worker_cluster(cluster_config, token_delay_ms=20) as running:
         yield running
@@ -191,7 +192,7 @@ async def test_plain_http_get_is_a_400(controller: RunningController) -> None:
 
 
 @pytest.fixture
-async def keyed(cluster_config: Config, bus: Bus) -> AsyncIterator[RunningController]:
+async def keyed(cluster_config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[RunningController]:
     """A controller that requires the API key ``KEY``, with one echo worker."""
     config = with_sections(cluster_config, controller={"api_keys": [KEY]})
     async with Cluster(config) as running:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port
+from loopback import free_port
 
 from mlxcluster.buildinfo import BUILD_INFO_FILE, runtime_tag
 

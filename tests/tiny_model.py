@@ -22,8 +22,13 @@ TRAINING_TEXT = [
 ]
 
 
-def build_tiny_model(path: Path, *, eos_first: bool = False, seed: int = 0) -> Path:
-    """Write a random-weight mlx-lm llama model dir (hidden 64, 2 layers, ~400-token byte-level BPE)."""
+def build_tiny_model(
+    path: Path, *, eos_first: bool = False, seed: int = 0, hidden: int = 64, heads: int = 4, kv_heads: int = 2
+) -> Path:
+    """Write a random-weight mlx-lm llama model dir (hidden 64, 2 layers, ~400-token byte-level BPE).
+
+    ``hidden``, ``heads`` and ``kv_heads`` change its shape (a worker group of N needs heads divisible by N).
+    """
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -52,11 +57,11 @@ def build_tiny_model(path: Path, *, eos_first: bool = False, seed: int = 0) -> P
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     config = {
         "model_type": "llama",
-        "hidden_size": 64,
+        "hidden_size": hidden,
         "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-5,
         "vocab_size": vocab,
         "tie_word_embeddings": False,
@@ -78,7 +83,7 @@ def build_tiny_model(path: Path, *, eos_first: bool = False, seed: int = 0) -> P
         banned = tokenizer.id_to_token(token_id) in SPECIAL_TOKENS or not (text.isascii() and text.isprintable())
         bias.append(-10.0 if banned else 0.0)
     bias[eos] = 10.0 if eos_first else -10.0
-    head = mx.random.normal((vocab, 64)) * 0.5
+    head = mx.random.normal((vocab, hidden)) * 0.5
     weights["lm_head.weight"] = mx.concatenate([mx.array(bias)[:, None], head[:, 1:]], axis=1)
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     return path

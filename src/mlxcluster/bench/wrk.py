@@ -53,6 +53,11 @@ def run_wrk(url: str, body: dict[str, object], *, connections: int, seconds: flo
             timeout=seconds + 60,
             check=True,
         ).stdout
+    return parse_wrk_output(out)
+
+
+def parse_wrk_output(out: str) -> WrkResult:
+    """Requests, errors (non-2xx answers and socket errors), duration and p50/p99 from ``wrk --latency``."""
     total = re.search(r"(\d+) requests in ([\d.]+)(s|ms|m)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)

@@ -83,8 +83,10 @@ class WorkerService:
         worker_id: str,
         hardware: Hardware,
         group: GroupInfo | None = None,
+        probe_interval_s: float = PROBE_INTERVAL_S,
     ) -> None:
         self.config = config
+        self.probe_interval_s = probe_interval_s  # how often long-running requests are probed for a listener
         self.group = group
         self.bus = bus
         self.engine = engine
@@ -300,8 +302,8 @@ class WorkerService:
         controller itself is gone, NATS answers "no responders". One loop serves all requests.
         """
         while True:
-            await asyncio.sleep(PROBE_INTERVAL_S)
-            horizon = time.monotonic() - PROBE_INTERVAL_S
+            await asyncio.sleep(self.probe_interval_s)
+            horizon = time.monotonic() - self.probe_interval_s
             old = [(rid, reply) for rid, (reply, started) in self._replies.items() if started < horizon]
             results = await asyncio.gather(*(self._consumer_gone(reply) for _, reply in old))
             for (request_id, reply), gone in zip(old, results, strict=True):

@@ -517,14 +517,6 @@ def test_begin_on_a_closed_breaker_is_not_a_trial() -> None:
     assert breakers.allows("w")
 
 
-def test_forget() -> None:
-    breakers = Breakers(threshold=1, cooldown_s=5, clock=FakeClock())
-    breakers.record_failure("w")
-    assert breakers.state("w") == "open"
-    breakers.forget("w")
-    assert breakers.state("w") == "closed"
-
-
 async def test_failures_across_a_bus_outage_are_not_blamed_on_the_worker(cluster_config, nats_server) -> None:
     """A try that fails while our own NATS connection dropped says nothing about the worker: no breaker count."""
     from mlxcluster.bus import Bus

@@ -53,6 +53,7 @@ from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerReg
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.5
+"""How often silent workers are marked offline (detection within offline_timeout + this)."""
 
 
 def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Application:
@@ -112,9 +113,6 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
     """Subscribe to worker discovery, sweep for offline workers, announce; undo on cleanup."""
     ctx = app[CONTROLLER]
     bus, registry, subjects = ctx.bus, ctx.registry, ctx.bus.subjects
-    if ctx.lifecycle.state == "idle":
-        ctx.lifecycle.to("connecting")
-    ctx.lifecycle.to("starting")
 
     async def on_register(registration: WorkerRegistration, _msg: Msg) -> None:
         registry.on_registration(registration)
@@ -138,29 +136,22 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
     ]
     await bus.nc.flush()
     await announce()
-    sweeper = asyncio.create_task(_sweep_forever(registry))
+    stop_sweeping = asyncio.Event()
+    sweeper = asyncio.create_task(registry.run_sweeper(stop_sweeping, SWEEP_INTERVAL_S))
     ctx.lifecycle.to("ready")
     watcher = asyncio.create_task(watch_bus(ctx.lifecycle, bus))
     try:
         yield
     finally:
+        stop_sweeping.set()
         sweeper.cancel()
         watcher.cancel()
         await ctx.dispatcher.inbox.close()
         for sub in subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        if ctx.lifecycle.state not in ("stopped", "error"):
+        if ctx.lifecycle.state != "stopped":
             if ctx.lifecycle.state != "draining":
                 ctx.lifecycle.to("draining")
             ctx.lifecycle.to("stopped")
 
-
-async def _sweep_forever(registry: WorkerRegistry) -> None:
-    """Mark silent workers offline (detection within offline_timeout + SWEEP_INTERVAL_S)."""
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL_S)
-        try:
-            registry.sweep()
-        except Exception:
-            log.exception("registry sweep failed")

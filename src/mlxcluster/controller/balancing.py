@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pluggy
 
 from mlxcluster.builtin.balancers import DEFAULT_MAX_ENTRIES, LeastLoaded, LruMap
 from mlxcluster.config import LoadBalancingSection
 from mlxcluster.controller.balancer_api import Balancer, BalancerContext, WorkerView
-from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.plugins import BalancerEntry, collect_balancers
 from mlxcluster.protocol import InferenceRequest
 
@@ -160,13 +159,3 @@ def balancer_from_entries(
         balancer = StickySessions(balancer)
     return balancer
 
-
-def select_worker(
-    registry: WorkerRegistry,
-    balancer: Balancer,
-    request: InferenceRequest,
-    exclude: Collection[str] = frozenset(),
-) -> WorkerView | None:
-    """Pick a worker for ``request`` among the registry's eligible ones (``None``: nobody can take it)."""
-    workers = registry.eligible(request.model, exclude)
-    return balancer.pick(workers, request) if workers else None

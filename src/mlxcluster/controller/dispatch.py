@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -58,11 +58,20 @@ StreamFrame = Token | Done | Error
 class Registry(Protocol):
     """The registry calls dispatch makes."""
 
-    def eligible(self, model: str, exclude: set[str] | frozenset[str] = ...) -> list[WorkerView]: ...
+    def eligible(self, model: str, exclude: Collection[str] = ...) -> list[WorkerView]: ...
     def has_model(self, model: str) -> bool: ...
     def is_offline(self, worker_id: str) -> bool: ...
     def begin(self, worker_id: str) -> None: ...
     def end(self, worker_id: str) -> None: ...
+
+
+def pick_worker(
+    registry: Registry, balancer: Balancer, request: InferenceRequest, exclude: Collection[str] = frozenset()
+) -> WorkerView | None:
+    """The pick: a worker for ``request`` among the registry's eligible ones, minus ``exclude`` (``None``:
+    nobody can take it)."""
+    workers = registry.eligible(request.model, exclude)
+    return balancer.pick(workers, request) if workers else None
 
 
 class _TryElsewhere(Exception):
@@ -136,10 +145,7 @@ class Dispatcher:
         return payload
 
     def _pick(self, request: InferenceRequest, tried: set[str]) -> WorkerView | None:
-        workers = self.registry.eligible(request.model, exclude=tried | self.breakers.open_ids())
-        if not workers:
-            return None
-        return self.balancer.pick(workers, request)
+        return pick_worker(self.registry, self.balancer, request, tried | self.breakers.open_ids())
 
     async def stream(
         self, request: InferenceRequest, *, disconnected: Callable[[], bool] | None = None

@@ -19,8 +19,8 @@ This module imports neither aiohttp nor NATS, so plugins and ``mlxcluster export
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Awaitable
+from typing import Literal, Protocol, runtime_checkable
 
 from msgspec import Struct
 
@@ -158,10 +158,3 @@ class Exporter(Protocol):
         """Handle one event (plain: on the exporter's thread; ``async``: on the event loop)."""
         ...
 
-
-class ExporterWithRoutes(Protocol):
-    """An exporter that serves HTTP endpoints on the controller."""
-
-    def routes(self) -> Iterable[Any]:
-        """aiohttp route definitions (``web.get(path, handler)``...), added once when the app is built."""
-        ...

@@ -74,30 +74,6 @@ class _Job:
     """Tokens at the end of ``prompt`` that continue the assistant's message (not prompt tokens in usage)."""
 
 
-class _RateMeter:
-    """Tokens generated over a sliding window, readable from any thread."""
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self._events: deque[tuple[float, int]] = deque()
-        self._lock = threading.Lock()
-
-    def add(self, now: float, count: int) -> None:
-        with self._lock:
-            self._events.append((now, count))
-            self._trim(now)
-
-    def rate(self, now: float | None = None) -> float:
-        now = time.perf_counter() if now is None else now
-        with self._lock:
-            self._trim(now)
-            return sum(count for _, count in self._events) / self.window_s
-
-    def _trim(self, now: float) -> None:
-        while self._events and self._events[0][0] < now - self.window_s:
-            self._events.popleft()
-
-
 def default_served_name(model: str) -> str:
     """The name a model is served under: a local dir's basename, or the Hugging Face repo id as given."""
     path = Path(model).expanduser()
@@ -114,11 +90,10 @@ class MlxEngine(Engine):
     :param prefill_batch_size: prompts prefilled together (default ``min(max_concurrent, 8)``).
     :param served_name: the served model name (default :func:`default_served_name` of ``model``);
         ``name`` is an alias.
-    :param rate_window_s: window of :meth:`tokens_per_second`.
     :param prompt_cache_bytes: bound of the prompt cache; ``None``: :func:`default_cache_bytes` of the
         machine's memory; 0: no prompt cache.
 
-    ``tokens_total`` (generated tokens since start) and :meth:`tokens_per_second` feed heartbeats.
+    ``tokens_total`` counts the tokens generated since start.
     """
 
     def __init__(
@@ -130,7 +105,6 @@ class MlxEngine(Engine):
         prefill_batch_size: int | None = None,
         served_name: str | None = None,
         name: str | None = None,
-        rate_window_s: float = 5.0,
         stop_timeout_s: float = 30.0,
         prompt_cache_bytes: int | None = None,
     ) -> None:
@@ -151,8 +125,6 @@ class MlxEngine(Engine):
         self._cache_listener: CacheListener | None = None
         self._context_window = 0
         self.tokens_total = 0
-        self.prompt_tokens_total = 0
-        self._rate = _RateMeter(rate_window_s)
         self._details: dict[str, str] = {}
         self._inbox: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -231,10 +203,6 @@ class MlxEngine(Engine):
                 listener(stored, removed)
             except Exception:  # a listener must not take the batch down
                 log.exception("the prompt-cache listener failed")
-
-    def tokens_per_second(self) -> float:
-        """Generated tokens per second over the last ``rate_window_s`` seconds (all requests)."""
-        return self._rate.rate()
 
     @property
     def active_requests(self) -> int:
@@ -542,7 +510,6 @@ class MlxEngine(Engine):
             job.uid = uid
             job.admitted = time.perf_counter()
             self._active[uid] = job
-            self.prompt_tokens_total += len(job.prompt)
 
     def _step(self) -> None:
         """One BatchGenerator step: a decode step for the batch plus a prefill chunk for new prompts."""
@@ -559,7 +526,6 @@ class MlxEngine(Engine):
         responses = [r for r in responses if r.uid in self._active]
         if responses:  # counted before any Done frame goes out
             self.tokens_total += len(responses)
-            self._rate.add(now, len(responses))
         stopped: list[int] = []
         for response in responses:
             job = self._active[response.uid]

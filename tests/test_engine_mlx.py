@@ -117,7 +117,6 @@ async def test_chat_template_and_usage(engine: MlxEngine, tiny_model: Path) -> N
     assert done.usage.completion_tokens == 12
     assert done.usage.total_tokens == len(expected) + 12
     assert text and sum(f.count for f in frames[:-1]) <= 12
-    assert [f.seq for f in frames[:-1]] == list(range(len(frames) - 1))
     assert 0 <= done.timings.queue_ms <= done.timings.ttft_ms <= done.timings.total_ms
     raw_text, raw_done, _ = await run(engine, request(prompt="What is the capital of France?", max_tokens=12))
     assert raw_done.usage.prompt_tokens == len(tokenizer.encode("What is the capital of France?"))

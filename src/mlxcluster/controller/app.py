@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from nats.aio.msg import Msg
 
-from mlxcluster.bus import Bus
+from mlxcluster.bus import Bus, StreamInbox
 from mlxcluster.config import Config
 from mlxcluster.controller import (
     dashboard,
@@ -36,7 +36,6 @@ from mlxcluster.controller.cache_feed import follow_cache_events
 from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.dispatch import Dispatcher
-from mlxcluster.controller.inbox import ResponseInbox
 from mlxcluster.controller.metrics_feed import METRICS, build_metrics_feed, run_metrics
 from mlxcluster.controller.middleware import (
     auth_middleware,
@@ -62,7 +61,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     cache_index = CacheIndex(config.load_balancing.cache_index_max_entries)
     balancer = build_balancer(pm, config.load_balancing, BalancerContext(config.load_balancing, cache_index))
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
-    inbox = ResponseInbox(bus, controller_id)
+    inbox = StreamInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
     ops = Operations.from_config(config.controller)  # a bad key entry fails here, at startup
     ctx = ControllerContext(
@@ -134,7 +133,7 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
         await bus.subscribe(subjects.heartbeat, WorkerHeartbeat, on_heartbeat),
         await bus.subscribe(subjects.deregister, Deregister, on_deregister),
     ]
-    await bus.nc.flush()
+    await bus.flush()
     await announce()
     stop_sweeping = asyncio.Event()
     sweeper = asyncio.create_task(registry.run_sweeper(stop_sweeping, SWEEP_INTERVAL_S))
@@ -154,4 +153,3 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
             if ctx.lifecycle.state != "draining":
                 ctx.lifecycle.to("draining")
             ctx.lifecycle.to("stopped")
-

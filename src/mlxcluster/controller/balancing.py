@@ -158,4 +158,3 @@ def balancer_from_entries(
     if section.sticky_sessions:
         balancer = StickySessions(balancer)
     return balancer
-

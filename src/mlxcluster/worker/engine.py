@@ -47,7 +47,7 @@ _POLL_S = 0.5
 
 @dataclass(eq=False)
 class _Job:
-    """One request's state; the asyncio side owns ``frames``/``held``/``seq``, the thread the rest."""
+    """One request's state; the asyncio side owns ``frames``/``held``, the thread the rest."""
 
     request: InferenceRequest
     loop: asyncio.AbstractEventLoop
@@ -56,7 +56,6 @@ class _Job:
     cancelled: bool = False
     # asyncio side
     held: EngineFrame | None = None
-    seq: int = 0
     # generation thread side
     prompt: list[int] = field(default_factory=list)
     cached_tokens: int = 0
@@ -274,9 +273,7 @@ class MlxEngine(Engine):
                 job.held = frame
                 break
             tokens.append(frame)
-        token = merge_tokens(tokens, job.seq)
-        job.seq += 1
-        return token
+        return merge_tokens(tokens)
 
     # --- generation thread ---------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from mlxcluster.config import Config, StaticWorker
 from mlxcluster.controller.breaker import Breakers
 from mlxcluster.controller.errors import ApiError
 from mlxcluster.embedded import EmbeddedNatsServer
-from mlxcluster.protocol import Accepted, Cancel, Done, Error, InferenceRequest, Token
+from mlxcluster.protocol import Accepted, Cancel, Deregister, Done, Error, InferenceRequest, Token
 
 USER = [{"role": "user", "content": "hello brave new world"}]
 ANSWER = "hello brave new world"
@@ -163,6 +163,28 @@ async def test_retryable_error_from_a_real_worker_is_retried(cluster_config: Con
         assert completion.choices[0].message.content == ANSWER
         assert cluster.workers["w-free"].service.requests_total == 1
         assert (await hog).choices[0].message.content == words(20)
+
+
+async def accept_then_leave(fake: FakeWorker, _request: InferenceRequest, msg: Msg) -> None:
+    await fake.send(msg, Accepted(worker_id=fake.id))
+    await asyncio.sleep(0.5)  # a moment later (the controller waits for the first token by then)...
+    fake.heartbeating = False  # ...it leaves
+    await fake.bus.publish(fake.bus.subjects.deregister, Deregister(worker_id=fake.id, reason="leaving"))
+
+
+async def test_a_worker_leaving_wakes_the_request_waiting_on_it(cluster_config: Config, bus: Bus) -> None:
+    """The registry pushes "offline" to the streams waiting on a worker: the request goes to another worker
+    at once, not after ``first_token_timeout_s`` (nothing polls the registry)."""
+    async with Cluster(preferring(cluster_config, "w-leaving", first_token_timeout_s=60)) as cluster:
+        await cluster.start_fake("w-leaving", accept_then_leave)
+        await cluster.start_worker("w-real")
+        controller = await cluster.start_controller()
+        await controller.wait_online("w-leaving", "w-real")
+        create = controller.client().chat.completions.create(model="echo", messages=USER)
+        completion = await asyncio.wait_for(create, 20)
+        assert completion.choices[0].message.content == ANSWER
+        assert controller.served() == {"w-real": 1}
+        assert controller.ctx.dispatcher.stats.retries == 1
 
 
 # --- after the first token --------------------------------------------------------------------

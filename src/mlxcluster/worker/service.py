@@ -26,7 +26,6 @@ from mlxcluster.protocol import (
     Cancel,
     Capabilities,
     Deregister,
-    Done,
     Error,
     GroupInfo,
     Hardware,

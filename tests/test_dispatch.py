@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
@@ -32,7 +33,9 @@ from nats.aio.msg import Msg
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
 from mlxcluster.controller.breaker import Breakers
+from mlxcluster.controller.dispatch_stats import DispatchStats
 from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.exporter_api import RequestFinished, RequestMigrated, RequestRetried
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import Accepted, Cancel, Deregister, Done, Error, InferenceRequest, Token
 
@@ -566,3 +569,28 @@ async def test_failures_across_a_bus_outage_are_not_blamed_on_the_worker(cluster
             await restarted.stop()
     finally:
         await bus.close(drain=False)
+
+
+def test_dispatch_stats_are_kept_from_the_dispatchers_events() -> None:
+    """One ledger: the counters cluster status shows follow from the events the exporters get too."""
+    live: dict[str, object] = {}
+    stats = DispatchStats(live)
+
+    def finished(**fields: Any) -> RequestFinished:
+        return RequestFinished(time=0.0, request_id="r", model="m", duration_s=0.1, **fields)
+
+    stats.on_event(finished(status="error", error="model_not_found", model_known=False))  # refused: not dispatched
+    assert stats.requests == 0
+    live["r-running"] = object()
+    stats.on_event(finished(dispatched=True, status="ok", ttft_s=0.02, tokens_per_second=50.0))
+    stats.on_event(finished(dispatched=True, status="error", error="worker_lost", error_frame=True, unmoved=True))
+    stats.on_event(finished(dispatched=True, status="error", error="bad_grammar", error_frame=True))
+    stats.on_event(finished(dispatched=True, status="error", error="no_capacity"))
+    stats.on_event(finished(dispatched=True, status="cancelled"))
+    stats.on_event(RequestRetried(time=0.0, request_id="r", model="m", worker="w1", attempt=2, reason="overloaded"))
+    stats.on_event(
+        RequestMigrated(time=0.0, request_id="r", model="m", worker="w1", to_worker="w2", migration=1, reason="offline")
+    )
+    assert (stats.requests, stats.in_flight, stats.completed, stats.errors, stats.failed) == (6, 1, 1, 2, 1)
+    assert (stats.retries, stats.migrations, stats.migrations_failed) == (1, 1, 1)
+    assert list(stats.recent_ttft_ms) == [20.0] and list(stats.recent_tokens_per_second) == [50.0]

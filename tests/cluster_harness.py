@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import inspect
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +167,8 @@ def check_stream(frames: list[Frame], expected_text: str) -> Done:
     tokens = frames[1:-1]
     assert all(isinstance(t, Token) for t in tokens), frames
     seqs = [t.seq for t in tokens]  # type: ignore[union-attr]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+    assert seqs == list(range(len(tokens))), seqs  # numbered by the worker's stream writer
+    assert frames[-1].seq == len(tokens)  # type: ignore[union-attr]
     assert "".join(t.text for t in tokens) == expected_text  # type: ignore[union-attr]
     done = frames[-1]
     assert done.usage.completion_tokens == sum(t.count for t in tokens)  # type: ignore[union-attr]
@@ -266,6 +268,13 @@ class RunningController:
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._sessions.append(session)
         return session
+
+    def served(self) -> Counter[str]:
+        """Requests per worker (the last one of each request), in flight and finished, as the request monitor
+        (``/api/cluster/requests``) lists them."""
+        ctx = self.ctx
+        workers = [m.worker for m in ctx.dispatcher.live.values()] + [r.worker for r in ctx.ops.requests.finished]
+        return Counter(w for w in workers if w is not None)
 
     async def workers(self, status: str | None = None) -> list[dict[str, Any]]:
         query = f"?status={status}" if status else ""

@@ -24,8 +24,8 @@ from mlxcluster.controller.balancing import (
     balancer_from_entries,
     build_balancer,
     preferred_tier,
-    select_worker,
 )
+from mlxcluster.controller.dispatch import pick_worker
 from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.plugins import collect_balancers, get_plugin_manager
 from mlxcluster.protocol import Capabilities, ChatMessage, InferenceRequest, WorkerHeartbeat, WorkerRegistration
@@ -227,12 +227,12 @@ def test_every_strategy_only_sees_eligible_workers(strategy: str) -> None:
     balancer = build_balancer(get_plugin_manager(env={}), LoadBalancingSection(strategy=strategy))
     chosen: set[str] = set()
     for i in range(200):
-        view = select_worker(registry, balancer, request(prompt=f"p{i}"), exclude={"w9"})
+        view = pick_worker(registry, balancer, request(prompt=f"p{i}"), exclude={"w9"})
         assert view is not None
         chosen.add(view.id)
     assert chosen <= {"w1", "w2"}  # w3 lacks the model, w4 is draining
-    assert select_worker(registry, balancer, request(), exclude={"w1", "w2"}) is None
-    assert select_worker(registry, balancer, request(model="unknown")) is None
+    assert pick_worker(registry, balancer, request(), exclude={"w1", "w2"}) is None
+    assert pick_worker(registry, balancer, request(model="unknown")) is None
 
 
 def test_least_loaded_through_registry_counts_local_inflight() -> None:
@@ -240,7 +240,7 @@ def test_least_loaded_through_registry_counts_local_inflight() -> None:
     balancer = build_balancer(get_plugin_manager(env={}), LoadBalancingSection())
     counts: Counter[str] = Counter()
     for _ in range(8):  # no heartbeats in between: only begin() tells the registry about load
-        view = select_worker(registry, balancer, request())
+        view = pick_worker(registry, balancer, request())
         assert view is not None
         registry.begin(view.id)
         counts[view.id] += 1

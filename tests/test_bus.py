@@ -11,10 +11,11 @@ import pytest
 from loopback import free_port, make_config
 from nats.aio.msg import Msg
 
-from mlxcluster.bus import Bus, BusError, connect_options
+from mlxcluster.bus import Bus, BusError, ReplyWriter, Signal, StreamInbox, connect_options
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
+    Accepted,
     Cancel,
     Done,
     Error,
@@ -272,3 +273,64 @@ def test_connect_options_from_config() -> None:
     assert options["connect_timeout"] == 0.5
     assert options["max_reconnect_attempts"] == -1
     assert "token" not in options and "tls" not in options
+
+
+# --- request streams: the worker's numbered writer, the controller's inbox -------------------
+
+
+async def test_reply_writer_numbers_frames_and_the_inbox_checks_them(bus: Bus) -> None:
+    inbox = StreamInbox(bus, "c-numbers")
+    await inbox.start()
+    try:
+        stream = inbox.open("req-1.1", "w1")
+        await bus.flush()
+        writer = ReplyWriter(bus, stream.reply)
+        sent = [Accepted(worker_id="w1"), Token(text="a"), Token(text="b", count=2), Done(finish_reason="stop")]
+        for frame in sent:
+            await writer.send(frame)
+        received = [await stream.receive(time.monotonic() + WAIT_S) for _ in sent]
+        assert [type(f) for f in received] == [Accepted, Token, Token, Done]
+        assert [f.seq for f in received if isinstance(f, Token | Done)] == [0, 1, 2]  # Done: the next Token's #
+        assert [stream.out_of_order(f) for f in received if isinstance(f, Token | Done)] == [None, None, None]
+        assert await stream.receive(time.monotonic() + 0.05) is Signal.SILENT
+
+        lossy = inbox.open("req-2.1", "w1")
+        await bus.flush()
+        await bus.publish(lossy.reply, Token(text="a", seq=0))
+        await bus.publish(lossy.reply, Token(text="c", seq=2))  # #1 never arrived
+        first, second = [await lossy.receive(time.monotonic() + WAIT_S) for _ in range(2)]
+        assert isinstance(first, Token) and isinstance(second, Token)
+        assert lossy.out_of_order(first) is None and lossy.out_of_order(second) == 2
+        assert inbox.open_count == 2
+    finally:
+        await inbox.close()
+
+
+async def test_interrupt_wakes_only_the_streams_of_that_worker(bus: Bus) -> None:
+    inbox = StreamInbox(bus, "c-interrupt")
+    await inbox.start()
+    try:
+        waiting, other = inbox.open("a.1", "w-gone"), inbox.open("b.1", "w-stays")
+        woken = asyncio.create_task(waiting.receive(time.monotonic() + 60))
+        inbox.interrupt("w-gone")
+        assert await asyncio.wait_for(woken, WAIT_S) is Signal.INTERRUPTED
+        assert not other.pending
+    finally:
+        await inbox.close()
+
+
+async def test_probes_are_answered_by_the_inbox_while_a_stream_is_open(bus: Bus) -> None:
+    inbox = StreamInbox(bus, "c-probes")
+    await inbox.start()
+    try:
+        stream = inbox.open("req-1.1", "w1")
+        await bus.flush()
+        writer = ReplyWriter(bus, stream.reply)
+        assert stream.probed_at is None
+        assert not await writer.consumer_gone()
+        assert stream.probed_at is not None  # the worker still works on it: the stall clock restarts
+        inbox.discard("req-1.1")
+        assert await writer.consumer_gone()  # nobody waits for it any more: answered "gone"
+    finally:
+        await inbox.close()
+    assert await ReplyWriter(bus, bus.subjects.response("c-probes", "req-1.1")).consumer_gone()  # no responders

@@ -50,7 +50,7 @@ class Conversation:
 
 def served_by(controller: RunningController, before: dict[str, int]) -> str:
     """The one worker whose request count grew since ``before``."""
-    after = controller.ctx.dispatcher.stats.by_worker
+    after = controller.served()
     grown = [w for w, n in after.items() if n > before.get(w, 0)]
     assert len(grown) == 1, (before, after)
     return grown[0]
@@ -58,7 +58,7 @@ def served_by(controller: RunningController, before: dict[str, int]) -> str:
 
 async def turn(controller: RunningController, conversation: Conversation, index: CacheIndex, number: int) -> str:
     """Send the conversation's next turn; wait until the index holds what the serving worker cached."""
-    before = dict(controller.ctx.dispatcher.stats.by_worker)
+    before = controller.served()
     response = await controller.client().chat.completions.create(
         model=MODEL,
         messages=conversation.messages,
@@ -136,7 +136,7 @@ async def test_saturated_holder_falls_back_to_the_least_loaded(cluster_config: C
         streams = []
         long_turn = conversation.messages[:-1] + [{"role": "user", "content": " ".join(["word"] * 200)}]
         for _ in range(2):  # two long streams (200 tokens, 10 s) fill the holder's two slots
-            before = dict(controller.ctx.dispatcher.stats.by_worker)
+            before = controller.served()
             stream = await client.chat.completions.create(
                 model=MODEL,
                 messages=long_turn,  # type: ignore[arg-type]
@@ -146,7 +146,7 @@ async def test_saturated_holder_falls_back_to_the_least_loaded(cluster_config: C
             await stream.__anext__()
             assert served_by(controller, before) == holder
             streams.append(stream)
-        before = dict(controller.ctx.dispatcher.stats.by_worker)
+        before = controller.served()
         await client.chat.completions.create(model=MODEL, messages=conversation.messages, max_tokens=4)  # type: ignore[arg-type]
         assert served_by(controller, before) == other
         for stream in streams:

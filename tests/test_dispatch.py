@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
@@ -26,16 +27,17 @@ from cluster_harness import (
     with_sections,
     words,
 )
-from conftest import make_config
+from loopback import make_config
 from nats.aio.msg import Msg
 
+from mlxcluster.api import RequestFinished, RequestMigrated, RequestRetried
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
-from mlxcluster.controller import dispatch
 from mlxcluster.controller.breaker import Breakers
+from mlxcluster.controller.dispatch_stats import DispatchStats
 from mlxcluster.controller.errors import ApiError
 from mlxcluster.embedded import EmbeddedNatsServer
-from mlxcluster.protocol import Accepted, Cancel, Done, Error, InferenceRequest, Token
+from mlxcluster.protocol import Accepted, Cancel, Deregister, Done, Error, InferenceRequest, Token
 
 USER = [{"role": "user", "content": "hello brave new world"}]
 ANSWER = "hello brave new world"
@@ -45,13 +47,6 @@ def preferring(config: Config, *worker_ids: str, **controller: object) -> Config
     """``config`` where ``worker_ids`` have priority 10 (tried before the real workers)."""
     static = [StaticWorker(name=worker_id, priority=10) for worker_id in worker_ids]
     return with_sections(config, workers={"static": static}, controller=controller)
-
-
-@pytest.fixture
-def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Notice a worker going offline within 0.1 s of the registry saying so, and accept faster."""
-    monkeypatch.setattr(dispatch, "POLL_S", 0.1)
-    monkeypatch.setattr(dispatch, "ACCEPT_TIMEOUT_S", 0.3)
 
 
 async def breaker_state(cluster: Cluster, worker_id: str) -> str:
@@ -75,9 +70,9 @@ async def test_no_responders_is_retried_on_another_worker(cluster_config: Config
         started = time.monotonic()
         completion = await client.chat.completions.create(model="echo", messages=USER)
         assert completion.choices[0].message.content == ANSWER
-        assert time.monotonic() - started < dispatch.ACCEPT_TIMEOUT_S  # "no responders" is immediate
+        assert time.monotonic() - started < cluster_config.controller.accept_timeout_s  # "no responders": at once
         assert stats.retries >= 1
-        assert stats.by_worker == {"w-real": 1}
+        assert controller.served() == {"w-real": 1}
         assert real.service.requests_total == 1
 
         # Each try failed the ghost's breaker; after the threshold it is skipped without a try.
@@ -90,10 +85,9 @@ async def test_no_responders_is_retried_on_another_worker(cluster_config: Config
         assert stats.failed == 0
 
 
-async def test_worker_that_never_accepts_is_retried_and_its_breaker_opens(
-    cluster_config: Config, bus: Bus, fast_polls: None
-) -> None:
-    async with Cluster(preferring(cluster_config, "w-silent")) as cluster:
+async def test_worker_that_never_accepts_is_retried_and_its_breaker_opens(cluster_config: Config, bus: Bus) -> None:
+    accept_timeout_s = 0.3
+    async with Cluster(preferring(cluster_config, "w-silent", accept_timeout_s=accept_timeout_s)) as cluster:
         await cluster.start_worker("w-real")
         silent = await cluster.start_fake("w-silent", ignore)
         controller = await cluster.start_controller()
@@ -106,7 +100,7 @@ async def test_worker_that_never_accepts_is_retried_and_its_breaker_opens(
             completion = await client.chat.completions.create(model="echo", messages=USER)
             elapsed = time.monotonic() - started
             assert completion.choices[0].message.content == ANSWER
-            assert elapsed >= dispatch.ACCEPT_TIMEOUT_S * 0.9
+            assert elapsed >= accept_timeout_s * 0.9
             assert len(silent.received) == n
         # The controller told the silent worker to forget each request it gave up on.
         await wait_until(lambda: len(silent.cancels) == threshold)
@@ -174,6 +168,28 @@ async def test_retryable_error_from_a_real_worker_is_retried(cluster_config: Con
         assert (await hog).choices[0].message.content == words(20)
 
 
+async def accept_then_leave(fake: FakeWorker, _request: InferenceRequest, msg: Msg) -> None:
+    await fake.send(msg, Accepted(worker_id=fake.id))
+    await asyncio.sleep(0.5)  # a moment later (the controller waits for the first token by then)...
+    fake.heartbeating = False  # ...it leaves
+    await fake.bus.publish(fake.bus.subjects.deregister, Deregister(worker_id=fake.id, reason="leaving"))
+
+
+async def test_a_worker_leaving_wakes_the_request_waiting_on_it(cluster_config: Config, bus: Bus) -> None:
+    """The registry pushes "offline" to the streams waiting on a worker: the request goes to another worker
+    at once, not after ``first_token_timeout_s`` (nothing polls the registry)."""
+    async with Cluster(preferring(cluster_config, "w-leaving", first_token_timeout_s=60)) as cluster:
+        await cluster.start_fake("w-leaving", accept_then_leave)
+        await cluster.start_worker("w-real")
+        controller = await cluster.start_controller()
+        await controller.wait_online("w-leaving", "w-real")
+        create = controller.client().chat.completions.create(model="echo", messages=USER)
+        completion = await asyncio.wait_for(create, 20)
+        assert completion.choices[0].message.content == ANSWER
+        assert controller.served() == {"w-real": 1}
+        assert controller.ctx.dispatcher.stats.retries == 1
+
+
 # --- after the first token --------------------------------------------------------------------
 
 
@@ -184,7 +200,7 @@ async def token_then_vanish(fake: FakeWorker, _request: InferenceRequest, msg: M
 
 
 async def test_worker_lost_after_first_token_ends_the_stream_with_an_error_when_migration_is_off(
-    cluster_config: Config, bus: Bus, fast_polls: None
+    cluster_config: Config, bus: Bus
 ) -> None:
     """``controller.migration_limit = 0``: a started stream is never moved (tests/test_migration.py moves it)."""
     async with Cluster(preferring(cluster_config, "w-flaky", migration_limit=0)) as cluster:
@@ -197,7 +213,7 @@ async def test_worker_lost_after_first_token_ends_the_stream_with_an_error_when_
         async with controller.session().post(controller.url + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
             events = [e async for e in sse_events(resp)]
-        assert time.monotonic() - started < 5  # offline timeout 1 s + sweep + poll, not request_timeout_s
+        assert time.monotonic() - started < 5  # offline timeout 1 s + sweep (pushed), not request_timeout_s
         assert events[-1] == "[DONE]"
         payloads = [json.loads(e) for e in events[:-1]]
         text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads if p.get("choices"))
@@ -208,9 +224,7 @@ async def test_worker_lost_after_first_token_ends_the_stream_with_an_error_when_
         assert controller.ctx.dispatcher.stats.in_flight == 0
 
 
-async def test_worker_lost_mid_stream_through_the_openai_client(
-    cluster_config: Config, bus: Bus, fast_polls: None
-) -> None:
+async def test_worker_lost_mid_stream_through_the_openai_client(cluster_config: Config, bus: Bus) -> None:
     async with Cluster(preferring(cluster_config, "w-flaky")) as cluster:
         await cluster.start_fake("w-flaky", token_then_vanish)
         controller = await cluster.start_controller()
@@ -225,7 +239,7 @@ async def test_worker_lost_mid_stream_through_the_openai_client(
         assert "stopped responding" in caught.value.message
 
 
-async def test_worker_lost_mid_answer_non_stream_is_502(cluster_config: Config, bus: Bus, fast_polls: None) -> None:
+async def test_worker_lost_mid_answer_non_stream_is_502(cluster_config: Config, bus: Bus) -> None:
     async with Cluster(preferring(cluster_config, "w-flaky")) as cluster:
         await cluster.start_fake("w-flaky", token_then_vanish)
         controller = await cluster.start_controller()
@@ -517,20 +531,11 @@ def test_begin_on_a_closed_breaker_is_not_a_trial() -> None:
     assert breakers.allows("w")
 
 
-def test_forget() -> None:
-    breakers = Breakers(threshold=1, cooldown_s=5, clock=FakeClock())
-    breakers.record_failure("w")
-    assert breakers.state("w") == "open"
-    breakers.forget("w")
-    assert breakers.state("w") == "closed"
-
-
 async def test_failures_across_a_bus_outage_are_not_blamed_on_the_worker(cluster_config, nats_server) -> None:
     """A try that fails while our own NATS connection dropped says nothing about the worker: no breaker count."""
-    from mlxcluster.bus import Bus
+    from mlxcluster.bus import Bus, StreamInbox
     from mlxcluster.controller.breaker import Breakers
     from mlxcluster.controller.dispatch import Dispatcher
-    from mlxcluster.controller.inbox import ResponseInbox
     from mlxcluster.controller.registry import WorkerRegistry
     from mlxcluster.embedded import EmbeddedNatsServer
 
@@ -542,7 +547,7 @@ async def test_failures_across_a_bus_outage_are_not_blamed_on_the_worker(cluster
             registry=WorkerRegistry(cluster_config),
             balancer=None,  # type: ignore[arg-type]
             config=cluster_config.controller,
-            inbox=ResponseInbox(bus, "c1"),
+            inbox=StreamInbox(bus, "c1"),
             breakers=breakers,
         )
         steady = bus.epoch
@@ -551,19 +556,41 @@ async def test_failures_across_a_bus_outage_are_not_blamed_on_the_worker(cluster
 
         before = bus.epoch
         await nats_server.stop()
-        deadline = asyncio.get_running_loop().time() + 10
-        while bus.is_connected and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: not bus.is_connected, timeout=10, what="the bus to notice the server gone")
         assert bus.epoch != before  # dropped
         restarted = EmbeddedNatsServer(cluster_config.nats)
         await restarted.start()
         try:
-            while not bus.is_connected and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-            assert bus.is_connected and bus.epoch != before  # back, on a new epoch
+            await wait_until(lambda: bus.is_connected, timeout=10, what="the bus to reconnect")
+            assert bus.epoch != before  # back, on a new epoch
             dispatcher._blame("w-outage", before)
             assert breakers.state("w-outage") == "closed"
         finally:
             await restarted.stop()
     finally:
         await bus.close(drain=False)
+
+
+def test_dispatch_stats_are_kept_from_the_dispatchers_events() -> None:
+    """One ledger: the counters cluster status shows follow from the events the exporters get too."""
+    live: dict[str, object] = {}
+    stats = DispatchStats(live)
+
+    def finished(**fields: Any) -> RequestFinished:
+        return RequestFinished(time=0.0, request_id="r", model="m", duration_s=0.1, **fields)
+
+    stats.on_event(finished(status="error", error="model_not_found", model_known=False))  # refused: not dispatched
+    assert stats.requests == 0
+    live["r-running"] = object()
+    stats.on_event(finished(dispatched=True, status="ok", ttft_s=0.02, tokens_per_second=50.0))
+    stats.on_event(finished(dispatched=True, status="error", error="worker_lost", error_frame=True, unmoved=True))
+    stats.on_event(finished(dispatched=True, status="error", error="bad_grammar", error_frame=True))
+    stats.on_event(finished(dispatched=True, status="error", error="no_capacity"))
+    stats.on_event(finished(dispatched=True, status="cancelled"))
+    stats.on_event(RequestRetried(time=0.0, request_id="r", model="m", worker="w1", attempt=2, reason="overloaded"))
+    stats.on_event(
+        RequestMigrated(time=0.0, request_id="r", model="m", worker="w1", to_worker="w2", migration=1, reason="offline")
+    )
+    assert (stats.requests, stats.in_flight, stats.completed, stats.errors, stats.failed) == (6, 1, 1, 2, 1)
+    assert (stats.retries, stats.migrations, stats.migrations_failed) == (1, 1, 1)
+    assert list(stats.recent_ttft_ms) == [20.0] and list(stats.recent_tokens_per_second) == [50.0]

@@ -118,7 +118,6 @@ async def test_chat_template_and_usage(engine: MlxEngine, tiny_model: Path) -> N
     assert done.usage.completion_tokens == 12
     assert done.usage.total_tokens == len(expected) + 12
     assert text and sum(f.count for f in frames[:-1]) <= 12
-    assert [f.seq for f in frames[:-1]] == list(range(len(frames) - 1))
     assert 0 <= done.timings.queue_ms <= done.timings.ttft_ms <= done.timings.total_ms
     raw_text, raw_done, _ = await run(engine, request(prompt="What is the capital of France?", max_tokens=12))
     assert raw_done.usage.prompt_tokens == len(tokenizer.encode("What is the capital of France?"))
@@ -285,11 +284,10 @@ async def test_stop_ends_pending_streams_with_shutting_down(tiny_model: Path) ->
     assert isinstance(error, Error) and error.code == "shutting_down"
 
 
-async def test_tokens_per_second_tracks_recent_generation(engine: MlxEngine) -> None:
-    assert engine.tokens_per_second() == 0.0
+async def test_tokens_total_counts_generated_tokens(engine: MlxEngine) -> None:
+    before = engine.tokens_total
     await run(engine, request(max_tokens=20))
-    assert engine.tokens_total == 20
-    assert engine.tokens_per_second() > 0
+    assert engine.tokens_total == before + 20
 
 
 def test_detokenizer_never_splits_multibyte_characters(tiny_model: Path) -> None:

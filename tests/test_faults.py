@@ -33,7 +33,6 @@ from loopback import free_port
 from nats.aio.msg import Msg
 
 from mlxcluster.config import Config, StaticWorker
-from mlxcluster.controller import dispatch
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import PROBE_HEADER, Accepted, Done, InferenceRequest, Token
 
@@ -455,16 +454,11 @@ async def slow_but_alive(fake: FakeWorker, _request: InferenceRequest, msg: Msg)
 
 @pytest.mark.parametrize(("handler", "expected"), [(tail_lost, ("hello", "worker_lost")), (slow_but_alive, None)])
 async def test_a_silent_stream_ends_when_the_worker_no_longer_probes_it(
-    cluster_config: Config,
-    nats_server: EmbeddedNatsServer,
-    monkeypatch: pytest.MonkeyPatch,
-    handler: FakeHandler,
-    expected: object,
+    cluster_config: Config, nats_server: EmbeddedNatsServer, handler: FakeHandler, expected: object
 ) -> None:
     """Mid-stream silence with the worker still online: the stream is lost once neither frames nor the
     worker's liveness probes come for ``controller.stall_timeout_s``; a worker that still probes is waited
     for. With no other worker to continue it, the lost stream ends with an error."""
-    monkeypatch.setattr(dispatch, "POLL_S", 0.1)
     async with Cluster(with_sections(cluster_config, controller={"stall_timeout_s": 0.6})) as cluster:
         await cluster.start_fake("w-quiet", handler)
         controller = await cluster.start_controller()

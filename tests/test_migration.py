@@ -26,19 +26,12 @@ from nats.aio.msg import Msg
 from mlxcluster.api import MetricsEvent, RequestFinished, RequestMigrated
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
-from mlxcluster.controller import dispatch
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import Accepted, Done, Error, InferenceRequest, SamplingParams, Token
 from mlxcluster.worker.echo import continued_words, echo_words
 
 USER = [{"role": "user", "content": "hello brave new world"}]
 ANSWER = "hello brave new world"
-
-
-@pytest.fixture(autouse=True)
-def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Notice a worker going offline within 0.1 s of the registry saying so."""
-    monkeypatch.setattr(dispatch, "POLL_S", 0.1)
 
 
 def migrating(config: Config, *fakes: str, **controller: Any) -> Config:

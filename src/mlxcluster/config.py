@@ -131,6 +131,9 @@ class ControllerSection(_Section):
     cors: list[str] = msgspec.field(default_factory=list)
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     first_token_timeout_s: PositiveSeconds = 30.0
+    accept_timeout_s: PositiveSeconds = 3.0
+    """A worker that has not answered ``Accepted`` within this (or ``first_token_timeout_s``, the smaller) is
+    given up on, and the request tried on another."""
     request_timeout_s: PositiveSeconds = 600.0
     max_attempts: PositiveInt = 3
     drain_timeout_s: PositiveSeconds = 30.0

@@ -54,6 +54,7 @@ recent_requests = 200              # finished requests kept for /api/cluster/req
 cors = []                          # allowed origins, e.g. ["https://example.org"] or ["*"]
 max_body_bytes = 4194304
 first_token_timeout_s = 30.0
+accept_timeout_s = 3.0             # no Accepted from a worker within this: try another
 request_timeout_s = 600.0
 max_attempts = 3                   # tries on different workers before the first token
 drain_timeout_s = 30.0

@@ -73,6 +73,14 @@ class RequestFinished(_Event, tag="request_finished", frozen=True, kw_only=True)
     """Wall-clock time the request reached the dispatcher."""
     migrations: int = 0
     """Times the stream moved to another worker after its first token (mid-stream migration)."""
+    dispatched: bool = False
+    """It passed the dispatcher's checks (known model, size) and went to the workers."""
+    error_frame: bool = False
+    """It ended with an ``Error`` frame (``status == "error"`` otherwise means an error raised before any frame)."""
+    unmoved: bool = False
+    """It lost its worker mid-stream and could not move on (migration limit, no worker left, client gone)."""
+    tokens_per_second: float = 0.0
+    """Generation speed the last worker measured (its ``Done``; 0: no Done)."""
 
 
 class RequestRetried(_Event, tag="request_retried", frozen=True, kw_only=True):

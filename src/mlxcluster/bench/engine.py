@@ -16,17 +16,15 @@ import msgspec
 
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.stats import machine_line, percentile
-from mlxcluster.bus import Bus
+from mlxcluster.bus import Bus, Signal, StreamInbox
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
-    PROBE_HEADER,
     ChatMessage,
     Done,
     Error,
     InferenceRequest,
     SamplingParams,
     Token,
-    decode_frame,
 )
 from mlxcluster.tables import table
 
@@ -96,21 +94,21 @@ async def _in_process(engine, model: str, streams: int, max_tokens: int) -> Engi
 
 
 async def _over_nats(bus: Bus, worker_id: str, model: str, streams: int, max_tokens: int) -> EngineRow:
+    inbox = StreamInbox(bus, f"bench-{uuid.uuid4().hex[:8]}")  # answers the worker's liveness probes too
+    await inbox.start()
+
     async def one(index: int) -> tuple[int, float]:
         request = make_request(index, model, max_tokens)
-        inbox = bus.nc.new_inbox()
-        sub = await bus.nc.subscribe(inbox)
+        stream = inbox.open(request.request_id, worker_id)
         started = time.perf_counter()
         first = None
         tokens = 0
         try:
-            await bus.publish(bus.subjects.inference(worker_id), request, reply=inbox)
+            await bus.publish(bus.subjects.inference(worker_id), request, reply=stream.reply)
             while True:
-                msg = await sub.next_msg(timeout=600)
-                if msg.headers and msg.headers.get(PROBE_HEADER):
-                    await msg.respond(b"")  # the worker asks whether we still listen
-                    continue
-                frame = decode_frame(msg.data)
+                frame = await stream.receive(time.monotonic() + 600)
+                if frame is Signal.SILENT:
+                    raise TimeoutError(f"no frame from {worker_id} within 600s")
                 if isinstance(frame, Token) and first is None:
                     first = time.perf_counter() - started
                 elif isinstance(frame, Done):
@@ -119,11 +117,14 @@ async def _over_nats(bus: Bus, worker_id: str, model: str, streams: int, max_tok
                 elif isinstance(frame, Error):
                     raise RuntimeError(f"worker error: {frame.code}: {frame.message}")
         finally:
-            await sub.unsubscribe()
+            inbox.discard(stream.key)
         return tokens, (first or 0.0) * 1000
 
     started = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(streams)))
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(streams)))
+    finally:
+        await inbox.close()
     return _row("worker over NATS", streams, results, time.perf_counter() - started)
 
 
@@ -206,19 +207,21 @@ def cluster_blas_env() -> dict[str, str]:
 
 async def _wait_registered(bus: Bus, worker_id: str, timeout: float = 120.0) -> None:
     """Until the worker's first heartbeat arrives (it is serving then)."""
-    from mlxcluster.protocol import WorkerHeartbeat, decode
+    from nats.aio.msg import Msg
 
-    sub = await bus.nc.subscribe(bus.subjects.heartbeat)
-    deadline = time.monotonic() + timeout
+    from mlxcluster.protocol import WorkerHeartbeat
+
+    serving = asyncio.Event()
+
+    async def on_heartbeat(heartbeat: WorkerHeartbeat, _msg: Msg) -> None:
+        if heartbeat.worker_id == worker_id:
+            serving.set()
+
+    sub = await bus.subscribe(bus.subjects.heartbeat, WorkerHeartbeat, on_heartbeat)
     try:
-        while time.monotonic() < deadline:
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except Exception:
-                continue
-            if decode(msg.data, WorkerHeartbeat).worker_id == worker_id:
-                return
-        raise TimeoutError(f"worker {worker_id} did not start within {timeout:.0f}s")
+        await asyncio.wait_for(serving.wait(), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"worker {worker_id} did not start within {timeout:.0f}s") from None
     finally:
         await sub.unsubscribe()
 

@@ -1,4 +1,8 @@
-"""``mlxcluster bench nats``: the message bus on loopback, against the embedded nats-server."""
+"""``mlxcluster bench nats``: the message bus on loopback, against the embedded nats-server.
+
+The one module besides :mod:`mlxcluster.bus` that uses the raw NATS client (``bus.nc``): it measures raw NATS
+request/reply and publish rates, which the Bus's typed helpers would only add to.
+"""
 
 from __future__ import annotations
 

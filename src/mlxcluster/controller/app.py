@@ -18,7 +18,7 @@ from aiohttp.typedefs import Middleware
 from nats.aio.msg import Msg
 
 from mlxcluster.api import BalancerContext
-from mlxcluster.bus import Bus
+from mlxcluster.bus import Bus, StreamInbox
 from mlxcluster.config import Config
 from mlxcluster.controller import (
     dashboard,
@@ -36,7 +36,6 @@ from mlxcluster.controller.cache_feed import follow_cache_events
 from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.dispatch import Dispatcher
-from mlxcluster.controller.inbox import ResponseInbox
 from mlxcluster.controller.metrics_feed import METRICS, build_metrics_feed, run_metrics
 from mlxcluster.controller.middleware import (
     auth_middleware,
@@ -53,6 +52,7 @@ from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerReg
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.5
+"""How often silent workers are marked offline (detection within offline_timeout + this)."""
 
 
 def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Application:
@@ -61,7 +61,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     cache_index = CacheIndex(config.load_balancing.cache_index_max_entries)
     balancer = build_balancer(pm, config.load_balancing, BalancerContext(config.load_balancing, cache_index))
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
-    inbox = ResponseInbox(bus, controller_id)
+    inbox = StreamInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
     ops = Operations.from_config(config.controller)  # a bad key entry fails here, at startup
     ctx = ControllerContext(
@@ -112,9 +112,6 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
     """Subscribe to worker discovery, sweep for offline workers, announce; undo on cleanup."""
     ctx = app[CONTROLLER]
     bus, registry, subjects = ctx.bus, ctx.registry, ctx.bus.subjects
-    if ctx.lifecycle.state == "idle":
-        ctx.lifecycle.to("connecting")
-    ctx.lifecycle.to("starting")
 
     async def on_register(registration: WorkerRegistration, _msg: Msg) -> None:
         registry.on_registration(registration)
@@ -136,31 +133,23 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
         await bus.subscribe(subjects.heartbeat, WorkerHeartbeat, on_heartbeat),
         await bus.subscribe(subjects.deregister, Deregister, on_deregister),
     ]
-    await bus.nc.flush()
+    await bus.flush()
     await announce()
-    sweeper = asyncio.create_task(_sweep_forever(registry))
+    stop_sweeping = asyncio.Event()
+    sweeper = asyncio.create_task(registry.run_sweeper(stop_sweeping, SWEEP_INTERVAL_S))
     ctx.lifecycle.to("ready")
     watcher = asyncio.create_task(watch_bus(ctx.lifecycle, bus))
     try:
         yield
     finally:
+        stop_sweeping.set()
         sweeper.cancel()
         watcher.cancel()
         await ctx.dispatcher.inbox.close()
         for sub in subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        if ctx.lifecycle.state not in ("stopped", "error"):
+        if ctx.lifecycle.state != "stopped":
             if ctx.lifecycle.state != "draining":
                 ctx.lifecycle.to("draining")
             ctx.lifecycle.to("stopped")
-
-
-async def _sweep_forever(registry: WorkerRegistry) -> None:
-    """Mark silent workers offline (detection within offline_timeout + SWEEP_INTERVAL_S)."""
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL_S)
-        try:
-            registry.sweep()
-        except Exception:
-            log.exception("registry sweep failed")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pluggy
 
@@ -34,7 +34,6 @@ from mlxcluster.api import (
     least_utilized,
 )
 from mlxcluster.config import LoadBalancingSection
-from mlxcluster.controller.registry import WorkerRegistry
 from mlxcluster.plugins import BalancerEntry, collect_balancers
 
 log = logging.getLogger(__name__)
@@ -166,14 +165,3 @@ def balancer_from_entries(
     if section.sticky_sessions:
         balancer = StickySessions(balancer)
     return balancer
-
-
-def select_worker(
-    registry: WorkerRegistry,
-    balancer: Balancer,
-    request: InferenceRequest,
-    exclude: Collection[str] = frozenset(),
-) -> WorkerView | None:
-    """Pick a worker for ``request`` among the registry's eligible ones (``None``: nobody can take it)."""
-    workers = registry.eligible(request.model, exclude)
-    return balancer.pick(workers, request) if workers else None

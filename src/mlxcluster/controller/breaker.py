@@ -70,6 +70,3 @@ class Breakers:
     def open_ids(self) -> set[str]:
         """Workers a pick must skip right now."""
         return {worker_id for worker_id in self._breakers if not self.allows(worker_id)}
-
-    def forget(self, worker_id: str) -> None:
-        self._breakers.pop(worker_id, None)

@@ -1,6 +1,8 @@
-"""The controller's lifecycle: idle → connecting → starting → ready → draining → stopped (or error).
+"""The controller's lifecycle: starting → ready → draining → stopped.
 
-``ready`` ⇄ ``degraded`` while the NATS connection is down (nothing can be dispatched then).
+``ready`` ⇄ ``degraded`` while the NATS connection is down (nothing can be dispatched then). These are the
+states anyone can see (``/health``, ``/ready``, cluster status, peer heartbeats): the app joins the
+cluster in ``starting``, before it serves HTTP.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-State = Literal["idle", "connecting", "starting", "ready", "degraded", "draining", "stopped", "error"]
+State = Literal["starting", "ready", "degraded", "draining", "stopped"]
 
 _ALLOWED: dict[State, set[State]] = {
-    "idle": {"connecting", "error", "stopped"},
-    "connecting": {"starting", "error", "stopped"},
-    "starting": {"ready", "error", "draining", "stopped"},
-    "ready": {"degraded", "draining", "error", "stopped"},
-    "degraded": {"ready", "draining", "error", "stopped"},
-    "draining": {"stopped", "error"},
+    "starting": {"ready", "draining", "stopped"},
+    "ready": {"degraded", "draining", "stopped"},
+    "degraded": {"ready", "draining", "stopped"},
+    "draining": {"stopped"},
     "stopped": set(),
-    "error": {"stopped"},
 }
 
 
@@ -29,7 +28,7 @@ class Lifecycle:
     """Current state plus when it was entered; illegal transitions raise ``ValueError``."""
 
     def __init__(self) -> None:
-        self.state: State = "idle"
+        self.state: State = "starting"
         self.since = time.time()
         self.error: str | None = None
 

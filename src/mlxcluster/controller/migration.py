@@ -52,7 +52,6 @@ class StreamSoFar:
     """Workers that lost this stream: never tried again for it."""
     attempts: int = 0
     """Workers sent this request so far (first tries, retries and continuations)."""
-    started: float = field(default_factory=time.monotonic)
     last_frame_at: float = field(default_factory=time.monotonic)
     loss: LostMidStream | None = None
     """The latest loss (the one being moved away from)."""

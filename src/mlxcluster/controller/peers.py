@@ -120,7 +120,7 @@ async def run_controller_heartbeats(app: web.Application) -> AsyncIterator[None]
 
     subscription = await bus.subscribe(subject, ControllerHeartbeat, on_heartbeat)
     with contextlib.suppress(Exception):
-        await bus.nc.flush()
+        await bus.flush()
     task = asyncio.create_task(beat())
     try:
         yield

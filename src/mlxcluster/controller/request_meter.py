@@ -49,6 +49,10 @@ class RequestMeter:
         "migrations",
         "request",
         "started_wall",
+        "dispatched",
+        "error_frame",
+        "unmoved",
+        "tokens_per_second",
         "_live",
     )
 
@@ -61,6 +65,10 @@ class RequestMeter:
         self.finish_reason: str | None = None
         self.queue_s: float | None = None
         self.migrations = 0
+        self.dispatched = False
+        self.error_frame = False
+        self.unmoved = False
+        self.tokens_per_second = 0.0
         self._live = live
         if live is not None and request is not None:
             live[request.request_id] = self
@@ -95,8 +103,10 @@ class RequestMeter:
             self.prompt_tokens = usage.prompt_tokens
             self.cached_tokens = usage.cached_tokens
             self.completion_tokens = usage.completion_tokens or self.completion_tokens
+            self.tokens_per_second = frame.timings.tokens_per_second
         elif isinstance(frame, Error):
             self.status, self.error = "error", frame.code
+            self.error_frame = True
 
     def ended(self, exc: BaseException) -> None:
         """The stream stopped with ``exc``: the consumer left (cancelled) or an error was raised."""
@@ -143,4 +153,8 @@ class RequestMeter:
             queue_s=self.queue_s,
             started=self.started_wall,
             migrations=self.migrations,
+            dispatched=self.dispatched,
+            error_frame=self.error_frame,
+            unmoved=self.unmoved,
+            tokens_per_second=self.tokens_per_second,
         )

@@ -44,7 +44,6 @@ async def cluster_status(request: web.Request) -> web.Response:
     """Controller state, worker counts, request counters, bus health."""
     ctx: ControllerContext = request.app[CONTROLLER]
     stats = ctx.dispatcher.stats
-    nc = ctx.bus.nc
     return json_response(
         {
             "controller_id": ctx.controller_id,
@@ -73,9 +72,9 @@ async def cluster_status(request: web.Request) -> web.Response:
             "controllers": request.app[PEERS].listing() if PEERS in request.app else [],
             "cache_index": msgspec.to_builtins(ctx.cache_index.stats()) if ctx.cache_index is not None else None,
             "nats": {
-                "connected": nc.is_connected,
+                "connected": ctx.bus.is_connected,
                 "server": ctx.bus.server_address,
-                "max_payload": nc.max_payload if nc.is_connected else None,
+                "max_payload": ctx.bus.max_payload if ctx.bus.is_connected else None,
                 "invalid_messages_total": ctx.bus.invalid_messages_total,
             },
         }

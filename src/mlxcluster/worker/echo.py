@@ -123,13 +123,13 @@ class EchoEngine(Engine):
                 tail = candidate[: candidate.index(hit)][len(text_so_far) :]
                 if tail:
                     text_so_far += tail
-                    yield Token(text=tail, seq=emitted, logprobs=_certain(tail, request))
+                    yield Token(text=tail, logprobs=_certain(tail, request))
                     emitted += 1
                 stop_sequence = hit
                 break
             text_so_far = candidate
             first_at = first_at or time.perf_counter()
-            yield Token(text=word, seq=emitted, logprobs=_certain(word, request))
+            yield Token(text=word, logprobs=_certain(word, request))
             emitted += 1
         total_s = time.perf_counter() - started
         ttft_s = (first_at - started) if first_at else total_s

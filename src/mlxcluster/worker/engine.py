@@ -47,7 +47,7 @@ _POLL_S = 0.5
 
 @dataclass(eq=False)
 class _Job:
-    """One request's state; the asyncio side owns ``frames``/``held``/``seq``, the thread the rest."""
+    """One request's state; the asyncio side owns ``frames``/``held``, the thread the rest."""
 
     request: InferenceRequest
     loop: asyncio.AbstractEventLoop
@@ -56,7 +56,6 @@ class _Job:
     cancelled: bool = False
     # asyncio side
     held: EngineFrame | None = None
-    seq: int = 0
     # generation thread side
     prompt: list[int] = field(default_factory=list)
     cached_tokens: int = 0
@@ -72,30 +71,6 @@ class _Job:
     finished: bool = False
     continued: int = 0
     """Tokens at the end of ``prompt`` that continue the assistant's message (not prompt tokens in usage)."""
-
-
-class _RateMeter:
-    """Tokens generated over a sliding window, readable from any thread."""
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self._events: deque[tuple[float, int]] = deque()
-        self._lock = threading.Lock()
-
-    def add(self, now: float, count: int) -> None:
-        with self._lock:
-            self._events.append((now, count))
-            self._trim(now)
-
-    def rate(self, now: float | None = None) -> float:
-        now = time.perf_counter() if now is None else now
-        with self._lock:
-            self._trim(now)
-            return sum(count for _, count in self._events) / self.window_s
-
-    def _trim(self, now: float) -> None:
-        while self._events and self._events[0][0] < now - self.window_s:
-            self._events.popleft()
 
 
 def default_served_name(model: str) -> str:
@@ -114,11 +89,10 @@ class MlxEngine(Engine):
     :param prefill_batch_size: prompts prefilled together (default ``min(max_concurrent, 8)``).
     :param served_name: the served model name (default :func:`default_served_name` of ``model``);
         ``name`` is an alias.
-    :param rate_window_s: window of :meth:`tokens_per_second`.
     :param prompt_cache_bytes: bound of the prompt cache; ``None``: :func:`default_cache_bytes` of the
         machine's memory; 0: no prompt cache.
 
-    ``tokens_total`` (generated tokens since start) and :meth:`tokens_per_second` feed heartbeats.
+    ``tokens_total`` counts the tokens generated since start.
     """
 
     def __init__(
@@ -130,7 +104,6 @@ class MlxEngine(Engine):
         prefill_batch_size: int | None = None,
         served_name: str | None = None,
         name: str | None = None,
-        rate_window_s: float = 5.0,
         stop_timeout_s: float = 30.0,
         prompt_cache_bytes: int | None = None,
     ) -> None:
@@ -151,8 +124,6 @@ class MlxEngine(Engine):
         self._cache_listener: CacheListener | None = None
         self._context_window = 0
         self.tokens_total = 0
-        self.prompt_tokens_total = 0
-        self._rate = _RateMeter(rate_window_s)
         self._details: dict[str, str] = {}
         self._inbox: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -232,10 +203,6 @@ class MlxEngine(Engine):
             except Exception:  # a listener must not take the batch down
                 log.exception("the prompt-cache listener failed")
 
-    def tokens_per_second(self) -> float:
-        """Generated tokens per second over the last ``rate_window_s`` seconds (all requests)."""
-        return self._rate.rate()
-
     @property
     def active_requests(self) -> int:
         """Requests in the batch (prefilling or decoding)."""
@@ -306,9 +273,7 @@ class MlxEngine(Engine):
                 job.held = frame
                 break
             tokens.append(frame)
-        token = merge_tokens(tokens, job.seq)
-        job.seq += 1
-        return token
+        return merge_tokens(tokens)
 
     # --- generation thread ---------------------------------------------------------------------
 
@@ -542,7 +507,6 @@ class MlxEngine(Engine):
             job.uid = uid
             job.admitted = time.perf_counter()
             self._active[uid] = job
-            self.prompt_tokens_total += len(job.prompt)
 
     def _step(self) -> None:
         """One BatchGenerator step: a decode step for the batch plus a prefill chunk for new prompts."""
@@ -559,7 +523,6 @@ class MlxEngine(Engine):
         responses = [r for r in responses if r.uid in self._active]
         if responses:  # counted before any Done frame goes out
             self.tokens_total += len(responses)
-            self._rate.add(now, len(responses))
         stopped: list[int] = []
         for response in responses:
             job = self._active[response.uid]

@@ -5,7 +5,8 @@ An engine turns an admitted :class:`InferenceRequest` into an async stream of fr
 bound and queue) is the worker service's job; an engine sees at most ``max_concurrent`` requests.
 Closing the iterator early (``aclose()`` or task cancellation) cancels the request: the engine stops
 generating for it within one token. Tokens that are ready together (the consumer was slower than
-generation) are merged into one Token frame with ``count`` set.
+generation) are merged into one Token frame with ``count`` set. Engines do not number frames: the worker's
+stream writer (:class:`mlxcluster.bus.ReplyWriter`) does.
 """
 
 from __future__ import annotations

@@ -231,8 +231,10 @@ def tool_dicts(tools: list[ToolSpec] | None) -> list[dict[str, Any]]:
     ]
 
 
-def merge_tokens(frames: list[Token], seq: int) -> Token:
-    """Coalesce consecutive Token frames into one (text, reasoning, calls and logprobs concatenated)."""
+def merge_tokens(frames: list[Token], seq: int = 0) -> Token:
+    """Coalesce consecutive Token frames into one (text, reasoning, calls and logprobs concatenated).
+
+    Engines leave ``seq`` alone: the worker's stream writer (:class:`mlxcluster.bus.ReplyWriter`) numbers frames."""
     if len(frames) == 1:
         first = frames[0]
         return Token(

@@ -14,23 +14,18 @@ import logging
 import time
 from collections import deque
 
-import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mlxcluster import __version__
-from mlxcluster.bus import Bus
+from mlxcluster.bus import Bus, ReplyWriter
 from mlxcluster.config import Config
 from mlxcluster.protocol import (
-    GONE_HEADER,
-    PROBE_HEADER,
     Accepted,
     Announce,
     Cancel,
     Capabilities,
     Deregister,
-    Done,
     Error,
     GroupInfo,
     Hardware,
@@ -99,7 +94,7 @@ class WorkerService:
         self.tokens_total = 0
         self.errors_total = 0
         self.in_flight: dict[str, asyncio.Task[None]] = {}
-        self._replies: dict[str, tuple[str, float]] = {}  # request id → (reply subject, started, monotonic)
+        self._replies: dict[str, tuple[ReplyWriter, float]] = {}  # request id → (its stream, started, monotonic)
         self.started_at = time.time()
         self._monitor = ProcessMonitor()
         self._subscriptions: list[Subscription] = []
@@ -118,7 +113,7 @@ class WorkerService:
             await self.bus.subscribe(subjects.cancel(self.worker_id), Cancel, self._on_cancel),
             await self.bus.subscribe(subjects.announce, Announce, self._on_announce),
         ]
-        await self.bus.nc.flush()
+        await self.bus.flush()
         await self.register()
         if self.engine.prompt_cache_stats() is not None:
             self.cache_events = CacheEventPublisher(
@@ -151,7 +146,7 @@ class WorkerService:
                 await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self.bus.publish(self.bus.subjects.deregister, Deregister(worker_id=self.worker_id, reason=reason))
-            await self.bus.nc.flush(timeout=2)
+            await self.bus.flush(timeout=2)
 
     @property
     def models(self) -> list[str]:
@@ -230,15 +225,16 @@ class WorkerService:
             self.bus.invalid_messages[msg.subject] += 1
             log.warning("dropped request %s without a reply subject", request.request_id)
             return
+        stream = ReplyWriter(self.bus, msg.reply)
         if self.status == "draining":
-            await self.bus.publish(msg.reply, Error(code="draining", message="worker is draining", retryable=True))
+            await stream.send(Error(code="draining", message="worker is draining", retryable=True))
             return
         if request.request_id in self.in_flight:
             return  # a duplicate delivery of a request we already serve
         self.requests_total += 1
-        task = asyncio.create_task(self._serve(request, msg.reply))
+        task = asyncio.create_task(self._serve(request, stream))
         self.in_flight[request.request_id] = task
-        self._replies[request.request_id] = (msg.reply, time.monotonic())
+        self._replies[request.request_id] = (stream, time.monotonic())
         task.add_done_callback(lambda _t: self._forget(request.request_id))
 
     def _forget(self, request_id: str) -> None:
@@ -247,23 +243,22 @@ class WorkerService:
 
     # --- serving one request --------------------------------------------------------------------
 
-    async def _serve(self, request: InferenceRequest, reply: str) -> None:
-        """Admit, generate and stream one request; every path ends with Done or Error."""
-        publish = self.bus.publish
+    async def _serve(self, request: InferenceRequest, stream: ReplyWriter) -> None:
+        """Admit, generate and stream one request; every path ends with Done or Error (numbered by ``stream``)."""
+        send = stream.send
         if request.model not in self.models:
-            await publish(
-                reply,
-                Error(code="model_not_found", message=f"model {request.model!r} is not loaded here", retryable=True),
+            await send(
+                Error(code="model_not_found", message=f"model {request.model!r} is not loaded here", retryable=True)
             )
             return
-        await publish(reply, Accepted(worker_id=self.worker_id, queued=self.admission.would_queue()))
+        await send(Accepted(worker_id=self.worker_id, queued=self.admission.would_queue()))
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
-        emitted = next_seq = 0
+        emitted = 0
         try:
             async with asyncio.timeout(timeout):
                 if not await self.admission.acquire(continued=request.continuation is not None):
                     self.errors_total += 1
-                    await publish(reply, Error(code="overloaded", message="worker queue is full", retryable=True))
+                    await send(Error(code="overloaded", message="worker queue is full", retryable=True))
                     return
                 try:
                     # aclosing: a cancel landing in publish() must close the engine's stream at once
@@ -271,29 +266,24 @@ class WorkerService:
                         async for frame in frames:
                             if isinstance(frame, Token):
                                 emitted += frame.count
-                                next_seq = frame.seq + 1
                                 self.tokens_total += frame.count
                                 self.rate.add(frame.count)
-                            elif isinstance(frame, Done):  # tell the controller how many Token frames it should have
-                                frame = msgspec.structs.replace(frame, seq=next_seq)
                             elif isinstance(frame, Error):
                                 self.errors_total += 1
-                            await publish(reply, frame)
+                            await send(frame)
                 finally:
                     self.admission.release()
         except TimeoutError:
             self.errors_total += 1
-            await publish(reply, Error(code="deadline_exceeded", message="request deadline passed on the worker"))
+            await send(Error(code="deadline_exceeded", message="request deadline passed on the worker"))
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await publish(reply, Done(finish_reason="cancelled"))
+                await stream.cancelled()
             raise
         except Exception as exc:
             self.errors_total += 1
             log.exception("engine failed on %s", request.request_id)
-            await publish(
-                reply, Error(code="engine_error", message=str(exc) or type(exc).__name__, retryable=emitted == 0)
-            )
+            await send(Error(code="engine_error", message=str(exc) or type(exc).__name__, retryable=emitted == 0))
 
     async def _probe_loop(self) -> None:
         """Every few seconds, ask whether anyone still waits for each long-running request; cancel if not.
@@ -304,19 +294,10 @@ class WorkerService:
         while True:
             await asyncio.sleep(self.probe_interval_s)
             horizon = time.monotonic() - self.probe_interval_s
-            old = [(rid, reply) for rid, (reply, started) in self._replies.items() if started < horizon]
-            results = await asyncio.gather(*(self._consumer_gone(reply) for _, reply in old))
-            for (request_id, reply), gone in zip(old, results, strict=True):
+            old = [(rid, stream) for rid, (stream, started) in self._replies.items() if started < horizon]
+            results = await asyncio.gather(*(stream.consumer_gone() for _, stream in old))
+            for (request_id, stream), gone in zip(old, results, strict=True):
                 task = self.in_flight.get(request_id)
                 if gone and task is not None:
-                    log.info("nobody waits for %s any more; cancelling", reply)
+                    log.info("nobody waits for %s any more; cancelling", stream.reply)
                     task.cancel()
-
-    async def _consumer_gone(self, reply: str) -> bool:
-        try:
-            answer = await self.bus.nc.request(reply, b"", timeout=2.0, headers={PROBE_HEADER: "1"})
-        except nats.errors.NoRespondersError:
-            return True
-        except (nats.errors.TimeoutError, nats.errors.Error):
-            return False  # unsure: keep going; the request's deadline still bounds it
-        return bool(answer.headers and answer.headers.get(GONE_HEADER))

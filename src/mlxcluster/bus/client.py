@@ -1,5 +1,8 @@
 """The message bus: a NATS connection with typed publish/subscribe/request helpers.
 
+The :class:`Bus` is the only holder of the NATS connection: every other module publishes, subscribes,
+flushes and probes through it (request streams: :mod:`mlxcluster.bus.streams`).
+
 ``Bus.connect`` keeps trying until the server answers (with backoff) and, once connected, reconnects
 forever by default. Incoming messages are decoded into msgspec Structs; a message that does not
 decode is logged, counted in :attr:`Bus.invalid_messages` and dropped, never raised into a handler.
@@ -167,6 +170,38 @@ class Bus:
     async def publish(self, subject: str, message: Struct, *, reply: str = "") -> None:
         """Encode and publish one message."""
         await self.nc.publish(subject, encode(message), reply=reply)
+
+    async def publish_encoded(
+        self, subject: str, payload: bytes, *, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        """Publish bytes already encoded (a request sized once by the dispatcher, an empty probe answer)."""
+        await self.nc.publish(subject, payload, reply=reply, headers=headers)
+
+    async def flush(self, timeout: int = 10) -> None:
+        """Wait until the server has seen everything sent so far (subscriptions included)."""
+        await self.nc.flush(timeout=timeout)
+
+    async def probe(self, subject: str, *, headers: dict[str, str], timeout: float) -> dict[str, str] | None:
+        """An empty request with ``headers``: the answer's headers (``{}`` without any); ``None`` when nobody
+        listens on ``subject``. Raises :class:`BusError` when nobody answered in time or the bus failed."""
+        try:
+            answer = await self.nc.request(subject, b"", timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            return None
+        except (nats.errors.TimeoutError, nats.errors.Error) as exc:
+            raise BusError(f"no answer on {subject}: {exc or type(exc).__name__}") from None
+        return dict(answer.headers or {})
+
+    async def subscribe_raw(
+        self, subject: str, handler: Callable[[Msg], Awaitable[None]], *, unbounded: bool = False
+    ) -> Subscription:
+        """Subscribe with a handler of raw messages (the stream inbox decodes frames itself).
+
+        :param unbounded: no limit on the bytes pending for the handler (a busy inbox must not drop frames).
+        """
+        if unbounded:
+            return await self.nc.subscribe(subject, cb=handler, pending_bytes_limit=-1)
+        return await self.nc.subscribe(subject, cb=handler)
 
     async def subscribe(
         self,

@@ -292,6 +292,9 @@ def bench_cluster(
     max_tokens: Annotated[int, typer.Option(help="Tokens per request in the real-model comparison.")] = 64,
     quick: Annotated[bool, typer.Option("--quick", help="Smaller steps, one worker, no real model (~1 min).")] = False,
     wrk: Annotated[bool, typer.Option("--wrk", help="Drive the throughput steps with wrk (time-bound).")] = False,
+    profile: Annotated[
+        Path | None, typer.Option(help="Run controller and workers under cProfile; .prof files go here.")
+    ] = None,
 ) -> None:
     """Echo: added latency and throughput of the cluster path against a bare aiohttp handler returning the
     same JSON, req/s at 1/2/4 workers, streamed tokens/s; then the real model side by side with mlx_lm.server."""
@@ -307,8 +310,8 @@ def bench_cluster(
         from mlxcluster.worker.blas import maybe_reexec_with_openblas
 
         maybe_reexec_with_openblas()
-    sizes = BenchSizes.quick() if quick else BenchSizes(latency_requests, requests, concurrency, time_limit)
-    result = asyncio.run(run_cluster_bench(sizes, use_wrk=wrk))
+    sizes = BenchSizes.quick_sizes() if quick else BenchSizes(latency_requests, requests, concurrency, time_limit)
+    result = asyncio.run(run_cluster_bench(sizes, use_wrk=wrk, profile_dir=profile))
     versus = []
     if real:
         from mlxcluster.bench.versus import run_versus

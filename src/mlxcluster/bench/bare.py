@@ -22,13 +22,14 @@ import msgspec
 from aiohttp import web
 
 _encoder = msgspec.json.Encoder()
-TEMPLATE = web.AppKey("template", dict)
+TEMPLATE = web.AppKey("template", dict[str, Any])
 
 
 async def chat_completions(request: web.Request) -> web.Response:
     """The template answer, as fresh as the cluster's (id, created)."""
     msgspec.json.decode(await request.read())
-    answer = {**request.app[TEMPLATE], "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+    template: dict[str, Any] = request.app[TEMPLATE]
+    answer = {**template, "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
     return web.Response(body=_encoder.encode(answer), content_type="application/json")
 
 

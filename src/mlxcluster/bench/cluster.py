@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -76,6 +77,8 @@ class ClusterBenchResult(msgspec.Struct):
     stream_concurrency: int
     quick: bool = False
     load_average: str = ""
+    profiled: bool = False
+    """The controller and workers ran under cProfile: their figures are the profiler's."""
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -179,10 +182,14 @@ class BenchSizes:
     rounds: int = 4
     """Alternating bare/cluster rounds of each step."""
     stream_requests: int = 200
+    quick: bool = False
 
     @classmethod
-    def quick(cls) -> BenchSizes:
-        return cls(latency_requests=1000, time_limit_s=12.0, worker_counts=(1,), rounds=3, stream_requests=40)
+    def quick_sizes(cls) -> BenchSizes:
+        """``--quick``: one worker, shorter steps (well under two minutes)."""
+        return cls(
+            latency_requests=1000, time_limit_s=12.0, worker_counts=(1,), rounds=3, stream_requests=40, quick=True
+        )
 
 
 def short_answer_template(answer: dict[str, object]) -> dict[str, object]:
@@ -295,8 +302,13 @@ def _load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-async def run_cluster_bench(sizes: BenchSizes | None = None, *, use_wrk: bool = False) -> ClusterBenchResult:
-    """Start nats-server, a controller, echo workers and the bare handler; measure both side by side."""
+async def run_cluster_bench(
+    sizes: BenchSizes | None = None, *, use_wrk: bool = False, profile_dir: Path | None = None
+) -> ClusterBenchResult:
+    """Start nats-server, a controller, echo workers and the bare handler; measure both side by side.
+
+    With ``profile_dir`` the controller and the workers run under cProfile (CPU time) and leave
+    ``<name>.prof`` there; the figures of such a run are the profiler's, not the cluster's."""
     sizes = sizes or BenchSizes()
     if use_wrk and not wrk_available():
         raise RuntimeError("wrk is not installed (apt-get install wrk), or leave out --wrk")
@@ -305,7 +317,9 @@ async def run_cluster_bench(sizes: BenchSizes | None = None, *, use_wrk: bool = 
     server = EmbeddedNatsServer(config.nats)
     await server.start()
     rows: list[ThroughputRow] = []
-    cluster = BenchCluster(nats_url=server.url, env={"MLXCLUSTER_WORKER_ENGINE": "echo"})
+    cluster = BenchCluster(nats_url=server.url, env={"MLXCLUSTER_WORKER_ENGINE": "echo"}, profile_dir=profile_dir)
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     try:
         cluster.start_controller()
         cluster.start_worker("bench-w1")
@@ -395,8 +409,9 @@ async def run_cluster_bench(sizes: BenchSizes | None = None, *, use_wrk: bool = 
         throughput=rows,
         stream_tokens_per_s=round(streamed.tokens / streamed.seconds, 1) if streamed.seconds else 0.0,
         stream_concurrency=stream_concurrency,
-        quick=sizes.worker_counts == (1,),
+        quick=sizes.quick,
         load_average=load_average,
+        profiled=profile_dir is not None,
     )
 
 
@@ -445,7 +460,12 @@ def format_table(result: ClusterBenchResult) -> str:
     )
     return (
         f"bench cluster{' --quick' if result.quick else ''} — {result.engine} — {result.machine}\n"
-        f"(servers on {result.server_loop}; load generator: {result.load_generator}; it, nats-server, the "
+        + (
+            "(PROFILED: the controller and workers ran under cProfile; these figures are not the cluster's)\n"
+            if result.profiled
+            else ""
+        )
+        + f"(servers on {result.server_loop}; load generator: {result.load_generator}; it, nats-server, the "
         f"controller, the workers and the bare handler share these cores; load average "
         f"{result.load_average or '?'} at the start)\n\n"
         f"{latency}\n\n{ratio}\n\nshort requests through one controller:\n{throughput}\n\n"

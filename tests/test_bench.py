@@ -21,7 +21,7 @@ from mlxcluster.bench import soak as soak_bench
 from mlxcluster.bench.procs import BenchCluster
 from mlxcluster.bench.report import refresh_sections, run_section, section_key, soak_sections
 from mlxcluster.bench.stats import percentile
-from mlxcluster.bench.wrk import parse_wrk_output, wrk_available
+from mlxcluster.bench.wrk import parse_wrk_output
 from mlxcluster.embedded import EmbeddedNatsServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,22 +45,25 @@ async def test_bench_nats_counts_what_it_was_asked() -> None:
 
 
 async def test_bench_cluster_steps_through_the_worker_counts() -> None:
-    result = await cluster_bench.run_cluster_bench(
-        latency_requests=20, throughput_requests=60, concurrency=4, time_limit_s=3, worker_counts=(1, 2)
+    sizes = cluster_bench.BenchSizes(
+        latency_requests=20,
+        throughput_requests=60,
+        concurrency=4,
+        time_limit_s=3,
+        worker_counts=(1, 2),
+        rounds=1,
+        stream_requests=4,
     )
+    result = await cluster_bench.run_cluster_bench(sizes)
     assert result.engine == "echo (no model)"
-    assert result.load_generator == ("wrk" if wrk_available() else "python aiohttp client")
     assert [(row.workers, row.concurrency) for row in result.throughput] == [(1, 4), (2, 4)]
     for row in result.throughput:
         assert row.errors == 0
-        assert row.requests > 0 and (wrk_available() or row.requests <= 60)  # wrk's steps are time-bound only
-        assert row.requests_per_s > 0 and 0 < row.p50_ms <= row.p99_ms
-    assert 0 < result.direct_p50_ms <= result.direct_p99_ms
+        assert row.requests > 0 and row.requests_per_s > 0 and 0 < row.p50_ms <= row.p99_ms
     assert 0 < result.cluster_p50_ms <= result.cluster_p99_ms
-    assert result.added_p50_ms == pytest.approx(result.cluster_p50_ms - result.direct_p50_ms, abs=0.002)
-    assert result.stream_tokens_per_s > 0 and result.stream_concurrency == 8
+    assert result.stream_tokens_per_s > 0
     text = cluster_bench.format_table(result)
-    assert result.load_generator in text and f"{result.cluster_p50_ms:.3f}" in text
+    assert f"{result.cluster_p50_ms:.3f}" in text
 
 
 async def test_run_load_counts_failures_as_errors() -> None:

@@ -1,21 +1,30 @@
 """``mlxcluster bench cluster``: what the controller + NATS path costs, and what it sustains.
 
-Echo engine (no model; labelled as such): added latency of the cluster path over calling the engine
-in-process, requests/s through one controller with 1, 2 and 4 worker processes, and streamed tokens/s.
-Every load loop is bounded by a request count and a time limit; traffic goes to 127.0.0.1 only.
+Echo engine (no model; labelled as such). The baseline, in the same run, is a bare aiohttp handler
+(:mod:`mlxcluster.bench.bare`) that returns the same OpenAI JSON: the added p50 of a short request
+(sequential) and the ratio of short-request throughput (concurrent) are the cluster path's cost. The
+load comes from its own process (:mod:`mlxcluster.bench.loadgen`, or wrk), so it never runs on the
+controller's loop, and the steps of the two targets alternate, so both see the same machine. Then
+requests/s with more worker processes, and streamed tokens/s. Every load loop is bounded by a request
+count and a time limit; traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import msgspec
 
-from mlxcluster.bench.nats import bench_config
+from mlxcluster.bench.loadgen import LoadPlan, LoadStep, TargetFigures, run_in_subprocess
+from mlxcluster.bench.nats import bench_config, free_port
 from mlxcluster.bench.procs import BenchCluster
 from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bench.wrk import run_wrk, wrk_available
@@ -26,6 +35,10 @@ from mlxcluster.worker.echo import EchoEngine
 
 SHORT_PROMPT = "ping"
 STREAM_PROMPT = " ".join(f"w{i}" for i in range(256))
+
+
+TARGET_ADDED_P50_MS = 0.6
+TARGET_THROUGHPUT_RATIO = 0.6
 
 
 class ThroughputRow(msgspec.Struct):
@@ -40,20 +53,33 @@ class ThroughputRow(msgspec.Struct):
 
 
 class ClusterBenchResult(msgspec.Struct):
-    """What ``bench cluster`` measured (echo engine)."""
+    """What ``bench cluster`` measured (echo engine), the bare handler beside it."""
 
     machine: str
     engine: str
     load_generator: str
+    server_loop: str
+    """The event loop of the controller, the worker and the bare handler (uvloop where installed)."""
     direct_p50_ms: float
     direct_p99_ms: float
+    bare_p50_ms: float
+    bare_p99_ms: float
     cluster_p50_ms: float
     cluster_p99_ms: float
     added_p50_ms: float
+    """Cluster p50 minus the bare handler's p50, sequential short requests."""
     added_p99_ms: float
+    bare_requests_per_s: float
+    cluster_requests_per_s: float
+    """One worker, the same clients as the bare handler's step."""
+    throughput_ratio: float
     throughput: list[ThroughputRow]
     stream_tokens_per_s: float
     stream_concurrency: int
+    quick: bool = False
+    load_average: str = ""
+    profiled: bool = False
+    """The controller and workers ran under cProfile: their figures are the profiler's."""
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -128,35 +154,6 @@ async def run_load(
     return LoadResult(latencies, errors, time.perf_counter() - started, tokens)
 
 
-@dataclass
-class Measurement:
-    """One load step, whichever generator drove it."""
-
-    ok: int
-    errors: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
-
-
-async def measure(
-    base_url: str, body: dict[str, object], *, concurrency: int, requests: int, time_limit_s: float, use_wrk: bool
-) -> Measurement:
-    """Drive ``body`` at ``concurrency`` with wrk (time-bound) or the Python client (count- and time-bound)."""
-    if use_wrk:
-        url = f"{base_url}/v1/chat/completions"
-        result = await asyncio.to_thread(run_wrk, url, body, connections=concurrency, seconds=time_limit_s)
-        return Measurement(result.requests, result.errors, result.seconds, result.p50_ms, result.p99_ms)
-    load = await run_load(base_url, concurrency=concurrency, requests=requests, time_limit_s=time_limit_s, body=body)
-    return Measurement(
-        len(load.latencies_ms),
-        load.errors,
-        load.seconds,
-        percentile(load.latencies_ms, 50),
-        percentile(load.latencies_ms, 99),
-    )
-
-
 async def direct_latencies(count: int) -> list[float]:
     """The echo engine called in-process: the baseline the cluster path is compared with."""
     engine = EchoEngine()
@@ -172,97 +169,270 @@ async def direct_latencies(count: int) -> list[float]:
     return samples
 
 
+@dataclass
+class BenchSizes:
+    """How much ``bench cluster`` sends: ``--quick`` is a smaller instance of the same steps.
+
+    Requests and seconds are per target, shared by its ``rounds`` (each step ends at whichever comes first)."""
+
+    latency_requests: int = 2000
+    throughput_requests: int = 200_000
+    concurrency: int = 32
+    time_limit_s: float = 20.0
+    worker_counts: tuple[int, ...] = (1, 2, 4)
+    rounds: int = 4
+    """Alternating bare/cluster rounds of each step."""
+    stream_requests: int = 200
+    quick: bool = False
+
+    @classmethod
+    def quick_sizes(cls) -> BenchSizes:
+        """``--quick``: one worker, shorter steps (well under two minutes)."""
+        return cls(
+            latency_requests=1000, time_limit_s=12.0, worker_counts=(1,), rounds=3, stream_requests=40, quick=True
+        )
+
+
+def short_answer_template(answer: dict[str, object]) -> dict[str, object]:
+    """The cluster's answer to the short request, as the bare handler's template (``id``/``created`` are
+    refreshed per request)."""
+    return {key: value for key, value in answer.items() if key not in ("id", "created")}
+
+
+async def fetch_short_answer(base_url: str) -> dict[str, object]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base_url}/v1/chat/completions", json=chat_body(SHORT_PROMPT)) as response:
+            response.raise_for_status()
+            answer: dict[str, object] = await response.json()
+            return answer
+
+
+@contextlib.asynccontextmanager
+async def bare_server(template: dict[str, object]) -> AsyncIterator[str]:
+    """The bare handler in its own process; yields its base URL once it answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlxcluster.bench.bare", str(port), msgspec.json.encode(template).decode()],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.post(f"{base_url}/v1/chat/completions", json=chat_body(SHORT_PROMPT)) as r:
+                        if r.status == 200:
+                            break
+                except (aiohttp.ClientError, OSError):
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the bare aiohttp baseline did not start (exit code {process.poll()})")
+                await asyncio.sleep(0.1)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _port(base_url: str) -> int:
+    return int(base_url.rsplit(":", 1)[1])
+
+
+def alternating(targets: dict[str, str], *, concurrency: int, requests: int, seconds: float, rounds: int) -> LoadPlan:
+    """``rounds`` rounds of one step per target in turn, sharing ``requests`` and ``seconds``."""
+    body = msgspec.json.encode(chat_body(SHORT_PROMPT)).decode()
+    steps = [
+        LoadStep(
+            label=label,
+            port=_port(url),
+            body=body,
+            concurrency=concurrency,
+            requests=max(1, requests // rounds),
+            seconds=seconds / rounds,
+        )
+        for _ in range(rounds)
+        for label, url in targets.items()
+    ]
+    return LoadPlan(steps=steps)
+
+
+async def wrk_alternating(
+    targets: dict[str, str], *, concurrency: int, seconds: float, rounds: int
+) -> dict[str, TargetFigures]:
+    """As :func:`alternating`, driven by wrk (time-bound only): p50/p99 are those of the last round."""
+    figures = {label: TargetFigures() for label in targets}
+    for _ in range(rounds):
+        for label, url in targets.items():
+            result = await asyncio.to_thread(
+                run_wrk,
+                f"{url}/v1/chat/completions",
+                chat_body(SHORT_PROMPT),
+                connections=concurrency,
+                seconds=max(1.0, seconds / rounds),
+            )
+            entry = figures[label]
+            entry.ok += result.requests
+            entry.errors += result.errors
+            entry.seconds += result.seconds
+            entry.p50_ms, entry.p99_ms = result.p50_ms, result.p99_ms
+    return figures
+
+
+def _row(workers: int, concurrency: int, figures: TargetFigures) -> ThroughputRow:
+    return ThroughputRow(
+        workers=workers,
+        concurrency=concurrency,
+        requests=figures.ok,
+        errors=figures.errors,
+        seconds=round(figures.seconds, 2),
+        requests_per_s=round(figures.requests_per_s, 1),
+        p50_ms=round(figures.p50_ms, 2),
+        p99_ms=round(figures.p99_ms, 2),
+    )
+
+
+def _load_average() -> str:
+    import os
+
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 async def run_cluster_bench(
-    *,
-    latency_requests: int,
-    throughput_requests: int,
-    concurrency: int,
-    time_limit_s: float,
-    worker_counts: tuple[int, ...] = (1, 2, 4),
+    sizes: BenchSizes | None = None, *, use_wrk: bool = False, profile_dir: Path | None = None
 ) -> ClusterBenchResult:
-    """Start nats-server, a controller and up to max(worker_counts) echo workers; measure."""
-    use_wrk = wrk_available()
+    """Start nats-server, a controller, echo workers and the bare handler; measure both side by side.
+
+    With ``profile_dir`` the controller and the workers run under cProfile (CPU time) and leave
+    ``<name>.prof`` there; the figures of such a run are the profiler's, not the cluster's."""
+    sizes = sizes or BenchSizes()
+    if use_wrk and not wrk_available():
+        raise RuntimeError("wrk is not installed (apt-get install wrk), or leave out --wrk")
+    load_average = _load_average()
     config = bench_config()
     server = EmbeddedNatsServer(config.nats)
     await server.start()
     rows: list[ThroughputRow] = []
-    cluster = BenchCluster(nats_url=server.url, env={"MLXCLUSTER_WORKER_ENGINE": "echo"})
+    cluster = BenchCluster(nats_url=server.url, env={"MLXCLUSTER_WORKER_ENGINE": "echo"}, profile_dir=profile_dir)
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     try:
         cluster.start_controller()
         cluster.start_worker("bench-w1")
         await cluster.wait_for_workers(1)
-        await run_load(cluster.base_url, concurrency=4, requests=200, time_limit_s=10, body=chat_body(SHORT_PROMPT))
-        sequential = await measure(
-            cluster.base_url,
-            chat_body(SHORT_PROMPT),
-            concurrency=1,
-            requests=latency_requests,
-            time_limit_s=min(time_limit_s, 5),
-            use_wrk=use_wrk,
-        )
+        template = short_answer_template(await fetch_short_answer(cluster.base_url))
+        async with bare_server(template) as bare_url:
+            targets = {"bare": bare_url, "cluster": cluster.base_url}
+            await run_in_subprocess(alternating(targets, concurrency=4, requests=600, seconds=10, rounds=1))
+            latency = await run_in_subprocess(
+                alternating(
+                    targets,
+                    concurrency=1,
+                    requests=sizes.latency_requests,
+                    seconds=min(sizes.time_limit_s, 10),
+                    rounds=sizes.rounds,
+                )
+            )
+            if use_wrk:
+                load = await wrk_alternating(
+                    targets, concurrency=sizes.concurrency, seconds=sizes.time_limit_s, rounds=sizes.rounds
+                )
+            else:
+                report = await run_in_subprocess(
+                    alternating(
+                        targets,
+                        concurrency=sizes.concurrency,
+                        requests=sizes.throughput_requests,
+                        seconds=sizes.time_limit_s,
+                        rounds=sizes.rounds,
+                    )
+                )
+                load = report.targets
+        rows.append(_row(1, sizes.concurrency, load["cluster"]))
         started_workers = 1
-        for count in worker_counts:
+        for count in sizes.worker_counts:
+            if count <= 1:
+                continue
             while started_workers < count:
                 started_workers += 1
                 cluster.start_worker(f"bench-w{started_workers}")
             await cluster.wait_for_workers(count)
-            step = await measure(
-                cluster.base_url,
-                chat_body(SHORT_PROMPT),
-                concurrency=concurrency,
-                requests=throughput_requests,
-                time_limit_s=time_limit_s,
-                use_wrk=use_wrk,
-            )
-            rows.append(
-                ThroughputRow(
-                    workers=count,
-                    concurrency=concurrency,
-                    requests=step.ok,
-                    errors=step.errors,
-                    seconds=round(step.seconds, 2),
-                    requests_per_s=round(step.ok / step.seconds, 1),
-                    p50_ms=round(step.p50_ms, 2),
-                    p99_ms=round(step.p99_ms, 2),
+            only = {"cluster": cluster.base_url}
+            if use_wrk:
+                step = await wrk_alternating(only, concurrency=sizes.concurrency, seconds=sizes.time_limit_s, rounds=1)
+            else:
+                plan = alternating(
+                    only,
+                    concurrency=sizes.concurrency,
+                    requests=sizes.throughput_requests,
+                    seconds=sizes.time_limit_s,
+                    rounds=1,
                 )
-            )
+                step = (await run_in_subprocess(plan)).targets
+            rows.append(_row(count, sizes.concurrency, step["cluster"]))
         stream_concurrency = 8
         streamed = await run_load(
             cluster.base_url,
             concurrency=stream_concurrency,
-            requests=200,
-            time_limit_s=time_limit_s,
+            requests=sizes.stream_requests,
+            time_limit_s=sizes.time_limit_s,
             body=chat_body(STREAM_PROMPT, stream=True, max_tokens=256),
         )
     finally:
         cluster.stop()
         await server.stop()
-    direct = await direct_latencies(latency_requests)
+    direct = await direct_latencies(sizes.latency_requests)
+    bare, through = latency.targets["bare"], latency.targets["cluster"]
+    bare_rps, cluster_rps = load["bare"].requests_per_s, load["cluster"].requests_per_s
     return ClusterBenchResult(
         machine=machine_line(),
         engine="echo (no model)",
-        load_generator="wrk" if use_wrk else "python aiohttp client",
+        load_generator=(
+            "wrk (throughput), own process" if use_wrk else f"python raw HTTP/1.1 ({latency.loop}), own process"
+        ),
+        server_loop=server_loop_name(),
         direct_p50_ms=round(percentile(direct, 50), 3),
         direct_p99_ms=round(percentile(direct, 99), 3),
-        cluster_p50_ms=round(sequential.p50_ms, 3),
-        cluster_p99_ms=round(sequential.p99_ms, 3),
-        added_p50_ms=round(sequential.p50_ms - percentile(direct, 50), 3),
-        added_p99_ms=round(sequential.p99_ms - percentile(direct, 99), 3),
+        bare_p50_ms=round(bare.p50_ms, 3),
+        bare_p99_ms=round(bare.p99_ms, 3),
+        cluster_p50_ms=round(through.p50_ms, 3),
+        cluster_p99_ms=round(through.p99_ms, 3),
+        added_p50_ms=round(through.p50_ms - bare.p50_ms, 3),
+        added_p99_ms=round(through.p99_ms - bare.p99_ms, 3),
+        bare_requests_per_s=round(bare_rps, 1),
+        cluster_requests_per_s=round(cluster_rps, 1),
+        throughput_ratio=round(cluster_rps / bare_rps, 3) if bare_rps else 0.0,
         throughput=rows,
-        stream_tokens_per_s=round(streamed.tokens / streamed.seconds, 1),
+        stream_tokens_per_s=round(streamed.tokens / streamed.seconds, 1) if streamed.seconds else 0.0,
         stream_concurrency=stream_concurrency,
+        quick=sizes.quick,
+        load_average=load_average,
+        profiled=profile_dir is not None,
     )
+
+
+def server_loop_name() -> str:
+    """The loop that the controller, worker and bare handler run on (what ``fast_loop_factory`` gives)."""
+    from mlxcluster.node import fast_loop_factory
+
+    return "uvloop" if fast_loop_factory() is not None else "asyncio"
 
 
 def format_table(result: ClusterBenchResult) -> str:
     """The result as text tables, with the issue's targets beside the figures."""
     latency = table(
-        ["path", "p50 ms", "p99 ms"],
+        ["path (sequential short requests)", "p50 ms", "p99 ms"],
         [
             ["echo engine in-process", f"{result.direct_p50_ms:.3f}", f"{result.direct_p99_ms:.3f}"],
+            ["bare aiohttp handler, same JSON", f"{result.bare_p50_ms:.3f}", f"{result.bare_p99_ms:.3f}"],
             ["HTTP → controller → NATS → worker", f"{result.cluster_p50_ms:.3f}", f"{result.cluster_p99_ms:.3f}"],
             [
-                "added by the cluster path (target p50 ≤ 1 ms)",
+                f"added by the cluster path (target p50 ≤ {TARGET_ADDED_P50_MS} ms)",
                 f"{result.added_p50_ms:.3f}",
                 f"{result.added_p99_ms:.3f}",
             ],
@@ -283,10 +453,23 @@ def format_table(result: ClusterBenchResult) -> str:
             for r in result.throughput
         ],
     )
+    clients = result.throughput[0].concurrency if result.throughput else 0
+    ratio = (
+        f"short requests, {clients} clients: cluster {result.cluster_requests_per_s:,.0f} req/s, bare handler "
+        f"{result.bare_requests_per_s:,.0f} req/s: {result.throughput_ratio:.2f}× "
+        f"(target ≥ {TARGET_THROUGHPUT_RATIO}×)"
+    )
     return (
-        f"bench cluster — {result.engine} — {result.machine}\n"
-        f"(load generator: {result.load_generator}; it, the controller and the workers share these cores)\n\n"
-        f"{latency}\n\nshort requests through one controller (target ≥ 2,000 req/s on 2 cores):\n{throughput}\n\n"
+        f"bench cluster{' --quick' if result.quick else ''} — {result.engine} — {result.machine}\n"
+        + (
+            "(PROFILED: the controller and workers ran under cProfile; these figures are not the cluster's)\n"
+            if result.profiled
+            else ""
+        )
+        + f"(servers on {result.server_loop}; load generator: {result.load_generator}; it, nats-server, the "
+        f"controller, the workers and the bare handler share these cores; load average "
+        f"{result.load_average or '?'} at the start)\n\n"
+        f"{latency}\n\n{ratio}\n\nshort requests through one controller:\n{throughput}\n\n"
         f"streamed tokens/s through the cluster ({result.stream_concurrency} streams): "
         f"{result.stream_tokens_per_s:,.0f}"
     )

@@ -18,6 +18,21 @@ import aiohttp
 from mlxcluster.bench.nats import free_port
 from mlxcluster.supervisor import child_env
 
+_PROFILED = """
+import cProfile, runpy, sys, time
+out, sys.argv = sys.argv[1], ["mlxcluster", *sys.argv[2:]]
+profile = cProfile.Profile(time.process_time)
+try:
+    profile.runcall(runpy.run_module, "mlxcluster", run_name="__main__")
+except SystemExit:
+    pass
+finally:
+    profile.dump_stats(out)
+"""
+"""``python -c`` code running ``mlxcluster ARGS`` under cProfile in CPU time (``time.process_time``): on a
+machine whose cores are shared, wall-clock profiles would charge the time a process waited for a core to
+whatever call it was in."""
+
 
 @dataclass
 class BenchCluster:
@@ -29,6 +44,8 @@ class BenchCluster:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mlxcluster-bench-")))
     names: list[str] = field(default_factory=list)
+    profile_dir: Path | None = None
+    """When set, every child runs under cProfile (CPU time) and writes ``<name>.prof`` there when it stops."""
 
     @property
     def base_url(self) -> str:
@@ -46,8 +63,11 @@ class BenchCluster:
             }
         )
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115  (the child keeps it)
+        command = ["-m", "mlxcluster", "run", "--mode", role]
+        if self.profile_dir is not None:
+            command = ["-c", _PROFILED, str(self.profile_dir / f"{name}.prof"), *command[2:]]
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlxcluster", "run", "--mode", role],
+            [sys.executable, *command],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,

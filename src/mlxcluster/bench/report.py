@@ -21,8 +21,8 @@ SECTIONS: list[tuple[str, list[str], str]] = [
     (
         "Cluster",
         ["cluster"],
-        "Echo engine through controller + NATS (load from wrk when installed), then the "
-        "demo model side by side with `mlx_lm.server` on the same model dir.",
+        "Echo engine through controller + NATS against a bare aiohttp handler returning the same JSON (load "
+        "from its own process), then the demo model side by side with `mlx_lm.server` on the same model dir.",
     ),
     ("Scale", ["scale"], "One controller, simulated workers heartbeating (many per process)."),
     (
@@ -52,7 +52,7 @@ SECTIONS: list[tuple[str, list[str], str]] = [
         "requests, and the cache's byte bound.",
     ),
 ]
-QUICK = {"multiturn"}
+QUICK = {"multiturn", "cluster"}
 """Benchmarks that take ``--quick``."""
 
 

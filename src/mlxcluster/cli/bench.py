@@ -35,35 +35,35 @@ def bench_nats(
 def bench_cluster(
     config_path: ConfigOption = None,
     as_json: JsonOption = False,
-    requests: Annotated[int, typer.Option(help="Requests per throughput step (Python client).", min=10)] = 4000,
-    latency_requests: Annotated[int, typer.Option(help="Sequential requests for the latency figures.", min=10)] = 500,
+    requests: Annotated[int, typer.Option(help="Requests at most per target in a throughput step.", min=10)] = 200_000,
+    latency_requests: Annotated[int, typer.Option(help="Sequential requests per target (latency).", min=10)] = 2000,
     concurrency: Annotated[int, typer.Option(help="Concurrent clients in the throughput steps.", min=1)] = 32,
-    time_limit: Annotated[float, typer.Option(help="Seconds at most per step.", min=1)] = 20.0,
+    time_limit: Annotated[float, typer.Option(help="Seconds at most per target in a step.", min=1)] = 20.0,
     real: Annotated[bool, typer.Option(help="Also compare with mlx_lm.server on the demo model.")] = True,
     streams: Annotated[str, typer.Option(help="Concurrencies for the real-model comparison.")] = "1,4",
     max_tokens: Annotated[int, typer.Option(help="Tokens per request in the real-model comparison.")] = 64,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller steps, one worker, no real model (~1 min).")] = False,
+    wrk: Annotated[bool, typer.Option("--wrk", help="Drive the throughput steps with wrk (time-bound).")] = False,
+    profile: Annotated[
+        Path | None, typer.Option(help="Run controller and workers under cProfile; .prof files go here.")
+    ] = None,
 ) -> None:
-    """Echo: added latency of the cluster path, req/s at 1/2/4 workers, streamed tokens/s; then the real
-    model side by side with mlx_lm.server."""
+    """Echo: added latency and throughput of the cluster path against a bare aiohttp handler returning the
+    same JSON, req/s at 1/2/4 workers, streamed tokens/s; then the real model side by side with mlx_lm.server."""
     import asyncio
     import json
 
     import msgspec
 
-    from mlxcluster.bench.cluster import format_table, run_cluster_bench
+    from mlxcluster.bench.cluster import BenchSizes, format_table, run_cluster_bench
 
+    real = real and not quick
     if real:
         from mlxcluster.worker.blas import maybe_reexec_with_openblas
 
         maybe_reexec_with_openblas()
-    result = asyncio.run(
-        run_cluster_bench(
-            latency_requests=latency_requests,
-            throughput_requests=requests,
-            concurrency=concurrency,
-            time_limit_s=time_limit,
-        )
-    )
+    sizes = BenchSizes.quick_sizes() if quick else BenchSizes(latency_requests, requests, concurrency, time_limit)
+    result = asyncio.run(run_cluster_bench(sizes, use_wrk=wrk, profile_dir=profile))
     versus = []
     if real:
         from mlxcluster.bench.versus import run_versus

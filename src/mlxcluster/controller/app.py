@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 
 import pluggy
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from nats.aio.msg import Msg
 
 from mlxcluster.api import BalancerContext
@@ -37,12 +36,7 @@ from mlxcluster.controller.cache_index import CacheIndex
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.dispatch import Dispatcher
 from mlxcluster.controller.metrics_feed import METRICS, build_metrics_feed, run_metrics
-from mlxcluster.controller.middleware import (
-    auth_middleware,
-    cors_middleware,
-    error_middleware,
-    request_id_middleware,
-)
+from mlxcluster.controller.middleware import controller_middlewares
 from mlxcluster.controller.ops import Operations
 from mlxcluster.controller.peers import PEERS, ControllerPeers, run_controller_heartbeats
 from mlxcluster.controller.registry import WorkerRegistry
@@ -81,12 +75,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
         cache_index=cache_index,
         ops=ops,
     )
-    middlewares: list[Middleware] = [
-        request_id_middleware,
-        cors_middleware(config.controller.cors),
-        error_middleware,
-        auth_middleware(ops.keys, ops.limiter),
-    ]
+    middlewares = controller_middlewares(config.controller.cors, ops.keys, ops.limiter)
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
     app[METRICS] = metrics

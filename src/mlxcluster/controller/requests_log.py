@@ -2,7 +2,8 @@
 
 Built from what the dispatcher already produces: its table of live :class:`RequestMeter` objects (requests
 in flight) and its :class:`RequestFinished` events (finished requests). Nothing here is on the token path:
-a finished request costs one record and one log call.
+a finished request costs a deque append (its event is kept as it is and becomes a :class:`RequestRecord`
+only when someone lists it) and, when the access log is on, one log call.
 """
 
 from __future__ import annotations
@@ -108,20 +109,20 @@ class RequestLog:
     """The last ``size`` finished requests, average latency per worker, and the access log."""
 
     def __init__(self, size: int = 200) -> None:
-        self.finished: deque[RequestRecord] = deque(maxlen=size)
+        self.finished: deque[RequestFinished] = deque(maxlen=size)
+        """The events of the latest finished requests, oldest first (records are made when listed)."""
         self._latency: dict[str, deque[tuple[float, float | None]]] = {}
 
-    def on_finished(self, event: RequestFinished) -> RequestRecord:
+    def on_finished(self, event: RequestFinished) -> None:
         """Record one finished request and write its access-log line."""
-        record = finished_record(event)
-        self.finished.append(record)
+        self.finished.append(event)
         if event.worker is not None and event.status == "ok":
             window = self._latency.get(event.worker)
             if window is None:
                 window = self._latency[event.worker] = deque(maxlen=LATENCY_WINDOW)
             window.append((event.duration_s, event.ttft_s))
-        _log_access(record)
-        return record
+        if access_log.isEnabledFor(logging.INFO):
+            _log_access(finished_record(event))
 
     def latency(self, worker_id: str) -> dict[str, float | None]:
         """Average total and first-token latency (ms) of the worker's latest successful requests."""
@@ -149,7 +150,7 @@ class RequestLog:
     ) -> dict[str, Any]:
         """In-flight and recent requests (newest first), only those of ``key`` when given."""
         in_flight = [live_record(m) for m in list(live.values()) if m.request is not None]
-        recent = list(reversed(self.finished))
+        recent = [finished_record(event) for event in reversed(self.finished)]
         if key is not None:
             in_flight = [r for r in in_flight if r.key == key]
             recent = [r for r in recent if r.key == key]
@@ -164,8 +165,6 @@ class RequestLog:
 
 def _log_access(record: RequestRecord) -> None:
     """One line per request: readable text, and every field as JSON keys with ``logging.format = "json"``."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
     fields = {
         "request_id": record.id,
         "key": record.key,

@@ -68,6 +68,11 @@ class EchoEngine(Engine):
         self.models = models or [ECHO_MODEL]
         self.token_delay_s = token_delay_ms / 1000
         self.prompt_cache = SimulatedPromptCache(prompt_cache_entries) if prompt_cache_entries > 0 else None
+        details = {"token_delay_ms": str(self.token_delay_s * 1000)}
+        if self.prompt_cache is not None:
+            details["prompt_cache"] = f"simulated, {self.prompt_cache.max_entries} conversations"
+        self._info = EngineInfo(name="echo", models=list(self.models), details=details)
+        """Built once: the worker asks for it on every request (which models it serves)."""
 
     async def start(self) -> None:
         """Nothing to load."""
@@ -76,10 +81,7 @@ class EchoEngine(Engine):
         """Nothing to release."""
 
     def info(self) -> EngineInfo:
-        details = {"token_delay_ms": str(self.token_delay_s * 1000)}
-        if self.prompt_cache is not None:
-            details["prompt_cache"] = f"simulated, {self.prompt_cache.max_entries} conversations"
-        return EngineInfo(name="echo", models=list(self.models), details=details)
+        return self._info
 
     def prompt_cache_stats(self) -> PromptCacheStats | None:
         return self.prompt_cache.stats() if self.prompt_cache is not None else None

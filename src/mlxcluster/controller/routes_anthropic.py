@@ -9,7 +9,6 @@ shape, ``{"type": "error", "error": {"type", "message"}}`` (the auth middleware'
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +17,7 @@ from mlxcluster.controller.anthropic_schema import MessagesRequest, messages_to_
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
 from mlxcluster.controller.generation import Generated, collect, generation
-from mlxcluster.controller.middleware import stream_headers
+from mlxcluster.controller.middleware import new_request_id, stream_headers
 from mlxcluster.controller.openai_schema import parse_body
 from mlxcluster.controller.openai_tools import decode_tool_arguments
 from mlxcluster.controller.render import StreamRenderer, relay
@@ -189,7 +188,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
 async def _create_message(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
     body: MessagesRequest = parse_body(await request.read(), MessagesRequest)  # type: ignore[arg-type]
-    message_id = f"msg_{uuid.uuid4().hex}"
+    message_id = f"msg_{new_request_id()}"
     inference = messages_to_inference(body, message_id, time.time() + ctx.config.controller.request_timeout_s)
     async with generation(request, inference) as (first, frames):
         if not body.stream:

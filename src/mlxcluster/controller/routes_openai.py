@@ -7,7 +7,6 @@ proper 4xx/5xx JSON error instead of a 200 stream that fails at once.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from aiohttp import web
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError, model_not_found
 from mlxcluster.controller.generation import Generated, collect, generation
-from mlxcluster.controller.middleware import API_KEY, stream_headers
+from mlxcluster.controller.middleware import API_KEY, new_request_id, stream_headers
 from mlxcluster.controller.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -218,7 +217,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions, streamed (SSE) or not."""
     ctx: ControllerContext = request.app[CONTROLLER]
     body: ChatCompletionRequest = parse_body(await request.read(), ChatCompletionRequest)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    completion_id = f"chatcmpl-{new_request_id()}"
     inference = chat_to_inference(body, completion_id, _deadline(ctx))
     renderer = Renderer(
         chat=True, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
@@ -231,7 +230,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     """OpenAI (legacy) text completions."""
     ctx: ControllerContext = request.app[CONTROLLER]
     body: CompletionRequest = parse_body(await request.read(), CompletionRequest)
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    completion_id = f"cmpl-{new_request_id()}"
     inference = completion_to_inference(body, completion_id, _deadline(ctx))
     renderer = Renderer(
         chat=False, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs

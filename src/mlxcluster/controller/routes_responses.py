@@ -9,7 +9,6 @@ and ``function_call``. A stream sends the official event sequence: ``response.cr
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ from aiohttp import web
 from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError
 from mlxcluster.controller.generation import Generated, collect, generation
-from mlxcluster.controller.middleware import stream_headers
+from mlxcluster.controller.middleware import new_request_id, stream_headers
 from mlxcluster.controller.openai_schema import parse_body
 from mlxcluster.controller.render import StreamRenderer, relay
 from mlxcluster.controller.responses import json_response
@@ -30,7 +29,7 @@ routes = web.RouteTableDef()
 
 
 def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{new_request_id()}"
 
 
 def usage_object(usage: Usage) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 import weakref
 from typing import Any
 
@@ -30,7 +29,7 @@ from mlxcluster.controller.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.errors import ApiError, bad_request
 from mlxcluster.controller.generation import check_ready
 from mlxcluster.controller.keys import CURRENT_KEY, ApiKey
-from mlxcluster.controller.middleware import API_KEY, API_KEY_PENDING, model_not_allowed
+from mlxcluster.controller.middleware import API_KEY, API_KEY_PENDING, model_not_allowed, new_request_id
 from mlxcluster.controller.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -231,9 +230,9 @@ class Session:
         raw = msgspec.json.encode(body)
         if kind == "chat":
             chat: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
-            return chat_to_inference(chat, f"chatcmpl-{uuid.uuid4().hex}", deadline)
+            return chat_to_inference(chat, f"chatcmpl-{new_request_id()}", deadline)
         text: CompletionRequest = parse_body(raw, CompletionRequest)
-        return completion_to_inference(text, f"cmpl-{uuid.uuid4().hex}", deadline)
+        return completion_to_inference(text, f"cmpl-{new_request_id()}", deadline)
 
     def _cancel(self, envelope: Envelope) -> None:
         task = self.tasks.get(envelope.id or "")

@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.app import create_app
-from mlxcluster.controller.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.plugins import get_plugin_manager
 from mlxcluster.protocol import (
     PROBE_HEADER,

@@ -26,8 +26,8 @@ from loopback import free_port
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.controller.node import serve_controller
-from mlxcluster.controller.openai_schema import MAX_TOKENS_LIMIT
+from mlxcluster.controller.controller_role import serve_controller
+from mlxcluster.controller.http.openai_schema import MAX_TOKENS_LIMIT
 from mlxcluster.embedded import EmbeddedNatsServer
 
 CHAT = "/v1/chat/completions"

@@ -17,7 +17,7 @@ from mlxcluster.builtin.balancers import (
     affinity_key,
 )
 from mlxcluster.config import LoadBalancingSection, from_dict
-from mlxcluster.controller.balancing import (
+from mlxcluster.controller.routing.balancing import (
     PreferredTier,
     StickySessions,
     UnknownBalancerError,
@@ -25,8 +25,8 @@ from mlxcluster.controller.balancing import (
     build_balancer,
     preferred_tier,
 )
-from mlxcluster.controller.dispatch import pick_worker
-from mlxcluster.controller.registry import WorkerRegistry
+from mlxcluster.controller.routing.dispatch import pick_worker
+from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.plugins import collect_balancers, get_plugin_manager
 from mlxcluster.protocol import Capabilities, ChatMessage, InferenceRequest, WorkerHeartbeat, WorkerRegistration
 

@@ -8,8 +8,8 @@ import pytest
 from mlxcluster.api import BalancerContext, WorkerView
 from mlxcluster.builtin.cache_aware import CacheAware
 from mlxcluster.config import LoadBalancingSection
-from mlxcluster.controller.balancing import build_balancer, wants_context
-from mlxcluster.controller.cache_index import CacheIndex
+from mlxcluster.controller.routing.balancing import build_balancer, wants_context
+from mlxcluster.controller.routing.cache_index import CacheIndex
 from mlxcluster.plugins import get_plugin_manager
 from mlxcluster.prefix_digest import BLOCK_CHARS, canonical_text, iter_prefix_digests, prefix_digests
 from mlxcluster.protocol import CacheEvent, ChatMessage, Done, InferenceRequest, Token
@@ -230,7 +230,7 @@ def test_prefix_match_is_computed_once_per_request() -> None:
 
 def test_fast_and_plain_paths_of_cache_aware_agree_through_the_registry() -> None:
     from mlxcluster.config import from_dict
-    from mlxcluster.controller.registry import WorkerRegistry
+    from mlxcluster.controller.routing.registry import WorkerRegistry
     from mlxcluster.protocol import Capabilities, WorkerHeartbeat, WorkerRegistration
 
     registry = WorkerRegistry(from_dict({}))

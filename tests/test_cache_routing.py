@@ -15,7 +15,7 @@ from cluster_harness import Cluster, RunningController, wait_until, with_section
 
 from mlxcluster.cli.status import format_status
 from mlxcluster.config import Config
-from mlxcluster.controller.cache_index import CacheIndex
+from mlxcluster.controller.routing.cache_index import CacheIndex
 from mlxcluster.prefix_digest import canonical_text, prefix_digests
 from mlxcluster.protocol import CacheEvent, ChatMessage, encode
 from mlxcluster.worker.echo import EchoEngine

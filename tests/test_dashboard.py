@@ -18,7 +18,7 @@ from cdp import Browser, find_chromium
 from cluster_harness import Cluster, RunningController, wait_until, with_sections, words
 
 from mlxcluster.config import Config
-from mlxcluster.controller.dashboard import load_page
+from mlxcluster.controller.http.dashboard import load_page
 from mlxcluster.embedded import EmbeddedNatsServer
 
 KEY = "sk-dashboard-test"

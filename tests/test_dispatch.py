@@ -33,9 +33,9 @@ from nats.aio.msg import Msg
 from mlxcluster.api import RequestFinished, RequestMigrated, RequestRetried
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
-from mlxcluster.controller.breaker import Breakers
-from mlxcluster.controller.dispatch_stats import DispatchStats
-from mlxcluster.controller.errors import ApiError
+from mlxcluster.controller.http.errors import ApiError
+from mlxcluster.controller.metering.dispatch_stats import DispatchStats
+from mlxcluster.controller.routing.breaker import Breakers
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import Accepted, Cancel, Deregister, Done, Error, InferenceRequest, Token
 
@@ -534,9 +534,9 @@ def test_begin_on_a_closed_breaker_is_not_a_trial() -> None:
 async def test_failures_across_a_bus_outage_are_not_blamed_on_the_worker(cluster_config, nats_server) -> None:
     """A try that fails while our own NATS connection dropped says nothing about the worker: no breaker count."""
     from mlxcluster.bus import Bus, StreamInbox
-    from mlxcluster.controller.breaker import Breakers
-    from mlxcluster.controller.dispatch import Dispatcher
-    from mlxcluster.controller.registry import WorkerRegistry
+    from mlxcluster.controller.routing.breaker import Breakers
+    from mlxcluster.controller.routing.dispatch import Dispatcher
+    from mlxcluster.controller.routing.registry import WorkerRegistry
     from mlxcluster.embedded import EmbeddedNatsServer
 
     bus = await Bus.connect(cluster_config.nats, name="blame-test", attempts=5)

@@ -31,7 +31,13 @@ from mlxcluster.builtin.exporters import LogExporter, PrometheusExporter
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, MetricsSection, PluginsSection
 from mlxcluster.controller.app import create_app
-from mlxcluster.controller.metrics_feed import METRICS, ExporterError, ExporterRunner, MetricsFeed, build_metrics_feed
+from mlxcluster.controller.metering.metrics_feed import (
+    METRICS,
+    ExporterError,
+    ExporterRunner,
+    MetricsFeed,
+    build_metrics_feed,
+)
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.plugins import PluginManager, get_plugin_manager
 
@@ -389,7 +395,7 @@ async def test_a_broken_exporter_is_isolated(caplog: pytest.LogCaptureFixture) -
     broken, recorder = ExporterRunner("broken", Broken()), ExporterRunner("recorder", Recorder())
     feed = MetricsFeed([broken, recorder])
     await feed.start()
-    with caplog.at_level(logging.ERROR, logger="mlxcluster.controller.metrics_feed"):
+    with caplog.at_level(logging.ERROR, logger="mlxcluster.controller.metering.metrics_feed"):
         for i in range(3):
             feed.emit(RequestRetried(time=i, request_id=f"r{i}", model="m", worker="w", attempt=2, reason="x"))
         assert await feed.drained()

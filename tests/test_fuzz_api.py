@@ -46,7 +46,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from mlxcluster.config import Config
-from mlxcluster.controller.openapi import OPERATIONS
+from mlxcluster.controller.http.openapi import OPERATIONS
 from mlxcluster.embedded import EmbeddedNatsServer
 
 API_KEY = "fuzz-key-7c1f"

@@ -2,7 +2,7 @@
 
 Two graphs: the imports that run when a module is imported (module level, class bodies, ``try``/``if``
 blocks), and those plus the imports inside functions (deferred imports still tie modules together: the old
-circle ``node.py`` ↔ ``controller/node.py`` ↔ ``supervisor.py`` went through one). Imports under
+circle ``roles.py`` ↔ ``controller/controller_role.py`` ↔ ``supervisor.py`` went through one). Imports under
 ``if TYPE_CHECKING:`` never run and are left out of both.
 """
 
@@ -116,10 +116,10 @@ def test_the_cycle_finder_finds_a_circle_and_the_graph_sees_imports() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
     eager, deferred = import_graph(deferred=False), import_graph(deferred=True)
-    assert "mlxcluster.api" in eager["mlxcluster.controller.registry"]
+    assert "mlxcluster.api" in eager["mlxcluster.controller.routing.registry"]
     assert "mlxcluster.errors" in eager["mlxcluster.supervisor"]
-    assert "mlxcluster.supervisor" not in eager["mlxcluster.node"]  # dual mode's supervisor is imported when run
-    assert {"mlxcluster.supervisor", "mlxcluster.controller.node"} <= deferred["mlxcluster.node"]
+    assert "mlxcluster.supervisor" not in eager["mlxcluster.roles"]  # dual mode's supervisor is imported when run
+    assert {"mlxcluster.supervisor", "mlxcluster.controller.controller_role"} <= deferred["mlxcluster.roles"]
 
 
 def test_no_import_circle_at_module_level() -> None:

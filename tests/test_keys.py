@@ -24,8 +24,8 @@ from loopback import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlxcluster.config import Config, ConfigError, from_dict, to_dict
-from mlxcluster.controller.keys import KeyRing
-from mlxcluster.controller.ratelimit import format_reset
+from mlxcluster.controller.metering.keys import KeyRing
+from mlxcluster.controller.metering.ratelimit import format_reset
 from mlxcluster.embedded import EmbeddedNatsServer
 
 ADMIN = "sk-admin-3f9a1c77"
@@ -281,7 +281,7 @@ def test_reset_durations_use_openai_format() -> None:
 
 async def test_rate_limit_window_slides(cluster_config: Config) -> None:
     """The limiter with a clock under test control: requests leave the window after 60 s."""
-    from mlxcluster.controller.ratelimit import RateLimited, RateLimiter
+    from mlxcluster.controller.metering.ratelimit import RateLimited, RateLimiter
 
     now = [1000.0]
     limiter = RateLimiter(clock=lambda: now[0])

@@ -6,7 +6,7 @@ import asyncio
 
 import uvloop
 
-from mlxcluster.node import fast_loop_factory
+from mlxcluster.roles import fast_loop_factory
 
 
 def test_controllers_and_workers_get_uvloop() -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from mlxcluster.api import WorkerView, hookimpl
 from mlxcluster.cli.balancers import balancers_app
 from mlxcluster.config import Config, LoadBalancingSection, PluginsSection
-from mlxcluster.controller.balancing import build_balancer
+from mlxcluster.controller.routing.balancing import build_balancer
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.plugins import (
     DEFAULT_PLUGINS,

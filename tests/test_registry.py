@@ -8,7 +8,7 @@ import pytest
 from cluster_harness import wait_until
 
 from mlxcluster.config import Config, from_dict
-from mlxcluster.controller.registry import WorkerEvent, WorkerRegistry
+from mlxcluster.controller.routing.registry import WorkerEvent, WorkerRegistry
 from mlxcluster.protocol import Capabilities, Deregister, Hardware, WorkerHeartbeat, WorkerRegistration
 
 

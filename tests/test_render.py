@@ -1,4 +1,4 @@
-"""The one stream loop (``controller/render.py``) over the worker's real output shaping, no model.
+"""The one stream loop (``controller/http/render.py``) over the worker's real output shaping, no model.
 
 Two parallel tool calls streamed in pieces, as the worker's :class:`OutputShaper` makes them, reach a
 renderer the same way whether each piece has its own frame or a slow consumer got them coalesced into
@@ -19,12 +19,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mlx_lm.tool_parsers import json_tools
 
-from mlxcluster.controller.errors import ApiError
-from mlxcluster.controller.render import relay
-from mlxcluster.controller.responses_schema import ResponsesRequest
-from mlxcluster.controller.routes_anthropic import MessageStream
-from mlxcluster.controller.routes_responses import ResponseShell, ResponseStream
-from mlxcluster.controller.sse import SseWriter
+from mlxcluster.controller.http.errors import ApiError
+from mlxcluster.controller.http.render import relay
+from mlxcluster.controller.http.responses_schema import ResponsesRequest
+from mlxcluster.controller.http.routes_anthropic import MessageStream
+from mlxcluster.controller.http.routes_responses import ResponseShell, ResponseStream
+from mlxcluster.controller.http.sse import SseWriter
 from mlxcluster.protocol import Done, Error, Token, ToolCall, Usage
 from mlxcluster.worker.output import OutputShaper, merge_tokens
 

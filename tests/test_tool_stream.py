@@ -104,7 +104,7 @@ def test_merging_frames_joins_a_calls_pieces_but_keeps_its_head() -> None:
 
 
 def test_a_stream_lost_inside_a_streamed_call_is_not_moved() -> None:
-    from mlxcluster.controller.migration import LostMidStream, StreamSoFar
+    from mlxcluster.controller.routing.migration import LostMidStream, StreamSoFar
     from mlxcluster.protocol import Error, InferenceRequest
 
     lost = LostMidStream("w1", "offline", Error(code="worker_lost", message="worker w1 went offline"))

@@ -45,7 +45,7 @@ from mlxcluster.protocol import (
 )
 from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.engine_base import EngineFrame
-from mlxcluster.worker.node import serve_worker
+from mlxcluster.worker.worker_role import serve_worker
 
 
 class Collected:

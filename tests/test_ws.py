@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.controller.routes_ws import CLOSE_UNAUTHORIZED
+from mlxcluster.controller.http.routes_ws import CLOSE_UNAUTHORIZED
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import Cancel
 

@@ -129,7 +129,7 @@ def secure_setup(
     ``controller_host`` as the worker user. With ``workers`` (ids), each gets its own NATS user that may
     read only its own requests, and its own ``worker-<id>.toml``. Secret files are created mode 0600.
     """
-    from mlxcluster.controller.keys import key_digest
+    from mlxcluster.controller.metering.keys import key_digest
 
     for worker_id in workers or ():
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", worker_id):

@@ -9,7 +9,7 @@ from mlxcluster_power_of_two import PowerOfTwo
 
 from mlxcluster.api import InferenceRequest, WorkerView
 from mlxcluster.config import LoadBalancingSection, PluginsSection
-from mlxcluster.controller.balancing import build_balancer
+from mlxcluster.controller.routing.balancing import build_balancer
 from mlxcluster.plugins import collect_balancers, get_plugin_manager, list_plugins
 
 REQUEST = InferenceRequest(request_id="r", model="m", prompt="hi")

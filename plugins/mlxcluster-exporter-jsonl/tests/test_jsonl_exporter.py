@@ -12,7 +12,7 @@ from mlxcluster_exporter_jsonl import JsonlExporter
 
 from mlxcluster.api import ClusterSnapshot, RequestFinished, RequestRetried
 from mlxcluster.config import MetricsSection, PluginsSection
-from mlxcluster.controller.metrics_feed import ExporterError, build_metrics_feed
+from mlxcluster.controller.metering.metrics_feed import ExporterError, build_metrics_feed
 from mlxcluster.plugins import collect_exporters, get_plugin_manager, list_plugins
 
 

@@ -33,7 +33,7 @@ class WorkerView(Struct, frozen=True, kw_only=True):
 
     ``active``/``queued`` are what the worker last reported, ``inflight`` is what this controller has sent
     it and not yet seen finish, and ``load`` is the registry's best estimate of requests on the worker
-    now (see :meth:`mlxcluster.controller.registry.WorkerRegistry.begin`). Balancers should use ``load``.
+    now (see :meth:`mlxcluster.controller.routing.registry.WorkerRegistry.begin`). Balancers should use ``load``.
     """
 
     id: str
@@ -144,7 +144,7 @@ NO_MATCH = PrefixMatch()
 
 
 class CacheLookup(Protocol):
-    """The controller's cache index as a balancer sees it (:class:`mlxcluster.controller.cache_index.CacheIndex`)."""
+    """The controller's cache index as a balancer sees it (``controller/routing/cache_index.py``'s ``CacheIndex``)."""
 
     def match_levels(self, model: str, text: str) -> Sequence[tuple[int, Collection[str]]]: ...
     def blocks(self, text: str) -> int: ...

@@ -147,7 +147,7 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     """Per online or degraded worker with a prompt cache: the fields of its last reported
     :class:`~mlxcluster.protocol.PromptCacheStats` plus ``hit_rate`` and ``token_hit_rate``."""
     cache_index: dict[str, int] = {}
-    """The controller's cache index: :class:`~mlxcluster.controller.cache_index.CacheIndexStats` fields."""
+    """The controller's cache index: :class:`~mlxcluster.controller.routing.cache_index.CacheIndexStats` fields."""
     rate_limited_by_key: dict[str, int] = {}
     """Requests refused with 429, by API key name, since the controller started."""
 

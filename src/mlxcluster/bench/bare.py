@@ -57,7 +57,7 @@ async def serve(port: int, template: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from mlxcluster.node import fast_loop_factory
+    from mlxcluster.roles import fast_loop_factory
 
     port, template = int(argv[0]), msgspec.json.decode(argv[1])
     with asyncio.Runner(loop_factory=fast_loop_factory()) as runner:

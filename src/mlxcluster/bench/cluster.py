@@ -418,7 +418,7 @@ async def run_cluster_bench(
 
 def server_loop_name() -> str:
     """The loop that the controller, worker and bare handler run on (what ``fast_loop_factory`` gives)."""
-    from mlxcluster.node import fast_loop_factory
+    from mlxcluster.roles import fast_loop_factory
 
     return "uvloop" if fast_loop_factory() is not None else "asyncio"
 

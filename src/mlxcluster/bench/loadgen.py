@@ -237,7 +237,7 @@ async def run_in_subprocess(plan: LoadPlan, *, timeout_s: float | None = None) -
 def main(argv: list[str], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
     plan = msgspec.json.decode(argv[0], type=LoadPlan)
     if loop_factory is None:
-        from mlxcluster.node import fast_loop_factory
+        from mlxcluster.roles import fast_loop_factory
 
         loop_factory = fast_loop_factory()
     with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -130,7 +130,7 @@ def _config(nats: Config, interval_ms: int) -> Config:
 async def _one_fleet(server_url: str, config: Config, count: int, window_s: float) -> ScaleRow:
     from mlxcluster.bus import Bus
     from mlxcluster.controller.app import create_app
-    from mlxcluster.controller.context import CONTROLLER
+    from mlxcluster.controller.http.context import CONTROLLER
     from mlxcluster.plugins import get_plugin_manager
 
     bus = await Bus.connect(config.nats, name="bench-scale", attempts=5)
@@ -211,7 +211,7 @@ async def _pick_latencies(ctx, window_s: float, count: int) -> tuple[PickSamples
     as at a high request rate, which is where pick cost caps a controller's throughput. The CPU figure
     includes these picks: 80 picks/s is a light request load next to the heartbeats."""
     from mlxcluster.builtin.balancers import LeastLoaded
-    from mlxcluster.controller.balancing import PreferredTier
+    from mlxcluster.controller.routing.balancing import PreferredTier
 
     least = PreferredTier(LeastLoaded(), name="least_loaded")
     samples: PickSamples = {kind: ([], []) for kind in ("turn", "shared", "least_loaded")}

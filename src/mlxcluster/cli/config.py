@@ -66,7 +66,7 @@ def config_validate(
 ) -> None:
     """Check a config file (and MLXCLUSTER_* overrides); exit 2 with the key path when it is wrong."""
     from mlxcluster.config import ConfigError
-    from mlxcluster.controller.keys import KeyRing
+    from mlxcluster.controller.metering.keys import KeyRing
     from mlxcluster.nats_auth import load_users
 
     resolved = resolve_config_path(path)

@@ -37,7 +37,7 @@ def run_command(
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
     from mlxcluster.errors import CANNOT_START, NodeError
     from mlxcluster.logsetup import configure_logging
-    from mlxcluster.node import run_node
+    from mlxcluster.roles import run_node
 
     # Flags are environment overrides, so dual mode's children inherit them.
     flags = {

@@ -19,7 +19,8 @@ from nats.aio.msg import Msg
 from mlxcluster.api import BalancerContext
 from mlxcluster.bus import Bus, StreamInbox
 from mlxcluster.config import Config
-from mlxcluster.controller import (
+from mlxcluster.controller.bus_watch import watch_bus
+from mlxcluster.controller.http import (
     dashboard,
     openapi,
     routes_admin,
@@ -29,18 +30,17 @@ from mlxcluster.controller import (
     routes_responses,
     routes_ws,
 )
-from mlxcluster.controller.balancing import build_balancer
-from mlxcluster.controller.bus_watch import watch_bus
-from mlxcluster.controller.cache_feed import follow_cache_events
-from mlxcluster.controller.cache_index import CacheIndex
-from mlxcluster.controller.context import CONTROLLER, ControllerContext
-from mlxcluster.controller.dispatch import Dispatcher
-from mlxcluster.controller.metrics_feed import METRICS, build_metrics_feed, run_metrics
-from mlxcluster.controller.middleware import controller_middlewares
-from mlxcluster.controller.ops import Operations
+from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.http.middleware import controller_middlewares
+from mlxcluster.controller.metering.metrics_feed import METRICS, build_metrics_feed, run_metrics
+from mlxcluster.controller.metering.ops import Operations
 from mlxcluster.controller.peers import PEERS, ControllerPeers, run_controller_heartbeats
-from mlxcluster.controller.registry import WorkerRegistry
-from mlxcluster.controller.settings_sync import share_worker_settings
+from mlxcluster.controller.routing.balancing import build_balancer
+from mlxcluster.controller.routing.cache_feed import follow_cache_events
+from mlxcluster.controller.routing.cache_index import CacheIndex
+from mlxcluster.controller.routing.dispatch import Dispatcher
+from mlxcluster.controller.routing.registry import WorkerRegistry
+from mlxcluster.controller.routing.settings_sync import share_worker_settings
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)

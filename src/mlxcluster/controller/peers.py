@@ -21,7 +21,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 
 from mlxcluster import __version__
-from mlxcluster.controller.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.protocol import ControllerHeartbeat
 
 log = logging.getLogger(__name__)

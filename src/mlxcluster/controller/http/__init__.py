@@ -1,0 +1,1 @@
+"""The HTTP surface: routes, request schemas, renderers, middleware, the dashboard."""

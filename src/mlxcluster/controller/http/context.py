@@ -1,0 +1,37 @@
+"""What every route needs, stored once on the app under :data:`CONTROLLER` (no globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from mlxcluster.bus import Bus
+from mlxcluster.config import Config
+from mlxcluster.controller.lifecycle import Lifecycle
+from mlxcluster.controller.metering.ops import Operations
+from mlxcluster.controller.routing.cache_index import CacheIndex
+from mlxcluster.controller.routing.dispatch import Dispatcher
+from mlxcluster.controller.routing.registry import WorkerRegistry
+
+
+@dataclass
+class ControllerContext:
+    """The controller's parts, built by :func:`mlxcluster.controller.app.create_app`."""
+
+    config: Config
+    bus: Bus
+    registry: WorkerRegistry
+    dispatcher: Dispatcher
+    balancer_name: str
+    controller_id: str
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    cache_index: CacheIndex | None = None
+    """Which workers' prompt caches hold which prefixes (soft state, fed by ``worker.cache`` events)."""
+    ops: Operations = field(default_factory=Operations)
+    """API keys, rate limits and request monitoring."""
+
+
+CONTROLLER = web.AppKey("controller", ControllerContext)

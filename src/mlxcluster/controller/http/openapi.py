@@ -1,0 +1,576 @@
+"""The controller's OpenAPI 3.1 document, served at ``GET /openapi.json`` (no API key needed).
+
+Request bodies are generated from the msgspec Structs the routes decode (``msgspec.json.schema_components``),
+then tightened with the checks the routes make after decoding (roles, one prompt, ``n == 1``...), so the
+document says what the server accepts. Paths, responses and the error shape are written here. An operation
+is listed only when the app has its route, so ``/metrics`` appears when an exporter plugin serves it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from mlxcluster import __version__
+from mlxcluster.api import WorkerView
+from mlxcluster.controller.http.anthropic_schema import MessagesRequest
+from mlxcluster.controller.http.openai_schema import (
+    MAX_STOP_SEQUENCES,
+    ROLES,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from mlxcluster.controller.http.responses import json_response
+from mlxcluster.controller.http.responses_schema import ResponsesRequest
+from mlxcluster.controller.routing.registry import RegistryStats
+
+OPENAPI_PATH = "/openapi.json"
+OPENAPI_CACHE = web.AppKey("openapi_cache", dict)
+REF = "#/components/schemas/{name}"
+JSON = "application/json"
+SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+PUBLIC: list[dict[str, list[str]]] = []
+
+routes = web.RouteTableDef()
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _error(description: str) -> Schema:
+    return _json(_ref("Error"), description)
+
+
+def _obj(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
+    return {"type": "object", "properties": properties, "required": required or list(properties)}
+
+
+INT = {"type": "integer"}
+STR = {"type": "string"}
+NUM = {"type": "number"}
+BOOL = {"type": "boolean"}
+NULLABLE_STR = {"type": ["string", "null"]}
+NULLABLE_NUM = {"type": ["number", "null"]}
+FINISH = {"enum": ["stop", "length", "tool_calls"]}
+TOP_LOGPROB = _obj({"token": STR, "logprob": NUM, "bytes": {"type": ["array", "null"], "items": INT}})
+CHAT_LOGPROBS = {
+    "anyOf": [
+        {"type": "null"},
+        _obj(
+            {
+                "content": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "token": STR,
+                            "logprob": NUM,
+                            "bytes": {"type": ["array", "null"], "items": INT},
+                            "top_logprobs": {"type": "array", "items": TOP_LOGPROB},
+                        }
+                    ),
+                }
+            }
+        ),
+    ]
+}
+TEXT_LOGPROBS = {
+    "anyOf": [
+        {"type": "null"},
+        _obj(
+            {
+                "tokens": {"type": "array", "items": STR},
+                "token_logprobs": {"type": "array", "items": NUM},
+                "top_logprobs": {"type": "array", "items": {"type": "object", "additionalProperties": NUM}},
+                "text_offset": {"type": "array", "items": INT},
+            }
+        ),
+    ]
+}
+TOOL_CALL = _obj(
+    {"id": STR, "type": {"const": "function"}, "function": _obj({"name": STR, "arguments": STR})},
+)
+UNAUTHORIZED = _error("Missing or wrong API key (when `controller.api_keys` is set).")
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": STR}}
+
+# --- response schemas (hand-written: they are built as dicts in the routes) --------------------
+
+RESPONSE_SCHEMAS: dict[str, Schema] = {
+    "Error": _obj(
+        {
+            "error": _obj(
+                {"message": STR, "type": STR, "param": NULLABLE_STR, "code": NULLABLE_STR},
+            )
+        },
+    ),
+    "Usage": _obj(
+        {
+            "prompt_tokens": INT,
+            "completion_tokens": INT,
+            "total_tokens": INT,
+            "prompt_tokens_details": _obj({"cached_tokens": INT}),
+        }
+    ),
+    "ChatCompletion": _obj(
+        {
+            "id": STR,
+            "object": {"const": "chat.completion"},
+            "created": INT,
+            "model": STR,
+            "choices": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "index": INT,
+                        "message": {
+                            **_obj({"role": {"const": "assistant"}, "content": NULLABLE_STR}),
+                            "properties": {
+                                "role": {"const": "assistant"},
+                                "content": NULLABLE_STR,
+                                "tool_calls": {"type": "array", "items": TOOL_CALL},
+                                "reasoning_content": STR,
+                            },
+                        },
+                        "logprobs": CHAT_LOGPROBS,
+                        "finish_reason": FINISH,
+                    }
+                ),
+            },
+            "usage": _ref("Usage"),
+        }
+    ),
+    "TextCompletion": _obj(
+        {
+            "id": STR,
+            "object": {"const": "text_completion"},
+            "created": INT,
+            "model": STR,
+            "choices": {
+                "type": "array",
+                "items": _obj({"index": INT, "text": STR, "logprobs": TEXT_LOGPROBS, "finish_reason": FINISH}),
+            },
+            "usage": _ref("Usage"),
+        }
+    ),
+    "Response": {
+        **_obj(
+            {
+                "id": STR,
+                "object": {"const": "response"},
+                "created_at": INT,
+                "status": {"enum": ["completed", "incomplete", "in_progress", "failed"]},
+                "model": STR,
+                "output": {"type": "array", "items": {"type": "object", "required": ["type", "id"]}},
+            }
+        ),
+        "description": "Output items: `reasoning`, `message` (`output_text` parts) and `function_call`.",
+    },
+    "AnthropicMessage": _obj(
+        {
+            "id": STR,
+            "type": {"const": "message"},
+            "role": {"const": "assistant"},
+            "model": STR,
+            "content": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+            "stop_reason": {"enum": ["end_turn", "max_tokens", "tool_use"]},
+            "stop_sequence": {"type": "null"},
+            "usage": {"type": "object", "required": ["input_tokens", "output_tokens"]},
+        }
+    ),
+    "AnthropicError": _obj(
+        {"type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"]}},
+    ),
+    "Model": _obj({"id": STR, "object": {"const": "model"}, "created": INT, "owned_by": STR}),
+    "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}),
+    "Health": _obj({"status": {"enum": ["ok", "degraded"]}, "state": STR, "time": NUM}),
+    "Readiness": _obj({"ready": BOOL, "state": STR, "workers_online": INT}),
+    "ClusterStatus": _obj(
+        {
+            "controller_id": STR,
+            "version": STR,
+            "state": STR,
+            "uptime_s": NUM,
+            "balancer": STR,
+            "workers": _ref("RegistryStats"),
+            "models": {"type": "array", "items": STR},
+            "requests": {"type": "object", "additionalProperties": INT},
+            "cache_index": {"type": ["object", "null"], "additionalProperties": INT},
+            "nats": _obj(
+                {
+                    "connected": BOOL,
+                    "server": NULLABLE_STR,
+                    "max_payload": {"type": ["integer", "null"]},
+                    "invalid_messages_total": INT,
+                }
+            ),
+        }
+    ),
+    "Worker": {
+        "allOf": [
+            _ref("WorkerView"),
+            _obj({"breaker": {"enum": ["closed", "open", "half_open"]}}),
+            _obj(
+                {
+                    "hardware": {"type": ["object", "null"]},
+                    "capabilities": {"type": ["object", "null"]},
+                    "registered_at": NULLABLE_NUM,
+                    "cpu_percent": NULLABLE_NUM,
+                    "rss_bytes": {"type": ["integer", "null"]},
+                    "drained": BOOL,
+                    "avg_latency_ms": NULLABLE_NUM,
+                    "avg_ttft_ms": NULLABLE_NUM,
+                }
+            ),
+        ]
+    },
+    "WorkerList": _obj({"workers": {"type": "array", "items": _ref("Worker")}}),
+    "WorkerChange": _obj(
+        {
+            "id": STR,
+            "status": STR,
+            "inflight": INT,
+            "settings": _obj({"drained": BOOL, "priority": INT, "tags": {"type": "array", "items": STR}}),
+        }
+    ),
+    "WorkerSettings": {
+        "type": "object",
+        "properties": {
+            "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000},
+            "tags": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 64}, "maxItems": 32},
+            "drained": BOOL,
+        },
+        "additionalProperties": False,
+        "minProperties": 1,
+    },
+    "RequestRecord": _obj(
+        {"id": STR, "key": NULLABLE_STR, "model": STR, "worker": NULLABLE_STR, "state": STR, "started": NUM},
+    ),
+    "RequestList": _obj(
+        {
+            "time": NUM,
+            "in_flight": {"type": "array", "items": _ref("RequestRecord")},
+            "recent": {"type": "array", "items": _ref("RequestRecord")},
+            "recent_capacity": {"type": ["integer", "null"]},
+        }
+    ),
+    "KeyList": _obj(
+        {"keys": {"type": "array", "items": _obj({"name": STR, "admin": BOOL, "usage": {"type": "object"}})}}
+    ),
+}
+
+SSE = {
+    "text/event-stream": {
+        "schema": _obj(
+            {"data": {"type": "string", "description": "A chunk as JSON, an error object, or `[DONE]` (the last)."}},
+            ["data"],
+        ),
+    }
+}
+
+
+def _completion_operation(summary: str, request: str, response: str, error: str = "Error") -> Schema:
+    def _error(description: str) -> Schema:
+        return _json(_ref(error), description)
+
+    return {
+        "summary": summary,
+        "security": SECURED,
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "responses": {
+            "200": {
+                "description": "The completion (JSON), or, when `stream` is true, server-sent events: one chunk "
+                "per event, an error object in OpenAI's shape if the stream fails after it started, then `[DONE]`.",
+                "content": {JSON: {"schema": _ref(response)}, **SSE},
+            },
+            "400": _error("The body is not valid JSON or a field is invalid; `param` names the field."),
+            "401": UNAUTHORIZED,
+            "404": _error("No online worker serves the model (`code`: `model_not_found`)."),
+            "413": _error(
+                "The body exceeds `controller.max_body_bytes`, or the encoded request exceeds NATS `max_payload`."
+            ),
+            "502": _error("The worker failed the request."),
+            "503": {
+                **_error("No worker has capacity (`no_capacity`) or the controller is not ready (`not_ready`)."),
+                "headers": RETRY_AFTER,
+            },
+            "504": _error("The request timed out (`code`: `timeout`)."),
+        },
+    }
+
+
+def _op(
+    summary: str, responses: dict[str, Schema], *, secured: bool = True, parameters: list[Schema] | None = None
+) -> Schema:
+    """One operation; a secured one may also answer 401."""
+    operation: Schema = {"summary": summary, "security": SECURED if secured else PUBLIC}
+    if parameters:
+        operation["parameters"] = parameters
+    operation["responses"] = {**responses, **({"401": UNAUTHORIZED} if secured else {})}
+    return operation
+
+
+def _text(media_type: str, description: str) -> Schema:
+    return {"description": description, "content": {media_type: {"schema": STR}}}
+
+
+MODEL_PARAM = {"name": "model", "in": "path", "required": True, "schema": STR}
+WORKER_ID_PARAM = {"name": "worker_id", "in": "path", "required": True, "schema": STR}
+WORKER_QUERY = [
+    {"name": "status", "in": "query", "schema": {"enum": ["online", "degraded", "draining", "offline"]}},
+    {"name": "model", "in": "query", "schema": STR},
+    {"name": "tag", "in": "query", "schema": STR},
+]
+REQUEST_QUERY = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    {
+        "name": "state",
+        "in": "query",
+        "schema": {"enum": ["routing", "waiting", "streaming", "ok", "error", "cancelled"]},
+    },
+    {"name": "key", "in": "query", "schema": STR},
+]
+WORKER_CHANGE: dict[str, Schema] = {
+    "200": _json(_ref("WorkerChange"), "The worker's status and settings now."),
+    "403": _error("Not an admin key (`admin_required`)."),
+    "404": _error("No such worker (`worker_not_found`)."),
+}
+WS_SUMMARY = "Chat and text completions over a WebSocket (JSON messages, requests multiplexed by `id`)"
+
+OPERATIONS: dict[str, dict[str, Schema]] = {
+    "/v1/chat/completions": {
+        "post": _completion_operation("OpenAI chat completions", "ChatCompletionRequest", "ChatCompletion")
+    },
+    "/v1/completions": {
+        "post": _completion_operation("OpenAI text completions", "CompletionRequest", "TextCompletion")
+    },
+    "/v1/responses": {
+        "post": {
+            **_completion_operation("OpenAI Responses API (stateless)", "ResponsesRequest", "Response"),
+            "description": "`previous_response_id`, `store: true` and `conversation` are refused with a 400: "
+            "nothing is stored; send the history as input items. A stream sends named events "
+            "(`response.created` ... `response.completed`) and no `[DONE]`.",
+        }
+    },
+    "/v1/messages": {
+        "post": {
+            **_completion_operation(
+                "Anthropic Messages API", "MessagesRequest", "AnthropicMessage", error="AnthropicError"
+            ),
+            "description": "Errors use Anthropic's shape. `x-api-key` is accepted like a Bearer key. A stream "
+            "sends named events (`message_start` ... `message_stop`).",
+        }
+    },
+    "/v1/models": {"get": _op("Models served by online workers", {"200": _json(_ref("ModelList"), "The models.")})},
+    "/v1/models/{model}": {
+        "get": _op(
+            "One model",
+            {"200": _json(_ref("Model"), "The model."), "404": _error("No online worker serves it.")},
+            parameters=[MODEL_PARAM],
+        )
+    },
+    "/v1/ws": {
+        "get": _op(
+            WS_SUMMARY,
+            {"101": {"description": "The WebSocket upgrade."}, "400": _error("Not a WebSocket upgrade request.")},
+        )
+    },
+    "/health": {"get": _op("Liveness", {"200": _json(_ref("Health"), "The process answers.")}, secured=False)},
+    "/ready": {
+        "get": _op(
+            "Readiness: ready and at least one worker online",
+            {
+                "200": _json(_ref("Readiness"), "Ready."),
+                "503": _json(_ref("Readiness"), "Not ready (no worker online, draining, or bus down)."),
+            },
+            secured=False,
+        )
+    },
+    "/api/cluster/status": {
+        "get": _op("Controller state, worker counts, request counters", {"200": _json(_ref("ClusterStatus"), "OK")})
+    },
+    "/api/cluster/workers": {
+        "get": _op(
+            "Known workers, filtered by status, model or tag",
+            {"200": _json(_ref("WorkerList"), "The workers."), "400": _error("Unknown `status`.")},
+            parameters=WORKER_QUERY,
+        )
+    },
+    "/api/cluster/workers/{worker_id}": {
+        "get": _op(
+            "One worker",
+            {"200": _json(_ref("Worker"), "The worker."), "404": _error("No such worker (`worker_not_found`).")},
+            parameters=[WORKER_ID_PARAM],
+        )
+    },
+    "/api/cluster/workers/{worker_id}/drain": {
+        "post": _op(
+            "Drain a worker (admin key): no new work, running streams finish",
+            WORKER_CHANGE,
+            parameters=[WORKER_ID_PARAM],
+        )
+    },
+    "/api/cluster/workers/{worker_id}/resume": {
+        "post": _op("Undo a drain (admin key)", WORKER_CHANGE, parameters=[WORKER_ID_PARAM])
+    },
+    "/api/cluster/workers/{worker_id}/settings": {
+        "post": {
+            **_op(
+                "Set a worker's priority, tags or drained flag (admin key)",
+                {**WORKER_CHANGE, "400": _error("A bad field (`param` names it).")},
+                parameters=[WORKER_ID_PARAM],
+            ),
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("WorkerSettings")}}},
+        }
+    },
+    "/api/cluster/workers/{worker_id}/forget": {
+        "post": _op(
+            "Forget an offline worker and its settings (admin key)",
+            {
+                "200": _json(_obj({"id": STR, "forgotten": BOOL}), "Forgotten."),
+                "403": _error("Not an admin key (`admin_required`)."),
+                "404": _error("No such worker (`worker_not_found`)."),
+                "409": _error("The worker is not offline (`worker_not_offline`)."),
+            },
+            parameters=[WORKER_ID_PARAM],
+        )
+    },
+    "/api/cluster/requests": {
+        "get": _op(
+            "Requests in flight and the latest finished ones",
+            {"200": _json(_ref("RequestList"), "The requests."), "400": _error("A bad `limit` or `state`.")},
+            parameters=REQUEST_QUERY,
+        )
+    },
+    "/api/cluster/keys": {
+        "get": _op(
+            "API keys with limits and usage (admin key; never a key value)",
+            {"200": _json(_ref("KeyList"), "The keys."), "403": _error("Not an admin key (`admin_required`).")},
+        )
+    },
+    "/metrics": {
+        "get": _op("Metrics (from an exporter plugin)", {"200": _text("text/plain", "Metrics.")}, secured=False)
+    },
+    "/": {"get": _op("The dashboard page", {"200": _text("text/html", "The page.")}, secured=False)},
+    "/dashboard": {"get": _op("The dashboard page", {"200": _text("text/html", "The page.")}, secured=False)},
+    OPENAPI_PATH: {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1.")}, secured=False)},
+}
+
+
+def request_schemas() -> dict[str, Schema]:
+    """Component schemas of the request bodies, from the Structs, tightened by the routes' own checks."""
+    _, components = msgspec.json.schema_components(
+        [ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, WorkerView, RegistryStats],
+        ref_template=REF,
+    )
+    chat, text = components["ChatCompletionRequest"]["properties"], components["CompletionRequest"]["properties"]
+    chat["messages"]["minItems"] = 1
+    components["Message"]["properties"]["role"] = {"enum": list(ROLES)}
+    components["ContentPart"]["properties"] = {"type": {"const": "text"}, "text": STR}
+    components["ContentPart"]["required"] = ["type", "text"]
+    for props in (chat, text):
+        props["n"] = {"type": "integer", "minimum": 1, "maximum": 1, "default": 1}
+        props["stop"]["anyOf"][1]["maxItems"] = MAX_STOP_SEQUENCES
+    text["prompt"]["anyOf"][1].update(minItems=1, maxItems=1)
+    refused = "Not supported: refused with a 400 naming it when set."
+    for name in (
+        "audio",
+        "functions",
+        "function_call",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+    ):
+        chat[name] = {"type": "null", "default": None, "description": refused}
+    chat["modalities"] = {"anyOf": [{"const": ["text"]}, {"type": "null"}], "default": None}
+    for props in (chat, text):
+        props["store"] = {"enum": [False, None], "default": None, "description": "Completions are not stored."}
+        props["metadata"] = {"type": ["object", "null"], "maxProperties": 0, "default": None}
+        props["service_tier"] = {"enum": ["auto", "default", None], "default": None}
+    text["echo"] = {"const": False, "default": False, "description": refused}
+    text["best_of"] = {"enum": [1, None], "default": None, "description": "Only 1."}
+    responses = components["ResponsesRequest"]["properties"]
+    for name in (
+        "previous_response_id",
+        "conversation",
+        "reasoning",
+        "max_tool_calls",
+        "top_logprobs",
+        "prompt",
+        "stream_options",
+    ):
+        responses[name] = {"type": "null", "default": None, "description": refused}
+    responses["store"] = {"enum": [False, None], "default": None, "description": "Responses are not stored."}
+    responses["background"] = {"enum": [False, None], "default": None}
+    responses["include"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "default": None}
+    responses["metadata"] = {"type": ["object", "null"], "maxProperties": 0, "default": None}
+    responses["service_tier"] = {"enum": ["auto", "default", None], "default": None}
+    responses["truncation"] = {"enum": ["disabled", None], "default": None}
+    messages = components["MessagesRequest"]["properties"]
+    for name in (
+        "container",
+        "context_management",
+        "diagnostics",
+        "inference_geo",
+        "speed",
+        "user_profile_id",
+        "workspace_id",
+    ):
+        messages[name] = {"type": "null", "default": None, "description": refused}
+    messages["mcp_servers"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "default": None}
+    messages["thinking"] = {"anyOf": [{"const": {"type": "disabled"}}, {"type": "null"}], "default": None}
+    messages["service_tier"] = {"enum": ["auto", "standard_only", None], "default": None}
+    messages["stop_sequences"]["anyOf"][0]["maxItems"] = MAX_STOP_SEQUENCES
+    text["suffix"] = {"anyOf": [{"const": ""}, {"type": "null"}], "default": None, "description": "Not supported."}
+    return components
+
+
+def build_document(app: web.Application) -> dict[str, Any]:
+    """The OpenAPI document for the routes ``app`` has."""
+    served: dict[str, set[str]] = {}
+    for route in app.router.routes():
+        canonical = route.resource.canonical if route.resource is not None else ""
+        served.setdefault(canonical, set()).add(route.method.lower())
+    paths = {
+        path: {method: op for method, op in operations.items() if method in served.get(path, ())}
+        for path, operations in OPERATIONS.items()
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mlxcluster controller",
+            "version": __version__,
+            "description": "OpenAI-compatible inference API and cluster API. Routes under /v1 and /api need "
+            "`Authorization: Bearer <key>` (or `x-api-key: <key>`, as Anthropic's clients send it) when "
+            "`controller.api_keys` is set; errors use OpenAI's shape (Anthropic's on /v1/messages). Every "
+            "request field is honoured or refused with a 400 naming it; unknown fields are refused too.",
+        },
+        "paths": {path: ops for path, ops in paths.items() if ops},
+        "components": {
+            "schemas": {**request_schemas(), **RESPONSE_SCHEMAS},
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def setup(app: web.Application) -> None:
+    """Add ``GET /openapi.json``; the document is built on first use, when every route is in place."""
+    app[OPENAPI_CACHE] = {}
+    app.add_routes(routes)
+
+
+@routes.get(OPENAPI_PATH)
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document (public: it holds no data)."""
+    cache = request.app[OPENAPI_CACHE]
+    if "document" not in cache:
+        cache["document"] = build_document(request.app)
+    return json_response(cache["document"])

@@ -1,0 +1,117 @@
+"""Cluster routes: liveness, readiness, status and the worker list."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import msgspec
+from aiohttp import web
+
+from mlxcluster import __version__
+from mlxcluster.api import WorkerState
+from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.http.errors import ApiError
+from mlxcluster.controller.http.responses import json_response
+from mlxcluster.controller.peers import PEERS
+from mlxcluster.controller.routing.cache_index import prompt_cache_rates
+
+routes = web.RouteTableDef()
+WORKER_STATES = ("online", "degraded", "draining", "offline")
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers (200 even while degraded); ``status`` is ``degraded`` without NATS."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    state = ctx.lifecycle.state
+    status = "degraded" if state == "degraded" or not ctx.bus.is_connected else "ok"
+    return json_response({"status": status, "state": state, "time": time.time()})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: the controller is ready and at least one worker is online."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    online = ctx.registry.stats().online
+    is_ready = ctx.lifecycle.accepting and online > 0 and ctx.bus.is_connected
+    body = {"ready": is_ready, "state": ctx.lifecycle.state, "workers_online": online}
+    return json_response(body, status=200 if is_ready else 503)
+
+
+@routes.get("/api/cluster/status")
+async def cluster_status(request: web.Request) -> web.Response:
+    """Controller state, worker counts, request counters, bus health."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    stats = ctx.dispatcher.stats
+    return json_response(
+        {
+            "controller_id": ctx.controller_id,
+            "version": __version__,
+            "state": ctx.lifecycle.state,
+            "state_since": ctx.lifecycle.since,
+            "uptime_s": round(time.time() - ctx.started_at, 1),
+            "balancer": ctx.balancer_name,
+            "sticky_sessions": ctx.config.load_balancing.sticky_sessions,
+            "workers": msgspec.to_builtins(ctx.registry.stats()),
+            "models": ctx.registry.models(),
+            "requests": {
+                "total": stats.requests,
+                "in_flight": stats.in_flight,
+                "retries": stats.retries,
+                "failed": stats.failed,
+                "completed": stats.completed,
+                "errors": stats.errors,
+                "migrations": stats.migrations,
+                "migrations_failed": stats.migrations_failed,
+            },
+            "recent": {
+                "ttft_ms": [round(v, 2) for v in stats.recent_ttft_ms],
+                "tokens_per_second": [round(v, 1) for v in stats.recent_tokens_per_second],
+            },
+            "controllers": request.app[PEERS].listing() if PEERS in request.app else [],
+            "cache_index": msgspec.to_builtins(ctx.cache_index.stats()) if ctx.cache_index is not None else None,
+            "nats": {
+                "connected": ctx.bus.is_connected,
+                "server": ctx.bus.server_address,
+                "max_payload": ctx.bus.max_payload if ctx.bus.is_connected else None,
+                "invalid_messages_total": ctx.bus.invalid_messages_total,
+            },
+        }
+    )
+
+
+@routes.get("/api/cluster/workers")
+async def list_workers(request: web.Request) -> web.Response:
+    """All known workers, optionally filtered by ``?status=``, ``?model=``, ``?tag=``."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    status = request.query.get("status")
+    if status is not None and status not in WORKER_STATES:
+        raise ApiError(400, f"Invalid status '{status}'; expected one of {', '.join(WORKER_STATES)}", param="status")
+    state = cast(WorkerState | None, status)  # checked against WORKER_STATES above
+    workers = ctx.registry.query(status=state, model=request.query.get("model"), tag=request.query.get("tag"))
+    return json_response({"workers": [_worker_json(ctx, w) for w in workers]})
+
+
+@routes.get("/api/cluster/workers/{worker_id}")
+async def get_worker(request: web.Request) -> web.Response:
+    """One worker, or a 404 in the error shape."""
+    ctx: ControllerContext = request.app[CONTROLLER]
+    worker = ctx.registry.get(request.match_info["worker_id"])
+    if worker is None:
+        raise ApiError(404, f"No worker '{request.match_info['worker_id']}'", code="worker_not_found")
+    return json_response(_worker_json(ctx, worker))
+
+
+def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
+    data: dict[str, Any] = msgspec.to_builtins(worker)
+    data["breaker"] = ctx.dispatcher.breakers.state(data["id"])
+    data.update(ctx.registry.telemetry(data["id"]) or {})
+    data.update(ctx.ops.requests.latency(data["id"]))
+    stats = getattr(worker, "prompt_cache", None)
+    if stats is not None:
+        cache = data["prompt_cache"] = msgspec.structs.asdict(stats)  # every field: zeros are news too
+        cache.update(prompt_cache_rates(cache))
+        if ctx.cache_index is not None:
+            cache["indexed_digests"] = ctx.cache_index.worker_entries(data["id"])
+    return data

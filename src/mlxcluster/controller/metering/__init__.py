@@ -1,0 +1,1 @@
+"""Metering: API keys and rate limits, request timing and monitoring, the exporters' event feed."""

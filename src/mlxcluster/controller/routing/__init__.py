@@ -1,0 +1,1 @@
+"""Routing: the worker registry, balancing, dispatch and its inbox, the cache index, migration."""

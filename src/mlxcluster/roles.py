@@ -1,0 +1,104 @@
+"""Run one node role until SIGINT/SIGTERM: ``controller``, ``worker`` or ``dual`` (the supervisor).
+
+Shutdown always goes signal → :class:`asyncio.Event` → the role's own drain → ``Bus.close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+
+from mlxcluster.bus import Bus, BusError
+from mlxcluster.config import Config, ConfigError
+from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError, keep_server_running
+from mlxcluster.errors import NodeError
+from mlxcluster.secure import check_exposure
+
+log = logging.getLogger(__name__)
+
+
+def run_node(config: Config, role: str, *, workers: int = 1) -> int:
+    """Run ``role`` in a fresh event loop; return the process exit code.
+
+    Controllers and workers run on uvloop where it is installed (a cheaper loop on the request path);
+    the dual-mode supervisor, which only waits on its children, keeps asyncio's own loop.
+
+    :param workers: worker processes that dual mode starts.
+    """
+    with asyncio.Runner(loop_factory=None if role == "dual" else fast_loop_factory()) as runner:
+        return runner.run(_main(config, role, workers))
+
+
+def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory, or ``None`` (asyncio's default loop) where uvloop is not installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _main(config: Config, role: str, workers: int) -> int:
+    try:
+        check_exposure(config, role)  # refuse an open API or NATS beyond loopback unless insecure is set
+    except ConfigError as exc:
+        raise NodeError(str(exc)) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if role == "dual":
+            from mlxcluster.supervisor import Supervisor
+
+            return await Supervisor(config, workers=workers).run(stop)
+        async with embedded_server_for(config, role) as nats_url:
+            bus = await connect_bus(config, name=f"mlxcluster-{role}", url=nats_url)
+            try:
+                if role == "controller":
+                    from mlxcluster.controller.controller_role import serve_controller
+
+                    await serve_controller(config, bus, stop)
+                else:
+                    from mlxcluster.worker.worker_role import serve_worker
+
+                    await serve_worker(config, bus, stop)
+            finally:
+                await bus.close()
+        return 0
+    except (EmbeddedServerError, BusError, ConfigError) as exc:  # ConfigError: e.g. an unreadable users_file
+        raise NodeError(str(exc)) from None
+
+
+@contextlib.asynccontextmanager
+async def embedded_server_for(config: Config, role: str) -> AsyncIterator[str | None]:
+    """Start the embedded nats-server when a controller runs with ``nats.mode = "embedded"``.
+
+    Yields the URL to connect to (``None``: use ``nats.url``). Workers never start a server.
+    """
+    if role != "controller" or config.nats.mode != "embedded":
+        yield None
+        return
+    server = EmbeddedNatsServer(config.nats)
+    await server.start()
+    stopping = False
+    supervise = asyncio.create_task(keep_server_running(server, lambda: stopping))  # restarted if it dies
+    try:
+        yield server.url
+    finally:
+        stopping = True
+        supervise.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervise
+        await server.stop()
+
+
+async def connect_bus(config: Config, *, name: str, url: str | None = None) -> Bus:
+    """Connect to ``url`` (or ``nats.url``) with the ``[nats]`` settings."""
+    nats = config.nats if url is None else msgspec.structs.replace(config.nats, url=url)
+    return await Bus.connect(nats, name=name)

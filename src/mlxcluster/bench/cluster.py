@@ -25,7 +25,7 @@ import msgspec
 
 from mlxcluster.bench.loadgen import LoadPlan, LoadStep, TargetFigures, run_in_subprocess
 from mlxcluster.bench.nats import bench_config, free_port
-from mlxcluster.bench.procs import BenchCluster
+from mlxcluster.bench.procs import BenchCluster, stop_process, wait_http
 from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bench.wrk import run_wrk, wrk_available
 from mlxcluster.embedded import EmbeddedNatsServer
@@ -218,26 +218,10 @@ async def bare_server(template: dict[str, object]) -> AsyncIterator[str]:
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as session:
-            while True:
-                try:
-                    async with session.post(f"{base_url}/v1/chat/completions", json=chat_body(SHORT_PROMPT)) as r:
-                        if r.status == 200:
-                            break
-                except (aiohttp.ClientError, OSError):
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the bare aiohttp baseline did not start (exit code {process.poll()})")
-                await asyncio.sleep(0.1)
+        await wait_http(f"{base_url}/v1/chat/completions", process, 30, post=chat_body(SHORT_PROMPT))
         yield base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
 
 
 def _port(base_url: str) -> int:

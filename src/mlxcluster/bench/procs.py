@@ -106,12 +106,41 @@ class BenchCluster:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
         for process in self.processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            reap(process, timeout=15)
         self.processes.clear()
+
+
+def reap(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for ``process`` to exit, killing it after ``timeout`` seconds."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM ``process``, then :func:`reap` it."""
+    process.terminate()
+    reap(process, timeout)
+
+
+async def wait_http(
+    url: str, process: subprocess.Popen[bytes], timeout: float = 180.0, *, post: dict[str, object] | None = None
+) -> None:
+    """Until ``url`` answers 200 (a GET, or a POST of ``post``); fails at once if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with code {process.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                request = session.get(url) if post is None else session.post(url, json=post)
+                async with request as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import msgspec
 
 from mlxcluster.bench.engine import PROMPTS, cluster_blas_env
 from mlxcluster.bench.nats import bench_config, free_port
-from mlxcluster.bench.procs import BenchCluster
+from mlxcluster.bench.procs import BenchCluster, stop_process, wait_http
 from mlxcluster.bench.stats import percentile
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.tables import table
@@ -139,20 +139,6 @@ def fresh_prompts(streams: tuple[int, ...]) -> list[list[str]]:
     return rounds
 
 
-async def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with code {process.returncode}")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
-
-
 @contextlib.asynccontextmanager
 async def mlxcluster_server(
     model_path: str, *, workers: int = 1, max_concurrent: int = 8, env: dict[str, str] | None = None
@@ -209,15 +195,10 @@ async def mlx_lm_server(model_path: str, *, decode_concurrency: int, args: tuple
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        await _wait_http(f"{base}/v1/models", process)
+        await wait_http(f"{base}/v1/models", process)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def token_counter(model_path: str) -> Callable[[str], int]:

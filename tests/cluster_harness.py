@@ -42,7 +42,7 @@ from mlxcluster.protocol import (
     Token,
     WorkerHeartbeat,
     WorkerRegistration,
-    decode_frame,
+    decode_frames,
     encode,
 )
 from mlxcluster.worker.echo import EchoEngine
@@ -111,6 +111,7 @@ class FrameStream:
         self.sub = sub
         self.request = request
         self.frames: list[Frame] = []
+        self._unread: list[Frame] = []  # frames that came batched in one message, not yet returned
 
     @classmethod
     async def open(cls, bus: Bus, worker_id: str, request: InferenceRequest) -> FrameStream:
@@ -122,7 +123,7 @@ class FrameStream:
     async def next(self, timeout: float = WAIT_S) -> Frame | None:
         """The next frame, or ``None`` if none comes within ``timeout`` (liveness probes are answered)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while not self._unread:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -134,11 +135,12 @@ class FrameStream:
                 await msg.respond(b"")
                 continue
             try:
-                frame = decode_frame(msg.data)
+                self._unread = decode_frames(msg.data)
             except ProtocolError as exc:
                 raise AssertionError(f"undecodable frame {msg.data!r} headers={msg.headers!r}") from exc
-            self.frames.append(frame)
-            return frame
+        frame = self._unread.pop(0)
+        self.frames.append(frame)
+        return frame
 
     async def rest(self, timeout: float = WAIT_S) -> list[Frame]:
         """Read until Done or Error; fail if the stream stalls for ``timeout`` seconds."""

@@ -12,6 +12,7 @@ from loopback import free_port, make_config
 from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus, BusError, ReplyWriter, Signal, StreamInbox, connect_options
+from mlxcluster.bus.streams import MAX_BATCH_BYTES
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
@@ -24,6 +25,7 @@ from mlxcluster.protocol import (
     Token,
     WorkerHeartbeat,
     WorkerRegistration,
+    decode_frames,
     encode,
 )
 
@@ -302,6 +304,72 @@ async def test_reply_writer_numbers_frames_and_the_inbox_checks_them(bus: Bus) -
         assert isinstance(first, Token) and isinstance(second, Token)
         assert lossy.out_of_order(first) is None and lossy.out_of_order(second) == 2
         assert inbox.open_count == 2
+    finally:
+        await inbox.close()
+
+
+async def test_frames_of_one_loop_turn_travel_as_one_message_and_none_waits_for_the_next(bus: Bus) -> None:
+    """What a request produces without the worker's loop turning (Accepted, Token, Done of a short answer) is
+    one NATS message; a frame that does not end the stream goes out as soon as the loop turns."""
+    payloads: list[bytes] = []
+
+    async def keep(msg: Msg) -> None:
+        payloads.append(msg.data)
+
+    raw = await bus.nc.subscribe("batch.>", cb=keep)
+    inbox = StreamInbox(bus, "c-batch")
+    await inbox.start()
+    try:
+        writer = ReplyWriter(bus, "batch.short")
+        for frame in (Accepted(worker_id="w1"), Token(text="a"), Done()):
+            await writer.send(frame)
+        await bus.flush()
+        await wait_until(lambda: len(payloads) == 1)
+        assert [type(f) for f in decode_frames(payloads[0])] == [Accepted, Token, Done]
+
+        slow = ReplyWriter(bus, "batch.slow")
+        await slow.send(Token(text="first"))  # the engine then waits for its next token: the loop turns
+        await asyncio.sleep(0.01)
+        await bus.flush()
+        await wait_until(lambda: len(payloads) == 2)
+        assert decode_frames(payloads[1]) == [Token(text="first", seq=0)]
+
+        big = ReplyWriter(bus, "batch.big")
+        text = "x" * (MAX_BATCH_BYTES // 3)
+        for _ in range(4):
+            await big.send(Token(text=text))
+        await big.send(Done())
+        await bus.flush()
+        await wait_until(lambda: len(payloads) >= 4)
+        sizes = [len(p) for p in payloads[2:]]
+        assert all(size <= MAX_BATCH_BYTES for size in sizes) and len(sizes) == 2, sizes
+        assert [f.seq for p in payloads[2:] for f in decode_frames(p)] == [0, 1, 2, 3, 4]
+
+        stream = inbox.open("req-1.1", "w1")
+        await bus.flush()
+        both = ReplyWriter(bus, stream.reply)
+        await both.send(Token(text="b"))
+        await both.cancelled()  # a cancel ends the stream: what was held goes with it, in order
+        got = [await stream.receive(time.monotonic() + WAIT_S) for _ in range(2)]
+        assert got == [Token(text="b", seq=0), Done(finish_reason="cancelled")]
+        assert not stream.pending and stream.take() is None
+    finally:
+        await raw.unsubscribe()
+        await inbox.close()
+
+
+async def test_a_message_that_is_not_frames_is_dropped_and_counted(bus: Bus) -> None:
+    inbox = StreamInbox(bus, "c-garbage")
+    await inbox.start()
+    try:
+        stream = inbox.open("req-1.1", "w1")
+        await bus.flush()
+        before = bus.invalid_messages_total
+        await bus.publish_encoded(stream.reply, b"[" + encode(Token(text="a")) + b", 7]")
+        await bus.publish(stream.reply, Token(text="a"))
+        assert await stream.receive(time.monotonic() + WAIT_S) is Signal.INVALID
+        assert await stream.receive(time.monotonic() + WAIT_S) == Token(text="a")
+        assert bus.invalid_messages_total == before + 1
     finally:
         await inbox.close()
 

@@ -31,8 +31,10 @@ from mlxcluster.protocol import (
     WorkerRegistration,
     decode,
     decode_frame,
+    decode_frames,
     decoder_for,
     encode,
+    encode_frames,
 )
 from mlxcluster.subjects import Subjects
 
@@ -144,6 +146,18 @@ def test_frames_match_on_type() -> None:
             case Error(code=code, retryable=retryable):
                 seen.append(f"error:{code}:{retryable}")
     assert seen == ["accepted:mac-1", "token:Hello", "token:", "done:length", "done:stop", "error:overloaded:True"]
+
+
+def test_frames_sent_together_travel_as_one_array() -> None:
+    encoded = [encode(f) for f in FRAMES]
+    assert encode_frames(encoded[:1]) == encoded[0]  # alone: the frame itself, as older nodes send it
+    together = encode_frames(encoded)
+    assert json.loads(together) == [json.loads(e) for e in encoded]
+    assert decode_frames(together) == FRAMES
+    assert decode_frames(encoded[1]) == [FRAMES[1]]
+    for bad in (b"[]x", b'[{"type": "token"}]', b"[" + encode(WorkerHeartbeat(worker_id="w")) + b"]", b"[1, 2]"):
+        with pytest.raises(ProtocolError):
+            decode_frames(bad)
 
 
 def test_defaults_are_omitted_on_the_wire() -> None:

@@ -411,6 +411,8 @@ class Error(_Message, tag="error", tag_field="type"):
 
 
 Frame = Accepted | Progress | Token | Done | Error
+FrameBatch = list[Frame]
+"""Frames sent together in one reply message (:func:`encode_frames`)."""
 
 # NATS headers of the liveness probe a worker sends to a stream's reply subject: the controller answers,
 # with GONE_HEADER set when nobody waits for that stream any more (no answer at all: controller gone).
@@ -452,3 +454,16 @@ def decode(data: bytes, message_type: type[T] | Any) -> T:
 def decode_frame(data: bytes) -> Frame:
     """Parse one stream frame."""
     return decode(data, Frame)
+
+
+def encode_frames(encoded: list[bytes]) -> bytes:
+    """One reply message carrying frames already encoded: the frame itself when alone, else a JSON array
+    of them (what a worker produced within one turn of its event loop travels as one NATS message)."""
+    return encoded[0] if len(encoded) == 1 else b"[" + b",".join(encoded) + b"]"
+
+
+def decode_frames(data: bytes) -> list[Frame]:
+    """Parse one reply message: a single frame or an array of frames (:func:`encode_frames`)."""
+    if data[:1] == b"[":
+        return decode(data, FrameBatch)
+    return [decode(data, Frame)]

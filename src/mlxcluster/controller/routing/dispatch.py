@@ -342,7 +342,8 @@ class Dispatcher:
                         yield frame
                         return
                     yield frame
-                received = await self._next_live(stream, request)
+                # frames that came batched are already queued: take them without the timed wait
+                received = stream.take() or await self._next_live(stream, request)
                 if isinstance(received, str):
                     self._blame(worker_id, epoch)
                     message = f"worker {worker_id} stopped responding mid-stream ({received})"

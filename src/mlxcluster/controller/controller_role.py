@@ -15,6 +15,7 @@ from mlxcluster.controller.http.context import CONTROLLER
 from mlxcluster.controller.metering.metrics_feed import ExporterError
 from mlxcluster.controller.routing.balancing import UnknownBalancerError
 from mlxcluster.errors import NodeError
+from mlxcluster.heap import freeze_startup_heap
 from mlxcluster.plugins import get_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ async def serve_controller(config: Config, bus: Bus, stop: asyncio.Event) -> Non
         log.info(
             "controller %s listening on http://%s:%d", ctx.controller_id, config.controller.bind, config.controller.port
         )
+        freeze_startup_heap()
         await stop.wait()
         ctx.lifecycle.to("draining")
         await wait_for_in_flight(ctx.dispatcher.stats, config.controller.drain_timeout_s)

@@ -8,6 +8,7 @@ import os
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.heap import freeze_startup_heap
 from mlxcluster.worker.engine_base import Engine
 from mlxcluster.worker.service import WorkerService
 from mlxcluster.worker.system import detect_hardware, hostname
@@ -69,6 +70,7 @@ async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine:
     )
     try:
         await service.start()
+        freeze_startup_heap()
         await stop.wait()
         await service.drain(config.worker.drain_timeout_s)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlxcluster.api import BalancerContext, WorkerView
+from mlxcluster.api import NO_MATCH, BalancerContext, WorkerView
 from mlxcluster.builtin.cache_aware import CacheAware
 from mlxcluster.config import LoadBalancingSection
 from mlxcluster.controller.routing.balancing import build_balancer, wants_context
@@ -174,6 +174,16 @@ async def test_echo_simulated_cache_hits_on_the_next_turn_and_output_is_unchange
     stats = cached.prompt_cache_stats()
     assert stats is not None and stats.entries == 2 and stats.evictions == 2
     assert sorted(changes[-1][1]) == sorted(digests_of(second, reply=text2))
+
+
+def test_no_prompt_is_hashed_while_the_index_is_empty() -> None:
+    index = CacheIndex()
+    context = BalancerContext(LoadBalancingSection(), index)
+    request = chat("long question " * 40)
+    assert context.prefix_match(request) is NO_MATCH  # nothing cached anywhere: no digests computed
+    index.apply(event("b", digests_of(request), seq=1))
+    again = InferenceRequest(request_id="again", model="m", messages=request.messages)
+    assert context.prefix_match(again).held == {"b": context.prefix_match(again).blocks}
 
 
 def test_cache_aware_follows_the_holder_and_falls_back_when_saturated_or_imbalanced() -> None:

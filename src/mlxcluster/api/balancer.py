@@ -148,6 +148,9 @@ class CacheLookup(Protocol):
 
     def match_levels(self, model: str, text: str) -> Sequence[tuple[int, Collection[str]]]: ...
     def blocks(self, text: str) -> int: ...
+    def __len__(self) -> int:
+        """Entries held: with none, no prompt needs hashing."""
+        ...
 
 
 class BalancerContext:
@@ -169,7 +172,7 @@ class BalancerContext:
         if last is not None and last[0] is request:
             return last[1]
         cache = self.cache
-        if cache is None:
+        if cache is None or len(cache) == 0:  # nothing cached anywhere (yet): skip hashing the prompt
             return NO_MATCH
         text = canonical_text(request.messages, request.prompt)
         blocks = cache.blocks(text)

@@ -24,10 +24,12 @@ import aiohttp
 import msgspec
 
 from mlxcluster.bench.loadgen import LoadPlan, LoadStep, TargetFigures, run_in_subprocess
-from mlxcluster.bench.nats import bench_config, free_port
+from mlxcluster.bench.nats import bench_config, free_port, request_reply_latencies
 from mlxcluster.bench.procs import BenchCluster, stop_process, wait_http
 from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bench.wrk import run_wrk, wrk_available
+from mlxcluster.bus import Bus
+from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ChatMessage, InferenceRequest
 from mlxcluster.tables import table
@@ -69,6 +71,9 @@ class ClusterBenchResult(msgspec.Struct):
     added_p50_ms: float
     """Cluster p50 minus the bare handler's p50, sequential short requests."""
     added_p99_ms: float
+    nats_p50_ms: float
+    """A bare nats-py request/reply round trip through the same server, measured in the same run: the part
+    of the added latency that is NATS's (two hops through the server), not the cluster's code."""
     bare_requests_per_s: float
     cluster_requests_per_s: float
     """One worker, the same clients as the bare handler's step."""
@@ -322,6 +327,7 @@ async def run_cluster_bench(
                     rounds=sizes.rounds,
                 )
             )
+            nats_floor = await nats_round_trips(config, sizes.latency_requests)
             if use_wrk:
                 load = await wrk_alternating(
                     targets, concurrency=sizes.concurrency, seconds=sizes.time_limit_s, rounds=sizes.rounds
@@ -388,6 +394,7 @@ async def run_cluster_bench(
         cluster_p99_ms=round(through.p99_ms, 3),
         added_p50_ms=round(through.p50_ms - bare.p50_ms, 3),
         added_p99_ms=round(through.p99_ms - bare.p99_ms, 3),
+        nats_p50_ms=round(percentile(nats_floor, 50), 3),
         bare_requests_per_s=round(bare_rps, 1),
         cluster_requests_per_s=round(cluster_rps, 1),
         throughput_ratio=round(cluster_rps / bare_rps, 3) if bare_rps else 0.0,
@@ -398,6 +405,15 @@ async def run_cluster_bench(
         load_average=load_average,
         profiled=profile_dir is not None,
     )
+
+
+async def nats_round_trips(config: Config, count: int) -> list[float]:
+    """``count`` bare request/reply round trips through the bench's nats-server (ms each)."""
+    bus = await Bus.connect(config.nats, name="bench-floor", attempts=3)
+    try:
+        return await request_reply_latencies(bus, count, 128)
+    finally:
+        await bus.close()
 
 
 def server_loop_name() -> str:
@@ -420,6 +436,7 @@ def format_table(result: ClusterBenchResult) -> str:
                 f"{result.added_p50_ms:.3f}",
                 f"{result.added_p99_ms:.3f}",
             ],
+            ["  of which a bare NATS request/reply (nats-py)", f"{result.nats_p50_ms:.3f}", ""],
         ],
     )
     throughput = table(

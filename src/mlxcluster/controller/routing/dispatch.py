@@ -297,26 +297,28 @@ class Dispatcher:
         accepted = False
         while True:
             limit = first_token_by if accepted else accepted_by
-            frame = await self._next(stream, limit, request)
-            match frame:
+            frame = stream.take() or await self._next(stream, limit, request)
+            match frame:  # the usual frames first: each case is a type test
+                case Accepted():
+                    accepted = True
+                case Token() | Done():
+                    if (seq := stream.out_of_order(frame)) is not None:
+                        # lost frames, none sent on yet: start over elsewhere
+                        raise _TryElsewhere(f"lost the first frame(s) of the stream (got #{seq})")
+                    return frame
+                case Progress():
+                    accepted = True
+                    first_token_by = time.monotonic() + self.config.first_token_timeout_s
+                case Error(retryable=True):
+                    raise _TryElsewhere(f"{frame.code}: {frame.message}")
+                case Error():
+                    return frame
                 case None:
                     raise _TryElsewhere("no first token in time" if accepted else "did not accept the request in time")
                 case Signal.NO_RESPONDERS:
                     raise _TryElsewhere("no responders (worker gone)")
                 case Signal():
                     continue
-                case Accepted():
-                    accepted = True
-                case Progress():
-                    accepted = True
-                    first_token_by = time.monotonic() + self.config.first_token_timeout_s
-                case Error(retryable=True):
-                    raise _TryElsewhere(f"{frame.code}: {frame.message}")
-                case Token() | Done() if (seq := stream.out_of_order(frame)) is not None:
-                    # lost frames, none sent on yet: start over elsewhere
-                    raise _TryElsewhere(f"lost the first frame(s) of the stream (got #{seq})")
-                case Token() | Done() | Error():
-                    return frame
 
     async def _relay(
         self, stream: ReplyStream, request: InferenceRequest, first: StreamFrame, epoch: int

@@ -5,19 +5,25 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import msgspec
+import nats
 import pytest
 from aiohttp import web
+from nats.aio.msg import Msg
 
-from mlxcluster.bench.bare import create_bare_app
+from mlxcluster.bench.bare import FLOOR_REPLY, FLOOR_SUBJECT, create_bare_app
 from mlxcluster.bench.cluster import (
     BenchSizes,
     alternating,
+    bare_responder,
+    bare_server,
     format_table,
     run_cluster_bench,
     short_answer_template,
 )
 from mlxcluster.bench.loadgen import LoadPlan, LoadStep, encode_request, run_in_subprocess, run_plan
 from mlxcluster.bench.nats import free_port
+from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.protocol import Accepted, Done, Token, decode_frames
 
 TEMPLATE = {
     "object": "chat.completion",
@@ -64,6 +70,34 @@ async def test_bare_handler_answers_the_template_with_fresh_ids(bare_port: int) 
     assert short_answer_template(answers[0]) == TEMPLATE
     assert answers[0]["id"].startswith("chatcmpl-") and answers[0]["id"] != answers[1]["id"]
     assert isinstance(answers[0]["created"], int)
+
+
+async def test_the_bare_nats_baseline_makes_one_round_trip_per_request(nats_server: EmbeddedNatsServer) -> None:
+    """``bare+nats`` answers only once the bare responder answered its NATS request: one per HTTP request."""
+    import aiohttp
+
+    seen: list[bytes] = []
+
+    async def count(msg: Msg) -> None:
+        seen.append(msg.data)
+
+    watcher = await nats.connect(nats_server.url)
+    await watcher.subscribe(FLOOR_SUBJECT, cb=count)
+    await watcher.flush()
+    try:
+        with bare_responder(nats_server.url):
+            async with bare_server(TEMPLATE, nats_server.url) as url:  # answers 200 once the responder does
+                seen.clear()
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(3):
+                        async with session.post(f"{url}/v1/chat/completions", data=BODY) as response:
+                            assert response.status == 200
+                            assert short_answer_template(await response.json()) == TEMPLATE
+        await watcher.flush()
+        assert seen == [BODY.encode()] * 3
+    finally:
+        await watcher.close()
+    assert [type(f) for f in decode_frames(FLOOR_REPLY)] == [Accepted, Token, Done]  # a short answer, batched
 
 
 async def test_load_generator_counts_every_answer(bare_port: int) -> None:
@@ -124,7 +158,10 @@ async def test_a_small_cluster_run_reports_both_paths() -> None:
     assert result.added_p50_ms == pytest.approx(result.cluster_p50_ms - result.bare_p50_ms, abs=0.002)
     assert result.bare_requests_per_s > 0 and result.cluster_requests_per_s > 0
     assert result.throughput_ratio == pytest.approx(result.cluster_requests_per_s / result.bare_requests_per_s, 0.01)
+    assert result.bare_nats_p50_ms > 0 and result.bare_nats_requests_per_s > 0  # HTTP + NATS, none of our code
+    assert result.bare_nats_ratio == pytest.approx(result.bare_nats_requests_per_s / result.bare_requests_per_s, 0.01)
     assert [row.workers for row in result.throughput] == [1] and result.throughput[0].errors == 0
     assert result.stream_tokens_per_s > 0
     text = format_table(result)
     assert "bare aiohttp handler, same JSON" in text and "target ≥ 0.6×" in text
+    assert "bare handler + one NATS request/reply" in text

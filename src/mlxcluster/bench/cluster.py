@@ -16,7 +16,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +24,10 @@ import aiohttp
 import msgspec
 
 from mlxcluster.bench.loadgen import LoadPlan, LoadStep, TargetFigures, run_in_subprocess
-from mlxcluster.bench.nats import bench_config, free_port, request_reply_latencies
+from mlxcluster.bench.nats import bench_config, free_port
 from mlxcluster.bench.procs import BenchCluster, stop_process, wait_http
 from mlxcluster.bench.stats import machine_line, percentile
 from mlxcluster.bench.wrk import run_wrk, wrk_available
-from mlxcluster.bus import Bus
-from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ChatMessage, InferenceRequest
 from mlxcluster.tables import table
@@ -71,13 +69,17 @@ class ClusterBenchResult(msgspec.Struct):
     added_p50_ms: float
     """Cluster p50 minus the bare handler's p50, sequential short requests."""
     added_p99_ms: float
-    nats_p50_ms: float
-    """A bare nats-py request/reply round trip through the same server, measured in the same run: the part
-    of the added latency that is NATS's (two hops through the server), not the cluster's code."""
+    bare_nats_p50_ms: float
+    """The bare handler making one nats-py request/reply per request (to a bare responder in another process)
+    through the same server: HTTP and NATS with none of the cluster's code."""
+    bare_nats_p99_ms: float
     bare_requests_per_s: float
     cluster_requests_per_s: float
     """One worker, the same clients as the bare handler's step."""
     throughput_ratio: float
+    bare_nats_requests_per_s: float
+    bare_nats_ratio: float
+    """Its throughput over the bare handler's: the most a controller built on aiohttp + nats-py reaches here."""
     throughput: list[ThroughputRow]
     stream_tokens_per_s: float
     stream_concurrency: int
@@ -213,11 +215,19 @@ async def fetch_short_answer(base_url: str) -> dict[str, object]:
 
 
 @contextlib.asynccontextmanager
-async def bare_server(template: dict[str, object]) -> AsyncIterator[str]:
-    """The bare handler in its own process; yields its base URL once it answers."""
+async def bare_server(template: dict[str, object], nats_url: str | None = None) -> AsyncIterator[str]:
+    """The bare handler in its own process (making one NATS round trip per request to the bare responder
+    when ``nats_url`` is given); yields its base URL once it answers."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlxcluster.bench.bare", str(port), msgspec.json.encode(template).decode()],
+        [
+            sys.executable,
+            "-m",
+            "mlxcluster.bench.bare",
+            str(port),
+            msgspec.json.encode(template).decode(),
+            *([nats_url] if nats_url else []),
+        ],
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -225,6 +235,20 @@ async def bare_server(template: dict[str, object]) -> AsyncIterator[str]:
     try:
         await wait_http(f"{base_url}/v1/chat/completions", process, 30, post=chat_body(SHORT_PROMPT))
         yield base_url
+    finally:
+        stop_process(process, timeout=10)
+
+
+@contextlib.contextmanager
+def bare_responder(nats_url: str) -> Iterator[None]:
+    """The bare NATS responder of the ``bare+nats`` baseline, in its own process."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlxcluster.bench.bare", "respond", nats_url],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield
     finally:
         stop_process(process, timeout=10)
 
@@ -315,8 +339,11 @@ async def run_cluster_bench(
         cluster.start_worker("bench-w1")
         await cluster.wait_for_workers(1)
         template = short_answer_template(await fetch_short_answer(cluster.base_url))
-        async with bare_server(template) as bare_url:
-            targets = {"bare": bare_url, "cluster": cluster.base_url}
+        async with contextlib.AsyncExitStack() as baselines:
+            baselines.enter_context(bare_responder(server.url))
+            bare_url = await baselines.enter_async_context(bare_server(template))
+            floor_url = await baselines.enter_async_context(bare_server(template, server.url))
+            targets = {"bare": bare_url, "bare+nats": floor_url, "cluster": cluster.base_url}
             await run_in_subprocess(alternating(targets, concurrency=4, requests=600, seconds=10, rounds=1))
             latency = await run_in_subprocess(
                 alternating(
@@ -327,7 +354,6 @@ async def run_cluster_bench(
                     rounds=sizes.rounds,
                 )
             )
-            nats_floor = await nats_round_trips(config, sizes.latency_requests)
             if use_wrk:
                 load = await wrk_alternating(
                     targets, concurrency=sizes.concurrency, seconds=sizes.time_limit_s, rounds=sizes.rounds
@@ -377,8 +403,8 @@ async def run_cluster_bench(
         cluster.stop()
         await server.stop()
     direct = await direct_latencies(sizes.latency_requests)
-    bare, through = latency.targets["bare"], latency.targets["cluster"]
-    bare_rps, cluster_rps = load["bare"].requests_per_s, load["cluster"].requests_per_s
+    bare, floor, through = latency.targets["bare"], latency.targets["bare+nats"], latency.targets["cluster"]
+    bare_rps, floor_rps, cluster_rps = (load[k].requests_per_s for k in ("bare", "bare+nats", "cluster"))
     return ClusterBenchResult(
         machine=machine_line(),
         engine="echo (no model)",
@@ -394,10 +420,13 @@ async def run_cluster_bench(
         cluster_p99_ms=round(through.p99_ms, 3),
         added_p50_ms=round(through.p50_ms - bare.p50_ms, 3),
         added_p99_ms=round(through.p99_ms - bare.p99_ms, 3),
-        nats_p50_ms=round(percentile(nats_floor, 50), 3),
+        bare_nats_p50_ms=round(floor.p50_ms, 3),
+        bare_nats_p99_ms=round(floor.p99_ms, 3),
         bare_requests_per_s=round(bare_rps, 1),
         cluster_requests_per_s=round(cluster_rps, 1),
         throughput_ratio=round(cluster_rps / bare_rps, 3) if bare_rps else 0.0,
+        bare_nats_requests_per_s=round(floor_rps, 1),
+        bare_nats_ratio=round(floor_rps / bare_rps, 3) if bare_rps else 0.0,
         throughput=rows,
         stream_tokens_per_s=round(streamed.tokens / streamed.seconds, 1) if streamed.seconds else 0.0,
         stream_concurrency=stream_concurrency,
@@ -405,15 +434,6 @@ async def run_cluster_bench(
         load_average=load_average,
         profiled=profile_dir is not None,
     )
-
-
-async def nats_round_trips(config: Config, count: int) -> list[float]:
-    """``count`` bare request/reply round trips through the bench's nats-server (ms each)."""
-    bus = await Bus.connect(config.nats, name="bench-floor", attempts=3)
-    try:
-        return await request_reply_latencies(bus, count, 128)
-    finally:
-        await bus.close()
 
 
 def server_loop_name() -> str:
@@ -430,13 +450,22 @@ def format_table(result: ClusterBenchResult) -> str:
         [
             ["echo engine in-process", f"{result.direct_p50_ms:.3f}", f"{result.direct_p99_ms:.3f}"],
             ["bare aiohttp handler, same JSON", f"{result.bare_p50_ms:.3f}", f"{result.bare_p99_ms:.3f}"],
+            [
+                "bare handler + one NATS request/reply",
+                f"{result.bare_nats_p50_ms:.3f}",
+                f"{result.bare_nats_p99_ms:.3f}",
+            ],
             ["HTTP → controller → NATS → worker", f"{result.cluster_p50_ms:.3f}", f"{result.cluster_p99_ms:.3f}"],
             [
                 f"added by the cluster path (target p50 ≤ {TARGET_ADDED_P50_MS} ms)",
                 f"{result.added_p50_ms:.3f}",
                 f"{result.added_p99_ms:.3f}",
             ],
-            ["  of which a bare NATS request/reply (nats-py)", f"{result.nats_p50_ms:.3f}", ""],
+            [
+                "  of which HTTP + NATS alone (bare + NATS − bare)",
+                f"{result.bare_nats_p50_ms - result.bare_p50_ms:.3f}",
+                "",
+            ],
         ],
     )
     throughput = table(
@@ -458,7 +487,8 @@ def format_table(result: ClusterBenchResult) -> str:
     ratio = (
         f"short requests, {clients} clients: cluster {result.cluster_requests_per_s:,.0f} req/s, bare handler "
         f"{result.bare_requests_per_s:,.0f} req/s: {result.throughput_ratio:.2f}× "
-        f"(target ≥ {TARGET_THROUGHPUT_RATIO}×)"
+        f"(target ≥ {TARGET_THROUGHPUT_RATIO}×)\nthe bare handler with one NATS round trip, none of our code: "
+        f"{result.bare_nats_requests_per_s:,.0f} req/s: {result.bare_nats_ratio:.2f}×"
     )
     return (
         f"bench cluster{' --quick' if result.quick else ''} — {result.engine} — {result.machine}\n"

@@ -178,12 +178,14 @@ async def test_controller_is_degraded_while_nats_is_down(
         async with controller.session().get(controller.url + "/health") as resp:
             body = await resp.json()
             assert resp.status == 200 and body["status"] == "degraded" and body["state"] == "degraded"
+            assert body["reason"] == "NATS unreachable"
         async with controller.session().get(controller.url + "/ready") as resp:
             assert resp.status == 503 and (await resp.json())["state"] == "degraded"
         await nats_server.start()
         await wait_until(lambda: controller.ctx.lifecycle.state == "ready", timeout=20, what="ready again")
         async with controller.session().get(controller.url + "/health") as resp:
-            assert (await resp.json())["status"] == "ok"
+            body = await resp.json()
+            assert body["status"] == "ok" and "reason" not in body
         await wait_until(lambda: controller.ctx.registry.stats().online == 1, timeout=20, what="w1 back")
         async with controller.session().get(controller.url + "/ready") as resp:
             assert resp.status == 200

@@ -190,7 +190,10 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     ),
     "Model": _obj({"id": STR, "object": {"const": "model"}, "created": INT, "owned_by": STR}),
     "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}),
-    "Health": _obj({"status": {"enum": ["ok", "degraded"]}, "state": STR, "time": NUM}),
+    "Health": _obj(
+        {"status": {"enum": ["ok", "degraded"]}, "state": STR, "time": NUM, "reason": STR},
+        required=["status", "state", "time"],
+    ),
     "Readiness": _obj({"ready": BOOL, "state": STR, "workers_online": INT}),
     "ClusterStatus": _obj(
         {

@@ -22,11 +22,15 @@ WORKER_STATES = ("online", "degraded", "draining", "offline")
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """Liveness: the process answers (200 even while degraded); ``status`` is ``degraded`` without NATS."""
+    """Liveness: the process answers (200 even while degraded); ``status`` is ``degraded`` without NATS, and
+    ``reason`` says why where the controller's state has one."""
     ctx: ControllerContext = request.app[CONTROLLER]
-    state = ctx.lifecycle.state
-    status = "degraded" if state == "degraded" or not ctx.bus.is_connected else "ok"
-    return json_response({"status": status, "state": state, "time": time.time()})
+    lifecycle = ctx.lifecycle
+    status = "degraded" if lifecycle.state == "degraded" or not ctx.bus.is_connected else "ok"
+    body: dict[str, object] = {"status": status, "state": lifecycle.state, "time": time.time()}
+    if lifecycle.error is not None:
+        body["reason"] = lifecycle.error
+    return json_response(body)
 
 
 @routes.get("/ready")

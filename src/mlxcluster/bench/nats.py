@@ -74,7 +74,7 @@ async def run_nats_bench(*, requests: int, messages: int, payload: int) -> NatsB
     try:
         bus = await Bus.connect(config.nats, name="bench", attempts=3)
         try:
-            latencies = await request_reply_latencies(bus, requests, payload)
+            latencies = await _request_reply(bus, requests, payload)
             rate = await _publish_rate(bus, messages, payload)
         finally:
             await bus.close()
@@ -93,9 +93,7 @@ async def run_nats_bench(*, requests: int, messages: int, payload: int) -> NatsB
     )
 
 
-async def request_reply_latencies(bus: Bus, count: int, payload: int) -> list[float]:
-    """Milliseconds of ``count`` sequential nats-py request/reply round trips (the responder on the same
-    connection): what one hop through the server costs, with none of the cluster's code."""
+async def _request_reply(bus: Bus, count: int, payload: int) -> list[float]:
     nc = bus.nc
 
     async def echo(msg) -> None:  # type: ignore[no-untyped-def]

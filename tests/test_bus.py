@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import nats.errors
 import pytest
@@ -30,6 +32,17 @@ from mlxcluster.protocol import (
 )
 
 WAIT_S = 5.0
+
+
+@contextlib.asynccontextmanager
+async def started_inbox(bus: Bus, controller_id: str) -> AsyncIterator[StreamInbox]:
+    """A controller's stream inbox, subscribed, closed on the way out."""
+    inbox = StreamInbox(bus, controller_id)
+    await inbox.start()
+    try:
+        yield inbox
+    finally:
+        await inbox.close()
 
 
 async def wait_until(predicate, timeout: float = WAIT_S) -> None:  # type: ignore[no-untyped-def]
@@ -281,9 +294,7 @@ def test_connect_options_from_config() -> None:
 
 
 async def test_reply_writer_numbers_frames_and_the_inbox_checks_them(bus: Bus) -> None:
-    inbox = StreamInbox(bus, "c-numbers")
-    await inbox.start()
-    try:
+    async with started_inbox(bus, "c-numbers") as inbox:
         stream = inbox.open("req-1.1", "w1")
         await bus.flush()
         writer = ReplyWriter(bus, stream.reply)
@@ -304,8 +315,6 @@ async def test_reply_writer_numbers_frames_and_the_inbox_checks_them(bus: Bus) -
         assert isinstance(first, Token) and isinstance(second, Token)
         assert lossy.out_of_order(first) is None and lossy.out_of_order(second) == 2
         assert inbox.open_count == 2
-    finally:
-        await inbox.close()
 
 
 async def test_frames_of_one_loop_turn_travel_as_one_message_and_none_waits_for_the_next(bus: Bus) -> None:
@@ -317,51 +326,48 @@ async def test_frames_of_one_loop_turn_travel_as_one_message_and_none_waits_for_
         payloads.append(msg.data)
 
     raw = await bus.nc.subscribe("batch.>", cb=keep)
-    inbox = StreamInbox(bus, "c-batch")
-    await inbox.start()
     try:
-        writer = ReplyWriter(bus, "batch.short")
-        for frame in (Accepted(worker_id="w1"), Token(text="a"), Done()):
-            await writer.send(frame)
-        await bus.flush()
-        await wait_until(lambda: len(payloads) == 1)
-        assert [type(f) for f in decode_frames(payloads[0])] == [Accepted, Token, Done]
+        async with started_inbox(bus, "c-batch") as inbox:
+            writer = ReplyWriter(bus, "batch.short")
+            for frame in (Accepted(worker_id="w1"), Token(text="a"), Done()):
+                await writer.send(frame)
+            await bus.flush()
+            await wait_until(lambda: len(payloads) == 1)
+            assert [type(f) for f in decode_frames(payloads[0])] == [Accepted, Token, Done]
 
-        slow = ReplyWriter(bus, "batch.slow")
-        await slow.send(Token(text="first"))  # the engine then waits for its next token: the loop turns
-        await asyncio.sleep(0.01)
-        await bus.flush()
-        await wait_until(lambda: len(payloads) == 2)
-        assert decode_frames(payloads[1]) == [Token(text="first", seq=0)]
+            slow = ReplyWriter(bus, "batch.slow")
+            await slow.send(Token(text="first"))  # the engine then waits for its next token: the loop turns
+            await asyncio.sleep(0.01)
+            await bus.flush()
+            await wait_until(lambda: len(payloads) == 2)
+            assert decode_frames(payloads[1]) == [Token(text="first", seq=0)]
 
-        big = ReplyWriter(bus, "batch.big")
-        text = "x" * (MAX_BATCH_BYTES // 3)
-        for _ in range(4):
-            await big.send(Token(text=text))
-        await big.send(Done())
-        await bus.flush()
-        await wait_until(lambda: len(payloads) >= 4)
-        sizes = [len(p) for p in payloads[2:]]
-        assert all(size <= MAX_BATCH_BYTES for size in sizes) and len(sizes) == 2, sizes
-        assert [f.seq for p in payloads[2:] for f in decode_frames(p)] == [0, 1, 2, 3, 4]
+            big = ReplyWriter(bus, "batch.big")
+            text = "x" * (MAX_BATCH_BYTES // 3)
+            for _ in range(4):
+                await big.send(Token(text=text))
+            await big.send(Done())
+            await bus.flush()
+            await wait_until(lambda: len(payloads) >= 4)
+            sizes = [len(p) for p in payloads[2:]]
+            assert all(size <= MAX_BATCH_BYTES for size in sizes) and len(sizes) == 2, sizes
+            frames = [f for p in payloads[2:] for f in decode_frames(p)]
+            assert [(type(f), getattr(f, "seq", None)) for f in frames] == [(Token, i) for i in range(4)] + [(Done, 4)]
 
-        stream = inbox.open("req-1.1", "w1")
-        await bus.flush()
-        both = ReplyWriter(bus, stream.reply)
-        await both.send(Token(text="b"))
-        await both.cancelled()  # a cancel ends the stream: what was held goes with it, in order
-        got = [await stream.receive(time.monotonic() + WAIT_S) for _ in range(2)]
-        assert got == [Token(text="b", seq=0), Done(finish_reason="cancelled")]
-        assert not stream.pending and stream.take() is None
+            stream = inbox.open("req-1.1", "w1")
+            await bus.flush()
+            both = ReplyWriter(bus, stream.reply)
+            await both.send(Token(text="b"))
+            await both.cancelled()  # a cancel ends the stream: what was held goes with it, in order
+            got = [await stream.receive(time.monotonic() + WAIT_S) for _ in range(2)]
+            assert got == [Token(text="b", seq=0), Done(finish_reason="cancelled")]
+            assert not stream.pending and stream.take() is None
     finally:
         await raw.unsubscribe()
-        await inbox.close()
 
 
 async def test_a_message_that_is_not_frames_is_dropped_and_counted(bus: Bus) -> None:
-    inbox = StreamInbox(bus, "c-garbage")
-    await inbox.start()
-    try:
+    async with started_inbox(bus, "c-garbage") as inbox:
         stream = inbox.open("req-1.1", "w1")
         await bus.flush()
         before = bus.invalid_messages_total
@@ -370,27 +376,19 @@ async def test_a_message_that_is_not_frames_is_dropped_and_counted(bus: Bus) -> 
         assert await stream.receive(time.monotonic() + WAIT_S) is Signal.INVALID
         assert await stream.receive(time.monotonic() + WAIT_S) == Token(text="a")
         assert bus.invalid_messages_total == before + 1
-    finally:
-        await inbox.close()
 
 
 async def test_interrupt_wakes_only_the_streams_of_that_worker(bus: Bus) -> None:
-    inbox = StreamInbox(bus, "c-interrupt")
-    await inbox.start()
-    try:
+    async with started_inbox(bus, "c-interrupt") as inbox:
         waiting, other = inbox.open("a.1", "w-gone"), inbox.open("b.1", "w-stays")
         woken = asyncio.create_task(waiting.receive(time.monotonic() + 60))
         inbox.interrupt("w-gone")
         assert await asyncio.wait_for(woken, WAIT_S) is Signal.INTERRUPTED
         assert not other.pending
-    finally:
-        await inbox.close()
 
 
 async def test_probes_are_answered_by_the_inbox_while_a_stream_is_open(bus: Bus) -> None:
-    inbox = StreamInbox(bus, "c-probes")
-    await inbox.start()
-    try:
+    async with started_inbox(bus, "c-probes") as inbox:
         stream = inbox.open("req-1.1", "w1")
         await bus.flush()
         writer = ReplyWriter(bus, stream.reply)
@@ -399,6 +397,4 @@ async def test_probes_are_answered_by_the_inbox_while_a_stream_is_open(bus: Bus)
         assert stream.probed_at is not None  # the worker still works on it: the stall clock restarts
         inbox.discard("req-1.1")
         assert await writer.consumer_gone()  # nobody waits for it any more: answered "gone"
-    finally:
-        await inbox.close()
     assert await ReplyWriter(bus, bus.subjects.response("c-probes", "req-1.1")).consumer_gone()  # no responders

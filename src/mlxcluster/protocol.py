@@ -271,6 +271,31 @@ class SamplingParams(_Message):
     logit_bias: dict[int, float] | None = None
 
 
+class ReasoningParams(_Message):
+    """What the client asked of a reasoning model's thinking: OpenAI's ``reasoning_effort``, the Responses
+    API's ``reasoning``, Anthropic's ``thinking``, mapped onto the chat template's thinking switch and a budget."""
+
+    enabled: bool | None = None
+    """False: thinking off (the template's switch, e.g. ``enable_thinking``); True: on; None: the template's default."""
+    effort: str = ""
+    """The effort asked (``none``, ``minimal``, ``low``, ``medium``, ``high``): the worker's default budget for it."""
+    budget_tokens: Count | None = None
+    """Most reasoning tokens before the think-end marker is forced, so the answer still comes (None: the
+    worker's default for ``effort``)."""
+    param: str = ""
+    """The client's field that asked (``reasoning_effort``, ``reasoning.effort``, ``thinking``): a model whose
+    template has no thinking refuses the request naming it."""
+
+
+class SaidPart(_Message):
+    """One piece of what a stream had said when its worker was lost, in order (see
+    :attr:`InferenceRequest.said`): reasoning text, content text, or one complete tool call."""
+
+    kind: Literal["reasoning", "content", "tool_call"] = "content"
+    text: str = ""
+    call: ToolCall | None = None
+
+
 class ResponseFormat(_Message):
     """Constrained output: ``json_object`` (any object) or ``json_schema`` (``schema``), enforced by the worker."""
 
@@ -310,6 +335,17 @@ class InferenceRequest(_Message):
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] = 0
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (``mlx_lm.server``'s field of the same name), e.g.
+    ``{"enable_thinking": false}``; unknown keys are the template's business."""
+    reasoning: ReasoningParams | None = None
+    max_tokens_auto: bool = False
+    """The client gave no ``max_tokens``: the worker uses the room the context window leaves after the
+    prompt, at most ``max_tokens`` (the controller's cap)."""
+    said: list[SaidPart] | None = None
+    """What earlier workers streamed, in order (reasoning, content, complete tool calls), when the stream
+    moved: the worker continues the assistant's message after all of it (its grammar advanced over it).
+    ``continuation`` then holds the content text alone, for workers that predate this field."""
 
 
 class Cancel(_Message):
@@ -330,6 +366,9 @@ class Usage(_Message):
     total_tokens: Count = 0
     cached_tokens: Count = 0
     """Prompt tokens served from the worker's prompt cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
+    reasoning_tokens: Count = 0
+    """Completion tokens spent inside the model's thinking markers (OpenAI's
+    ``completion_tokens_details.reasoning_tokens``)."""
 
 
 class Timings(_Message):
@@ -388,6 +427,9 @@ class Progress(_Message, tag="progress", tag_field="type"):
 
     processed: Count = 0
     total: Count = 0
+    generated: Count = 0
+    """Tokens generated so far whose text is held back (a tool call the parser holds until it is complete):
+    the first such Progress marks the first generated token (TTFT), and each one feeds the silence timer."""
 
 
 class Done(_Message, tag="done", tag_field="type"):
@@ -408,6 +450,8 @@ class Error(_Message, tag="error", tag_field="type"):
     code: str
     message: str
     retryable: bool = False
+    param: str | None = None
+    """The request field at fault, for an ``invalid_request`` (the API's 400 names it)."""
 
 
 Frame = Accepted | Progress | Token | Done | Error

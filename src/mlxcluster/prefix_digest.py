@@ -56,13 +56,7 @@ def prefix_digests(text: str, block_chars: int = BLOCK_CHARS, limit: int | None 
     count = len(text) // block_chars
     if limit is not None:
         count = min(count, limit)
-    digests: list[int] = []
-    previous = _SEED
-    for i in range(count):
-        block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
-        previous = hashlib.blake2b(previous + block, digest_size=8).digest()
-        digests.append(int.from_bytes(previous, "big") >> 1)  # 63 bits: fits a signed int64 on the wire
-    return digests
+    return PrefixHasher(block_chars).extend(text[: count * block_chars]).digests
 
 
 def iter_prefix_digests(text: str, block_chars: int = BLOCK_CHARS) -> Iterator[int]:
@@ -73,3 +67,51 @@ def iter_prefix_digests(text: str, block_chars: int = BLOCK_CHARS) -> Iterator[i
         block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
         previous = hashlib.blake2b(previous + block, digest_size=8).digest()
         yield int.from_bytes(previous, "big") >> 1
+
+
+class PrefixHasher:
+    """The digests of a text fed in pieces: :func:`prefix_digests` of everything fed so far.
+
+    A worker hashes a prompt's canonical text once, while it prepares the request, and extends a
+    :meth:`copy` with the reply when the request ends, so only the reply's blocks are hashed then."""
+
+    def __init__(self, block_chars: int = BLOCK_CHARS) -> None:
+        self.block_chars = block_chars
+        self.digests: list[int] = []
+        self._previous = _SEED
+        self._pending = ""
+
+    def extend(self, text: str) -> PrefixHasher:
+        """Feed more text; returns self."""
+        pending = self._pending + text
+        size = self.block_chars
+        whole = len(pending) // size
+        for i in range(whole):
+            block = pending[i * size : (i + 1) * size].encode("utf-8", "surrogatepass")
+            self._previous = hashlib.blake2b(self._previous + block, digest_size=8).digest()
+            self.digests.append(int.from_bytes(self._previous, "big") >> 1)
+        self._pending = pending[whole * size :]
+        return self
+
+    def copy(self) -> PrefixHasher:
+        twin = PrefixHasher(self.block_chars)
+        twin.digests = list(self.digests)
+        twin._previous = self._previous
+        twin._pending = self._pending
+        return twin
+
+
+def reply_hasher(messages: Sequence[_Message] | None, prompt: str | None) -> tuple[PrefixHasher, list[int]]:
+    """A hasher fed a request's canonical text up to where its reply goes (extend it with the reply, then
+    :func:`close_reply`), and the digests of the conversation before the reply (what the next turn shares)."""
+    if messages is not None:
+        hasher = PrefixHasher().extend(chat_text(messages))
+        before = list(hasher.digests)
+        return hasher.extend(f"assistant{_FIELD}{_FIELD}"), before
+    hasher = PrefixHasher().extend(_PROMPT + (prompt or ""))
+    return hasher, list(hasher.digests)
+
+
+def close_reply(hasher: PrefixHasher, messages: Sequence[_Message] | None, reply: str) -> list[int]:
+    """The digests of ``canonical_text(messages, prompt, reply)`` from a :func:`reply_hasher` (consumed)."""
+    return hasher.extend(reply + (_UNIT if messages is not None else "")).digests

@@ -32,10 +32,8 @@ class MirroredPromptCache(PromptCache):
     def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
         cache, cached = super().fetch(tokens)
         self._uses.clear()
-        if cache is not None:
-            key = self._entry_used(tokens)
-            if key is not None:
-                self._uses[id(cache)] = (key, cached)
+        if cache is not None and self.last_use is not None:
+            self._uses[id(cache)] = (list(self.last_use.key), cached)
         return cache, cached
 
     def use_of(self, cache: Any) -> tuple[list[int], int] | None:
@@ -47,19 +45,8 @@ class MirroredPromptCache(PromptCache):
             self._record(StoreOp(tokens=list(tokens)))
         super().store(tokens, cache, digests)
 
-    def _on_popped(self, tokens: list[int], evicted: bool) -> None:
-        self._record(DropOp(tokens=list(tokens)))
-        super()._on_popped(tokens, evicted)
-
-    def _entry_used(self, tokens: list[int]) -> list[int] | None:
-        """The entry mlx-lm's ``fetch_nearest_cache`` copied for ``tokens`` (same choice as it makes)."""
-        result = self._cache._trie.search(self.model_key, tokens)
-        if result.exact is not None:
-            return list(result.exact)
-        short = len(result.shorter) if result.shorter is not None else 0
-        if result.longer is not None and result.common_prefix > short:
-            return list(result.longer)
-        return list(result.shorter) if result.shorter is not None else None
+    def dropped(self, key: tuple[int, ...], evicted: bool) -> None:
+        self._record(DropOp(tokens=list(key)))
 
 
 class FollowerCache:

@@ -44,6 +44,7 @@ from mlxcluster.worker.group_ops import (
     decoder,
     encoder,
 )
+from mlxcluster.worker.job import Job
 from mlxcluster.worker.placement import PlacementError
 from mlxcluster.worker.rendezvous import HOSTFILE_PREFIX
 
@@ -185,7 +186,10 @@ def _sampler_spec(sampler: Any) -> SamplerSpec | None:
     from mlx_lm.sample_utils import greedy_sampler
 
     from mlxcluster.worker.sampling import KeyedSampler
+    from mlxcluster.worker.step_guard import GuardedSampler
 
+    if isinstance(sampler, GuardedSampler):
+        sampler = sampler.sampler
     if sampler is None or sampler is greedy_sampler:
         return None
     if isinstance(sampler, KeyedSampler):
@@ -204,15 +208,18 @@ class GroupEngine(MlxEngine):
         self.formation = formation
         self.channel = Channel(stall_timeout_s=formation.stall_timeout_s, on_broken=on_broken)
 
-    def _load(self, stream: Any) -> None:
-        super()._load(stream)
-        if self._prompt_cache is not None:  # the same cache, reporting its decisions to the followers
-            self._prompt_cache = MirroredPromptCache(
-                self._model_key(), self.prompt_cache_bytes, self._on_cache_change, record=self._record
-            )
+    def _make_prompt_cache(self) -> MirroredPromptCache:
+        """The same cache, reporting its decisions to the followers."""
+        return MirroredPromptCache(
+            self._model_key(), self.prompt_cache_bytes, self._on_cache_change, record=self._record
+        )
+
+    def _checkpoints(self) -> bool:
+        return False  # the followers replay finished sequences' caches only
 
     def _record(self, op: Op) -> None:
-        self._generator.record(op)
+        assert self._loop is not None
+        self._loop.generator.record(op)
 
     def _load_model(self) -> tuple[Any, Any, dict[str, Any]]:
         result = load_shard(self.model, self.formation, self.channel)
@@ -225,31 +232,33 @@ class GroupEngine(MlxEngine):
         return info
 
     def _new_generator(self) -> Any:
+        assert self._loop is not None
         reset = ResetOp(self.max_concurrent, self.prefill_batch_size, self.prefill_step_size)
         return BroadcastGenerator(
-            super()._new_generator(), self.channel, reset, self._eos_stops, lambda: self._prompt_cache
+            super()._new_generator(), self.channel, reset, self._loop.eos_stops, lambda: self._prompt_cache
         )
 
-    def _take_inbox(self, *, block: bool) -> bool:
-        stop = super()._take_inbox(block=block)
-        generator = self._generator
-        if not stop and generator is not None:
+    def _on_turn(self) -> None:
+        generator = self._loop.generator if self._loop is not None else None
+        if generator is not None:
             generator.tick()
-        return stop
 
     def fail_in_flight(self, message: str) -> int:
         """End every accepted request now with an explicit error (the generation thread may be stuck
         in a collective, so this does not wait for it); return how many were failed."""
-        jobs = list(self._waiting) + list(self._active.values())
+        loop = self._loop
+        if loop is None:
+            return 0
+        jobs = loop.jobs()
         while True:
             try:
-                item = self._inbox.get_nowait()
+                item = loop.inbox.get_nowait()
             except Exception:
                 break
-            if not isinstance(item, str | type(None)):
+            if isinstance(item, Job):
                 jobs.append(item)
         for job in jobs:  # retryable: before its first token elsewhere, after it moved mid-stream (migration)
-            self._emit(job, Error(code="group_member_lost", message=message, retryable=True))
+            job.emit(Error(code="group_member_lost", message=message, retryable=True))
         return len(jobs)
 
     async def stop(self) -> None:

@@ -1,12 +1,19 @@
-"""The mlx engine's prompt (KV) cache: mlx-lm's :class:`LRUPromptCache`, bounded by bytes and observed.
+"""The mlx engine's prompt (KV) cache: earlier prompts' KV caches in a token trie, bounded by bytes and observed.
 
-mlx-lm keeps KV caches in a token trie: a new prompt reuses the entry that shares the longest prefix
-with it (an entry longer than the prompt is copied and trimmed back to the common prefix), and only the
-rest is prefilled. This wrapper adds what a cluster needs on top:
+A new prompt reuses the entry that shares the longest prefix with it, and only the rest is prefilled.
+The trie is mlx-lm's public :class:`~mlx_lm.models.cache.PromptTrie`; the entries, their LRU order and
+byte bound are ours (mlx-lm's ``LRUPromptCache`` keeps them in private attributes), which is what a
+cluster needs on top:
 
-- a byte bound with LRU eviction, where a hit refreshes the entry it used (mlx-lm only orders by insert);
-- counters for the heartbeat (:class:`~mlxcluster.protocol.PromptCacheStats`);
-- the prefix digests (:mod:`mlxcluster.prefix_digest`) of what is held, reference-counted over entries,
+- **Every cache type.** A trimmable cache (plain KV) serves any prefix of an entry: an entry longer than
+  the prompt is copied and trimmed back, an exact hit is trimmed by one token (the last prompt token must
+  be computed to get logits). A cache that cannot be trimmed (a sliding window that has rolled, the
+  recurrent state of linear-attention layers) serves only prompts that *extend* its tokens exactly, so the
+  engine also stores checkpoints on prefix boundaries the next turn will share (the end of the
+  conversation before the generation prompt), as ``mlx_lm.server`` does with prompt segments.
+- A byte bound with LRU eviction, where a hit refreshes the entry it used.
+- Counters for the heartbeat (:class:`~mlxcluster.protocol.PromptCacheStats`).
+- The prefix digests (:mod:`mlxcluster.prefix_digest`) of what is held, reference-counted over entries,
   reported to a listener as they appear and disappear, so controllers can route to the holder.
 
 It is used from the engine's generation thread only; :meth:`stats` and :meth:`digests` may be read from
@@ -17,8 +24,9 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mlxcluster.protocol import PromptCacheStats
@@ -33,6 +41,35 @@ def default_cache_bytes(total_memory_bytes: int) -> int:
     return min(total_memory_bytes // 8, 16 << 30)
 
 
+def cache_nbytes(cache: list[Any]) -> int:
+    """Bytes held by one sequence's cache (its layers summed)."""
+    return sum(int(layer.nbytes) for layer in cache)
+
+
+def trimmable(cache: list[Any]) -> bool:
+    """Whether every layer of ``cache`` can drop tokens from its end."""
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    return bool(can_trim_prompt_cache(cache))
+
+
+@dataclass(eq=False)
+class _Entry:
+    tokens: tuple[int, ...]
+    cache: list[Any]
+    nbytes: int
+    trimmable: bool
+    digests: list[int]
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """Which entry a :meth:`PromptCache.fetch` copied (its tokens) and how many of its tokens it kept."""
+
+    key: tuple[int, ...]
+    cached: int
+
+
 class PromptCache:
     """Reusable KV caches of earlier prompts for one model, at most ``limit_bytes`` in all.
 
@@ -42,73 +79,116 @@ class PromptCache:
     """
 
     def __init__(self, model_key: str, limit_bytes: int, listener: Listener | None = None) -> None:
-        from mlx_lm.models.cache import LRUPromptCache
+        from mlx_lm.models.cache import PromptTrie
 
         if limit_bytes <= 0:
             raise ValueError("limit_bytes must be positive")
         self.model_key = model_key
         self.limit_bytes = limit_bytes
         self.listener = listener
-        self._cache = LRUPromptCache(max_size=ENTRY_LIMIT, max_bytes=limit_bytes)
-        self._cache._trie = _ObservedTrie(self._cache._trie, self._on_popped)  # type: ignore[assignment]
-        self._digests_of: dict[tuple[int, ...], list[int]] = {}
+        self._trie = PromptTrie()  # type: ignore[no-untyped-call]
+        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()  # least recently used first
+        self._bytes = 0
         self._held: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._changes: tuple[list[int], list[int]] = ([], [])
+        self.last_use: CacheUse | None = None
+        """The entry the latest :meth:`fetch` used (None: a miss)."""
         self.hits = self.misses = self.hit_tokens = self.prompt_tokens = self.evictions = 0
 
     # --- generation thread ----------------------------------------------------------------------
 
     def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
-        """A private copy of the cache of the longest held prefix of ``tokens``, and its length.
+        """A private copy of the cache of the longest usable held prefix of ``tokens``, and its length.
 
-        At least one token is always left to prefill (an exact hit is trimmed by one). ``(None, 0)``
-        is a miss. The entry used becomes the most recently used.
+        At least one token is always left to prefill. ``(None, 0)`` is a miss. The entry used becomes the
+        most recently used one.
         """
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-        cache, rest = self._cache.fetch_nearest_cache(self.model_key, tokens)
-        cached = len(tokens) - len(rest)
-        if cache is not None and cached >= len(tokens):  # exact: leave the last token to compute logits
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                cached = len(tokens) - 1
-            else:
-                cache, cached = None, 0
-        if cache is None or cached <= 0:
-            cache, cached = None, 0
+        found = self._nearest(tokens)
         self.prompt_tokens += len(tokens)
-        if cached:
-            self.hits += 1
-            self.hit_tokens += cached
-            self._touch(tokens)
-        else:
+        self.last_use = None
+        if found is None:
             self.misses += 1
+            return None, 0
+        entry, cached = found
+        cache = copy.deepcopy(entry.cache)
+        extra = len(entry.tokens) - cached
+        if extra > 0:
+            from mlx_lm.models.cache import trim_prompt_cache
+
+            trim_prompt_cache(cache, extra)
+        self.hits += 1
+        self.hit_tokens += cached
+        self._entries.move_to_end(entry.tokens)
+        self.last_use = CacheUse(entry.tokens, cached)
         return cache, cached
 
+    def _nearest(self, tokens: list[int]) -> tuple[_Entry, int] | None:
+        """The entry to start ``tokens`` from and how many of its tokens to keep (< ``len(tokens)``)."""
+        limit = len(tokens) - 1  # the last prompt token is always computed
+        if limit <= 0:
+            return None
+        result = self._trie.search(self.model_key, tokens)
+        if result.exact is not None:
+            entry = self._entries[tuple(result.exact)]
+            if entry.trimmable:
+                return entry, limit
+        shorter = self._shorter(tokens, result)
+        if result.longer is not None and result.common_prefix > (len(shorter.tokens) if shorter else 0):
+            entry = self._entries[tuple(result.longer)]
+            if entry.trimmable:
+                return entry, min(limit, result.common_prefix)
+        return (shorter, len(shorter.tokens)) if shorter is not None else None
+
+    def _shorter(self, tokens: list[int], result: Any) -> _Entry | None:
+        """The longest entry that is a proper prefix of ``tokens`` (usable whatever its cache type)."""
+        if result.exact is not None:  # an exact entry that cannot be trimmed: look below it
+            result = self._trie.search(self.model_key, tokens[:-1])
+            if result.exact is not None:
+                return self._entries[tuple(result.exact)]
+        if result.shorter is None:
+            return None
+        return self._entries[tuple(result.shorter)]
+
     def store(self, tokens: list[int], cache: list[Any], digests: list[int]) -> None:
-        """Keep ``cache`` (the KV state of exactly ``tokens``) for later prompts; ``digests`` name its text."""
+        """Keep ``cache`` (the KV state of exactly ``tokens``) for later prompts; ``digests`` name its text.
+
+        A trimmable entry subsumes the entries of its prefixes (it can serve them all), which are dropped;
+        an entry that cannot be trimmed leaves them (they serve prompts that diverge before its end)."""
         if not tokens or not cache:
             return
         key = tuple(tokens)
-        self._release(key)  # replaced, if already held
-        self._digests_of[key] = digests
-        stored = [d for d in digests if self._held[d] == 0]
-        self._held.update(digests)
+        if key in self._entries:  # replaced: not a drop
+            self._trie.pop(self.model_key, list(key))
+            self._forget(key, evicted=False, replaced=True)
+        entry = _Entry(key, cache, cache_nbytes(cache), trimmable(cache), list(digests))
+        self._entries[key] = entry
+        self._trie.add(self.model_key, list(key), entry)
+        self._bytes += entry.nbytes
+        stored = [d for d in entry.digests if self._held[d] == 0]
+        with self._lock:
+            self._held.update(entry.digests)
         self._note(stored, [])
-        self._cache.insert_cache(self.model_key, list(tokens), cache)
+        if entry.trimmable:
+            for length, _value in self._trie.pop_prefixes(self.model_key, list(key)):
+                self._forget(key[:length], evicted=False)
+        self._bound()
         self._flush()
 
     def clear(self) -> None:
         """Drop every entry (counted as evictions)."""
-        self._cache.trim_to(n_sequences=0)
+        for key in list(self._entries):
+            self._drop(key, evicted=True)
         self._flush()
 
     # --- any thread -----------------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
-        return int(self._cache.nbytes)
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def stats(self) -> PromptCacheStats:
         return PromptCacheStats(
@@ -116,9 +196,9 @@ class PromptCache:
             misses=self.misses,
             hit_tokens=self.hit_tokens,
             prompt_tokens=self.prompt_tokens,
-            bytes=self.nbytes,
+            bytes=self._bytes,
             limit_bytes=self.limit_bytes,
-            entries=len(self._cache),
+            entries=len(self._entries),
             evictions=self.evictions,
         )
 
@@ -129,34 +209,37 @@ class PromptCache:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _touch(self, tokens: list[int]) -> None:
-        """Make the entry a hit used the most recently used one."""
-        result = self._cache._trie.search(self.model_key, tokens)
-        used = result.exact if result.exact is not None else None
-        if used is None:
-            short = len(result.shorter) if result.shorter is not None else 0
-            used = result.longer if result.longer is not None and result.common_prefix > short else result.shorter
-        if used is None:
-            return
-        order = self._cache._lru
-        order.remove(self.model_key, used)
-        order.push(self.model_key, used)
+    def _bound(self) -> None:
+        while self._entries and (self._bytes > self.limit_bytes or len(self._entries) > ENTRY_LIMIT):
+            oldest = next(iter(self._entries))
+            self._drop(oldest, evicted=True)
 
-    def _on_popped(self, tokens: list[int], evicted: bool) -> None:
+    def _drop(self, key: tuple[int, ...], *, evicted: bool) -> None:
+        """Remove one entry from the trie and the index."""
+        self._trie.pop(self.model_key, list(key))
+        self._forget(key, evicted=evicted)
+
+    def _forget(self, key: tuple[int, ...], *, evicted: bool, replaced: bool = False) -> None:
+        """Account for an entry gone from the trie (``replaced``: a new cache of the same tokens takes its place)."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self._bytes -= entry.nbytes
         if evicted:
             self.evictions += 1
-        self._release(tuple(tokens))
-
-    def _release(self, key: tuple[int, ...]) -> None:
-        digests = self._digests_of.pop(key, None)
-        if not digests:
+        if not replaced:
+            self.dropped(key, evicted)
+        if not entry.digests:
             return
         with self._lock:
-            self._held.subtract(digests)
-            removed = [d for d in set(digests) if self._held[d] <= 0]
+            self._held.subtract(entry.digests)
+            removed = [d for d in set(entry.digests) if self._held[d] <= 0]
             for d in removed:
                 del self._held[d]
         self._note([], removed)
+
+    def dropped(self, key: tuple[int, ...], evicted: bool) -> None:
+        """Called for every entry that leaves the cache (a subclass records it)."""
 
     def _note(self, stored: list[int], removed: list[int]) -> None:
         self._changes[0].extend(stored)
@@ -173,28 +256,3 @@ class PromptCache:
             removed = [d for d in removed if d not in both or d not in held]
         if (stored or removed) and self.listener is not None:
             self.listener(stored, removed)
-
-
-class _ObservedTrie:
-    """mlx-lm's prompt trie, reporting every entry it drops (LRU evictions and subsumed prefixes)."""
-
-    def __init__(self, trie: Any, on_popped: Callable[[list[int], bool], None]) -> None:
-        self._trie = trie
-        self._on_popped = on_popped
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._trie, name)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _ObservedTrie:
-        return _ObservedTrie(copy.deepcopy(self._trie, memo), self._on_popped)
-
-    def pop(self, model: Any, tokens: list[int]) -> Any:
-        value = self._trie.pop(model, tokens)
-        self._on_popped(list(tokens), True)
-        return value
-
-    def pop_prefixes(self, model: Any, tokens: list[int]) -> list[tuple[int, Any]]:
-        values: list[tuple[int, Any]] = self._trie.pop_prefixes(model, tokens)
-        for length, _ in values:
-            self._on_popped(list(tokens[:length]), False)
-        return values

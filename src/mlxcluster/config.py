@@ -166,6 +166,16 @@ class GroupSection(_Section):
     offline timeout, the larger (a member that dies or freezes is noticed sooner: its hellos stop)."""
 
 
+class ThinkingBudgetsSection(_Section):
+    """``[worker.thinking_budgets]``: reasoning tokens per effort (``reasoning_effort``, Responses' ``reasoning``)
+    when a request gives no budget; once spent, the think-end marker is forced so the answer still comes. A
+    budget is at most half the request's ``max_tokens``."""
+
+    low: PositiveInt = 1024
+    medium: PositiveInt = 4096
+    high: PositiveInt = 16384
+
+
 class WorkerSection(_Section):
     """``[worker]``: the inference node."""
 
@@ -188,6 +198,7 @@ class WorkerSection(_Section):
     memory_budget_gb: Annotated[float, Meta(gt=0)] | None = None
     """Memory the model's weights may take on this worker; unset: the machine's available memory. A model
     (or, in a group, a shard) larger than this is refused at load."""
+    thinking_budgets: ThinkingBudgetsSection = msgspec.field(default_factory=ThinkingBudgetsSection)
     group: GroupSection = msgspec.field(default_factory=GroupSection)
 
 

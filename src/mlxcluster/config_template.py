@@ -82,6 +82,11 @@ prefill_step_size = 256            # prompt tokens per prefill step; smaller kee
 # prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
 # memory_budget_gb = 48.0          # weights larger than this are refused (default: available memory)
 
+[worker.thinking_budgets]          # reasoning tokens per effort when a request gives no budget (then </think>)
+low = 1024
+medium = 4096
+high = 16384
+
 [worker.group]                     # several workers serving one model together (mx.distributed)
 # name = "big"                     # set on every member; rank 0 registers the group under this name
 size = 1                           # members in the group (tensor: must divide the attention heads)

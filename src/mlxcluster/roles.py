@@ -16,7 +16,7 @@ import msgspec
 from mlxcluster.bus import Bus, BusError
 from mlxcluster.config import Config, ConfigError
 from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError, keep_server_running
-from mlxcluster.errors import NodeError
+from mlxcluster.errors import NODE_FAILED, NodeError, NodeFailed
 from mlxcluster.secure import check_exposure
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ async def _main(config: Config, role: str, workers: int) -> int:
             finally:
                 await bus.close()
         return 0
+    except NodeFailed as exc:
+        log.error("%s; exiting with code %d so that the node is restarted", exc, NODE_FAILED)
+        return NODE_FAILED
     except (EmbeddedServerError, BusError, ConfigError) as exc:  # ConfigError: e.g. an unreadable users_file
         raise NodeError(str(exc)) from None
 

@@ -167,6 +167,10 @@ class MlxEngine(Engine):
         cache = self._prompt_cache
         return cache.digests() if cache is not None else []
 
+    def set_failure_listener(self, listener: Callable[[str], None] | None) -> None:
+        """Be told (on the generation thread) why it died, if it dies while serving."""
+        self.on_fatal = listener
+
     @property
     def tokens_total(self) -> int:
         return self._loop.tokens_total if self._loop is not None else 0

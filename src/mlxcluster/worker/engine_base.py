@@ -64,3 +64,8 @@ class Engine(ABC):
     def cache_digests(self) -> list[int]:
         """Every prefix digest the prompt cache holds now (for a full snapshot)."""
         return []
+
+    def set_failure_listener(self, listener: Callable[[str], None] | None) -> None:
+        """Be told (from any thread) why the engine can no longer serve, if that happens (engines that
+        cannot fail that way: never)."""
+        return None

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+import msgspec
+
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.errors import NodeError
@@ -171,6 +173,7 @@ class _Member:
             self.path,
             served_name=self.served,
             max_concurrent=worker.max_concurrent,
+            thinking_budgets=msgspec.structs.asdict(worker.thinking_budgets),
             formation=self.formation,
             on_broken=self.on_broken,
         )

@@ -4,8 +4,8 @@ Runs on the generation thread, one :class:`JobOutput` per request: the streaming
 strings (held back until resolved, never leaked), the request's features (reasoning, tool calls, logprobs
 shaped into frames), the count of reasoning tokens, and the silence guard: while the features hold text
 back (a tool call is parsed whole), a ``Progress(generated=n)`` frame goes out as soon as a call is held
-from the first token, and otherwise after :data:`HELD_PROGRESS_S` of silence, so the controller's first-token and stall timers
-measure silence, not a long tool call.
+from the first token, and otherwise after :data:`HELD_PROGRESS_S` of silence, so the controller's
+first-token and stall timers measure silence, not a long tool call.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ A request's :class:`~mlxcluster.protocol.ReasoningParams` (from ``reasoning_effo
 which mlx-lm's tokenizer wrapper renames for templates that call it ``thinking``) and a budget: once a
 request has spent its budget inside a think block, :class:`ThinkingBudget` forces the think-end marker,
 so the answer still comes. ``none``/``minimal`` switch thinking off; a model that always thinks (think
-markers, no switch) then gets a budget of zero. A model without think markers refuses reasoning
-parameters (the caller names the client's field).
+markers, no switch) then gets a budget of zero. A model without think markers refuses a request to think
+(the caller names the client's field); asking it not to think is a no-op.
 """
 
 from __future__ import annotations
@@ -59,14 +59,16 @@ def plan_thinking(
     explicit = kwargs.get("enable_thinking")
     if asked is None:
         return ThinkingPlan(enable_thinking=explicit if isinstance(explicit, bool) else None, budget=None)
+    enabled = asked.enabled
+    if enabled is None and asked.effort:
+        enabled = asked.effort not in OFF_EFFORTS
     if not thinking:
+        if enabled is False:  # nothing to switch off
+            return ThinkingPlan(enable_thinking=None, budget=None)
         raise ReasoningRefused(
             "this model does not reason: its chat template has no thinking and its vocabulary no think markers",
             asked.param or "reasoning",
         )
-    enabled = asked.enabled
-    if enabled is None and asked.effort:
-        enabled = asked.effort not in OFF_EFFORTS
     budget = asked.budget_tokens
     if budget is None and enabled and asked.effort in (budgets or DEFAULT_BUDGETS):
         budget = min((budgets or DEFAULT_BUDGETS)[asked.effort], max(1, max_tokens // 2))

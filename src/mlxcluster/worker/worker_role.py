@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Any
+
+import msgspec
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.errors import NodeFailed
 from mlxcluster.heap import freeze_startup_heap
 from mlxcluster.worker.engine_base import Engine
 from mlxcluster.worker.service import WorkerService
@@ -45,6 +49,7 @@ def build_engine(config: Config) -> Engine:
         max_concurrent=config.worker.max_concurrent,
         prefill_step_size=config.worker.prefill_step_size,
         prompt_cache_bytes=config.worker.prompt_cache_bytes,
+        thinking_budgets=msgspec.structs.asdict(config.worker.thinking_budgets),
     )
 
 
@@ -58,6 +63,17 @@ async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine:
         await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id())
         return
     engine = engine or build_engine(config)
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[str] = loop.create_future()
+
+    def settle(reason: str) -> None:
+        if not failed.done():
+            failed.set_result(reason)
+
+    def engine_failed(reason: str) -> None:  # called from the engine's thread
+        loop.call_soon_threadsafe(settle, reason)
+
+    engine.set_failure_listener(engine_failed)
     await engine.start()
     info = engine.info()
     log.info("engine %s ready: models %s %s", info.name, info.models, info.details)
@@ -71,7 +87,14 @@ async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine:
     try:
         await service.start()
         freeze_startup_heap()
-        await stop.wait()
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if failed.done():
+            reason = f"engine failed: {failed.result()}"
+            log.error("worker %s: %s; deregistering", service.worker_id, reason)
+            await service.drain(0.0, reason=reason)
+            raise NodeFailed(reason)
         await service.drain(config.worker.drain_timeout_s)
     finally:
         await engine.stop()

@@ -27,6 +27,7 @@ from mlxcluster import __version__
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.errors import NodeFailed
 from mlxcluster.protocol import (
     GONE_HEADER,
     PROBE_HEADER,
@@ -451,6 +452,43 @@ async def test_serve_worker_registers_serves_and_deregisters_on_stop(cluster_con
         await stream.close()
         await asyncio.wait_for(task, 10)
         await wait_until(lambda: [d for d in deregistrations.items if d.worker_id == "w-node"])
+    finally:
+        if not task.done():
+            task.cancel()
+        await worker_bus.close()
+
+
+async def test_a_failed_engine_deregisters_the_worker_with_the_reason(cluster_config: Config, bus: Bus) -> None:
+    """The engine's generation thread died: the worker leaves the cluster saying why and the node fails (its
+    process exits non-zero, so a supervisor or service manager restarts it)."""
+
+    class DyingEcho(EchoEngine):
+        def set_failure_listener(self, listener):  # type: ignore[no-untyped-def]
+            self.listener = listener
+
+        async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineFrame]:
+            if request.prompt == "die":
+                self.listener("the generation thread died: RuntimeError('boom')")
+                yield Error(code="shutting_down", message="mlx engine stopped", retryable=True)
+                return
+            async for frame in super().generate(request):
+                yield frame
+
+    registrations = await collect(bus, bus.subjects.register, WorkerRegistration)
+    deregistrations = await collect(bus, bus.subjects.deregister, Deregister)
+    config = with_sections(cluster_config, worker={"engine": "echo", "id": "w-dies", "model": "m1"})
+    worker_bus = await Bus.connect(config.nats, name="test-dying-worker", attempts=5)
+    task = asyncio.create_task(serve_worker(config, worker_bus, asyncio.Event(), engine=DyingEcho(models=["m1"])))
+    try:
+        await wait_until(lambda: [r for r in registrations.items if r.worker_id == "w-dies"])
+        check_stream(await request_frames(bus, "w-dies", chat_request("still fine", model="m1")), "still fine")
+        request = InferenceRequest(request_id="die", model="m1", prompt="die")
+        frames = await request_frames(bus, "w-dies", request)
+        assert isinstance(frames[-1], Error) and frames[-1].retryable
+        with pytest.raises(NodeFailed, match="boom"):
+            await asyncio.wait_for(task, 10)
+        gone = await wait_until(lambda: [d for d in deregistrations.items if d.worker_id == "w-dies"])
+        assert "engine failed" in gone[0].reason and "boom" in gone[0].reason
     finally:
         if not task.done():
             task.cancel()

@@ -218,7 +218,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
     body: ChatCompletionRequest = parse_body(await request.read(), ChatCompletionRequest)
     completion_id = f"chatcmpl-{new_request_id()}"
-    inference = chat_to_inference(body, completion_id, _deadline(ctx))
+    inference = chat_to_inference(body, completion_id, _deadline(ctx), ctx.config.controller.default_max_tokens)
     renderer = Renderer(
         chat=True, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
     )

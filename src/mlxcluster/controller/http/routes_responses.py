@@ -277,7 +277,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
     body: ResponsesRequest = parse_body(await request.read(), ResponsesRequest)  # type: ignore[arg-type]
     shell = ResponseShell(body)
-    inference = responses_to_inference(body, shell.response_id, time.time() + ctx.config.controller.request_timeout_s)
+    settings = ctx.config.controller
+    deadline = time.time() + settings.request_timeout_s
+    inference = responses_to_inference(body, shell.response_id, deadline, settings.default_max_tokens)
     async with generation(request, inference) as (first, frames):
         if not body.stream:
             return json_response(final_response(shell, await collect(first, frames)))

@@ -200,11 +200,12 @@ class Session:
         check_ready(self.ctx)
         inference = self._inference(envelope.type, raw.encode())
         key = self.key
+        reserve = 0 if inference.max_tokens_auto else inference.max_tokens  # no limit given: none reserved (as HTTP)
         if key is not None:  # the same model list and rate limits as over HTTP
             if not key.allows_model(inference.model):
                 raise model_not_allowed(key.name, inference.model)
             try:
-                self.ctx.ops.limiter.admit(key, reserve=inference.max_tokens)
+                self.ctx.ops.limiter.admit(key, reserve=reserve)
             except ApiError:
                 self.ctx.ops.keys.record_rate_limited(key.name)
                 raise
@@ -218,7 +219,7 @@ class Session:
         def finished(_task: asyncio.Task[None]) -> None:
             self.tasks.pop(client_id, None)
             if key is not None:
-                self.ctx.ops.limiter.release(key, reserve=inference.max_tokens)
+                self.ctx.ops.limiter.release(key, reserve=reserve)
 
         task.add_done_callback(finished)
 
@@ -230,7 +231,8 @@ class Session:
         raw = msgspec.json.encode(body)
         if kind == "chat":
             chat: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
-            return chat_to_inference(chat, f"chatcmpl-{new_request_id()}", deadline)
+            cap = self.ctx.config.controller.default_max_tokens
+            return chat_to_inference(chat, f"chatcmpl-{new_request_id()}", deadline, cap)
         text: CompletionRequest = parse_body(raw, CompletionRequest)
         return completion_to_inference(text, f"cmpl-{new_request_id()}", deadline)
 

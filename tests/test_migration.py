@@ -140,6 +140,7 @@ async def test_a_lost_stream_continues_on_another_worker_with_no_seam(
                 "completion_tokens": 4,
                 "total_tokens": 8,
                 "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0},
             }
         ]
         (continued,) = seen

@@ -92,6 +92,7 @@ async def test_two_requests_multiplexed_on_one_socket(controller: RunningControl
         "completion_tokens": 12,
         "total_tokens": 24,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
     assert done["a"]["completion_id"].startswith("chatcmpl-")
     order = [m["id"] for m in messages if m["type"] == "token"]

@@ -67,6 +67,12 @@ class Generated:
     usage: Usage = field(default_factory=Usage)
     stop_sequence: str | None = None
 
+    @property
+    def shows_text(self) -> bool:
+        """Whether the answer has a text part: always, but beside tool calls only text that is not all
+        whitespace (OpenAI's ``content`` is then null; no message item, no text block)."""
+        return not self.tool_calls or bool(self.text.strip())
+
     def add(self, token: Token) -> None:
         self.text += token.text
         self.reasoning += token.reasoning

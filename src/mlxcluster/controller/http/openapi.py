@@ -119,6 +119,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "completion_tokens": INT,
             "total_tokens": INT,
             "prompt_tokens_details": _obj({"cached_tokens": INT}),
+            "completion_tokens_details": _obj({"reasoning_tokens": INT}),
         }
     ),
     "ChatCompletion": _obj(

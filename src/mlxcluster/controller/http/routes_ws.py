@@ -37,7 +37,7 @@ from mlxcluster.controller.http.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
-from mlxcluster.controller.http.render import StreamRenderer, relay
+from mlxcluster.controller.http.render import StreamRenderer, may_call, relay
 from mlxcluster.controller.http.routes_openai import chat_logprobs, tool_call_dict, usage_dict
 from mlxcluster.controller.metering.keys import CURRENT_KEY, ApiKey
 from mlxcluster.protocol import Done, InferenceRequest, Token
@@ -248,7 +248,7 @@ class Session:
             stream = self.ctx.dispatcher.stream(inference, disconnected=lambda: self.ws.closed)
             async with contextlib.aclosing(stream) as frames:
                 messages = SocketStream(self.ws, client_id, inference.request_id)
-                await relay(frames, messages, messages.flush)
+                await relay(frames, messages, messages.flush, tools=may_call(inference))
         except asyncio.CancelledError:
             await self.send({"type": "done", "id": client_id, "finish_reason": "cancelled", "usage": None})
             raise

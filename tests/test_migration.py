@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+import msgspec
 import pytest
 from cluster_harness import (
     Cluster,
@@ -27,7 +28,17 @@ from mlxcluster.api import MetricsEvent, RequestFinished, RequestMigrated
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, StaticWorker
 from mlxcluster.embedded import EmbeddedNatsServer
-from mlxcluster.protocol import Accepted, Done, Error, InferenceRequest, SamplingParams, Token
+from mlxcluster.protocol import (
+    Accepted,
+    Done,
+    Error,
+    InferenceRequest,
+    SaidPart,
+    SamplingParams,
+    Token,
+    ToolCall,
+    ToolCallDelta,
+)
 from mlxcluster.worker.echo import continued_words, echo_words
 
 USER = [{"role": "user", "content": "hello brave new world"}]
@@ -140,6 +151,7 @@ async def test_a_lost_stream_continues_on_another_worker_with_no_seam(
                 "completion_tokens": 4,
                 "total_tokens": 8,
                 "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0},
             }
         ]
         (continued,) = seen
@@ -286,3 +298,82 @@ async def test_seeded_continuation_skips_the_draws_already_made(cluster_config: 
         assert isinstance(frames[-1], Done) and "".join(f.text for f in frames if isinstance(f, Token)) == ANSWER
         (continued,) = seen
         assert (continued.seed, continued.sampling.seed_offset, continued.sampling.temperature) == (7, 3, 0.7)
+
+
+CALL = ToolCall(id="call_1", name="weather", arguments='{"city": "Paris"}')
+SAID = {
+    "mid-reasoning": (
+        [Token(text="", reasoning="let me ", count=2), Token(text="", reasoning="think")],
+        [SaidPart(kind="reasoning", text="let me think")],
+    ),
+    "after-a-tool-call": (
+        [
+            Token(text="", reasoning="plan", count=2),
+            Token(text="hello"),
+            Token(text="", tool_calls=[CALL]),
+            Token(text=" brave"),
+        ],
+        [
+            SaidPart(kind="reasoning", text="plan"),
+            SaidPart(kind="content", text="hello"),
+            SaidPart(kind="tool_call", call=CALL),
+            SaidPart(kind="content", text=" brave"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SAID))
+async def test_a_moved_stream_carries_what_was_said_in_order(cluster_config: Config, bus: Bus, case: str) -> None:
+    """Reasoning, content and complete tool calls reach the continuing worker in order (``said``), the content
+    alone in ``continuation``; reasoning tokens count in the budget and the usage."""
+    frames, said = SAID[case]
+
+    async def say_then_vanish(fake: FakeWorker, _request: InferenceRequest, msg: Msg) -> None:
+        await fake.send(msg, Accepted(worker_id=fake.id))
+        for seq, frame in enumerate(frames):
+            await fake.send(msg, msgspec.structs.replace(frame, seq=seq))
+        fake.heartbeating = False
+
+    seen = await record_requests(bus, "w-real")
+    async with Cluster(migrating(cluster_config, "w-flaky")) as cluster:
+        flaky = await cluster.start_fake("w-flaky", say_then_vanish)
+        await cluster.start_worker("w-real")
+        controller = await cluster.start_controller()
+        await controller.wait_online("w-flaky", "w-real")
+        body = {"model": "echo", "messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+        payloads = await stream_chat(controller, body)
+        (continued,) = seen
+        tokens = sum(frame.count for frame in frames)
+        assert continued.said == said
+        content = "".join(part.text for part in said if part.kind == "content")
+        assert continued.continuation == content and continued.max_tokens == flaky.received[0].max_tokens - tokens
+        deltas = [p["choices"][0]["delta"] for p in payloads if p.get("choices")]
+        reasoning = "".join(part.text for part in said if part.kind == "reasoning")
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == reasoning
+        assert chat_text(payloads) == ANSWER  # the echo worker went on after the content said
+        calls = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", []) if "id" in c]
+        assert calls == [p.call.name for p in said if p.call is not None]
+        (usage,) = [p["usage"] for p in payloads if p.get("usage")]
+        assert usage["completion_tokens_details"]["reasoning_tokens"] == sum(f.count for f in frames if f.reasoning)
+
+
+async def test_a_stream_lost_inside_a_streamed_tool_call_is_not_moved(cluster_config: Config, bus: Bus) -> None:
+    """Another worker would start the call again: the stream ends with the loss instead."""
+
+    async def half_a_call(fake: FakeWorker, _request: InferenceRequest, msg: Msg) -> None:
+        await fake.send(msg, Accepted(worker_id=fake.id))
+        await fake.send(msg, Token(text="", tool_call_deltas=[ToolCallDelta(id="call_1", name="weather")]))
+        await fake.send(msg, Token(text="", tool_call_deltas=[ToolCallDelta(id="call_1", arguments='{"ci')], seq=1))
+        fake.heartbeating = False
+
+    seen = await record_requests(bus, "w-real")
+    async with Cluster(migrating(cluster_config, "w-flaky")) as cluster:
+        await cluster.start_fake("w-flaky", half_a_call)
+        await cluster.start_worker("w-real")
+        controller = await cluster.start_controller()
+        await controller.wait_online("w-flaky", "w-real")
+        payloads = await stream_chat(controller, {"model": "echo", "messages": USER, "stream": True})
+        error = payloads[-1]["error"]
+        assert error["code"] == "worker_lost" and "inside a tool call being streamed" in error["message"]
+        assert seen == [] and controller.ctx.dispatcher.stats.migrations == 0

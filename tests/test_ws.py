@@ -23,7 +23,7 @@ from cluster_harness import (
 from nats.aio.msg import Msg
 
 from mlxcluster.bus import Bus
-from mlxcluster.config import Config
+from mlxcluster.config import ApiKeyEntry, Config
 from mlxcluster.controller.http.routes_ws import CLOSE_UNAUTHORIZED
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import Cancel
@@ -92,6 +92,7 @@ async def test_two_requests_multiplexed_on_one_socket(controller: RunningControl
         "completion_tokens": 12,
         "total_tokens": 24,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
     assert done["a"]["completion_id"].startswith("chatcmpl-")
     order = [m["id"] for m in messages if m["type"] == "token"]
@@ -244,3 +245,24 @@ async def test_no_key_closes_the_socket(keyed: RunningController) -> None:
         assert (await receive(ws))["error"]["code"] == "invalid_api_key"
         await asyncio.wait_for(ws.receive(), TIMEOUT_S)
         assert ws.closed
+
+
+async def test_a_request_without_max_tokens_reserves_nothing_against_tpm(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
+    """As over HTTP: with no max_tokens the worker gives the context's room (at most the controller's cap), which
+    is no reservation; a max_tokens given is reserved while the request runs."""
+    config = with_sections(cluster_config, controller={"keys": [ApiKeyEntry(name="budget", key=KEY, tpm=1000)]})
+    async with Cluster(config) as running:
+        await running.start_worker("w1", token_delay_ms=20)
+        controller = await running.start_controller()
+        await wait_until(lambda: controller.ctx.registry.stats().online == 1, what="w1 online")
+        key = controller.ctx.ops.keys.get("budget")
+        assert key is not None
+        limiter = controller.ctx.ops.limiter
+        async with controller.session().ws_connect(ws_url(controller, f"?api_key={KEY}")) as ws:
+            for client_id, fields, reserved in (("auto", {}, 0), ("given", {"max_tokens": 60}, 60)):
+                await ws.send_json(chat(client_id, words(40), **fields))  # 40 tokens, 20 ms each
+                assert (await receive(ws))["type"] == "token"
+                assert limiter.running(key) == 1 and limiter.snapshot(key)["tokens_reserved"] == reserved
+                await until_finished(ws, client_id)

@@ -142,6 +142,11 @@ class ControllerSection(_Section):
     stall_timeout_s: PositiveSeconds = 15.0
     """Mid-stream silence (no frame, no liveness probe of the worker) after which a stream counts as lost;
     workers probe every request older than 5 s every 5 s, so keep it above 5."""
+    default_max_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] = 32768
+    """The most tokens an answer may have when the client sets no limit (chat ``max_tokens``, Responses
+    ``max_output_tokens``): the worker gives it the room the model's context window leaves after the prompt, at
+    most this. 32,768 is the output length Qwen3 and DeepSeek-R1 recommend for reasoning; it bounds a model
+    that loops. Keep ``request_timeout_s`` long enough for it at your workers' speed."""
 
 
 class GroupSection(_Section):

@@ -60,6 +60,7 @@ max_attempts = 3                   # tries on different workers before the first
 drain_timeout_s = 30.0
 migration_limit = 2                # moves of a started stream to another worker when its worker is lost
 stall_timeout_s = 15.0             # mid-stream silence that means the worker is lost (keep above 5)
+default_max_tokens = 32768         # answer length when the client sets none: the context's room, at most this
 
 # API keys as records (any number of entries):
 # [[controller.keys]]

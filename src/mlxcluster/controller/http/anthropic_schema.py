@@ -1,8 +1,9 @@
 """Anthropic ``POST /v1/messages`` request bodies, converted to an InferenceRequest.
 
 Content blocks: ``text``, ``tool_use`` (assistant history), ``tool_result`` (user turns) and
-``thinking`` (assistant history, not rendered: templates drop past thinking). Images, documents,
-server tools, ``thinking`` enabled and MCP servers are refused with a 400 naming them.
+``thinking`` (assistant history, not rendered: templates drop past thinking). ``thinking`` (the request's)
+turns the template's thinking on or off with a budget (:mod:`mlxcluster.controller.http.reasoning`).
+Images, documents, server tools and MCP servers are refused with a 400 naming them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from msgspec import Meta, Struct, field
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
 from mlxcluster.controller.http.openai_schema import MAX_STOP_SEQUENCES, MaxTokens, TopP
+from mlxcluster.controller.http.reasoning import ThinkingConfig, anthropic_thinking
 from mlxcluster.controller.http.tool_schema import FunctionDef, NamedTool, check_schema, choose_tool
 from mlxcluster.protocol import ChatMessage, InferenceRequest, ResponseFormat, SamplingParams, ToolCall, ToolSpec
 
@@ -44,7 +46,7 @@ class OutputConfig(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class MessagesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
-    """``POST /v1/messages``; the fields after ``metadata`` are refused when set."""
+    """``POST /v1/messages``; the fields after ``chat_template_kwargs`` are refused when set."""
 
     model: Annotated[str, Meta(min_length=1, max_length=512)]
     max_tokens: MaxTokens
@@ -58,7 +60,9 @@ class MessagesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
+    thinking: ThinkingConfig | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Our extension (``mlx_lm.server``'s field): variables for the chat template."""
     service_tier: str | None = None
     container: Any = None
     cache_control: dict[str, Any] | None = None
@@ -152,7 +156,6 @@ def _choice(body: MessagesRequest, tools: list[ToolSpec] | None) -> tuple[Any, s
 
 def messages_to_inference(body: MessagesRequest, request_id: str, deadline: float) -> InferenceRequest:
     refused = {
-        "thinking": ("the served models have no thinking budget", body.thinking not in (None, {"type": "disabled"})),
         "service_tier": ("one tier", body.service_tier not in (None, "auto", "standard_only")),
         "container": ("no code-execution containers", body.container is not None),
         "mcp_servers": ("no MCP servers", bool(body.mcp_servers)),
@@ -163,7 +166,7 @@ def messages_to_inference(body: MessagesRequest, request_id: str, deadline: floa
         "user_profile_id": ("no user profiles", body.user_profile_id is not None),
         "workspace_id": ("no workspaces", body.workspace_id is not None),
         "output_config.effort": (
-            "the served models have no effort setting",
+            "no effort setting; 'thinking' controls the reasoning",
             body.output_config is not None and body.output_config.effort is not None,
         ),
     }
@@ -184,6 +187,7 @@ def messages_to_inference(body: MessagesRequest, request_id: str, deadline: floa
     fmt = body.output_config.format if body.output_config else None
     if fmt is not None:
         check_schema(fmt.schema, "output_config.format.schema")
+    reasoning = anthropic_thinking(body.thinking, body.max_tokens)
     return InferenceRequest(
         request_id=request_id,
         model=body.model,
@@ -203,4 +207,6 @@ def messages_to_inference(body: MessagesRequest, request_id: str, deadline: floa
         tool_name=name,
         parallel_tool_calls=parallel,
         response_format=ResponseFormat(type="json_schema", schema=fmt.schema) if fmt is not None else None,
+        chat_template_kwargs=body.chat_template_kwargs or None,
+        reasoning=reasoning,
     )

@@ -22,13 +22,14 @@ FrameIter = AsyncIterator[Token | Done | Error]
 
 
 def worker_error(frame: Error) -> ApiError:
-    """A worker's Error frame as the HTTP error the client sees: the request's own fault is a 400."""
+    """A worker's Error frame as the HTTP error the client sees: the request's own fault is a 400 whose
+    ``param`` names the field the worker blamed (``Error.param``: ``reasoning_effort``, ``logit_bias``...)."""
     if frame.code == "deadline_exceeded":
         return ApiError(504, "The request timed out on the worker", type="server_error", code="timeout")
     if frame.code == "context_length_exceeded":
-        return ApiError(400, frame.message, param="messages", code="context_length_exceeded")
+        return ApiError(400, frame.message, param=frame.param or "messages", code="context_length_exceeded")
     if frame.code == "invalid_request":
-        return ApiError(400, frame.message, code="invalid_request")
+        return ApiError(400, frame.message, param=frame.param, code="invalid_request")
     return ApiError(502, f"Worker error ({frame.code}): {frame.message}", type="server_error", code=frame.code)
 
 
@@ -65,6 +66,12 @@ class Generated:
     finish_reason: str = "stop"
     usage: Usage = field(default_factory=Usage)
     stop_sequence: str | None = None
+
+    @property
+    def shows_text(self) -> bool:
+        """Whether the answer has a text part: always, but beside tool calls only text that is not all
+        whitespace (OpenAI's ``content`` is then null; no message item, no text block)."""
+        return not self.tool_calls or bool(self.text.strip())
 
     def add(self, token: Token) -> None:
         self.text += token.text

@@ -26,12 +26,17 @@ from mlxcluster.controller.http.openai_tools import (
     convert_tools,
     history_tool_calls,
 )
+from mlxcluster.controller.http.reasoning import effort_reasoning
 from mlxcluster.protocol import ChatMessage, InferenceRequest, SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
-DEFAULT_MAX_TOKENS = 512
+TEXT_MAX_TOKENS = 16
+"""Text completions' ``max_tokens`` when none is given (OpenAI's default)."""
 MAX_TOKENS_LIMIT = 1 << 20
+LOGIT_BIAS_KEY = re.compile(r"[0-9]{1,9}")
+"""A ``logit_bias`` key: a token id in ASCII digits (``"²"`` passes ``str.isdigit``), below 10⁹, a sane bound
+far above any vocabulary; the worker checks it against its model's."""
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(gt=0, le=1)]
@@ -101,13 +106,14 @@ class ChatCompletionRequest(_Common):
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     # refused when set (see refuse_unsupported)
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
 
@@ -135,7 +141,7 @@ def parse_body(raw: bytes, body_type: type[BodyType]) -> Any:
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _PATH.search(text)
-        param = match.group(1) if match else None
+        param = match.group(1).replace("[...]", "") if match else None  # a dict's values: the dict is named
         message = _PATH.sub("", text)
         unknown = re.match(r"Object contains unknown field `(.+)`", message)
         if unknown:
@@ -185,14 +191,21 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """Keys as token ids (:data:`LOGIT_BIAS_KEY`); a 400 naming ``logit_bias`` for any other key."""
     if not bias:
         return None
     out = {}
     for key, value in bias.items():
-        if not key.isdigit():
-            raise bad_request(f"logit_bias keys must be token ids, got '{key}'", "logit_bias")
+        if not LOGIT_BIAS_KEY.fullmatch(key):
+            raise bad_request(f"logit_bias keys must be token ids (1 to 9 ASCII digits), got {key!r}", "logit_bias")
         out[int(key)] = value
     return out
+
+
+def output_limit(given: int | None, cap: int) -> tuple[int, bool]:
+    """``(max_tokens, max_tokens_auto)`` for the wire: the client's limit, or when it gave none the room the
+    context window leaves, at most ``cap`` (``controller.default_max_tokens``), which the worker works out."""
+    return (given, False) if given is not None else (cap, True)
 
 
 def _sampling(body: _Common) -> SamplingParams:
@@ -234,7 +247,6 @@ def _check_chat(body: ChatCompletionRequest) -> None:
         "functions": ("deprecated; use 'tools'", body.functions is not None),
         "function_call": ("deprecated; use 'tool_choice'", body.function_call is not None),
         "prediction": ("predicted outputs are not supported", body.prediction is not None),
-        "reasoning_effort": ("the served models have no reasoning-effort setting", body.reasoning_effort is not None),
         "verbosity": ("not supported", body.verbosity is not None),
         "web_search_options": ("web search is not supported", body.web_search_options is not None),
     }
@@ -248,8 +260,10 @@ def _check_chat(body: ChatCompletionRequest) -> None:
                 raise _refuse(f"messages[{index}].{field}", "not supported in history")
 
 
-def chat_to_inference(body: ChatCompletionRequest, request_id: str, deadline: float) -> InferenceRequest:
-    """Validate a chat body beyond types and build the wire request."""
+def chat_to_inference(
+    body: ChatCompletionRequest, request_id: str, deadline: float, max_tokens_cap: int
+) -> InferenceRequest:
+    """Validate a chat body beyond types and build the wire request (``max_tokens_cap``: see :func:`output_limit`)."""
     _check_common(body)
     _check_chat(body)
     if not body.messages:
@@ -271,7 +285,8 @@ def chat_to_inference(body: ChatCompletionRequest, request_id: str, deadline: fl
                 tool_call_id=message.tool_call_id,
             )
         )
-    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens, auto = output_limit(body.max_completion_tokens or body.max_tokens, max_tokens_cap)
+    reasoning = effort_reasoning(body.reasoning_effort, "reasoning_effort")
     tools = convert_tools(body.tools, "tools")
     choice, tool_name = convert_tool_choice(body.tool_choice, tools, "tool_choice")
     return InferenceRequest(
@@ -292,6 +307,9 @@ def chat_to_inference(body: ChatCompletionRequest, request_id: str, deadline: fl
         response_format=convert_response_format(body.response_format, "response_format"),
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
+        chat_template_kwargs=body.chat_template_kwargs or None,
+        reasoning=reasoning,
+        max_tokens_auto=auto,
     )
 
 
@@ -314,7 +332,7 @@ def completion_to_inference(body: CompletionRequest, request_id: str, deadline: 
         model=body.model,
         prompt=prompt,
         sampling=_sampling(body),
-        max_tokens=body.max_tokens or 16,
+        max_tokens=body.max_tokens or TEXT_MAX_TOKENS,
         stop=_stop_list(body.stop),
         seed=body.seed,
         stream=body.stream,

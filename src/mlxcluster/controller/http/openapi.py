@@ -17,11 +17,13 @@ from mlxcluster import __version__
 from mlxcluster.api import WorkerView
 from mlxcluster.controller.http.anthropic_schema import MessagesRequest
 from mlxcluster.controller.http.openai_schema import (
+    LOGIT_BIAS_KEY,
     MAX_STOP_SEQUENCES,
     ROLES,
     ChatCompletionRequest,
     CompletionRequest,
 )
+from mlxcluster.controller.http.reasoning import EFFORTS, MAX_BUDGET
 from mlxcluster.controller.http.responses import json_response
 from mlxcluster.controller.http.responses_schema import ResponsesRequest
 from mlxcluster.controller.routing.registry import RegistryStats
@@ -117,6 +119,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "completion_tokens": INT,
             "total_tokens": INT,
             "prompt_tokens_details": _obj({"cached_tokens": INT}),
+            "completion_tokens_details": _obj({"reasoning_tokens": INT}),
         }
     ),
     "ChatCompletion": _obj(
@@ -488,7 +491,6 @@ def request_schemas() -> dict[str, Schema]:
         "functions",
         "function_call",
         "prediction",
-        "reasoning_effort",
         "verbosity",
         "web_search_options",
     ):
@@ -498,13 +500,17 @@ def request_schemas() -> dict[str, Schema]:
         props["store"] = {"enum": [False, None], "default": None, "description": "Completions are not stored."}
         props["metadata"] = {"type": ["object", "null"], "maxProperties": 0, "default": None}
         props["service_tier"] = {"enum": ["auto", "default", None], "default": None}
+    _reasoning_fields(chat, components["ResponsesRequest"]["properties"], components["MessagesRequest"]["properties"])
+    for props in (chat, text):
+        bias = props["logit_bias"]["anyOf"][0]
+        bias["propertyNames"] = {"pattern": f"^{LOGIT_BIAS_KEY.pattern}$"}
+        bias["description"] = "Token id (ASCII digits) → bias; an id beyond the model's vocabulary is a 400."
     text["echo"] = {"const": False, "default": False, "description": refused}
     text["best_of"] = {"enum": [1, None], "default": None, "description": "Only 1."}
     responses = components["ResponsesRequest"]["properties"]
     for name in (
         "previous_response_id",
         "conversation",
-        "reasoning",
         "max_tool_calls",
         "top_logprobs",
         "prompt",
@@ -529,11 +535,66 @@ def request_schemas() -> dict[str, Schema]:
     ):
         messages[name] = {"type": "null", "default": None, "description": refused}
     messages["mcp_servers"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "default": None}
-    messages["thinking"] = {"anyOf": [{"const": {"type": "disabled"}}, {"type": "null"}], "default": None}
     messages["service_tier"] = {"enum": ["auto", "standard_only", None], "default": None}
     messages["stop_sequences"]["anyOf"][0]["maxItems"] = MAX_STOP_SEQUENCES
     text["suffix"] = {"anyOf": [{"const": ""}, {"type": "null"}], "default": None, "description": "Not supported."}
     return components
+
+
+AUTO_MAX_TOKENS = (
+    "Unset: the room the model's context window leaves after the prompt, at most `controller.default_max_tokens`."
+)
+TEMPLATE_KWARGS = {
+    "type": ["object", "null"],
+    "default": None,
+    "description": "Variables for the chat template, as `mlx_lm.server` takes them (e.g. `enable_thinking`).",
+}
+NO_THINKING = "A model whose chat template has no thinking answers 400 naming this field."
+
+
+def _reasoning_fields(chat: Schema, responses: Schema, messages: Schema) -> None:
+    """The reasoning fields of the three APIs, as the routes check them (``controller/http/reasoning.py``)."""
+    effort = {"enum": [*EFFORTS, None], "default": None}
+    chat["reasoning_effort"] = {**effort, "description": f"`none`/`minimal`: thinking off. {NO_THINKING}"}
+    auto_summary = {"enum": ["auto", None], "default": None, "description": "No summary is written."}
+    responses["reasoning"] = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"effort": effort, "summary": auto_summary, "generate_summary": auto_summary},
+                "additionalProperties": False,
+            },
+            {"type": "null"},
+        ],
+        "default": None,
+        "description": f"`effort` as chat's `reasoning_effort`. {NO_THINKING}",
+    }
+    messages["thinking"] = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "enabled"},
+                    "budget_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_BUDGET},
+                },
+                "required": ["type", "budget_tokens"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"type": {"const": "disabled"}},
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+            {"type": "null"},
+        ],
+        "default": None,
+        "description": f"`budget_tokens` must be less than `max_tokens`. {NO_THINKING}",
+    }
+    for props in (chat, responses, messages):
+        props["chat_template_kwargs"] = TEMPLATE_KWARGS
+    for props, name in ((chat, "max_tokens"), (chat, "max_completion_tokens"), (responses, "max_output_tokens")):
+        props[name]["description"] = AUTO_MAX_TOKENS
 
 
 def build_document(app: web.Application) -> dict[str, Any]:

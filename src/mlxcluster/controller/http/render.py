@@ -8,6 +8,11 @@ complete call (numbered in the order they started, marked when its pieces went f
 called a tool); and any failure as the :class:`ApiError` it means (a worker's Error, a mid-stream
 deadline, a stream that ended without a result). Renderers are synchronous and buffer what they make;
 the loop flushes once per frame, so a frame costs one write whatever the API makes of it.
+
+Where the model may call tools, content that is only whitespace at the start of a run of text (the
+``"\n"`` a model writes before its call) is held back until real text follows (then it goes with that
+text, which is not delayed) or the stream ends without a call: beside a call it is never shown, as OpenAI
+gives ``null`` content there (no content delta, no message item, no text block).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import msgspec
+
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.generation import FrameIter, worker_error
-from mlxcluster.protocol import Done, Token, ToolCall
+from mlxcluster.protocol import Done, InferenceRequest, Token, ToolCall
 
 
 class StreamRenderer(Protocol):
@@ -84,27 +91,77 @@ class _Calls:
                 self.count += 1
 
 
+class _HeldSpace:
+    """Whitespace-only content at the start of a run of text (the stream's start, or after a call), held
+    while it may be the space before a tool call."""
+
+    __slots__ = ("text", "in_text")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.in_text = False
+        """Real text was shown since the last call: whitespace now is part of it."""
+
+    def pass_on(self, frame: Token) -> Token | None:
+        """The frame to render (its text with the held whitespace before it), or None when all it had was
+        whitespace, now held."""
+        if self.in_text:
+            return frame
+        if frame.text.isspace() and not frame.logprobs:
+            self.text += frame.text
+            if frame.reasoning or frame.tool_calls or frame.tool_call_deltas:
+                return msgspec.structs.replace(frame, text="")
+            return None
+        self.in_text = True
+        if self.text:
+            frame, self.text = msgspec.structs.replace(frame, text=self.text + frame.text), ""
+        return frame
+
+    def release(self, renderer: StreamRenderer, called: bool) -> None:
+        """The stream ends: whitespace still held is shown, unless it was beside a call."""
+        if self.text and not called:
+            renderer.token(Token(text=self.text))
+        self.text = ""
+
+
+def may_call(request: InferenceRequest) -> bool:
+    """Whether the model may call a tool in answer to ``request`` (whitespace before a call is then held)."""
+    return bool(request.tools) and request.tool_choice != "none"
+
+
 async def relay(
     frames: FrameIter,
     renderer: StreamRenderer,
     flush: Callable[[], Awaitable[None]],
     first: Token | Done | None = None,
+    *,
+    tools: bool = False,
 ) -> None:
     """Render ``first`` (when the route already took it) and the rest of ``frames`` until the stream ends.
 
-    Every stream ends in :meth:`StreamRenderer.done` or :meth:`StreamRenderer.error`, flushed.
+    Every stream ends in :meth:`StreamRenderer.done` or :meth:`StreamRenderer.error`, flushed. ``tools``:
+    the model may call one (:func:`may_call`), so whitespace that may precede a call is held.
     """
     calls = _Calls()
+    held = _HeldSpace() if tools else None
     try:
         frame = first if first is not None else await anext(frames, None)
         while frame is not None:
             if isinstance(frame, Token):
-                renderer.token(frame)
-                if frame.tool_call_deltas or frame.tool_calls:
-                    calls.render(frame, renderer)
-                await flush()
+                shown: Token | None = frame
+                if held is not None and frame.text:
+                    shown = held.pass_on(frame)
+                if shown is not None:
+                    renderer.token(shown)
+                    if shown.tool_call_deltas or shown.tool_calls:
+                        calls.render(shown, renderer)
+                        if held is not None:
+                            held.in_text = False
+                    await flush()
                 frame = await anext(frames, None)
                 continue
+            if held is not None:
+                held.release(renderer, calls.count > 0)
             if isinstance(frame, Done):
                 renderer.done(frame, calls.count > 0)
             else:
@@ -114,5 +171,7 @@ async def relay(
         failure = ApiError(502, "The stream ended without a result", type="server_error")
     except ApiError as exc:  # no worker at all (a stream that had no first frame), or the deadline mid-stream
         failure = exc
+    if held is not None:
+        held.release(renderer, calls.count > 0)
     renderer.error(failure)
     await flush()

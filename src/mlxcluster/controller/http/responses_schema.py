@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
-from mlxcluster.controller.http.openai_schema import DEFAULT_MAX_TOKENS, MaxTokens, Temperature, TopP
+from mlxcluster.controller.http.openai_schema import MaxTokens, Temperature, TopP, output_limit
+from mlxcluster.controller.http.reasoning import ReasoningOptions, responses_reasoning
 from mlxcluster.controller.http.tool_schema import (
     FunctionDef,
     NamedTool,
@@ -40,7 +41,7 @@ class TextOptions(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ResponsesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
-    """``POST /v1/responses``; the fields after ``user`` are refused when set."""
+    """``POST /v1/responses``; the fields after ``safety_identifier`` are refused when set."""
 
     model: Annotated[str, Meta(min_length=1, max_length=512)]
     input: str | list[dict[str, Any]]
@@ -52,6 +53,9 @@ class ResponsesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
     parallel_tool_calls: bool | None = None
     text: TextOptions | None = None
+    reasoning: ReasoningOptions | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Our extension (``mlx_lm.server``'s field): variables for the chat template."""
     stream: bool = False
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -64,7 +68,6 @@ class ResponsesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     include: list[str] | None = None
-    reasoning: dict[str, Any] | None = None
     max_tool_calls: int | None = None
     top_logprobs: int | None = None
     prompt: dict[str, Any] | None = None
@@ -85,7 +88,6 @@ def check_refused(body: ResponsesRequest) -> None:
         "conversation": ("conversations are not stored", body.conversation is not None),
         "background": ("no background mode", bool(body.background)),
         "include": ("no extra output data", bool(body.include)),
-        "reasoning": ("the served models have no reasoning settings", body.reasoning is not None),
         "max_tool_calls": ("not supported", body.max_tool_calls is not None),
         "top_logprobs": ("not supported on /v1/responses; use chat completions", body.top_logprobs is not None),
         "prompt": ("no stored prompts", body.prompt is not None),
@@ -188,10 +190,14 @@ def _format(body: ResponsesRequest) -> ResponseFormat | None:
     return None if fmt is None else output_format(fmt.type, fmt, "text.format", "schema")
 
 
-def responses_to_inference(body: ResponsesRequest, request_id: str, deadline: float) -> InferenceRequest:
+def responses_to_inference(
+    body: ResponsesRequest, request_id: str, deadline: float, max_tokens_cap: int
+) -> InferenceRequest:
+    """Validate a Responses body and build the wire request (``max_tokens_cap``: see ``output_limit``)."""
     check_refused(body)
     tools = _tools(body)
     choice, name = _tool_choice(body, tools)
+    max_tokens, auto = output_limit(body.max_output_tokens, max_tokens_cap)
     return InferenceRequest(
         request_id=request_id,
         model=body.model,
@@ -200,7 +206,8 @@ def responses_to_inference(body: ResponsesRequest, request_id: str, deadline: fl
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
         ),
-        max_tokens=body.max_output_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=max_tokens,
+        max_tokens_auto=auto,
         stream=body.stream,
         session_id=body.prompt_cache_key or body.user or body.safety_identifier,
         deadline=deadline,
@@ -209,4 +216,6 @@ def responses_to_inference(body: ResponsesRequest, request_id: str, deadline: fl
         tool_name=name,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         response_format=_format(body),
+        chat_template_kwargs=body.chat_template_kwargs or None,
+        reasoning=responses_reasoning(body.reasoning),
     )

@@ -20,7 +20,7 @@ from mlxcluster.controller.http.generation import Generated, collect, generation
 from mlxcluster.controller.http.middleware import new_request_id, stream_headers
 from mlxcluster.controller.http.openai_schema import parse_body
 from mlxcluster.controller.http.openai_tools import decode_tool_arguments
-from mlxcluster.controller.http.render import StreamRenderer, relay
+from mlxcluster.controller.http.render import StreamRenderer, may_call, relay
 from mlxcluster.controller.http.responses import json_response
 from mlxcluster.controller.http.sse import SseWriter
 from mlxcluster.protocol import Done, Token, ToolCall, Usage
@@ -73,7 +73,7 @@ def final_message(message_id: str, model: str, result: Generated) -> dict[str, A
     content: list[dict[str, Any]] = []
     if result.reasoning:
         content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
-    if result.text or not result.tool_calls:
+    if result.shows_text:
         content.append({"type": "text", "text": result.text})
     content.extend(tool_use_block(call) for call in result.tool_calls)
     return {
@@ -196,6 +196,6 @@ async def _create_message(request: web.Request) -> web.StreamResponse:
         sse = await SseWriter.open(request, stream_headers(request))
         stream = MessageStream(sse, message_id, body.model)
         stream.start()
-        await relay(frames, stream, sse.flush, first)
+        await relay(frames, stream, sse.flush, first, tools=may_call(inference))
         await sse.end()
         return sse.response

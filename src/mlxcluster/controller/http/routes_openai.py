@@ -25,7 +25,7 @@ from mlxcluster.controller.http.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
-from mlxcluster.controller.http.render import StreamRenderer, relay
+from mlxcluster.controller.http.render import StreamRenderer, may_call, relay
 from mlxcluster.controller.http.responses import json_response
 from mlxcluster.controller.http.sse import SseWriter
 from mlxcluster.protocol import Done, InferenceRequest, Token, TokenLogprob, ToolCall, Usage
@@ -34,12 +34,14 @@ routes = web.RouteTableDef()
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
-    """OpenAI's usage object, with the prompt tokens the worker's prompt cache served."""
+    """OpenAI's usage object, with the prompt tokens the worker's prompt cache served and the completion
+    tokens spent thinking."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
@@ -136,10 +138,8 @@ class Renderer:
         if not self.chat:
             choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": finish}
         else:
-            message: dict[str, Any] = {"role": "assistant", "content": result.text or None}
-            if not result.tool_calls:
-                message["content"] = result.text
-            else:
+            message: dict[str, Any] = {"role": "assistant", "content": result.text if result.shows_text else None}
+            if result.tool_calls:
                 message["tool_calls"] = [tool_call_dict(call) for call in result.tool_calls]
             if result.reasoning:
                 message["reasoning_content"] = result.reasoning
@@ -203,7 +203,8 @@ async def complete(
         sse = await SseWriter.open(request, stream_headers(request))
         if renderer.chat:
             sse.put(renderer.role_chunk())
-        await relay(frames, ChunkStream(renderer, sse, usage_in_stream), sse.flush, first)
+        stream = ChunkStream(renderer, sse, usage_in_stream)
+        await relay(frames, stream, sse.flush, first, tools=may_call(inference))
         await sse.done()
         return sse.response
 
@@ -218,7 +219,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
     body: ChatCompletionRequest = parse_body(await request.read(), ChatCompletionRequest)
     completion_id = f"chatcmpl-{new_request_id()}"
-    inference = chat_to_inference(body, completion_id, _deadline(ctx))
+    inference = chat_to_inference(body, completion_id, _deadline(ctx), ctx.config.controller.default_max_tokens)
     renderer = Renderer(
         chat=True, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
     )

@@ -19,7 +19,7 @@ from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.generation import Generated, collect, generation
 from mlxcluster.controller.http.middleware import new_request_id, stream_headers
 from mlxcluster.controller.http.openai_schema import parse_body
-from mlxcluster.controller.http.render import StreamRenderer, relay
+from mlxcluster.controller.http.render import StreamRenderer, may_call, relay
 from mlxcluster.controller.http.responses import json_response
 from mlxcluster.controller.http.responses_schema import ResponsesRequest, responses_to_inference
 from mlxcluster.controller.http.sse import SseWriter
@@ -37,7 +37,7 @@ def usage_object(usage: Usage) -> dict[str, Any]:
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": usage.cached_tokens},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,
     }
 
@@ -122,7 +122,7 @@ def final_response(shell: ResponseShell, result: Generated) -> dict[str, Any]:
     output = []
     if result.reasoning:
         output.append(reasoning_item(_id("rs"), result.reasoning))
-    if result.text or not result.tool_calls:
+    if result.shows_text:
         output.append(message_item(_id("msg"), result.text))
     output.extend(function_call_item(_id("fc"), call) for call in result.tool_calls)
     status = "incomplete" if result.finish_reason == "length" else "completed"
@@ -277,13 +277,15 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
     body: ResponsesRequest = parse_body(await request.read(), ResponsesRequest)  # type: ignore[arg-type]
     shell = ResponseShell(body)
-    inference = responses_to_inference(body, shell.response_id, time.time() + ctx.config.controller.request_timeout_s)
+    settings = ctx.config.controller
+    deadline = time.time() + settings.request_timeout_s
+    inference = responses_to_inference(body, shell.response_id, deadline, settings.default_max_tokens)
     async with generation(request, inference) as (first, frames):
         if not body.stream:
             return json_response(final_response(shell, await collect(first, frames)))
         sse = await SseWriter.open(request, stream_headers(request))
         stream = ResponseStream(sse, shell)
         stream.start()
-        await relay(frames, stream, sse.flush, first)
+        await relay(frames, stream, sse.flush, first, tools=may_call(inference))
         await sse.end()
         return sse.response

@@ -37,7 +37,7 @@ from mlxcluster.controller.http.openai_schema import (
     openai_finish_reason,
     parse_body,
 )
-from mlxcluster.controller.http.render import StreamRenderer, relay
+from mlxcluster.controller.http.render import StreamRenderer, may_call, relay
 from mlxcluster.controller.http.routes_openai import chat_logprobs, tool_call_dict, usage_dict
 from mlxcluster.controller.metering.keys import CURRENT_KEY, ApiKey
 from mlxcluster.protocol import Done, InferenceRequest, Token
@@ -200,11 +200,12 @@ class Session:
         check_ready(self.ctx)
         inference = self._inference(envelope.type, raw.encode())
         key = self.key
+        reserve = 0 if inference.max_tokens_auto else inference.max_tokens  # no limit given: none reserved (as HTTP)
         if key is not None:  # the same model list and rate limits as over HTTP
             if not key.allows_model(inference.model):
                 raise model_not_allowed(key.name, inference.model)
             try:
-                self.ctx.ops.limiter.admit(key, reserve=inference.max_tokens)
+                self.ctx.ops.limiter.admit(key, reserve=reserve)
             except ApiError:
                 self.ctx.ops.keys.record_rate_limited(key.name)
                 raise
@@ -218,7 +219,7 @@ class Session:
         def finished(_task: asyncio.Task[None]) -> None:
             self.tasks.pop(client_id, None)
             if key is not None:
-                self.ctx.ops.limiter.release(key, reserve=inference.max_tokens)
+                self.ctx.ops.limiter.release(key, reserve=reserve)
 
         task.add_done_callback(finished)
 
@@ -230,7 +231,8 @@ class Session:
         raw = msgspec.json.encode(body)
         if kind == "chat":
             chat: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
-            return chat_to_inference(chat, f"chatcmpl-{new_request_id()}", deadline)
+            cap = self.ctx.config.controller.default_max_tokens
+            return chat_to_inference(chat, f"chatcmpl-{new_request_id()}", deadline, cap)
         text: CompletionRequest = parse_body(raw, CompletionRequest)
         return completion_to_inference(text, f"cmpl-{new_request_id()}", deadline)
 
@@ -246,7 +248,7 @@ class Session:
             stream = self.ctx.dispatcher.stream(inference, disconnected=lambda: self.ws.closed)
             async with contextlib.aclosing(stream) as frames:
                 messages = SocketStream(self.ws, client_id, inference.request_id)
-                await relay(frames, messages, messages.flush)
+                await relay(frames, messages, messages.flush, tools=may_call(inference))
         except asyncio.CancelledError:
             await self.send({"type": "done", "id": client_id, "finish_reason": "cancelled", "usage": None})
             raise

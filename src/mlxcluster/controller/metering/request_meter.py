@@ -89,10 +89,11 @@ class RequestMeter:
         if frame.__class__ is Token:  # the hot case: no isinstance chain
             now = perf_counter()
             count = frame.count or 1
-            if self.first_token is None:
+            if self.last_token:  # a Token frame came before: a gap between tokens
+                if len(self.gaps) < MAX_INTER_TOKEN_SAMPLES:
+                    self.gaps.append((now - self.last_token) / count)
+            elif self.first_token is None:
                 self.first_token = now
-            elif len(self.gaps) < MAX_INTER_TOKEN_SAMPLES:
-                self.gaps.append((now - self.last_token) / count)
             self.last_token = now
             self.completion_tokens += count
         elif isinstance(frame, Done):
@@ -107,6 +108,18 @@ class RequestMeter:
         elif isinstance(frame, Error):
             self.status, self.error = "error", frame.code
             self.error_frame = True
+
+    def generating(self) -> None:
+        """The worker reports tokens generated whose text it holds (a tool call being parsed): the first
+        token, if none came before. The gaps between tokens still start at the first Token frame."""
+        if self.first_token is None:
+            self.first_token = perf_counter()
+
+    def retrying(self) -> None:
+        """The request starts over on another worker before any token reached the client: what the worker
+        given up on generated is not the answer, so it marks no first token."""
+        if not self.last_token:
+            self.first_token = None
 
     def ended(self, exc: BaseException) -> None:
         """The stream stopped with ``exc``: the consumer left (cancelled) or an error was raised."""

@@ -217,8 +217,10 @@ class Dispatcher:
             if segment_attempt > 1:
                 self._retried(request, attempt, reasons)
             meter.worker, meter.attempts = worker_id, attempt
+            if segment_attempt > 1:
+                meter.retrying()
             try:
-                relay = await self._start(request, payload, worker_id, attempt)
+                relay = await self._start(request, payload, worker_id, attempt, meter)
             except _TryElsewhere as exc:
                 reasons.append(f"{worker_id}: {exc}")
                 log.info("request %s: %s failed before the first token (%s)", request.request_id, worker_id, exc)
@@ -261,7 +263,7 @@ class Dispatcher:
         )
 
     async def _start(
-        self, request: InferenceRequest, payload: bytes, worker_id: str, attempt: int
+        self, request: InferenceRequest, payload: bytes, worker_id: str, attempt: int, meter: RequestMeter
     ) -> AsyncGenerator[StreamFrame, None]:
         """Send to one worker and wait for its first token; return the relay of the whole stream."""
         stream = self.inbox.open(f"{request.request_id}.{attempt}", worker_id)
@@ -270,7 +272,7 @@ class Dispatcher:
         epoch = self.bus.epoch
         try:
             await self.bus.publish_encoded(self.bus.subjects.inference(worker_id), payload, reply=stream.reply)
-            first = await self._first_frame(stream, request)
+            first = await self._first_frame(stream, request, meter)
         except BaseException as exc:
             if isinstance(exc, _TryElsewhere):
                 self._blame(worker_id, epoch)
@@ -287,10 +289,12 @@ class Dispatcher:
         else:
             self.breakers.forgive(worker_id)
 
-    async def _first_frame(self, stream: ReplyStream, request: InferenceRequest) -> StreamFrame:
+    async def _first_frame(self, stream: ReplyStream, request: InferenceRequest, meter: RequestMeter) -> StreamFrame:
         """Wait for Accepted, then for the first Token/Done/Error, within the timeouts.
 
-        The first-token timeout measures silence: each Progress frame of a long prefill restarts it."""
+        The first-token timeout measures silence: each Progress frame (of a long prefill, or of tokens the
+        worker holds, such as a tool call being parsed) restarts it. The first Progress with ``generated``
+        marks the request's first token (TTFT), as a Token would."""
         now = time.monotonic()
         first_token_by = now + self.config.first_token_timeout_s
         accepted_by = now + min(self.config.accept_timeout_s, self.config.first_token_timeout_s)
@@ -309,6 +313,8 @@ class Dispatcher:
                 case Progress():
                     accepted = True
                     first_token_by = time.monotonic() + self.config.first_token_timeout_s
+                    if frame.generated:
+                        meter.generating()
                 case Error(retryable=True):
                     raise _TryElsewhere(f"{frame.code}: {frame.message}")
                 case Error():

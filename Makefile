@@ -90,6 +90,25 @@ lint: $(STAMP)
 test: lint model chromium
 	@rm -f .coverage .coverage.*
 	$(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-mlx-lm-floor
+
+# The engine's tests again on the oldest mlx-lm that pyproject.toml admits, when pip installed a newer one:
+# that release is unpacked into build/mlx-lm-floor and put first on the path (nothing else changes).
+MLX_LM_FLOOR = $(shell sed -n 's/.*"mlx-lm>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+ENGINE_TESTS ?= tests/test_engine_mlx.py tests/test_prompt_cache.py tests/test_engine_faults.py tests/test_families_engine.py
+.PHONY: test-mlx-lm-floor
+test-mlx-lm-floor: $(STAMP)
+	@installed=$$($(PY) -c 'import importlib.metadata as m; print(m.version("mlx-lm"))'); \
+	if [ "$$installed" = "$(MLX_LM_FLOOR)" ]; then \
+	  echo "mlx-lm $$installed is the floor of the range: the suite above covered it"; \
+	else \
+	  echo "mlx-lm $$installed installed; the engine tests again on the floor, $(MLX_LM_FLOOR)"; \
+	  [ -f build/mlx-lm-floor/.version-$(MLX_LM_FLOOR) ] || { rm -rf build/mlx-lm-floor && \
+	    $(PY) -m pip install --quiet --no-deps --target build/mlx-lm-floor "mlx-lm==$(MLX_LM_FLOOR)" && \
+	    touch build/mlx-lm-floor/.version-$(MLX_LM_FLOOR); } && \
+	  PYTHONPATH=build/mlx-lm-floor $(PY) -m pytest -q -p no:cacheprovider $(ENGINE_TESTS) && \
+	  PYTHONPATH=build/mlx-lm-floor $(PY) -c 'import mlx_lm; assert mlx_lm.__version__ == "$(MLX_LM_FLOOR)", mlx_lm.__version__'; \
+	fi
 
 SOAK_MINUTES ?= 10
 bench: model

@@ -204,7 +204,7 @@ class GenerationLoop:
             cache, cached = self.prompt_cache.fetch(tokens) if self.prompt_cache is not None else (None, 0)
             segments = [tokens[cached:]]
             checkpoint = prepared.checkpoint if not job.generated else 0
-            if self.prompt_cache is not None and cached < checkpoint < len(tokens) - 1:
+            if self.prompt_cache is not None and cached < checkpoint < len(tokens):
                 segments = [tokens[cached:checkpoint], tokens[checkpoint:]]
             (uid,) = self.generator.insert_segments(
                 [segments],

@@ -18,13 +18,15 @@ from typing import Any
 import msgspec
 
 from mlxcluster.prefix_digest import PrefixHasher, reply_hasher
-from mlxcluster.protocol import InferenceRequest
+from mlxcluster.protocol import ChatMessage, InferenceRequest
 from mlxcluster.worker.loaded_model import LoadedModel
 from mlxcluster.worker.reasoning import ReasoningRefused, ThinkingPlan, ThinkTracker, plan_thinking
 
 log = logging.getLogger(__name__)
 
 LOGIT_BIAS_LIMIT = 100.0
+CHECKPOINT_STAND_IN = "."
+"""The answer and question a next turn is rendered with, to find where this turn's prompt and the next one part."""
 
 
 class Rejected(Exception):
@@ -124,7 +126,7 @@ class RequestPreparer:
             raise Rejected(f"cannot build the prompt: {exc}") from None
         max_tokens = self._max_tokens(request, len(prompt))
         hasher, before = reply_hasher(request.messages, request.prompt)
-        checkpoint = self._checkpoint(request, prompt, plan) if not continued else 0
+        checkpoint = self._checkpoint(request, prompt) if not continued else 0
         return PreparedRequest(
             request=request,
             prompt=prompt,
@@ -197,12 +199,26 @@ class RequestPreparer:
         closed = int(tokenizer.rfind_think_end(prompt, start=start))
         return opened >= 0 and opened > closed
 
-    def _checkpoint(self, request: InferenceRequest, prompt: list[int], plan: ThinkingPlan) -> int:
-        """Where to keep a cache while prefilling: before the generation prompt (0: nowhere)."""
+    def _checkpoint(self, request: InferenceRequest, prompt: list[int]) -> int:
+        """Where to keep a cache while prefilling (0: nowhere): the end of what the next turn will resend.
+
+        The next turn renders this conversation, the assistant's answer and a new question, so the prefix this
+        prompt shares with that conversation rendered with stand-ins is what a cache kept there will serve (the
+        generation prompt, or the part of it a template writes again around a past answer, included)."""
         if not self.checkpoints or request.messages is None:
             return 0
-        thinking = plan.enable_thinking if plan.enable_thinking is not None else self.loaded.thinking
-        tail = self.loaded.generation_prompts.get(thinking) or []
-        if not tail or len(prompt) <= len(tail) + 1 or prompt[-len(tail) :] != tail:
+        answer = ChatMessage(role="assistant", content=CHECKPOINT_STAND_IN)
+        question = ChatMessage(role="user", content=CHECKPOINT_STAND_IN)  # the answer is history then
+        try:
+            later = self.features.prompt(
+                msgspec.structs.replace(request, messages=[*request.messages, answer, question])
+            )
+        except Exception:  # a template that refuses the shape: no checkpoint
+            log.debug("cannot render the next turn of %s", request.request_id, exc_info=True)
             return 0
-        return len(prompt) - len(tail)
+        shared = 0
+        for mine, theirs in zip(prompt, later, strict=False):
+            if mine != theirs:
+                break
+            shared += 1
+        return min(shared, len(prompt) - 1)  # the last prompt token is always computed

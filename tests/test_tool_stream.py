@@ -8,9 +8,10 @@ from mlx_lm.tool_parsers import json_tools
 
 from mlxcluster.protocol import Token, ToolCallDelta
 from mlxcluster.worker.output import OutputShaper, merge_tokens
-from mlxcluster.worker.tool_stream import CallStreamer
+from mlxcluster.worker.tool_formats import JsonToolsFormat
+from mlxcluster.worker.tool_stream import JsonCallStreamer
 
-TOOLS = ("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+TOOLS = JsonToolsFormat("<tool_call>", "</tool_call>", json_tools.parse_tool_call, native=True)
 CALL = '<tool_call>\n{"name": "w", "arguments": {"city": "Par\\u00e9is", "n": [1, 2.50, true], "o": {}}}\n</tool_call>'
 
 
@@ -88,10 +89,10 @@ def test_only_the_first_call_streams_when_parallel_calls_are_off() -> None:
 def test_arguments_are_written_as_json_dumps_writes_them() -> None:
     raw = '{ "name":"f" ,\n "arguments" :{"a":{"b":[ ]},"c":"\\"q\\"\\/","d":1e3,"e":"\\ud83d\\ude00","f":-0}}\n'
     for size in (1, 2, 5):
-        streamer, sent = CallStreamer(), []
+        streamer, sent = JsonCallStreamer(), []
         for piece in pieces_of(raw, size):
-            sent.append(streamer.feed(piece)[1])
-        assert streamer.name == "f" and streamer.complete
+            sent.extend(d.arguments for d in streamer.feed(piece))
+        assert [c.name for c in streamer.calls] == ["f"] and streamer.complete
         assert "".join(sent) == json.dumps(json.loads(raw)["arguments"], ensure_ascii=False)
 
 

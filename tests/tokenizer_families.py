@@ -9,15 +9,19 @@ template in the family's published format, so that mlx-lm's own inference (``_in
 - ``mistral``: ``[TOOL_CALLS]name[ARGS]{json}``;
 - ``qwen3_coder``: ``<tool_call>\\n<function=name>\\n<parameter=p>\\nvalue\\n</parameter>...``;
 - ``pythonic``: LFM2-style ``<|tool_call_start|>[f(a=1)]<|tool_call_end|>``;
+- ``function_gemma``: a family mlx-lm parses (``call:name{...}``) that we cannot force or constrain;
 - ``llama3``: a template that renders tools, but in a format mlx-lm has no parser for (our fallback applies);
 - ``plain``: the demo's own template, no tools at all.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +122,11 @@ value_1
 {%- if tool_call.function %}{% set tool_call = tool_call.function %}{% endif %}
 <tool_call>
 <function={{ tool_call.name }}>
-{% for name, value in tool_call.arguments | items %}<parameter={{ name }}>
-{% if value is string %}{{ value }}{% else %}{{ value | tojson }}{% endif %}
-</parameter>
-{% endfor %}</function>
+{% for name, value in tool_call.arguments | items %}
+{{- '<parameter=' + name + '>\n' }}
+{%- if value is string %}{{ value }}{% else %}{{ value | tojson }}{% endif %}
+{{- '\n</parameter>\n' }}
+{%- endfor %}</function>
 </tool_call>
 {%- endfor %}<|im_end|>
 {% elif message.role == 'tool' %}<|im_start|>user
@@ -164,6 +169,16 @@ Respond with a JSON {"name": function name, "parameters": arguments}. Functions:
 {%- if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
+FUNCTION_GEMMA = """\
+{%- if tools %}<|im_start|>system
+Functions: {{ tools | tojson }}. Call one as <start_function_call>call:name{arg:value}<end_function_call><|im_end|>
+{% endif %}
+{%- for message in messages %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
 FAMILIES: dict[str, tuple[str, list[str]]] = {
     "qwen3": (QWEN3.replace("OPENS_THINK", "false"), ["<think>", "</think>", "<tool_call>", "</tool_call>"]),
     "qwen3_open": (QWEN3.replace("OPENS_THINK", "true"), ["<think>", "</think>", "<tool_call>", "</tool_call>"]),
@@ -185,9 +200,12 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     ),
     "qwen3_coder": (QWEN3_CODER, ["<tool_call>", "</tool_call>"]),
     "pythonic": (PYTHONIC, ["<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>", "<|tool_list_end|>"]),
+    "function_gemma": (FUNCTION_GEMMA, ["<start_function_call>", "<end_function_call>"]),
     "llama3": (LLAMA3, []),
     "plain": ("", []),
 }
+VOCAB_SIZE = 49152
+"""The demo model's logits width."""
 FIRST_FREE_ID = 3
 """SmolLM2's special tokens 3-16 (``<repo_name>`` ...) are not used by chat: they become the family's markers."""
 
@@ -230,3 +248,25 @@ def load_family(family: str, root: Path) -> Any:
     if not (path / "tokenizer.json").exists():
         write_family(family, path)
     return load(path)
+
+
+@functools.cache
+def family_tokenizer(family: str) -> Any:
+    """:func:`load_family` in a directory shared by the whole test session (built once per family)."""
+    return load_family(family, _session_root())
+
+
+@functools.cache
+def family_features(family: str) -> Any:
+    """The worker's :class:`~mlxcluster.worker.features.EngineFeatures` on ``family``'s tokenizer (built once)."""
+    from mlxcluster.worker.features import EngineFeatures
+
+    tokenizer = family_tokenizer(family)
+    return EngineFeatures(tokenizer, VOCAB_SIZE, sorted(tokenizer.eos_token_ids))
+
+
+@functools.cache
+def _session_root() -> Path:
+    root = tempfile.TemporaryDirectory(prefix="tokenizer-families-")
+    atexit.register(root.cleanup)
+    return Path(root.name)

@@ -146,6 +146,7 @@ class GrammarCompiler:
             lambda text: list(hf.encode(text, add_special_tokens=False)),
             lambda ids: str(hf.decode(ids)),
             lambda ident: bool(self._tokenizer().is_special_token(ident)),
+            self.eos_ids,
         )
 
     def matcher(self, grammar: str) -> Any:

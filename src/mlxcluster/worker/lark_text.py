@@ -55,6 +55,7 @@ class LarkVocab:
     :param encode: text to token ids (no BOS).
     :param decode: token ids to text.
     :param is_special: whether a token id is a special token (never matched by text).
+    :param eos_ids: the tokens that end a sequence.
     """
 
     def __init__(
@@ -62,10 +63,17 @@ class LarkVocab:
         encode: Callable[[str], list[int]],
         decode: Callable[[list[int]], str],
         is_special: Callable[[int], bool],
+        eos_ids: Sequence[int] = (),
     ) -> None:
         self._encode = encode
         self._decode = decode
         self._is_special = is_special
+        self.eos_ids = list(eos_ids)
+
+    def special_id(self, text: str) -> int | None:
+        """The id of the special token ``text`` is, if it is exactly one."""
+        ids = self._encode(text)
+        return ids[0] if len(ids) == 1 and self._is_special(ids[0]) else None
 
     def is_text(self, text: str) -> bool:
         """Whether ``text`` is plain text to this tokenizer (none of its tokens is special)."""

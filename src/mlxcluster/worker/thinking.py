@@ -10,9 +10,9 @@ in one of three states at the start of the output (:func:`reasoning_mode`):
   open a think block with its very first token, else it is the answer;
 - ``none``: the answer from the first token (a model without thinking, or thinking switched off).
 
-:func:`with_reasoning` wraps an answer grammar accordingly. Reasoning is free text (no special token but the
-think-end marker), and the end of the sequence is never allowed inside it: a grammar accepts only once its
-answer is complete.
+:func:`with_reasoning` wraps an answer grammar accordingly. Inside reasoning nothing is masked but the end of
+the sequence (never allowed there: a grammar accepts only once its answer is complete); where the think-end
+marker is not one special token, reasoning is free text up to it (no other special token).
 """
 
 from __future__ import annotations
@@ -84,11 +84,21 @@ def reasoning_mode(markers: ThinkMarkers | None, request: InferenceRequest, prom
     return "none" if thinking_off(request) else "may_open"
 
 
+def reasoning_rule(markers: ThinkMarkers, vocab: LarkVocab) -> str:
+    """The rule ``reasoning``: a think block's content and its end marker. Where the marker is one special
+    token, any token but it and the end of sequence (nothing else is masked); else free text up to it."""
+    end = vocab.special_id(markers.end)
+    if end is None:
+        return vocab.text_then("reasoning", markers.end)
+    excluded = ",".join(str(i) for i in sorted({*vocab.eos_ids, end}))
+    return f"reasoning: <[^{excluded}]>* <[{end}]>\n"
+
+
 def with_reasoning(answer_rules: str, mode: ReasoningMode, markers: ThinkMarkers | None, vocab: LarkVocab) -> str:
     """The whole output's Lark grammar: the rules defining ``answer``, after the reasoning ``mode`` allows."""
     if mode == "none" or markers is None:
         return "start: answer\n" + answer_rules
-    reasoning = vocab.text_then("reasoning", markers.end)
+    reasoning = reasoning_rule(markers, vocab)
     if mode == "opened":
         return "start: reasoning answer\n" + reasoning + answer_rules
     return f"start: ({vocab.literal(markers.start)} reasoning)? answer\n" + reasoning + answer_rules

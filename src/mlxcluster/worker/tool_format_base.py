@@ -33,6 +33,12 @@ def arguments_text(arguments: Any) -> str:
     return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
+def canonical_arguments(call: ToolCall) -> str:
+    """A call's argument text as a parse would give it (``json.dumps``' form), or as it is when not JSON."""
+    value = arguments_value(call)
+    return call.arguments if isinstance(value, str) else arguments_text(value)
+
+
 def arguments_value(call: ToolCall) -> Any:
     """A call's arguments as a value (its text when that is not JSON)."""
     try:

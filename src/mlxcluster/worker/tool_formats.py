@@ -26,7 +26,7 @@ from typing import Any
 from mlxcluster.json_grammar import GrammarError
 from mlxcluster.protocol import ToolCall, ToolSpec
 from mlxcluster.worker.lark_text import TOOL_JSON_OPTIONS, LarkVocab, json_value, text_rule
-from mlxcluster.worker.tool_format_base import ANY_OBJECT, ToolFormat
+from mlxcluster.worker.tool_format_base import ANY_OBJECT, ToolFormat, canonical_arguments
 from mlxcluster.worker.tool_format_params import PythonicFormat, Qwen3CoderFormat
 from mlxcluster.worker.tool_stream import CallStreamer, JsonCallStreamer, MistralCallStreamer
 
@@ -60,7 +60,8 @@ class JsonToolsFormat(ToolFormat):
         )
 
     def render_call(self, call: ToolCall) -> str:
-        body = '{"name": ' + json.dumps(call.name, ensure_ascii=False) + ', "arguments": ' + call.arguments + "}"
+        arguments = canonical_arguments(call)
+        body = '{"name": ' + json.dumps(call.name, ensure_ascii=False) + ', "arguments": ' + arguments + "}"
         return f"{self.start}\n{body}\n{self.end}"
 
     def streamer(self, tools: list[dict[str, Any]], *, limit: int | None) -> CallStreamer | None:
@@ -92,7 +93,7 @@ class MistralFormat(ToolFormat):
         return f"body: {alternatives}\n" + "\n".join(rules) + "\n"
 
     def render_call(self, call: ToolCall) -> str:
-        return f"{self.start}{call.name}{self.ARGS}{call.arguments}"
+        return f"{self.start}{call.name}{self.ARGS}{canonical_arguments(call)}"
 
     def streamer(self, tools: list[dict[str, Any]], *, limit: int | None) -> CallStreamer | None:
         return MistralCallStreamer(limit=limit)

@@ -211,3 +211,43 @@ def test_the_shaper_parses_what_the_grammar_forces(features: dict[str, EngineFea
         (OTHER.name, OTHER.arguments),
     ]
     assert merged.text == ""
+
+
+def test_a_qwen3_coder_string_is_never_the_null_its_parser_reads_as_none(features: dict[str, EngineFeatures]) -> None:
+    engine = features["qwen3_coder"]
+    strict = ToolSpec(name=WEATHER.name, parameters=WEATHER.parameters, strict=True)
+    request = chat(strict, NOOP)
+
+    def call(name: str, value: str) -> str:
+        return f"<tool_call>\n<function={name}>\n<parameter=city>\n{value}\n</parameter>\n</function>\n</tool_call>"
+
+    assert accepts(engine, request, call("get_weather", "nullish"))
+    assert not accepts(engine, request, call("get_weather", "Null"))
+    assert accepts(engine, request, call("noop", "null"))  # a tool that is not strict: any value
+
+
+def item_tool(name: str, field: str) -> ToolSpec:
+    """A tool whose arguments refer to a definition, as pydantic writes them (the same name in each tool)."""
+    item = {"type": "object", "properties": {field: {"type": "integer"}}, "required": [field]}
+    return ToolSpec(
+        name=name,
+        parameters={
+            "type": "object",
+            "$defs": {"Item": item},
+            "properties": {"item": {"$ref": "#/$defs/Item"}},
+            "required": ["item"],
+        },
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "pythonic", "plain"])
+def test_arguments_that_refer_to_their_definitions_are_enforced(
+    features: dict[str, EngineFeatures], family: str
+) -> None:
+    engine = features[family]
+    fmt = engine.tool_format
+    request = chat(item_tool("add", "qty"), item_tool("remove", "sku"), tool_choice="required")
+    assert accepts(engine, request, fmt.render_call(ToolCall(name="add", arguments='{"item": {"qty": 2}}')))
+    assert accepts(engine, request, fmt.render_call(ToolCall(name="remove", arguments='{"item": {"sku": 7}}')))
+    assert not accepts(engine, request, fmt.render_call(ToolCall(name="add", arguments='{"item": {"sku": 2}}')))
+    assert not accepts(engine, request, fmt.render_call(ToolCall(name="add", arguments='{"item": {"qty": "x"}}')))

@@ -24,6 +24,31 @@ ToolParser = Callable[[str, Any], Any]
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
+_DEFS = ("$defs", "definitions")
+
+
+def hoist_defs(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``schema`` without its ``$defs`` / ``definitions``, and those definitions renamed ``prefix`` + name, each
+    ``$ref`` to them rewritten to ``#/$defs/<new name>``: a schema's definitions can then sit at the root of a
+    document that nests it (several tools' arguments in one call schema, one parameter's value on its own)."""
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {key: rewrite(value) for key, value in node.items() if key not in _DEFS or node is not schema}
+            ref = out.get("$ref")
+            if isinstance(ref, str):
+                for key in _DEFS:
+                    if ref.startswith(f"#/{key}/"):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(key) + 3 :]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    defs = {f"{prefix}{name}": rewrite(value) for key in _DEFS for name, value in (schema.get(key) or {}).items()}
+    return rewrite(schema), defs
+
+
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 

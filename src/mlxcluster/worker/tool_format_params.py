@@ -15,23 +15,27 @@ from typing import Any
 from mlxcluster.json_grammar import GrammarError
 from mlxcluster.protocol import ToolCall, ToolSpec
 from mlxcluster.worker.lark_text import TOOL_JSON_OPTIONS, LarkVocab, json_value, ordered_fields, regex_literal
-from mlxcluster.worker.tool_format_base import ToolFormat, arguments_value
+from mlxcluster.worker.tool_format_base import ToolFormat, arguments_value, hoist_defs
 from mlxcluster.worker.tool_stream import CallStreamer
 
 _CODER_JSON_TYPES = {"integer", "number", "boolean", "object", "array"}
 _STRING_KEYWORDS = {"pattern", "format", "minLength", "maxLength"}
 _PARAM_END = "</parameter>"
-_STRING_VALUE = (
-    f"/(?s:.*)\\n{regex_literal(_PARAM_END)}/ & ~/(?s:.*){regex_literal(_PARAM_END)}(?s:.+)/"
-    f" & ~/(?i:null)\\n{regex_literal(_PARAM_END)}/"
-)
-"""A qwen3_coder string value with the ``\\n</parameter>`` that closes it: one lexeme, in which the closing
-marker occurs once (the parser cuts at the first), and never the bare word null (which it reads as None)."""
+_ANY_VALUE = f"/(?s:.*)\\n{regex_literal(_PARAM_END)}/ & ~/(?s:.*){regex_literal(_PARAM_END)}(?s:.+)/"
+"""A qwen3_coder value with the ``\\n</parameter>`` that closes it: one lexeme, in which the closing marker
+occurs once (the parser cuts at the first)."""
+_STRING_VALUE = f"{_ANY_VALUE} & ~/(?i:null)\\n{regex_literal(_PARAM_END)}/"
+"""A string value: never the bare word null (which the parser reads as None)."""
 
 
 def _properties(tool: ToolSpec) -> tuple[dict[str, Any], set[str]]:
-    parameters = tool.parameters or {}
-    properties = parameters.get("properties") or {}
+    """A tool's parameters, each schema standing on its own (the definitions it refers to beside it), and the
+    required ones."""
+    parameters, defs = hoist_defs(tool.parameters or {}, "")
+    properties = {
+        name: {**schema, "$defs": defs} if defs else schema
+        for name, schema in (parameters.get("properties") or {}).items()
+    }
     return properties, set(parameters.get("required") or [])
 
 
@@ -46,6 +50,7 @@ class Qwen3CoderFormat(ToolFormat):
         rules = [
             f'body: "\\n" ({" | ".join(f"fn{i}" for i in range(len(tools)))}) "\\n" {vocab.literal(self.end)}',
             f"STRING_VALUE: {_STRING_VALUE}",
+            f"ANY_VALUE: {_ANY_VALUE}",
         ]
         for index, (tool, constrained) in enumerate(zip(tools, strict, strict=True)):
             head = json.dumps(f"<function={tool.name}>\n")
@@ -60,7 +65,7 @@ class Qwen3CoderFormat(ToolFormat):
                 )
                 fields.append((f"fn{index}_p{number}", name in required))
             rules.append(f'fn{index}: {head} {ordered_fields(fields, "")} "</function>"')
-        rules.append('any_param: "<parameter=" PARAM_NAME ">\\n" STRING_VALUE "\\n"')
+        rules.append('any_param: "<parameter=" PARAM_NAME ">\\n" ANY_VALUE "\\n"')
         rules.append("PARAM_NAME: /[^\\s<>]+/")
         return "\n".join(rules) + "\n"
 

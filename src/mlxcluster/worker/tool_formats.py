@@ -26,7 +26,7 @@ from typing import Any
 from mlxcluster.json_grammar import GrammarError
 from mlxcluster.protocol import ToolCall, ToolSpec
 from mlxcluster.worker.lark_text import TOOL_JSON_OPTIONS, LarkVocab, json_value, text_rule
-from mlxcluster.worker.tool_format_base import ANY_OBJECT, ToolFormat, canonical_arguments
+from mlxcluster.worker.tool_format_base import ANY_OBJECT, ToolFormat, canonical_arguments, hoist_defs
 from mlxcluster.worker.tool_format_params import PythonicFormat, Qwen3CoderFormat
 from mlxcluster.worker.tool_stream import CallStreamer, JsonCallStreamer, MistralCallStreamer
 
@@ -41,19 +41,24 @@ class JsonToolsFormat(ToolFormat):
     separator = '"\\n"?'
 
     def body_rules(self, tools: Sequence[ToolSpec], strict: Sequence[bool], vocab: LarkVocab, *, several: bool) -> str:
-        variants = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": tool.name},
-                    "arguments": (tool.parameters or ANY_OBJECT) if constrained else ANY_OBJECT,
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-            for tool, constrained in zip(tools, strict, strict=True)
-        ]
+        variants = []
+        defs: dict[str, Any] = {}
+        for index, (tool, constrained) in enumerate(zip(tools, strict, strict=True)):
+            arguments, own = (
+                hoist_defs(tool.parameters or ANY_OBJECT, f"t{index}_") if constrained else (ANY_OBJECT, {})
+            )
+            defs.update(own)
+            variants.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": tool.name}, "arguments": arguments},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
         schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+        if defs:
+            schema = {**schema, "$defs": defs}
         return (
             f'body: "\\n" call_json "\\n" {vocab.literal(self.end)}\n'
             f"call_json: {json_value(schema, TOOL_JSON_OPTIONS)}\n"

@@ -6,7 +6,7 @@ where mlx-lm has a parser for the model's template (``native``), the tools go th
 with their arguments as objects, ``tool`` turns); elsewhere, even if the template mentions tools, our fallback
 applies: the tools described in a system message that asks for ``<tool_call>{"name": ..., "arguments": ...}
 </tool_call>`` (mlx-lm's ``json_tools`` markup), earlier calls written in that markup and tool results as
-``<tool_response>`` user turns.
+``<tool_response>`` user turns (joined with the user turn next to them: turns keep alternating).
 
 The request's ``chat_template_kwargs`` go to the template; ``reasoning.enabled`` sets ``enable_thinking``
 (mlx-lm's wrapper passes it under the template's own name) unless the kwargs set it.
@@ -94,6 +94,18 @@ def _fallback_message(message: ChatMessage, fmt: ToolFormat) -> dict[str, Any]:
     return out
 
 
+def _alternating(dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive turns of one role joined into one: tool results become user turns in the fallback, and
+    templates such as Gemma's refuse two user turns in a row."""
+    out: list[dict[str, Any]] = []
+    for message in dicts:
+        if out and out[-1]["role"] == message["role"]:
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + message["content"]}
+        else:
+            out.append(message)
+    return out
+
+
 def render_chat(tokenizer: Any, request: InferenceRequest, fmt: ToolFormat) -> list[int]:
     """Token ids of a chat request's prompt, generation prompt included; tools in ``fmt`` (the model's format)."""
     messages = request.messages or []
@@ -105,7 +117,7 @@ def render_chat(tokenizer: Any, request: InferenceRequest, fmt: ToolFormat) -> l
         if use_tools:
             extra["tools"] = openai_tools(request.tools or [])
     else:
-        dicts = [_fallback_message(m, fmt) for m in messages]
+        dicts = _alternating([_fallback_message(m, fmt) for m in messages])
         if use_tools:
             described = "\n".join(json.dumps(t["function"]) for t in openai_tools(request.tools or []))
             system = FALLBACK_TOOL_PROMPT.format(tools=described, start=fmt.start, end=fmt.end)

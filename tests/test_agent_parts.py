@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cluster_harness import Cluster, RunningController, single_worker_cluster, wait_until, with_sections
-from mlx_lm.tool_parsers import json_tools
 
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import InferenceRequest, ResponseFormat, Token, ToolSpec
 from mlxcluster.worker.grammar import GrammarCompiler, GrammarError, GrammarLogitsProcessor, request_grammar
 from mlxcluster.worker.output import OutputShaper, merge_tokens
+from mlxcluster.worker.tool_formats import fallback_format
 
 THINK = ("<think>", "</think>")
-TOOLS = ("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+TOOLS = fallback_format()
 
 
 def shape(shaper: OutputShaper, pieces: list[str]) -> list[Token]:
@@ -101,9 +101,8 @@ def allowed(processor: GrammarLogitsProcessor, tokens: list[int]) -> np.ndarray:
 def test_a_schema_is_compiled_once(compiler: GrammarCompiler) -> None:
     grammar = request_grammar(
         request(response_format=ResponseFormat(type="json_schema", schema={"type": "boolean"})),
-        tool_start="<tool_call>",
-        tool_end="</tool_call>",
-        special={},
+        fallback_format(),
+        compiler.vocab(),
     )
     assert grammar is not None
     before = compiler.compiled
@@ -114,10 +113,10 @@ def test_a_schema_is_compiled_once(compiler: GrammarCompiler) -> None:
 def test_the_mask_allows_only_the_schema_and_eos_when_done(compiler: GrammarCompiler) -> None:
     grammar = request_grammar(
         request(response_format=ResponseFormat(type="json_schema", schema={"enum": ["yes", "no"]})),
-        tool_start="<tool_call>",
-        tool_end="</tool_call>",
-        special={},
+        fallback_format(),
+        compiler.vocab(),
     )
+    assert grammar is not None
     processor = GrammarLogitsProcessor(compiler.matcher(grammar), 49152, compiler.eos_ids)
     tokenizer = compiler._hf_tokenizer
     eos = compiler.eos_ids[0]
@@ -133,29 +132,30 @@ def test_the_mask_allows_only_the_schema_and_eos_when_done(compiler: GrammarComp
     assert final[eos] and final.sum() == 1
 
 
-def test_forced_tools_need_a_known_name() -> None:
+def test_forced_tools_need_a_known_name(compiler: GrammarCompiler) -> None:
     tools = [ToolSpec(name="w", parameters={"type": "object"})]
-    with pytest.raises(GrammarError, match="not among the tools"):
+    with pytest.raises(GrammarError, match="not among the tools") as refused:
         request_grammar(
-            request(tools=tools, tool_choice="function", tool_name="x"), tool_start="a", tool_end="b", special={}
+            request(tools=tools, tool_choice="function", tool_name="x"), fallback_format(), compiler.vocab()
         )
-    grammar = request_grammar(
-        request(tools=tools, tool_choice="required"), tool_start="<a>", tool_end="</a>", special={}
-    )
-    assert grammar is not None and '"<a>"' in grammar and "%json" in grammar
+    assert refused.value.param == "tool_choice"
+    grammar = request_grammar(request(tools=tools, tool_choice="required"), fallback_format(), compiler.vocab())
+    assert grammar is not None and '"<tool_call>"' in grammar and "%json" in grammar
 
 
 @pytest.mark.parametrize(
-    ("arguments", "accepted"), [('{"city":"P"}', True), ('{ "city": "P" }', False), ('{"city":"P"} ', False)]
+    ("arguments", "accepted"),
+    [('{"city": "P"}', True), ('{"city":"P"}', False), ('{ "city": "P" }', False), ('{"city": "P"} ', False)],
 )
-def test_a_forced_tool_call_is_compact_json(compiler: GrammarCompiler, arguments: str, accepted: bool) -> None:
-    """Free blanks inside a forced call would let a small model at temperature 1 spend max_tokens on them."""
+def test_a_forced_tool_call_is_json_as_json_dumps_writes_it(
+    compiler: GrammarCompiler, arguments: str, accepted: bool
+) -> None:
+    """No free blanks (a small model at temperature 1 would spend max_tokens on them), and the separators the
+    model saw in its prompt (``tojson``), so a call re-rendered from its parse reads as the model wrote it."""
     tools = [ToolSpec(name="w", parameters={"type": "object", "properties": {"city": {"type": "string"}}})]
-    grammar = request_grammar(
-        request(tools=tools, tool_choice="required"), tool_start="<tool_call>", tool_end="</tool_call>", special={}
-    )
+    grammar = request_grammar(request(tools=tools, tool_choice="required"), fallback_format(), compiler.vocab())
     assert grammar is not None
-    text = f'<tool_call>\n{{"name":"w","arguments":{arguments}}}\n</tool_call>'
+    text = f'<tool_call>\n{{"name": "w", "arguments": {arguments}}}\n</tool_call>'
     matcher = compiler.matcher(grammar)
     consumed = matcher.consume_tokens(compiler._hf_tokenizer.encode(text, add_special_tokens=False))
     assert (consumed and matcher.is_accepting()) is accepted

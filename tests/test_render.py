@@ -27,8 +27,9 @@ from mlxcluster.controller.http.routes_responses import ResponseShell, ResponseS
 from mlxcluster.controller.http.sse import SseWriter
 from mlxcluster.protocol import Done, Error, Token, ToolCall, Usage
 from mlxcluster.worker.output import OutputShaper, merge_tokens
+from mlxcluster.worker.tool_formats import JsonToolsFormat
 
-TOOLS = ("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+TOOLS = JsonToolsFormat("<tool_call>", "</tool_call>", json_tools.parse_tool_call, native=True)
 TWO_CALLS = (
     'On it. <tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     '<tool_call>\n{"name": "time", "arguments": {"zone": "CET", "h24": true}}\n</tool_call>'

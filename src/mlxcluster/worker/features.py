@@ -1,29 +1,27 @@
 """What the mlx engine adds to plain generation: tool prompts, grammars, tool-call / reasoning parsing, logprobs.
 
-:class:`EngineFeatures` lives on the generation thread with the tokenizer; for each request it renders
-the prompt (:mod:`~mlxcluster.worker.prompt`), builds the grammar and its logits processor
-(:mod:`~mlxcluster.worker.grammar`) and a :class:`RequestFeatures` that turns each generated token
-into frames (:mod:`~mlxcluster.worker.output`). The engine calls it at three points: accept, admit, token.
+:class:`EngineFeatures` holds the tokenizer, the model's tool format and think markers, and the grammar
+compiler; for each request it renders the prompt (:mod:`~mlxcluster.worker.prompt`), gives the tokens a moved
+stream continues after (:mod:`~mlxcluster.worker.continuation`), and builds the grammar's logits processor
+(:mod:`~mlxcluster.worker.grammar`) and a :class:`RequestFeatures` that turns each generated token into frames
+(:mod:`~mlxcluster.worker.output`). ``prompt``, ``continuation`` and ``prepare`` are thread-safe (request
+preparation may run off the generation thread); a RequestFeatures is used by one thread at a time.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, cast
 
 from mlxcluster.protocol import InferenceRequest, Token, TokenLogprob, TopLogprob
-from mlxcluster.worker.grammar import (
-    GrammarCompiler,
-    GrammarError,
-    GrammarLogitsProcessor,
-    forced_tools,
-    request_grammar,
-)
+from mlxcluster.worker.continuation import ContinuationError, continuation_text
+from mlxcluster.worker.grammar import GrammarCompiler, GrammarError, GrammarLogitsProcessor, request_grammar
 from mlxcluster.worker.output import OutputShaper, tool_dicts
-from mlxcluster.worker.prompt import render_chat, tool_markup, tools_enabled
+from mlxcluster.worker.prompt import render_chat, tools_enabled
+from mlxcluster.worker.thinking import prompt_opened, reasoning_mode, think_markers
+from mlxcluster.worker.tool_formats import tool_format
 
-JSON_TOOLS_PARSER = "mlx_lm.tool_parsers.json_tools"
-"""The one tool-call family whose calls are ``{"name", "arguments"}`` JSON, which a forced call's grammar writes."""
 LOGPROB_FLOOR = -9999.0
 """What OpenAI reports for a token of (numerically) zero probability; JSON has no -inf."""
 
@@ -35,11 +33,40 @@ def _finite(value: float) -> float:
 class RequestFeatures:
     """Per-request processors and output shaping."""
 
-    def __init__(self, request: InferenceRequest, tokenizer: Any, shaper: OutputShaper, processors: list[Any]) -> None:
+    def __init__(
+        self,
+        request: InferenceRequest,
+        tokenizer: Any,
+        shaper: OutputShaper,
+        processors: list[Any],
+        grammar: GrammarLogitsProcessor | None = None,
+    ) -> None:
         self.request = request
         self.tokenizer = tokenizer
         self.shaper = shaper
         self.processors = processors
+        self.grammar = grammar
+
+    @property
+    def holding(self) -> bool:
+        """A tool call's text is held whole until it is complete (send ``Progress(generated=...)`` meanwhile)."""
+        return self.shaper.holding
+
+    @property
+    def held_tokens(self) -> int:
+        """How many generated tokens the held call has taken so far (0 when nothing is held)."""
+        return self.shaper.held_tokens
+
+    def resume(self, text: str, tokens: Sequence[int]) -> None:
+        """Advance over a moved stream's continuation (``text`` and its ``tokens``, prefilled after the prompt):
+        the shaper takes the text as already said, the grammar consumes the tokens. Raises
+        :class:`~mlxcluster.worker.continuation.ContinuationError` if the grammar rejects them."""
+        if self.grammar is not None:
+            try:
+                self.grammar.advance(tokens)
+            except GrammarError as exc:
+                raise ContinuationError(f"cannot continue the moved stream: {exc}") from None
+        self.shaper.advance(text)
 
     def on_token(self, token: int | None, logprobs: Any) -> None:
         """Record one generated token (``None``: an end-of-sequence token, which has no text)."""
@@ -73,47 +100,66 @@ class RequestFeatures:
 
 
 class EngineFeatures:
-    """Engine-wide state: the grammar compiler (with its cache) and the model's markers."""
+    """Engine-wide state: the grammar compiler (with its cache), the model's tool format and think markers."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
         self.grammars = GrammarCompiler(hf, vocab_size, eos_ids)
-        self._special = {text: int(ident) for text, ident in hf.get_added_vocab().items()}
-        self.think = (tokenizer.think_start, tokenizer.think_end) if getattr(tokenizer, "has_thinking", False) else None
+        self.tool_format = tool_format(tokenizer)
+        self.markers = think_markers(tokenizer)
+        self.think = (self.markers.start, self.markers.end) if self.markers else None
 
     def prompt(self, request: InferenceRequest) -> list[int]:
+        """The prompt's token ids (a moved stream's continuation not included: see :meth:`continuation`)."""
         if request.messages is not None:
-            return render_chat(self.tokenizer, request)
+            return render_chat(self.tokenizer, request, self.tool_format)
         if request.prompt is None:
             raise ValueError("the request has neither messages nor prompt")
         return list(self.tokenizer.encode(request.prompt))
 
-    def prepare(self, request: InferenceRequest, prompt: list[int]) -> RequestFeatures:
-        """Grammar, processors and shaper for ``request``; raises ValueError (the request's fault)."""
-        start, end, parse = tool_markup(self.tokenizer)
+    def continuation(self, request: InferenceRequest, prompt: Sequence[int]) -> tuple[str, list[int]]:
+        """What a moved stream continues after (``request.said``, else ``request.continuation``), as the text
+        the model had written and its token ids, to prefill after ``prompt``; ``("", [])`` for a new request.
+        Raises :class:`~mlxcluster.worker.continuation.ContinuationError` when it cannot be written back."""
+        opened = self.markers is not None and request.messages is not None and prompt_opened(self.markers, prompt)
+        fmt = self.tool_format if tools_enabled(request) else None
+        text = continuation_text(request, fmt, self.think, opened=opened)
+        if not text:
+            return "", []
+        return text, list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prepare(
+        self, request: InferenceRequest, prompt: list[int], continued: tuple[str, Sequence[int]] | None = None
+    ) -> RequestFeatures:
+        """Grammar, processors and shaper for ``request``; raises ValueError (the request's fault), a
+        :class:`GrammarError` (with ``param``, the field at fault) for what cannot be enforced.
+
+        :param prompt: the prompt's tokens, without a continuation.
+        :param continued: ``(text, tokens)`` of a moved stream's continuation (:meth:`continuation`): the
+            grammar and the shaper are advanced over it."""
+        mode = reasoning_mode(self.markers, request, prompt)
+        grammar_text = request_grammar(
+            request, self.tool_format, self.grammars.vocab(), reasoning=mode, markers=self.markers
+        )
         processors: list[Any] = []
-        if forced_tools(request) is not None and getattr(parse, "__module__", "") != JSON_TOOLS_PARSER:
-            raise GrammarError(
-                f"cannot force a tool call for this model: its tool-call format ({parse.__module__}) is not JSON; "
-                "use tool_choice 'auto'"
+        grammar = None
+        if grammar_text is not None:
+            grammar = GrammarLogitsProcessor(
+                self.grammars.matcher(grammar_text), self.vocab_size, self.grammars.eos_ids
             )
-        grammar = request_grammar(request, tool_start=start, tool_end=end, special=self._special)
-        if grammar is not None:
-            processors.append(
-                GrammarLogitsProcessor(self.grammars.matcher(grammar), self.vocab_size, self.grammars.eos_ids)
-            )
-        tools = (start, end, parse, tool_dicts(request.tools)) if tools_enabled(request) else None
-        in_reasoning = False
-        if self.think and request.messages is not None:
-            tail = self.tokenizer.decode(prompt[-16:])
-            in_reasoning = tail.rfind(self.think[0]) > tail.rfind(self.think[1])
+            processors.append(grammar)
+        use_tools = tools_enabled(request)
         shaper = OutputShaper(
             think=self.think,
-            in_reasoning=in_reasoning,
-            tools=tools,
+            in_reasoning=mode == "opened",
+            tools=self.tool_format if use_tools else None,
+            tool_dicts=tool_dicts(request.tools),
             parallel=request.parallel_tool_calls,
-            stream_calls=request.stream and getattr(parse, "__module__", "") == JSON_TOOLS_PARSER,
+            stream_calls=request.stream,
         )
-        return RequestFeatures(request, self.tokenizer, shaper, processors)
+        features = RequestFeatures(request, self.tokenizer, shaper, processors, grammar)
+        if continued is not None and continued[0]:
+            features.resume(continued[0], continued[1])
+        return features

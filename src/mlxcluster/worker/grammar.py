@@ -1,71 +1,34 @@
-"""Constrained decoding with llguidance: grammars for JSON output and forced tool calls, as logits processors.
+"""Constrained decoding with llguidance: the grammar a request's output follows, as a logits processor.
 
-Each distinct grammar is compiled once per engine into an ``LLMatcher`` kept in an LRU cache; a
-request gets a ``deep_copy`` of it (microseconds), advances it with every token it samples and masks
-the logits of its next token, inside the continuous batch (mlx-lm's per-request ``logits_processors``).
-The end-of-sequence tokens are allowed exactly when the grammar accepts, so a finished JSON value ends
-the request. Why llguidance and not xgrammar or outlines-core: docs/ARCHITECTURE.md.
+A request's grammar (:func:`request_grammar`) is one Lark grammar over its whole output: an ``answer``
+(a JSON value for ``response_format``, forced tool calls for ``tool_choice`` required / named, or free text
+whose tool calls follow the call grammar for ``strict`` tools, :mod:`~mlxcluster.worker.tool_formats`),
+after the reasoning the model may do first (:mod:`~mlxcluster.worker.thinking`).
+
+Each distinct grammar is compiled once per engine into an ``LLMatcher`` kept in an LRU cache; a request gets
+a ``deep_copy`` of it (microseconds), advances it with every token it samples and masks the logits of its
+next token, inside the continuous batch (mlx-lm's per-request ``logits_processors``). The end-of-sequence
+tokens are allowed exactly when the grammar accepts, so a finished JSON value ends the request and reasoning
+never ends it. Why llguidance and not xgrammar or outlines-core: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from mlxcluster.json_grammar import JSON_OPTIONS, GrammarError, json_schema_grammar
 from mlxcluster.protocol import InferenceRequest, ResponseFormat, ToolSpec
+from mlxcluster.worker.lark_text import LarkVocab, json_value
+from mlxcluster.worker.thinking import ReasoningMode, ThinkMarkers, with_reasoning
+from mlxcluster.worker.tool_format_base import ANY_OBJECT, ToolFormat
+from mlxcluster.worker.tool_formats import JsonToolsFormat, forced_answer, strict_answer
 
-if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions
-
-JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
-"""Compact JSON (no free whitespace): a small model at temperature > 0 cannot wander off in blanks."""
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
-TOOL_CALL_START = "<tool_call>"
-TOOL_CALL_END = "</tool_call>"
-"""The tool-call markup of mlx-lm's ``json_tools`` family, also used when a chat template has no tool support."""
-
-
-class GrammarError(ValueError):
-    """A schema or grammar that cannot be enforced; the message names the problem."""
-
-
-def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """The llguidance grammar of a JSON schema (raises :class:`GrammarError` if it cannot be built)."""
-    import llguidance
-
-    try:
-        grammar: str = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
-        return grammar
-    except (ValueError, TypeError) as exc:
-        raise GrammarError(f"invalid JSON schema: {exc}") from None
-
-
-def validate_grammar(grammar: str) -> None:
-    """Check a grammar without a tokenizer (used by the controller where a schema arrives)."""
-    import llguidance
-
-    problem = llguidance.LLMatcher.validate_grammar(grammar)
-    if problem:
-        raise GrammarError(f"unsupported schema: {problem}")
-
-
-def tool_call_schema(tools: Sequence[ToolSpec]) -> dict[str, Any]:
-    """The JSON schema of one ``{"name": ..., "arguments": {...}}`` call of any of ``tools``."""
-    variants = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": tool.name}, "arguments": tool.parameters or ANY_OBJECT},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for tool in tools
-    ]
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+__all__ = ["GrammarCompiler", "GrammarError", "GrammarLogitsProcessor", "request_grammar"]
 
 
 def forced_tools(request: InferenceRequest) -> list[ToolSpec] | None:
@@ -73,60 +36,77 @@ def forced_tools(request: InferenceRequest) -> list[ToolSpec] | None:
     tools = request.tools or []
     if request.tool_choice == "required":
         if not tools:
-            raise GrammarError("tool_choice 'required' needs at least one tool")
+            raise GrammarError("tool_choice 'required' needs at least one tool", param="tool_choice")
         return list(tools)
     if request.tool_choice == "function":
         named = [tool for tool in tools if tool.name == request.tool_name]
         if not named:
-            raise GrammarError(f"tool_choice names '{request.tool_name}', which is not among the tools")
+            raise GrammarError(
+                f"tool_choice names '{request.tool_name}', which is not among the tools", param="tool_choice"
+            )
         return named
     return None
 
 
-def _lark_literal(text: str, special: dict[str, int]) -> str:
-    """A Lark terminal for ``text``: a special token by id when it is one, else a JSON-quoted string."""
-    if text in special:
-        return f"<[{special[text]}]>"
-    return json.dumps(text)
+def _check_parameters(tools: Sequence[ToolSpec]) -> None:
+    for tool in tools:
+        if tool.parameters is not None:
+            json_schema_grammar(tool.parameters, param="tools")  # a bad parameters schema is named as such
+
+
+def answer_rules(request: InferenceRequest, fmt: ToolFormat, vocab: LarkVocab) -> str | None:
+    """Lark rules defining the ``answer`` that ``request`` must give, or None when its output is free."""
+    tools = forced_tools(request)
+    if tools is not None:
+        _check_parameters(tools)
+        return forced_answer(fmt, tools, parallel=request.parallel_tool_calls, vocab=vocab)
+    schema = response_format_schema(request.response_format)
+    if schema is not None:
+        json_schema_grammar(schema, param="response_format")
+        return f"answer: {json_value(schema, dict(JSON_OPTIONS))}\n"
+    enabled = request.tools if request.tool_choice != "none" else None
+    if enabled and any(tool.strict for tool in enabled):
+        _check_parameters(enabled)
+        return strict_answer(fmt, enabled, parallel=request.parallel_tool_calls, vocab=vocab)
+    return None
+
+
+def request_grammar(
+    request: InferenceRequest,
+    fmt: ToolFormat,
+    vocab: LarkVocab,
+    *,
+    reasoning: ReasoningMode = "none",
+    markers: ThinkMarkers | None = None,
+) -> str | None:
+    """The Lark grammar of the whole output of ``request``, or None when it is free.
+
+    :param reasoning: how the output starts (see :func:`~mlxcluster.worker.thinking.reasoning_mode`)."""
+    answer = answer_rules(request, fmt, vocab)
+    return None if answer is None else with_reasoning(answer, reasoning, markers, vocab)
+
+
+def response_format_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` asks for (None: free text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ANY_OBJECT
+    if fmt.schema is None:
+        raise GrammarError("response_format json_schema needs a schema", param="response_format")
+    return fmt.schema
 
 
 def tool_calls_grammar(
     tools: Sequence[ToolSpec], *, parallel: bool, start: str, end: str, special: dict[str, int]
 ) -> str:
-    """A Lark grammar: one (or, with ``parallel``, several) ``start {json} end`` calls, nothing else."""
-    compact = {"x-guidance": dict(JSON_OPTIONS), **tool_call_schema(tools)}  # a %json block takes no defaults
-    call_schema = json.dumps(compact, separators=(",", ":"))
-    repeat = "+" if parallel else ""
-    return (
-        f"start: (call){repeat}\n"
-        f'call: {_lark_literal(start, special)} "\\n" body "\\n" {_lark_literal(end, special)} "\\n"?\n'
-        f"body: %json {call_schema}\n"
-    )
+    """The forced grammar of json_tools calls with markers ``start`` / ``end`` (``special``: which texts are
+    special tokens, by id); for benchmarks that compile grammars without a request."""
+    from mlx_lm.tool_parsers import json_tools
 
-
-def request_grammar(
-    request: InferenceRequest, *, tool_start: str, tool_end: str, special: dict[str, int]
-) -> str | None:
-    """The grammar that ``request`` must follow, or None when its output is free."""
-    tools = forced_tools(request)
-    if tools is not None:
-        for tool in tools:
-            if tool.parameters is not None:
-                json_schema_grammar(tool.parameters)  # a bad parameters schema is named as such
-        return tool_calls_grammar(
-            tools, parallel=request.parallel_tool_calls, start=tool_start, end=tool_end, special=special
-        )
-    return response_format_grammar(request.response_format)
-
-
-def response_format_grammar(fmt: ResponseFormat | None) -> str | None:
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return json_schema_grammar(ANY_OBJECT)
-    if fmt.schema is None:
-        raise GrammarError("response_format json_schema needs a schema")
-    return json_schema_grammar(fmt.schema)
+    vocab = LarkVocab(lambda text: [special.get(text, -1)], lambda ids: "", lambda ident: ident in special.values())
+    fmt = JsonToolsFormat(start, end, json_tools.parse_tool_call, native=True)
+    return "start: answer\n" + forced_answer(fmt, tools, parallel=parallel, vocab=vocab)
 
 
 class GrammarCompiler:
@@ -145,17 +125,29 @@ class GrammarCompiler:
         self._ll_tokenizer: Any = None
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         self.compiled = 0
         self.hits = 0
 
     def _tokenizer(self) -> Any:
-        if self._ll_tokenizer is None:
-            import llguidance.hf
+        with self._tokenizer_lock:
+            if self._ll_tokenizer is None:
+                import llguidance.hf
 
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos_ids or None
-            )
-        return self._ll_tokenizer
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos_ids or None
+                )
+            return self._ll_tokenizer
+
+    def vocab(self) -> LarkVocab:
+        """What grammars need to know of this tokenizer (its special tokens are llguidance's; built on first use)."""
+        hf = self._hf_tokenizer
+        return LarkVocab(
+            lambda text: list(hf.encode(text, add_special_tokens=False)),
+            lambda ids: str(hf.decode(ids)),
+            lambda ident: bool(self._tokenizer().is_special_token(ident)),
+            self.eos_ids,
+        )
 
     def matcher(self, grammar: str) -> Any:
         """A fresh matcher at the start of ``grammar`` (compiled on first use, then copied)."""
@@ -192,6 +184,12 @@ class GrammarLogitsProcessor:
         self._words = (vocab_size + 31) // 32
         self._bitmask = np.zeros(self._words, dtype=np.int32)
         self._started = False
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        """Consume tokens already written (a moved stream's continuation, prefilled with the prompt); raises
+        :class:`GrammarError` if the grammar does not allow them."""
+        if tokens and not self.matcher.consume_tokens(list(tokens)):
+            raise GrammarError(f"the text already generated does not follow the grammar: {self.matcher.get_error()}")
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx

@@ -1,32 +1,29 @@
 """Shapes a request's generated text into Token frames: content, reasoning, tool calls and logprobs.
 
 Text arrives in pieces (after stop-string filtering). Text between the model's thinking markers
-becomes ``reasoning``; text between its tool-call markers is parsed with mlx-lm's tool parser for
-the model's family into :class:`~mlxcluster.protocol.ToolCall` s (a call that does not parse is
-passed on as content, never dropped). A tail that could be the start of a marker is held back until
-it is resolved, as the stop filter does for stop strings.
+becomes ``reasoning``; text between its tool-call markers is parsed by the model's tool format
+(:mod:`~mlxcluster.worker.tool_formats`, mlx-lm's parser) into :class:`~mlxcluster.protocol.ToolCall` s (a
+call that does not parse is passed on as content, never dropped). A tail that could be the start of a
+marker is held back until it is resolved, as the stop filter does for stop strings.
 
-With ``stream_calls`` (a streamed request, a JSON tool-call format) a call is also sent while it is
-generated, as :class:`~mlxcluster.protocol.ToolCallDelta` pieces (see :mod:`mlxcluster.worker.tool_stream`):
-once its name is parsed and its arguments object has opened it is committed, and its final ToolCall
-carries exactly the argument text streamed (the same text as the buffered result for a call that parses;
-the text so far when the output ends inside the call, e.g. at ``max_tokens``, as OpenAI does).
+Where tools are offered, content that is only whitespace (before, between or after calls) is held until it is
+known: it goes out with the next real text, and is dropped at the end if the output made calls (OpenAI's
+``content`` is then null, not ``"\\n"``).
+
+With ``stream_calls`` (a streamed request, a format with an argument streamer) a call is also sent while it
+is generated, as :class:`~mlxcluster.protocol.ToolCallDelta` pieces (see :mod:`mlxcluster.worker.tool_stream`);
+its final ToolCall carries exactly the argument text streamed. A call that is not streamed is held whole:
+:attr:`OutputShaper.holding` says so, and :attr:`OutputShaper.held_tokens` how many tokens it holds (the
+engine keeps the controller's silence timer fed with them).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 from mlxcluster.protocol import Token, TokenLogprob, ToolCall, ToolCallDelta, ToolSpec
+from mlxcluster.worker.tool_format_base import ToolFormat
 from mlxcluster.worker.tool_stream import CallStreamer
-
-log = logging.getLogger(__name__)
-
-ToolParser = Callable[[str, Any], Any]
 
 
 def _partial_tail(buffer: str, marker: str) -> int:
@@ -37,31 +34,15 @@ def _partial_tail(buffer: str, marker: str) -> int:
     return 0
 
 
-def parse_tool_calls(text: str, parse: ToolParser, tools: list[dict[str, Any]] | None) -> list[ToolCall] | None:
-    """The calls in one tool-call block, or None when it does not parse."""
-    try:
-        parsed = parse(text, tools)
-    except Exception as exc:  # noqa: BLE001 - parsers raise anything on malformed text
-        log.debug("tool call did not parse: %s", exc)
-        return None
-    calls = []
-    for item in parsed if isinstance(parsed, list) else [parsed]:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return None
-        arguments = item.get("arguments", {})
-        text_args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        calls.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=item["name"], arguments=text_args))
-    return calls
-
-
 class OutputShaper:
     """Per-request splitter of generated text into content, reasoning and tool calls.
 
     :param think: ``(start, end)`` thinking markers, or None.
     :param in_reasoning: the prompt ends inside a thinking block (the template opened it).
-    :param tools: ``(start, end, parse, tool_dicts)`` when tool calls are to be parsed, else None.
+    :param tools: the model's tool format when tool calls are to be parsed, else None.
+    :param tool_dicts: the request's tools as mlx-lm's parsers take them (:func:`tool_dicts`).
     :param parallel: several calls may be returned; when False, calls after the first are dropped.
-    :param stream_calls: send calls in pieces while they are generated (JSON call formats only).
+    :param stream_calls: send calls in pieces while they are generated (formats with a streamer).
     """
 
     def __init__(
@@ -69,21 +50,31 @@ class OutputShaper:
         *,
         think: tuple[str, str] | None = None,
         in_reasoning: bool = False,
-        tools: tuple[str, str, ToolParser, list[dict[str, Any]]] | None = None,
+        tools: ToolFormat | None = None,
+        tool_dicts: list[dict[str, Any]] | None = None,
         parallel: bool = True,
         stream_calls: bool = False,
     ) -> None:
         self.think = think
         self.parallel = parallel
         self.tools = tools
+        self.tool_dicts = tool_dicts or []
         self.state = "reasoning" if in_reasoning and think else "content"
         self._held = ""
+        self._blank = ""
+        """Whitespace-only content not sent yet (tools offered: it may be what separates calls)."""
         self._call_text = ""
         self._logprobs: list[TokenLogprob] = []
         self.made_tool_call = False
         self.stream_calls = stream_calls
         self._streamer: CallStreamer | None = None
         self._deltas: list[ToolCallDelta] = []
+        self.held_tokens = 0
+
+    @property
+    def holding(self) -> bool:
+        """Whether a call's text is being held whole (not streamed) until it is complete."""
+        return self.state == "tool" and (self._streamer is None or not self._streamer.calls)
 
     def add_logprob(self, entry: TokenLogprob) -> None:
         self._logprobs.append(entry)
@@ -91,6 +82,7 @@ class OutputShaper:
     def frame(self, text: str, count: int, *, final: bool) -> Token | None:
         """The Token frame for the text of ``count`` more tokens (None: nothing to send yet)."""
         content, reasoning, calls = self._split(text, final)
+        self.held_tokens = self.held_tokens + count if self.holding else 0
         logprobs = self._logprobs or None
         deltas, self._deltas = self._deltas, []
         if not (content or reasoning or calls or deltas or (final and logprobs)):
@@ -105,16 +97,26 @@ class OutputShaper:
             tool_call_deltas=deltas or None,
         )
 
+    def advance(self, text: str) -> None:
+        """Take ``text`` as already said (a moved stream's continuation): the state follows it (in reasoning,
+        in content, calls made), nothing of it is sent again."""
+        streaming, self.stream_calls = self.stream_calls, False
+        self._split(text, False)
+        self.stream_calls = streaming
+        self._held = self._blank = ""
+        self._deltas = []
+        self._logprobs = []
+
     def _markers(self) -> list[str]:
         if self.state == "reasoning" and self.think:
             return [self.think[1]]
         if self.state == "tool" and self.tools:
-            return [self.tools[1]]
+            return [self.tools.end]
         found = []
         if self.think:
             found.append(self.think[0])
         if self.tools:
-            found.append(self.tools[0])
+            found.append(self.tools.start)
         return found
 
     def _split(self, text: str, final: bool) -> tuple[str, str, list[ToolCall]]:
@@ -148,8 +150,11 @@ class OutputShaper:
         elif self.state == "tool":
             self._call_text += text
             self._stream(text)
+        elif self.tools is not None and not (self._blank + text).strip():
+            self._blank += text
         else:
-            content.append(text)
+            content.append(self._blank + text)
+            self._blank = ""
 
     def _switch(self, marker: str, content: list[str], calls: list[ToolCall]) -> None:
         if self.state == "reasoning":
@@ -160,44 +165,29 @@ class OutputShaper:
         elif self.think and marker == self.think[0]:
             self.state = "reasoning"
         else:
+            assert self.tools is not None
             self.state = "tool"
             self._call_text = ""
             if self.stream_calls and (self.parallel or not self.made_tool_call):
-                self._streamer = CallStreamer()
+                self._streamer = self.tools.streamer(self.tool_dicts, limit=None if self.parallel else 1)
 
     def _stream(self, text: str) -> None:
-        streamer = self._streamer
-        if streamer is None:
-            return
-        started, piece = streamer.feed(text)
-        if started:
-            assert streamer.name is not None
-            self._deltas.append(ToolCallDelta(id=streamer.id, name=streamer.name))
-        if piece:
-            self._deltas.append(ToolCallDelta(id=streamer.id, arguments=piece))
+        if self._streamer is not None:
+            self._deltas.extend(self._streamer.feed(text))
 
-    def _streamed_call(self, parsed: list[ToolCall] | None) -> ToolCall | None:
-        """The final ToolCall of a call that was streamed (None: it was not; parse it as before)."""
-        streamer, self._streamer = self._streamer, None
-        if streamer is None or streamer.name is None:
-            return None
-        arguments = streamer.sent
-        if parsed is not None and len(parsed) == 1 and parsed[0].arguments.startswith(arguments):
-            rest = parsed[0].arguments[len(arguments) :]  # nothing, unless the parse completed what was cut
-            if rest:
-                self._deltas.append(ToolCallDelta(id=streamer.id, arguments=rest))
-            arguments += rest
-        return ToolCall(id=streamer.id, name=streamer.name, arguments=arguments)
-
-    def _close_call(self, content: list[str], calls: list[ToolCall]) -> None:
+    def _close_call(self, content: list[str], calls: list[ToolCall], *, closed: bool = True) -> None:
+        """The end of a call block (``closed``: by its end marker, else by the end of the output)."""
         assert self.tools is not None
-        start, end, parse, tool_dicts = self.tools
-        parsed = parse_tool_calls(self._call_text, parse, tool_dicts)
-        streamed = self._streamed_call(parsed)
+        parsed = self.tools.parse(self._call_text, self.tool_dicts)
+        streamer, self._streamer = self._streamer, None
+        streamed = streamer.finish(parsed) if streamer is not None else None
         if streamed is not None:
-            self._add_calls([streamed], calls)
+            final, deltas = streamed
+            self._deltas.extend(deltas)
+            self._add_calls(final, calls)
         elif parsed is None:
-            content.append(start + self._call_text + end)
+            content.append(self._blank + self.tools.start + self._call_text + (self.tools.end if closed else ""))
+            self._blank = ""
         else:
             self._add_calls(parsed, calls)
         self._call_text = ""
@@ -209,18 +199,14 @@ class OutputShaper:
         self.made_tool_call = self.made_tool_call or bool(parsed)
 
     def _finish(self, content: list[str], calls: list[ToolCall]) -> None:
-        """End of output: an unclosed call is parsed if it can be (EOS right after the JSON), else shown."""
+        """End of output: an unclosed call is parsed if it can be (EOS right after the JSON), else shown; held
+        whitespace goes out unless calls were made."""
         if self.state == "tool" and self.tools is not None:
-            parsed = parse_tool_calls(self._call_text, self.tools[2], self.tools[3])
-            streamed = self._streamed_call(parsed)
-            if streamed is not None:
-                self._add_calls([streamed], calls)
-            elif parsed is None:
-                content.append(self.tools[0] + self._call_text)
-            else:
-                self._add_calls(parsed, calls)
-            self._call_text = ""
+            self._close_call(content, calls, closed=False)
             self.state = "content"
+        if self._blank and not self.made_tool_call:
+            content.append(self._blank)
+        self._blank = ""
 
 
 def tool_dicts(tools: list[ToolSpec] | None) -> list[dict[str, Any]]:

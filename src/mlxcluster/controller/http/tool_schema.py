@@ -15,8 +15,8 @@ from typing import Any
 from msgspec import Struct
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.json_grammar import GrammarError, json_schema_grammar, validate_grammar
 from mlxcluster.protocol import ResponseFormat, ToolChoice, ToolSpec
-from mlxcluster.worker.grammar import GrammarError, json_schema_grammar, validate_grammar
 
 
 def check_schema(schema: dict[str, Any], param: str) -> None:

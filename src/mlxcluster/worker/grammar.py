@@ -191,6 +191,10 @@ class GrammarLogitsProcessor:
         if tokens and not self.matcher.consume_tokens(list(tokens)):
             raise GrammarError(f"the text already generated does not follow the grammar: {self.matcher.get_error()}")
 
+    def resume(self) -> None:
+        """The next call's last token was already consumed (the request was re-inserted into a new batch)."""
+        self._started = False
+
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
 

@@ -90,6 +90,7 @@ class RequestPreparer:
 
     def prepare(self, request: InferenceRequest) -> PreparedRequest:
         """The prepared request; raises :class:`Rejected` for a request the engine will not run."""
+        from mlxcluster.worker.continuation import ContinuationError
         from mlxcluster.worker.grammar import GrammarError
         from mlxcluster.worker.sampling import validate_sampling
 
@@ -113,17 +114,19 @@ class RequestPreparer:
             request = msgspec.structs.replace(request, chat_template_kwargs=kwargs)
         try:
             prompt = list(self.features.prompt(request))
-            continued = self._continuation_ids(request)
-            prompt += continued
             if not prompt:
                 raise Rejected("the prompt is empty")
-            features = self.features.prepare(request, prompt)
+            said, continued = self.features.continuation(request, prompt)
+            features = self.features.prepare(request, prompt, continued=(said, continued))
         except Rejected:
             raise
-        except GrammarError as exc:  # an unsupported schema or tool choice
-            raise Rejected(str(exc)) from None
+        except ContinuationError as exc:  # a moved stream that cannot go on here: it ends, it does not move
+            raise Rejected(str(exc), code="cannot_continue") from None
+        except GrammarError as exc:  # an unsupported schema, tool choice or strict tool
+            raise Rejected(str(exc), param=exc.param) from None
         except Exception as exc:  # template or tokenizer errors are the request's fault
             raise Rejected(f"cannot build the prompt: {exc}") from None
+        prompt = prompt + list(continued)
         max_tokens = self._max_tokens(request, len(prompt))
         hasher, before = reply_hasher(request.messages, request.prompt)
         checkpoint = self._checkpoint(request, prompt) if not continued else 0
@@ -180,14 +183,6 @@ class RequestPreparer:
         )
 
     # --- prompt ---------------------------------------------------------------------------------
-
-    def _continuation_ids(self, request: InferenceRequest) -> list[int]:
-        """The tokens of what a lost worker had already generated (none when it is not a continued request)."""
-        text = self.features.continuation_text(request) if hasattr(self.features, "continuation_text") else None
-        text = text if text is not None else request.continuation
-        if not text:
-            return []
-        return list(self.loaded.tokenizer.encode(text, add_special_tokens=False))
 
     def _in_reasoning(self, prompt: list[int]) -> bool:
         """Whether the prompt ends inside a think block (the template, or a continuation, opened it)."""

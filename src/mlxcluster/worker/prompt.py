@@ -126,7 +126,6 @@ def render_chat(tokenizer: Any, request: InferenceRequest, fmt: ToolFormat) -> l
             else:
                 dicts.insert(0, {"role": "system", "content": system})
     if tokenizer.has_chat_template:
-        extra = {**(request.chat_template_kwargs or {}), **extra}
         return list(tokenizer.apply_chat_template(dicts, add_generation_prompt=True, **extra))
     text = "".join(f"{m['role']}: {m['content']}\n" for m in dicts) + "assistant:"
     return list(tokenizer.encode(text))

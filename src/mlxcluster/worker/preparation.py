@@ -127,6 +127,7 @@ class RequestPreparer:
         except Exception as exc:  # template or tokenizer errors are the request's fault
             raise Rejected(f"cannot build the prompt: {exc}") from None
         prompt = prompt + list(continued)
+        plan = self._budget_left(request, plan)
         max_tokens = self._max_tokens(request, len(prompt))
         hasher, before = reply_hasher(request.messages, request.prompt)
         checkpoint = self._checkpoint(request, prompt) if not continued else 0
@@ -148,6 +149,14 @@ class RequestPreparer:
         if not self.think_start or not self.think_end:
             return None
         return ThinkTracker(self.think_start, self.think_end, inside=prepared.in_reasoning)
+
+    def _budget_left(self, request: InferenceRequest, plan: ThinkingPlan) -> ThinkingPlan:
+        """A moved stream's thinking budget less the reasoning earlier workers already spent."""
+        if plan.budget is None or not request.said:
+            return plan
+        thought = "".join(part.text for part in request.said if part.kind == "reasoning")
+        spent = len(self.loaded.tokenizer.encode(thought, add_special_tokens=False)) if thought else 0
+        return ThinkingPlan(plan.enable_thinking, max(0, plan.budget - spent))
 
     # --- checks ---------------------------------------------------------------------------------
 

@@ -31,7 +31,10 @@ from mlxcluster.worker.engine import MlxEngine
 
 ANSWER = {
     "type": "object",
-    "properties": {"answer": {"type": "string", "maxLength": 24}, "score": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "properties": {
+        "answer": {"type": "string", "maxLength": 24},
+        "score": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
     "required": ["answer", "score"],
     "additionalProperties": False,
 }

@@ -39,8 +39,8 @@ def run_node(config: Config, role: str, *, workers: int = 1) -> int:
             return runner.run(_main(config, role, workers))
         except StartInterrupted as exc:
             log.info("stopped while %s", exc)
-    leave_now(0)  # a download or a load left on its thread is not waited for
-    return 0
+            code = exc.code
+    leave_now(code)  # a download or a load left on its thread is not waited for
 
 
 def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from typing import NoReturn, ParamSpec, TypeVar
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class StartInterrupted(Exception):
-    """A signal stopped the node while it was starting; the message names the stage (e.g. ``connecting to NATS``)."""
+    """The node was stopped while it was starting; the message names the stage (e.g. ``connecting to NATS``).
+
+    :param code: the exit code (0: a signal asked for the stop).
+    """
+
+    def __init__(self, stage: str, code: int = 0) -> None:
+        super().__init__(stage)
+        self.code = code
 
 
 async def until_stop(awaitable: Awaitable[T], stop: asyncio.Event, stage: str) -> T:
@@ -72,7 +79,7 @@ def on_daemon_thread(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
     return future
 
 
-def leave_now(code: int) -> None:
+def leave_now(code: int) -> NoReturn:
     """End the process with ``code`` at once, logs and output flushed, without waiting for other threads."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

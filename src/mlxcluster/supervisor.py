@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent, keep_server_running
 from mlxcluster.errors import CANNOT_START, NodeError
-from mlxcluster.startup import on_daemon_thread, until_stop
+from mlxcluster.startup import StartInterrupted, on_daemon_thread, until_stop
 from mlxcluster.worker.blas import preload_env
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ class Supervisor:
         """Run until ``stop`` is set (or the controller cannot start), then stop children in order; return the
         exit code.
 
-        :raises StartInterrupted: ``stop`` was set while the model was being resolved (children stopped).
+        :raises StartInterrupted: ``stop`` was set while the model was being resolved (children stopped; its
+            ``code`` is :data:`CANNOT_START` when the controller could not start meanwhile).
         """
         problem = self.check_groups()
         if problem is not None:
@@ -158,7 +159,11 @@ class Supervisor:
             self.children = [Child(spec) for spec in self.specs(server.url)]
             controller, workers = self.children[0], self.children[1:]
             self._start(controller)
-            if await self._resolve_model(workers, stop):
+            try:
+                resolved = await self._resolve_model(workers, stop)
+            except StartInterrupted as exc:  # a signal, or the controller could not start (exit_code says which)
+                raise StartInterrupted(str(exc), self.exit_code) from None
+            if resolved:
                 for child in workers:
                     self._start(child)
                 log.info("dual mode: nats-server + %d children running; Ctrl-C stops them", len(self.children))

@@ -23,6 +23,7 @@ import msgspec
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.errors import NodeError
+from mlxcluster.startup import until_stop
 from mlxcluster.worker.group_channel import GroupBroken
 from mlxcluster.worker.group_engine import GroupEngine, GroupFollower
 from mlxcluster.worker.group_ops import Formation
@@ -184,7 +185,7 @@ class _Member:
             on_broken=self.on_broken,
         )
         try:
-            await engine.start()
+            await until_stop(engine.start(), stop, "loading the model")  # a signal does not wait for the load
         except PlacementError as exc:
             raise NodeError(str(exc)) from None
         except GroupBroken as exc:

@@ -181,6 +181,9 @@ def test_config_show_toml_subprocess(tmp_path: Path) -> None:
 
 # --- run: start, then SIGTERM -----------------------------------------------------------------
 
+SIGNAL_EXIT_BOUND_S = 4.0
+"""An idle node exits within 2 s of SIGTERM (issue #20); doubled for two busy CI cores (measured: under 0.5 s)."""
+
 
 class RunPorts(NamedTuple):
     nats: int
@@ -317,9 +320,11 @@ def test_run_controller_stops_on_sigterm(tmp_path: Path, launcher: Launcher) -> 
 
     proc.send_signal(signal.SIGTERM)
     try:
-        code = proc.wait(timeout=5)
+        code = proc.wait(timeout=SIGNAL_EXIT_BOUND_S)
     except subprocess.TimeoutExpired:
-        pytest.fail("run --mode controller did not exit within 5 s of SIGTERM\n" + output_of(tmp_path))
+        pytest.fail(
+            f"run --mode controller did not exit within {SIGNAL_EXIT_BOUND_S} s of SIGTERM\n" + output_of(tmp_path)
+        )
     assert code == 0, output_of(tmp_path)
     _, still_alive = psutil.wait_procs(children, timeout=2)
     assert not [c for c in still_alive if alive(c)], "children outlived run --mode controller"
@@ -368,9 +373,9 @@ def test_run_dual_starts_children_and_stops_them_on_sigterm(tmp_path: Path, laun
 
     proc.send_signal(signal.SIGTERM)
     try:
-        code = proc.wait(timeout=15)
+        code = proc.wait(timeout=SIGNAL_EXIT_BOUND_S)  # controller, then the worker, then nats-server
     except subprocess.TimeoutExpired:
-        pytest.fail("run --mode dual did not exit within 15 s of SIGTERM\n" + output_of(tmp_path))
+        pytest.fail(f"run --mode dual did not exit within {SIGNAL_EXIT_BOUND_S} s of SIGTERM\n" + output_of(tmp_path))
     assert code == 0, output_of(tmp_path)
     _, still_alive = psutil.wait_procs(children, timeout=2)
     assert not [describe(c) for c in still_alive if alive(c)], "children outlived run --mode dual"

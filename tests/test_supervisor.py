@@ -1,4 +1,5 @@
-"""Dual mode's supervisor: a child that cannot start with its settings stops the cluster, not a restart loop."""
+"""Dual mode's supervisor: a controller that cannot start with its settings stops the cluster, not a restart loop
+(a worker that cannot start: tests/test_start_stop.py)."""
 
 from __future__ import annotations
 

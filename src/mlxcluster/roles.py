@@ -1,6 +1,9 @@
 """Run one node role until SIGINT/SIGTERM: ``controller``, ``worker`` or ``dual`` (the supervisor).
 
-Shutdown always goes signal → :class:`asyncio.Event` → the role's own drain → ``Bus.close()``.
+Shutdown always goes signal → :class:`asyncio.Event` → the role's own drain → ``Bus.close()``. The same
+event cuts every start-up stage short (:mod:`mlxcluster.startup`): a worker resolves its model (downloading
+it if need be) and checks that it fits *before* it waits for NATS, so a model it cannot have fails at once
+even when NATS is down; connecting to NATS and loading the model give way to the signal too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from mlxcluster.config import Config, ConfigError
 from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError, keep_server_running
 from mlxcluster.errors import NODE_FAILED, NodeError, NodeFailed
 from mlxcluster.secure import check_exposure
+from mlxcluster.startup import StartInterrupted, leave_now, on_daemon_thread, until_stop
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,12 @@ def run_node(config: Config, role: str, *, workers: int = 1) -> int:
     :param workers: worker processes that dual mode starts.
     """
     with asyncio.Runner(loop_factory=None if role == "dual" else fast_loop_factory()) as runner:
-        return runner.run(_main(config, role, workers))
+        try:
+            return runner.run(_main(config, role, workers))
+        except StartInterrupted as exc:
+            log.info("stopped while %s", exc)
+            code = exc.code
+    leave_now(code)  # a download or a load left on its thread is not waited for
 
 
 def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -57,8 +66,15 @@ async def _main(config: Config, role: str, workers: int) -> int:
             from mlxcluster.supervisor import Supervisor
 
             return await Supervisor(config, workers=workers).run(stop)
+        model = None
+        if role == "worker":  # before NATS: a model that cannot be had or does not fit fails at once
+            from mlxcluster.worker.worker_role import prepare_model
+
+            model = await until_stop(on_daemon_thread(prepare_model, config), stop, "resolving the model")
         async with embedded_server_for(config, role) as nats_url:
-            bus = await connect_bus(config, name=f"mlxcluster-{role}", url=nats_url)
+            bus = await until_stop(
+                connect_bus(config, name=f"mlxcluster-{role}", url=nats_url), stop, "connecting to NATS"
+            )
             try:
                 if role == "controller":
                     from mlxcluster.controller.controller_role import serve_controller
@@ -67,7 +83,7 @@ async def _main(config: Config, role: str, workers: int) -> int:
                 else:
                     from mlxcluster.worker.worker_role import serve_worker
 
-                    await serve_worker(config, bus, stop)
+                    await serve_worker(config, bus, stop, model=model)
             finally:
                 await bus.close()
         return 0

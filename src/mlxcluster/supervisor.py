@@ -1,9 +1,14 @@
 """Dual mode: a small supervisor of nats-server, one controller and N worker processes.
 
 Children are separate processes (the GIL and the MLX thread must not share a process with the API).
-A child that dies is restarted with exponential backoff; SIGINT/SIGTERM stops them in order —
-controller first (it drains), then workers, then nats-server. On Linux each child also gets
-``PR_SET_PDEATHSIG`` so that none outlives a supervisor killed with SIGKILL.
+The supervisor resolves the workers' model once, before it starts them (a download happens here, once,
+with its progress on the supervisor's terminal; the workers then find it in the cache and never download).
+A child that dies is restarted with exponential backoff, except one that exits with
+:data:`~mlxcluster.errors.CANNOT_START` (its settings are wrong; restarting would not help): the controller
+stops the whole supervisor, a worker is left stopped while the controller keeps serving the others.
+SIGINT/SIGTERM stops them in order — controller first (it drains), then the workers together, then
+nats-server. On Linux each child also gets ``PR_SET_PDEATHSIG`` so that none outlives a supervisor
+killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer, die_with_parent, keep_server_running
 from mlxcluster.errors import CANNOT_START, NodeError
+from mlxcluster.startup import StartInterrupted, on_daemon_thread, until_stop
 from mlxcluster.worker.blas import preload_env
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,8 @@ class ChildSpec:
     argv: list[str]
     env: dict[str, str]
     stop_timeout_s: float = 10.0
+    essential: bool = False
+    """Nothing works without it (the controller): if it cannot start, the supervisor stops."""
 
 
 @dataclass
@@ -46,6 +54,8 @@ class Child:
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
+    cannot_start: bool = False
+    """It exited with CANNOT_START and is not restarted."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -83,6 +93,7 @@ class Supervisor:
                 [*child_command(), "run", "--mode", "controller"],
                 child_env(common),
                 stop_timeout_s=self.config.controller.drain_timeout_s + 5,
+                essential=True,
             )
         ]
         worker_common = {**common, **self.blas_env()}
@@ -131,30 +142,74 @@ class Supervisor:
         return env
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Run until ``stop`` is set (or a child cannot start), then stop children in order; return the exit code."""
+        """Run until ``stop`` is set (or the controller cannot start), then stop children in order; return the
+        exit code.
+
+        :raises StartInterrupted: ``stop`` was set while the model was being resolved (children stopped; its
+            ``code`` is :data:`CANNOT_START` when the controller could not start meanwhile).
+        """
         problem = self.check_groups()
         if problem is not None:
             raise NodeError(problem)
+        self._stop = stop
         server = EmbeddedNatsServer(self.config.nats)
         await server.start()
         watch_server = asyncio.create_task(self._watch_server(server, stop))
         try:
             self.children = [Child(spec) for spec in self.specs(server.url)]
-            for child in self.children:
-                child.task = asyncio.create_task(self._keep_running(child))
-            log.info("dual mode: nats-server + %d children running; Ctrl-C stops them", len(self.children))
-            self._stop = stop
+            controller, workers = self.children[0], self.children[1:]
+            self._start(controller)
+            try:
+                resolved = await self._resolve_model(workers, stop)
+            except StartInterrupted as exc:  # a signal, or the controller could not start (exit_code says which)
+                raise StartInterrupted(str(exc), self.exit_code) from None
+            if resolved:
+                for child in workers:
+                    self._start(child)
+                log.info("dual mode: nats-server + %d children running; Ctrl-C stops them", len(self.children))
             await stop.wait()
         finally:
             self.stopping = True
             watch_server.cancel()
-            for child in self.children:  # controller first: it drains in-flight requests
-                await self._stop_child(child)
+            if self.children:  # controller first: it drains in-flight requests; then the workers, together
+                await self._stop_child(self.children[0])
+                await asyncio.gather(*(self._stop_child(child) for child in self.children[1:]))
             await server.stop()
         return self.exit_code
 
+    def _start(self, child: Child) -> None:
+        child.task = asyncio.create_task(self._keep_running(child))
+
+    async def _resolve_model(self, workers: list[Child], stop: asyncio.Event) -> bool:
+        """Resolve ``worker.model`` once for every local worker (downloading it into the Hugging Face cache if
+        need be); ``False`` when it cannot be had: the workers are then not started, and the log says why."""
+        if self.config.worker.engine != "mlx" or not workers:
+            return True
+        from mlxcluster.worker.models import resolve_model
+
+        try:
+            model = await until_stop(
+                on_daemon_thread(resolve_model, self.config.worker.model, self.config.models_dir),
+                stop,
+                "resolving the model",
+            )
+        except NodeError as exc:
+            log.error("%s", exc)
+            log.error(
+                "not starting the %d worker(s): they cannot start without their model; the controller keeps "
+                "serving (workers elsewhere may join; Ctrl-C stops it)",
+                len(workers),
+            )
+            for child in workers:
+                child.cannot_start = True
+            return False
+        if model.source == "hf-cache":  # the workers find it in the cache; none of them downloads
+            for child in workers:
+                child.spec.env["HF_HUB_OFFLINE"] = "1"
+        return True
+
     async def _keep_running(self, child: Child) -> None:
-        """Start the child; whenever it exits unexpectedly, restart it with backoff."""
+        """Start the child; whenever it exits unexpectedly, restart it with backoff (never one that cannot start)."""
         delay = 0.5
         while not self.stopping:
             child.started_at = time.monotonic()
@@ -170,9 +225,17 @@ class Supervisor:
             if self.stopping:
                 return
             if code == CANNOT_START:
-                log.error("%s cannot start with these settings (see its error above); stopping", child.spec.name)
-                self.exit_code = CANNOT_START
-                self._stop.set()
+                child.cannot_start = True
+                if child.spec.essential:
+                    log.error("%s cannot start with these settings (see its error above); stopping", child.spec.name)
+                    self.exit_code = CANNOT_START
+                    self._stop.set()
+                else:
+                    log.error(
+                        "%s cannot start with these settings (see its error above); not restarting it "
+                        "(the controller keeps serving the other workers)",
+                        child.spec.name,
+                    )
                 return
             if time.monotonic() - child.started_at > STABLE_AFTER_S:
                 delay = 0.5

@@ -17,7 +17,13 @@ def run_command(
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="Worker processes in dual mode.")] = 1,
     engine: Annotated[str | None, typer.Option(help="Worker engine: mlx | echo.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model dir or Hugging Face repo id.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model dir, a name in the models dir, or a Hugging Face repo id ORG/NAME[@REV] (from the HF cache, "
+            "downloaded first if missing)."
+        ),
+    ] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="Requests a worker serves at once.")] = None,
     port: Annotated[int | None, typer.Option(help="Controller HTTP port.")] = None,
     insecure: Annotated[

@@ -23,9 +23,11 @@ import msgspec
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.errors import NodeError
+from mlxcluster.startup import until_stop
 from mlxcluster.worker.group_channel import GroupBroken
 from mlxcluster.worker.group_engine import GroupEngine, GroupFollower
 from mlxcluster.worker.group_ops import Formation
+from mlxcluster.worker.models import ResolvedModel, resolve_model
 from mlxcluster.worker.placement import (
     PlacementError,
     available_memory_bytes,
@@ -81,13 +83,18 @@ def check_placement(config: Config, model_path: str) -> None:
         raise NodeError(str(exc)) from None
 
 
-async def serve_group_member(config: Config, bus: Bus, stop: asyncio.Event, *, member_id: str) -> None:
-    """Run this process as one member of ``worker.group`` until ``stop``; re-execute when the group breaks."""
-    from mlxcluster.worker.models import resolve_model
+async def serve_group_member(
+    config: Config, bus: Bus, stop: asyncio.Event, *, member_id: str, model: ResolvedModel | None = None
+) -> None:
+    """Run this process as one member of ``worker.group`` until ``stop``; re-execute when the group breaks.
 
+    :param model: ``worker.model`` already resolved and placed (default: resolve and place it here).
+    """
     settings = config.worker.group
-    path, served_name = resolve_model(config)
-    check_placement(config, path)
+    if model is None:
+        model = resolve_model(config.worker.model, config.models_dir)
+        check_placement(config, model.path)
+    path, served_name = model.path, model.served_name
     rendezvous = Rendezvous(bus, settings, member_id, served_name)
     await rendezvous.start()
     formed = False
@@ -178,7 +185,7 @@ class _Member:
             on_broken=self.on_broken,
         )
         try:
-            await engine.start()
+            await until_stop(engine.start(), stop, "loading the model")  # a signal does not wait for the load
         except PlacementError as exc:
             raise NodeError(str(exc)) from None
         except GroupBroken as exc:

@@ -1,4 +1,5 @@
-"""The worker role's lifetime: engine up, service on the bus, drain on SIGTERM."""
+"""The worker role's lifetime: model resolved and placed (before the bus), engine up, service on the bus,
+drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.errors import NodeFailed
 from mlxcluster.heap import freeze_startup_heap
+from mlxcluster.startup import StartInterrupted, until_stop
 from mlxcluster.worker.engine_base import Engine
+from mlxcluster.worker.models import ResolvedModel, resolve_model
 from mlxcluster.worker.service import WorkerService
 from mlxcluster.worker.system import detect_hardware, hostname
 
@@ -25,8 +28,24 @@ def default_worker_id() -> str:
     return f"{hostname().split('.')[0]}-{os.getpid()}"
 
 
-def build_engine(config: Config) -> Engine:
-    """The engine named by ``worker.engine`` (mlx-lm is imported only for ``mlx``)."""
+def prepare_model(config: Config) -> ResolvedModel | None:
+    """Resolve ``worker.model`` to a local dir (downloading a repo id missing from the Hugging Face cache) and
+    check that it fits this worker or group; ``None`` for the echo engine, which loads nothing.
+
+    Blocking (a download can take minutes): the role runs it on a thread, before it connects to NATS.
+    """
+    if config.worker.engine == "echo":
+        return None
+    from mlxcluster.worker.group_node import check_placement
+
+    model = resolve_model(config.worker.model, config.models_dir)
+    check_placement(config, model.path)  # a model too big for this worker is refused before loading
+    return model
+
+
+def build_engine(config: Config, model: ResolvedModel | None = None) -> Engine:
+    """The engine named by ``worker.engine`` (mlx-lm is imported only for ``mlx``), serving ``model``
+    (default: :func:`prepare_model`'s)."""
     if config.worker.engine == "echo":
         from mlxcluster.worker.echo import EchoEngine
 
@@ -37,15 +56,12 @@ def build_engine(config: Config) -> Engine:
             prompt_cache_entries=config.worker.echo_prompt_cache_entries,
         )
     from mlxcluster.worker.engine import MlxEngine
-    from mlxcluster.worker.models import resolve_model
 
-    path, served_name = resolve_model(config)
-    from mlxcluster.worker.group_node import check_placement
-
-    check_placement(config, path)  # a model too big for this worker is refused before loading
+    model = model or prepare_model(config)
+    assert model is not None
     return MlxEngine(
-        path,
-        served_name=served_name,
+        model.path,
+        served_name=model.served_name,
         max_concurrent=config.worker.max_concurrent,
         prefill_step_size=config.worker.prefill_step_size,
         prompt_cache_bytes=config.worker.prompt_cache_bytes,
@@ -53,16 +69,27 @@ def build_engine(config: Config) -> Engine:
     )
 
 
-async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine: Engine | None = None) -> None:
-    """Start the engine and the service, serve until ``stop``, then drain."""
+async def serve_worker(
+    config: Config,
+    bus: Bus,
+    stop: asyncio.Event,
+    *,
+    engine: Engine | None = None,
+    model: ResolvedModel | None = None,
+) -> None:
+    """Start the engine and the service, serve until ``stop``, then drain.
+
+    :param model: the model :func:`prepare_model` resolved (default: resolve it here).
+    :raises StartInterrupted: ``stop`` was set while the engine loaded its model (the load is not waited for).
+    """
     if config.worker.group.name and config.worker.group.size == 1:
         log.warning("worker.group.name is set but the group size is 1: serving as a stand-alone worker")
     if config.worker.group.name and config.worker.group.size > 1 and engine is None:
         from mlxcluster.worker.group_node import serve_group_member
 
-        await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id())
+        await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id(), model=model)
         return
-    engine = engine or build_engine(config)
+    engine = engine or build_engine(config, model)
     loop = asyncio.get_running_loop()
     failed: asyncio.Future[str] = loop.create_future()
 
@@ -74,7 +101,11 @@ async def serve_worker(config: Config, bus: Bus, stop: asyncio.Event, *, engine:
         loop.call_soon_threadsafe(settle, reason)
 
     engine.set_failure_listener(engine_failed)
-    await engine.start()
+    try:
+        await until_stop(engine.start(), stop, "loading the model")
+    except StartInterrupted:
+        await engine.stop()
+        raise
     info = engine.info()
     log.info("engine %s ready: models %s %s", info.name, info.models, info.details)
     service = WorkerService(

@@ -39,6 +39,14 @@ def _properties(tool: ToolSpec) -> tuple[dict[str, Any], set[str]]:
     return properties, set(parameters.get("required") or [])
 
 
+def object_arguments(call: ToolCall) -> dict[str, Any]:
+    """A call's arguments as an object, for formats that write each one as a named parameter."""
+    arguments = arguments_value(call)
+    if not isinstance(arguments, dict):
+        raise GrammarError(f"tool call '{call.name}' has arguments that are not an object; it cannot be written back")
+    return arguments
+
+
 class Qwen3CoderFormat(ToolFormat):
     """``<tool_call>\\n<function=name>\\n<parameter=p>\\nvalue\\n</parameter>\\n</function>\\n</tool_call>``."""
 
@@ -70,11 +78,7 @@ class Qwen3CoderFormat(ToolFormat):
         return "\n".join(rules) + "\n"
 
     def render_call(self, call: ToolCall) -> str:
-        arguments = arguments_value(call)
-        if not isinstance(arguments, dict):
-            raise GrammarError(
-                f"tool call '{call.name}' has arguments that are not an object; it cannot be written back"
-            )
+        arguments = object_arguments(call)
         params = "".join(
             f"<parameter={name}>\n{value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}\n"
             f"{_PARAM_END}\n"
@@ -144,10 +148,6 @@ class PythonicFormat(ToolFormat):
         return "\n".join(rules) + "\n"
 
     def render_call(self, call: ToolCall) -> str:
-        arguments = arguments_value(call)
-        if not isinstance(arguments, dict):
-            raise GrammarError(
-                f"tool call '{call.name}' has arguments that are not an object; it cannot be written back"
-            )
+        arguments = object_arguments(call)
         kwargs = ", ".join(f"{name}={json.dumps(value, ensure_ascii=False)}" for name, value in arguments.items())
         return f"{self.start}[{call.name}({kwargs})]{self.end}"

@@ -12,6 +12,14 @@ import typer
 
 from mlxcluster.cli.common import ConfigOption, JsonOption, get_config
 
+FamiliesDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--families-dir",
+        help="Where the model-family fixtures were built (python tests/families.py DIR; make bench does it).",
+    ),
+]
+
 bench_app = typer.Typer(help="Benchmarks (figures are ratios measured in the same run).", no_args_is_help=True)
 
 
@@ -169,12 +177,15 @@ def bench_multiturn(
         str,
         typer.Option(
             help="Parts to run: a (vs mlx_lm.server), b (balancers), c (prefill "
-            "stall), d (no cache help), e (cache byte bound)."
+            "stall), d (no cache help), e (cache byte bound), f (per model family vs mlx_lm.server; "
+            "needs --families-dir)."
         ),
     ] = "abcde",
+    families_dir: FamiliesDirOption = None,
 ) -> None:
     """Multi-turn conversations with a long system prompt: the prompt cache against mlx_lm.server and
-    across balancers, the decode stall of chunked prefill, and the cache's byte bound."""
+    across balancers, the decode stall of chunked prefill, the cache's byte bound, and (part f) the
+    prompt cache on each model family's fixture against mlx_lm.server."""
     import asyncio
 
     from mlxcluster.worker.blas import maybe_reexec_with_openblas
@@ -185,7 +196,7 @@ def bench_multiturn(
     from mlxcluster.models.demo import ensure_demo_model
 
     model_path = str(ensure_demo_model(get_config(config_path).models_dir))
-    result = asyncio.run(run_multiturn(model_path, parts=parts, quick=quick))
+    result = asyncio.run(run_multiturn(model_path, parts=parts, quick=quick, families_dir=families_dir))
     typer.echo(result.to_json() if as_json else format_multiturn(result))
 
 

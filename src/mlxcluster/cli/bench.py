@@ -120,6 +120,47 @@ def bench_engine(
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
+@bench_app.command("arrivals")
+def bench_arrivals(
+    as_json: JsonOption = False,
+    families_dir: FamiliesDirOption = None,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: qwen3_demo under --families-dir).")] = None,
+    streams: Annotated[int, typer.Option(help="Running streams.", min=1)] = 8,
+    stream_tokens: Annotated[int, typer.Option(help="Tokens each running stream decodes.", min=8)] = 96,
+    tools: Annotated[int, typer.Option(help="Tools in the arrivals' prompt (15: ~2,100 tokens).", min=1)] = 15,
+    rounds: Annotated[int, typer.Option(help="Rounds of the alternating modes.", min=1)] = 2,
+    quick: Annotated[bool, typer.Option("--quick", help="One round of 48-token streams, 3 arrivals.")] = False,
+) -> None:
+    """Running streams' inter-token gaps while requests arrive whose long tool-list prompt is cached but whose
+    forced tool is new, against no arrivals (issue 19's target: p99 ≤ 1.25×)."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.arrivals import ArrivalSettings, format_arrivals, run_arrivals
+    from mlxcluster.bench.family_dirs import DEMO_FAMILY, MissingFamilies, family_dirs
+
+    if model is None:
+        try:
+            model = str(family_dirs(families_dir, (DEMO_FAMILY,))[DEMO_FAMILY])
+        except MissingFamilies as missing:
+            typer.echo(f"bench arrivals: {missing}")
+            return
+    if quick:
+        settings = ArrivalSettings.quick()
+    else:
+        settings = ArrivalSettings(
+            streams=streams,
+            stream_tokens=stream_tokens,
+            tools=tools,
+            rounds=rounds,
+            max_arrivals=max(1, tools // rounds),
+        )
+    result = asyncio.run(run_arrivals(model, settings))
+    typer.echo(result.to_json() if as_json else format_arrivals(result))
+
+
 @bench_app.command("group")
 def bench_group(
     config_path: ConfigOption = None,

@@ -192,21 +192,48 @@ def bench_grammar(
     streams: Annotated[int, typer.Option(help="Concurrent streams.", min=1)] = 8,
     max_tokens: Annotated[int, typer.Option(help="Tokens per request at most.", min=8)] = 64,
     quick: Annotated[bool, typer.Option("--quick", help="One round of 24 tokens, 8 schemas.")] = False,
+    parts: Annotated[
+        str,
+        typer.Option(
+            help="speed (compile and tokens/s on the model), strict (sampled outputs checked on every model-family "
+            "fixture; needs --families-dir), or both: speed,strict."
+        ),
+    ] = "speed",
+    strict_requests: Annotated[int, typer.Option(help="Sampled generations of the strict part.", min=1)] = 1000,
+    families_dir: FamiliesDirOption = None,
 ) -> None:
-    """Constrained decoding: schema compile p50 and tokens/s with vs without a JSON schema (N streams)."""
+    """Constrained decoding: schema compile p50 and tokens/s with vs without a JSON schema (N streams); strict JSON
+    under sampling on the model-family fixtures (every finished output passes json.loads and its schema)."""
     import asyncio
 
     from mlxcluster.worker.blas import maybe_reexec_with_openblas
 
     maybe_reexec_with_openblas()
-    from mlxcluster.bench.grammar import format_table, run_grammar_bench
-    from mlxcluster.models.demo import ensure_demo_model
+    names = {part.strip() for part in parts.split(",") if part.strip()}
+    if not names or names - {"speed", "strict"}:
+        raise typer.BadParameter(f"parts are speed and strict, not {parts!r}", param_hint="--parts")
+    outputs: list[str] = []
+    if "speed" in names:
+        from mlxcluster.bench.grammar import format_table, run_grammar_bench
+        from mlxcluster.models.demo import ensure_demo_model
 
-    config = get_config(config_path)
-    model_path = model or str(ensure_demo_model(config.models_dir))
-    options = {"rounds": 1, "max_tokens": 24, "schemas": 8} if quick else {"max_tokens": max_tokens}
-    result = asyncio.run(run_grammar_bench(model_path=model_path, streams=streams, **options))
-    typer.echo(result.to_json() if as_json else format_table(result))
+        config = get_config(config_path)
+        model_path = model or str(ensure_demo_model(config.models_dir))
+        options = {"rounds": 1, "max_tokens": 24, "schemas": 8} if quick else {"max_tokens": max_tokens}
+        result = asyncio.run(run_grammar_bench(model_path=model_path, streams=streams, **options))
+        outputs.append(result.to_json() if as_json else format_table(result))
+    if "strict" in names:
+        from mlxcluster.bench.family_dirs import DEMO_FAMILY, RANDOM_FAMILIES, MissingFamilies, family_dirs
+        from mlxcluster.bench.strict_json import format_strict, run_strict_json
+
+        try:
+            paths = family_dirs(families_dir, (*RANDOM_FAMILIES, DEMO_FAMILY))
+        except MissingFamilies as missing:
+            outputs.append(f"bench grammar --parts strict: {missing}")
+        else:
+            strict = asyncio.run(run_strict_json(paths, total=strict_requests, streams=streams))
+            outputs.append(strict.to_json() if as_json else format_strict(strict))
+    typer.echo("\n\n".join(outputs))
 
 
 @bench_app.command("multiturn")

@@ -161,6 +161,38 @@ def bench_arrivals(
     typer.echo(result.to_json() if as_json else format_arrivals(result))
 
 
+@bench_app.command("fuzz")
+def bench_fuzz(
+    as_json: JsonOption = False,
+    families_dir: FamiliesDirOption = None,
+    requests: Annotated[int, typer.Option(help="Random requests to send.", min=1)] = 2000,
+    time_limit: Annotated[float, typer.Option(help="Seconds after which no request is sent.", min=1)] = 900.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random requests.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="200 requests.")] = False,
+) -> None:
+    """Random requests (sampling, logit_bias, stops, schemas, tools, reasoning, templates) against one engine per
+    random-weight family fixture at once, injected faults among them: no engine may die, every request must end
+    with Done or a request error."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.family_dirs import RANDOM_FAMILIES, MissingFamilies, family_dirs
+    from mlxcluster.bench.fuzz import FuzzSettings, format_fuzz, run_fuzz
+
+    try:
+        paths = family_dirs(families_dir, RANDOM_FAMILIES)
+    except MissingFamilies as missing:
+        typer.echo(f"bench fuzz: {missing}")
+        return
+    settings = FuzzSettings(requests=200 if quick else requests, time_limit_s=time_limit, seed=seed)
+    result = asyncio.run(run_fuzz(paths, settings))
+    typer.echo(result.to_json() if as_json else format_fuzz(result))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 @bench_app.command("group")
 def bench_group(
     config_path: ConfigOption = None,

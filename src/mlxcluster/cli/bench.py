@@ -366,10 +366,12 @@ def bench_report(
     only: Annotated[
         str,
         typer.Option(
-            help="Comma-separated sections (multiturn, soak, soak-cache-full, ...) to rerun in the existing report."
+            help="Comma-separated sections (multiturn, multiturn-families, arrivals, grammar-strict, fuzz, soak, "
+            "soak-cache-full, ...) to rerun in the existing report."
         ),
     ] = "",
     quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,
+    families_dir: FamiliesDirOption = None,
 ) -> None:
     """Run every benchmark and write the report (docs/BENCHMARKS.md)."""
     from mlxcluster.bench.report import refresh_sections, write_report
@@ -379,6 +381,8 @@ def bench_report(
 
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]
-        refresh_sections(output, names, quick=quick, soak_minutes=soak_minutes, progress=progress)
+        refresh_sections(
+            output, names, quick=quick, soak_minutes=soak_minutes, families_dir=families_dir, progress=progress
+        )
     else:
-        write_report(output, soak_minutes=soak_minutes, progress=progress)
+        write_report(output, soak_minutes=soak_minutes, families_dir=families_dir, progress=progress)

@@ -125,6 +125,7 @@ async def test_fuzz_sends_what_it_was_asked_and_no_engine_dies(family_models: Fa
     assert sum(result.outcomes.values()) == 30
     assert sum(sum(counts.values()) for counts in result.by_family.values()) == 30
     assert result.injected == 3 and result.injected_ended_as_injected == 3
+    assert all(counts.get("error engine_error (injected)") for counts in result.by_family.values())  # each engine
     assert result.violations == 0, result.examples
     assert result.engine_failures == {} and set(result.probes) == set(paths)
     assert result.ok, result.probes

@@ -228,8 +228,9 @@ async def _fuzz(engines: dict[str, Any], widths: dict[str, int], settings: FuzzS
     for index in range(settings.requests):
         if time.monotonic() >= deadline:
             break
-        family = families[index % len(families)]
         injected = settings.inject_every > 0 and index % settings.inject_every == settings.inject_every - 1
+        # injected faults go to each engine in turn too (index % engines alone could always pick the same one)
+        family = families[(index // settings.inject_every if injected else index) % len(families)]
         request = injected_request(index, INJECTED_SEED) if injected else fuzz_request(rng, index, widths[family])
         await slots[family].acquire()
         tasks.append(asyncio.create_task(one(family, request, injected)))

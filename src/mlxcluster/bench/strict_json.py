@@ -289,6 +289,9 @@ def format_strict(result: StrictResult) -> str:
         f"bench grammar --parts strict — the model-family fixtures, in-process engines — {result.machine}",
         f"{result.requests} sampled generations (temperature 1, one seed each, ≤ {result.max_tokens} tokens, "
         f"{result.streams} at a time per engine); every finished output checked with {checked}",
+        f"(json_object requests add logit_bias +{CLOSE_BIAS:g} to the short tokens ending in '\"' or '}}': "
+        "random weights seldom close an open object; thinking templates think with a budget of "
+        f"{THINKING_BUDGET} tokens on odd seeds, not at all on even ones)",
         "",
         table(["family", "mode", "requests", "finished", "passed", "failed", "cut by max_tokens", "errors"], rows),
         "",

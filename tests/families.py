@@ -400,3 +400,31 @@ def _write_random_model(
             model, config = quantize_model(model, config, group_size=64, bits=bits)
     save_model(out, model)
     save_config(config, out / "config.json")
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/families.py DIR [NAMES...]``: build the named fixtures (default: all) under ``DIR``, for the
+    benchmarks that run on them (``mlxcluster bench ... --families-dir DIR``)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python tests/families.py DIR [NAMES...]\nnames: {' '.join(FAMILIES)}")
+        return 0 if argv else 2
+    root, names = Path(argv[0]), argv[1:] or list(FAMILIES)
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown:
+        print(f"unknown families: {' '.join(unknown)} (known: {' '.join(FAMILIES)})")
+        return 2
+    demo = find_demo_model()
+    if demo is None:
+        print("the demo model (whose tokenizer the families share) has not been made: mlxcluster models demo")
+        return 1
+    for name in names:
+        started = time.perf_counter()
+        path = build_family(name, root, demo_model=demo)
+        print(f"{name}: {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -19,7 +19,7 @@ from mlxcluster.bench import nats as nats_bench
 from mlxcluster.bench import scale as scale_bench
 from mlxcluster.bench import soak as soak_bench
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.report import refresh_sections, run_section, section_key, soak_sections
+from mlxcluster.bench.report import refresh_sections, run_section, soak_sections
 from mlxcluster.bench.stats import percentile
 from mlxcluster.bench.wrk import parse_wrk_output
 from mlxcluster.embedded import EmbeddedNatsServer
@@ -194,8 +194,8 @@ def test_report_section_is_the_benchmarks_output_or_its_failure() -> None:
 def test_soak_sections_and_their_keys() -> None:
     assert soak_sections(0) == []
     sections = soak_sections(2)
-    assert [section_key(args) for _, args, _ in sections] == ["soak", "soak-cache-full"]
-    assert all(args[args.index("--minutes") + 1] == "2" for _, args, _ in sections)
+    assert [section.name for section in sections] == ["soak", "soak-cache-full"]
+    assert all(s.args[s.args.index("--minutes") + 1] == "2" for s in sections)
 
 
 def test_refreshing_one_section_keeps_the_others(tmp_path: Path) -> None:

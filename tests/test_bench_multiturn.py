@@ -112,3 +112,29 @@ def test_replace_section_keeps_the_others() -> None:
     appended = replace_section(text, "Multi-turn", "turns\n")
     assert appended.startswith(text.rstrip("\n")) and appended.endswith("## Multi-turn\n\nturns\n")
     assert replace_section(appended, "Multi-turn", "again\n").endswith("## Multi-turn\n\nagain\n")
+
+
+def test_replace_section_keeps_its_notes() -> None:
+    from mlxcluster.bench.report import replace_section, section_notes
+
+    text = "# Benchmarks\n\n## Engine\n\nold\n\n### Notes\n\nby hand\n\n## Scale\n\nx\n"
+    replaced = replace_section(text, "Engine", "new\n")
+    assert replaced == "# Benchmarks\n\n## Engine\n\nnew\n\n### Notes\n\nby hand\n\n## Scale\n\nx\n"
+    assert section_notes(replaced, "Engine") == "### Notes\n\nby hand\n"
+    assert section_notes(replaced, "Scale") == "" and section_notes(replaced, "Absent") == ""
+    last = replace_section("## Engine\n\nold\n### Notes\nkept\n", "Engine", "new\n")
+    assert last == "## Engine\n\nnew\n\n### Notes\nkept\n"
+
+
+def test_family_sections_take_the_fixtures_dir() -> None:
+    from pathlib import Path
+
+    from mlxcluster.bench.report import SECTIONS, section_args
+
+    by_name = {section.name: section for section in SECTIONS}
+    assert len(by_name) == len(SECTIONS)  # what --only names is unique
+    assert {"multiturn-families", "arrivals", "grammar-strict", "fuzz"} <= set(by_name)
+    assert section_args(by_name["fuzz"], families_dir=Path("/f")) == ["fuzz", "--families-dir", "/f"]
+    assert section_args(by_name["multiturn-families"], quick=True) == ["multiturn", "--parts", "f", "--quick"]
+    assert section_args(by_name["grammar-strict"]) == ["grammar", "--parts", "strict"]
+    assert section_args(by_name["engine"], families_dir=Path("/f")) == ["engine"]

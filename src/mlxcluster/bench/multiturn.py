@@ -10,7 +10,9 @@ Parts (each a real run on the demo model, greedy, short replies):
 - **c** the decode stall a running stream sees while a long prompt prefills (:mod:`.stall`);
 - **d** no cache help: concurrent distinct non-streamed requests, tokens/s vs ``mlx_lm.server``
   (:func:`mlxcluster.bench.versus.stream_round`);
-- **e** the cache's byte bound under load, from the workers' heartbeats (:mod:`.cache_bound`).
+- **e** the cache's byte bound under load, from the workers' heartbeats (:mod:`.cache_bound`);
+- **f** the prompt cache on each model family's fixture vs ``mlx_lm.server`` (:mod:`.family_turns`; needs the
+  fixtures built by ``tests/families.py``, see :mod:`.family_dirs`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from mlxcluster.bench.conversation import (
     turn_major,
 )
 from mlxcluster.bench.engine import PROMPTS, cluster_blas_env
+from mlxcluster.bench.family_dirs import RANDOM_FAMILIES, MissingFamilies, family_dirs
+from mlxcluster.bench.family_turns import FamilyCache, run_family_turns
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
 from mlxcluster.bench.stall import StallRow, run_stall
@@ -46,6 +50,8 @@ from mlxcluster.bench.versus import (
 )
 from mlxcluster.embedded import EmbeddedNatsServer
 
+PARTS = "abcde"
+"""The parts run by default (f needs the family fixtures)."""
 OURS = "mlxcluster (controller + 1 worker)"
 THEIRS = "mlx_lm.server"
 BALANCERS = ("cache_aware", "least_loaded", "round_robin", "prefix_affinity")
@@ -222,6 +228,7 @@ class MultiturnResult(msgspec.Struct):
     model: str
     quick: bool
     settings: Settings
+    parts: str = PARTS
     single: list[ServerTurns] = []
     balancers: list[BalancerTurns] = []
     balancers_absent: list[str] = []
@@ -229,15 +236,26 @@ class MultiturnResult(msgspec.Struct):
     stall: list[StallRow] = []
     concurrent: list[VersusRow] = []
     cache_bound: CacheBoundResult | None = None
+    families: list[FamilyCache] = []
+    families_note: str = ""
+    """Why part f did not run (its fixtures are not built), when it was asked for."""
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
 
 
-PARTS = "abcde"
+FAMILY_ORDER = ("gemma3", "qwen3_next", *(f for f in RANDOM_FAMILIES if f not in ("gemma3", "qwen3_next")))
+"""Part f's families: the two whose caches cannot be trimmed first."""
 
 
-async def run_multiturn(model_path: str, *, parts: str = PARTS, quick: bool = False) -> MultiturnResult:
+async def run_multiturn(
+    model_path: str,
+    *,
+    parts: str = PARTS,
+    quick: bool = False,
+    families_dir: Path | None = None,
+    families: tuple[str, ...] = FAMILY_ORDER,
+) -> MultiturnResult:
     """Run the chosen parts in order, each with its own processes."""
     from mlxcluster.config import Config
 
@@ -247,6 +265,7 @@ async def run_multiturn(model_path: str, *, parts: str = PARTS, quick: bool = Fa
         model=Path(model_path).name,
         quick=quick,
         settings=settings,
+        parts=parts,
         default_strategy=Config().load_balancing.strategy,
     )
     if "a" in parts:
@@ -267,4 +286,13 @@ async def run_multiturn(model_path: str, *, parts: str = PARTS, quick: bool = Fa
             prompt_tokens=settings.system_tokens // 2,
             limit_bytes=64 << 20,
         )
+    if "f" in parts:
+        try:
+            paths = family_dirs(families_dir, families)
+        except MissingFamilies as missing:
+            result.families_note = str(missing)
+        else:
+            result.families = await run_family_turns(
+                paths, turns=settings.turns, system_tokens=settings.system_tokens, max_tokens=settings.max_tokens
+            )
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mlxcluster.bench.conversation import TurnSample
+from mlxcluster.bench.family_turns import FamilyCache
 from mlxcluster.bench.multiturn import OURS, THEIRS, MultiturnResult
 from mlxcluster.tables import table
 
@@ -12,8 +14,10 @@ def _verdict(ok: bool) -> str:
 
 def format_multiturn(result: MultiturnResult) -> str:
     s = result.settings
+    models = "the model-family fixtures" if set(result.parts) <= {"f"} else result.model
+    parts = "" if result.parts == "abcde" else f" --parts {result.parts}"
     lines = [
-        f"bench multiturn{' --quick' if result.quick else ''} — {result.model}, greedy — {result.machine}",
+        f"bench multiturn{' --quick' if result.quick else ''}{parts} — {models}, greedy — {result.machine}",
         f"system prompt ≈ {s.system_tokens} tokens (distinct per conversation), replies ≤ {s.max_tokens} tokens; "
         "every turn resends the whole history, streamed",
     ]
@@ -119,4 +123,54 @@ def format_multiturn(result: MultiturnResult) -> str:
             f"{bound.entries} entries, {bound.evictions} evictions at the end (target never above the limit: "
             f"{_verdict(bound.within_bound)})",
         ]
+    if result.families or result.families_note:
+        lines += ["", *format_families(result)]
     return "\n".join(lines)
+
+
+def _shares(samples: list[TurnSample]) -> str:
+    return " ".join(f"{s.cached_tokens / s.prompt_tokens * 100:.0f}" if s.prompt_tokens else "-" for s in samples)
+
+
+def format_families(result: MultiturnResult) -> list[str]:
+    """Part f: per family fixture, both servers' later-turn cached share and the verdict."""
+    s = result.settings
+    lines = [
+        f"f) the prompt cache per model family: one conversation of {s.turns} turns on each server, same fixture "
+        "dir and BLAS, turns sent to each alternately (greedy, thinking off where the template has the switch, "
+        f"replies ≤ {s.max_tokens} tokens):",
+    ]
+    if result.families_note:
+        return [*lines, result.families_note]
+    rows: list[list[str]] = []
+    for family in result.families:
+        for server, samples, summary in (
+            ("mlxcluster (controller + 1 worker)", family.ours, family.ours_summary),
+            (THEIRS, family.theirs, family.theirs_summary),
+        ):
+            later = [x for x in samples if x.turn > 1]
+            rows.append(
+                [
+                    family.family,
+                    family.cache,
+                    server,
+                    str(samples[0].prompt_tokens) if samples else "-",
+                    _shares(later) or "-",
+                    f"{summary.later_cached_tokens} / {summary.later_prompt_tokens}" if summary else "-",
+                    f"{summary.later_cached_fraction * 100:.1f}%" if summary else "-",
+                ]
+            )
+    headers = ["family", "cache", "server", "turn-1 prompt tok", "later turns cached %", "later cached / prompt"]
+    lines.append(table([*headers, "later share"], rows))
+    lines += [_family_verdict(family) for family in result.families]
+    return lines
+
+
+def _family_verdict(family: FamilyCache) -> str:
+    if family.error or family.ours_summary is None or family.theirs_summary is None:
+        return f"{family.family}: FAILED: {family.error or 'no turns answered'}"
+    ours, theirs = family.ours_summary.later_cached_fraction, family.theirs_summary.later_cached_fraction
+    return (
+        f"{family.family}: later turns cached {ours * 100:.1f}% vs mlx_lm.server {theirs * 100:.1f}% "
+        f"(target ≥ mlx_lm.server's: {_verdict(bool(family.met))})"
+    )

@@ -1,7 +1,9 @@
 """``mlxcluster bench report``: run every benchmark and write ``docs/BENCHMARKS.md`` (never by hand).
 
 Each benchmark runs as its own ``mlxcluster bench ...`` subprocess, so one process's state (threads,
-BLAS preload, caches) cannot colour another's figures; their text output is pasted verbatim.
+BLAS preload, caches) cannot colour another's figures; their text output is pasted verbatim. A section may end
+with a ``### Notes`` block written by hand (a figure measured once by hand, say, and how): rerunning the section
+keeps it.
 """
 
 from __future__ import annotations
@@ -12,47 +14,102 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from mlxcluster.bench.stats import machine_line
 
-SECTIONS: list[tuple[str, list[str], str]] = [
-    ("Message bus", ["nats"], "The embedded nats-server on loopback: start time, request/reply, publish rate."),
-    ("Engine", ["engine"], "The mlx engine in-process vs the same model behind one worker over NATS."),
-    (
+NOTES_HEADING = "### Notes"
+"""Starts the hand-written end of a section, which reruns keep."""
+
+
+class Section(NamedTuple):
+    """One section of the report: its heading, the ``mlxcluster bench`` arguments, what it measures."""
+
+    title: str
+    args: list[str]
+    blurb: str
+    key: str = ""
+    """What ``bench report --only`` calls it (default: the benchmark's name)."""
+    families: bool = False
+    """It runs on the model-family fixtures (``--families-dir``)."""
+
+    @property
+    def name(self) -> str:
+        return self.key or self.args[0]
+
+
+SECTIONS: list[Section] = [
+    Section("Message bus", ["nats"], "The embedded nats-server on loopback: start time, request/reply, publish rate."),
+    Section("Engine", ["engine"], "The mlx engine in-process vs the same model behind one worker over NATS."),
+    Section(
+        "Arriving requests",
+        ["arrivals"],
+        "8 streams decoding on the `qwen3_demo` fixture while requests arrive whose ~2,000-token tool-list prompt "
+        "is already cached but whose forced tool is new: the running streams' inter-token gaps against no "
+        "arrivals (issue 19's target: p99 ≤ 1.25×).",
+        families=True,
+    ),
+    Section(
         "Cluster",
         ["cluster"],
         "Echo engine through controller + NATS against a bare aiohttp handler returning the same JSON (load "
         "from its own process), then the demo model side by side with `mlx_lm.server` on the same model dir.",
     ),
-    ("Scale", ["scale"], "One controller, simulated workers heartbeating (many per process)."),
-    (
+    Section("Scale", ["scale"], "One controller, simulated workers heartbeating (many per process)."),
+    Section(
         "Faults",
         ["faults"],
         "kill -9 one of three echo workers under 100 concurrent streams: streams that still complete whole "
         "(moved mid-stream to another worker), the time to detect the dead worker, the latency a move adds.",
     ),
-    (
+    Section(
         "Worker group",
         ["group", "--streams", "1,2", "--max-tokens", "16"],
         "A worker group of 3 (tensor parallel over the ring on loopback) against one worker, same model and "
         "prompts: tokens/s, TTFT and each process's peak RSS. On few cores a group is slower; it exists for "
         "models that do not fit one machine.",
     ),
-    (
+    Section(
         "Constrained decoding",
         ["grammar"],
         "Schema compile p50/p95 (typical tool schemas, compiled on first use, then cached) and tokens/s of 8 "
         "concurrent streams in the in-process engine, unconstrained vs with a JSON schema, alternating rounds.",
     ),
-    (
+    Section(
+        "Strict JSON under sampling",
+        ["grammar", "--parts", "strict"],
+        "1,000 generations sampled at temperature 1 under `json_schema`, `json_object` and forced tool calls on "
+        "every model-family fixture (in-process engines, batched): every finished output must pass strict "
+        "`json.loads` and its schema.",
+        key="grammar-strict",
+        families=True,
+    ),
+    Section(
+        "Engine fuzz",
+        ["fuzz"],
+        "2,000 random requests (sampling, `logit_bias`, stops, schemas, tools, reasoning, templates, continuations; "
+        "invalid values among them) against five family-fixture engines at once, with injected faults: no engine "
+        "may die, every request must end with Done or a request error.",
+        families=True,
+    ),
+    Section(
         "Multi-turn",
         ["multiturn"],
         "Conversations with a long system prompt, every turn resending the history: the prompt cache against "
         "`mlx_lm.server` and across balancers, the decode stall of chunked prefill, concurrent distinct "
         "requests, and the cache's byte bound.",
     ),
+    Section(
+        "Prompt cache per model family",
+        ["multiturn", "--parts", "f"],
+        "A multi-turn chat on each model-family fixture (Gemma 3's sliding window, Qwen3-Next's hybrid "
+        "attention, the plain-KV families) through mlxcluster and through `mlx_lm.server` on the same model dir: "
+        "the later turns' cached share, side by side (issue 19's target: ours ≥ theirs).",
+        key="multiturn-families",
+        families=True,
+    ),
 ]
-QUICK = {"multiturn", "cluster"}
+QUICK = {"multiturn", "cluster", "arrivals", "fuzz"}
 """Benchmarks that take ``--quick``."""
 
 
@@ -70,28 +127,34 @@ def run_section(args: list[str], timeout_s: float) -> str:
     return out.stdout.strip() + took
 
 
-def soak_sections(soak_minutes: float) -> list[tuple[str, list[str], str]]:
+def soak_sections(soak_minutes: float) -> list[Section]:
     if soak_minutes <= 0:
         return []
     minutes = ["--minutes", str(soak_minutes), "--window", "60"]
     return [
-        ("Soak", ["soak", *minutes], "Steady load at half capacity; RSS and latency per minute."),
-        (
+        Section("Soak", ["soak", *minutes], "Steady load at half capacity; RSS and latency per minute."),
+        Section(
             "Soak, prompt cache full",
             ["soak", "--cache-full", *minutes],
             "One mlx worker whose prompt cache is kept full (each request a distinct long prompt, so each "
             "stores an entry and evicts one); RSS per minute.",
+            key="soak-cache-full",
         ),
     ]
 
 
-def section_key(args: list[str]) -> str:
-    """What ``bench report --only`` calls a section: the benchmark, plus ``-cache-full`` for that soak."""
-    return args[0] + ("-cache-full" if "--cache-full" in args else "")
+def section_args(section: Section, *, quick: bool = False, families_dir: Path | None = None) -> list[str]:
+    """The ``mlxcluster bench`` arguments of ``section``: ``--quick`` where it has one, the fixtures' dir."""
+    args = [*section.args, "--quick"] if quick and section.args[0] in QUICK else list(section.args)
+    if section.families and families_dir is not None:
+        args += ["--families-dir", str(families_dir)]
+    return args
 
 
 def _timeout(args: list[str], soak_minutes: float) -> float:
-    return soak_minutes * 60 + 600 if args[0] == "soak" else 1800 if args[0] == "multiturn" else 900
+    if args[0] == "soak":
+        return soak_minutes * 60 + 600
+    return 1800 if args[0] in ("multiturn", "arrivals", "fuzz") or "strict" in args else 900
 
 
 def _load() -> str:
@@ -102,54 +165,98 @@ def _load() -> str:
     return text
 
 
-def write_report(path: Path, *, soak_minutes: float, progress: Callable[[str], None] = print) -> None:
+def write_report(
+    path: Path,
+    *,
+    soak_minutes: float,
+    families_dir: Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> None:
+    """Run every section and write the report; the notes of the report it replaces are kept."""
     sections = list(SECTIONS) + soak_sections(soak_minutes)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
     parts = [
         "# Benchmarks\n",
         f"Generated by `make bench` (`mlxcluster bench report`) on {machine_line()}.",
         "All processes (load generator, controller, workers, nats-server) share this one machine, so figures are",
-        "best read as ratios within one run. Nothing here is edited by hand.\n",
+        "best read as ratios within one run. Nothing here is edited by hand, except a section's closing",
+        f"`{NOTES_HEADING}`, which `bench report` keeps when it reruns the section.\n",
     ]
-    for title, args, blurb in sections:
+    for section in sections:
+        args = section_args(section, families_dir=families_dir)
         progress(f"bench {args[0]}...")
         load = _load()
         output = run_section(args, timeout_s=_timeout(args, soak_minutes))
-        parts += [f"## {title}\n", f"{blurb} ({load}.)\n", "```", output, "```\n"]
+        parts += [f"## {section.title}\n", f"{section.blurb} ({load}.)\n", "```", output, "```\n"]
+        notes = section_notes(old, section.title)
+        if notes:
+            parts.append(notes)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
     progress(f"wrote {path}")
 
 
 def refresh_sections(
-    path: Path, only: list[str], *, quick: bool, soak_minutes: float, progress: Callable[[str], None] = print
+    path: Path,
+    only: list[str],
+    *,
+    quick: bool,
+    soak_minutes: float,
+    families_dir: Path | None = None,
+    progress: Callable[[str], None] = print,
 ) -> None:
-    """Run only the sections whose benchmark is in ``only`` and replace them in the existing report (the
-    rest stays as it was); each says that it was refreshed alone, how, on what and under what load."""
-    sections = [s for s in list(SECTIONS) + soak_sections(soak_minutes) if section_key(s[1]) in only]
+    """Run only the sections named in ``only`` and replace them in the existing report (the rest stays as it
+    was, and so do their notes); each says that it was refreshed alone, how, on what and under what load."""
+    sections = [s for s in list(SECTIONS) + soak_sections(soak_minutes) if s.name in only]
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    for title, args, blurb in sections:
-        args = [*args, "--quick"] if quick and args[0] in QUICK else args
+    for section in sections:
+        args = section_args(section, quick=quick, families_dir=families_dir)
         progress(f"bench {' '.join(args)}...")
         load = _load()
         output = run_section(args, timeout_s=_timeout(args, soak_minutes))
-        command = f"mlxcluster bench report --only {section_key(args)}{' --quick' if quick else ''}"
+        command = f"mlxcluster bench report --only {section.name}{' --quick' if quick else ''}"
         if args[0] == "soak":
             command += f" --soak-minutes {soak_minutes:g}"
+        if section.families and families_dir is not None:
+            command += f" --families-dir {families_dir}"
         note = f"Refreshed alone by a {'quick ' if quick else ''}run (`{command}`) on "
-        body = f"{blurb}\n\n{note}{machine_line()}, {load}.\n\n```\n{output}\n```\n"
-        text = replace_section(text, title, body)
+        body = f"{section.blurb}\n\n{note}{machine_line()}, {load}.\n\n```\n{output}\n```\n"
+        text = replace_section(text, section.title, body)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     progress(f"wrote {path}")
 
 
-def replace_section(text: str, title: str, body: str) -> str:
-    """``text`` with the ``## title`` section's body replaced by ``body`` (appended when absent)."""
-    lines = text.splitlines(keepends=True)
+def _section_lines(lines: list[str], title: str) -> tuple[int, int] | None:
+    """(first body line, end) of the ``## title`` section in ``lines``, or None."""
     heading = f"## {title}\n"
     if heading not in lines:
-        return text.rstrip("\n") + f"\n\n{heading}\n{body}"
+        return None
     start = lines.index(heading) + 1
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return start, end
+
+
+def section_notes(text: str, title: str) -> str:
+    """The ``### Notes`` block that ends the ``## title`` section of ``text`` ("" when it has none)."""
+    lines = text.splitlines(keepends=True)
+    found = _section_lines(lines, title)
+    if found is None:
+        return ""
+    start, end = found
+    first = next((i for i in range(start, end) if lines[i].startswith(NOTES_HEADING)), end)
+    return "".join(lines[first:end]).rstrip("\n") + "\n" if first < end else ""
+
+
+def replace_section(text: str, title: str, body: str) -> str:
+    """``text`` with the ``## title`` section's body replaced by ``body`` (appended when absent); the section's
+    notes stay after the new body."""
+    lines = text.splitlines(keepends=True)
+    found = _section_lines(lines, title)
+    if found is None:
+        return text.rstrip("\n") + f"\n\n## {title}\n\n{body}"
+    start, end = found
+    notes = section_notes(text, title)
+    body = body + ("\n" + notes if notes else "")
     tail = "".join(lines[end:])
     return "".join(lines[:start]) + "\n" + body + ("\n" + tail if tail else "")

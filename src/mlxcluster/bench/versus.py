@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -96,9 +97,15 @@ async def stream_round(  # type: ignore[no-untyped-def]
 
 
 async def chat_turn(
-    session: aiohttp.ClientSession, base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int
+    session: aiohttp.ClientSession,
+    base_url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[str, float, int, int]:
-    """One streamed greedy turn: (reply, ms to the first token, prompt tokens, cached tokens)."""
+    """One streamed greedy turn: (reply, ms to the first token, prompt tokens, cached tokens); ``extra``
+    fields go into the body as they are (``chat_template_kwargs``, say)."""
     body = {
         "model": model,
         "messages": messages,
@@ -106,6 +113,7 @@ async def chat_turn(
         "stream_options": {"include_usage": True},
         "temperature": 0,
         "max_tokens": max_tokens,
+        **(extra or {}),
     }
     started = time.perf_counter()
     first = 0.0

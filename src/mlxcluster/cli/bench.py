@@ -12,6 +12,14 @@ import typer
 
 from mlxcluster.cli.common import ConfigOption, JsonOption, get_config
 
+FamiliesDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--families-dir",
+        help="Where the model-family fixtures were built (python tests/families.py DIR; make bench does it).",
+    ),
+]
+
 bench_app = typer.Typer(help="Benchmarks (figures are ratios measured in the same run).", no_args_is_help=True)
 
 
@@ -112,6 +120,79 @@ def bench_engine(
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
+@bench_app.command("arrivals")
+def bench_arrivals(
+    as_json: JsonOption = False,
+    families_dir: FamiliesDirOption = None,
+    model: Annotated[str | None, typer.Option(help="Model dir (default: qwen3_demo under --families-dir).")] = None,
+    streams: Annotated[int, typer.Option(help="Running streams.", min=1)] = 8,
+    stream_tokens: Annotated[int, typer.Option(help="Tokens each running stream decodes.", min=8)] = 96,
+    tools: Annotated[int, typer.Option(help="Tools in the arrivals' prompt (15: ~2,100 tokens).", min=1)] = 15,
+    rounds: Annotated[int, typer.Option(help="Rounds of the alternating modes.", min=1)] = 2,
+    quick: Annotated[bool, typer.Option("--quick", help="One round of 48-token streams, 3 arrivals.")] = False,
+) -> None:
+    """Running streams' inter-token gaps while requests arrive whose long tool-list prompt is cached but whose
+    forced tool is new, against no arrivals (issue 19's target: p99 ≤ 1.25×)."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.arrivals import ArrivalSettings, format_arrivals, run_arrivals
+    from mlxcluster.bench.family_dirs import DEMO_FAMILY, MissingFamilies, family_dirs
+
+    if model is None:
+        try:
+            model = str(family_dirs(families_dir, (DEMO_FAMILY,))[DEMO_FAMILY])
+        except MissingFamilies as missing:
+            typer.echo(f"bench arrivals: {missing}")
+            return
+    if quick:
+        settings = ArrivalSettings.quick()
+    else:
+        settings = ArrivalSettings(
+            streams=streams,
+            stream_tokens=stream_tokens,
+            tools=tools,
+            rounds=rounds,
+            max_arrivals=max(1, tools // rounds),
+        )
+    result = asyncio.run(run_arrivals(model, settings))
+    typer.echo(result.to_json() if as_json else format_arrivals(result))
+
+
+@bench_app.command("fuzz")
+def bench_fuzz(
+    as_json: JsonOption = False,
+    families_dir: FamiliesDirOption = None,
+    requests: Annotated[int, typer.Option(help="Random requests to send.", min=1)] = 2000,
+    time_limit: Annotated[float, typer.Option(help="Seconds after which no request is sent.", min=1)] = 900.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random requests.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="200 requests.")] = False,
+) -> None:
+    """Random requests (sampling, logit_bias, stops, schemas, tools, reasoning, templates) against one engine per
+    random-weight family fixture at once, injected faults among them: no engine may die, every request must end
+    with Done or a request error."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.family_dirs import RANDOM_FAMILIES, MissingFamilies, family_dirs
+    from mlxcluster.bench.fuzz import FuzzSettings, format_fuzz, run_fuzz
+
+    try:
+        paths = family_dirs(families_dir, RANDOM_FAMILIES)
+    except MissingFamilies as missing:
+        typer.echo(f"bench fuzz: {missing}")
+        return
+    settings = FuzzSettings(requests=200 if quick else requests, time_limit_s=time_limit, seed=seed)
+    result = asyncio.run(run_fuzz(paths, settings))
+    typer.echo(result.to_json() if as_json else format_fuzz(result))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 @bench_app.command("group")
 def bench_group(
     config_path: ConfigOption = None,
@@ -143,21 +224,48 @@ def bench_grammar(
     streams: Annotated[int, typer.Option(help="Concurrent streams.", min=1)] = 8,
     max_tokens: Annotated[int, typer.Option(help="Tokens per request at most.", min=8)] = 64,
     quick: Annotated[bool, typer.Option("--quick", help="One round of 24 tokens, 8 schemas.")] = False,
+    parts: Annotated[
+        str,
+        typer.Option(
+            help="speed (compile and tokens/s on the model), strict (sampled outputs checked on every model-family "
+            "fixture; needs --families-dir), or both: speed,strict."
+        ),
+    ] = "speed",
+    strict_requests: Annotated[int, typer.Option(help="Sampled generations of the strict part.", min=1)] = 1000,
+    families_dir: FamiliesDirOption = None,
 ) -> None:
-    """Constrained decoding: schema compile p50 and tokens/s with vs without a JSON schema (N streams)."""
+    """Constrained decoding: schema compile p50 and tokens/s with vs without a JSON schema (N streams); strict JSON
+    under sampling on the model-family fixtures (every finished output passes json.loads and its schema)."""
     import asyncio
 
     from mlxcluster.worker.blas import maybe_reexec_with_openblas
 
     maybe_reexec_with_openblas()
-    from mlxcluster.bench.grammar import format_table, run_grammar_bench
-    from mlxcluster.models.demo import ensure_demo_model
+    names = {part.strip() for part in parts.split(",") if part.strip()}
+    if not names or names - {"speed", "strict"}:
+        raise typer.BadParameter(f"parts are speed and strict, not {parts!r}", param_hint="--parts")
+    outputs: list[str] = []
+    if "speed" in names:
+        from mlxcluster.bench.grammar import format_table, run_grammar_bench
+        from mlxcluster.models.demo import ensure_demo_model
 
-    config = get_config(config_path)
-    model_path = model or str(ensure_demo_model(config.models_dir))
-    options = {"rounds": 1, "max_tokens": 24, "schemas": 8} if quick else {"max_tokens": max_tokens}
-    result = asyncio.run(run_grammar_bench(model_path=model_path, streams=streams, **options))
-    typer.echo(result.to_json() if as_json else format_table(result))
+        config = get_config(config_path)
+        model_path = model or str(ensure_demo_model(config.models_dir))
+        options = {"rounds": 1, "max_tokens": 24, "schemas": 8} if quick else {"max_tokens": max_tokens}
+        result = asyncio.run(run_grammar_bench(model_path=model_path, streams=streams, **options))
+        outputs.append(result.to_json() if as_json else format_table(result))
+    if "strict" in names:
+        from mlxcluster.bench.family_dirs import DEMO_FAMILY, RANDOM_FAMILIES, MissingFamilies, family_dirs
+        from mlxcluster.bench.strict_json import format_strict, run_strict_json
+
+        try:
+            paths = family_dirs(families_dir, (*RANDOM_FAMILIES, DEMO_FAMILY))
+        except MissingFamilies as missing:
+            outputs.append(f"bench grammar --parts strict: {missing}")
+        else:
+            strict = asyncio.run(run_strict_json(paths, total=strict_requests, streams=streams))
+            outputs.append(strict.to_json() if as_json else format_strict(strict))
+    typer.echo("\n\n".join(outputs))
 
 
 @bench_app.command("multiturn")
@@ -169,12 +277,15 @@ def bench_multiturn(
         str,
         typer.Option(
             help="Parts to run: a (vs mlx_lm.server), b (balancers), c (prefill "
-            "stall), d (no cache help), e (cache byte bound)."
+            "stall), d (no cache help), e (cache byte bound), f (per model family vs mlx_lm.server; "
+            "needs --families-dir)."
         ),
     ] = "abcde",
+    families_dir: FamiliesDirOption = None,
 ) -> None:
     """Multi-turn conversations with a long system prompt: the prompt cache against mlx_lm.server and
-    across balancers, the decode stall of chunked prefill, and the cache's byte bound."""
+    across balancers, the decode stall of chunked prefill, the cache's byte bound, and (part f) the
+    prompt cache on each model family's fixture against mlx_lm.server."""
     import asyncio
 
     from mlxcluster.worker.blas import maybe_reexec_with_openblas
@@ -185,7 +296,7 @@ def bench_multiturn(
     from mlxcluster.models.demo import ensure_demo_model
 
     model_path = str(ensure_demo_model(get_config(config_path).models_dir))
-    result = asyncio.run(run_multiturn(model_path, parts=parts, quick=quick))
+    result = asyncio.run(run_multiturn(model_path, parts=parts, quick=quick, families_dir=families_dir))
     typer.echo(result.to_json() if as_json else format_multiturn(result))
 
 
@@ -255,10 +366,12 @@ def bench_report(
     only: Annotated[
         str,
         typer.Option(
-            help="Comma-separated sections (multiturn, soak, soak-cache-full, ...) to rerun in the existing report."
+            help="Comma-separated sections (multiturn, multiturn-families, arrivals, grammar-strict, fuzz, soak, "
+            "soak-cache-full, ...) to rerun in the existing report."
         ),
     ] = "",
     quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,
+    families_dir: FamiliesDirOption = None,
 ) -> None:
     """Run every benchmark and write the report (docs/BENCHMARKS.md)."""
     from mlxcluster.bench.report import refresh_sections, write_report
@@ -268,6 +381,8 @@ def bench_report(
 
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]
-        refresh_sections(output, names, quick=quick, soak_minutes=soak_minutes, progress=progress)
+        refresh_sections(
+            output, names, quick=quick, soak_minutes=soak_minutes, families_dir=families_dir, progress=progress
+        )
     else:
-        write_report(output, soak_minutes=soak_minutes, progress=progress)
+        write_report(output, soak_minutes=soak_minutes, families_dir=families_dir, progress=progress)

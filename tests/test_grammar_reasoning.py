@@ -103,3 +103,30 @@ def test_a_think_end_marker_that_is_text_ends_reasoning_at_its_first_occurrence(
 
     assert accepts("<think>a < b </thin k></think>ok") and accepts("ok")
     assert not accepts("<think>a</think>b</think>ok")  # the first marker ended the reasoning
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({}, "response_format"),
+        ({"tools": [ToolSpec(name="f")], "tool_choice": "required", "response_format": None}, "tool_choice"),
+        ({"tools": [ToolSpec(name="f", strict=True)], "response_format": None}, "tools"),
+    ],
+)
+def test_a_grammar_that_does_not_compile_names_its_field(
+    fields: dict[str, Any], field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlxcluster.json_grammar import GrammarError
+    from mlxcluster.worker.grammar import GrammarCompiler
+
+    features = family_features("qwen3")
+
+    def refuse(_self: GrammarCompiler, _grammar: str) -> Any:
+        raise GrammarError("unsupported schema: too deep")
+
+    monkeypatch.setattr(GrammarCompiler, "matcher", refuse)
+    messages = [ChatMessage(role="user", content="Give me JSON")]
+    request = InferenceRequest(request_id="r", model="m", messages=messages, **{"response_format": JSON, **fields})
+    with pytest.raises(GrammarError, match="too deep") as refused:
+        features.prepare(request, features.prompt(request))
+    assert refused.value.param == field

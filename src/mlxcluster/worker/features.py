@@ -99,6 +99,16 @@ class RequestFeatures:
         return TokenLogprob(token=text, logprob=_finite(float(logprobs[token].item())), bytes=raw, top=top)
 
 
+def grammar_field(request: InferenceRequest) -> str:
+    """The request field a grammar comes from: a forced call's ``tool_choice``, else ``response_format``, else the
+    strict ``tools``."""
+    if request.tool_choice in ("required", "function"):
+        return "tool_choice"
+    if request.response_format is not None and request.response_format.type != "text":
+        return "response_format"
+    return "tools"
+
+
 class EngineFeatures:
     """Engine-wide state: the grammar compiler (with its cache), the model's tool format and think markers."""
 
@@ -146,9 +156,11 @@ class EngineFeatures:
         processors: list[Any] = []
         grammar = None
         if grammar_text is not None:
-            grammar = GrammarLogitsProcessor(
-                self.grammars.matcher(grammar_text), self.vocab_size, self.grammars.eos_ids
-            )
+            try:
+                matcher = self.grammars.matcher(grammar_text)
+            except GrammarError as exc:  # name the field whose grammar would not compile
+                raise GrammarError(str(exc), param=exc.param or grammar_field(request)) from None
+            grammar = GrammarLogitsProcessor(matcher, self.vocab_size, self.grammars.eos_ids)
             processors.append(grammar)
         use_tools = tools_enabled(request)
         shaper = OutputShaper(

@@ -95,7 +95,7 @@ test: lint model chromium
 # The engine's tests again on the oldest mlx-lm that pyproject.toml admits, when pip installed a newer one:
 # that release is unpacked into build/mlx-lm-floor and put first on the path (nothing else changes).
 MLX_LM_FLOOR = $(shell sed -n 's/.*"mlx-lm>=\([0-9.]*\),.*/\1/p' pyproject.toml)
-ENGINE_TESTS ?= tests/test_families_engine.py tests/test_engine_faults.py tests/test_family_tools.py tests/test_tool_formats.py
+ENGINE_TESTS ?= tests/test_families_engine.py tests/test_engine_faults.py tests/test_tool_formats.py
 .PHONY: test-mlx-lm-floor
 test-mlx-lm-floor: $(STAMP)
 	@installed=$$($(PY) -c 'import importlib.metadata as m; print(m.version("mlx-lm"))'); \

@@ -17,7 +17,6 @@ from families import FAMILIES, FamilyModels
 
 from mlxcluster.config import Config
 from mlxcluster.protocol import InferenceRequest, ToolSpec
-from mlxcluster.worker import job_output
 from mlxcluster.worker.engine import MlxEngine
 
 RANDOM_FAMILIES = ("qwen3", "gemma3", "qwen3_next", "mistral", "llama3")
@@ -52,8 +51,13 @@ async def served(
     family = request.param
     engine = MlxEngine(str(family_models.path(family)), served_name=family, max_concurrent=4, prompt_cache_bytes=0)
     await engine.start()
+    config = with_sections(  # shared, loaded cores: the model's threads may delay heartbeats past 1 s
+        cluster_config,
+        controller={"first_token_timeout_s": 300.0},
+        discovery={"heartbeat_interval_ms": 500, "offline_timeout_ms": 30_000},
+    )
     try:
-        async with single_worker_cluster(cluster_config, engine=engine) as cluster:
+        async with single_worker_cluster(config, engine=engine) as cluster:
             yield family, cluster
     finally:
         await engine.stop()
@@ -116,7 +120,7 @@ async def test_forced_calls_and_schemas_on_every_family(served: tuple[str, Clust
 
 @pytest.fixture
 def slow_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each batch step takes 50 ms more; held output reports Progress every 50 ms."""
+    """Each batch step takes 50 ms more (a slowed engine)."""
     from mlxcluster.worker import generation_loop
 
     step = generation_loop.GenerationLoop.step
@@ -128,7 +132,6 @@ def slow_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         step(self)
 
     monkeypatch.setattr(generation_loop.GenerationLoop, "step", slow)
-    monkeypatch.setattr(job_output, "HELD_PROGRESS_S", 0.05)
 
 
 async def test_a_long_held_tool_call_outlasts_the_first_token_timeout(
@@ -136,8 +139,14 @@ async def test_a_long_held_tool_call_outlasts_the_first_token_timeout(
 ) -> None:
     """A non-streamed forced call is held whole by the parser: nothing but Progress frames reach the controller
     until it is complete, which here takes several times ``first_token_timeout_s``; the call still arrives."""
-    config = with_sections(cluster_config, controller={"first_token_timeout_s": 0.4})
-    engine = MlxEngine(str(family_models.path("qwen3")), served_name="qwen3", prompt_cache_bytes=0)
+    config = with_sections(
+        cluster_config,
+        controller={"first_token_timeout_s": 0.4},
+        discovery={"heartbeat_interval_ms": 500, "offline_timeout_ms": 30_000},  # heartbeats may lag on loaded cores
+    )
+    engine = MlxEngine(  # held output reports Progress every 50 ms
+        str(family_models.path("qwen3")), served_name="qwen3", prompt_cache_bytes=0, held_progress_s=0.05
+    )
     await engine.start()
     try:
         warm_up = InferenceRequest(

@@ -27,7 +27,7 @@ SCHEMA = {
 }
 TOOL = ToolSpec(name="get_weather", parameters=SCHEMA)
 CALL = ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris", "days": 2}')
-SAMPLES = 6
+SAMPLES = 4
 
 
 @functools.cache

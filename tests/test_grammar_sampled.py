@@ -23,7 +23,7 @@ from mlxcluster.protocol import ChatMessage, InferenceRequest, ResponseFormat, T
 from mlxcluster.worker.features import EngineFeatures
 from mlxcluster.worker.output import merge_tokens
 
-RUNS = 30
+RUNS = 16  # bench grammar --parts strict samples 1,000
 MAX_TOKENS = 64
 SCHEMA = {
     "type": "object",

@@ -179,8 +179,8 @@ def cached_models(cache_dir: Path | None = None) -> list[ModelInfo]:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    try:
-        info = scan_cache_dir(cache_dir)
+    try:  # the cache dir passed, not scan_cache_dir's default: huggingface_hub binds that once, at import
+        info = scan_cache_dir(cache_dir or hub_cache_dir())
     except CacheNotFound:
         return []
     found: list[ModelInfo] = []

@@ -63,6 +63,8 @@ class MlxEngine(Engine):
         gives no budget.
     :param on_fatal: called (from the generation thread) with the reason if that thread dies while
         serving: the engine can no longer serve and its worker should leave and restart.
+    :param held_progress_s: the longest silence towards the controller while a request's output is held back
+        (a tool call parsed whole): a ``Progress(generated=n)`` frame then goes out.
 
     ``tokens_total`` counts the tokens generated since start.
     """
@@ -80,6 +82,7 @@ class MlxEngine(Engine):
         prompt_cache_bytes: int | None = None,
         thinking_budgets: dict[str, int] | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        held_progress_s: float = 1.0,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -96,6 +99,7 @@ class MlxEngine(Engine):
         self.prompt_cache_bytes = prompt_cache_bytes
         self.thinking_budgets = thinking_budgets
         self.on_fatal = on_fatal
+        self.held_progress_s = held_progress_s
         self.failure: str | None = None
         """Why the generation thread died while serving (None: it did not)."""
         self._prompt_cache: PromptCache | None = None
@@ -237,6 +241,7 @@ class MlxEngine(Engine):
             think=self._preparer.think_tracker(prepared),
             prompt_tokens=len(prepared.prompt) - prepared.continued,
             submitted=submitted,
+            held_progress_s=self.held_progress_s,
         )
         return Job(
             request=prepared.request,

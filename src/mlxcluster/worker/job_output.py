@@ -27,6 +27,7 @@ class JobOutput:
     :param features: the request's :class:`~mlxcluster.worker.features.RequestFeatures`.
     :param think: counts reasoning tokens (None: the model has no think markers).
     :param prompt_tokens: prompt tokens for usage (a continuation's tokens excluded).
+    :param held_progress_s: the longest silence while output is held back (:data:`HELD_PROGRESS_S`).
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class JobOutput:
         think: ThinkTracker | None,
         prompt_tokens: int,
         submitted: float,
+        held_progress_s: float = HELD_PROGRESS_S,
     ) -> None:
         self.detokenizer = detokenizer
         self.stop_filter = stop_filter
@@ -45,6 +47,7 @@ class JobOutput:
         self.think = think
         self.prompt_tokens = prompt_tokens
         self.submitted = submitted
+        self.held_progress_s = held_progress_s
         self.reply: list[str] = []
         self.content: list[str] = []
         """The content sent (reasoning and tool-call markup apart): what the next turn resends."""
@@ -104,7 +107,7 @@ class JobOutput:
         if not self._last_frame:
             self._last_frame = self.first_token
             return bool(getattr(self.features, "holding", False))
-        return now - self._last_frame >= HELD_PROGRESS_S
+        return now - self._last_frame >= self.held_progress_s
 
     @property
     def reply_text(self) -> str:

@@ -183,3 +183,35 @@ async def split(engine: MlxEngine, request: InferenceRequest) -> tuple[str, str,
 async def split_error(engine: MlxEngine, request: InferenceRequest) -> Error | None:
     frames = [frame async for frame in engine.generate(request)]
     return frames[-1] if isinstance(frames[-1], Error) else None
+
+
+async def test_preparation_is_thread_safe(family_models: FamilyModels) -> None:
+    """RequestPreparer says it is thread-safe (the engine prepares on a pool): requests prepared from 8 threads at
+    once get exactly the prompts and grammars they get one by one, and each schema is compiled once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlxcluster.protocol import ResponseFormat, ToolSpec
+
+    engine = await started(family_models.path("qwen3"), prompt_cache_bytes=0)
+    try:
+        preparer = engine._preparer
+        assert preparer is not None
+        requests = []
+        for i in range(24):
+            schema = {"type": "object", "properties": {f"k{i % 6}": {"type": "integer"}}}
+            fields: dict[str, Any] = (
+                {"response_format": ResponseFormat(type="json_schema", schema=schema)}
+                if i % 2
+                else {"tools": [ToolSpec(name=f"tool_{i % 6}")], "tool_choice": "required"}
+            )
+            messages = [ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=f"q{i}")]
+            requests.append(chat("qwen3", messages, **fields))
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(preparer.prepare, requests))
+        compiled = preparer.features.grammars.compiled
+        alone = [preparer.prepare(request) for request in requests]
+        assert [p.prompt for p in together] == [p.prompt for p in alone]
+        assert all(p.features.grammar is not None for p in together)
+        assert compiled == 6 and preparer.features.grammars.compiled == 6  # 3 schemas and 3 forced tools, once each
+    finally:
+        await engine.stop()

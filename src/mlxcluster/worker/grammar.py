@@ -125,6 +125,7 @@ class GrammarCompiler:
         self._ll_tokenizer: Any = None
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._compiling: dict[str, threading.Event] = {}
         self._tokenizer_lock = threading.Lock()
         self.compiled = 0
         self.hits = 0
@@ -150,15 +151,31 @@ class GrammarCompiler:
         )
 
     def matcher(self, grammar: str) -> Any:
-        """A fresh matcher at the start of ``grammar`` (compiled on first use, then copied)."""
+        """A fresh matcher at the start of ``grammar`` (compiled on first use, then copied). Threads asking for
+        a grammar being compiled wait for that compile: each grammar is compiled once."""
+        while True:
+            with self._lock:
+                template = self._cache.get(grammar)
+                if template is not None:
+                    self._cache.move_to_end(grammar)
+                    self.hits += 1
+                    return template.deep_copy()
+                compiling = self._compiling.get(grammar)
+                if compiling is None:
+                    compiling = self._compiling[grammar] = threading.Event()
+                    break
+            compiling.wait()  # then take it from the cache (or compile it, if that compile failed)
+        try:
+            template = self._compile(grammar)
+        finally:
+            with self._lock:
+                del self._compiling[grammar]
+            compiling.set()
+        return template.deep_copy()
+
+    def _compile(self, grammar: str) -> Any:
         import llguidance
 
-        with self._lock:
-            template = self._cache.get(grammar)
-            if template is not None:
-                self._cache.move_to_end(grammar)
-                self.hits += 1
-                return template.deep_copy()
         template = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
         if template.is_error():
             raise GrammarError(f"unsupported schema: {template.get_error()}")
@@ -167,7 +184,7 @@ class GrammarCompiler:
             self.compiled += 1
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
-        return template.deep_copy()
+        return template
 
 
 class GrammarLogitsProcessor:

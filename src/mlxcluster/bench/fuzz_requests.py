@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from mlxcluster.bench.strict_json import WEATHER
 from mlxcluster.protocol import (
     ChatMessage,
     InferenceRequest,
@@ -53,19 +54,7 @@ SCHEMAS: tuple[dict[str, Any], ...] = (
 )
 """Bounded schemas (a random model ends inside them), an open one, and some that cannot compile."""
 TOOLS: tuple[ToolSpec, ...] = (
-    ToolSpec(
-        name="get_weather",
-        description="The weather in a city",
-        parameters={
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 10},
-                "days": {"type": "integer", "minimum": 1, "maximum": 9},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    ),
+    WEATHER,
     ToolSpec(
         name="lookup",
         description="Look a word up",

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from mlxcluster.durations import parse_duration
+
 Port = Annotated[int, Meta(ge=1, le=65535)]
 OptionalPort = Annotated[int, Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -201,8 +203,36 @@ class WorkerSection(_Section):
     """Bytes of KV cache kept for reuse by later prompts (LRU); unset: a share of the machine's memory,
     0: no prompt cache."""
     memory_budget_gb: Annotated[float, Meta(gt=0)] | None = None
-    """Memory the model's weights may take on this worker; unset: the machine's available memory. A model
-    (or, in a group, a shard) larger than this is refused at load."""
+    """The memory budget in GiB (``memory_budget_bytes`` in bytes; set one of them)."""
+    memory_budget_bytes: Annotated[int, Meta(gt=0)] | None = None
+    """This worker's one memory budget: loaded models' weights, the prompt cache and the running requests'
+    projected KV together; unset: ``memory_budget_gb``, else 75% of the machine's physical memory (what
+    Metal lets one process wire by default on most Macs). A model that cannot fit is refused at load, a
+    request that cannot fit now waits, one that never could is refused."""
+    models: list[str] = msgspec.field(default_factory=list)
+    """The worker's catalogue: models it may load on demand (model dirs, names in the models dir, Hugging Face
+    repo ids). ``model`` (loaded at start) is always in it."""
+    scan_models_dir: bool = False
+    """Add every model dir of ``[models] dir`` to the catalogue."""
+    keep_alive: str | float = "5m"
+    """How long a model loaded on demand stays loaded once idle (seconds, or ``"5m"``, ``"1h"``; negative: for
+    ever; 0: unload after each request). A request's ``keep_alive`` overrides it."""
+    pinned: list[str] = msgspec.field(default_factory=list)
+    """Models never unloaded when idle (``model``, loaded at start, is pinned unless ``pin_start_model`` is off)."""
+    pin_start_model: bool = True
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_gb is not None and self.memory_budget_bytes is not None:
+            raise ValueError("set memory_budget_bytes or memory_budget_gb, not both")
+        try:
+            parse_duration(self.keep_alive)
+        except ValueError as exc:
+            raise ValueError(f"keep_alive: {exc}") from None
+
+    @property
+    def keep_alive_s(self) -> float:
+        """``keep_alive`` in seconds (negative: for ever)."""
+        return parse_duration(self.keep_alive)
     thinking_budgets: ThinkingBudgetsSection = msgspec.field(default_factory=ThinkingBudgetsSection)
     group: GroupSection = msgspec.field(default_factory=GroupSection)
 

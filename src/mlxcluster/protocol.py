@@ -52,6 +52,8 @@ class Capabilities(_Message):
     available_memory_gb: float = 0.0
     engine: str = "mlx"
     version: str = ""
+    catalogue: list[CatalogueModel] | None = None
+    """Every model this worker may serve, loaded or not (see :class:`CatalogueModel`)."""
 
 
 class GroupMember(_Message, omit_defaults=False):
@@ -128,6 +130,54 @@ class PromptCacheStats(_Message):
     evictions: Count = 0
 
 
+class CatalogueModel(_Message):
+    """A model a worker may serve (its catalogue: ``worker.model``, ``worker.models``, the scanned models dir),
+    loaded or not, with what placement needs to know of it."""
+
+    name: str
+    """The served name (a dir's basename, a repo id, a name in the models dir)."""
+    kind: Literal["chat", "embedding"] = "chat"
+    source: str = ""
+    """Where it was found: ``demo``, ``models-dir``, ``local``, ``hf-cache`` or ``hub`` (not downloaded yet)."""
+    weights_bytes: Count = 0
+    """Bytes of its weight files (0: not known, e.g. a repo id not downloaded yet)."""
+    kv_bytes_per_token: Count = 0
+    """KV cache bytes one token of context costs across the model's attention layers (0: not known)."""
+    kv_fixed_bytes: Count = 0
+    """KV bytes a request costs whatever its length (the window of sliding-window layers at most, the state of
+    linear-attention layers); a request of ``n`` tokens projects ``kv_fixed_bytes + n × kv_bytes_per_token``
+    at most (window layers are capped at their window)."""
+    context_length: Count = 0
+
+
+ModelLoadState = Literal["loading", "loaded", "unloading"]
+
+
+class ModelState(_Message):
+    """One model a worker holds (or is loading / unloading) now."""
+
+    name: str
+    state: ModelLoadState = "loaded"
+    weights_bytes: Count = 0
+    last_used: float = 0.0
+    """Unix time its latest request ended (or it loaded)."""
+    expires_at: float | None = None
+    """Unix time it unloads if unused meanwhile; None: never (pinned, a negative keep-alive, or in use)."""
+    pinned: bool = False
+    in_flight: Count = 0
+    """Its requests running or waiting on this worker."""
+
+
+class MemoryParts(_Message):
+    """A worker's one memory budget and what takes it: loaded weights, the prompt cache, the running requests'
+    projected KV (reserved at admission)."""
+
+    budget_bytes: Count = 0
+    weights_bytes: Count = 0
+    prompt_cache_bytes: Count = 0
+    kv_bytes: Count = 0
+
+
 class WorkerHeartbeat(_Message):
     """Published by a worker every ``discovery.heartbeat_interval_ms``."""
 
@@ -146,6 +196,11 @@ class WorkerHeartbeat(_Message):
     sent_at: float = 0.0
     prompt_cache: PromptCacheStats | None = None
     """The engine's prompt (KV) cache, when it has one."""
+    models: list[ModelState] | None = None
+    """The models loaded, loading or unloading (None: a worker that predates the model fleet)."""
+    catalogue: list[CatalogueModel] | None = None
+    """Every model this worker may serve, loaded or not (None: only ``models_loaded``)."""
+    memory: MemoryParts | None = None
 
 
 class CacheEvent(_Message):
@@ -173,6 +228,32 @@ class Deregister(_Message):
 
     worker_id: WorkerId
     reason: str = ""
+
+
+class ModelCommand(_Message):
+    """Sent by a controller to ``worker.<id>.models`` (a NATS request): load or unload a model of the catalogue.
+    Answered with :class:`ModelCommandResult` once done (a load: when the model serves)."""
+
+    action: Literal["load", "unload"]
+    model: str
+    keep_alive: float | None = None
+    """Seconds to keep it loaded once idle (negative: for ever; None: the worker's default)."""
+    pin: bool | None = None
+    """Never unload it when idle (None: leave as it is)."""
+    force: bool = False
+    """Load even when the memory budget says it does not fit (a warning, not a refusal)."""
+
+
+class ModelCommandResult(_Message):
+    """A worker's answer to a :class:`ModelCommand`."""
+
+    ok: bool
+    message: str = ""
+    """Why it failed, or what was done."""
+    warning: str = ""
+    """Set when ``force`` overrode the memory check."""
+    state: ModelState | None = None
+    memory: MemoryParts | None = None
 
 
 class Announce(_Message):
@@ -346,6 +427,9 @@ class InferenceRequest(_Message):
     """What earlier workers streamed, in order (reasoning, content, complete tool calls), when the stream
     moved: the worker continues the assistant's message after all of it (its grammar advanced over it).
     ``continuation`` then holds the content text alone, for workers that predate this field."""
+    keep_alive: float | None = None
+    """Seconds the model stays loaded after this request once idle (Ollama's ``keep_alive``): 0 unloads it when
+    the request ends, negative keeps it for ever; None: the worker's default for the model."""
 
 
 class Cancel(_Message):

@@ -58,6 +58,10 @@ class Subjects:
         """A worker's cancel subject (:class:`~mlxcluster.protocol.Cancel`)."""
         return f"{self.prefix}.worker.{worker_id}.cancel"
 
+    def models(self, worker_id: str) -> str:
+        """A worker's model commands (:class:`~mlxcluster.protocol.ModelCommand`, a request with a reply)."""
+        return f"{self.prefix}.worker.{worker_id}.models"
+
     def response(self, controller_id: str, request_key: str) -> str:
         """One request's stream subject: the reply subject the worker publishes frames to."""
         return f"{self.prefix}.response.{controller_id}.{request_key}"

@@ -207,8 +207,7 @@ class RunningWorker:
                 task = getattr(self.service, name, None)
                 if task is not None:
                     task.cancel()
-            if self.service.cache_events is not None:
-                await self.service.cache_events.stop()
+            await self.service.stop_cache_events()
         await self.bus.close(drain=drain)
 
 

@@ -147,6 +147,7 @@ def test_the_plugin_api_and_the_errors_module_are_leaves() -> None:
         "mlxcluster.api.helpers",
         "mlxcluster.api.hooks",
         "mlxcluster.config",
+        "mlxcluster.durations",
         "mlxcluster.prefix_digest",
         "mlxcluster.protocol",
     }

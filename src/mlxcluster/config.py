@@ -144,6 +144,8 @@ class ControllerSection(_Section):
     stall_timeout_s: PositiveSeconds = 15.0
     """Mid-stream silence (no frame, no liveness probe of the worker) after which a stream counts as lost;
     workers probe every request older than 5 s every 5 s, so keep it above 5."""
+    model_load_timeout_s: PositiveSeconds = 600.0
+    """The longest wait for a worker to load a model (on demand or by ``models load``); a download counts."""
     default_max_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] = 32768
     """The most tokens an answer may have when the client sets no limit (chat ``max_tokens``, Responses
     ``max_output_tokens``): the worker gives it the room the model's context window leaves after the prompt, at
@@ -233,6 +235,7 @@ class WorkerSection(_Section):
     def keep_alive_s(self) -> float:
         """``keep_alive`` in seconds (negative: for ever)."""
         return parse_duration(self.keep_alive)
+
     thinking_budgets: ThinkingBudgetsSection = msgspec.field(default_factory=ThinkingBudgetsSection)
     group: GroupSection = msgspec.field(default_factory=GroupSection)
 

@@ -22,7 +22,7 @@ from msgspec import Struct
 
 from mlxcluster.config import LoadBalancingSection
 from mlxcluster.prefix_digest import canonical_text
-from mlxcluster.protocol import GroupInfo, InferenceRequest, PromptCacheStats
+from mlxcluster.protocol import GroupInfo, InferenceRequest, MemoryParts, PromptCacheStats
 
 WorkerState = Literal["online", "degraded", "draining", "offline"]
 ELIGIBLE_STATES: frozenset[WorkerState] = frozenset({"online", "degraded"})
@@ -67,6 +67,19 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     """The worker's prompt cache as its last heartbeat reported it (``None``: it has none)."""
     group: GroupInfo | None = None
     """Set when the worker is a worker group's rank 0 (the group's name, size, parallelism and members)."""
+    memory: MemoryParts | None = None
+    """Its memory budget and what takes it (weights, prompt cache, running requests' KV), as last reported."""
+
+    @property
+    def memory_full(self) -> bool:
+        """True when loaded weights and the running requests' KV fill the memory budget: a new request would
+        wait for memory there (the prompt cache does not count: it gives way)."""
+        memory = self.memory
+        return (
+            memory is not None
+            and memory.budget_bytes > 0
+            and memory.weights_bytes + memory.kv_bytes >= memory.budget_bytes
+        )
 
     @property
     def free_slots(self) -> int:

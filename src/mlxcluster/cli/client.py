@@ -69,11 +69,18 @@ def cli_api_key(config: Config, env: Mapping[str, str]) -> str | None:
 
 
 def ask_controller(
-    config_path: Path | None, url: str | None, path: str, *, method: str = "GET", body: Any = None
+    config_path: Path | None,
+    url: str | None,
+    path: str,
+    *,
+    method: str = "GET",
+    body: Any = None,
+    timeout: float = 5.0,
 ) -> Any:
     """One call to the controller named by ``--url`` or the config; exit 1 with the reason on failure."""
     config = get_config(config_path)
+    key = cli_api_key(config, os.environ)
     try:
-        return fetch(controller_url(config, url), path, cli_api_key(config, os.environ), method=method, body=body)
+        return fetch(controller_url(config, url), path, key, timeout, method=method, body=body)
     except StatusError as exc:
         fail(str(exc), 1)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mlxcluster.cli.common import fail
+from mlxcluster.cli.models_fleet import register as register_fleet_commands
 from mlxcluster.models.registry import default_models_dir, list_models
 from mlxcluster.startup import leave_now
 from mlxcluster.tables import table
@@ -27,10 +28,12 @@ DEMO_WHEEL_ENV = "MLXCLUSTER_DEMO_WHEEL"
 
 models_app = typer.Typer(
     name="models",
-    help="Make the default model, import GGUF files, pull models from the Hugging Face hub, list local models.",
+    help="Make the default model, import GGUF files, pull models from the Hugging Face hub, list local models; "
+    "see, load and unload a running cluster's models.",
     no_args_is_help=True,
     add_completion=False,
 )
+register_fleet_commands(models_app)
 
 ModelsDirOption = Annotated[
     Path,

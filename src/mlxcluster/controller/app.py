@@ -26,6 +26,7 @@ from mlxcluster.controller.http import (
     routes_admin,
     routes_anthropic,
     routes_cluster,
+    routes_models,
     routes_openai,
     routes_responses,
     routes_ws,
@@ -39,6 +40,7 @@ from mlxcluster.controller.routing.balancing import build_balancer
 from mlxcluster.controller.routing.cache_feed import follow_cache_events
 from mlxcluster.controller.routing.cache_index import CacheIndex
 from mlxcluster.controller.routing.dispatch import Dispatcher
+from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.controller.routing.settings_sync import share_worker_settings
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
@@ -58,6 +60,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     inbox = StreamInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
     ops = Operations.from_config(config.controller)  # a bad key entry fails here, at startup
+    loader = ModelLoader(bus=bus, registry=registry, timeout_s=config.controller.model_load_timeout_s)
     ctx = ControllerContext(
         config=config,
         bus=bus,
@@ -69,7 +72,9 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
             config=config.controller,
             inbox=inbox,
             events=ops.sink(metrics.emit if metrics.runners else None),
+            loader=loader,
         ),
+        loader=loader,
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
         cache_index=cache_index,
@@ -83,6 +88,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_responses.routes)
     app.add_routes(routes_anthropic.routes)
+    app.add_routes(routes_models.routes)
     app.add_routes(routes_cluster.routes)
     app.add_routes(routes_admin.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked

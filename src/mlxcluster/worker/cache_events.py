@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+from collections.abc import Iterator
 
 from mlxcluster.bus import Bus
 from mlxcluster.protocol import CacheEvent
@@ -49,6 +51,7 @@ class CacheEventPublisher:
         models: list[str],
         flush_interval_s: float = FLUSH_INTERVAL_S,
         snapshot_interval_s: float = SNAPSHOT_INTERVAL_S,
+        sequence: Iterator[int] | None = None,
     ) -> None:
         self.bus = bus
         self.engine = engine
@@ -59,6 +62,8 @@ class CacheEventPublisher:
         self.snapshot_interval_s = snapshot_interval_s
         self.max_digests = digests_per_message(bus.max_payload)
         self.seq = 0
+        self._sequence = sequence if sequence is not None else itertools.count(1)
+        """Where ``seq`` numbers come from: shared by the publishers of one worker's engines (one model each)."""
         self.published = 0
         self._last_flush = float("-inf")
         self._stored: dict[int, None] = {}  # insertion-ordered: a conversation's digests stay in chain order
@@ -131,6 +136,13 @@ class CacheEventPublisher:
             self._removed.clear()
             await self._publish(self.engine.cache_digests(), [], reset=True)
 
+    async def cleared(self) -> None:
+        """Publish an empty snapshot: the engine is gone (its model unloaded), and its cache with it."""
+        async with self._lock:
+            self._stored.clear()
+            self._removed.clear()
+            await self._publish([], [], reset=True)
+
     async def _publish(self, stored: list[int], removed: list[int], *, reset: bool) -> None:
         size = self.max_digests
         chunks: list[tuple[list[int], list[int]]] = [
@@ -138,7 +150,7 @@ class CacheEventPublisher:
         ] + [([], removed[i : i + size]) for i in range(0, len(removed), size)]
         for i, (part_stored, part_removed) in enumerate(chunks or [([], [])]):
             for model in self.models:
-                self.seq += 1
+                self.seq = next(self._sequence)
                 event = CacheEvent(
                     worker_id=self.worker_id,
                     model=model,

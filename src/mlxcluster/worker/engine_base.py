@@ -65,6 +65,17 @@ class Engine(ABC):
         """Every prefix digest the prompt cache holds now (for a full snapshot)."""
         return []
 
+    @property
+    def prompt_cache_nbytes(self) -> int:
+        """Bytes the prompt cache holds now (read from any thread; engines without one: 0)."""
+        stats = self.prompt_cache_stats()
+        return stats.bytes if stats is not None else 0
+
+    def shrink_prompt_cache(self, target_bytes: int) -> None:
+        """Ask the prompt cache to drop entries until it holds at most ``target_bytes`` (soon, from its own
+        thread; engines without one: nothing to do)."""
+        return None
+
     def set_failure_listener(self, listener: Callable[[str], None] | None) -> None:
         """Be told (from any thread) why the engine can no longer serve, if that happens (engines that
         cannot fail that way: never)."""

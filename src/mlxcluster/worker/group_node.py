@@ -78,7 +78,11 @@ def check_placement(config: Config, model_path: str) -> None:
         check_group_fits(shape, size, group.parallel)
         if size > 1:
             check_sharding_supported(model_path, group.parallel)
-        check_memory_fits(shape, available_memory_bytes(config.worker.memory_budget_gb), size=size)
+        check_memory_fits(
+            shape,
+            available_memory_bytes(config.worker.memory_budget_gb, config.worker.memory_budget_bytes),
+            size=size,
+        )
     except PlacementError as exc:
         raise NodeError(str(exc)) from None
 

@@ -124,10 +124,32 @@ def check_memory_fits(shape: ModelShape, available_bytes: int, *, size: int = 1)
     )
 
 
-def available_memory_bytes(budget_gb: float | None) -> int:
-    """``worker.memory_budget_gb`` when set, else the memory this machine has available now."""
-    if budget_gb is not None:
-        return int(budget_gb * 1024**3)
+DEFAULT_BUDGET_SHARE = 0.75
+"""Share of physical memory a worker's budget takes when none is configured."""
+
+
+def configured_budget_bytes(budget_bytes: int | None, budget_gb: float | None) -> int | None:
+    """``worker.memory_budget_bytes`` or ``worker.memory_budget_gb`` in bytes; ``None`` when neither is set."""
+    if budget_bytes is not None:
+        return budget_bytes
+    return int(budget_gb * 1024**3) if budget_gb is not None else None
+
+
+def memory_budget_bytes(budget_bytes: int | None, budget_gb: float | None) -> int:
+    """The worker's one memory budget: as configured, else :data:`DEFAULT_BUDGET_SHARE` of physical memory."""
+    configured = configured_budget_bytes(budget_bytes, budget_gb)
+    if configured is not None:
+        return configured
+    import psutil
+
+    return int(psutil.virtual_memory().total * DEFAULT_BUDGET_SHARE)
+
+
+def available_memory_bytes(budget_gb: float | None, budget_bytes: int | None = None) -> int:
+    """The configured memory budget when set, else the memory this machine has available now."""
+    configured = configured_budget_bytes(budget_bytes, budget_gb)
+    if configured is not None:
+        return configured
     import psutil
 
     return int(psutil.virtual_memory().available)

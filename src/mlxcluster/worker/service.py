@@ -1,7 +1,11 @@
-"""The worker node on the bus: registration, heartbeats, inference requests, cancellation, drain.
+"""The worker node on the bus: registration, heartbeats, inference requests, model commands, cancellation, drain.
 
-Each request arrives on ``worker.<id>.inference`` with a NATS reply subject that the controller
-subscribed *before* sending, so no frame is lost. The worker answers with ``Accepted``, then
+The models it serves are its :class:`~mlxcluster.worker.model_host.ModelHost`'s: a request for a model of the
+catalogue that is not loaded loads it first (``Progress`` frames keep the controller's first-token timer quiet
+meanwhile), and ``worker.<id>.models`` takes load and unload commands.
+
+Each request arrives on ``worker.<id>.inference`` with a NATS reply subject that the controller subscribed
+*before* sending, so no frame is lost. The worker answers with ``Accepted``, then
 ``Token`` frames (an engine coalesces tokens that pile up while this loop publishes), then ``Done`` or
 ``Error``.
 """
@@ -10,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -30,6 +36,10 @@ from mlxcluster.protocol import (
     GroupInfo,
     Hardware,
     InferenceRequest,
+    ModelCommand,
+    ModelCommandResult,
+    Progress,
+    PromptCacheStats,
     Token,
     WorkerHeartbeat,
     WorkerRegistration,
@@ -38,12 +48,17 @@ from mlxcluster.protocol import (
 from mlxcluster.worker.admission import Admission
 from mlxcluster.worker.cache_events import CacheEventPublisher
 from mlxcluster.worker.engine_base import Engine
+from mlxcluster.worker.memory_budget import MemoryBudget
+from mlxcluster.worker.model_host import Lease, LoadError, ModelHost
+from mlxcluster.worker.placement import memory_budget_bytes
 from mlxcluster.worker.system import ProcessMonitor, hostname
 
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 5.0
 RATE_WINDOW_S = 5.0
+LOAD_PROGRESS_S = 1.0
+"""How often a request waiting for its model's load tells the controller it is alive."""
 
 
 class TokenRate:
@@ -67,16 +82,21 @@ class TokenRate:
 
 
 class WorkerService:
-    """Serves one engine on the bus under one worker id."""
+    """Serves a :class:`ModelHost`'s models on the bus under one worker id.
+
+    :param engine: an engine started elsewhere, served as this worker's only, fixed model(s) (a worker group's
+        face, tests); otherwise ``host`` is required.
+    """
 
     def __init__(
         self,
         *,
         config: Config,
         bus: Bus,
-        engine: Engine,
         worker_id: str,
         hardware: Hardware,
+        host: ModelHost | None = None,
+        engine: Engine | None = None,
         group: GroupInfo | None = None,
         probe_interval_s: float = PROBE_INTERVAL_S,
     ) -> None:
@@ -84,7 +104,14 @@ class WorkerService:
         self.probe_interval_s = probe_interval_s  # how often long-running requests are probed for a listener
         self.group = group
         self.bus = bus
-        self.engine = engine
+        if host is None:
+            if engine is None:
+                raise ValueError("a worker service needs a model host or an engine")
+            worker = config.worker
+            budget = MemoryBudget(memory_budget_bytes(worker.memory_budget_bytes, worker.memory_budget_gb))
+            host = ModelHost.fixed(engine, budget, config.models_dir)
+        self.host = host
+        self.engine_name = engine.info().name if engine is not None else config.worker.engine
         self.worker_id = worker_id
         self.hardware = hardware
         self.status: WorkerStatus = "online"
@@ -100,8 +127,13 @@ class WorkerService:
         self._subscriptions: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
-        self.cache_events: CacheEventPublisher | None = None
-        """Publishes the engine's prompt-cache digests (engines with a prompt cache only)."""
+        self.cache_events: dict[int, CacheEventPublisher] = {}
+        """Publishers of the loaded engines' prompt-cache digests, by engine (engines with a prompt cache only)."""
+        self._cache_sequence = itertools.count(1)  # one seq for all of this worker's cache events
+        self._started = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.host.on_change = self._models_changed
+        self.host.add_engine_listener(self._engine_changed)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -112,17 +144,23 @@ class WorkerService:
             await self.bus.subscribe(subjects.inference(self.worker_id), InferenceRequest, self._on_request),
             await self.bus.subscribe(subjects.cancel(self.worker_id), Cancel, self._on_cancel),
             await self.bus.subscribe(subjects.announce, Announce, self._on_announce),
+            await self.bus.subscribe(subjects.models(self.worker_id), ModelCommand, self._on_model_command),
         ]
         await self.bus.flush()
         await self.register()
-        if self.engine.prompt_cache_stats() is not None:
-            self.cache_events = CacheEventPublisher(
-                bus=self.bus, engine=self.engine, worker_id=self.worker_id, instance=self.started_at, models=self.models
-            )
-            await self.cache_events.start()
+        self._started = True
+        for name, engine in self.host.engines().items():
+            await self._follow_cache(name, engine)
+        self.host.start()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         self._probe_task = asyncio.create_task(self._probe_loop())
-        log.info("worker %s serving %s with the %s engine", self.worker_id, self.models, self.engine.info().name)
+        log.info(
+            "worker %s serving %s (catalogue: %s) with the %s engine",
+            self.worker_id,
+            self.models,
+            self.host.catalogue.names(),
+            self.engine_name,
+        )
 
     async def drain(self, timeout: float, reason: str = "shutdown") -> None:
         """Refuse new work, let in-flight requests finish up to ``timeout``, deregister with ``reason``."""
@@ -136,11 +174,10 @@ class WorkerService:
                 task.cancel()
             if still_running:
                 await asyncio.wait(still_running, timeout=5)
-        for loop_task in (self._heartbeat_task, self._probe_task):
+        for loop_task in (self._heartbeat_task, self._probe_task, *self._tasks):
             if loop_task is not None:
                 loop_task.cancel()
-        if self.cache_events is not None:
-            await self.cache_events.stop()
+        await self.stop_cache_events()
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -148,9 +185,78 @@ class WorkerService:
             await self.bus.publish(self.bus.subjects.deregister, Deregister(worker_id=self.worker_id, reason=reason))
             await self.bus.flush(timeout=2)
 
+    async def stop_cache_events(self) -> None:
+        """Stop publishing prompt-cache events."""
+        for publisher in list(self.cache_events.values()):
+            await publisher.stop()
+        self.cache_events.clear()
+
     @property
     def models(self) -> list[str]:
-        return self.engine.info().models
+        """The models loaded now."""
+        return self.host.loaded()
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def _models_changed(self) -> None:
+        """A model started or finished loading or unloading: tell the controllers now, not at the next beat."""
+        if self._started and self.status != "draining":
+            self._spawn(self.publish_heartbeat())
+
+    def _engine_changed(self, name: str, engine: Engine | None) -> None:
+        if self._started:
+            self._spawn(self._follow_cache(name, engine))
+
+    async def _follow_cache(self, name: str, engine: Engine | None) -> None:
+        """Publish a model's prompt-cache events while it is loaded; once it is gone, say its cache is empty."""
+        if engine is None:
+            for key, publisher in list(self.cache_events.items()):
+                if name in publisher.models:
+                    del self.cache_events[key]
+                    await publisher.stop()
+                    await publisher.cleared()
+            return
+        if engine.prompt_cache_stats() is None or id(engine) in self.cache_events:
+            return
+        publisher = CacheEventPublisher(
+            bus=self.bus,
+            engine=engine,
+            worker_id=self.worker_id,
+            instance=self.started_at,
+            models=engine.info().models,
+            sequence=self._cache_sequence,
+        )
+        self.cache_events[id(engine)] = publisher
+        await publisher.start()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_model_command(self, command: ModelCommand, msg: Msg) -> None:
+        """``worker.<id>.models``: load or unload, answered when done."""
+        if not msg.reply:
+            self.bus.invalid_messages[msg.subject] += 1
+            return
+        self._spawn(self._run_model_command(command, msg.reply))
+
+    async def _run_model_command(self, command: ModelCommand, reply: str) -> None:
+        try:
+            if command.action == "load":
+                state, warning = await self.host.load(
+                    command.model, keep_alive_s=command.keep_alive, pin=command.pin, force=command.force
+                )
+                result = ModelCommandResult(ok=True, message="loaded", warning=warning, state=state)
+            else:
+                state = await self.host.unload(command.model)
+                message = "unloaded" if state is not None else "not loaded"
+                result = ModelCommandResult(ok=True, message=message, state=state)
+        except LoadError as exc:
+            result = ModelCommandResult(ok=False, message=str(exc))
+        result.memory = self.host.budget.parts()
+        with contextlib.suppress(Exception):
+            await self.bus.publish(reply, result)
 
     def registration(self) -> WorkerRegistration:
         sample = self._monitor.sample()
@@ -163,8 +269,9 @@ class WorkerService:
                 max_queue=self.admission.max_queue,
                 models=self.models,
                 available_memory_gb=sample.available_memory_gb,
-                engine=self.engine.info().name,
+                engine=self.engine_name,
                 version=__version__,
+                catalogue=self.host.catalogue.models(),
             ),
             started_at=self.started_at,
             group=self.group,
@@ -192,8 +299,24 @@ class WorkerService:
             tokens_total=self.tokens_total,
             errors_total=self.errors_total,
             sent_at=time.time(),
-            prompt_cache=self.engine.prompt_cache_stats(),
+            prompt_cache=self._prompt_cache_stats(),
+            models=self.host.states(),
+            catalogue=self.host.catalogue.models(),
+            memory=self.host.budget.parts(),
         )
+
+    def _prompt_cache_stats(self) -> PromptCacheStats | None:
+        """The loaded engines' prompt caches together (None: no engine has one)."""
+        found = [s for s in (e.prompt_cache_stats() for e in set(self.host.engines().values())) if s is not None]
+        if not found:
+            return None
+        if len(found) == 1:
+            return found[0]
+        total = PromptCacheStats()
+        for stats in found:
+            for field in PromptCacheStats.__struct_fields__:
+                setattr(total, field, getattr(total, field) + getattr(stats, field))
+        return total
 
     async def publish_heartbeat(self) -> None:
         with contextlib.suppress(Exception):
@@ -211,8 +334,8 @@ class WorkerService:
         log.info("controller %s announced itself; registering again", announce.controller_id)
         await self.register()
         await self.publish_heartbeat()
-        if self.cache_events is not None:  # a new controller's cache index starts empty
-            await self.cache_events.snapshot()
+        for publisher in list(self.cache_events.values()):  # a new controller's cache index starts empty
+            await publisher.snapshot()
 
     async def _on_cancel(self, cancel: Cancel, _msg: Msg) -> None:
         task = self.in_flight.get(cancel.request_id)
@@ -244,25 +367,31 @@ class WorkerService:
     # --- serving one request --------------------------------------------------------------------
 
     async def _serve(self, request: InferenceRequest, stream: ReplyWriter) -> None:
-        """Admit, generate and stream one request; every path ends with Done or Error (numbered by ``stream``)."""
+        """Load the model if needed, admit, generate and stream one request; every path ends with Done or Error
+        (numbered by ``stream``)."""
         send = stream.send
-        if request.model not in self.models:
+        if request.model not in self.host.catalogue:
             await send(
-                Error(code="model_not_found", message=f"model {request.model!r} is not loaded here", retryable=True)
+                Error(code="model_not_found", message=f"model {request.model!r} is not served here", retryable=True)
             )
             return
-        await send(Accepted(worker_id=self.worker_id, queued=self.admission.would_queue()))
+        loaded = request.model in self.host.engines()
+        await send(Accepted(worker_id=self.worker_id, queued=not loaded or self.admission.would_queue()))
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
         emitted = 0
+        lease: Lease | None = None
         try:
             async with asyncio.timeout(timeout):
+                lease = await self._acquire(request, send)
+                if lease is None:
+                    return
                 if not await self.admission.acquire(continued=request.continuation is not None):
                     self.errors_total += 1
                     await send(Error(code="overloaded", message="worker queue is full", retryable=True))
                     return
                 try:
                     # aclosing: a cancel landing in publish() must close the engine's stream at once
-                    async with contextlib.aclosing(self.engine.generate(request)) as frames:
+                    async with contextlib.aclosing(lease.engine.generate(request)) as frames:
                         async for frame in frames:
                             if isinstance(frame, Token):
                                 emitted += frame.count
@@ -284,6 +413,31 @@ class WorkerService:
             self.errors_total += 1
             log.exception("engine failed on %s", request.request_id)
             await send(Error(code="engine_error", message=str(exc) or type(exc).__name__, retryable=emitted == 0))
+        finally:
+            if lease is not None:
+                lease.release()
+
+    async def _acquire(self, request: InferenceRequest, send: Any) -> Lease | None:
+        """The request's model, loaded (a Progress frame every :data:`LOAD_PROGRESS_S` while it loads); ``None``
+        once an Error has been sent (the load failed)."""
+        if self.host.state(request.model) is not None and request.model in self.host.engines():
+            return await self.host.acquire(request.model, request.keep_alive)  # loaded: no wait, no loop turn
+        acquiring = asyncio.ensure_future(self.host.acquire(request.model, request.keep_alive))
+        try:
+            while True:
+                done, _ = await asyncio.wait([acquiring], timeout=LOAD_PROGRESS_S)
+                if done:
+                    return acquiring.result()
+                await send(Progress())
+        except LoadError as exc:
+            self.errors_total += 1
+            await send(Error(code="model_load_failed", message=str(exc)))
+            return None
+        finally:
+            if not acquiring.done():
+                acquiring.cancel()
+                # a lease granted just as we were cancelled must not keep the model in flight for ever
+                acquiring.add_done_callback(_release_late)
 
     async def _probe_loop(self) -> None:
         """Every few seconds, ask whether anyone still waits for each long-running request; cancel if not.
@@ -301,3 +455,8 @@ class WorkerService:
                 if gone and task is not None:
                     log.info("nobody waits for %s any more; cancelling", stream.reply)
                     task.cancel()
+
+
+def _release_late(acquiring: asyncio.Future[Lease]) -> None:
+    if not acquiring.cancelled() and acquiring.exception() is None:
+        acquiring.result().release()

@@ -12,11 +12,17 @@ import msgspec
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
-from mlxcluster.errors import NodeFailed
+from mlxcluster.errors import NodeError, NodeFailed
 from mlxcluster.heap import freeze_startup_heap
+from mlxcluster.protocol import CatalogueModel
 from mlxcluster.startup import StartInterrupted, until_stop
+from mlxcluster.worker.catalogue import Catalogue, CatalogueEntry, build_catalogue
+from mlxcluster.worker.echo import ECHO_MODEL
 from mlxcluster.worker.engine_base import Engine
+from mlxcluster.worker.memory_budget import MemoryBudget
+from mlxcluster.worker.model_host import EngineFactory, LoadError, ModelHost
 from mlxcluster.worker.models import ResolvedModel, resolve_model
+from mlxcluster.worker.placement import memory_budget_bytes
 from mlxcluster.worker.service import WorkerService
 from mlxcluster.worker.system import detect_hardware, hostname
 
@@ -29,44 +35,91 @@ def default_worker_id() -> str:
 
 
 def prepare_model(config: Config) -> ResolvedModel | None:
-    """Resolve ``worker.model`` to a local dir (downloading a repo id missing from the Hugging Face cache) and
-    check that it fits this worker or group; ``None`` for the echo engine, which loads nothing.
+    """Resolve ``worker.model`` (the model loaded at start) to a local dir, downloading a repo id missing from the
+    Hugging Face cache, and check that it fits this worker or group; ``None`` for the echo engine (it loads
+    nothing) and for a worker that loads nothing at start (no ``model``, a catalogue in ``models``).
 
     Blocking (a download can take minutes): the role runs it on a thread, before it connects to NATS.
     """
-    if config.worker.engine == "echo":
+    worker = config.worker
+    if worker.engine == "echo":
+        return None
+    if worker.model is None and (worker.models or worker.scan_models_dir):
         return None
     from mlxcluster.worker.group_node import check_placement
 
-    model = resolve_model(config.worker.model, config.models_dir)
+    model = resolve_model(worker.model, config.models_dir)
     check_placement(config, model.path)  # a model too big for this worker is refused before loading
     return model
 
 
-def build_engine(config: Config, model: ResolvedModel | None = None) -> Engine:
-    """The engine named by ``worker.engine`` (mlx-lm is imported only for ``mlx``), serving ``model``
-    (default: :func:`prepare_model`'s)."""
-    if config.worker.engine == "echo":
+def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
+    """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx)."""
+    worker = config.worker
+    if worker.engine == "echo":
         from mlxcluster.worker.echo import EchoEngine
 
-        models = [config.worker.model] if config.worker.model else None
-        return EchoEngine(
-            models=models,
-            token_delay_ms=config.worker.echo_token_delay_ms,
-            prompt_cache_entries=config.worker.echo_prompt_cache_entries,
-        )
+        def echo(entry: CatalogueEntry) -> Engine:
+            return EchoEngine(
+                models=[entry.name],
+                token_delay_ms=worker.echo_token_delay_ms,
+                prompt_cache_entries=worker.echo_prompt_cache_entries,
+            )
+
+        return echo
     from mlxcluster.worker.engine import MlxEngine
 
-    model = model or prepare_model(config)
-    assert model is not None
-    return MlxEngine(
-        model.path,
-        served_name=model.served_name,
-        max_concurrent=config.worker.max_concurrent,
-        prefill_step_size=config.worker.prefill_step_size,
-        prompt_cache_bytes=config.worker.prompt_cache_bytes,
-        thinking_budgets=msgspec.structs.asdict(config.worker.thinking_budgets),
+    def mlx(entry: CatalogueEntry) -> Engine:
+        assert entry.path is not None, "a model is resolved before its engine is built"
+        return MlxEngine(
+            entry.path,
+            served_name=entry.name,
+            max_concurrent=worker.max_concurrent,
+            prefill_step_size=worker.prefill_step_size,
+            prompt_cache_bytes=worker.prompt_cache_bytes,
+            thinking_budgets=msgspec.structs.asdict(worker.thinking_budgets),
+            memory_budget=budget,
+        )
+
+    return mlx
+
+
+def build_host(config: Config, model: ResolvedModel | None = None) -> ModelHost:
+    """The worker's model host: its catalogue (``model`` first: loaded at start), budget and engine factory."""
+    worker = config.worker
+    catalogue = build_catalogue(config, model)
+    if worker.engine == "echo" and not len(catalogue):
+        catalogue.add(CatalogueEntry(ECHO_MODEL, ECHO_MODEL, None, CatalogueModel(name=ECHO_MODEL, source="echo")))
+    budget = MemoryBudget(memory_budget_bytes(worker.memory_budget_bytes, worker.memory_budget_gb))
+    pinned = set(worker.pinned)
+    start = start_model_name(config, model, catalogue)
+    if start is not None and worker.pin_start_model:
+        pinned.add(start)
+    return ModelHost(
+        catalogue,
+        engine_factory(config, budget),
+        budget,
+        models_dir=config.models_dir,
+        default_keep_alive_s=worker.keep_alive_s,
+        pinned=pinned,
     )
+
+
+def start_model_name(config: Config, model: ResolvedModel | None, catalogue: Catalogue) -> str | None:
+    """The served name of the model loaded at start (None: none is)."""
+    if model is not None:
+        return model.served_name
+    if config.worker.engine == "echo":
+        names = catalogue.names()
+        if config.worker.model is not None or not config.worker.models:
+            return names[0] if names else None
+    return None
+
+
+def fixed_host(config: Config, engine: Engine) -> ModelHost:
+    """A model host serving one engine started elsewhere (a worker group's face, a test's engine), pinned."""
+    budget = MemoryBudget(memory_budget_bytes(config.worker.memory_budget_bytes, config.worker.memory_budget_gb))
+    return ModelHost.fixed(engine, budget, config.models_dir)
 
 
 async def serve_worker(
@@ -89,7 +142,6 @@ async def serve_worker(
 
         await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id(), model=model)
         return
-    engine = engine or build_engine(config, model)
     loop = asyncio.get_running_loop()
     failed: asyncio.Future[str] = loop.create_future()
 
@@ -97,23 +149,42 @@ async def serve_worker(
         if not failed.done():
             failed.set_result(reason)
 
-    def engine_failed(reason: str) -> None:  # called from the engine's thread
+    def engine_failed(reason: str) -> None:  # called from an engine's thread
         loop.call_soon_threadsafe(settle, reason)
 
-    engine.set_failure_listener(engine_failed)
-    try:
-        await until_stop(engine.start(), stop, "loading the model")
-    except StartInterrupted:
-        await engine.stop()
-        raise
-    info = engine.info()
-    log.info("engine %s ready: models %s %s", info.name, info.models, info.details)
+    if engine is not None:
+        engine.set_failure_listener(engine_failed)
+        try:
+            await until_stop(engine.start(), stop, "loading the model")
+        except StartInterrupted:
+            await engine.stop()
+            raise
+        host = fixed_host(config, engine)
+    else:
+        host = build_host(config, model)
+
+    def watch_engine(_name: str, started: Engine | None) -> None:
+        if started is not None:
+            started.set_failure_listener(engine_failed)
+
+    host.add_engine_listener(watch_engine)
+    start = start_model_name(config, model, host.catalogue) if engine is None else None
+    if start is not None:
+        try:
+            await until_stop(host.load(start), stop, "loading the model")
+        except StartInterrupted:
+            await host.stop()
+            raise
+        except LoadError as exc:
+            await host.stop()
+            raise NodeError(str(exc)) from None
+    log.info("worker models: loaded %s, catalogue %s", host.loaded(), host.catalogue.names())
     service = WorkerService(
         config=config,
         bus=bus,
-        engine=engine,
+        host=host,
         worker_id=config.worker.id or default_worker_id(),
-        hardware=detect_hardware(probe_accelerator=info.name != "echo"),
+        hardware=detect_hardware(probe_accelerator=config.worker.engine != "echo"),
     )
     try:
         await service.start()
@@ -128,4 +199,4 @@ async def serve_worker(
             raise NodeFailed(reason)
         await service.drain(config.worker.drain_timeout_s)
     finally:
-        await engine.stop()
+        await host.stop()

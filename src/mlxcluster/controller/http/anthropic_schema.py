@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct, field
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.controller.http.keep_alive import KeepAlive, keep_alive_seconds
 from mlxcluster.controller.http.openai_schema import MAX_STOP_SEQUENCES, MaxTokens, TopP
 from mlxcluster.controller.http.reasoning import ThinkingConfig, anthropic_thinking
 from mlxcluster.controller.http.tool_schema import FunctionDef, NamedTool, check_schema, choose_tool
@@ -62,6 +63,9 @@ class MessagesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     metadata: dict[str, Any] | None = None
     thinking: ThinkingConfig | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+    """How long the model stays loaded once idle (Ollama's ``keep_alive``: seconds or ``"5m"``; 0 unloads it
+    after this request, negative keeps it)."""
     """Our extension (``mlx_lm.server``'s field): variables for the chat template."""
     service_tier: str | None = None
     container: Any = None
@@ -208,5 +212,6 @@ def messages_to_inference(body: MessagesRequest, request_id: str, deadline: floa
         parallel_tool_calls=parallel,
         response_format=ResponseFormat(type="json_schema", schema=fmt.schema) if fmt is not None else None,
         chat_template_kwargs=body.chat_template_kwargs or None,
+        keep_alive=keep_alive_seconds(body.keep_alive),
         reasoning=reasoning,
     )

@@ -13,6 +13,7 @@ from mlxcluster.controller.lifecycle import Lifecycle
 from mlxcluster.controller.metering.ops import Operations
 from mlxcluster.controller.routing.cache_index import CacheIndex
 from mlxcluster.controller.routing.dispatch import Dispatcher
+from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 
 
@@ -24,6 +25,8 @@ class ControllerContext:
     bus: Bus
     registry: WorkerRegistry
     dispatcher: Dispatcher
+    loader: ModelLoader
+    """Loads and unloads models on workers (on demand, and the admin commands)."""
     balancer_name: str
     controller_id: str
     lifecycle: Lifecycle = field(default_factory=Lifecycle)

@@ -28,6 +28,8 @@ def worker_error(frame: Error) -> ApiError:
         return ApiError(504, "The request timed out on the worker", type="server_error", code="timeout")
     if frame.code == "context_length_exceeded":
         return ApiError(400, frame.message, param=frame.param or "messages", code="context_length_exceeded")
+    if frame.code == "model_load_failed":
+        return ApiError(503, frame.message, type="server_error", code="model_load_failed")
     if frame.code == "invalid_request":
         return ApiError(400, frame.message, param=frame.param, code="invalid_request")
     return ApiError(502, f"Worker error ({frame.code}): {frame.message}", type="server_error", code=frame.code)

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.controller.http.keep_alive import KeepAlive, keep_alive_seconds
 from mlxcluster.controller.http.openai_tools import (
     OpenAITool,
     ResponseFormatParam,
@@ -90,6 +91,9 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
     service_tier: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    keep_alive: KeepAlive = None
+    """How long the model stays loaded once idle (Ollama's ``keep_alive``: seconds or ``"5m"``; 0 unloads it
+    after this request, negative keeps it)."""
 
 
 class ChatCompletionRequest(_Common):
@@ -308,6 +312,7 @@ def chat_to_inference(
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
         chat_template_kwargs=body.chat_template_kwargs or None,
+        keep_alive=keep_alive_seconds(body.keep_alive),
         reasoning=reasoning,
         max_tokens_auto=auto,
     )
@@ -328,6 +333,7 @@ def completion_to_inference(body: CompletionRequest, request_id: str, deadline: 
     if body.suffix:
         raise bad_request("'suffix' is not supported", "suffix")
     return InferenceRequest(
+        keep_alive=keep_alive_seconds(body.keep_alive),
         request_id=request_id,
         model=body.model,
         prompt=prompt,

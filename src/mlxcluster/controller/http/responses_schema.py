@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.controller.http.keep_alive import KeepAlive, keep_alive_seconds
 from mlxcluster.controller.http.openai_schema import MaxTokens, Temperature, TopP, output_limit
 from mlxcluster.controller.http.reasoning import ReasoningOptions, responses_reasoning
 from mlxcluster.controller.http.tool_schema import (
@@ -55,6 +56,9 @@ class ResponsesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     text: TextOptions | None = None
     reasoning: ReasoningOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+    """How long the model stays loaded once idle (Ollama's ``keep_alive``: seconds or ``"5m"``; 0 unloads it
+    after this request, negative keeps it)."""
     """Our extension (``mlx_lm.server``'s field): variables for the chat template."""
     stream: bool = False
     store: bool | None = None
@@ -217,5 +221,6 @@ def responses_to_inference(
         parallel_tool_calls=body.parallel_tool_calls is not False,
         response_format=_format(body),
         chat_template_kwargs=body.chat_template_kwargs or None,
+        keep_alive=keep_alive_seconds(body.keep_alive),
         reasoning=responses_reasoning(body.reasoning),
     )

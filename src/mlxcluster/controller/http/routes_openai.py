@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+"""OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions`` (``/v1/models``: :mod:`.routes_models`).
 
 A stream's HTTP status is decided by its first frame: if no worker produced one, the client gets a
 proper 4xx/5xx JSON error instead of a 200 stream that fails at once.
@@ -13,9 +13,9 @@ from typing import Any
 from aiohttp import web
 
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
-from mlxcluster.controller.http.errors import ApiError, model_not_found
+from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.generation import Generated, collect, generation
-from mlxcluster.controller.http.middleware import API_KEY, new_request_id, stream_headers
+from mlxcluster.controller.http.middleware import new_request_id, stream_headers
 from mlxcluster.controller.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -237,26 +237,3 @@ async def completions(request: web.Request) -> web.StreamResponse:
         chat=False, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
     )
     return await complete(request, inference, renderer, usage_in_stream=include_usage(body))
-
-
-@routes.get("/v1/models")
-async def list_models(request: web.Request) -> web.Response:
-    """Every model some online worker serves, in OpenAI's list shape."""
-    ctx: ControllerContext = request.app[CONTROLLER]
-    key = request.get(API_KEY)  # a key limited to some models sees only those
-    data = [
-        {"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"}
-        for model in ctx.registry.models()
-        if key is None or key.allows_model(model)
-    ]
-    return json_response({"object": "list", "data": data})
-
-
-@routes.get("/v1/models/{model:.+}")
-async def get_model(request: web.Request) -> web.Response:
-    ctx: ControllerContext = request.app[CONTROLLER]
-    model = request.match_info["model"]
-    key = request.get(API_KEY)
-    if model not in ctx.registry.models() or (key is not None and not key.allows_model(model)):
-        raise model_not_found(model)
-    return json_response({"id": model, "object": "model", "created": ctx.started_at, "owned_by": "mlxcluster"})

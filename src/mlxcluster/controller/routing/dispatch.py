@@ -51,6 +51,8 @@ class Registry(Protocol):
 
     def eligible(self, model: str, exclude: Collection[str] = ...) -> list[WorkerView]: ...
     def has_model(self, model: str) -> bool: ...
+    def loaded_somewhere(self, model: str) -> bool: ...
+    def loadable_somewhere(self, model: str) -> bool: ...
     def is_offline(self, worker_id: str) -> bool: ...
     def begin(self, worker_id: str) -> None: ...
     def end(self, worker_id: str) -> None: ...
@@ -68,6 +70,17 @@ def pick_worker(
 
 class _TryElsewhere(Exception):
     """This worker failed before the first token; another may succeed."""
+
+    def __init__(self, reason: str, code: str = "") -> None:
+        super().__init__(reason)
+        self.code = code
+        """The worker's error code, when it answered with a retryable Error."""
+
+
+class Loader(Protocol):
+    """Loads a model on demand (:class:`~mlxcluster.controller.routing.model_loads.ModelLoader`)."""
+
+    async def ensure_loaded(self, model: str) -> str: ...
 
 
 class Dispatcher:
@@ -89,8 +102,11 @@ class Dispatcher:
         inbox: StreamInbox,
         breakers: Breakers | None = None,
         events: EventSink | None = None,
+        loader: Loader | None = None,
     ) -> None:
         self.bus = bus
+        self.loader = loader
+        """Loads a model that is in a worker's catalogue but loaded nowhere (None: such requests get a 503)."""
         self.inbox = inbox
         self.registry = registry
         self.balancer = balancer
@@ -206,8 +222,14 @@ class Dispatcher:
         moving = so_far.loss is not None
         tried: set[str] = set(so_far.lost)
         reasons: list[str] = []
+        codes: list[str] = []
         for segment_attempt in range(1, self.config.max_attempts + 1):
             worker = self._pick(request, tried)
+            if worker is None and segment_attempt == 1 and not moving and self.loader is not None:
+                registry = self.registry
+                if not registry.loaded_somewhere(request.model) and registry.loadable_somewhere(request.model):
+                    await self.loader.ensure_loaded(request.model)  # a 503 when it cannot
+                    worker = self._pick(request, tried)
             if worker is None:
                 break
             worker_id = worker.id
@@ -223,6 +245,7 @@ class Dispatcher:
                 relay = await self._start(request, payload, worker_id, attempt, meter)
             except _TryElsewhere as exc:
                 reasons.append(f"{worker_id}: {exc}")
+                codes.append(exc.code)
                 log.info("request %s: %s failed before the first token (%s)", request.request_id, worker_id, exc)
                 await asyncio.sleep(RETRY_BACKOFF_S * segment_attempt)
                 continue
@@ -232,6 +255,15 @@ class Dispatcher:
         if moving and so_far.loss is not None:
             why = "; ".join(reasons) if reasons else f"no other worker serving '{request.model}' is available"
             return unmovable(so_far.loss, f"no worker could continue it: {why}")
+        if codes and all(code == "exceeds_memory_budget" for code in codes):
+            raise ApiError(
+                400,
+                "The request can never fit the memory budget of any worker serving "
+                f"'{request.model}' (its prompt and max_tokens need more KV cache than the budget leaves beside "
+                f"the model's weights): {'; '.join(reasons)}. Lower max_tokens or shorten the prompt.",
+                param="max_tokens",
+                code="exceeds_memory_budget",
+            )
         if reasons:
             raise no_capacity(
                 f"No worker could serve the request after {len(reasons)} attempt(s): " + "; ".join(reasons)
@@ -316,7 +348,7 @@ class Dispatcher:
                     if frame.generated:
                         meter.generating()
                 case Error(retryable=True):
-                    raise _TryElsewhere(f"{frame.code}: {frame.message}")
+                    raise _TryElsewhere(f"{frame.code}: {frame.message}", frame.code)
                 case Error():
                     return frame
                 case None:

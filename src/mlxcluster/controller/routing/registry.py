@@ -25,7 +25,14 @@ from msgspec import Struct
 from mlxcluster.api import ELIGIBLE_STATES, EligibleWorkers, WorkerState, WorkerView
 from mlxcluster.config import Config
 from mlxcluster.controller.routing.worker_admin import WorkerSettings
-from mlxcluster.protocol import Deregister, WorkerHeartbeat, WorkerRegistration
+from mlxcluster.protocol import (
+    CatalogueModel,
+    Deregister,
+    MemoryParts,
+    ModelState,
+    WorkerHeartbeat,
+    WorkerRegistration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,20 @@ class WorkerEvent(Struct, frozen=True, kw_only=True):
     worker_id: str
     previous: WorkerState | None
     current: WorkerState | None
+
+
+class FleetWorker(Struct, frozen=True, kw_only=True):
+    """One worker's models as the registry knows them: loaded, loadable (its catalogue), their states, its memory."""
+
+    id: str
+    status: WorkerState
+    models: tuple[str, ...]
+    catalogue: dict[str, CatalogueModel]
+    states: dict[str, ModelState]
+    memory: MemoryParts | None
+    load: int
+    max_concurrent: int
+    hostname: str = ""
 
 
 class RegistryStats(Struct, frozen=True, kw_only=True):
@@ -83,12 +104,22 @@ class _Worker:
     """Wall-clock time of the latest registration."""
     view: WorkerView | None = None
     """Cached snapshot for picks; reset whenever anything above changes."""
+    catalogue: dict[str, CatalogueModel] | None = None
+    """Every model it may load, by name (None: a worker that predates the model fleet: ``models`` only)."""
+    model_states: tuple[ModelState, ...] = ()
+    memory: MemoryParts | None = None
 
     def load(self) -> int:
-        """Best estimate of requests on the worker now (see :meth:`WorkerRegistry.begin`)."""
+        """Best estimate of requests on the worker now (see :meth:`WorkerRegistry.begin`); a worker whose
+        memory budget is full (weights and running requests' KV) counts as saturated, at least
+        ``max_concurrent``: a request sent there would wait for memory."""
         hb = self.heartbeat
         reported = hb.active + hb.queued if hb is not None else 0
-        return max(self.inflight, reported + self.since_heartbeat, 0)
+        load = max(self.inflight, reported + self.since_heartbeat, 0)
+        memory = self.memory
+        if memory is not None and memory.budget_bytes and memory.weights_bytes + memory.kv_bytes >= memory.budget_bytes:
+            return max(load, self.max_concurrent)
+        return load
 
 
 class WorkerRegistry:
@@ -166,6 +197,8 @@ class WorkerRegistry:
         worker.registration = message
         worker.registered = True
         worker.models = tuple(caps.models)
+        if caps.catalogue is not None:
+            worker.catalogue = {entry.name: entry for entry in caps.catalogue}
         worker.max_concurrent = max(1, caps.max_concurrent)
         worker.max_queue = max(0, caps.max_queue)
         worker.last_seen = now
@@ -198,9 +231,15 @@ class WorkerRegistry:
         worker.since_heartbeat = 0
         worker.last_seen = now
         worker.view = None
-        if message.models_loaded and tuple(message.models_loaded) != worker.models:
+        # a worker of the model fleet says what it holds even when that is nothing (all unloaded)
+        if (message.models_loaded or message.models is not None) and tuple(message.models_loaded) != worker.models:
             worker.models = tuple(message.models_loaded)
             self._candidates.clear()
+        if message.models is not None:
+            worker.model_states = tuple(message.models)
+        if message.catalogue is not None:
+            worker.catalogue = {entry.name: entry for entry in message.catalogue}
+        worker.memory = message.memory
         status = self._admin_status(worker, message.status)
         if created:
             worker.status = status
@@ -383,11 +422,53 @@ class WorkerRegistry:
                         cached.loads[position] = view.load
 
     def has_model(self, model: str) -> bool:
-        """Whether any known worker, whatever its status, serves ``model``.
+        """Whether any known worker, whatever its status, serves ``model`` or may load it (its catalogue).
 
-        False means "unknown model" (404); True with no eligible worker means "no capacity" (503).
+        False means "unknown model" (404); True with no eligible worker means "no capacity" (503) or, where
+        a catalogue has it, "load it first".
         """
-        return any(model in w.models for w in self._workers.values())
+        return any(
+            model in w.models or (w.catalogue is not None and model in w.catalogue) for w in self._workers.values()
+        )
+
+    def loaded_somewhere(self, model: str) -> bool:
+        """Whether an online or degraded worker serves ``model`` now (loaded)."""
+        return any(w.status in ELIGIBLE_STATES and model in w.models for w in self._workers.values())
+
+    def loadable_somewhere(self, model: str) -> bool:
+        """Whether an online or degraded worker has ``model`` in its catalogue without serving it now."""
+        return any(
+            w.status in ELIGIBLE_STATES and w.catalogue is not None and model in w.catalogue and model not in w.models
+            for w in self._workers.values()
+        )
+
+    def fleet(self) -> list[FleetWorker]:
+        """What each known worker holds and may load (``/v1/models``, placement, ``/api/cluster/models``)."""
+        return [
+            FleetWorker(
+                id=w.id,
+                status=w.status,
+                models=w.models,
+                catalogue=w.catalogue if w.catalogue is not None else {m: CatalogueModel(name=m) for m in w.models},
+                states={state.name: state for state in w.model_states},
+                memory=w.memory,
+                load=w.load(),
+                max_concurrent=w.max_concurrent,
+                hostname=w.registration.hostname if w.registration is not None else "",
+            )
+            for w in self._sorted(self._workers.values())
+        ]
+
+    def model_loaded(self, worker_id: str, state: ModelState) -> None:
+        """A load command this controller sent succeeded: the worker serves ``state.name`` now (its heartbeat,
+        published at the same time, may still be on the way)."""
+        worker = self._workers.get(worker_id)
+        if worker is None or state.name in worker.models:
+            return
+        worker.models = (*worker.models, state.name)
+        worker.model_states = (*(s for s in worker.model_states if s.name != state.name), state)
+        worker.view = None
+        self._candidates.clear()
 
     def is_offline(self, worker_id: str) -> bool:
         """True when the worker is offline or no longer known (a dispatcher stops waiting on it)."""
@@ -523,4 +604,5 @@ class WorkerRegistry:
             errors_total=hb.errors_total if hb else 0,
             prompt_cache=hb.prompt_cache if hb else None,
             group=reg.group if reg else None,
+            memory=w.memory,
         )

@@ -47,11 +47,16 @@ def model_shape(model_dir: str | Path) -> ModelShape | None:
     text: dict[str, Any] = nested if isinstance(nested, dict) else config
     heads = int(text.get("num_attention_heads") or 0)
     return ModelShape(
-        weights_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        weights_bytes=weights_bytes(path),
         attention_heads=heads,
         kv_heads=int(text.get("num_key_value_heads") or heads),
         layers=int(text.get("num_hidden_layers") or text.get("n_layers") or 0),
     )
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Bytes of a model dir's ``*.safetensors`` files (0: none, or not a local dir)."""
+    return sum(f.stat().st_size for f in Path(model_dir).expanduser().glob("*.safetensors"))
 
 
 def check_group_fits(shape: ModelShape, size: int, parallel: str) -> None:

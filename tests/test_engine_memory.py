@@ -103,6 +103,8 @@ async def test_a_budget_for_two_runs_six_requests_two_at_a_time(
     stream = engine.generate(request(9))
     assert isinstance(await anext(stream), Progress)
     await stream.aclose()
+    await asyncio.sleep(0.01)
+    assert budget.waiting_bytes() == 0 and budget.kv_bytes() == 2 * one
     await asyncio.gather(*running)
     assert budget.kv_bytes() == 0 and budget.waiting_bytes() == 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -248,14 +249,16 @@ class MlxEngine(Engine):
         reservation: Reservation | None = None
         if self.memory_budget is not None:
             admitted: list[Reservation] = []
-            async for waited in self._reserve(self.memory_budget, prepared, admitted):
-                yield waited
-                if isinstance(waited, Error):
-                    return
+            async with contextlib.aclosing(self._reserve(self.memory_budget, prepared, admitted)) as waits:
+                async for waited in waits:  # closed with this stream, the wait ends at once
+                    yield waited
+                    if isinstance(waited, Error):
+                        return
             reservation = admitted[0]
         try:
-            async for frame in self._run_job(prepared, loop, submitted):
-                yield frame
+            async with contextlib.aclosing(self._run_job(prepared, loop, submitted)) as frames:
+                async for frame in frames:
+                    yield frame
         finally:
             if reservation is not None:
                 reservation.release()

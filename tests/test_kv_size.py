@@ -84,3 +84,14 @@ def test_weights_dtype_wins_over_the_config(family_models: FamilyModels) -> None
     size = kv_size(path)
     assert size is not None and size.bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert weights_bytes(path) == sum(f.stat().st_size for f in path.glob("*.safetensors")) > 0
+
+
+def test_tokens_within_inverts_the_projection() -> None:
+    size = KvSize(
+        bytes_per_token=100, fixed_bytes=1000, window_bytes_per_token=10, window_tokens=16, context_length=8192
+    )
+    for nbytes in (0, 1000, size.projected(1), size.projected(1) - 1, size.projected(3000), 10**12):
+        tokens = size.tokens_within(nbytes)
+        assert tokens % STEP == 0 and tokens <= 8192 + STEP
+        assert tokens == 0 or size.projected(tokens) <= nbytes
+        assert tokens > 8192 or size.projected(tokens + 1) > nbytes

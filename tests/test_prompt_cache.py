@@ -259,3 +259,27 @@ async def test_demo_model_second_turn_is_identical_with_the_cache(demo_model: Pa
     finally:
         await cached.stop()
         await plain.stop()
+
+
+def test_shrink_to_evicts_the_least_recently_used_down_to_a_target() -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlxcluster.worker.prompt_cache import PromptCache
+
+    def layer() -> list[KVCache]:
+        cache = KVCache()
+        cache.update_and_fetch(mx.zeros((1, 1, 4, 4)), mx.zeros((1, 1, 4, 4)))
+        return [cache]
+
+    removed: list[int] = []
+    cache = PromptCache("m", 1 << 20, lambda _stored, gone: removed.extend(gone))
+    for n in range(3):
+        cache.store([n, n + 10], layer(), [n])
+    one = cache.nbytes // 3
+    cache.fetch([0, 10, 99])  # the oldest entry is used again: it is kept
+    cache.shrink_to(2 * one - 1)
+    assert len(cache) == 1 and removed == [1, 2] and cache.nbytes == one
+    assert cache.stats().evictions == 2
+    cache.shrink_to(-5)
+    assert len(cache) == 0 and cache.nbytes == 0

@@ -13,24 +13,33 @@ the tokens it covers, so only the rest is prefilled. Per-request sampling: greed
 greedy sampler (one batched argmax); any other request gets a
 :class:`~mlxcluster.worker.sampling.KeyedSampler` with its own PRNG key, so a seed fixes its draws even
 inside a batch. Stop strings are matched on decoded text and never leak.
+
+Memory: with a worker's :class:`~mlxcluster.worker.memory_budget.MemoryBudget`, a prepared request first
+reserves the KV bytes it may grow to (:class:`~mlxcluster.worker.kv_size.KvSize`, prompt plus ``max_tokens``)
+and waits its turn when they are taken (``Progress`` frames keep the controller's silence timer quiet); one
+that could never fit ends with ``exceeds_memory_budget``. The budget shrinks the prompt cache through
+:meth:`MlxEngine.shrink_prompt_cache`, which the generation thread applies before it admits anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mlxcluster.protocol import Error, InferenceRequest, Progress, PromptCacheStats, Token
 from mlxcluster.worker.engine_base import CacheListener, Engine, EngineFrame, EngineInfo
 from mlxcluster.worker.generation_loop import GenerationLoop
 from mlxcluster.worker.job import Job
+from mlxcluster.worker.kv_size import CONFIG_DTYPE_BYTES, KvSize, kv_size_of
 from mlxcluster.worker.loaded_model import LoadedModel, describe
+from mlxcluster.worker.memory_budget import MemoryBudget, NeverFits, Reservation
 from mlxcluster.worker.preparation import PreparedRequest, Rejected, RequestPreparer
 from mlxcluster.worker.prompt_cache import PromptCache, default_cache_bytes
 
@@ -64,7 +73,11 @@ class MlxEngine(Engine):
     :param on_fatal: called (from the generation thread) with the reason if that thread dies while
         serving: the engine can no longer serve and its worker should leave and restart.
     :param held_progress_s: the longest silence towards the controller while a request's output is held back
-        (a tool call parsed whole): a ``Progress(generated=n)`` frame then goes out.
+        (a tool call parsed whole): a ``Progress(generated=n)`` frame then goes out; also the interval of the
+        ``Progress`` frames of a request waiting for memory.
+    :param memory_budget: the worker's memory budget, which admits requests by their projected KV bytes
+        (``None``: no admission by memory); the engine does not add itself to it (its model host does, with
+        :attr:`weights_bytes`, :attr:`prompt_cache_nbytes` and :meth:`shrink_prompt_cache`).
 
     ``tokens_total`` counts the tokens generated since start.
     """
@@ -83,6 +96,7 @@ class MlxEngine(Engine):
         thinking_budgets: dict[str, int] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         held_progress_s: float = 1.0,
+        memory_budget: MemoryBudget | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -100,6 +114,9 @@ class MlxEngine(Engine):
         self.thinking_budgets = thinking_budgets
         self.on_fatal = on_fatal
         self.held_progress_s = held_progress_s
+        self.memory_budget = memory_budget
+        self._kv_size: KvSize | None = None
+        self._weights_bytes = 0
         self.failure: str | None = None
         """Why the generation thread died while serving (None: it did not)."""
         self._prompt_cache: PromptCache | None = None
@@ -176,6 +193,30 @@ class MlxEngine(Engine):
         self.on_fatal = listener
 
     @property
+    def kv_size(self) -> KvSize:
+        """What a request's KV cache costs on this model (known once started)."""
+        if self._kv_size is None:
+            raise RuntimeError("the engine has not loaded its model yet")
+        return self._kv_size
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the model's weight files (of its parameters when there are no local files; 0 before start)."""
+        return self._weights_bytes
+
+    @property
+    def prompt_cache_nbytes(self) -> int:
+        """Bytes the prompt cache holds now (any thread)."""
+        cache = self._prompt_cache
+        return cache.nbytes if cache is not None else 0
+
+    def shrink_prompt_cache(self, target_bytes: int) -> None:
+        """Have the generation thread evict prompt-cache entries, least recently used first, down to
+        ``target_bytes`` before it admits anything more (any thread; returns at once)."""
+        if self._loop is not None and self._prompt_cache is not None:
+            self._loop.shrink_cache(target_bytes)
+
+    @property
     def tokens_total(self) -> int:
         return self._loop.tokens_total if self._loop is not None else 0
 
@@ -205,6 +246,58 @@ class MlxEngine(Engine):
         except RuntimeError:  # the pool shut down: the engine is stopping
             yield Error(code="shutting_down", message="mlx engine is shutting down", retryable=True)
             return
+        reservation: Reservation | None = None
+        if self.memory_budget is not None:
+            admitted: list[Reservation] = []
+            async with contextlib.aclosing(self._reserve(self.memory_budget, prepared, admitted)) as waits:
+                async for waited in waits:  # closed with this stream, the wait ends at once
+                    yield waited
+                    if isinstance(waited, Error):
+                        return
+            reservation = admitted[0]
+        try:
+            async with contextlib.aclosing(self._run_job(prepared, loop, submitted)) as frames:
+                async for frame in frames:
+                    yield frame
+        finally:
+            if reservation is not None:
+                reservation.release()
+
+    async def _reserve(
+        self, budget: MemoryBudget, prepared: PreparedRequest, admitted: list[Reservation]
+    ) -> AsyncGenerator[Progress | Error, None]:
+        """Reserve the request's projected KV bytes (into ``admitted``), with ``Progress`` frames while it
+        waits, or end with an Error frame when it can never fit. Without ``max_tokens`` a request gets the
+        tokens the budget leaves, as it gets the room its context window leaves."""
+        kv = self.kv_size
+        most = budget.most_bytes(self.model_name)
+        prompt = len(prepared.prompt)
+        if prepared.request.max_tokens_auto and kv.projected(prompt + prepared.max_tokens) > most:
+            prepared.max_tokens = min(prepared.max_tokens, kv.tokens_within(most) - prompt)
+        if prepared.max_tokens < 1:
+            prepared.max_tokens = 1  # refused below, naming the prompt's bytes
+        task = asyncio.ensure_future(budget.reserve(self.model_name, kv.projected(prompt + prepared.max_tokens)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.held_progress_s)
+                if done:
+                    break
+                yield Progress(processed=0, total=prompt - prepared.continued)
+            try:
+                admitted.append(task.result())
+            except NeverFits as exc:
+                yield Error(code="exceeds_memory_budget", message=str(exc), retryable=True, param="max_tokens")
+        finally:
+            if not task.done():
+                task.cancel()
+            elif not admitted and not task.cancelled() and task.exception() is None:
+                task.result().release()  # granted while the stream was being closed
+
+    async def _run_job(
+        self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, submitted: float
+    ) -> AsyncGenerator[EngineFrame, None]:
+        """Hand the prepared request to the generation thread and relay its frames."""
+        assert self._loop is not None
         job = self._job(prepared, loop, submitted)
         self._loop.submit(job)
         finished = False
@@ -343,7 +436,19 @@ class MlxEngine(Engine):
             started,
             {"max_concurrent": str(self.max_concurrent), "prompt_cache_bytes": str(self.prompt_cache_bytes)},
         )
+        self._measure(loaded)
         return loop
+
+    def _measure(self, loaded: LoadedModel) -> None:
+        """The model's KV size (in the dtype its weights compute in) and its weights' bytes."""
+        from mlx.utils import tree_flatten
+
+        from mlxcluster.worker.placement import weights_bytes
+
+        dtype = self._details.get("weights_dtype", "").split(" ")[0]
+        self._kv_size = kv_size_of(loaded.config, CONFIG_DTYPE_BYTES.get(dtype, 2))
+        parameters = cast(list[tuple[str, Any]], tree_flatten(loaded.model.parameters()))
+        self._weights_bytes = weights_bytes(self._model_key()) or sum(int(value.nbytes) for _, value in parameters)
 
     def _on_turn(self) -> None:
         """Called by the generation thread once per turn of its loop."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,6 +82,8 @@ class GenerationLoop:
         self.active: dict[int, Job] = {}
         self.tokens_total = 0
         self.generator: Any = None
+        self._cache_target: int | None = None
+        self._target_lock = threading.Lock()
 
     # --- any thread -----------------------------------------------------------------------------
 
@@ -92,6 +95,13 @@ class GenerationLoop:
 
     def stop(self) -> None:
         self.inbox.put(None)
+
+    def shrink_cache(self, target_bytes: int) -> None:
+        """Have the prompt cache evict down to ``target_bytes`` at the start of the thread's next turn (before it
+        admits anything); the latest target wins."""
+        with self._target_lock:
+            self._cache_target = target_bytes
+        self.wake()
 
     # --- generation thread ----------------------------------------------------------------------
 
@@ -114,6 +124,7 @@ class GenerationLoop:
             idle = not self.active and not self.waiting
             if self.take_inbox(block=idle):
                 return
+            self.apply_cache_target()
             self.on_turn()
             self.expire()
             self.admit()
@@ -135,6 +146,16 @@ class GenerationLoop:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return False
+
+    def apply_cache_target(self) -> None:
+        """Evict what a memory budget asked the prompt cache to give up."""
+        with self._target_lock:
+            target, self._cache_target = self._cache_target, None
+        if target is not None and self.prompt_cache is not None:
+            try:
+                self.prompt_cache.shrink_to(target)
+            except Exception:  # the cache is an optimisation: never stop the batch over it
+                log.exception("shrinking the prompt cache failed")
 
     def drain_inbox(self) -> None:
         while True:

@@ -62,6 +62,17 @@ class KvSize:
         windowed = min(rounded, self.window_tokens + STEP)
         return self.fixed_bytes + rounded * self.bytes_per_token + windowed * self.window_bytes_per_token
 
+    def tokens_within(self, nbytes: int) -> int:
+        """The most tokens (a multiple of 256) whose projection fits in ``nbytes`` (0: not even one step)."""
+        low, high = 0, max(1, self.context_length or 1 << 24) // STEP + 1
+        while low < high:  # the largest step count that fits
+            middle = (low + high + 1) // 2
+            if self.projected(middle * STEP) <= nbytes:
+                low = middle
+            else:
+                high = middle - 1
+        return low * STEP
+
     @property
     def capped_fixed_bytes(self) -> int:
         """``fixed_bytes`` plus the sliding-window layers at their cap: the catalogue's ``kv_fixed_bytes``."""

@@ -148,6 +148,11 @@ class MemoryBudget:
         """Bytes a model's weights may take now, the prompt caches evicted as needed (may be negative)."""
         return self.limit_bytes - self.weights_bytes() - self._kv
 
+    def most_bytes(self, model: str) -> int:
+        """The most one request of ``model`` may reserve: the budget less the model's weights."""
+        known = self._models.get(model)
+        return self.limit_bytes - (known.weights_bytes if known is not None else 0)
+
     def waiting_bytes(self) -> int:
         """Bytes the queued requests wait for (a model host may unload an idle model for them)."""
         return sum(waiter.nbytes for waiter in self._queue)
@@ -175,9 +180,8 @@ class MemoryBudget:
         """Reserve ``nbytes`` for a request of ``model``: at once when they fit and nobody waits, else in turn
         once released bytes make room. ``waiting`` is called about once a second meanwhile. Cancelled while
         waiting, it reserves nothing. Raises :class:`NeverFits` when the bytes could never fit."""
-        weights = self._models[model].weights_bytes if model in self._models else 0
-        if nbytes > self.limit_bytes - weights:
-            raise NeverFits(model, nbytes, self.limit_bytes, weights)
+        if nbytes > self.most_bytes(model):
+            raise NeverFits(model, nbytes, self.limit_bytes, self.limit_bytes - self.most_bytes(model))
         if not self._queue and self._fits(nbytes):
             return self._take(model, nbytes)
         waiter = _Waiter(model, nbytes, asyncio.get_running_loop().create_future())

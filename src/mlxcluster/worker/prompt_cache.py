@@ -175,6 +175,12 @@ class PromptCache:
         self._bound()
         self._flush()
 
+    def shrink_to(self, target_bytes: int) -> None:
+        """Evict the least recently used entries until at most ``target_bytes`` are held (a memory budget's
+        call for room)."""
+        self._bound(max(0, target_bytes))
+        self._flush()
+
     def clear(self) -> None:
         """Drop every entry (counted as evictions)."""
         for key in list(self._entries):
@@ -209,8 +215,9 @@ class PromptCache:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _bound(self) -> None:
-        while self._entries and (self._bytes > self.limit_bytes or len(self._entries) > ENTRY_LIMIT):
+    def _bound(self, limit_bytes: int | None = None) -> None:
+        limit = self.limit_bytes if limit_bytes is None else min(limit_bytes, self.limit_bytes)
+        while self._entries and (self._bytes > limit or len(self._entries) > ENTRY_LIMIT):
             oldest = next(iter(self._entries))
             self._drop(oldest, evicted=True)
 

@@ -51,14 +51,16 @@ def model_facts(path: str, name: str, source: str) -> CatalogueModel:
     try:
         kv = kv_size(path)
     except (OSError, ValueError) as exc:
-        log.warning("model %s: cannot tell its KV size (%s); admission by bytes counts its requests as 0", name, exc)
+        log.warning("model %s: cannot tell its KV size (%s)", name, exc)
+        kv = None
+    if kv is None:
         return CatalogueModel(name=name, source=source, weights_bytes=weights)
     return CatalogueModel(
         name=name,
         source=source,
         weights_bytes=weights,
         kv_bytes_per_token=kv.bytes_per_token,
-        kv_fixed_bytes=kv.fixed_bytes,
+        kv_fixed_bytes=kv.fixed_bytes + kv.window_bytes_per_token * kv.window_tokens,
         context_length=kv.context_length,
     )
 

@@ -249,9 +249,9 @@ class WorkerService:
                 )
                 result = ModelCommandResult(ok=True, message="loaded", warning=warning, state=state)
             else:
-                state = await self.host.unload(command.model)
-                message = "unloaded" if state is not None else "not loaded"
-                result = ModelCommandResult(ok=True, message=message, state=state)
+                last = await self.host.unload(command.model)
+                message = "unloaded" if last is not None else "not loaded"
+                result = ModelCommandResult(ok=True, message=message, state=last)
         except LoadError as exc:
             result = ModelCommandResult(ok=False, message=str(exc))
         result.memory = self.host.budget.parts()

@@ -212,3 +212,40 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-
     while not predicate():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_requests_waiting_for_memory_unload_idle_models(tmp_path: Path) -> None:
+    clock = Clock()
+    host, _ = make_host(tmp_path, {"a": 6 * MIB, "b": 6 * MIB}, budget=13 * MIB, clock=clock)
+    (await host.acquire("a")).release()  # idle, unpinned
+    lease = await host.acquire("b")
+    waiting = asyncio.create_task(host.budget.reserve("b", 3 * MIB))  # a request of b's needs a's room
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and host.budget.waiting_bytes() == 3 * MIB
+    host.sweep()
+    reservation = await asyncio.wait_for(waiting, 5)
+    assert host.state("a") is None and host.loaded() == ["b"]
+    reservation.release()
+    lease.release()
+    await host.stop()
+
+
+async def test_a_repo_id_missing_offline_is_listed_then_fails_its_load_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    config = msgspec_config({"worker": {"models": ["org/absent"]}})
+    catalogue = build_catalogue(config)
+    (entry,) = catalogue.models()
+    assert entry.name == "org/absent" and entry.source == "hub" and entry.weights_bytes == 0
+    host = ModelHost(catalogue, Factory(), MemoryBudget(64 * MIB), models_dir=tmp_path)
+    with pytest.raises(LoadError) as failed:
+        await host.acquire("org/absent")
+    message = str(failed.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert "HF_HUB_OFFLINE is set" in message and "mlxcluster models pull org/absent" in message
+    assert host.loaded() == [] and host.budget.weights_bytes() == 0
+    await host.stop()

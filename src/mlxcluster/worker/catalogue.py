@@ -60,7 +60,7 @@ def model_facts(path: str, name: str, source: str) -> CatalogueModel:
         source=source,
         weights_bytes=weights,
         kv_bytes_per_token=kv.bytes_per_token,
-        kv_fixed_bytes=kv.fixed_bytes + kv.window_bytes_per_token * kv.window_tokens,
+        kv_fixed_bytes=kv.capped_fixed_bytes,
         context_length=kv.context_length,
     )
 

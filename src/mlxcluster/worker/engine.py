@@ -168,7 +168,24 @@ class MlxEngine(Engine):
             await asyncio.sleep(0.02)
         if self._thread.is_alive():
             log.warning("mlx generation thread did not stop within %.0f s", self.stop_timeout_s)
+            self._state = "stopped"
+            return
         self._state = "stopped"
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Drop the model, its batch and its prompt cache, and give MLX's buffer cache back: a worker that
+        unloads a model gets its memory back for the next one."""
+        self._loop = None
+        self._loaded = None
+        self._preparer = None
+        self._prompt_cache = None
+        import gc
+
+        import mlx.core as mx
+
+        gc.collect()
+        mx.clear_cache()
 
     def info(self) -> EngineInfo:
         """Name, served model and details (weights dtype, quantization, cache, BLAS, mlx version, device)."""
@@ -297,9 +314,12 @@ class MlxEngine(Engine):
         self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, submitted: float
     ) -> AsyncGenerator[EngineFrame, None]:
         """Hand the prepared request to the generation thread and relay its frames."""
-        assert self._loop is not None
+        generation = self._loop
+        if self._state != "running" or generation is None:  # stopped while the request waited for memory
+            yield Error(code="shutting_down", message=f"mlx engine is {self._state}", retryable=True)
+            return
         job = self._job(prepared, loop, submitted)
-        self._loop.submit(job)
+        generation.submit(job)
         finished = False
         try:
             while True:
@@ -314,7 +334,7 @@ class MlxEngine(Engine):
         finally:
             if not job.finished:  # closed early, or ended here (deadline): take it out of the batch
                 job.cancelled = True
-                self._loop.wake()
+                generation.wake()
 
     def _job(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, submitted: float) -> Job:
         """A job for the generation thread, its output stage set up (detokenizer primed with a continuation)."""

@@ -441,13 +441,20 @@ class ModelHost:
             self.sweep()
 
     def sweep(self) -> None:
-        """Unload every idle model whose keep-alive has passed."""
+        """Unload every idle model whose keep-alive has passed; while requests wait for memory, also the least
+        recently used idle unpinned model (one per sweep: its weights go back to the budget, which lets them in)."""
         now = self.clock()
         for hosted in list(self._hosted.values()):
             expires = hosted.expires_at
             if hosted.state == "loaded" and hosted.in_flight == 0 and expires is not None and expires <= now:
                 log.info("model %s: keep-alive over; unloading", hosted.entry.name)
                 self._begin_unload(hosted)
+        if self.budget.waiting_bytes() > 0:
+            idle = [h for h in self._hosted.values() if h.state == "loaded" and not h.pinned and h.in_flight == 0]
+            if idle:
+                victim = min(idle, key=lambda h: h.last_used)
+                log.info("requests wait for memory: unloading idle model %s", victim.entry.name)
+                self._begin_unload(victim)
 
     # --- plumbing --------------------------------------------------------------------------------
 

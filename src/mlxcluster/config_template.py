@@ -72,7 +72,11 @@ default_max_tokens = 32768         # answer length when the client sets none: th
 
 [worker]
 # id = "mac-studio-1"              # default: hostname + pid
-# model = "mlx-community/..."      # a model dir or Hugging Face repo id; default: the demo model
+# model = "mlx-community/..."      # loaded at start (pinned): a model dir or repo id; default: the demo model
+# models = ["mlx-community/Qwen3-4B-4bit", "~/models/gemma-3-4b"]  # the catalogue: loaded on first request
+# scan_models_dir = false          # also every model dir of [models] dir
+keep_alive = "5m"                  # an idle model loaded on demand unloads after this (-1: never, 0: at once)
+# pinned = []                      # models never unloaded when idle
 engine = "mlx"                     # mlx | echo (no model, for tests and benchmarks)
 max_concurrent = 8                 # requests generated together (continuous batching)
 max_queue = 64                     # waiting requests beyond which new ones are refused
@@ -81,7 +85,7 @@ echo_prompt_cache_entries = 0      # echo engine only: a SIMULATED prompt cache 
 drain_timeout_s = 30.0
 prefill_step_size = 256            # prompt tokens per prefill step; smaller keeps other streams decoding
 # prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
-# memory_budget_gb = 48.0          # weights larger than this are refused (default: available memory)
+# memory_budget_bytes = 51539607552  # weights + prompt cache + running requests' KV (default: 75% of RAM)
 
 [worker.thinking_budgets]          # reasoning tokens per effort when a request gives no budget (then </think>)
 low = 1024

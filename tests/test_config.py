@@ -322,3 +322,38 @@ def test_to_dict_leaves_unset_secrets_out_and_round_trips() -> None:
     assert "token" not in data["nats"]
     assert data["controller"]["api_keys"] == []
     assert from_dict(data) == Config()
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[worker]\nkeep_alive = "5x"\n', "worker: keep_alive: '5x' is not a duration"),
+        ('[worker.model_keep_alive]\nm = "forever"\n', "worker: model_keep_alive.m: 'forever' is not a duration"),
+        (
+            "[worker]\nmemory_budget_gb = 1\nmemory_budget_bytes = 5\n",
+            "worker: set memory_budget_bytes or memory_budget_gb",
+        ),
+    ],
+)
+def test_model_fleet_settings_are_checked(tmp_path: Path, toml: str, expected: str) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=f"^{path}: {expected}"):
+        load(path, env={})
+
+
+def test_keep_alive_takes_seconds_and_durations() -> None:
+    worker = from_dict({"worker": {"keep_alive": "1h30m"}}).worker
+    assert worker.keep_alive_s == 5400.0
+    assert from_dict({"worker": {"keep_alive": -1}}).worker.keep_alive_s == -1.0
+    assert from_dict({"worker": {"keep_alive": "250ms"}}).worker.keep_alive_s == 0.25
+
+
+def test_parse_duration_edges() -> None:
+    from mlxcluster.durations import parse_duration
+
+    assert parse_duration("1.5h") == 5400.0 and parse_duration("-5m") == -300.0 and parse_duration(" 30 ") == 30.0
+    assert parse_duration("1m30s") == 90.0 and parse_duration(0) == 0.0
+    for bad in ("", "-", "5 minutes", "1h5", True, float("nan")):
+        with pytest.raises(ValueError):
+            parse_duration(bad)  # type: ignore[arg-type]

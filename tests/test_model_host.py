@@ -136,6 +136,17 @@ async def test_keep_alive_expiry_zero_and_negative(tmp_path: Path) -> None:
     await host.stop()
 
 
+async def test_a_model_keep_alive_default_comes_from_its_own_setting(tmp_path: Path) -> None:
+    clock = Clock()
+    host, _ = make_host(tmp_path, {"a": MIB, "b": MIB}, budget=64 * MIB, keep_alive_s=60, clock=clock)
+    host.model_keep_alive_s = {"a": 3600.0}
+    (await host.acquire("a")).release()
+    (await host.acquire("b")).release()
+    assert host.state("a").expires_at == clock.now + 3600  # type: ignore[union-attr]
+    assert host.state("b").expires_at == clock.now + 60  # type: ignore[union-attr]
+    await host.stop()
+
+
 async def test_a_model_in_use_never_expires(tmp_path: Path) -> None:
     clock = Clock()
     host, _ = make_host(tmp_path, {"a": MIB}, budget=64 * MIB, keep_alive_s=1, clock=clock)

@@ -219,6 +219,9 @@ class WorkerSection(_Section):
     keep_alive: str | float = "5m"
     """How long a model loaded on demand stays loaded once idle (seconds, or ``"5m"``, ``"1h"``; negative: for
     ever; 0: unload after each request). A request's ``keep_alive`` overrides it."""
+    model_keep_alive: dict[str, str | float] = msgspec.field(default_factory=dict)
+    """``[worker.model_keep_alive]``: a model's own default keep-alive by served name (``"Qwen3-4B-4bit" = "1h"``),
+    instead of ``keep_alive``."""
     pinned: list[str] = msgspec.field(default_factory=list)
     """Models never unloaded when idle (``model``, loaded at start, is pinned unless ``pin_start_model`` is off)."""
     pin_start_model: bool = True
@@ -230,6 +233,11 @@ class WorkerSection(_Section):
             parse_duration(self.keep_alive)
         except ValueError as exc:
             raise ValueError(f"keep_alive: {exc}") from None
+        for name, value in self.model_keep_alive.items():
+            try:
+                parse_duration(value)
+            except ValueError as exc:
+                raise ValueError(f"model_keep_alive.{name}: {exc}") from None
 
     @property
     def keep_alive_s(self) -> float:

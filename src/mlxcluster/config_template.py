@@ -77,6 +77,7 @@ default_max_tokens = 32768         # answer length when the client sets none: th
 # scan_models_dir = false          # also every model dir of [models] dir
 keep_alive = "5m"                  # an idle model loaded on demand unloads after this (-1: never, 0: at once)
 # pinned = []                      # models never unloaded when idle
+# model_keep_alive = { "Qwen3-4B-4bit" = "1h" }   # a model's own keep_alive
 engine = "mlx"                     # mlx | echo (no model, for tests and benchmarks)
 max_concurrent = 8                 # requests generated together (continuous batching)
 max_queue = 64                     # waiting requests beyond which new ones are refused

@@ -72,6 +72,7 @@ class ModelHost:
     :param models_dir: where :func:`~mlxcluster.worker.models.resolve_model` looks (a repo id downloads at load).
     :param default_keep_alive_s: ``worker.keep_alive`` in seconds (negative: for ever).
     :param pinned: names never unloaded when idle.
+    :param model_keep_alive_s: a model's own default keep-alive by name (``worker.model_keep_alive``).
     :param on_change: called after every change of a model's state (the worker publishes a heartbeat).
     :param clock: wall-clock seconds (``expires_at`` and ``last_used`` are Unix times).
     """
@@ -85,6 +86,7 @@ class ModelHost:
         models_dir: Path,
         default_keep_alive_s: float = 300.0,
         pinned: set[str] | None = None,
+        model_keep_alive_s: dict[str, float] | None = None,
         on_change: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
@@ -95,6 +97,7 @@ class ModelHost:
         self.models_dir = models_dir
         self.default_keep_alive_s = default_keep_alive_s
         self.pinned = set(pinned or ())
+        self.model_keep_alive_s = dict(model_keep_alive_s or {})
         self.on_change = on_change
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
@@ -399,7 +402,9 @@ class ModelHost:
         """The model's last request ended (or it loaded): start its keep-alive."""
         if hosted.state != "loaded":
             return
-        keep = hosted.keep_alive_s if hosted.keep_alive_s is not None else self.default_keep_alive_s
+        keep = hosted.keep_alive_s
+        if keep is None:
+            keep = self.model_keep_alive_s.get(hosted.entry.name, self.default_keep_alive_s)
         if hosted.pinned or keep < 0:
             hosted.expires_at = None
         elif keep == 0:

@@ -12,6 +12,7 @@ import msgspec
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
+from mlxcluster.durations import parse_duration
 from mlxcluster.errors import NodeError, NodeFailed
 from mlxcluster.heap import freeze_startup_heap
 from mlxcluster.protocol import CatalogueModel
@@ -101,6 +102,7 @@ def build_host(config: Config, model: ResolvedModel | None = None) -> ModelHost:
         budget,
         models_dir=config.models_dir,
         default_keep_alive_s=worker.keep_alive_s,
+        model_keep_alive_s={name: parse_duration(value) for name, value in worker.model_keep_alive.items()},
         pinned=pinned,
     )
 

@@ -135,7 +135,10 @@ async def test_admin_routes_auth_placement_and_force(cluster_config: Config, bus
         status, preview = await get(controller, "/api/cluster/placement?model=big")
         assert status == 200 and preview["worker"] is None and preview["weights_bytes"] == 20 * MIB
         (candidate,) = preview["candidates"]
-        assert not candidate["fits"] and candidate["reason"].startswith("needs 0.02 GiB")
+        assert not candidate["fits"] and candidate["reason"] == (
+            "needs 20.0 MiB for weights; 6.0 MiB of its 10.0 MiB budget would be free after unloading every idle "
+            "unpinned model"
+        )
         status, preview = await get(controller, "/api/cluster/placement?model=b")
         assert preview["worker"] == "w1" and preview["candidates"][0]["reason"] == "fits"
 
@@ -173,3 +176,27 @@ async def test_a_request_no_worker_could_ever_hold_is_a_400(cluster_config: Conf
         assert status == 400
         assert body["error"]["param"] == "max_tokens" and body["error"]["code"] == "exceeds_memory_budget"
         assert "needs 9 GiB of KV" in body["error"]["message"]
+
+
+async def test_models_commands(cluster_config: Config, bus: Bus, tmp_path: Path) -> None:
+    """``models ps|load|unload|placement`` against the fleet (the admin key from MLXCLUSTER_API_KEY)."""
+    from test_cli_commands import cli
+
+    async with fleet(cluster_config, tmp_path) as controller:
+        base = ("--url", controller.url)
+        env = {"MLXCLUSTER_API_KEY": ADMIN}
+        result = await cli("models", "ps", *base, env=env)
+        assert result.exit_code == 0 and "no model is loaded on any worker" in result.output
+        result = await cli("models", "load", "a", "--pin", "--keep-alive", "1h", *base, env=env)
+        assert result.exit_code == 0 and result.output.strip() == "a: loaded on w1", result.output
+        result = await cli("models", "ps", *base, env=env)
+        row = next(line for line in result.output.splitlines() if line.startswith("a "))
+        assert row.split()[:5] == ["a", "w1", "loaded", "pinned", "4"] and row.endswith("never")
+        result = await cli("models", "placement", "big", *base, env=env)
+        assert "would load on no worker" in result.output and "needs 20.0 MiB for weights" in result.output
+        result = await cli("models", "load", "big", *base, env=env)
+        assert result.exit_code == 1 and "HTTP 409" in result.output
+        result = await cli("models", "unload", "a", *base, env=env)
+        assert result.exit_code == 0 and result.output.strip() == "a: unloaded from w1"
+        result = await cli("models", "load", "a", *base, env={"MLXCLUSTER_API_KEY": USER})
+        assert result.exit_code == 1 and "HTTP 403" in result.output

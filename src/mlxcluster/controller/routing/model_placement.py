@@ -151,4 +151,7 @@ def _judge(model: str, member: FleetWorker, weights: int) -> Candidate:
 
 
 def _gib(count: int) -> str:
-    return f"{count / 1024**3:.2f} GiB"
+    """Bytes as GiB (MiB below one GiB)."""
+    if count >= 1024**3:
+        return f"{count / 1024**3:.2f} GiB"
+    return f"{count / 1024**2:.1f} MiB"

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 from cdp import Browser, find_chromium
 from cluster_harness import Cluster, RunningController, wait_until, with_sections, words
+from test_model_fleet import ADMIN, fleet
+from test_model_host import MIB
 
+from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.http.dashboard import load_page
 from mlxcluster.embedded import EmbeddedNatsServer
@@ -236,4 +239,60 @@ async def test_dashboard_manages_workers_and_shows_requests(keyed: Cluster, chro
         await page.wait_for(f"!{row('w-beta')}", what="w-beta forgotten")
         assert "w-beta" not in controller.ctx.registry
         await page.screenshot(tmp_path / "dashboard-ops.png")
+        assert page.exceptions == [], page.exceptions
+
+
+def model_cell(model: str, worker: str = "w1") -> str:
+    return f'document.querySelector(\'#models-body tr.model[data-model="{model}"] td[data-worker="{worker}"]\')'
+
+
+async def test_dashboard_models_panel_loads_and_unloads(
+    cluster_config: Config, bus: Bus, chromium: str, tmp_path: Path
+) -> None:
+    """The Models panel against the real worker role (echo engines over model dirs of 4, 4 and 20 MiB, a 10 MiB
+    budget): the grid shows the catalogue, Load and Unload change a cell and the memory bar, a model larger than
+    the budget shows the 409's reason in the panel, and the chat's select marks models not loaded."""
+    async with fleet(cluster_config, tmp_path) as controller, Browser(chromium, tmp_path / "profile") as page:
+        await page.goto(controller.url + "/")
+        await page.type("#api-key", ADMIN)
+        await page.click("#save-key")
+        await page.wait_for("document.querySelectorAll('#models-body tr.model').length === 3", what="three rows")
+        rows = await page.evaluate("[...document.querySelectorAll('#models-body tr.model')].map(r => r.dataset.model)")
+        assert rows == ["a", "b", "big"]
+        states = await page.evaluate(
+            "[...document.querySelectorAll('#models-body td[data-worker=w1]')].map(c => c.dataset.state)"
+        )
+        assert states == ["available"] * 3
+        assert await page.evaluate("document.querySelectorAll('#models-body button.unload').length") == 0
+        membar = "document.querySelector('.membar[data-worker=w1]')"
+        assert await page.evaluate(f"{membar}.getAttribute('data-budget_bytes')") == str(10 * MIB)
+        assert await page.evaluate(f"{membar}.getAttribute('data-weights_bytes')") == "0"
+        await page.wait_for("document.querySelector('#chat-model option[value=a]')", what="a in the chat's select")
+        assert await page.evaluate("document.querySelector('#chat-model option[value=a]').textContent") == (
+            "a (not loaded)"
+        )
+
+        await page.click("#models-body tr.model[data-model='a'] td[data-worker='w1'] button.load")
+        await page.wait_for(f"{model_cell('a')}.dataset.state === 'loaded'", what="a loaded on w1")
+        details = await page.evaluate(f"{model_cell('a')}.querySelector('.details').textContent")
+        assert "4.0 MB" in details and "unloads in" in details
+        await page.wait_for(f"{membar}.getAttribute('data-weights_bytes') === '{4 * MIB}'", what="a's weights")
+        assert "4.0 MB" in await page.evaluate(f"{membar}.querySelector('.legend').textContent")
+        assert await page.evaluate("document.getElementById('models-message').className") == "models-message ok"
+        await page.wait_for(
+            "document.querySelector('#chat-model option[value=a]').textContent === 'a'", what="a loaded in the select"
+        )
+
+        await page.click("#models-body tr.model[data-model='a'] td[data-worker='w1'] button.unload")
+        await page.wait_for(f"{model_cell('a')}.dataset.state === 'available'", what="a unloaded")
+        await page.wait_for(f"{membar}.getAttribute('data-weights_bytes') === '0'", what="the weights freed")
+
+        await page.click("#models-body tr.model[data-model='big'] td[data-worker='w1'] button.load")
+        message = "document.getElementById('models-message')"
+        await page.wait_for(f"{message}.classList.contains('error') && !{message}.hidden", what="the 409 reason")
+        text = await page.evaluate(f"{message}.textContent")
+        assert "Model 'big' cannot be loaded" in text and "needs" in text, text
+        assert await page.evaluate(f"{model_cell('big')}.dataset.state") == "available"
+        assert await page.evaluate(f"{model_cell('big')}.querySelector('button.load').disabled") is False
+        await page.screenshot(tmp_path / "dashboard-models.png")
         assert page.exceptions == [], page.exceptions

@@ -50,6 +50,17 @@ SECTIONS: list[Section] = [
         families=True,
     ),
     Section(
+        "Models as a fleet",
+        ["models"],
+        "Issue 20's targets on the model-family fixtures, controller and one mlx worker (the real worker role, a "
+        "catalogue, nothing loaded at start) in-process over the embedded nats-server: a first request that loads "
+        "its model against an admin load plus a warm request (target ≤ 1.2×), 8 concurrent first requests "
+        "loading once, a memory budget holding one of two models while requests alternate (every heartbeat's "
+        "weights + prompt cache + KV within it, no failure), and 16 long requests admitted by projected KV bytes "
+        "on a budget that holds 4.",
+        families=True,
+    ),
+    Section(
         "Cluster",
         ["cluster"],
         "Echo engine through controller + NATS against a bare aiohttp handler returning the same JSON (load "
@@ -109,7 +120,7 @@ SECTIONS: list[Section] = [
         families=True,
     ),
 ]
-QUICK = {"multiturn", "cluster", "arrivals", "fuzz"}
+QUICK = {"multiturn", "cluster", "arrivals", "fuzz", "models"}
 """Benchmarks that take ``--quick``."""
 
 

@@ -193,6 +193,36 @@ def bench_fuzz(
         raise typer.Exit(1)
 
 
+@bench_app.command("models")
+def bench_models(
+    as_json: JsonOption = False,
+    families_dir: FamiliesDirOption = None,
+    parts: Annotated[str, typer.Option(help="Parts to run: load (1 and 2), pair (3), admission (4).")] = "",
+    repetitions: Annotated[int, typer.Option(help="Repetitions of part 1 (medians).", min=1)] = 5,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="2 repetitions, 4 alternations, 8 long requests on a budget of 2.")
+    ] = False,
+) -> None:
+    """Models as a fleet on the model-family fixtures (issue 20's targets): load on demand against load + warm
+    request, 8 concurrent first requests loading once, a budget holding one of two models, admission by bytes."""
+    import asyncio
+
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.family_dirs import MissingFamilies, family_dirs
+    from mlxcluster.bench.models import ModelsSettings, format_models, run_models
+
+    settings = ModelsSettings.quick() if quick else ModelsSettings(repetitions=repetitions)
+    try:
+        paths = family_dirs(families_dir, settings.families())
+    except MissingFamilies as missing:
+        typer.echo(f"bench models: {missing}")
+        return
+    result = asyncio.run(run_models(paths, settings, quick=quick, parts=parts))
+    typer.echo(result.to_json() if as_json else format_models(result))
+
+
 @bench_app.command("group")
 def bench_group(
     config_path: ConfigOption = None,
@@ -366,8 +396,8 @@ def bench_report(
     only: Annotated[
         str,
         typer.Option(
-            help="Comma-separated sections (multiturn, multiturn-families, arrivals, grammar-strict, fuzz, soak, "
-            "soak-cache-full, ...) to rerun in the existing report."
+            help="Comma-separated sections (models, multiturn, multiturn-families, arrivals, grammar-strict, fuzz, "
+            "soak, soak-cache-full, ...) to rerun in the existing report."
         ),
     ] = "",
     quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -131,10 +132,13 @@ async def serve_worker(
     *,
     engine: Engine | None = None,
     model: ResolvedModel | None = None,
+    on_host: Callable[[ModelHost], None] | None = None,
 ) -> None:
     """Start the engine and the service, serve until ``stop``, then drain.
 
     :param model: the model :func:`prepare_model` resolved (default: resolve it here).
+    :param on_host: called with the worker's model host once it is built (a benchmark reads its counters and
+        budget in-process).
     :raises StartInterrupted: ``stop`` was set while the engine loaded its model (the load is not waited for).
     """
     if config.worker.group.name and config.worker.group.size == 1:
@@ -164,6 +168,8 @@ async def serve_worker(
         host = fixed_host(config, engine)
     else:
         host = build_host(config, model)
+    if on_host is not None:
+        on_host(host)
 
     def watch_engine(_name: str, started: Engine | None) -> None:
         if started is not None:

@@ -190,22 +190,24 @@ async def load_model(request: web.Request) -> web.Response:
     if worker is not None and worker not in ctx.registry:
         raise ApiError(404, f"No worker '{worker}'", param="worker", code="worker_not_found")
     plan = ctx.loader.placement(model, force=force, worker=worker)
-    if plan.worker is None:
+    target = plan.worker or plan.roomiest()  # short of memory as last reported: the worker knows what is idle now
+    if target is None:
         raise ApiError(409, f"Model '{model}' cannot be loaded: {plan.reason()}", code="no_room")
     command = ModelCommand(action="load", model=model, keep_alive=keep_alive, pin=pin, force=plan.forced or force)
-    result = await ctx.loader.command(plan.worker, command)
+    result = await ctx.loader.command(target, command)
     if not result.ok:
-        raise ApiError(
-            503, f"Model '{model}' failed to load on {plan.worker}: {result.message}", code="model_load_failed"
-        )
+        if plan.worker is None:  # the worker confirms there is no room
+            raise ApiError(409, f"Model '{model}' cannot be loaded: {target}: {result.message}", code="no_room")
+        message = f"Model '{model}' failed to load on {target}: {result.message}"
+        raise ApiError(503, message, type="server_error", code="model_load_failed")
     warning = plan.warning or result.warning
     return json_response(
         {
             "model": model,
-            "worker": plan.worker,
+            "worker": target,
             "state": _fields(result.state),
             "memory": _fields(result.memory),
-            "evicted": next((c.evict for c in plan.candidates if c.worker == plan.worker), []),
+            "evicted": next((c.evict for c in plan.candidates if c.worker == target), []),
             "warning": warning or None,
         }
     )

@@ -48,21 +48,22 @@ class ModelLoader:
 
     async def _load_on_demand(self, model: str) -> str:
         placement = place(model, self.registry.fleet())
-        if placement.worker is None:
+        worker = placement.worker or placement.roomiest()
+        if worker is None:
             raise ApiError(
                 503,
                 f"Model '{model}' is not loaded and no worker can load it: {placement.reason()}",
                 type="server_error",
                 code="model_unavailable",
             )
-        log.info("loading %s on %s for a request (%s)", model, placement.worker, _describe(placement))
+        log.info("loading %s on %s for a request (%s)", model, worker, _describe(placement, worker))
         # the request's keep_alive applies when it ends (on the worker), not to the idle model now
-        result = await self.command(placement.worker, ModelCommand(action="load", model=model))
+        result = await self.command(worker, ModelCommand(action="load", model=model))
         if not result.ok:
             raise ApiError(
                 503, f"Model '{model}' failed to load: {result.message}", type="server_error", code="model_load_failed"
             )
-        return placement.worker
+        return worker
 
     async def command(self, worker_id: str, command: ModelCommand) -> ModelCommandResult:
         """Send ``command`` to ``worker_id`` and wait for its answer (a failure is a result with ``ok`` False)."""
@@ -83,6 +84,8 @@ class ModelLoader:
         return place(model, self.registry.fleet(), force=force, worker=worker)
 
 
-def _describe(placement: Placement) -> str:
-    chosen = next((c for c in placement.candidates if c.worker == placement.worker), None)
-    return chosen.reason if chosen is not None else "chosen"
+def _describe(placement: Placement, worker: str) -> str:
+    chosen = next((c for c in placement.candidates if c.worker == worker), None)
+    if chosen is None:
+        return "chosen"
+    return chosen.reason if chosen.fits else f"the worker decides: as last reported, it {chosen.reason}"

@@ -53,6 +53,13 @@ class Placement(Struct, kw_only=True):
     forced: bool = False
     warning: str = ""
 
+    def roomiest(self) -> str | None:
+        """The worker to ask anyway when the controller's view says nothing fits for lack of memory alone: the one
+        with the most room. Its view may be a heartbeat old (a model it still counts in flight may be idle now);
+        the worker, which knows, unloads idle models for the load or refuses it with the real reason."""
+        short = [c for c in self.candidates if not c.fits and c.reason.startswith("needs")]
+        return max(short, key=lambda c: (c.free_after_bytes, -c.load)).worker if short else None
+
     def reason(self) -> str:
         """Why no worker can load it (every candidate's reason, or that no catalogue has it)."""
         if not self.candidates:

@@ -62,6 +62,7 @@ NUM = {"type": "number"}
 BOOL = {"type": "boolean"}
 NULLABLE_STR = {"type": ["string", "null"]}
 NULLABLE_NUM = {"type": ["number", "null"]}
+STRINGS = {"type": "array", "items": STR}
 FINISH = {"enum": ["stop", "length", "tool_calls"]}
 TOP_LOGPROB = _obj({"token": STR, "logprob": NUM, "bytes": {"type": ["array", "null"], "items": INT}})
 CHAT_LOGPROBS = {
@@ -191,7 +192,19 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "AnthropicError": _obj(
         {"type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"]}},
     ),
-    "Model": _obj({"id": STR, "object": {"const": "model"}, "created": INT, "owned_by": STR}),
+    "Model": _obj(
+        {
+            "id": STR,
+            "object": {"const": "model"},
+            "created": INT,
+            "owned_by": STR,
+            "kind": {"enum": ["chat", "embedding"]},
+            "size_bytes": INT,
+            "context_length": INT,
+            "loaded_on": STRINGS,
+            "available_on": STRINGS,
+        }
+    ),
     "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}),
     "Health": _obj(
         {"status": {"enum": ["ok", "degraded"]}, "state": STR, "time": NUM, "reason": STR},
@@ -265,6 +278,104 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "in_flight": {"type": "array", "items": _ref("RequestRecord")},
             "recent": {"type": "array", "items": _ref("RequestRecord")},
             "recent_capacity": {"type": ["integer", "null"]},
+        }
+    ),
+    "MemoryParts": _obj({"budget_bytes": INT, "weights_bytes": INT, "prompt_cache_bytes": INT, "kv_bytes": INT}),
+    "HeldModel": _obj(
+        {
+            "model": STR,
+            "state": {"enum": ["loading", "loaded", "unloading"]},
+            "weights_bytes": INT,
+            "last_used": NULLABLE_NUM,
+            "expires_at": NULLABLE_NUM,
+            "pinned": BOOL,
+            "in_flight": INT,
+        }
+    ),
+    "CatalogueModel": _obj(
+        {
+            "name": STR,
+            "kind": {"enum": ["chat", "embedding"]},
+            "source": STR,
+            "weights_bytes": INT,
+            "kv_bytes_per_token": INT,
+            "kv_fixed_bytes": INT,
+            "context_length": INT,
+        },
+        ["name", "kind", "weights_bytes"],
+    ),
+    "WorkerModels": _obj(
+        {
+            "worker": STR,
+            "status": STR,
+            "hostname": NULLABLE_STR,
+            "memory": {"anyOf": [{"type": "null"}, _ref("MemoryParts")]},
+            "models": {"type": "array", "items": _ref("HeldModel")},
+            "catalogue": {"type": "array", "items": _ref("CatalogueModel")},
+        }
+    ),
+    "ClusterModels": _obj({"workers": {"type": "array", "items": _ref("WorkerModels")}}),
+    "PlacementCandidate": _obj(
+        {
+            "worker": STR,
+            "fits": BOOL,
+            "reason": STR,
+            "loaded": BOOL,
+            "budget_bytes": INT,
+            "free_bytes": INT,
+            "evict": STRINGS,
+            "free_after_bytes": INT,
+            "load": INT,
+        },
+        ["worker", "fits", "reason"],
+    ),
+    "Placement": _obj(
+        {
+            "model": STR,
+            "worker": NULLABLE_STR,
+            "weights_bytes": INT,
+            "kv_bytes_per_token": INT,
+            "context_length": INT,
+            "loaded_on": STRINGS,
+            "candidates": {"type": "array", "items": _ref("PlacementCandidate")},
+            "forced": BOOL,
+            "warning": STR,
+        },
+        ["model", "worker", "candidates"],
+    ),
+    "ModelLoad": {
+        "type": "object",
+        "properties": {
+            "worker": {"type": "string", "description": "Load it there (default: where placement says)."},
+            "keep_alive": {
+                "type": ["number", "string"],
+                "description": 'Seconds or a duration (`"5m"`); 0 unloads after use, negative never.',
+            },
+            "pin": BOOL,
+            "force": {"type": "boolean", "description": "Past the memory check, with a warning."},
+        },
+        "additionalProperties": False,
+    },
+    "ModelLoaded": _obj(
+        {
+            "model": STR,
+            "worker": STR,
+            "state": {"type": ["object", "null"]},
+            "memory": {"anyOf": [{"type": "null"}, _ref("MemoryParts")]},
+            "evicted": STRINGS,
+            "warning": NULLABLE_STR,
+        }
+    ),
+    "ModelUnload": {
+        "type": "object",
+        "properties": {"worker": {"type": "string", "description": "Only there (default: every worker holding it)."}},
+        "additionalProperties": False,
+    },
+    "ModelUnloaded": _obj(
+        {
+            "model": STR,
+            "unloaded": STRINGS,
+            "results": {"type": "array", "items": _obj({"worker": STR, "ok": BOOL, "message": STR})},
         }
     ),
     "KeyList": _obj(
@@ -374,7 +485,9 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
             "sends named events (`message_start` ... `message_stop`).",
         }
     },
-    "/v1/models": {"get": _op("Models served by online workers", {"200": _json(_ref("ModelList"), "The models.")})},
+    "/v1/models": {
+        "get": _op("Every model loaded or loadable in the fleet", {"200": _json(_ref("ModelList"), "The models.")})
+    },
     "/v1/models/{model}": {
         "get": _op(
             "One model",
@@ -454,6 +567,61 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
             {"200": _json(_ref("RequestList"), "The requests."), "400": _error("A bad `limit` or `state`.")},
             parameters=REQUEST_QUERY,
         )
+    },
+    "/api/cluster/models": {
+        "get": _op(
+            "Per worker: memory budget parts, the models it holds and its catalogue",
+            {"200": _json(_ref("ClusterModels"), "The workers' models.")},
+            parameters=[{"name": "model", "in": "query", "schema": STR}],
+        )
+    },
+    "/api/cluster/placement": {
+        "get": _op(
+            "Where a model would load now and why",
+            {
+                "200": _json(_ref("Placement"), "The placement."),
+                "400": _error("No `model`, or a bad `force`."),
+                "404": _error("No worker serves or may load the model (`model_not_found`)."),
+            },
+            parameters=[
+                {"name": "model", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}},
+                {"name": "force", "in": "query", "schema": BOOL},
+                {"name": "worker", "in": "query", "schema": STR},
+            ],
+        )
+    },
+    "/api/cluster/models/{model}/load": {
+        "post": {
+            **_op(
+                "Load a model now (admin key); answers once it serves",
+                {
+                    "200": _json(_ref("ModelLoaded"), "Loaded."),
+                    "400": _error("A bad field (`param` names it)."),
+                    "403": _error("Not an admin key (`admin_required`)."),
+                    "404": _error("No worker serves or may load the model, or no such `worker`."),
+                    "409": _error("It fits on no worker (`no_room`)."),
+                    "503": _error("The load failed (`model_load_failed`)."),
+                },
+                parameters=[MODEL_PARAM],
+            ),
+            "requestBody": {"required": False, "content": {JSON: {"schema": _ref("ModelLoad")}}},
+        }
+    },
+    "/api/cluster/models/{model}/unload": {
+        "post": {
+            **_op(
+                "Unload a model (admin key); answers once its requests ended",
+                {
+                    "200": _json(_ref("ModelUnloaded"), "Unloaded."),
+                    "400": _error("A bad field (`param` names it)."),
+                    "403": _error("Not an admin key (`admin_required`)."),
+                    "404": _error("No worker serves or may load the model."),
+                    "409": _error("No worker unloaded it (`unload_failed`)."),
+                },
+                parameters=[MODEL_PARAM],
+            ),
+            "requestBody": {"required": False, "content": {JSON: {"schema": _ref("ModelUnload")}}},
+        }
     },
     "/api/cluster/keys": {
         "get": _op(

@@ -199,8 +199,14 @@ class WorkerSection(_Section):
     benchmarks of cache-aware routing without a model."""
     drain_timeout_s: PositiveSeconds = 30.0
     prefill_step_size: PositiveInt = 256
-    """Prompt tokens prefilled per step of the batch: smaller lets running streams decode more often
-    while a long prompt prefills, larger prefills faster."""
+    """Prompt tokens prefilled per step of the batch when no stream is decoding (and the most ever):
+    larger prefills faster. While streams decode, ``step_budget_ms`` sizes the step instead."""
+    step_budget_ms: Annotated[float, Meta(ge=0)] = 250.0
+    """While streams decode, the wall time one step of the batch should take: each step prefills as many
+    prompt tokens as fit beside the decode step, from step costs the engine measures as it runs (at least
+    16 tokens a prompt, shared equally by the prompts prefilling together), so running streams keep a
+    steady pace while a long prompt prefills; larger prefills faster, smaller keeps the gap between
+    streamed tokens shorter. 0: always ``prefill_step_size`` tokens a step."""
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
     """Bytes of KV cache kept for reuse by later prompts (LRU); unset: a share of the machine's memory,
     0: no prompt cache."""

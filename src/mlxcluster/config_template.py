@@ -84,7 +84,8 @@ max_queue = 64                     # waiting requests beyond which new ones are 
 echo_token_delay_ms = 0.0
 echo_prompt_cache_entries = 0      # echo engine only: a SIMULATED prompt cache of this many conversations
 drain_timeout_s = 30.0
-prefill_step_size = 256            # prompt tokens per prefill step; smaller keeps other streams decoding
+prefill_step_size = 256            # prompt tokens per prefill step with no stream decoding (and at most)
+step_budget_ms = 250.0             # while streams decode: the time one step may take (0: no budget)
 # prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
 # memory_budget_bytes = 51539607552  # weights + prompt cache + running requests' KV (default: 75% of RAM)
 

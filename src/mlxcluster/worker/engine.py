@@ -42,6 +42,7 @@ from mlxcluster.worker.loaded_model import LoadedModel, describe
 from mlxcluster.worker.memory_budget import MemoryBudget, NeverFits, Reservation
 from mlxcluster.worker.preparation import PreparedRequest, Rejected, RequestPreparer
 from mlxcluster.worker.prompt_cache import PromptCache, default_cache_bytes
+from mlxcluster.worker.step_budget import DEFAULT_STEP_BUDGET_MS, StepBudget, StepCosts
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,11 @@ class MlxEngine(Engine):
     :param max_concurrent: requests decoded together; more are held in arrival order.
     :param prefill_step_size: prompt tokens processed per model call; a smaller step lets running
         requests keep decoding between chunks of a long prompt.
+    :param step_budget_ms: while streams decode, the wall time one step of the batch should take: each
+        step's prefill chunk is sized from measured costs to fit (:mod:`~mlxcluster.worker.step_budget`);
+        with no stream decoding a prompt prefills ``prefill_step_size`` tokens a step; 0: always
+        ``prefill_step_size``.
+    :param step_costs: fixed step costs for the budget instead of measured ones (tests).
     :param prefill_batch_size: prompts prefilled together (default ``min(max_concurrent, 8)``).
     :param served_name: the served model name (default :func:`default_served_name` of ``model``);
         ``name`` is an alias.
@@ -88,6 +94,8 @@ class MlxEngine(Engine):
         *,
         max_concurrent: int = 8,
         prefill_step_size: int = 256,
+        step_budget_ms: float = DEFAULT_STEP_BUDGET_MS,
+        step_costs: StepCosts | None = None,
         prefill_batch_size: int | None = None,
         served_name: str | None = None,
         name: str | None = None,
@@ -104,6 +112,8 @@ class MlxEngine(Engine):
         self.model_name = served_name or name or default_served_name(model)
         self.max_concurrent = max_concurrent
         self.prefill_step_size = prefill_step_size
+        self.step_budget_ms = step_budget_ms
+        self.step_costs = step_costs
         self.prefill_batch_size = prefill_batch_size or min(max_concurrent, 8)
         self.stop_timeout_s = stop_timeout_s
         if prompt_cache_bytes is None:
@@ -449,6 +459,9 @@ class MlxEngine(Engine):
             make_generator=self._new_generator,
             think_tracker=self._preparer.think_tracker,
             on_turn=self._on_turn,
+            step_budget=StepBudget(
+                self.step_budget_ms, self.prefill_step_size, costs=self.step_costs, learn=self.step_costs is None
+            ),
         )
         self._details = describe(
             loaded,

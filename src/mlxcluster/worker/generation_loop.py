@@ -37,6 +37,7 @@ from mlxcluster.protocol import Error, Progress
 from mlxcluster.worker.job import Job
 from mlxcluster.worker.loaded_model import LoadedModel
 from mlxcluster.worker.prompt_cache import PromptCache
+from mlxcluster.worker.step_budget import StepBudget
 from mlxcluster.worker.step_guard import GuardedProcessor, GuardedSampler
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class GenerationLoop:
     :param make_generator: builds a fresh ``BatchGenerator`` (a worker group wraps it).
     :param think_tracker: makes a request's tracker of think blocks (for its thinking budget).
     :param on_turn: called once per turn of the loop, busy or idle (a worker group's heartbeat).
+    :param step_budget: sizes each step's prefill chunk while streams decode (None: always the
+        generator's own ``prefill_step_size``).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class GenerationLoop:
         make_generator: Callable[[], Any],
         think_tracker: Callable[[Any], Any],
         on_turn: Callable[[], None] = lambda: None,
+        step_budget: StepBudget | None = None,
     ) -> None:
         from mlx_lm.generate import make_stop_sequences
 
@@ -76,6 +80,9 @@ class GenerationLoop:
         self.make_generator = make_generator
         self.think_tracker = think_tracker
         self.on_turn = on_turn
+        self.step_budget = step_budget if step_budget is not None and step_budget.enabled else None
+        self.prefill_left: dict[int, int] = {}
+        """Prompt tokens still to prefill per batch uid (until the prompt joins the decode batch)."""
         self.eos_stops = make_stop_sequences(loaded.tokenizer)  # type: ignore[no-untyped-call]
         self.inbox: queue.SimpleQueue[Job | str | None] = queue.SimpleQueue()
         self.waiting: deque[Job] = deque()
@@ -245,6 +252,7 @@ class GenerationLoop:
             job.admitted = job.output.admitted = time.perf_counter()
         job.uid = uid
         self.active[uid] = job
+        self.prefill_left[uid] = len(tokens) - cached
         return True
 
     def _processors(self, job: Job, sampling: Any) -> Any:
@@ -269,15 +277,27 @@ class GenerationLoop:
 
     def step(self) -> None:
         """One BatchGenerator step: a decode step for the batch plus a prefill chunk for new prompts."""
+        budget = self.step_budget
+        decoding = prefilling = 0
+        if budget is not None:
+            decoding, prefilling = self.batch_shape()
+            self.generator.prefill_step_size = budget.chunk(decoding, prefilling)
+        left_before = sum(self.prefill_left.values()) if budget is not None else 0
+        started = time.perf_counter()
         try:
-            prefilling, responses = self.generator.next()
+            progressed, responses = self.generator.next()
         except Exception as exc:
             log.exception("mlx generation step failed")
             self.step_failed(exc)
             return
         now = time.perf_counter()
-        for progress in prefilling:
+        joined = False
+        for progress in progressed:
+            joined = joined or progress.end_of_prompt
             self.on_prefill(progress)
+        if budget is not None and not joined:  # a step that merged a prompt's caches is no sample
+            prefilled = left_before - sum(self.prefill_left.values())
+            budget.observe((now - started) * 1000, decoding=decoding, prefill_tokens=prefilled)
         faulted = [uid for uid, job in self.active.items() if job.fault is not None]
         responses = [r for r in responses if r.uid in self.active]
         if responses:  # counted before any Done frame goes out
@@ -310,8 +330,22 @@ class GenerationLoop:
         if stopped or faulted:
             self.remove(stopped + faulted, keep_caches=True)
 
+    def batch_shape(self) -> tuple[int, int]:
+        """Streams decoding and prompts to be prefilled together in the next step."""
+        for uid in [uid for uid in self.prefill_left if uid not in self.active]:
+            del self.prefill_left[uid]
+        decoding = len(self.active) - len(self.prefill_left)
+        # a prompt with one token left only waits to join the decode batch; the generator prefills at
+        # most prefill_batch_size prompts together
+        prefilling = sum(1 for left in self.prefill_left.values() if left > 1)
+        return decoding, min(prefilling, int(getattr(self.generator, "prefill_batch_size", prefilling)))
+
     def on_prefill(self, progress: Any) -> None:
         """A chunk of a prompt was prefilled: keep a checkpoint, tell the controller when more is to come."""
+        if progress.end_of_prompt:
+            self.prefill_left.pop(progress.uid, None)
+        elif progress.uid in self.prefill_left:
+            self.prefill_left[progress.uid] = progress.progress[1] - progress.progress[0]
         job = self.active.get(progress.uid)
         if job is None or job.cancelled or progress.end_of_prompt:
             return
@@ -327,6 +361,7 @@ class GenerationLoop:
         """A step failed for no known reason: start a fresh batch without the request that caused it."""
         jobs = list(self.active.values())
         self.active.clear()
+        self.prefill_left.clear()
         try:
             self.generator.close()
         except Exception:

@@ -137,8 +137,16 @@ class BroadcastGenerator:
             raise ValueError("a worker group inserts only caches its prompt cache handed out")
         return use
 
+    @property
+    def prefill_step_size(self) -> int:
+        return int(self._inner.prefill_step_size)
+
+    @prefill_step_size.setter
+    def prefill_step_size(self, tokens: int) -> None:
+        self._inner.prefill_step_size = tokens
+
     def next(self) -> Any:
-        self._send(StepOp())
+        self._send(StepOp(prefill_step_size=int(self._inner.prefill_step_size)))
         with self._channel.guarded("a model step"):
             return self._inner.next()
 
@@ -372,6 +380,8 @@ class GroupFollower:
                     case DropOp():
                         cache.drop(op.tokens)
                     case StepOp():
+                        if op.prefill_step_size > 0:
+                            generator.prefill_step_size = op.prefill_step_size
                         self.steps += 1
                         cache.new_step()
                         try:

@@ -184,6 +184,8 @@ class _Member:
             self.path,
             served_name=self.served,
             max_concurrent=worker.max_concurrent,
+            prefill_step_size=worker.prefill_step_size,
+            step_budget_ms=worker.step_budget_ms,
             thinking_budgets=msgspec.structs.asdict(worker.thinking_budgets),
             formation=self.formation,
             on_broken=self.on_broken,

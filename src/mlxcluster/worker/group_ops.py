@@ -65,7 +65,11 @@ class DropOp(msgspec.Struct, tag="drop", array_like=True):
 
 
 class StepOp(msgspec.Struct, tag="step", array_like=True):
-    """Call ``next()`` once."""
+    """Call ``next()`` once, with this ``prefill_step_size`` (the step budget sizes each step's chunk; every
+    rank must run the same model calls)."""
+
+    prefill_step_size: int = 0
+    """0: unchanged."""
 
 
 class StopOp(msgspec.Struct, tag="stop", array_like=True):

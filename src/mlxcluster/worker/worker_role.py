@@ -78,6 +78,7 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
             served_name=entry.name,
             max_concurrent=worker.max_concurrent,
             prefill_step_size=worker.prefill_step_size,
+            step_budget_ms=worker.step_budget_ms,
             prompt_cache_bytes=worker.prompt_cache_bytes,
             thinking_budgets=msgspec.structs.asdict(worker.thinking_budgets),
             memory_budget=budget,

@@ -1,0 +1,217 @@
+"""The step budget: the prefill chunk of each step is sized so running streams keep their pace.
+
+The arithmetic is tested on :class:`StepBudget` alone; the mechanism on the tiny llama through the real
+engine with fixed step costs (no timing involved): a recording ``BatchGenerator`` notes, per step, the
+``prefill_step_size`` it was given, how many streams it decoded and how far each prompt advanced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tiny_model import build_tiny_model
+
+from mlxcluster.protocol import Done, Error, InferenceRequest, SamplingParams, Token
+from mlxcluster.worker.engine import MlxEngine
+from mlxcluster.worker.step_budget import StepBudget, StepCosts
+
+FULL = 128
+COSTS = StepCosts(decode_ms=10.0, prefill_ms_per_token=5.0)
+"""With a 250 ms budget: (250 - 10) / 5 = 48 prompt tokens a step beside the decode step."""
+LONG_PROMPT = " ".join(f"w{i * 7919 % 1000}" for i in range(200))
+
+
+# --- the arithmetic -----------------------------------------------------------------------------
+
+
+def test_chunk_fits_the_budget_beside_the_decode_step() -> None:
+    budget = StepBudget(250.0, FULL, costs=StepCosts(10.0, 5.0))
+    assert budget.chunk(decoding=1, prefilling=1) == 48
+    assert budget.chunk(decoding=3, prefilling=2) == 24  # shared equally
+    assert budget.chunk(decoding=1, prefilling=8) == 16  # 6 each: the floor keeps the prefill going
+    assert budget.chunk(decoding=0, prefilling=1) == FULL  # nothing waits: full speed
+    assert budget.chunk(decoding=2, prefilling=0) == FULL
+    assert StepBudget(10_000.0, FULL, costs=StepCosts(10.0, 5.0)).chunk(1, 1) == FULL  # never over the step
+    assert StepBudget(5.0, FULL, costs=StepCosts(10.0, 5.0)).chunk(1, 1) == 16  # decode alone is over
+    assert StepBudget(250.0, FULL).chunk(1, 1) == 16  # costs unknown: the floor
+    assert StepBudget(0.0, FULL, costs=StepCosts(10.0, 5.0)).chunk(1, 1) == FULL  # no budget
+
+
+def test_costs_are_learned_from_step_times() -> None:
+    budget = StepBudget(250.0, FULL, alpha=0.5)
+    budget.observe(50.0, decoding=1, prefill_tokens=100)  # no decode cost to take out yet: no sample
+    assert budget.costs == StepCosts()
+    budget.observe(20.0, decoding=2, prefill_tokens=0)
+    assert budget.costs.decode_ms == 20.0  # the first sample replaces the guess
+    budget.observe(30.0, decoding=2, prefill_tokens=0)
+    assert budget.costs.decode_ms == 25.0
+    budget.observe(125.0, decoding=2, prefill_tokens=20)
+    assert budget.costs.prefill_ms_per_token == 5.0
+    budget.observe(70.0, decoding=0, prefill_tokens=10)  # an idle prefill: all of it is prefill
+    assert budget.costs.prefill_ms_per_token == 6.0
+    assert budget.chunk(1, 1) == (250 - 25) // 6
+    fixed = StepBudget(250.0, FULL, costs=StepCosts(10.0, 5.0), learn=False)
+    fixed.observe(500.0, decoding=1, prefill_tokens=0)
+    assert fixed.costs == StepCosts(10.0, 5.0)
+
+
+# --- the mechanism, on the tiny llama --------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    step_size: int
+    decoding: int
+    advanced: dict[int, int] = field(default_factory=dict)
+    """Prompt tokens each prompt (by uid) prefilled in this step."""
+
+
+def _recording_generator(model: Any, steps: list[Step], **kwargs: Any) -> Any:
+    from mlx_lm.generate import BatchGenerator
+
+    class Recording(BatchGenerator):  # type: ignore[misc]
+        processed: dict[int, int] = {}
+
+        def next(self) -> Any:
+            step = Step(self.prefill_step_size, len(self._generation_batch))
+            progressed, responses = super().next()
+            for progress in progressed:
+                if not progress.end_of_prompt:
+                    done = progress.progress[0]
+                    step.advanced[progress.uid] = done - self.processed.get(progress.uid, 0)
+                    self.processed[progress.uid] = done
+            steps.append(step)
+            return progressed, responses
+
+    return Recording(model, **kwargs)
+
+
+class RecordingEngine(MlxEngine):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[Step] = []
+
+    def _new_generator(self) -> Any:
+        assert self._loaded is not None
+        return _recording_generator(
+            self._loaded.model,
+            self.steps,
+            completion_batch_size=self.max_concurrent,
+            prefill_batch_size=self.prefill_batch_size,
+            prefill_step_size=self.prefill_step_size,
+            stream=self._stream,
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def _request(request_id: str, prompt: str, max_tokens: int) -> InferenceRequest:
+    return InferenceRequest(
+        request_id=request_id,
+        model="tiny",
+        prompt=prompt,
+        sampling=SamplingParams(temperature=0.0),
+        max_tokens=max_tokens,
+    )
+
+
+async def _collect(engine: MlxEngine, request: InferenceRequest, started: asyncio.Event | None = None) -> list[str]:
+    texts: list[str] = []
+    async for frame in engine.generate(request):
+        if isinstance(frame, Token):
+            texts.append(frame.text)  # several tokens when coalesced: compare the joined text
+            if started is not None and len(texts) >= 3:
+                started.set()
+        elif isinstance(frame, Error):
+            raise AssertionError(frame)
+        else:
+            assert not isinstance(frame, Done) or frame.finish_reason == "length"
+    return texts
+
+
+async def _running_then_long(engine: MlxEngine, longs: int) -> tuple[list[str], list[list[str]]]:
+    """A stream decodes; after its 3rd token ``longs`` long prompts arrive together."""
+    started = asyncio.Event()
+    running = asyncio.create_task(_collect(engine, _request("running", "Count to a hundred.", 160), started))
+    await started.wait()
+    longs_out = await asyncio.gather(
+        *(_collect(engine, _request(f"long{i}", f"{i} {LONG_PROMPT}", 4)) for i in range(longs))
+    )
+    return await running, list(longs_out)
+
+
+async def _engine(model: Path, budget_ms: float) -> RecordingEngine:
+    engine = RecordingEngine(
+        str(model),
+        max_concurrent=4,
+        prefill_step_size=FULL,
+        step_budget_ms=budget_ms,
+        step_costs=COSTS,
+        prompt_cache_bytes=0,
+    )
+    await engine.start()
+    return engine
+
+
+def _prefill_steps(engine: RecordingEngine, *, decoding: bool) -> list[Step]:
+    return [s for s in engine.steps if s.advanced and (s.decoding > 0) == decoding]
+
+
+async def test_a_long_prompt_beside_a_running_stream_gets_the_budgeted_chunk(tiny_model: Path) -> None:
+    engine = await _engine(tiny_model, 250.0)
+    try:
+        await _running_then_long(engine, 1)
+    finally:
+        await engine.stop()
+    shared = [s for s in _prefill_steps(engine, decoding=True) if len(s.advanced) == 1]
+    assert len(shared) >= 4  # the long prompt took several steps beside the stream
+    assert {s.step_size for s in shared} == {48}
+    advances = [n for s in shared for n in s.advanced.values()]
+    assert max(advances) == 48 and advances.count(48) >= len(advances) - 2  # the last chunk(s) may be short
+
+
+async def test_a_lone_prompt_prefills_at_the_full_step(tiny_model: Path) -> None:
+    engine = await _engine(tiny_model, 250.0)
+    try:
+        await _collect(engine, _request("long", LONG_PROMPT, 4))
+    finally:
+        await engine.stop()
+    alone = _prefill_steps(engine, decoding=False)
+    assert alone and {s.step_size for s in alone} == {FULL}
+    assert max(n for s in alone for n in s.advanced.values()) == FULL
+    assert not _prefill_steps(engine, decoding=True)
+
+
+async def test_prompts_prefilling_together_advance_equally(tiny_model: Path) -> None:
+    engine = await _engine(tiny_model, 250.0)
+    try:
+        await _running_then_long(engine, 2)
+    finally:
+        await engine.stop()
+    together = [s for s in _prefill_steps(engine, decoding=True) if len(s.advanced) == 2]
+    assert len(together) >= 4
+    assert {s.step_size for s in together} == {24}
+    equal = [s for s in together if len(set(s.advanced.values())) == 1]
+    assert len(equal) >= len(together) - 1  # both prompts are about as long: the last chunk may differ
+
+
+async def test_greedy_output_is_the_same_with_and_without_the_budget(tiny_model: Path) -> None:
+    outputs = []
+    for budget_ms in (0.0, 250.0):
+        engine = await _engine(tiny_model, budget_ms)
+        try:
+            outputs.append(await _running_then_long(engine, 2))
+        finally:
+            await engine.stop()
+        sizes = {s.step_size for s in _prefill_steps(engine, decoding=True)}
+        assert sizes == {FULL} if budget_ms == 0 else sizes <= {24, 48}
+    texts = [("".join(running), ["".join(out) for out in longs]) for running, longs in outputs]
+    assert texts[0] == texts[1]
+    assert len(texts[0][0]) > 100 and all(texts[0][1])

@@ -115,20 +115,33 @@ def test_peak_rss_is_at_least_the_current_rss() -> None:
     assert peak_rss_mb(os.getpid()) >= round(psutil.Process().memory_info().rss / 1024**2, 1) - 1
 
 
-async def test_multiturn_stall_part_measures_each_prefill_step(tiny_model: Path) -> None:
+async def test_multiturn_stall_part_measures_each_step_budget(tiny_model: Path) -> None:
     from mlxcluster.bench.multiturn import run_multiturn
     from mlxcluster.bench.multiturn_format import format_multiturn
+    from mlxcluster.worker.step_budget import DEFAULT_STEP_BUDGET_MS
 
     result = await run_multiturn(str(tiny_model), parts="c", quick=True)
     assert result.quick and result.model == "tiny"
     assert (result.single, result.balancers, result.concurrent, result.cache_bound) == ([], [], [], None)
-    assert [row.prefill_step_size for row in result.stall] == [64, 256, 1024]
+    assert [row.step_budget_ms for row in result.stall] == [0.0, DEFAULT_STEP_BUDGET_MS]
     for row in result.stall:
-        assert row.long_prompt_tokens >= result.settings.system_tokens  # the long system prompt, as asked
+        assert row.long_prompt_tokens >= result.settings.stall_prompt_tokens  # the long system prompt, as asked
+        assert row.prefill_step_size == 256
         assert 0 < row.baseline_gap_p50_ms <= row.baseline_gap_max_ms
-        assert row.long_prompt_ttft_ms > 0 and row.gaps_during_prefill >= 0
+        assert row.long_prompt_ttft_ms > 0 and row.idle_ttft_ms > 0 and row.ttft_ratio > 0
+        assert row.gap_p50_ratio >= 0 and row.gaps_during_prefill >= 0
     text = format_multiturn(result)
-    assert "c) a running stream's inter-token gaps" in text and "a) one conversation" not in text
+    assert "c) the step budget" in text and "a) one conversation" not in text
+    assert f"default step_budget_ms = {DEFAULT_STEP_BUDGET_MS:g}: " in text
+
+
+def test_end_of_sequence_ids_are_the_models(tiny_model: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from mlxcluster.bench.stall import end_of_sequence_ids
+
+    eos = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).token_to_id("<|im_end|>")
+    assert end_of_sequence_ids(str(tiny_model)) == [eos]
 
 
 async def test_cache_bound_holds_under_distinct_prompts(tiny_model: Path) -> None:

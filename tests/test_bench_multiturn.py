@@ -138,3 +138,70 @@ def test_family_sections_take_the_fixtures_dir() -> None:
     assert section_args(by_name["multiturn-families"], quick=True) == ["multiturn", "--parts", "f", "--quick"]
     assert section_args(by_name["grammar-strict"]) == ["grammar", "--parts", "strict"]
     assert section_args(by_name["engine"], families_dir=Path("/f")) == ["engine"]
+
+
+# --- part c / bench engine --parts stall: the step budget's curve ---------------------------------------------
+
+
+def _stall_row(budget: float, gap_during_s: float, ttft_s: float, idle_ttft_ms: float):  # type: ignore[no-untyped-def]
+    """A stream ticking every 0.1 s alone, every ``gap_during_s`` after the long prompt is sent at 10 s."""
+    from mlxcluster.bench.stall import stall_row
+
+    alone = [0.0, 0.5, 0.6, 0.7, 0.8, 1.0]  # the first gap (its own prefill) is left out; then 0.1 ×3 and 0.2
+    stalled = [9.8, 9.9, 10.0] + [10.0 + gap_during_s * k for k in range(1, 40)]
+    first = 10.0 + ttft_s
+    stalled = [t for t in stalled if t <= first + 2 * gap_during_s]  # cancelled two tokens after its first
+    return stall_row(
+        step_budget_ms=budget,
+        prefill_step_size=256,
+        long_prompt_tokens=2000,
+        alone=alone,
+        stalled=stalled,
+        sent=10.0,
+        first=first,
+        idle_ttft_ms=idle_ttft_ms,
+    )
+
+
+def test_stall_row_states_gaps_and_ttft_as_ratios() -> None:
+    row = _stall_row(250.0, 0.25, 3.0, 2500.0)
+    assert (row.baseline_gap_p50_ms, row.baseline_gap_max_ms) == (100.0, 200.0)
+    # the gaps ending after the prompt was sent and starting before its first token: 10.0 .. 13.0, 0.25 each
+    assert row.gaps_during_prefill == 12 and row.stall_gap_p50_ms == row.stall_gap_max_ms == 250.0
+    assert (row.gap_p50_ratio, row.gap_max_ratio, row.ttft_ratio) == (2.5, 2.5, 1.2)
+    assert row.long_prompt_ttft_ms == 3000.0 and row.covered and row.meets_target
+
+
+def test_stall_row_misses_the_target_on_any_of_the_three_or_when_not_covered() -> None:
+    assert not _stall_row(400.0, 0.4, 3.0, 2500.0).meets_target  # gap p50 4×
+    assert not _stall_row(250.0, 0.25, 4.0, 2500.0).meets_target  # TTFT 1.6×
+    uncovered = _stall_row(250.0, 0.25, 3.0, 2500.0)
+    uncovered.covered = False
+    assert not uncovered.meets_target
+
+
+def test_stall_rows_in_multiturn_part_c_and_the_curve() -> None:
+    from mlxcluster.bench.stall import StallCurve, format_curve
+    from mlxcluster.worker.step_budget import DEFAULT_STEP_BUDGET_MS as default
+
+    rows = [_stall_row(0.0, 1.5, 2.6, 2500.0), _stall_row(default, 0.25, 3.0, 2500.0)]
+    result = MultiturnResult(
+        machine="test machine", model="m", quick=True, settings=Settings.quick(), parts="c", stall=rows
+    )
+    text = format_multiturn(result)
+    assert "c) the step budget" in text
+    lines = text.splitlines()
+    none_row = next(line for line in lines if line.startswith("none (256/step)"))
+    assert "15.0×" in none_row and "1.04×" in none_row and "NOT met" in none_row
+    assert any(line.startswith(f"{default:g} ") and line.rstrip().endswith(" met") for line in lines)
+    assert f"budgets meeting all three: {default:g}" in text and f"default step_budget_ms = {default:g}: met" in text
+    curve = format_curve(StallCurve(machine="test machine", model="m", default_budget_ms=default + 1, rows=rows))
+    assert curve.startswith("bench engine --parts stall — m") and "default step_budget_ms" not in curve
+
+
+def test_the_step_budget_section_runs_the_stall_part() -> None:
+    from mlxcluster.bench.report import SECTIONS, _timeout
+
+    section = next(s for s in SECTIONS if s.name == "step-budget")
+    assert section.args == ["engine", "--parts", "stall"] and not section.families
+    assert _timeout(section.args, 0) == 1800

@@ -7,7 +7,8 @@ Parts (each a real run on the demo model, greedy, short replies):
 - **b** two workers, conversations interleaved (each turn sent for every conversation at once, turn
   by turn), per balancer: the later turns' cached-token fraction (from ``usage.cached_tokens``) and
   their TTFT over turn 1's;
-- **c** the decode stall a running stream sees while a long prompt prefills (:mod:`.stall`);
+- **c** the step budget: a running stream's gaps while a ~2,000-token prompt prefills, and that prompt's TTFT,
+  against no budget (:mod:`.stall`; ``bench engine --parts stall`` draws the whole curve);
 - **d** no cache help: concurrent distinct non-streamed requests, tokens/s vs ``mlx_lm.server``
   (:func:`mlxcluster.bench.versus.stream_round`);
 - **e** the cache's byte bound under load, from the workers' heartbeats (:mod:`.cache_bound`);
@@ -37,7 +38,7 @@ from mlxcluster.bench.family_dirs import RANDOM_FAMILIES, MissingFamilies, famil
 from mlxcluster.bench.family_turns import FamilyCache, run_family_turns
 from mlxcluster.bench.nats import bench_config
 from mlxcluster.bench.procs import BenchCluster
-from mlxcluster.bench.stall import StallRow, run_stall
+from mlxcluster.bench.stall import BUDGETS, LONG_PROMPT_TOKENS, StallRow, run_stall
 from mlxcluster.bench.stats import machine_line
 from mlxcluster.bench.versus import (
     WARM_UP_PROMPT,
@@ -70,10 +71,22 @@ class Settings(msgspec.Struct):
     interleaved_conversations: int = 4
     concurrent_requests: int = 8
     concurrent_max_tokens: int = 64
+    stall_prompt_tokens: int = LONG_PROMPT_TOKENS
+    """Part c's long prompt."""
+    stall_budgets: tuple[float, ...] = BUDGETS
+    """Part c's ``step_budget_ms`` values (0: no budget)."""
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(interleaved_turns=3, interleaved_conversations=3, concurrent_max_tokens=32)
+        from mlxcluster.worker.step_budget import DEFAULT_STEP_BUDGET_MS
+
+        return cls(
+            interleaved_turns=3,
+            interleaved_conversations=3,
+            concurrent_max_tokens=32,
+            stall_prompt_tokens=1000,
+            stall_budgets=(0.0, DEFAULT_STEP_BUDGET_MS),
+        )
 
 
 class ServerTurns(msgspec.Struct):
@@ -275,7 +288,7 @@ async def run_multiturn(
         result.balancers = await run_balancers(model_path, settings, present)
     if "c" in parts:
         result.stall = await run_stall(
-            model_path, steps=(64, 256, 1024), prompt_tokens=settings.system_tokens, running_tokens=48
+            model_path, budgets=settings.stall_budgets, prompt_tokens=settings.stall_prompt_tokens
         )
     if "d" in parts:
         result.concurrent = await run_concurrent(model_path, settings)

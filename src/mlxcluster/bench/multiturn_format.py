@@ -5,7 +5,9 @@ from __future__ import annotations
 from mlxcluster.bench.conversation import TurnSample
 from mlxcluster.bench.family_turns import FamilyCache
 from mlxcluster.bench.multiturn import OURS, THEIRS, MultiturnResult
+from mlxcluster.bench.stall import format_stall
 from mlxcluster.tables import table
+from mlxcluster.worker.step_budget import DEFAULT_STEP_BUDGET_MS
 
 
 def _verdict(ok: bool) -> str:
@@ -79,32 +81,12 @@ def format_multiturn(result: MultiturnResult) -> str:
         for name in result.balancers_absent:
             lines.append(f"{name}: not run — no such balancer on this branch (mlxcluster balancers list)")
     if result.stall:
-        lines += ["", "c) a running stream's inter-token gaps while a long prompt prefills (engine in-process):"]
-        rows = [
-            [
-                str(r.prefill_step_size),
-                f"{r.baseline_gap_p50_ms:.0f} / {r.baseline_gap_max_ms:.0f}",
-                f"{r.stall_gap_p50_ms:.0f} / {r.stall_gap_max_ms:.0f}",
-                f"{r.stall_gap_max_ms / r.baseline_gap_p50_ms:.1f}×" if r.baseline_gap_p50_ms else "-",
-                str(r.gaps_during_prefill),
-                f"{r.long_prompt_ttft_ms:.0f}" + ("" if r.covered else " (stream ended first)"),
-            ]
-            for r in result.stall
+        lines += [
+            "",
+            "c) the step budget: a running stream's inter-token gaps while a long prompt prefills, and that "
+            "prompt's TTFT against the idle engine's (engine in-process, one engine per budget):",
+            *format_stall(result.stall, DEFAULT_STEP_BUDGET_MS),
         ]
-        tokens = result.stall[0].long_prompt_tokens
-        lines.append(
-            table(
-                [
-                    "prefill_step_size",
-                    "alone p50/max ms",
-                    f"during {tokens}-tok prefill p50/max ms",
-                    "max/alone p50",
-                    "gaps",
-                    "long prompt TTFT ms",
-                ],
-                rows,
-            )
-        )
     if result.concurrent:
         lines += ["", f"d) no cache help: {s.concurrent_requests} concurrent distinct requests, non-streamed:"]
         rows = [[r.server, str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}"] for r in result.concurrent]

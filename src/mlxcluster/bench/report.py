@@ -42,6 +42,14 @@ SECTIONS: list[Section] = [
     Section("Message bus", ["nats"], "The embedded nats-server on loopback: start time, request/reply, publish rate."),
     Section("Engine", ["engine"], "The mlx engine in-process vs the same model behind one worker over NATS."),
     Section(
+        "Step budget",
+        ["engine", "--parts", "stall"],
+        "The step budget's curve on the demo model (issue 21): per `worker.step_budget_ms`, a running stream's "
+        "inter-token gaps while a ~2,000-token prompt prefills, against its gaps alone, and that prompt's TTFT "
+        "against its TTFT on the idle engine (targets: gap p50 ≤ 3×, max ≤ 5×, TTFT ≤ 1.5×).",
+        key="step-budget",
+    ),
+    Section(
         "Arriving requests",
         ["arrivals"],
         "8 streams decoding on the `qwen3_demo` fixture while requests arrive whose ~2,000-token tool-list prompt "
@@ -165,7 +173,7 @@ def section_args(section: Section, *, quick: bool = False, families_dir: Path | 
 def _timeout(args: list[str], soak_minutes: float) -> float:
     if args[0] == "soak":
         return soak_minutes * 60 + 600
-    return 1800 if args[0] in ("multiturn", "arrivals", "fuzz") or "strict" in args else 900
+    return 1800 if args[0] in ("multiturn", "arrivals", "fuzz") or "strict" in args or "stall" in args else 900
 
 
 def _load() -> str:

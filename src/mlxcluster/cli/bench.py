@@ -101,23 +101,56 @@ def bench_engine(
     model: Annotated[str | None, typer.Option(help="Model dir (default: the demo model).")] = None,
     streams: Annotated[int, typer.Option(help="Concurrent streams.", min=2)] = 8,
     max_tokens: Annotated[int, typer.Option(help="Tokens per request at most.", min=8)] = 128,
+    parts: Annotated[
+        str,
+        typer.Option(
+            help="speed (in-process vs over NATS), stall (the step budget's curve: a running stream's gaps and a "
+            "long prompt's TTFT per step_budget_ms), or both: speed,stall."
+        ),
+    ] = "speed",
+    budgets: Annotated[
+        str, typer.Option(help="The stall part's step_budget_ms values (0: no budget, 256 tokens a step).")
+    ] = "0,150,200,250,300,400",
+    prompt_tokens: Annotated[int, typer.Option(help="The stall part's long prompt, in tokens.", min=64)] = 2000,
 ) -> None:
-    """mlx engine in-process vs the same model behind one worker over NATS (1 and N streams)."""
+    """mlx engine in-process vs the same model behind one worker over NATS (1 and N streams); with --parts stall,
+    the step budget's curve (budget → running stream's gap ratio, long prompt's TTFT ratio)."""
     import asyncio
 
+    names = {part.strip() for part in parts.split(",") if part.strip()}
+    if not names or names - {"speed", "stall"}:
+        raise typer.BadParameter(f"parts are speed and stall, not {parts!r}", param_hint="--parts")
+    try:
+        values = tuple(float(b) for b in budgets.split(",") if b.strip())
+    except ValueError:
+        raise typer.BadParameter(f"budgets are numbers of ms, not {budgets!r}", param_hint="--budgets") from None
+    if "stall" in names and (not values or min(values) < 0):
+        raise typer.BadParameter(f"budgets are ms ≥ 0, not {budgets!r}", param_hint="--budgets")
     from mlxcluster.worker.blas import maybe_reexec_with_openblas
 
     maybe_reexec_with_openblas()  # measure in-process on the same BLAS the worker gets
-    from mlxcluster.bench.engine import format_table, run_engine_bench
     from mlxcluster.models.demo import DEMO_BASE_NAME, ensure_demo_model
 
     config = get_config(config_path)
     model_path = model or str(ensure_demo_model(config.models_dir))
     served = DEMO_BASE_NAME if model is None else Path(model).name
-    result = asyncio.run(
-        run_engine_bench(model_path=model_path, served_name=served, streams=streams, max_tokens=max_tokens)
-    )
-    typer.echo(result.to_json() if as_json else format_table(result))
+    outputs: dict[str, str] = {}
+    if "speed" in names:
+        from mlxcluster.bench.engine import format_table, run_engine_bench
+
+        result = asyncio.run(
+            run_engine_bench(model_path=model_path, served_name=served, streams=streams, max_tokens=max_tokens)
+        )
+        outputs["speed"] = result.to_json() if as_json else format_table(result)
+    if "stall" in names:
+        from mlxcluster.bench.stall import format_curve, run_curve
+
+        curve = asyncio.run(run_curve(model_path, budgets=values, prompt_tokens=prompt_tokens))
+        outputs["stall"] = curve.to_json() if as_json else format_curve(curve)
+    if as_json and len(outputs) > 1:  # one JSON document: {"speed": ..., "stall": ...}
+        typer.echo("{" + ", ".join(f'"{name}": {text}' for name, text in outputs.items()) + "}")
+    else:
+        typer.echo("\n\n".join(outputs.values()))
 
 
 @bench_app.command("arrivals")
@@ -306,16 +339,16 @@ def bench_multiturn(
     parts: Annotated[
         str,
         typer.Option(
-            help="Parts to run: a (vs mlx_lm.server), b (balancers), c (prefill "
-            "stall), d (no cache help), e (cache byte bound), f (per model family vs mlx_lm.server; "
-            "needs --families-dir)."
+            help="Parts to run: a (vs mlx_lm.server), b (balancers), c (the step budget: a running "
+            "stream's gaps while a long prompt prefills), d (no cache help), e (cache byte bound), f (per "
+            "model family vs mlx_lm.server; needs --families-dir)."
         ),
     ] = "abcde",
     families_dir: FamiliesDirOption = None,
 ) -> None:
     """Multi-turn conversations with a long system prompt: the prompt cache against mlx_lm.server and
-    across balancers, the decode stall of chunked prefill, the cache's byte bound, and (part f) the
-    prompt cache on each model family's fixture against mlx_lm.server."""
+    across balancers, the step budget against a long prompt's prefill, the cache's byte bound, and (part f)
+    the prompt cache on each model family's fixture against mlx_lm.server."""
     import asyncio
 
     from mlxcluster.worker.blas import maybe_reexec_with_openblas
@@ -397,7 +430,7 @@ def bench_report(
         str,
         typer.Option(
             help="Comma-separated sections (models, multiturn, multiturn-families, arrivals, grammar-strict, fuzz, "
-            "soak, soak-cache-full, ...) to rerun in the existing report."
+            "step-budget, soak, soak-cache-full, ...) to rerun in the existing report."
         ),
     ] = "",
     quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,

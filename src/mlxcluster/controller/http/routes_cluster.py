@@ -112,6 +112,9 @@ def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
     data["breaker"] = ctx.dispatcher.breakers.state(data["id"])
     data.update(ctx.registry.telemetry(data["id"]) or {})
     data.update(ctx.ops.requests.latency(data["id"]))
+    memory = getattr(worker, "memory", None)
+    if memory is not None:  # every part, as the document's MemoryParts and /api/cluster/models have it
+        data["memory"] = msgspec.structs.asdict(memory)
     stats = getattr(worker, "prompt_cache", None)
     if stats is not None:
         cache = data["prompt_cache"] = msgspec.structs.asdict(stats)  # every field: zeros are news too

@@ -24,6 +24,7 @@ from mlxcluster.protocol import (
     InferenceRequest,
     ProtocolError,
     SamplingParams,
+    SpeculationCounts,
     Timings,
     Token,
     Usage,
@@ -62,6 +63,7 @@ HEARTBEAT = WorkerHeartbeat(
     tokens_total=1000,
     errors_total=1,
     sent_at=1700000001.5,
+    speculation=SpeculationCounts(steps=12, drafted=48, accepted=30),
 )
 CHAT_REQUEST = InferenceRequest(
     request_id="req-1",

@@ -8,8 +8,15 @@ import pytest
 from cluster_harness import wait_until
 
 from mlxcluster.config import Config, from_dict
-from mlxcluster.controller.routing.registry import WorkerEvent, WorkerRegistry
-from mlxcluster.protocol import Capabilities, Deregister, Hardware, WorkerHeartbeat, WorkerRegistration
+from mlxcluster.controller.routing.registry import WorkerEvent, WorkerRegistry, speculation_fields
+from mlxcluster.protocol import (
+    Capabilities,
+    Deregister,
+    Hardware,
+    SpeculationCounts,
+    WorkerHeartbeat,
+    WorkerRegistration,
+)
 
 
 class FakeClock:
@@ -207,6 +214,22 @@ def test_heartbeat_updates_speed_memory_and_models(registry: WorkerRegistry) -> 
     registry.on_heartbeat(heartbeat("w1", tokens_per_second=42.0, available_memory_gb=7.5, models_loaded=["a", "c"]))
     view = registry.get("w1")
     assert view.tokens_per_second == 42.0 and view.available_memory_gb == 7.5 and view.models == ("a", "c")
+
+
+def test_heartbeat_speculation_reaches_the_view(registry: WorkerRegistry) -> None:
+    registry.on_registration(registration("w1"))
+    assert registry.get("w1").speculation is None  # no heartbeat yet
+    registry.on_heartbeat(heartbeat("w1", speculation=SpeculationCounts(steps=3, drafted=8, accepted=6)))
+    assert registry.get("w1").speculation == SpeculationCounts(steps=3, drafted=8, accepted=6)
+    registry.on_heartbeat(heartbeat("w1"))  # an engine that stopped speculating (or an older worker)
+    assert registry.get("w1").speculation is None
+
+
+def test_speculation_fields_keep_zeros_and_compute_the_acceptance_rate() -> None:
+    fields = speculation_fields(SpeculationCounts(steps=3, drafted=8, accepted=6))
+    assert fields == {"steps": 3, "drafted": 8, "accepted": 6, "acceptance_rate": 0.75}
+    assert speculation_fields(SpeculationCounts()) == {"steps": 0, "drafted": 0, "accepted": 0, "acceptance_rate": 0.0}
+    assert speculation_fields(SpeculationCounts(steps=3, drafted=3, accepted=1))["acceptance_rate"] == 0.3333
 
 
 def test_listeners_see_changes_and_errors_are_contained(registry: WorkerRegistry, clock: FakeClock) -> None:

@@ -43,7 +43,7 @@ from mlxcluster.api.exporter import (
 from mlxcluster.api.helpers import DEFAULT_MAX_ENTRIES, Cursor, LruMap, best, least_utilized
 from mlxcluster.api.hooks import PROJECT_NAME, Register, hookimpl, hookspec
 from mlxcluster.config import CacheAwareSection, LoadBalancingSection
-from mlxcluster.protocol import ChatMessage, GroupInfo, InferenceRequest, PromptCacheStats
+from mlxcluster.protocol import ChatMessage, GroupInfo, InferenceRequest, PromptCacheStats, SpeculationCounts
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
@@ -74,6 +74,7 @@ __all__ = [
     "RequestMigrated",
     "RequestRetried",
     "RequestStatus",
+    "SpeculationCounts",
     "WorkerState",
     "WorkerStatusChanged",
     "WorkerView",

@@ -22,7 +22,7 @@ from msgspec import Struct
 
 from mlxcluster.config import LoadBalancingSection
 from mlxcluster.prefix_digest import canonical_text
-from mlxcluster.protocol import GroupInfo, InferenceRequest, MemoryParts, PromptCacheStats
+from mlxcluster.protocol import GroupInfo, InferenceRequest, MemoryParts, PromptCacheStats, SpeculationCounts
 
 WorkerState = Literal["online", "degraded", "draining", "offline"]
 ELIGIBLE_STATES: frozenset[WorkerState] = frozenset({"online", "degraded"})
@@ -65,6 +65,9 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     errors_total: int = 0
     prompt_cache: PromptCacheStats | None = None
     """The worker's prompt cache as its last heartbeat reported it (``None``: it has none)."""
+    speculation: SpeculationCounts | None = None
+    """The worker's speculative decoding (verify steps, drafted and accepted tokens, counted since it started) as
+    its last heartbeat reported it (``None``: no engine of it speculates)."""
     group: GroupInfo | None = None
     """Set when the worker is a worker group's rank 0 (the group's name, size, parallelism and members)."""
     memory: MemoryParts | None = None

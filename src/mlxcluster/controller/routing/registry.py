@@ -30,6 +30,7 @@ from mlxcluster.protocol import (
     Deregister,
     MemoryParts,
     ModelState,
+    SpeculationCounts,
     WorkerHeartbeat,
     WorkerRegistration,
 )
@@ -603,6 +604,16 @@ class WorkerRegistry:
             requests_total=hb.requests_total if hb else 0,
             errors_total=hb.errors_total if hb else 0,
             prompt_cache=hb.prompt_cache if hb else None,
+            speculation=hb.speculation if hb else None,
             group=reg.group if reg else None,
             memory=w.memory,
         )
+
+
+def speculation_fields(counts: SpeculationCounts) -> dict[str, float]:
+    """A worker's :class:`~mlxcluster.protocol.SpeculationCounts` as shown to operators (the API, the metrics):
+    every count (zeros included) plus ``acceptance_rate``, the share of drafted tokens accepted (0.0 before any
+    was drafted)."""
+    fields: dict[str, float] = msgspec.structs.asdict(counts)
+    fields["acceptance_rate"] = round(counts.accepted / counts.drafted, 4) if counts.drafted else 0.0
+    return fields

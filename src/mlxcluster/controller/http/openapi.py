@@ -246,6 +246,15 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                     "drained": BOOL,
                     "avg_latency_ms": NULLABLE_NUM,
                     "avg_ttft_ms": NULLABLE_NUM,
+                    "speculation": {
+                        "anyOf": [
+                            _obj({"steps": INT, "drafted": INT, "accepted": INT, "acceptance_rate": NUM}),
+                            {"type": "null"},
+                        ],
+                        "description": "Speculative decoding since the worker started, every count and "
+                        "`acceptance_rate` = accepted / drafted (0 before any was drafted); null: it does not "
+                        "speculate.",
+                    },
                 }
             ),
         ]

@@ -15,6 +15,7 @@ from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.responses import json_response
 from mlxcluster.controller.peers import PEERS
 from mlxcluster.controller.routing.cache_index import prompt_cache_rates
+from mlxcluster.controller.routing.registry import speculation_fields
 
 routes = web.RouteTableDef()
 WORKER_STATES = ("online", "degraded", "draining", "offline")
@@ -121,4 +122,7 @@ def _worker_json(ctx: ControllerContext, worker: object) -> dict[str, object]:
         cache.update(prompt_cache_rates(cache))
         if ctx.cache_index is not None:
             cache["indexed_digests"] = ctx.cache_index.worker_entries(data["id"])
+    speculation = getattr(worker, "speculation", None)
+    if speculation is not None:
+        data["speculation"] = speculation_fields(speculation)  # every count: zeros are news too
     return data

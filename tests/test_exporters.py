@@ -298,6 +298,31 @@ async def test_prometheus_exporter_on_its_own() -> None:
         PrometheusExporter(path="metrics")
 
 
+async def test_prometheus_speculation_series_follow_the_snapshot() -> None:
+    exporter = PrometheusExporter()
+    await exporter.export(ClusterSnapshot(time=1))
+    assert not any(name.startswith("mlxcluster_worker_speculative") for name, _ in samples(exporter.text().decode()))
+    spec = {
+        "a": {"steps": 4, "drafted": 10, "accepted": 7, "acceptance_rate": 0.7},
+        "b": {"steps": 0, "drafted": 0, "accepted": 0, "acceptance_rate": 0.0},
+    }
+    await exporter.export(ClusterSnapshot(time=2, worker_speculation=spec))
+    text = exporter.text().decode()
+    assert "# TYPE mlxcluster_worker_speculative_accepted_tokens_total counter" in text
+    assert "# TYPE mlxcluster_worker_speculative_acceptance_rate gauge" in text
+    values = samples(text)
+    a, b = (("worker", "a"),), (("worker", "b"),)
+    assert values[("mlxcluster_worker_speculative_steps_total", a)] == 4
+    assert values[("mlxcluster_worker_speculative_drafted_tokens_total", a)] == 10
+    assert values[("mlxcluster_worker_speculative_accepted_tokens_total", a)] == 7
+    assert values[("mlxcluster_worker_speculative_acceptance_rate", a)] == 0.7
+    assert values[("mlxcluster_worker_speculative_drafted_tokens_total", b)] == 0  # zeros are series too
+    await exporter.export(ClusterSnapshot(time=3, worker_speculation={"b": spec["b"]}))
+    values = samples(exporter.text().decode())
+    assert ("mlxcluster_worker_speculative_steps_total", a) not in values  # gone workers are removed
+    assert ("mlxcluster_worker_speculative_acceptance_rate", b) in values
+
+
 # --- the event feed ---------------------------------------------------------------------------
 
 

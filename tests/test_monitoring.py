@@ -1,6 +1,7 @@
 """Request monitoring and worker telemetry: ``/api/cluster/requests`` (in flight, then finished, per key),
 one access-log line per request (JSON with ``logging.format = "json"``), hardware and load figures in the
-worker API, ``/health`` with a timestamp, and the controller ``degraded`` while NATS is down.
+worker API, speculative decoding counts in the worker API and ``/metrics``, ``/health`` with a timestamp, and
+the controller ``degraded`` while NATS is down.
 
 Real echo workers, the real controller app, the real nats-server (stopped and restarted for the outage).
 """
@@ -20,6 +21,8 @@ from cluster_harness import Cluster, RunningController, demo_model_or_skip, wait
 from mlxcluster.config import Config, LoggingSection
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.logsetup import JsonFormatter
+from mlxcluster.protocol import SpeculationCounts
+from mlxcluster.worker.echo import EchoEngine
 
 ADMIN, ALICE, BOB = "sk-admin-aa11", "sk-alice-bb22", "sk-bob-cc33"
 
@@ -162,6 +165,67 @@ async def test_worker_telemetry_in_the_api(cluster: Cluster) -> None:
     assert one["drained"] is False
     _, listing = await get(controller, "/api/cluster/workers")
     assert listing["workers"][0]["rss_bytes"] == one["rss_bytes"] or listing["workers"][0]["rss_bytes"] > 0
+
+
+class SpeculatingEcho(EchoEngine):
+    """The echo engine reporting given speculative decoding counts (the echo engine itself never speculates)."""
+
+    def __init__(self, counts: SpeculationCounts, **options: Any) -> None:
+        super().__init__(**options)
+        self.counts = counts
+
+    def speculation_stats(self) -> SpeculationCounts | None:
+        return self.counts
+
+
+async def test_speculation_counts_in_the_api_and_metrics(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
+    from jsonschema import Draft202012Validator
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config = with_sections(cluster_config, metrics={"exporters": ["prometheus"], "snapshot_interval_s": 0.05})
+    async with Cluster(config) as running:
+        engine = SpeculatingEcho(SpeculationCounts(steps=4, drafted=10, accepted=7))
+        await running.start_worker("w-spec", engine=engine)
+        await running.start_worker("w-plain")
+        controller = await running.start_controller()
+        await controller.wait_online("w-spec", "w-plain")
+
+        async def reported() -> dict[str, Any] | None:
+            workers = {w["id"]: w for w in await controller.workers()}
+            return workers if workers.get("w-spec", {}).get("speculation") else None
+
+        workers = await wait_until(reported, what="speculation counts in /api/cluster/workers")
+        expected = {"steps": 4, "drafted": 10, "accepted": 7, "acceptance_rate": 0.7}
+        assert workers["w-spec"]["speculation"] == expected
+        assert workers["w-plain"]["speculation"] is None  # reported as null, not left out
+        async with controller.session().get(f"{controller.url}/api/cluster/workers/w-spec") as resp:
+            assert (await resp.json())["speculation"] == expected
+        async with controller.session().get(f"{controller.url}/openapi.json") as resp:
+            document = await resp.json()
+        schema = {"$ref": "#/components/schemas/WorkerList", "components": document["components"]}
+        Draft202012Validator(schema).validate({"workers": list(workers.values())})  # the documented shape
+
+        engine.counts = SpeculationCounts(steps=5, drafted=12, accepted=9)  # counters since the worker started
+
+        async def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            async with controller.session().get(f"{controller.url}/metrics") as resp:
+                text = await resp.text()
+            values = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            accepted = values.get(("mlxcluster_worker_speculative_accepted_tokens_total", (("worker", "w-spec"),)))
+            return values if accepted == 9 else None
+
+        values = await wait_until(scraped, what="the latest speculation counts in /metrics")
+        spec = (("worker", "w-spec"),)
+        assert values[("mlxcluster_worker_speculative_steps_total", spec)] == 5
+        assert values[("mlxcluster_worker_speculative_drafted_tokens_total", spec)] == 12
+        assert values[("mlxcluster_worker_speculative_acceptance_rate", spec)] == 0.75
+        assert not [key for key in values if key[0].startswith("mlxcluster_worker_speculative") and key[1] != spec]
 
 
 async def test_controller_is_degraded_while_nats_is_down(

@@ -146,6 +146,10 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     worker_prompt_cache: dict[str, dict[str, float]] = {}
     """Per online or degraded worker with a prompt cache: the fields of its last reported
     :class:`~mlxcluster.protocol.PromptCacheStats` plus ``hit_rate`` and ``token_hit_rate``."""
+    worker_speculation: dict[str, dict[str, float]] = {}
+    """Per online or degraded worker that speculates: the fields of its last reported
+    :class:`~mlxcluster.protocol.SpeculationCounts` (``steps``, ``drafted``, ``accepted``, counted since it started)
+    plus ``acceptance_rate`` (accepted / drafted, 0.0 before any was drafted)."""
     cache_index: dict[str, int] = {}
     """The controller's cache index: :class:`~mlxcluster.controller.routing.cache_index.CacheIndexStats` fields."""
     rate_limited_by_key: dict[str, int] = {}

@@ -78,6 +78,8 @@ class PrometheusExporter:
         )
         self.prompt_cache = PromptCacheCollector()
         r.register(self.prompt_cache)
+        self.speculation = SpeculationCollector()
+        r.register(self.speculation)
         self.key_requests = Counter(
             "mlxcluster_key_requests",
             "Inference requests finished, by API key and status.",
@@ -148,6 +150,7 @@ class PrometheusExporter:
             self._invalid_seen = event.invalid_messages_total
         self.prompt_cache.workers = event.worker_prompt_cache
         self.prompt_cache.index = event.cache_index
+        self.speculation.workers = event.worker_speculation
 
     def text(self) -> bytes:
         """The current metrics in the Prometheus text exposition format (without ``*_created`` series)."""
@@ -224,6 +227,44 @@ class PromptCacheCollector:
             yield CounterMetricFamily(
                 "mlxcluster_cache_index_events", "Cache events applied to the index.", value=index.get("events", 0)
             )
+
+
+SPECULATION_COUNTERS = {  # metric name → (SpeculationCounts field, help)
+    "steps": ("steps", "Forwards that verified drafted tokens (speculative decoding), as each worker reports."),
+    "drafted_tokens": ("drafted", "Drafted tokens each worker verified."),
+    "accepted_tokens": ("accepted", "Drafted tokens each worker accepted (each one a forward saved)."),
+}
+
+
+class SpeculationCollector:
+    """``mlxcluster_worker_speculative_*`` per worker that speculates, from the last snapshot.
+
+    Counters since each worker started, as its heartbeats said, and ``acceptance_rate`` (accepted / drafted);
+    series of workers gone from the snapshot, or no longer speculating, disappear with it.
+    """
+
+    def __init__(self) -> None:
+        self.workers: dict[str, dict[str, float]] = {}
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        workers = self.workers
+        if not workers:
+            return
+        for name, (field, help_text) in SPECULATION_COUNTERS.items():
+            counter = CounterMetricFamily(f"mlxcluster_worker_speculative_{name}", help_text, labels=["worker"])
+            for worker, counts in workers.items():
+                counter.add_metric([worker], counts.get(field, 0))
+            yield counter
+        gauge = GaugeMetricFamily(
+            "mlxcluster_worker_speculative_acceptance_rate",
+            "Share of drafted tokens each worker accepted (0 before any was drafted).",
+            labels=["worker"],
+        )
+        for worker, counts in workers.items():
+            gauge.add_metric([worker], counts.get("acceptance_rate", 0))
+        yield gauge
 
 
 class LoopHistogram:

@@ -28,7 +28,7 @@ from mlxcluster.api import ClusterSnapshot, MetricsEvent, WorkerStatusChanged
 from mlxcluster.config import MetricsSection
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.routing.cache_index import prompt_cache_rates
-from mlxcluster.controller.routing.registry import WorkerEvent
+from mlxcluster.controller.routing.registry import WorkerEvent, speculation_fields
 from mlxcluster.plugins import ExporterEntry, collect_exporters
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,7 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
         if w.prompt_cache is not None:
             fields: dict[str, float] = msgspec.structs.asdict(w.prompt_cache)
             caches[w.id] = {**fields, **prompt_cache_rates(fields)}  # type: ignore[arg-type]
+    speculation = {w.id: speculation_fields(w.speculation) for w in eligible if w.speculation is not None}
     index = ctx.cache_index
     dispatch = ctx.dispatcher.stats
     return ClusterSnapshot(
@@ -294,6 +295,7 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
         invalid_messages_total=ctx.bus.invalid_messages_total,
         events_dropped_total=feed.dropped,
         worker_prompt_cache=caches,
+        worker_speculation=speculation,
         cache_index=msgspec.structs.asdict(index.stats()) if index is not None else {},
         rate_limited_by_key={name: usage.rate_limited for name, usage in ctx.ops.keys.usage.items()},
     )

@@ -18,11 +18,13 @@ from cdp import Browser, find_chromium
 from cluster_harness import Cluster, RunningController, wait_until, with_sections, words
 from test_model_fleet import ADMIN, fleet
 from test_model_host import MIB
+from test_monitoring import SpeculatingEcho
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.controller.http.dashboard import load_page
 from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.protocol import SpeculationCounts
 
 KEY = "sk-dashboard-test"
 BEARER = {"Authorization": f"Bearer {KEY}"}
@@ -161,15 +163,15 @@ async def test_dashboard_in_a_real_browser(keyed: Cluster, chromium: str, tmp_pa
     print(f"dashboard screenshot: {shot}")
 
 
-async def test_dashboard_shows_prompt_cache_figures(
+async def test_dashboard_shows_prompt_cache_and_speculation_figures(
     cluster_config: Config, nats_server: EmbeddedNatsServer, chromium: str, tmp_path: Path
 ) -> None:
-    from mlxcluster.worker.echo import EchoEngine
-
+    counts = SpeculationCounts(steps=4, drafted=10, accepted=7)
     async with Cluster(cluster_config) as cluster:
-        await cluster.start_worker("w-cache", engine=EchoEngine(models=["echo"], prompt_cache_entries=16))
+        await cluster.start_worker("w-cache", engine=SpeculatingEcho(counts, models=["echo"], prompt_cache_entries=16))
+        await cluster.start_worker("w-plain", models=["other"])  # not speculating, and not taking the chats
         controller = await cluster.start_controller()
-        await controller.wait_online("w-cache")
+        await controller.wait_online("w-cache", "w-plain")
         client = controller.client()
         messages = [{"role": "system", "content": "a long system prompt " * 40}, {"role": "user", "content": "hi"}]
         reply = await client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
@@ -180,8 +182,9 @@ async def test_dashboard_shows_prompt_cache_figures(
         await client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
 
         async def hit_reported() -> bool:
-            workers = await controller.workers()
-            return bool(workers and workers[0]["prompt_cache"] and workers[0]["prompt_cache"]["hits"] == 1)
+            workers = {w["id"]: w for w in await controller.workers()}
+            cache = workers["w-cache"]["prompt_cache"]
+            return bool(cache and cache["hits"] == 1)
 
         await wait_until(hit_reported, what="the cache hit in a heartbeat")
         async with Browser(chromium, tmp_path / "profile") as page:
@@ -189,6 +192,11 @@ async def test_dashboard_shows_prompt_cache_figures(
             cache_cell = f"{row('w-cache')}.querySelector('.prompt-cache')"
             await page.wait_for(f"{row('w-cache')} && {cache_cell}.textContent.includes('%')", what="the cache cell")
             assert "1 hits" in await page.evaluate(f"{cache_cell}.title")
+            speculation_cell = f"{row('w-cache')}.querySelector('.speculation')"
+            assert await page.evaluate(f"{speculation_cell}.textContent") == "70 % · 7 / 10"
+            assert "in 4 verify steps" in await page.evaluate(f"{speculation_cell}.title")
+            await page.wait_for(f"{row('w-plain')}", what="the plain worker's row")
+            assert await page.evaluate(f"{row('w-plain')}.querySelector('.speculation').textContent") == "–"
             await page.wait_for("document.getElementById('cache-rate').textContent.endsWith('%')", what="the card")
             assert "index" in await page.evaluate("document.getElementById('cache-sub').textContent")
             assert page.exceptions == [], page.exceptions

@@ -210,6 +210,11 @@ class WorkerSection(_Section):
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
     """Bytes of KV cache kept for reuse by later prompts (LRU); unset: a share of the machine's memory,
     0: no prompt cache."""
+    speculative_tokens: Annotated[int, Meta(ge=0, le=32)] = 8
+    """Speculative decoding by prompt lookup: the most tokens drafted per greedy request and step from the
+    request's own prompt and output, verified in the batch's forward (the output is unchanged); each step
+    drafts only as far as the measured step costs and each request's acceptance rate say it pays.
+    0: off."""
     memory_budget_gb: Annotated[float, Meta(gt=0)] | None = None
     """The memory budget in GiB (``memory_budget_bytes`` in bytes; set one of them)."""
     memory_budget_bytes: Annotated[int, Meta(gt=0)] | None = None

@@ -86,6 +86,7 @@ echo_prompt_cache_entries = 0      # echo engine only: a SIMULATED prompt cache 
 drain_timeout_s = 30.0
 prefill_step_size = 256            # prompt tokens per prefill step with no stream decoding (and at most)
 step_budget_ms = 250.0             # while streams decode: the time one step may take (0: no budget)
+speculative_tokens = 8             # prompt-lookup drafts per greedy request and step (0: no speculation)
 # prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
 # memory_budget_bytes = 51539607552  # weights + prompt cache + running requests' KV (default: 75% of RAM)
 

@@ -130,6 +130,17 @@ class PromptCacheStats(_Message):
     evictions: Count = 0
 
 
+class SpeculationCounts(_Message):
+    """A worker's speculative decoding since it started."""
+
+    steps: Count = 0
+    """Forwards that verified drafted tokens."""
+    drafted: Count = 0
+    """Drafted tokens verified."""
+    accepted: Count = 0
+    """Drafted tokens accepted: each a token generated without a forward of its own."""
+
+
 class CatalogueModel(_Message):
     """A model a worker may serve (its catalogue: ``worker.model``, ``worker.models``, the scanned models dir),
     loaded or not, with what placement needs to know of it."""
@@ -201,6 +212,8 @@ class WorkerHeartbeat(_Message):
     catalogue: list[CatalogueModel] | None = None
     """Every model this worker may serve, loaded or not (None: only ``models_loaded``)."""
     memory: MemoryParts | None = None
+    speculation: SpeculationCounts | None = None
+    """Speculative decoding since the worker started (None: no engine of it speculates)."""
 
 
 class CacheEvent(_Message):

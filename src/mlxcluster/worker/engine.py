@@ -33,7 +33,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any, cast
 
-from mlxcluster.protocol import Error, InferenceRequest, Progress, PromptCacheStats, Token
+from mlxcluster.protocol import Error, InferenceRequest, Progress, PromptCacheStats, SpeculationCounts, Token
 from mlxcluster.worker.engine_base import CacheListener, Engine, EngineFrame, EngineInfo
 from mlxcluster.worker.generation_loop import GenerationLoop
 from mlxcluster.worker.job import Job
@@ -42,6 +42,7 @@ from mlxcluster.worker.loaded_model import LoadedModel, describe
 from mlxcluster.worker.memory_budget import MemoryBudget, NeverFits, Reservation
 from mlxcluster.worker.preparation import PreparedRequest, Rejected, RequestPreparer
 from mlxcluster.worker.prompt_cache import PromptCache, default_cache_bytes
+from mlxcluster.worker.speculation import DEFAULT_DRAFT_TOKENS, SpeculationStats
 from mlxcluster.worker.step_budget import DEFAULT_STEP_BUDGET_MS, StepBudget, StepCosts
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class MlxEngine(Engine):
         with no stream decoding a prompt prefills ``prefill_step_size`` tokens a step; 0: always
         ``prefill_step_size``.
     :param step_costs: fixed step costs for the budget instead of measured ones (tests).
+    :param speculative_tokens: the most prompt-lookup draft tokens per greedy request and step
+        (:mod:`~mlxcluster.worker.speculative_batch`); 0: no speculative decoding.
     :param prefill_batch_size: prompts prefilled together (default ``min(max_concurrent, 8)``).
     :param served_name: the served model name (default :func:`default_served_name` of ``model``);
         ``name`` is an alias.
@@ -96,6 +99,7 @@ class MlxEngine(Engine):
         prefill_step_size: int = 256,
         step_budget_ms: float = DEFAULT_STEP_BUDGET_MS,
         step_costs: StepCosts | None = None,
+        speculative_tokens: int = DEFAULT_DRAFT_TOKENS,
         prefill_batch_size: int | None = None,
         served_name: str | None = None,
         name: str | None = None,
@@ -114,7 +118,10 @@ class MlxEngine(Engine):
         self.prefill_step_size = prefill_step_size
         self.step_budget_ms = step_budget_ms
         self.step_costs = step_costs
+        self.speculative_tokens = speculative_tokens
         self.prefill_batch_size = prefill_batch_size or min(max_concurrent, 8)
+        self.speculation = SpeculationStats()
+        """Speculative decoding counters, across the batches this engine builds."""
         self.stop_timeout_s = stop_timeout_s
         if prompt_cache_bytes is None:
             import psutil
@@ -205,6 +212,13 @@ class MlxEngine(Engine):
         """Hits, hit tokens, bytes, entries and evictions of the prompt cache (``None``: disabled)."""
         cache = self._prompt_cache
         return cache.stats() if cache is not None else None
+
+    def speculation_stats(self) -> SpeculationCounts | None:
+        """Speculative decoding's steps, drafted and accepted tokens (``None``: ``speculative_tokens`` is 0)."""
+        if self.speculative_tokens <= 0:
+            return None
+        stats = self.speculation
+        return SpeculationCounts(steps=stats.steps, drafted=stats.drafted, accepted=stats.accepted)
 
     def set_cache_listener(self, listener: CacheListener | None) -> None:
         """Be told (on the generation thread) of prefix digests the prompt cache stores and drops."""
@@ -514,11 +528,17 @@ class MlxEngine(Engine):
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
+        from mlxcluster.worker.speculative_batch import SpeculativeBatchGenerator
+
         assert self._loaded is not None
-        return BatchGenerator(
-            self._loaded.model,
-            completion_batch_size=self.max_concurrent,
-            prefill_batch_size=self.prefill_batch_size,
-            prefill_step_size=self.prefill_step_size,
-            stream=self._stream,
-        )
+        options: dict[str, Any] = {
+            "completion_batch_size": self.max_concurrent,
+            "prefill_batch_size": self.prefill_batch_size,
+            "prefill_step_size": self.prefill_step_size,
+            "stream": self._stream,
+        }
+        if self.speculative_tokens > 0:
+            return SpeculativeBatchGenerator(
+                self._loaded.model, draft_tokens=self.speculative_tokens, stats=self.speculation, **options
+            )
+        return BatchGenerator(self._loaded.model, **options)

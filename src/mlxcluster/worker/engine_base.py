@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 
 from msgspec import Struct
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, PromptCacheStats, Token
+from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, PromptCacheStats, SpeculationCounts, Token
 
 EngineFrame = Progress | Token | Done | Error
 
@@ -55,6 +55,10 @@ class Engine(ABC):
 
     def prompt_cache_stats(self) -> PromptCacheStats | None:
         """Reuse and size of the engine's prompt cache; ``None`` when it has none."""
+        return None
+
+    def speculation_stats(self) -> SpeculationCounts | None:
+        """Drafted and accepted tokens of the engine's speculative decoding; ``None`` when it does not speculate."""
         return None
 
     def set_cache_listener(self, listener: CacheListener | None) -> None:

@@ -303,9 +303,9 @@ class GenerationLoop:
         if responses:  # counted before any Done frame goes out
             self.tokens_total += len(responses)
         stopped: list[int] = []
-        for response in responses:
-            job = self.active[response.uid]
-            if job.fault is not None:
+        for response in responses:  # a row may emit several tokens in a step (accepted drafts), in order
+            job = self.active.get(response.uid)
+            if job is None or job.fault is not None or response.uid in stopped:
                 continue
             job.generated.append(response.token)
             job.suspect = False

@@ -212,7 +212,8 @@ class GroupEngine(MlxEngine):
     """
 
     def __init__(self, model: str, *, formation: Formation, on_broken: Callable[[str], None], **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
+        # the followers replay plain BatchGenerator steps: speculative steps are not broadcast (yet)
+        super().__init__(model, **{**kwargs, "speculative_tokens": 0})
         self.formation = formation
         self.channel = Channel(stall_timeout_s=formation.stall_timeout_s, on_broken=on_broken)
 

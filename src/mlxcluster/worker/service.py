@@ -40,6 +40,7 @@ from mlxcluster.protocol import (
     ModelCommandResult,
     Progress,
     PromptCacheStats,
+    SpeculationCounts,
     Token,
     WorkerHeartbeat,
     WorkerRegistration,
@@ -81,6 +82,12 @@ class TokenRate:
         return self._sum / self.window_s
 
 
+def _add_counts(a: SpeculationCounts | None, b: SpeculationCounts) -> SpeculationCounts:
+    if a is None:
+        return b
+    return SpeculationCounts(steps=a.steps + b.steps, drafted=a.drafted + b.drafted, accepted=a.accepted + b.accepted)
+
+
 class WorkerService:
     """Serves a :class:`ModelHost`'s models on the bus under one worker id.
 
@@ -119,6 +126,8 @@ class WorkerService:
         self.rate = TokenRate()
         self.requests_total = 0
         self.tokens_total = 0
+        self._speculation_seen: dict[Engine, SpeculationCounts] = {}
+        self._speculation_retired: SpeculationCounts | None = None
         self.errors_total = 0
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._replies: dict[str, tuple[ReplyWriter, float]] = {}  # request id → (its stream, started, monotonic)
@@ -303,7 +312,24 @@ class WorkerService:
             models=self.host.states(),
             catalogue=self.host.catalogue.models(),
             memory=self.host.budget.parts(),
+            speculation=self._speculation_counts(),
         )
+
+    def _speculation_counts(self) -> SpeculationCounts | None:
+        """Speculative decoding since the worker started: the loaded engines' counts and those of engines gone."""
+        engines = set(self.host.engines().values())
+        for gone in [engine for engine in self._speculation_seen if engine not in engines]:
+            self._speculation_retired = _add_counts(self._speculation_retired, self._speculation_seen.pop(gone))
+        for engine in engines:
+            counts = engine.speculation_stats()
+            if counts is not None:
+                self._speculation_seen[engine] = counts
+        if not self._speculation_seen and self._speculation_retired is None:
+            return None
+        total = self._speculation_retired
+        for counts in self._speculation_seen.values():
+            total = _add_counts(total, counts)
+        return total
 
     def _prompt_cache_stats(self) -> PromptCacheStats | None:
         """The loaded engines' prompt caches together (None: no engine has one)."""

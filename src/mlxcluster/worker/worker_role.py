@@ -79,6 +79,7 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
             max_concurrent=worker.max_concurrent,
             prefill_step_size=worker.prefill_step_size,
             step_budget_ms=worker.step_budget_ms,
+            speculative_tokens=worker.speculative_tokens,
             prompt_cache_bytes=worker.prompt_cache_bytes,
             thinking_budgets=msgspec.structs.asdict(worker.thinking_budgets),
             memory_budget=budget,

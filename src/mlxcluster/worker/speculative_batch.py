@@ -1,0 +1,281 @@
+"""Speculative decoding inside mlx-lm's continuous batch: prompt-lookup drafts, verified per row in one forward.
+
+:class:`SpeculativeBatchGenerator` is mlx-lm's ``BatchGenerator`` with a decode batch that can verify drafts
+(:class:`SpeculativeGenerationBatch`). Each step, every greedy row without logits processors looks up a
+draft in its own prompt and output (:class:`~mlxcluster.worker.ngram_index.NGramIndex`); when the step cost
+model says drafting pays (:func:`~mlxcluster.worker.speculation.best_length`), the batch runs one forward of
+``L`` tokens per row: a row's pending token, its draft (cut to ``L - 1``), padding for shorter drafts. A
+row accepts its drafted tokens while each equals the model's greedy choice at that position (exact-match
+acceptance: the output is the one plain greedy decoding gives), emits its pending token and the accepted
+drafts, and takes the model's choice after the last accepted one as its next pending token. The positions
+it did not accept leave its KV cache (:class:`~mlxcluster.worker.ragged_cache.RaggedKVCache`: rows end
+where their own tokens end). Rows that do not draft (sampled, with a grammar or other logits processors,
+paused by back-off) decode their one token in the same forward.
+
+Each emitted token goes through the stop checks one at a time, as in a plain step: a row that stops (end
+of sequence, ``max_tokens``) in the middle of its accepted tokens ends there, and the tokens after the stop
+leave its cache before the cache is handed out. Models whose caches are not all plain batch KV caches
+(sliding-window layers, linear attention) never draft: their caches cannot drop positions per row.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.sample_utils import greedy_sampler
+
+from mlxcluster.worker.ragged_cache import RaggedKVCache
+from mlxcluster.worker.speculation import (
+    DEFAULT_DRAFT_TOKENS,
+    RowDrafts,
+    SpeculationStats,
+    StepCostModel,
+    best_length,
+)
+
+TIMED_PLAIN_EVERY = 16
+"""While rows could draft, every this many plain steps one is timed (synchronously) for the cost model."""
+
+
+class SpeculativeGenerationBatch(GenerationBatch):
+    """mlx-lm's decode batch, with prompt-lookup drafts verified in the batch's own forward."""
+
+    # mlx-lm's untyped attributes, as this class uses them
+    samplers: Any
+    logits_processors: Any
+    prompt_cache: Any
+    _next_tokens: Any
+    _next_logprobs: Any
+    _current_tokens: Any
+    _current_logprobs: Any
+    _token_context: Any
+
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    stats: SpeculationStats
+    cost: StepCostModel
+
+    def setup(self, draft_tokens: int, stats: SpeculationStats, cost: StepCostModel) -> None:
+        self.draft_tokens = draft_tokens
+        self.stats = stats
+        self.cost = cost
+        self.rows: dict[int, RowDrafts] = {}
+        self._plain_steps = 0
+        self._emitted: list[list[int]] = []
+        self._emitted_logprobs: list[list[Any]] = []
+
+    # --- drafting -----------------------------------------------------------------------------
+
+    def _can_draft(self) -> bool:
+        return bool(self.uids) and all(isinstance(c, BatchKVCache) for c in self.prompt_cache)
+
+    def _drafter(self, i: int) -> RowDrafts | None:
+        """Row ``i``'s drafting state, or None when it does not draft (sampled, logits processors)."""
+        sampler = self.samplers[i] if self.samplers else None
+        if sampler not in (None, greedy_sampler) or (self.logits_processors and self.logits_processors[i]):
+            return None
+        uid = self.uids[i]
+        row = self.rows.get(uid)
+        if row is None:
+            row = self.rows[uid] = RowDrafts()
+        return row
+
+    def _proposals(self) -> tuple[list[list[int]], list[RowDrafts | None], list[int]] | None:
+        """Each row's draft (after its pending token), its state, and the pending tokens; None: no drafts."""
+        if not self._can_draft():
+            return None
+        drafters = [self._drafter(i) for i in range(len(self.uids))]
+        ready = [row is not None and row.ready() for row in drafters]
+        for i, row in enumerate(drafters):
+            if ready[i] and row is not None:
+                row.index.sync(self.tokens[i])
+                ready[i] = row.index.repeats_tail()
+        if not any(ready):  # nothing to look up: no need to wait for the pending tokens
+            return None
+        pending: list[int] = self._next_tokens.tolist()
+        drafts: list[list[int]] = []
+        for i, row in enumerate(drafters):
+            room = self.max_tokens[i] - self._num_tokens[i] - 2  # the pending token and the one after a draft
+            if row is None or not ready[i] or room <= 0:
+                drafts.append([])
+                continue
+            drafts.append(row.index.propose(pending[i], min(self.draft_tokens, room)))
+        if not any(drafts):
+            return None
+        return drafts, drafters, pending
+
+    # --- steps --------------------------------------------------------------------------------
+
+    def _step(self) -> tuple[list[int], list[Any]]:
+        proposals = self._proposals()
+        if proposals is not None:
+            drafts, drafters, pending = proposals
+            length = best_length([len(d) for d in drafts], drafters, self.cost, self.draft_tokens)
+            if length > 1:
+                return self._speculative_step([d[: length - 1] for d in drafts], drafters, pending, length)
+            self._plain_steps += 1
+            if self._plain_steps % TIMED_PLAIN_EVERY == 1:
+                return self._timed_plain_step()
+        tokens, logprobs = super()._step()
+        self._emitted = [[t] for t in tokens]
+        self._emitted_logprobs = [[lp] for lp in logprobs]
+        return tokens, logprobs
+
+    def _timed_plain_step(self) -> tuple[list[int], list[Any]]:
+        """A plain step, waited for, so the cost model learns what one forward of the batch costs."""
+        started = time.perf_counter()
+        tokens, logprobs = super()._step()
+        mx.eval(self._next_tokens)
+        self.cost.observe(len(self.uids), (time.perf_counter() - started) * 1000)
+        self._emitted = [[t] for t in tokens]
+        self._emitted_logprobs = [[lp] for lp in logprobs]
+        return tokens, logprobs
+
+    def _speculative_step(
+        self, drafts: list[list[int]], drafters: list[RowDrafts | None], pending: list[int], length: int
+    ) -> tuple[list[int], list[Any]]:
+        started = time.perf_counter()
+        self.prompt_cache = [c if isinstance(c, RaggedKVCache) else RaggedKVCache.adopt(c) for c in self.prompt_cache]
+        batch = len(self.uids)
+        rows = [[pending[i], *d, *([pending[i]] * (length - 1 - len(d)))] for i, d in enumerate(drafts)]
+        inputs = self._next_tokens
+        self._current_tokens, self._current_logprobs = inputs, self._next_logprobs
+        logits = self.model(mx.array(rows), cache=self.prompt_cache)
+
+        first = logits[:, 0, :]  # the plain step's logits: the processors and samplers see only these
+        token_context = []
+        if any(self.logits_processors):
+            processed = []
+            for e in range(batch):
+                row_logits = first[e : e + 1]
+                processors = self.logits_processors[e] or ()
+                if processors:
+                    context = self._token_context[e].update_and_fetch(inputs[e : e + 1])
+                    token_context.append(context)
+                    for processor in processors:
+                        row_logits = processor(context, row_logits)
+                processed.append(row_logits)
+            first = mx.concatenate(processed, axis=0)
+        first_logprobs = first - mx.logsumexp(first, axis=-1, keepdims=True)
+        samplers = [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * batch)]
+        if all(s is samplers[0] for s in samplers):
+            sampled = samplers[0](first_logprobs)
+        else:
+            sampled = mx.concatenate([s(first_logprobs[e : e + 1]) for e, s in enumerate(samplers)], axis=0)
+        rest = logits[:, 1:, :]
+        rest_logprobs = rest - mx.logsumexp(rest, axis=-1, keepdims=True)
+        choices = mx.argmax(rest_logprobs, axis=-1)
+        mx.eval(sampled, choices, first_logprobs, rest_logprobs, self._current_logprobs, token_context)
+        sampled_list = cast(list[int], sampled.tolist())
+        choice_rows = cast(list[list[int]], choices.tolist())
+
+        next_tokens: list[int] = []
+        next_logprobs: list[Any] = []
+        self._emitted, self._emitted_logprobs = [], []
+        rejected: list[int] = []
+        stats = self.stats
+        for i in range(batch):
+            draft = drafts[i]
+            targets = [sampled_list[i], *choice_rows[i]]
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == targets[accepted]:
+                accepted += 1
+            row = drafters[i]
+            if draft and row is not None:
+                row.verified(len(draft), accepted)
+                stats.drafted += len(draft)
+                stats.accepted += accepted
+            emitted = [pending[i], *draft[:accepted]]
+            logprobs = [
+                self._current_logprobs[i],
+                *(self._row_logprobs(first_logprobs, rest_logprobs, i, j) for j in range(accepted)),
+            ]
+            self._emitted.append(emitted)
+            self._emitted_logprobs.append(logprobs)
+            self.tokens[i].extend(emitted)
+            next_tokens.append(targets[accepted])
+            next_logprobs.append(self._row_logprobs(first_logprobs, rest_logprobs, i, accepted))
+            rejected.append(length - 1 - accepted)
+        for cache in self.prompt_cache:
+            cache.trim_rows(rejected)
+        self._next_tokens = mx.array(next_tokens, dtype=inputs.dtype)
+        self._next_logprobs = next_logprobs
+        stats.steps += 1
+        self.cost.observe(batch * length, (time.perf_counter() - started) * 1000)
+        return [e[0] for e in self._emitted], [lp[0] for lp in self._emitted_logprobs]
+
+    @staticmethod
+    def _row_logprobs(first: mx.array, rest: mx.array, row: int, position: int) -> mx.array:
+        return first[row] if position == 0 else rest[row, position - 1]
+
+    def next(self) -> list[Any]:
+        """Like mlx-lm's, with every token a row emitted this step, in order, each through the stop checks."""
+        if not self.uids:
+            return []
+        self._step()
+        keep: list[int] = []
+        responses: list[Any] = []
+        for i in range(len(self.uids)):
+            emitted, logprobs = self._emitted[i], self._emitted_logprobs[i]
+            finish_reason = None
+            for n, token in enumerate(emitted):
+                self._num_tokens[i] += 1
+                if self._num_tokens[i] >= self.max_tokens[i]:
+                    finish_reason = "length"
+                if self._matchers[i].advance(token):
+                    finish_reason = "stop"
+                if finish_reason is not None:
+                    self._drop_after(i, len(emitted) - n - 1)
+                    responses.append(
+                        self.Response(
+                            uid=self.uids[i],
+                            token=token,
+                            logprobs=logprobs[n],
+                            finish_reason=finish_reason,
+                            prompt_cache=self.extract_cache(i),
+                            all_tokens=self.tokens[i],
+                        )
+                    )
+                    break
+                responses.append(self.Response(self.uids[i], token, logprobs[n], None, None, None))
+            if finish_reason is None:
+                keep.append(i)
+        if len(keep) < len(self.uids):
+            self.filter(keep)
+        return responses
+
+    def _drop_after(self, i: int, count: int) -> None:
+        """Take a row's last ``count`` emitted tokens back out of its cache (it stopped before them)."""
+        if count <= 0:
+            return
+        del self.tokens[i][-count:]
+        counts = [0] * len(self.uids)
+        counts[i] = count
+        for cache in self.prompt_cache:
+            cache.trim_rows(counts)
+
+    def filter(self, keep: list[int]) -> None:
+        super().filter(keep)
+        alive = set(self.uids)
+        self.rows = {uid: row for uid, row in self.rows.items() if uid in alive}
+
+
+class SpeculativeBatchGenerator(BatchGenerator):
+    """mlx-lm's ``BatchGenerator`` whose decode batch drafts and verifies (see the module)."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        stats: SpeculationStats | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.speculation = stats if stats is not None else SpeculationStats()
+        batch = SpeculativeGenerationBatch.empty(self.model, self.sampler)
+        batch.setup(draft_tokens, self.speculation, StepCostModel())
+        self._generation_batch = batch

@@ -1,0 +1,223 @@
+"""Speculative decoding in the batch: prompt-lookup drafts verified per row, output unchanged.
+
+The policy's arithmetic is tested alone; the mechanism on the tiny llama, side by side with mlx-lm's own
+``BatchGenerator`` over the same prompts: greedy output token for token the same, the finished rows' KV
+caches the same (accepted drafts extend the cache exactly like decoded tokens), and drafts really
+accepted (the tiny model's greedy text loops, so its own output is a good place to look up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tiny_model import build_tiny_model
+
+from mlxcluster.protocol import Done, Error, InferenceRequest, SamplingParams, Token
+from mlxcluster.worker.engine import MlxEngine
+from mlxcluster.worker.ngram_index import NGramIndex
+from mlxcluster.worker.speculation import RowDrafts, StepCostModel, best_length
+
+# --- the arithmetic -------------------------------------------------------------------------------
+
+
+def test_the_index_proposes_what_followed_the_longest_earlier_match() -> None:
+    index = NGramIndex(sizes=(3, 2))
+    index.extend([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 2])
+    assert index.propose(3, 4) == [7, 8, 2]  # (8, 2, 3) never occurred; (2, 3) was last followed by 7 8 2
+    index.extend([1, 2])
+    assert index.propose(3, 3) == [4, 5, 9]  # (1, 2, 3) occurred at the start: the longer match wins
+    assert index.propose(6, 3) == []
+    assert index.propose(3, 0) == []
+    assert index.repeats_tail()  # (1, 2) occurred before
+    index.extend([42])
+    assert not index.repeats_tail()
+    grown = NGramIndex(sizes=(3, 2))
+    grown.sync([1, 2, 3])
+    grown.sync([1, 2, 3, 1, 2])  # catches up with a longer sequence
+    assert grown.tokens == [1, 2, 3, 1, 2] and grown.propose(3, 2) == [1, 2]
+
+
+def test_a_row_learns_its_acceptance_and_backs_off() -> None:
+    row = RowDrafts()
+    assert row.expected(2) == pytest.approx(0.8 + 0.64)
+    row.verified(4, 4)
+    confident = row.acceptance
+    assert confident > 0.8
+    for _ in range(2):
+        row.verified(4, 0)
+    assert row.acceptance < confident - 0.2
+    assert not row.ready()  # two drafts in a row with nothing accepted: drafting pauses
+    paused = 1
+    while not row.ready():
+        paused += 1
+    assert paused == 4
+    row.verified(3, 0)
+    row.verified(3, 0)
+    paused = 0
+    while not row.ready():
+        paused += 1
+    assert paused == 8  # the pause doubles while drafts keep failing
+
+
+def test_the_length_follows_the_machine_and_the_acceptance() -> None:
+    flat = StepCostModel()  # a GPU: a forward of a few tokens costs about what one costs
+    for tokens, ms in ((1, 10.0), (9, 10.5), (8, 10.4), (64, 14.0)):
+        flat.observe(tokens, ms)
+    sure, unsure = RowDrafts(hits=9.0, trials=10.0), RowDrafts(hits=1.0, trials=10.0)
+    assert best_length([8], [sure], flat, 8) == 9
+    assert best_length([8], [unsure], flat, 8) >= 2  # cheap enough to try even so
+    steep = StepCostModel()  # this CPU at batch 8: each extra token of the batch costs a tenth of a step
+    for tokens, ms in ((8, 134.0), (16, 193.0), (40, 371.0)):
+        steep.observe(tokens, ms)
+    assert best_length([4] + [0] * 7, [unsure] + [None] * 7, steep, 8) == 1
+    assert best_length([8] * 8, [sure] * 8, steep, 8) > 1
+    assert best_length([0, 0], [None, None], flat, 8) == 1
+    c0, c1 = steep.coefficients()
+    assert c0 == pytest.approx(75, abs=2) and c1 == pytest.approx(7.4, abs=0.2)
+
+
+# --- the mechanism, on the tiny llama ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+PROMPTS = [
+    "The capital of France is Paris. The capital of France is",
+    "def f(x):\n    return x + 1\ndef f(x):\n",
+    "Hello world! Hello",
+]
+
+
+def _generate(model: Any, prompts: list[list[int]], *, speculative: bool, **options: Any) -> dict[str, Any]:
+    """Every row's tokens and its finished response, plain mlx-lm or speculative."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlxcluster.worker.speculative_batch import SpeculativeBatchGenerator
+
+    max_tokens = options.pop("max_tokens", [60] * len(prompts))
+    processors = options.pop("logits_processors", None)
+    if speculative:
+        generator = SpeculativeBatchGenerator(model, completion_batch_size=8, prefill_batch_size=8, **options)
+    else:
+        generator = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8, **options)
+    uids = generator.insert(prompts, max_tokens=max_tokens, logits_processors=processors)
+    tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+    finished: dict[int, Any] = {}
+    for _ in range(1000):
+        if len(finished) == len(uids):
+            break
+        for response in generator.next_generated():
+            assert response.uid not in finished
+            tokens[response.uid].append(response.token)
+            if response.finish_reason is not None:
+                finished[response.uid] = response
+    generator.close()
+    return {
+        "tokens": [tokens[uid] for uid in uids],
+        "finished": [finished[uid] for uid in uids],
+        "stats": getattr(generator, "speculation", None),
+    }
+
+
+def _load(path: Path) -> tuple[Any, Any]:
+    from mlx_lm import load
+
+    model, tokenizer = load(str(path))[:2]
+    return model, tokenizer
+
+
+def test_greedy_output_and_caches_are_those_of_plain_decoding(tiny_model: Path) -> None:
+    import mlx.core as mx
+
+    model, tokenizer = _load(tiny_model)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    plain = _generate(model, prompts, speculative=False)
+    spec = _generate(model, prompts, speculative=True)
+    assert spec["tokens"] == plain["tokens"]
+    assert spec["stats"].accepted > 0 and spec["stats"].steps > 0
+    for ours, theirs in zip(spec["finished"], plain["finished"], strict=True):
+        assert ours.finish_reason == theirs.finish_reason == "length"
+        assert ours.all_tokens == theirs.all_tokens
+        for a, b in zip(ours.prompt_cache, theirs.prompt_cache, strict=True):
+            assert a.offset == b.offset == len(ours.all_tokens)
+            assert mx.allclose(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :], atol=1e-4).item()
+            assert mx.allclose(a.values[..., : a.offset, :], b.values[..., : b.offset, :], atol=1e-4).item()
+
+
+def test_rows_stop_where_plain_decoding_stops(tiny_model: Path) -> None:
+    """``max_tokens`` and a stop token both land inside accepted drafts; the rows end exactly there."""
+    model, tokenizer = _load(tiny_model)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    reference = _generate(model, prompts, speculative=False)["tokens"]
+    stop = reference[0][7:27]  # a 20-token stop sequence: it completes well after drafting started
+    options = {"max_tokens": [60, 17, 41], "stop_tokens": [stop]}
+    plain = _generate(model, prompts, speculative=False, **dict(options))
+    spec = _generate(model, prompts, speculative=True, **dict(options))
+    assert spec["tokens"] == plain["tokens"]
+    reasons = [r.finish_reason for r in spec["finished"]]
+    assert reasons == [r.finish_reason for r in plain["finished"]]
+    assert "stop" in reasons and "length" in reasons
+    assert len(spec["tokens"][1]) == 17 and 20 < len(spec["tokens"][0]) < 60
+    for response in spec["finished"]:
+        assert response.prompt_cache[0].offset == len(response.all_tokens)
+    assert spec["stats"].accepted > 0
+
+
+def test_rows_that_cannot_draft_decode_beside_those_that_do(tiny_model: Path) -> None:
+    """A row with logits processors never drafts; it decodes in the same forwards, its output unchanged."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tokenizer = _load(tiny_model)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    penalty = make_logits_processors(repetition_penalty=1.3)
+    options = {"logits_processors": [[], penalty, []]}
+    plain = _generate(model, prompts, speculative=False, **dict(options))
+    spec = _generate(model, prompts, speculative=True, **dict(options))
+    assert spec["tokens"] == plain["tokens"]
+    assert spec["stats"].accepted > 0
+
+
+# --- through the engine --------------------------------------------------------------------------------
+
+
+async def _collect(engine: MlxEngine, prompt: str, max_tokens: int) -> str:
+    request = InferenceRequest(
+        request_id=f"r{abs(hash(prompt)) % 10_000}",
+        model="tiny",
+        prompt=prompt,
+        sampling=SamplingParams(temperature=0.0),
+        max_tokens=max_tokens,
+    )
+    text = []
+    async for frame in engine.generate(request):
+        if isinstance(frame, Token):
+            text.append(frame.text)
+        elif isinstance(frame, Error):
+            raise AssertionError(frame)
+        else:
+            assert isinstance(frame, Done) or frame is not None
+    return "".join(text)
+
+
+async def test_the_engine_speculates_without_changing_the_text(tiny_model: Path) -> None:
+    texts = {}
+    for tokens in (0, 8):
+        engine = MlxEngine(str(tiny_model), max_concurrent=4, speculative_tokens=tokens, prompt_cache_bytes=0)
+        await engine.start()
+        try:
+            texts[tokens] = await asyncio.gather(*(_collect(engine, p, 50) for p in PROMPTS))
+            stats = engine.speculation_stats()
+        finally:
+            await engine.stop()
+        if tokens:
+            assert stats is not None and stats.accepted > 0 and stats.drafted >= stats.accepted
+        else:
+            assert stats is None
+    assert texts[8] == texts[0]
+    assert all(len(t) > 20 for t in texts[0])

@@ -168,6 +168,7 @@ def test_stall_row_states_gaps_and_ttft_as_ratios() -> None:
     assert (row.baseline_gap_p50_ms, row.baseline_gap_max_ms) == (100.0, 200.0)
     # the gaps ending after the prompt was sent and starting before its first token: 10.0 .. 13.0, 0.25 each
     assert row.gaps_during_prefill == 12 and row.stall_gap_p50_ms == row.stall_gap_max_ms == 250.0
+    assert row.prompt_tokens_per_gap == round(2000 / 12, 1)
     assert (row.gap_p50_ratio, row.gap_max_ratio, row.ttft_ratio) == (2.5, 2.5, 1.2)
     assert row.long_prompt_ttft_ms == 3000.0 and row.covered and row.meets_target
 

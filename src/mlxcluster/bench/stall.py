@@ -2,12 +2,13 @@
 TTFT, per ``step_budget_ms`` (``bench engine --parts stall``; ``bench multiturn`` part c).
 
 The mlx engine runs in this process (the command re-executes itself with the workers' BLAS), one engine per
-budget, its prompt cache off. In each engine: a stream decodes alone (the baseline gaps between its tokens);
-it decodes again and, after its 4th token, a ~2,000-token prompt arrives; the gaps counted are those between
-that prompt's arrival and its first token (the one spanning its first token included). The stream cannot end
-on its own (its end-of-sequence tokens are biased away) and is cancelled two tokens after the long prompt's
-first, so it covers the whole prefill. Last, the same long prompt alone on the idle engine: its TTFT there is
-what the budget's TTFT is compared with.
+budget, its prompt cache and speculative decoding off (drafts would turn a stream's gaps into bursts of several
+tokens a step; the budget sizes the step). In each engine: a stream decodes alone (the baseline gaps between its
+tokens); it decodes again and, after its 4th token, a ~2,000-token prompt arrives; the gaps counted are those
+between that prompt's arrival and its first token (the one spanning its first token included). The stream
+cannot end on its own (its end-of-sequence tokens are biased away) and is cancelled two tokens after the long
+prompt's first, so it covers the whole prefill. Last, the same long prompt alone on the idle engine: its TTFT
+there is what the budget's TTFT is compared with.
 
 Budget 0 is the engine before the budget: every step prefills ``prefill_step_size`` (256) tokens whatever
 decodes. Ratios are stated against the stream's own gap alone (its p50), so rows compare across budgets and
@@ -57,6 +58,8 @@ class StallRow(msgspec.Struct):
     stall_gap_p50_ms: float
     stall_gap_max_ms: float
     gaps_during_prefill: int
+    prompt_tokens_per_gap: float
+    """The long prompt's tokens over those gaps: about the chunk each step prefilled."""
     long_prompt_ttft_ms: float
     """The long prompt's TTFT while the stream decodes."""
     idle_ttft_ms: float
@@ -109,6 +112,7 @@ def stall_row(
         stall_gap_p50_ms=round(stall_p50, 1),
         stall_gap_max_ms=round(stall_max, 1),
         gaps_during_prefill=len(during),
+        prompt_tokens_per_gap=round(long_prompt_tokens / len(during), 1) if during else 0.0,
         long_prompt_ttft_ms=round(ttft_ms, 1),
         idle_ttft_ms=round(idle_ttft_ms, 1),
         gap_p50_ratio=_ratio(stall_p50, base_p50),
@@ -201,6 +205,7 @@ async def measure_budget(
         prefill_step_size=prefill_step_size,
         step_budget_ms=budget_ms,
         prompt_cache_bytes=0,
+        speculative_tokens=0,  # drafts change the tokens a step yields, not the step: the budget alone here
     )
     await engine.start()
     try:
@@ -263,6 +268,7 @@ def format_stall(rows: list[StallRow], default_budget_ms: float | None = None) -
             f"{r.baseline_gap_p50_ms:.0f} / {r.baseline_gap_max_ms:.0f}",
             f"{r.stall_gap_p50_ms:.0f} / {r.stall_gap_max_ms:.0f}",
             str(r.gaps_during_prefill),
+            f"{r.prompt_tokens_per_gap:.0f}",
             f"{r.gap_p50_ratio:.1f}×",
             f"{r.gap_max_ratio:.1f}×",
             f"{r.long_prompt_ttft_ms:.0f} / {r.idle_ttft_ms:.0f}",
@@ -276,6 +282,7 @@ def format_stall(rows: list[StallRow], default_budget_ms: float | None = None) -
         "gap alone p50/max ms",
         f"gap during {rows[0].long_prompt_tokens}-tok prefill p50/max ms",
         "gaps",
+        "prompt tok/gap",
         "p50 / alone p50",
         "max / alone p50",
         "TTFT ms / idle",

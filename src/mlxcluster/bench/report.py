@@ -50,6 +50,17 @@ SECTIONS: list[Section] = [
         key="step-budget",
     ),
     Section(
+        "Speculative decoding",
+        ["engine", "--parts", "speculation"],
+        "Prompt-lookup speculative decoding in the continuous batch (issue 21), greedy on the demo model: our "
+        "cluster with `worker.speculative_tokens = 8` against the same with 0 and against `mlx_lm.server`'s plain "
+        "decoding, all three up at once and taking turns: an edit workload (repeat a ~300-token code block with "
+        "one function renamed; targets: 1 stream ≥ 1.8×, 8 streams ≥ 1.3× both, output identical) and distinct "
+        "chat questions with nothing to look up (targets: speculation costs ≤ 3%; at 8 and 16 streams ≥ 1.05× "
+        "`mlx_lm.server`).",
+        key="speculation",
+    ),
+    Section(
         "Arriving requests",
         ["arrivals"],
         "8 streams decoding on the `qwen3_demo` fixture while requests arrive whose ~2,000-token tool-list prompt "
@@ -173,7 +184,8 @@ def section_args(section: Section, *, quick: bool = False, families_dir: Path | 
 def _timeout(args: list[str], soak_minutes: float) -> float:
     if args[0] == "soak":
         return soak_minutes * 60 + 600
-    return 1800 if args[0] in ("multiturn", "arrivals", "fuzz") or "strict" in args or "stall" in args else 900
+    long = args[0] in ("multiturn", "arrivals", "fuzz") or {"strict", "stall", "speculation"} & set(args)
+    return 1800 if long else 900
 
 
 def _load() -> str:

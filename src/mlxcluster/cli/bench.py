@@ -105,21 +105,27 @@ def bench_engine(
         str,
         typer.Option(
             help="speed (in-process vs over NATS), stall (the step budget's curve: a running stream's gaps and a "
-            "long prompt's TTFT per step_budget_ms), or both: speed,stall."
+            "long prompt's TTFT per step_budget_ms), speculation (edit and chat workloads with speculative decoding "
+            "vs without vs mlx_lm.server), or several: speed,stall."
         ),
     ] = "speed",
     budgets: Annotated[
         str, typer.Option(help="The stall part's step_budget_ms values (0: no budget, 256 tokens a step).")
     ] = "0,150,200,250,300,400",
     prompt_tokens: Annotated[int, typer.Option(help="The stall part's long prompt, in tokens.", min=64)] = 2000,
+    rounds: Annotated[int, typer.Option(help="The speculation part's rounds per workload and concurrency.", min=1)] = 2,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The speculation part: one round, edit at 1 stream, chat at 8.")
+    ] = False,
 ) -> None:
     """mlx engine in-process vs the same model behind one worker over NATS (1 and N streams); with --parts stall,
-    the step budget's curve (budget → running stream's gap ratio, long prompt's TTFT ratio)."""
+    the step budget's curve (budget → running stream's gap ratio, long prompt's TTFT ratio); with --parts
+    speculation, speculative decoding on an edit and a chat workload against no speculation and mlx_lm.server."""
     import asyncio
 
     names = {part.strip() for part in parts.split(",") if part.strip()}
-    if not names or names - {"speed", "stall"}:
-        raise typer.BadParameter(f"parts are speed and stall, not {parts!r}", param_hint="--parts")
+    if not names or names - {"speed", "stall", "speculation"}:
+        raise typer.BadParameter(f"parts are speed, stall and speculation, not {parts!r}", param_hint="--parts")
     try:
         values = tuple(float(b) for b in budgets.split(",") if b.strip())
     except ValueError:
@@ -147,6 +153,12 @@ def bench_engine(
 
         curve = asyncio.run(run_curve(model_path, budgets=values, prompt_tokens=prompt_tokens))
         outputs["stall"] = curve.to_json() if as_json else format_curve(curve)
+    if "speculation" in names:
+        from mlxcluster.bench.speculation import SpeculationSettings, format_speculation, run_speculation
+
+        settings = SpeculationSettings.quick() if quick else SpeculationSettings(rounds=rounds)
+        spec = asyncio.run(run_speculation(model_path, settings, progress=lambda line: typer.echo(line, err=True)))
+        outputs["speculation"] = spec.to_json() if as_json else format_speculation(spec)
     if as_json and len(outputs) > 1:  # one JSON document: {"speed": ..., "stall": ...}
         typer.echo("{" + ", ".join(f'"{name}": {text}' for name, text in outputs.items()) + "}")
     else:
@@ -430,7 +442,7 @@ def bench_report(
         str,
         typer.Option(
             help="Comma-separated sections (models, multiturn, multiturn-families, arrivals, grammar-strict, fuzz, "
-            "step-budget, soak, soak-cache-full, ...) to rerun in the existing report."
+            "step-budget, speculation, soak, soak-cache-full, ...) to rerun in the existing report."
         ),
     ] = "",
     quick: Annotated[bool, typer.Option(help="With --only: quick mode where a benchmark has one.")] = False,

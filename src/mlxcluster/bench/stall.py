@@ -36,7 +36,7 @@ RUNNING_PROMPT = "Count from 1 to 300, separated by commas."
 LONG_PROMPT_TOKENS = 2000
 BUDGETS = (0.0, 150.0, 250.0, 400.0)
 """``bench multiturn`` part c's budgets (0: none, the engine before the step budget)."""
-CURVE_BUDGETS = (0.0, 150.0, 200.0, 250.0, 300.0, 400.0)
+CURVE_BUDGETS = (0.0, 150.0, 250.0, 400.0, 600.0, 800.0)
 """``bench engine --parts stall``'s budgets."""
 PREFILL_STEP_SIZE = 256
 ALONE_TOKENS = 48

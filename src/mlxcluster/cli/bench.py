@@ -111,7 +111,7 @@ def bench_engine(
     ] = "speed",
     budgets: Annotated[
         str, typer.Option(help="The stall part's step_budget_ms values (0: no budget, 256 tokens a step).")
-    ] = "0,150,200,250,300,400",
+    ] = "0,150,250,400,600,800",
     prompt_tokens: Annotated[int, typer.Option(help="The stall part's long prompt, in tokens.", min=64)] = 2000,
     rounds: Annotated[int, typer.Option(help="The speculation part's rounds per workload and concurrency.", min=1)] = 2,
     quick: Annotated[

@@ -132,6 +132,41 @@ def test_the_mask_allows_only_the_schema_and_eos_when_done(compiler: GrammarComp
     assert final[eos] and final.sum() == 1
 
 
+def test_a_grammar_judges_drafts_and_forgets_the_rejected_ones(compiler: GrammarCompiler) -> None:
+    """Speculative decoding's use of a grammar: how much of a draft it allows, and a rollback after a partly
+    accepted one leaves it where plain decoding of the accepted tokens would."""
+    grammar = request_grammar(
+        request(response_format=ResponseFormat(type="json_schema", schema={"enum": ["yes", "no"]})),
+        fallback_format(),
+        compiler.vocab(),
+    )
+    assert grammar is not None
+    processor = GrammarLogitsProcessor(compiler.matcher(grammar), 49152, compiler.eos_ids)
+    reference = GrammarLogitsProcessor(compiler.matcher(grammar), 49152, compiler.eos_ids)
+    tokenizer = compiler._hf_tokenizer
+    quote = tokenizer.encode('"', add_special_tokens=False)[0]
+    yes = tokenizer.encode('yes"', add_special_tokens=False)
+    wrong = tokenizer.encode("maybe", add_special_tokens=False)
+    prompt = [1, 2, 3]
+    allowed(processor, prompt)
+    allowed(reference, prompt)
+    assert processor.valid_prefix([quote, *yes]) == 1 + len(yes)
+    assert processor.valid_prefix([quote, *wrong]) == 1  # a forbidden token ends the draft
+    assert processor.valid_prefix([]) == 0
+    sequence = [*prompt, quote]
+    allowed(processor, sequence)  # the pending token
+    for piece in yes:  # drafted positions, all consumed
+        sequence.append(piece)
+        allowed(processor, sequence)
+    assert len(yes) >= 2
+    processor.rollback(len(yes) - 1)  # only the first drafted token was accepted
+    accepted = [*prompt, quote, yes[0]]
+    for step in ([*prompt, quote], accepted, [*accepted, yes[1]]):  # plain decoding of the same tokens
+        mask = allowed(reference, step)
+    assert (allowed(processor, [*accepted, yes[1]]) == mask).all()
+    assert mask[compiler.eos_ids[0]] and mask.sum() == 1  # after 'yes"' only the end is allowed
+
+
 def test_forced_tools_need_a_known_name(compiler: GrammarCompiler) -> None:
     tools = [ToolSpec(name="w", parameters={"type": "object"})]
     with pytest.raises(GrammarError, match="not among the tools") as refused:

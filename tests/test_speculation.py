@@ -221,3 +221,38 @@ async def test_the_engine_speculates_without_changing_the_text(tiny_model: Path)
             assert stats is None
     assert texts[8] == texts[0]
     assert all(len(t) > 20 for t in texts[0])
+
+
+async def test_a_grammar_row_drafts_within_its_grammar(tiny_model: Path) -> None:
+    """A drafted token the grammar forbids ends the draft; the accepted ones advance the grammar as decoded
+    ones do: the JSON is the same with and without speculation, and drafts were accepted."""
+    from mlxcluster.protocol import ChatMessage, ResponseFormat
+
+    words = {"type": "string", "enum": ["fox jumps", "lazy dog", "Paris"]}
+    schema = {"type": "array", "items": words, "minItems": 8, "maxItems": 8}
+    texts = {}
+    for tokens in (0, 8):
+        engine = MlxEngine(str(tiny_model), max_concurrent=2, speculative_tokens=tokens, prompt_cache_bytes=0)
+        await engine.start()
+        try:
+            request = InferenceRequest(
+                request_id="json",
+                model="tiny",
+                messages=[ChatMessage(role="user", content="The quick brown fox jumps over the lazy dog.")],
+                sampling=SamplingParams(temperature=0.0),
+                max_tokens=60,
+                response_format=ResponseFormat(type="json_schema", schema=schema),
+            )
+            text = []
+            async for frame in engine.generate(request):
+                if isinstance(frame, Token):
+                    text.append(frame.text)
+                assert not isinstance(frame, Error), frame
+            texts[tokens] = "".join(text)
+            stats = engine.speculation_stats()
+        finally:
+            await engine.stop()
+        if tokens:
+            assert stats is not None and stats.accepted > 0
+    assert texts[8] == texts[0]
+    assert texts[0].startswith('["') and texts[0].count('"') >= 6

@@ -212,6 +212,18 @@ class GrammarLogitsProcessor:
         """The next call's last token was already consumed (the request was re-inserted into a new batch)."""
         self._started = False
 
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens``, in order, the grammar allows after what it has consumed (a draft's usable
+        length; nothing is consumed)."""
+        if not tokens or self.matcher.is_error():
+            return 0
+        return int(self.matcher.validate_tokens(list(tokens)))
+
+    def rollback(self, count: int) -> None:
+        """Forget the last ``count`` tokens consumed (drafted tokens that were not accepted)."""
+        if count > 0 and not self.matcher.rollback(count):
+            raise GrammarError(f"cannot roll the grammar back by {count} tokens: {self.matcher.get_error()}")
+
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
 

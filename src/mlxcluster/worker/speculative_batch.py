@@ -73,9 +73,13 @@ class SpeculativeGenerationBatch(GenerationBatch):
         return bool(self.uids) and all(isinstance(c, BatchKVCache) for c in self.prompt_cache)
 
     def _drafter(self, i: int) -> RowDrafts | None:
-        """Row ``i``'s drafting state, or None when it does not draft (sampled, logits processors)."""
+        """Row ``i``'s drafting state, or None when it does not draft (sampled; a logits processor that cannot
+        judge drafts, such as a penalty or a thinking budget; a grammar can)."""
         sampler = self.samplers[i] if self.samplers else None
-        if sampler not in (None, greedy_sampler) or (self.logits_processors and self.logits_processors[i]):
+        if sampler not in (None, greedy_sampler):
+            return None
+        processors = self.logits_processors[i] if self.logits_processors else ()
+        if not all(getattr(processor, "draftable", False) for processor in processors or ()):
             return None
         uid = self.uids[i]
         row = self.rows.get(uid)
@@ -147,6 +151,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
 
         first = logits[:, 0, :]  # the plain step's logits: the processors and samplers see only these
         token_context = []
+        guided: dict[int, mx.array] = {}
+        """Rows with processors and a draft: their drafted positions' logits, as the processors left them."""
         if any(self.logits_processors):
             processed = []
             for e in range(batch):
@@ -157,6 +163,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
                     token_context.append(context)
                     for processor in processors:
                         row_logits = processor(context, row_logits)
+                    if drafts[e]:
+                        drafts[e], guided[e] = self._guide_draft(drafts[e], processors, context, logits[e])
                 processed.append(row_logits)
             first = mx.concatenate(processed, axis=0)
         first_logprobs = first - mx.logsumexp(first, axis=-1, keepdims=True)
@@ -168,9 +176,14 @@ class SpeculativeGenerationBatch(GenerationBatch):
         rest = logits[:, 1:, :]
         rest_logprobs = rest - mx.logsumexp(rest, axis=-1, keepdims=True)
         choices = mx.argmax(rest_logprobs, axis=-1)
+        guided_logprobs = {e: g - mx.logsumexp(g, axis=-1, keepdims=True) for e, g in guided.items()}
+        guided_choices = {e: mx.argmax(g, axis=-1) for e, g in guided_logprobs.items()}
         mx.eval(sampled, choices, first_logprobs, rest_logprobs, self._current_logprobs, token_context)
+        mx.eval(guided_logprobs, guided_choices)
         sampled_list = cast(list[int], sampled.tolist())
         choice_rows = cast(list[list[int]], choices.tolist())
+        for e, row_choices in guided_choices.items():
+            choice_rows[e] = cast(list[int], row_choices.tolist())
 
         next_tokens: list[int] = []
         next_logprobs: list[Any] = []
@@ -188,16 +201,22 @@ class SpeculativeGenerationBatch(GenerationBatch):
                 row.verified(len(draft), accepted)
                 stats.drafted += len(draft)
                 stats.accepted += accepted
+            if i in guided:
+                for processor in self.logits_processors[i]:
+                    processor.rollback(len(draft) - accepted)
+                if accepted:
+                    self._token_context[i].update_and_fetch(mx.array(draft[:accepted], dtype=mx.int32))
+            row_rest = guided_logprobs.get(i, rest_logprobs[i])
             emitted = [pending[i], *draft[:accepted]]
             logprobs = [
                 self._current_logprobs[i],
-                *(self._row_logprobs(first_logprobs, rest_logprobs, i, j) for j in range(accepted)),
+                *(self._row_logprobs(first_logprobs, row_rest, i, j) for j in range(accepted)),
             ]
             self._emitted.append(emitted)
             self._emitted_logprobs.append(logprobs)
             self.tokens[i].extend(emitted)
             next_tokens.append(targets[accepted])
-            next_logprobs.append(self._row_logprobs(first_logprobs, rest_logprobs, i, accepted))
+            next_logprobs.append(self._row_logprobs(first_logprobs, row_rest, i, accepted))
             rejected.append(length - 1 - accepted)
         for cache in self.prompt_cache:
             cache.trim_rows(rejected)
@@ -208,8 +227,32 @@ class SpeculativeGenerationBatch(GenerationBatch):
         return [e[0] for e in self._emitted], [lp[0] for lp in self._emitted_logprobs]
 
     @staticmethod
-    def _row_logprobs(first: mx.array, rest: mx.array, row: int, position: int) -> mx.array:
-        return first[row] if position == 0 else rest[row, position - 1]
+    def _row_logprobs(first: mx.array, row_rest: mx.array, row: int, position: int) -> mx.array:
+        """The logprobs row ``row`` had at ``position`` of the forward (0: its pending token's step)."""
+        return first[row] if position == 0 else row_rest[position - 1]
+
+    @staticmethod
+    def _guide_draft(
+        draft: list[int], processors: Any, context: mx.array, row_logits: mx.array
+    ) -> tuple[list[int], mx.array]:
+        """Cut a row's draft to what its processors (a grammar) allow, and run them over each drafted position.
+
+        They have just seen the pending token; they consume each drafted token as they would have in plain
+        steps, so each position's logits are masked as plain decoding would mask them. The caller rolls them
+        back past the tokens not accepted.
+        """
+        allowed = min(processor.valid_prefix(draft) for processor in processors)
+        draft = draft[:allowed]
+        positions = []
+        for j in range(1, len(draft) + 1):
+            seen = mx.concatenate([context, mx.array(draft[:j], dtype=context.dtype)])
+            logits = row_logits[j : j + 1]
+            for processor in processors:
+                logits = processor(seen, logits)
+            positions.append(logits)
+        if not positions:
+            return draft, row_logits[1:1]
+        return draft, mx.concatenate(positions, axis=0)
 
     def next(self) -> list[Any]:
         """Like mlx-lm's, with every token a row emitted this step, in order, each through the stop checks."""

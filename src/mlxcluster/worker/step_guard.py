@@ -40,6 +40,31 @@ class GuardedProcessor:
             _record(self.job, f"logits processor {type(self.processor).__name__}", exc)
             return logits
 
+    @property
+    def draftable(self) -> bool:
+        """Whether speculative decoding may draft past it: it tells which drafted tokens it allows and can forget
+        the ones not accepted (a grammar); others (penalties, budgets) keep the request from drafting."""
+        return hasattr(self.processor, "valid_prefix") and hasattr(self.processor, "rollback")
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` it allows in a row (0 once this request failed)."""
+        if self.job.fault is not None:
+            return 0
+        try:
+            return int(self.processor.valid_prefix(tokens))  # type: ignore[attr-defined]
+        except Exception as exc:
+            _record(self.job, f"logits processor {type(self.processor).__name__}", exc)
+            return 0
+
+    def rollback(self, count: int) -> None:
+        """Forget the last ``count`` tokens it consumed (drafted tokens not accepted)."""
+        if self.job.fault is not None:
+            return
+        try:
+            self.processor.rollback(count)  # type: ignore[attr-defined]
+        except Exception as exc:
+            _record(self.job, f"logits processor {type(self.processor).__name__}", exc)
+
     def resume(self) -> None:
         """Forward a re-insertion to a stateful processor (see ``GenerationLoop``)."""
         resume = getattr(self.processor, "resume", None)

@@ -229,7 +229,8 @@ class Comparison(msgspec.Struct):
     accepted_share: float
     """Accepted drafts / tokens generated with speculation: the share of tokens that needed no forward."""
     tokens_per_step: float
-    """Tokens a verify step gave per drafting row, on average: 1 + accepted / steps (0: no verify step)."""
+    """1 + accepted drafts per verify step, all rows of the batch together (0: no verify step); with one stream,
+    the tokens each verify step gave."""
     identical: int
     """Requests whose text with speculation equals the text without."""
     compared: int

@@ -31,9 +31,9 @@ def test_the_index_proposes_what_followed_the_longest_earlier_match() -> None:
     assert index.propose(3, 3) == [4, 5, 9]  # (1, 2, 3) occurred at the start: the longer match wins
     assert index.propose(6, 3) == []
     assert index.propose(3, 0) == []
-    assert index.repeats_tail()  # (1, 2) occurred before
+    assert index.continuation(4) == [3, 4, 5, 9]  # the tail (1, 2) occurred before: 3 is the guess, then a draft
     index.extend([42])
-    assert not index.repeats_tail()
+    assert index.continuation(4) == []
     grown = NGramIndex(sizes=(3, 2))
     grown.sync([1, 2, 3])
     grown.sync([1, 2, 3, 1, 2])  # catches up with a longer sequence
@@ -256,3 +256,30 @@ async def test_a_grammar_row_drafts_within_its_grammar(tiny_model: Path) -> None
             assert stats is not None and stats.accepted > 0
     assert texts[8] == texts[0]
     assert texts[0].startswith('["') and texts[0].count('"') >= 6
+
+
+def test_real_text_with_rejected_drafts_is_unchanged() -> None:
+    """On the demo model's real text drafts are partly rejected (rows accept different counts, so the cache
+    goes ragged): the text and the finished caches are still those of plain decoding."""
+    import mlx.core as mx
+    from cluster_harness import demo_model_or_skip
+
+    model, tokenizer = _load(Path(demo_model_or_skip()))
+    code = "def area(width, height):\n    return width * height\n\ndef perimeter(width, height):\n"
+    messages = [
+        f"Return this code with area renamed to surface:\n{code}",
+        "Copy this text: The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.",
+    ]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True) for m in messages
+    ]
+    plain = _generate(model, prompts, speculative=False, max_tokens=[40, 40])
+    spec = _generate(model, prompts, speculative=True, max_tokens=[40, 40])
+    assert spec["tokens"] == plain["tokens"]
+    stats = spec["stats"]
+    assert 0 < stats.accepted < stats.drafted
+    for ours, theirs in zip(spec["finished"], plain["finished"], strict=True):
+        assert ours.all_tokens == theirs.all_tokens
+        for a, b in zip(ours.prompt_cache, theirs.prompt_cache, strict=True):
+            assert a.offset == b.offset == len(ours.all_tokens)
+            assert mx.allclose(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :], atol=1e-3).item()

@@ -45,11 +45,19 @@ class NGramIndex:
         if len(tokens) > len(self.tokens):
             self.extend(tokens[len(self.tokens) :])
 
-    def repeats_tail(self) -> bool:
-        """Whether the sequence's last n-gram (some size) occurred before: a lookup after the next token may
-        find a draft (a cheap test before waiting for that token)."""
+    def continuation(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that followed the longest earlier occurrence of the sequence's tail (its first
+        one a guess of the token about to be appended, when that token is not known yet); [] when none
+        occurred."""
+        if limit <= 0:
+            return []
         seq = self.tokens
-        return any(len(seq) >= n and tuple(seq[len(seq) - n :]) in self._next for n in self.sizes)
+        for n in self.sizes:
+            if len(seq) >= n:
+                position = self._next.get(tuple(seq[len(seq) - n :]))
+                if position is not None:
+                    return seq[position : position + limit]
+        return []
 
     def propose(self, last: int, limit: int) -> list[int]:
         """Up to ``limit`` tokens that followed the longest earlier occurrence of the sequence's tail + ``last``

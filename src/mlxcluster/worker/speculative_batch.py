@@ -64,6 +64,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
         self.cost = cost
         self.rows: dict[int, RowDrafts] = {}
         self._plain_steps = 0
+        self._known_pending: list[int] | None = None
+        """The pending tokens when a speculative step computed them (None after a plain step: not known yet)."""
         self._emitted: list[list[int]] = []
         self._emitted_logprobs: list[list[Any]] = []
 
@@ -87,39 +89,46 @@ class SpeculativeGenerationBatch(GenerationBatch):
             row = self.rows[uid] = RowDrafts()
         return row
 
-    def _proposals(self) -> tuple[list[list[int]], list[RowDrafts | None], list[int]] | None:
-        """Each row's draft (after its pending token), its state, and the pending tokens; None: no drafts."""
+    def _proposals(self) -> tuple[list[list[int]], list[RowDrafts | None]] | None:
+        """Each row's draft (the tokens after its pending token) and its drafting state; None: no drafts.
+
+        Right after a speculative step the pending tokens are known and a row looks up its tail plus its
+        pending token. After a plain step they are still being computed, and waiting for them would stall
+        mlx-lm's pipeline on every step: a row then looks up its tail alone, whose continuation starts with
+        a guess of its pending token, and drafts what follows the guess (a wrong guess only wastes that
+        row's draft: verification compares each drafted token with the model's choice).
+        """
         if not self._can_draft():
             return None
-        drafters = [self._drafter(i) for i in range(len(self.uids))]
-        ready = [row is not None and row.ready() for row in drafters]
-        for i, row in enumerate(drafters):
-            if ready[i] and row is not None:
-                row.index.sync(self.tokens[i])
-                ready[i] = row.index.repeats_tail()
-        if not any(ready):  # nothing to look up: no need to wait for the pending tokens
-            return None
-        pending: list[int] = self._next_tokens.tolist()
+        known = self._known_pending
         drafts: list[list[int]] = []
-        for i, row in enumerate(drafters):
-            room = self.max_tokens[i] - self._num_tokens[i] - 2  # the pending token and the one after a draft
-            if row is None or not ready[i] or room <= 0:
+        drafters: list[RowDrafts | None] = []
+        for i in range(len(self.uids)):
+            row = self._drafter(i)
+            drafters.append(row)
+            room = min(self.draft_tokens, self.max_tokens[i] - self._num_tokens[i] - 2)  # pending + the next
+            if row is None or room <= 0 or not row.ready():
                 drafts.append([])
                 continue
-            drafts.append(row.index.propose(pending[i], min(self.draft_tokens, room)))
+            row.index.sync(self.tokens[i])
+            if known is not None:
+                drafts.append(row.index.propose(known[i], room))
+            else:
+                drafts.append(row.index.continuation(room + 1)[1:])
         if not any(drafts):
             return None
-        return drafts, drafters, pending
+        return drafts, drafters
 
     # --- steps --------------------------------------------------------------------------------
 
     def _step(self) -> tuple[list[int], list[Any]]:
         proposals = self._proposals()
+        self._known_pending = None
         if proposals is not None:
-            drafts, drafters, pending = proposals
+            drafts, drafters = proposals
             length = best_length([len(d) for d in drafts], drafters, self.cost, self.draft_tokens)
             if length > 1:
-                return self._speculative_step([d[: length - 1] for d in drafts], drafters, pending, length)
+                return self._speculative_step([d[: length - 1] for d in drafts], drafters, length)
             self._plain_steps += 1
             if self._plain_steps % TIMED_PLAIN_EVERY == 1:
                 return self._timed_plain_step()
@@ -139,15 +148,15 @@ class SpeculativeGenerationBatch(GenerationBatch):
         return tokens, logprobs
 
     def _speculative_step(
-        self, drafts: list[list[int]], drafters: list[RowDrafts | None], pending: list[int], length: int
+        self, drafts: list[list[int]], drafters: list[RowDrafts | None], length: int
     ) -> tuple[list[int], list[Any]]:
         started = time.perf_counter()
         self.prompt_cache = [c if isinstance(c, RaggedKVCache) else RaggedKVCache.adopt(c) for c in self.prompt_cache]
         batch = len(self.uids)
-        rows = [[pending[i], *d, *([pending[i]] * (length - 1 - len(d)))] for i, d in enumerate(drafts)]
         inputs = self._next_tokens
         self._current_tokens, self._current_logprobs = inputs, self._next_logprobs
-        logits = self.model(mx.array(rows), cache=self.prompt_cache)
+        drafted = mx.array([[*d, *([0] * (length - 1 - len(d)))] for d in drafts], dtype=inputs.dtype)
+        logits = self.model(mx.concatenate([inputs[:, None], drafted], axis=1), cache=self.prompt_cache)
 
         first = logits[:, 0, :]  # the plain step's logits: the processors and samplers see only these
         token_context = []
@@ -180,6 +189,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         guided_choices = {e: mx.argmax(g, axis=-1) for e, g in guided_logprobs.items()}
         mx.eval(sampled, choices, first_logprobs, rest_logprobs, self._current_logprobs, token_context)
         mx.eval(guided_logprobs, guided_choices)
+        pending = cast(list[int], inputs.tolist())
         sampled_list = cast(list[int], sampled.tolist())
         choice_rows = cast(list[list[int]], choices.tolist())
         for e, row_choices in guided_choices.items():
@@ -221,6 +231,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         for cache in self.prompt_cache:
             cache.trim_rows(rejected)
         self._next_tokens = mx.array(next_tokens, dtype=inputs.dtype)
+        self._known_pending = next_tokens
         self._next_logprobs = next_logprobs
         stats.steps += 1
         self.cost.observe(batch * length, (time.perf_counter() - started) * 1000)
@@ -300,7 +311,13 @@ class SpeculativeGenerationBatch(GenerationBatch):
         for cache in self.prompt_cache:
             cache.trim_rows(counts)
 
+    def extend(self, batch: Any) -> None:
+        super().extend(batch)  # type: ignore[no-untyped-call]
+        self._known_pending = None  # the new rows' pending tokens are being computed
+
     def filter(self, keep: list[int]) -> None:
+        known = self._known_pending
+        self._known_pending = [known[i] for i in keep] if known is not None else None
         super().filter(keep)
         alive = set(self.uids)
         self.rows = {uid: row for uid, row in self.rows.items() if uid in alive}

@@ -283,3 +283,54 @@ def test_real_text_with_rejected_drafts_is_unchanged() -> None:
         for a, b in zip(ours.prompt_cache, theirs.prompt_cache, strict=True):
             assert a.offset == b.offset == len(ours.all_tokens)
             assert mx.allclose(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :], atol=1e-3).item()
+
+
+def test_the_ragged_cache_keeps_each_rows_tokens_exactly() -> None:
+    """Rows cut by different amounts, written at their own ends, re-aligned, extended, trimmed and filtered:
+    each row's extracted cache is always exactly the keys and values of its own tokens, in order."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    from mlxcluster.worker.ragged_cache import RaggedKVCache
+
+    def kv(n: int, seed: int) -> mx.array:
+        return mx.random.normal((1, 2, n, 4), key=mx.random.key(seed))
+
+    def single(n: int, seed: int) -> KVCache:
+        cache = KVCache()
+        cache.update_and_fetch(kv(n, seed), kv(n, seed + 100))
+        return cache
+
+    rows = [[kv(3, 1)], [kv(5, 2)]]  # the keys each row should hold
+    ragged = RaggedKVCache.adopt(BatchKVCache.merge([single(3, 1), single(5, 2)]))
+    ragged.step = 4  # grow in small steps, so writes past the buffer are exercised
+    new = mx.random.normal((2, 2, 3, 4), key=mx.random.key(7))
+    ragged.update_and_fetch(new, new)
+    ragged.trim_rows([2, 0])  # row 0 keeps 1 of the 3 new positions, row 1 all 3
+    rows[0].append(new[0:1, :, :1])
+    rows[1].append(new[1:2, :, :3])
+    assert not ragged.aligned and ragged.ends[0] < ragged.ends[1]
+    mask = ragged.make_mask(2)
+    assert mask.shape == (2, 1, 2, ragged._idx + 2)
+    more = mx.random.normal((2, 2, 2, 4), key=mx.random.key(8))
+    ragged.update_and_fetch(more, more)  # written at each row's own end
+    rows[0].append(more[0:1])
+    rows[1].append(more[1:2])
+    assert ragged.offset.tolist() == [6, 10]
+
+    def check(cache: RaggedKVCache, expected: list[list[mx.array]]) -> None:
+        for index, parts in enumerate(expected):
+            keys = mx.concatenate(parts, axis=2)
+            extracted = cache.extract(index)
+            assert extracted.offset == keys.shape[2]
+            assert mx.allclose(extracted.keys, keys).item()
+
+    check(ragged, rows)
+    ragged.extend(BatchKVCache.merge([single(4, 3)]))  # a row joins: the others are aligned first
+    rows.append([kv(4, 3)])
+    assert ragged.aligned
+    check(ragged, rows)
+    ragged.filter([0, 2])
+    check(ragged, [rows[0], rows[2]])
+    assert ragged.trim(1) == 1 and ragged.aligned
+    assert ragged.extract(0).offset == 5 and ragged.extract(1).offset == 3

@@ -144,8 +144,12 @@ async def test_a_long_held_tool_call_outlasts_the_first_token_timeout(
         controller={"first_token_timeout_s": 0.4},
         discovery={"heartbeat_interval_ms": 500, "offline_timeout_ms": 30_000},  # heartbeats may lag on loaded cores
     )
-    engine = MlxEngine(  # held output reports Progress every 50 ms
-        str(family_models.path("qwen3")), served_name="qwen3", prompt_cache_bytes=0, held_progress_s=0.05
+    engine = MlxEngine(  # held output reports Progress every 50 ms; one token a (slowed) step: no speculation
+        str(family_models.path("qwen3")),
+        served_name="qwen3",
+        prompt_cache_bytes=0,
+        held_progress_s=0.05,
+        speculative_tokens=0,
     )
     await engine.start()
     try:

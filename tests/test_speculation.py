@@ -334,3 +334,39 @@ def test_the_ragged_cache_keeps_each_rows_tokens_exactly() -> None:
     check(ragged, [rows[0], rows[2]])
     assert ragged.trim(1) == 1 and ragged.aligned
     assert ragged.extract(0).offset == 5 and ragged.extract(1).offset == 3
+
+
+class _Judge:
+    """A draftable logits processor that allows at most ``allow`` drafted tokens and records rollbacks."""
+
+    draftable = True
+
+    def __init__(self, allow: int) -> None:
+        self.allow = allow
+        self.rolled_back = 0
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        return logits
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        return min(self.allow, len(tokens))
+
+    def rollback(self, count: int) -> None:
+        self.rolled_back += count
+
+
+@pytest.mark.parametrize("allow", [0, 1])
+def test_a_processor_cuts_drafts_down_to_nothing_or_one(tiny_model: Path, allow: int) -> None:
+    """A grammar that allows none of a draft makes the row's step a plain one; one that allows a token keeps
+    just that; the text stays that of plain decoding either way."""
+    model, tokenizer = _load(tiny_model)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    plain = _generate(model, prompts, speculative=False)
+    judges = [_Judge(allow) for _ in prompts]
+    spec = _generate(model, prompts, speculative=True, logits_processors=[[judge] for judge in judges])
+    assert spec["tokens"] == plain["tokens"]
+    stats = spec["stats"]
+    if allow == 0:
+        assert stats.steps > 0 and stats.drafted == 0  # verify forwards ran, every draft was cut to nothing
+    else:
+        assert 0 < stats.accepted <= stats.drafted <= stats.steps * len(prompts)  # one drafted token a row

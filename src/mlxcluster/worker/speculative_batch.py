@@ -173,7 +173,9 @@ class SpeculativeGenerationBatch(GenerationBatch):
                     for processor in processors:
                         row_logits = processor(context, row_logits)
                     if drafts[e]:
-                        drafts[e], guided[e] = self._guide_draft(drafts[e], processors, context, logits[e])
+                        drafts[e], positions = self._guide_draft(drafts[e], processors, context, logits[e])
+                        if drafts[e]:  # else the grammar allows none of it: a plain step for this row
+                            guided[e] = positions
                 processed.append(row_logits)
             first = mx.concatenate(processed, axis=0)
         first_logprobs = first - mx.logsumexp(first, axis=-1, keepdims=True)
@@ -261,9 +263,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
             for processor in processors:
                 logits = processor(seen, logits)
             positions.append(logits)
-        if not positions:
-            return draft, row_logits[1:1]
-        return draft, mx.concatenate(positions, axis=0)
+        return draft, mx.concatenate(positions, axis=0) if positions else row_logits[:0]
 
     def next(self) -> list[Any]:
         """Like mlx-lm's, with every token a row emitted this step, in order, each through the stop checks."""

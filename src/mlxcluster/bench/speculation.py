@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ import aiohttp
 import msgspec
 
 from mlxcluster.bench.stats import percentile
+from mlxcluster.bench.versus import chunk_text, stream_chunks
 from mlxcluster.tables import table
 
 WITH = "ours, speculation"
@@ -279,18 +279,12 @@ async def chat(session: aiohttp.ClientSession, target: Target, prompt: str, max_
     }
     parts: list[str] = []
     first = last = 0.0
-    async with session.post(f"{target.base_url}/v1/chat/completions", json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"{target.label}: HTTP {response.status}: {(await response.text())[:300]}")
-        async for line in response.content:
-            if not line.startswith(b"data: {"):
-                continue
-            choices = json.loads(line[6:]).get("choices") or []
-            text = (choices[0].get("delta") or {}).get("content") if choices else None
-            if text:
-                last = time.perf_counter()
-                first = first or last
-                parts.append(text)
+    async for chunk in stream_chunks(session, f"{target.base_url}/v1/chat/completions", body, target.label):
+        text = chunk_text(chunk)
+        if text:
+            last = time.perf_counter()
+            first = first or last
+            parts.append(text)
     return Reply("".join(parts), first, last)
 
 

@@ -119,23 +119,36 @@ async def chat_turn(
     first = 0.0
     parts: list[str] = []
     prompt_tokens = cached = 0
-    async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
-        async for line in response.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            text = (choices[0].get("delta") or {}).get("content") if choices else None
-            if text:
-                first = first or time.perf_counter() - started
-                parts.append(text)
-            usage = chunk.get("usage")
-            if usage:
-                prompt_tokens = usage.get("prompt_tokens", 0)
-                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0
+    async for chunk in stream_chunks(session, f"{base_url}/v1/chat/completions", body):
+        text = chunk_text(chunk)
+        if text:
+            first = first or time.perf_counter() - started
+            parts.append(text)
+        usage = chunk.get("usage")
+        if usage:
+            prompt_tokens = usage.get("prompt_tokens", 0)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0
     return "".join(parts), first * 1000, prompt_tokens, cached
+
+
+async def stream_chunks(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], label: str = ""
+) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of one streamed completion (``[DONE]`` and other lines skipped); a status other than 200
+    raises, naming ``label``."""
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            prefix = f"{label}: " if label else ""
+            raise RuntimeError(f"{prefix}HTTP {response.status}: {(await response.text())[:300]}")
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])
+
+
+def chunk_text(chunk: dict[str, Any]) -> str | None:
+    """A chat completion chunk's content delta (None: none)."""
+    choices = chunk.get("choices") or []
+    return (choices[0].get("delta") or {}).get("content") if choices else None
 
 
 def fresh_prompts(streams: tuple[int, ...]) -> list[list[str]]:

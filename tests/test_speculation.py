@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from tiny_model import build_tiny_model
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, SamplingParams, Token
+from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, SamplingParams, Token
 from mlxcluster.worker.engine import MlxEngine
 from mlxcluster.worker.ngram_index import NGramIndex
 from mlxcluster.worker.speculation import RowDrafts, StepCostModel, best_length
@@ -201,7 +201,7 @@ async def _collect(engine: MlxEngine, prompt: str, max_tokens: int) -> str:
         elif isinstance(frame, Error):
             raise AssertionError(frame)
         else:
-            assert isinstance(frame, Done) or frame is not None
+            assert isinstance(frame, Done | Progress), frame
     return "".join(text)
 
 

@@ -16,6 +16,7 @@ import pytest
 from tiny_model import build_tiny_model
 
 from mlxcluster.protocol import Done, Error, InferenceRequest, SamplingParams, Token
+from mlxcluster.worker import generation_loop
 from mlxcluster.worker.engine import MlxEngine
 from mlxcluster.worker.step_budget import StepBudget, StepCosts
 
@@ -215,3 +216,48 @@ async def test_greedy_output_is_the_same_with_and_without_the_budget(tiny_model:
     texts = [("".join(running), ["".join(out) for out in longs]) for running, longs in outputs]
     assert texts[0] == texts[1]
     assert len(texts[0][0]) > 100 and all(texts[0][1])
+
+
+# --- requests arriving together -----------------------------------------------------------------
+
+
+async def test_requests_arriving_together_prefill_together(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle batch waits for the requests still being prepared: one prefill for all, none cut by the budget
+    for a stream that started a moment earlier. (The wait's bound is raised so a slow machine cannot split it.)"""
+    monkeypatch.setattr(generation_loop, "BURST_WAIT_S", 60.0)
+    engine = await _engine(tiny_model, 250.0)
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(_collect(engine, _request(f"r{i}", f"{i} {LONG_PROMPT[:300]}", 6)) for i in range(4))),
+            30,
+        )
+    finally:
+        await engine.stop()
+    assert not _prefill_steps(engine, decoding=True)  # nobody's prefill was sliced beside a decoding stream
+    first = _prefill_steps(engine, decoding=False)[0]
+    assert len(first.advanced) == 4
+
+
+async def test_a_lone_request_and_a_refused_one_do_not_hold_the_batch(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing on its way: no wait. A request refused while being prepared ends the wait for it at once."""
+    monkeypatch.setattr(generation_loop, "BURST_WAIT_S", 60.0)
+    engine = await _engine(tiny_model, 250.0)
+    try:
+        await asyncio.wait_for(_collect(engine, _request("lone", "Hello there.", 4)), 30)
+        refused = _request("refused", "Hello.", 4)
+        refused.sampling.logit_bias = {5: 500.0}
+        frames = [f async for f in engine.generate(refused)]
+        assert isinstance(frames[-1], Error) and frames[-1].param == "logit_bias"
+        ok, bad = await asyncio.wait_for(
+            asyncio.gather(_collect(engine, _request("ok", "Hello there.", 4)), _frames(engine, refused)), 30
+        )
+    finally:
+        await engine.stop()
+    assert ok and isinstance(bad[-1], Error)
+    assert engine.on_the_way == 0
+
+
+async def _frames(engine: MlxEngine, request: InferenceRequest) -> list[Any]:
+    return [frame async for frame in engine.generate(request)]

@@ -58,6 +58,27 @@ def default_served_name(model: str) -> str:
     return path.resolve().name if path.exists() else model
 
 
+class _Arrival:
+    """One request between its arrival and its submission to the generation thread (counted in
+    ``MlxEngine.on_the_way``, which an idle batch waits for); ended once, submitted or not."""
+
+    __slots__ = ("engine", "ended")
+
+    def __init__(self, engine: MlxEngine) -> None:
+        self.engine = engine
+        self.ended = False
+        engine.on_the_way += 1
+
+    def end(self, *, submitted: bool = False) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.engine.on_the_way -= 1
+        loop = self.engine._loop
+        if not submitted and loop is not None:
+            loop.wake()  # a batch waiting for it does not wait out its deadline
+
+
 class MlxEngine(Engine):
     """mlx-lm engine with continuous batching of up to ``max_concurrent`` requests.
 
@@ -145,6 +166,8 @@ class MlxEngine(Engine):
         self._preparer: RequestPreparer | None = None
         self._loop: GenerationLoop | None = None
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="mlx-prepare")
+        self.on_the_way = 0
+        """Requests received and not yet handed to the generation thread (read there, written on the event loop)."""
 
     # --- Engine API (asyncio side) -------------------------------------------------------------
 
@@ -279,6 +302,19 @@ class MlxEngine(Engine):
             yield Error(code=code, message=f"mlx engine is {self._state}", retryable=True)
             return
         loop = asyncio.get_running_loop()
+        arrival = _Arrival(self)  # on its way: an idle batch waits for it (GenerationLoop.gather_burst)
+        try:
+            async with contextlib.aclosing(self._admit(request, loop, submitted, arrival)) as frames:
+                async for frame in frames:
+                    yield frame
+        finally:
+            arrival.end()
+
+    async def _admit(
+        self, request: InferenceRequest, loop: asyncio.AbstractEventLoop, submitted: float, arrival: _Arrival
+    ) -> AsyncGenerator[EngineFrame, None]:
+        """Prepare the request, reserve its memory, run it."""
+        assert self._preparer is not None
         try:
             prepared = await loop.run_in_executor(self._prepare_pool, self._preparer.prepare, request)
         except Rejected as rejected:
@@ -297,7 +333,7 @@ class MlxEngine(Engine):
                         return
             reservation = admitted[0]
         try:
-            async with contextlib.aclosing(self._run_job(prepared, loop, submitted)) as frames:
+            async with contextlib.aclosing(self._run_job(prepared, loop, submitted, arrival)) as frames:
                 async for frame in frames:
                     yield frame
         finally:
@@ -335,7 +371,7 @@ class MlxEngine(Engine):
                 task.result().release()  # granted while the stream was being closed
 
     async def _run_job(
-        self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, submitted: float
+        self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, submitted: float, arrival: _Arrival
     ) -> AsyncGenerator[EngineFrame, None]:
         """Hand the prepared request to the generation thread and relay its frames."""
         generation = self._loop
@@ -344,6 +380,7 @@ class MlxEngine(Engine):
             return
         job = self._job(prepared, loop, submitted)
         generation.submit(job)
+        arrival.end(submitted=True)
         finished = False
         try:
             while True:
@@ -476,6 +513,7 @@ class MlxEngine(Engine):
             step_budget=StepBudget(
                 self.step_budget_ms, self.prefill_step_size, costs=self.step_costs, learn=self.step_costs is None
             ),
+            preparing=lambda: self.on_the_way,
         )
         self._details = describe(
             loaded,

@@ -47,6 +47,8 @@ POLL_S = 0.5
 """Longest wait of the generation thread for work when idle."""
 MAX_FAILURES = 2
 """Failed steps a request may be part of before it counts as their cause."""
+BURST_WAIT_S = 0.05
+"""Longest wait of an idle batch for requests still being prepared (see :meth:`GenerationLoop.gather_burst`)."""
 
 
 class GenerationLoop:
@@ -59,6 +61,7 @@ class GenerationLoop:
     :param on_turn: called once per turn of the loop, busy or idle (a worker group's heartbeat).
     :param step_budget: sizes each step's prefill chunk while streams decode (None: always the
         generator's own ``prefill_step_size``).
+    :param preparing: how many requests are being prepared right now (on other threads), on their way here.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class GenerationLoop:
         think_tracker: Callable[[Any], Any],
         on_turn: Callable[[], None] = lambda: None,
         step_budget: StepBudget | None = None,
+        preparing: Callable[[], int] = lambda: 0,
     ) -> None:
         from mlx_lm.generate import make_stop_sequences
 
@@ -81,6 +85,7 @@ class GenerationLoop:
         self.think_tracker = think_tracker
         self.on_turn = on_turn
         self.step_budget = step_budget if step_budget is not None and step_budget.enabled else None
+        self.preparing = preparing
         self.prefill_left: dict[int, int] = {}
         """Prompt tokens still to prefill per batch uid (until the prompt joins the decode batch)."""
         self.eos_stops = make_stop_sequences(loaded.tokenizer)  # type: ignore[no-untyped-call]
@@ -129,7 +134,7 @@ class GenerationLoop:
     def serve(self) -> None:
         while True:
             idle = not self.active and not self.waiting
-            if self.take_inbox(block=idle):
+            if self.take_inbox(block=idle) or self.gather_burst():
                 return
             self.apply_cache_target()
             self.on_turn()
@@ -153,6 +158,28 @@ class GenerationLoop:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return False
+
+    def gather_burst(self) -> bool:
+        """On an idle batch, wait (at most :data:`BURST_WAIT_S`) for the requests still being prepared, so that
+        requests arriving together prefill together: one model call for all their prompts, and no step budget
+        cutting their prefill into slices for a stream that started a few milliseconds earlier. A lone request
+        never waits. True when asked to stop."""
+        if self.active or not self.waiting:
+            return False
+        deadline = time.perf_counter() + BURST_WAIT_S
+        while self.preparing() > 0 and len(self.waiting) < self.max_concurrent:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            try:
+                item = self.inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is None:
+                return True
+            if isinstance(item, Job) and not item.cancelled:
+                self.waiting.append(item)
+        return False
 
     def apply_cache_target(self) -> None:
         """Evict what a memory budget asked the prompt cache to give up."""

@@ -261,3 +261,32 @@ async def test_a_lone_request_and_a_refused_one_do_not_hold_the_batch(
 
 async def _frames(engine: MlxEngine, request: InferenceRequest) -> list[Any]:
     return [frame async for frame in engine.generate(request)]
+
+
+async def test_prompts_admitted_with_a_stream_are_not_sliced_for_it(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst larger than the prefill batch: the prompts that wait for the first ones to finish prefilling
+    arrived with them, so they prefill at the full step beside them; a stream admitted earlier is protected."""
+    monkeypatch.setattr(generation_loop, "BURST_WAIT_S", 60.0)
+    engine = RecordingEngine(
+        str(tiny_model),
+        max_concurrent=6,
+        prefill_step_size=FULL,
+        prefill_batch_size=2,
+        step_budget_ms=250.0,
+        step_costs=COSTS,
+        prompt_cache_bytes=0,
+    )
+    await engine.start()
+    try:
+        burst = [_request(f"b{i}", f"{i} {LONG_PROMPT[:600]}", 40) for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*(_collect(engine, r) for r in burst)), 60)
+        beside_burst = [s.step_size for s in _prefill_steps(engine, decoding=True)]
+        engine.steps.clear()
+        await asyncio.wait_for(_running_then_long(engine, 1), 60)
+        beside_earlier = {s.step_size for s in _prefill_steps(engine, decoding=True)}
+    finally:
+        await engine.stop()
+    assert beside_burst and set(beside_burst) == {FULL}  # the second pair beside the first, unsliced
+    assert beside_earlier == {48}  # a later arrival beside an earlier stream: the budget's chunk

@@ -93,6 +93,8 @@ class GenerationLoop:
         self.waiting: deque[Job] = deque()
         self.active: dict[int, Job] = {}
         self.tokens_total = 0
+        self.admissions = 0
+        """Turns that admitted anything (each job notes its own: :attr:`Job.admission`)."""
         self.generator: Any = None
         self._cache_target: int | None = None
         self._target_lock = threading.Lock()
@@ -167,19 +169,21 @@ class GenerationLoop:
         if self.active or not self.waiting:
             return False
         deadline = time.perf_counter() + BURST_WAIT_S
-        while self.preparing() > 0 and len(self.waiting) < self.max_concurrent:
+        while True:
+            # a request is counted as on its way until it is in the inbox: drain first, then look
+            if self.take_inbox(block=False):
+                return True
             left = deadline - time.perf_counter()
-            if left <= 0:
-                break
+            if self.preparing() <= 0 or len(self.waiting) >= self.max_concurrent or left <= 0:
+                return False
             try:
                 item = self.inbox.get(timeout=left)
             except queue.Empty:
-                break
+                return False
             if item is None:
                 return True
             if isinstance(item, Job) and not item.cancelled:
                 self.waiting.append(item)
-        return False
 
     def apply_cache_target(self) -> None:
         """Evict what a memory budget asked the prompt cache to give up."""
@@ -230,6 +234,7 @@ class GenerationLoop:
         """Insert waiting requests into free batch slots (a suspect only when no other suspect is on trial)."""
         skipped: list[Job] = []
         on_trial = any(job.suspect for job in self.active.values())
+        self.admissions += 1
         while self.waiting and len(self.active) < self.max_concurrent:
             job = self.waiting.popleft()
             if job.suspect and on_trial:
@@ -278,6 +283,7 @@ class GenerationLoop:
             job.cached_tokens = job.output.cached_tokens = cached
             job.admitted = job.output.admitted = time.perf_counter()
         job.uid = uid
+        job.admission = self.admissions
         self.active[uid] = job
         self.prefill_left[uid] = len(tokens) - cached
         return True
@@ -308,7 +314,8 @@ class GenerationLoop:
         decoding = prefilling = 0
         if budget is not None:
             decoding, prefilling = self.batch_shape()
-            self.generator.prefill_step_size = budget.chunk(decoding, prefilling)
+            protected = self.admitted_before_prompts()
+            self.generator.prefill_step_size = budget.chunk(protected, prefilling) if protected else budget.full_step
         left_before = sum(self.prefill_left.values()) if budget is not None else 0
         started = time.perf_counter()
         try:
@@ -366,6 +373,17 @@ class GenerationLoop:
         # most prefill_batch_size prompts together
         prefilling = sum(1 for left in self.prefill_left.values() if left > 1)
         return decoding, min(prefilling, int(getattr(self.generator, "prefill_batch_size", prefilling)))
+
+    def admitted_before_prompts(self) -> int:
+        """Decoding streams admitted before every prompt still to prefill: those the budget protects.
+
+        Prompts admitted with a stream (one burst, more prompts than ``prefill_batch_size`` takes at once)
+        were waiting as long as it: they are not sliced for it, and prefill at the full step."""
+        prompts = [self.active[uid].admission for uid, left in self.prefill_left.items() if left > 1]
+        if not prompts:
+            return 0
+        first = min(prompts)
+        return sum(1 for uid, job in self.active.items() if uid not in self.prefill_left and job.admission < first)
 
     def on_prefill(self, progress: Any) -> None:
         """A chunk of a prompt was prefilled: keep a checkpoint, tell the controller when more is to come."""

@@ -34,6 +34,8 @@ class Job:
     # generation thread side
     uid: int | None = None
     admitted: float = 0.0
+    admission: int = 0
+    """The turn of the generation loop that put it into the batch (requests admitted together share it)."""
     cached_tokens: int = 0
     generated: list[int] = field(default_factory=list)
     """Tokens generated so far (each one fed back to the model)."""

@@ -92,6 +92,12 @@ def test_two_processes_share_the_port_and_a_killed_one_is_restarted(start_tier: 
         assert body["controller_id"] in served and listed[body["controller_id"]]["self"]  # says who answered
         assert sum(row["self"] for row in body["controllers"]) == 1
 
+        def tier_counted() -> bool:  # both processes' counters, from their heartbeats, in either's answer
+            tier_figures = tier.http("/api/cluster/status")[1].get("tier") or {}
+            return tier_figures.get("completed", 0) >= 40 and tier_figures.get("requests_total", 0) >= 40
+
+        tier.wait_for(tier_counted, READY_TIMEOUT_S, "the tier's request counts summed in the status")
+
         # Kill one process: the other keeps serving at once; the supervisor starts a new one.
         victim = tier.role("controller")[0]
         victim.kill()

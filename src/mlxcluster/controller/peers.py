@@ -61,13 +61,18 @@ class ControllerPeers:
         return sorted(cid for cid, (_, seen) in self._peers.items() if now - seen <= self.offline_timeout_s)
 
     def totals(self) -> dict[str, int]:
-        """The tier's figures, summed over the online controllers' last heartbeats (this one's included)."""
+        """The tier's figures, summed over the online controllers' last heartbeats (this one's included): as
+        fresh as a heartbeat interval."""
         now = self._clock()
         online = [hb for hb, seen in self._peers.values() if now - seen <= self.offline_timeout_s]
         return {
             "controllers_online": len(online),
             "in_flight": sum(hb.in_flight for hb in online),
             "requests_total": sum(hb.requests_total for hb in online),
+            "completed": sum(hb.completed for hb in online),
+            "failed": sum(hb.failed for hb in online),
+            "errors": sum(hb.errors for hb in online),
+            "retries": sum(hb.retries for hb in online),
         }
 
     def listing(self) -> list[dict[str, Any]]:
@@ -105,7 +110,7 @@ async def name_the_controller(request: web.Request, response: web.StreamResponse
 
 
 def controller_heartbeat(ctx: ControllerContext, *, stopping: bool = False) -> ControllerHeartbeat:
-    config = ctx.config.controller
+    config, stats = ctx.config.controller, ctx.dispatcher.stats
     return ControllerHeartbeat(
         controller_id=ctx.controller_id,
         started_at=ctx.started_at,
@@ -114,9 +119,13 @@ def controller_heartbeat(ctx: ControllerContext, *, stopping: bool = False) -> C
         hostname=socket.gethostname(),
         version=__version__,
         state=ctx.lifecycle.state,
-        in_flight=ctx.dispatcher.stats.in_flight,
-        requests_total=ctx.dispatcher.stats.requests,
+        in_flight=stats.in_flight,
+        requests_total=stats.requests,
         stopping=stopping,
+        completed=stats.completed,
+        failed=stats.failed,
+        errors=stats.errors,
+        retries=stats.retries,
     )
 
 

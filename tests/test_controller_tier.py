@@ -5,6 +5,7 @@ lists the whole tier whichever process answers, and a killed process is restarte
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dual_harness import READY_TIMEOUT_S, Dual, dual_runs
+from dual_harness import READY_TIMEOUT_S, Dual, alive, cmdline, dual_runs
 
 from mlxcluster.config import from_dict
 from mlxcluster.controller.peers import CONTROLLER_HEADER
@@ -127,4 +128,13 @@ def test_two_processes_share_the_port_and_a_killed_one_is_restarted(start_tier: 
             worker.wait(timeout=15)
         except subprocess.TimeoutExpired:
             worker.kill()
-    assert psutil.pid_exists(tier.proc.pid) and tier.proc.poll() is None  # the supervisor rode it out
+    assert tier.proc.poll() is None  # the supervisor rode it out
+
+    # SIGTERM: both processes drain and stop, then nats-server; exit 0, nothing left behind.
+    children = tier.children()
+    assert len([c for c in children if "--mode controller" in cmdline(c)]) == 2
+    tier.proc.send_signal(signal.SIGTERM)
+    assert tier.proc.wait(timeout=30) == 0, tier.output()[-4000:]
+    _, still_alive = psutil.wait_procs(children, timeout=5)
+    assert not [cmdline(c) for c in still_alive if alive(c)], "children outlived the supervisor"
+    assert "Traceback" not in tier.output()

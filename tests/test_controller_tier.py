@@ -62,7 +62,8 @@ def chat(url: str, text: str) -> tuple[str, str]:
 
 @pytest.mark.timeout(180)
 def test_two_processes_share_the_port_and_a_killed_one_is_restarted(start_tier: Callable[..., Dual]) -> None:
-    tier = start_tier("--processes", "2", mode="controller")
+    metrics = {"MLXCLUSTER_METRICS_EXPORTERS": "prometheus", "MLXCLUSTER_METRICS_SNAPSHOT_INTERVAL_S": "0.5"}
+    tier = start_tier("--processes", "2", mode="controller", env=metrics)
     worker = subprocess.Popen(
         [sys.executable, "-m", "mlxcluster", "run", "--mode", "worker"],
         env={**tier.env, "MLXCLUSTER_WORKER_ENGINE": "echo", "MLXCLUSTER_WORKER_ID": "tier-w1"},
@@ -98,6 +99,16 @@ def test_two_processes_share_the_port_and_a_killed_one_is_restarted(start_tier: 
             return tier_figures.get("completed", 0) >= 40 and tier_figures.get("requests_total", 0) >= 40
 
         tier.wait_for(tier_counted, READY_TIMEOUT_S, "the tier's request counts summed in the status")
+
+        def scraped_tier() -> bool:  # /metrics of whichever process answers: the tier's gauge counts both
+            try:
+                with urllib.request.urlopen(f"{tier.url}/metrics", timeout=5) as response:
+                    text = response.read().decode()
+            except OSError:
+                return False
+            return 'mlxcluster_tier{figure="controllers_online"} 2.0' in text
+
+        tier.wait_for(lambda: all(scraped_tier() for _ in range(4)), READY_TIMEOUT_S, "mlxcluster_tier in /metrics")
 
         # Kill one process: the other keeps serving at once; the supervisor starts a new one.
         victim = tier.role("controller")[0]

@@ -5,7 +5,8 @@ A balancer is built by its registered factory and answers
 degraded, serving ``request.model``, not excluded by a retry), already narrowed to the preferred priority
 tier; a balancer never sees offline workers. It returns one of them, or ``None`` to refuse (the
 controller then answers "no capacity"). The controller calls it from its event loop, one pick at a time,
-so a balancer may keep plain mutable state without locks. It must be quick and must not block.
+so a balancer may keep plain mutable state without locks. It must be quick and must not block, and it must
+not change ``workers`` (the registry lends its own list, read-only: see :class:`EligibleWorkers`).
 
 A factory is called with no arguments, unless it has a parameter named ``context``: then it gets a
 :class:`BalancerContext` as ``context=`` (the ``[load_balancing]`` settings and

@@ -24,6 +24,10 @@ from mlxcluster.supervisor import Supervisor, controller_processes
 
 def test_processes_default_to_the_cores_for_a_controller_and_one_in_dual_mode(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("sys.platform", "darwin")  # no balancing of SO_REUSEPORT listeners there: one process
+    assert controller_processes(from_dict({}), "controller") == 1
+    assert controller_processes(from_dict({"controller": {"processes": 3}}), "controller") == 3
+    monkeypatch.setattr("sys.platform", "linux")
     assert controller_processes(from_dict({}), "controller") == 4  # min(cores, 4)
     assert controller_processes(from_dict({}), "dual") == 1
     assert controller_processes(from_dict({"controller": {"processes": 3}}), "dual") == 3

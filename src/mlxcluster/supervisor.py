@@ -62,11 +62,12 @@ class Child:
 
 
 def controller_processes(config: Config, role: str) -> int:
-    """The controller processes a node runs: ``controller.processes``, or min(cores, 4) for ``role`` controller
-    and 1 in dual mode."""
+    """The controller processes a node runs: ``controller.processes``, or by default min(cores, 4) for ``role``
+    controller on Linux, and 1 in dual mode or elsewhere (macOS lets several sockets bind one port with
+    ``SO_REUSEPORT`` but does not spread connections over them, as Linux does)."""
     wanted = config.controller.processes
     if wanted is None:
-        return min(os.cpu_count() or 1, 4) if role == "controller" else 1
+        return min(os.cpu_count() or 1, 4) if role == "controller" and sys.platform == "linux" else 1
     return wanted
 
 

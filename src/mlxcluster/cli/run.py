@@ -21,7 +21,7 @@ def run_command(
         typer.Option(
             "--processes",
             min=1,
-            help="Controller processes sharing the HTTP port (default: min(cores, 4) for a controller, 1 in dual).",
+            help="Controller processes sharing the HTTP port (default: min(cores, 4) on Linux, 1 in dual mode).",
         ),
     ] = None,
     engine: Annotated[str | None, typer.Option(help="Worker engine: mlx | echo.")] = None,

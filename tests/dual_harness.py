@@ -1,5 +1,6 @@
 """``mlxcluster run --mode dual`` as a user starts it, for tests: one supervisor on free ports in its own
-directory, and everything it started killed at the end."""
+directory, and everything it started killed at the end (``mode="controller"``: a controller tier's
+supervisor, ``--processes N``, the same way)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def cmdline(process: psutil.Process) -> str:
 class Dual:
     """One ``run --mode dual`` supervisor on free ports, in its own directory, killed with all its children."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None, mode: str = "dual") -> None:
         self.tmp_path = tmp_path
         self.port = free_port()
         nats_port = free_port()
@@ -55,10 +56,11 @@ class Dual:
             MLXCLUSTER_DISCOVERY_OFFLINE_TIMEOUT_MS="1500",
             **(env or {}),
         )
-        self.log_path = tmp_path / "dual.log"
+        self.env = environment
+        self.log_path = tmp_path / f"{mode}.log"
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlxcluster", "run", "--mode", "dual", *args],
+                [sys.executable, "-m", "mlxcluster", "run", "--mode", mode, *args],
                 cwd=tmp_path,
                 env=environment,
                 stdin=subprocess.DEVNULL,
@@ -132,8 +134,8 @@ def dual_runs(tmp_path: Path) -> Iterator[Callable[..., Dual]]:
     """A starter of :class:`Dual` supervisors in ``tmp_path``; each is killed with its children on exit."""
     started: list[Dual] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Dual:
-        dual = Dual(tmp_path, *args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None, mode: str = "dual") -> Dual:
+        dual = Dual(tmp_path, *args, env=env, mode=mode)
         started.append(dual)
         return dual
 

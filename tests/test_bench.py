@@ -44,7 +44,7 @@ async def test_bench_nats_counts_what_it_was_asked() -> None:
     assert f"{result.request_p50_ms:.3f} ms" in text and "500 msgs" in text
 
 
-async def test_bench_cluster_steps_through_the_worker_counts() -> None:
+async def test_bench_cluster_steps_through_the_worker_counts_and_a_two_process_controller() -> None:
     sizes = cluster_bench.BenchSizes(
         latency_requests=20,
         throughput_requests=60,
@@ -54,8 +54,9 @@ async def test_bench_cluster_steps_through_the_worker_counts() -> None:
         rounds=1,
         stream_requests=4,
     )
-    result = await cluster_bench.run_cluster_bench(sizes)
+    result = await cluster_bench.run_cluster_bench(sizes, processes=2)
     assert result.engine == "echo (no model)"
+    assert result.processes == 2 and result.processes_requests_per_s > 0 and result.processes_ratio > 0
     assert [(row.workers, row.concurrency) for row in result.throughput] == [(1, 4), (2, 4)]
     for row in result.throughput:
         assert row.errors == 0
@@ -65,6 +66,7 @@ async def test_bench_cluster_steps_through_the_worker_counts() -> None:
     assert result.stream_tokens_per_s > 0
     text = cluster_bench.format_table(result)
     assert f"{result.cluster_p50_ms:.3f}" in text and f"{result.bare_nats_p50_ms:.3f}" in text
+    assert f"a controller of 2 processes on one port, the same step: {result.processes_requests_per_s:,.0f}" in text
 
 
 async def test_run_load_counts_failures_as_errors() -> None:

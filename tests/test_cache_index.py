@@ -43,6 +43,8 @@ def view(worker_id: str, load: int = 0, max_concurrent: int = 8) -> WorkerView:
 def test_iter_prefix_digests_equals_prefix_digests() -> None:
     text = "x" * (BLOCK_CHARS * 5 + 17) + "é" * 300
     assert list(iter_prefix_digests(text)) == prefix_digests(text)
+    ascii_only = "y" * (BLOCK_CHARS * 3 + 5)  # the encode-once path
+    assert list(iter_prefix_digests(ascii_only)) == prefix_digests(ascii_only) != prefix_digests("z" + ascii_only)
 
 
 def test_match_is_the_longest_held_prefix_per_worker_and_per_model() -> None:

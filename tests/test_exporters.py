@@ -217,6 +217,7 @@ async def test_metrics_endpoint_after_known_traffic(cluster: Cluster) -> None:
     }
     assert values[("mlxcluster_retries_total", ())] == 0
     assert values[("mlxcluster_invalid_messages_total", ())] == 0
+    assert values[("mlxcluster_tier", (("figure", "controllers_online"),))] == 1  # this controller, from its heartbeat
     families = {family.name for family in text_string_to_metric_families(text)}
     assert {
         "mlxcluster_requests",
@@ -227,6 +228,7 @@ async def test_metrics_endpoint_after_known_traffic(cluster: Cluster) -> None:
         "mlxcluster_inflight_requests",
         "mlxcluster_queue_depth",
         "mlxcluster_workers",
+        "mlxcluster_tier",
         "mlxcluster_worker_tokens_per_second",
         "mlxcluster_retries",
         "mlxcluster_invalid_messages",

@@ -123,6 +123,13 @@ class ControllerSection(_Section):
 
     bind: str = "127.0.0.1"
     port: Port = 8080
+    processes: Annotated[int, Meta(ge=1, le=64)] | None = None
+    """Controller processes serving ``port`` together (``SO_REUSEPORT``: the kernel spreads connections), each
+    its own controller on the bus, under a supervisor that restarts one that dies; unset: min(cores, 4) with
+    ``mode = controller`` on Linux, 1 in dual mode and on macOS (which does not spread connections over
+    ``SO_REUSEPORT`` listeners). One process needs no supervisor."""
+    reuse_port: bool = False
+    """Listen with ``SO_REUSEPORT``, beside the other processes of a tier: the supervisor sets it for them."""
     api_keys: list[str] = msgspec.field(default_factory=list)
     """Plain keys: each one is an admin key without limits (``keys`` gives names, limits and roles)."""
     keys: list[ApiKeyEntry] = msgspec.field(default_factory=list)

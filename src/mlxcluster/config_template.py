@@ -48,6 +48,7 @@ insecure = false                   # true: allow a non-loopback host without NAT
 [controller]
 bind = "127.0.0.1"                 # use 0.0.0.0 to serve other machines (needs API keys, or insecure = true)
 port = 8080
+# processes = 2                    # controller processes sharing this port; default min(cores, 4), 1 in dual mode
 api_keys = []                      # plain keys (admin, no limits); "Authorization: Bearer <key>" on /v1 and /api
 insecure = false                   # true: allow a non-loopback bind without API keys (refused otherwise)
 recent_requests = 200              # finished requests kept for /api/cluster/requests

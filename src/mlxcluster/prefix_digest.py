@@ -63,9 +63,17 @@ def iter_prefix_digests(text: str, block_chars: int = BLOCK_CHARS) -> Iterator[i
     """The digests of :func:`prefix_digests`, one at a time: a lookup that stops at the first block nobody
     holds hashes only the blocks it needs."""
     previous = _SEED
-    for i in range(len(text) // block_chars):
-        block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
-        previous = hashlib.blake2b(previous + block, digest_size=8).digest()
+    blake2b = hashlib.blake2b
+    end = len(text) // block_chars * block_chars
+    if text.isascii():  # one byte per character (known in O(1)): encode once, slice the bytes
+        data = text.encode("ascii")
+        for start in range(0, end, block_chars):
+            previous = blake2b(previous + data[start : start + block_chars], digest_size=8).digest()
+            yield int.from_bytes(previous, "big") >> 1
+        return
+    for start in range(0, end, block_chars):
+        block = text[start : start + block_chars].encode("utf-8", "surrogatepass")
+        previous = blake2b(previous + block, digest_size=8).digest()
         yield int.from_bytes(previous, "big") >> 1
 
 

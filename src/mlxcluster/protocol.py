@@ -292,6 +292,11 @@ class ControllerHeartbeat(_Message):
     requests_total: Count = 0
     stopping: bool = False
     """Its last heartbeat: it is shutting down (peers forget it at once)."""
+    completed: Count = 0
+    """Its request counters (as in its ``/api/cluster/status``), so any controller can show the tier's."""
+    failed: Count = 0
+    errors: Count = 0
+    retries: Count = 0
 
 
 class WorkerSettingsChanged(_Message):

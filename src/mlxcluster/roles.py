@@ -1,4 +1,5 @@
-"""Run one node role until SIGINT/SIGTERM: ``controller``, ``worker`` or ``dual`` (the supervisor).
+"""Run one node role until SIGINT/SIGTERM: ``controller`` (one process, or the supervisor of a controller
+tier), ``worker`` or ``dual`` (the supervisor).
 
 Shutdown always goes signal → :class:`asyncio.Event` → the role's own drain → ``Bus.close()``. The same
 event cuts every start-up stage short (:mod:`mlxcluster.startup`): a worker resolves its model (downloading
@@ -62,10 +63,16 @@ async def _main(config: Config, role: str, workers: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        if role == "dual":
-            from mlxcluster.supervisor import Supervisor
+        if role in ("dual", "controller"):
+            from mlxcluster.supervisor import Supervisor, controller_processes
 
-            return await Supervisor(config, workers=workers).run(stop)
+            controllers = controller_processes(config, role)
+            if role == "dual":
+                return await Supervisor(config, workers=workers, controllers=controllers).run(stop)
+            if controllers > 1:  # a controller tier: N processes on one port, nats-server here when embedded
+                embedded = config.nats.mode == "embedded"
+                tier = Supervisor(config, workers=0, controllers=controllers, embedded_nats=embedded)
+                return await tier.run(stop)
         model = None
         if role == "worker":  # before NATS: a model that cannot be had or does not fit fails at once
             from mlxcluster.worker.worker_role import prepare_model

@@ -1,13 +1,15 @@
-"""Dual mode: a small supervisor of nats-server, one controller and N worker processes.
+"""The supervisor of a node's processes: dual mode (nats-server, the controller processes and N workers), and
+a controller tier (``controller.processes`` > 1: N controller processes sharing the HTTP port, with
+nats-server when NATS is embedded).
 
 Children are separate processes (the GIL and the MLX thread must not share a process with the API).
 The supervisor resolves the workers' model once, before it starts them (a download happens here, once,
 with its progress on the supervisor's terminal; the workers then find it in the cache and never download).
 A child that dies is restarted with exponential backoff, except one that exits with
-:data:`~mlxcluster.errors.CANNOT_START` (its settings are wrong; restarting would not help): the controller
+:data:`~mlxcluster.errors.CANNOT_START` (its settings are wrong; restarting would not help): a controller
 stops the whole supervisor, a worker is left stopped while the controller keeps serving the others.
-SIGINT/SIGTERM stops them in order — controller first (it drains), then the workers together, then
-nats-server. On Linux each child also gets ``PR_SET_PDEATHSIG`` so that none outlives a supervisor
+SIGINT/SIGTERM stops them in order — the controllers first, together (they drain), then the workers
+together, then nats-server. On Linux each child also gets ``PR_SET_PDEATHSIG`` so that none outlives a supervisor
 killed with SIGKILL.
 """
 
@@ -59,6 +61,16 @@ class Child:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+def controller_processes(config: Config, role: str) -> int:
+    """The controller processes a node runs: ``controller.processes``, or by default min(cores, 4) for ``role``
+    controller on Linux, and 1 in dual mode or elsewhere (macOS lets several sockets bind one port with
+    ``SO_REUSEPORT`` but does not spread connections over them, as Linux does)."""
+    wanted = config.controller.processes
+    if wanted is None:
+        return min(os.cpu_count() or 1, 4) if role == "controller" and sys.platform == "linux" else 1
+    return wanted
+
+
 def child_command() -> list[str]:
     """The command that runs this same mlxcluster (venv, source tree or zipapp) as a child."""
     return [sys.executable, "-m", "mlxcluster"]
@@ -73,28 +85,39 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 class Supervisor:
-    """Starts and watches the dual-mode processes."""
+    """Starts and watches a node's processes: ``controllers`` controller processes, then ``workers`` workers.
 
-    def __init__(self, config: Config, *, workers: int = 1) -> None:
+    :param embedded_nats: start nats-server for them (dual mode always; a controller tier when
+        ``nats.mode = "embedded"``); otherwise the children connect to ``nats.url`` themselves.
+    """
+
+    def __init__(self, config: Config, *, workers: int = 1, controllers: int = 1, embedded_nats: bool = True) -> None:
         self.config = config
         self.workers = workers
+        self.controllers = controllers
+        self.embedded_nats = embedded_nats
         self.children: list[Child] = []
         self.stopping = False
         self.exit_code = 0
         self._stop = asyncio.Event()
 
-    def specs(self, nats_url: str) -> list[ChildSpec]:
-        """The controller then the workers, each pointed at the embedded server."""
-        common = {"MLXCLUSTER_NATS_MODE": "external", "MLXCLUSTER_NATS_URL": nats_url}
+    def specs(self, nats_url: str | None) -> list[ChildSpec]:
+        """The controllers then the workers, each pointed at the embedded server (``nats_url``; ``None``: the
+        children's own ``nats.url``)."""
+        common = {} if nats_url is None else {"MLXCLUSTER_NATS_MODE": "external", "MLXCLUSTER_NATS_URL": nats_url}
         base_id = self.config.worker.id or socket.gethostname().split(".")[0]
+        tier = {"MLXCLUSTER_CONTROLLER_PROCESSES": "1"}  # each child is one process of the tier
+        if self.controllers > 1:
+            tier["MLXCLUSTER_CONTROLLER_REUSE_PORT"] = "true"
         specs = [
             ChildSpec(
-                "controller",
+                "controller" if self.controllers == 1 else f"controller {index + 1}",
                 [*child_command(), "run", "--mode", "controller"],
-                child_env(common),
+                child_env({**common, **tier}),
                 stop_timeout_s=self.config.controller.drain_timeout_s + 5,
                 essential=True,
             )
+            for index in range(self.controllers)
         ]
         worker_common = {**common, **self.blas_env()}
         group_size = self.config.worker.group.size
@@ -131,7 +154,7 @@ class Supervisor:
 
     def blas_env(self) -> dict[str, str]:
         """CPU fast path for mlx workers: preload the system OpenBLAS, its threads shared among the workers."""
-        if self.config.worker.engine != "mlx":
+        if self.config.worker.engine != "mlx" or self.workers == 0:  # a controller tier starts no worker
             return {}
         preload = preload_env(os.environ).get("LD_PRELOAD")
         if not preload or preload == os.environ.get("LD_PRELOAD"):
@@ -152,13 +175,16 @@ class Supervisor:
         if problem is not None:
             raise NodeError(problem)
         self._stop = stop
-        server = EmbeddedNatsServer(self.config.nats)
-        await server.start()
-        watch_server = asyncio.create_task(self._watch_server(server, stop))
+        server = EmbeddedNatsServer(self.config.nats) if self.embedded_nats else None
+        watch_server = None
+        if server is not None:
+            await server.start()
+            watch_server = asyncio.create_task(self._watch_server(server, stop))
         try:
-            self.children = [Child(spec) for spec in self.specs(server.url)]
-            controller, workers = self.children[0], self.children[1:]
-            self._start(controller)
+            self.children = [Child(spec) for spec in self.specs(server.url if server is not None else None)]
+            controllers, workers = self.children[: self.controllers], self.children[self.controllers :]
+            for controller in controllers:
+                self._start(controller)
             try:
                 resolved = await self._resolve_model(workers, stop)
             except StartInterrupted as exc:  # a signal, or the controller could not start (exit_code says which)
@@ -166,15 +192,21 @@ class Supervisor:
             if resolved:
                 for child in workers:
                     self._start(child)
-                log.info("dual mode: nats-server + %d children running; Ctrl-C stops them", len(self.children))
+                log.info(
+                    "%s%d children running; Ctrl-C stops them",
+                    "nats-server + " if server is not None else "",
+                    len(self.children),
+                )
             await stop.wait()
         finally:
             self.stopping = True
-            watch_server.cancel()
-            if self.children:  # controller first: it drains in-flight requests; then the workers, together
-                await self._stop_child(self.children[0])
-                await asyncio.gather(*(self._stop_child(child) for child in self.children[1:]))
-            await server.stop()
+            if watch_server is not None:
+                watch_server.cancel()
+            if self.children:  # controllers first: they drain in-flight requests; then the workers, together
+                await asyncio.gather(*(self._stop_child(child) for child in self.children[: self.controllers]))
+                await asyncio.gather(*(self._stop_child(child) for child in self.children[self.controllers :]))
+            if server is not None:
+                await server.stop()
         return self.exit_code
 
     def _start(self, child: Child) -> None:

@@ -5,7 +5,8 @@ A balancer is built by its registered factory and answers
 degraded, serving ``request.model``, not excluded by a retry), already narrowed to the preferred priority
 tier; a balancer never sees offline workers. It returns one of them, or ``None`` to refuse (the
 controller then answers "no capacity"). The controller calls it from its event loop, one pick at a time,
-so a balancer may keep plain mutable state without locks. It must be quick and must not block.
+so a balancer may keep plain mutable state without locks. It must be quick and must not block, and it must
+not change ``workers`` (the registry lends its own list, read-only: see :class:`EligibleWorkers`).
 
 A factory is called with no arguments, unless it has a parameter named ``context``: then it gets a
 :class:`BalancerContext` as ``context=`` (the ``[load_balancing]`` settings and
@@ -16,7 +17,7 @@ written before the context existed keep working unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NoReturn, Protocol, runtime_checkable
 
 from msgspec import Struct
 
@@ -95,14 +96,49 @@ class WorkerView(Struct, frozen=True, kw_only=True):
         return self.load / max(1, self.max_concurrent)
 
 
-class EligibleWorkers(list[WorkerView]):
-    """The list of workers a pick starts from (a plain list to any balancer), with two hints the registry
-    knows for free: ``uniform`` (every worker online and of one priority, so there is no tier to narrow to),
-    ``positions`` (worker id → index in this list; ``None`` when the list was filtered), ``loads`` and
-    ``capacity``. Balancers that
-    ignore them lose nothing but speed."""
+class LoadBuckets(dict[int, set[str]]):
+    """Worker ids grouped by ``load`` (only loads some worker has): the few distinct loads of a fleet are
+    its keys, so the lowest and highest load, and the least loaded of any set of ids, cost a handful of
+    C-level set operations instead of a pass over the fleet."""
 
-    __slots__ = ("capacity", "loads", "positions", "uniform")
+    __slots__ = ()
+
+    def add(self, worker_id: str, load: int) -> None:
+        """Count ``worker_id`` at ``load``."""
+        bucket = self.get(load)
+        if bucket is None:
+            self[load] = {worker_id}
+        else:
+            bucket.add(worker_id)
+
+    def move(self, worker_id: str, old: int, new: int) -> None:
+        """``worker_id``'s load went from ``old`` to ``new``."""
+        bucket = self.get(old)
+        if bucket is not None:
+            bucket.discard(worker_id)
+            if not bucket:
+                del self[old]
+        self.add(worker_id, new)
+
+
+class EligibleWorkers(list[WorkerView]):
+    """The list of workers a pick starts from (a list to any balancer, read-only), with hints the registry
+    knows for free: ``uniform`` (every worker online and of one priority, so there is no tier to narrow to),
+    ``positions`` (worker id → index in this list; ``None`` when the list was filtered), ``loads``,
+    ``by_load`` and ``capacity``. Balancers that ignore them lose nothing but speed.
+
+    The registry lends its own list for a pick (copying a thousand views costs more than the rest of a
+    pick), so changing it raises :class:`TypeError`: a balancer that wants to reorder copies it first
+    (``sorted(workers, ...)``, ``list(workers)``). It and its hints are current while the pick runs, not
+    after; read the hints, never change them."""
+
+    __slots__ = ("by_load", "capacity", "loads", "positions", "uniform")
+
+    def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("the eligible workers are the registry's, read-only: copy them first (list(workers))")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+    append = extend = insert = pop = remove = sort = reverse = clear = _read_only
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
@@ -112,6 +148,9 @@ class EligibleWorkers(list[WorkerView]):
         """The ``max_concurrent`` every worker here shares (0: they differ, or unknown)."""
         self.loads: list[int] | None = None
         """``load`` of each worker, in list order (``None`` when the list was filtered)."""
+        self.by_load: LoadBuckets | None = None
+        """The ids of this list's workers by ``load`` (``None`` when the list was filtered). The registry's own,
+        kept current as loads change: read it during the pick, never change it."""
 
 
 @runtime_checkable

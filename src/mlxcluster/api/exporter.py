@@ -154,6 +154,10 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     """The controller's cache index: :class:`~mlxcluster.controller.routing.cache_index.CacheIndexStats` fields."""
     rate_limited_by_key: dict[str, int] = {}
     """Requests refused with 429, by API key name, since the controller started."""
+    tier: dict[str, int] = {}
+    """Every online controller on the bus (the processes of a controller tier, other machines' controllers), its
+    counters summed from their heartbeats: ``controllers_online``, ``in_flight``, ``requests_total``,
+    ``completed``, ``failed``, ``errors``, ``retries`` (empty where the controller hears no peers)."""
 
 
 MetricsEvent = RequestFinished | RequestRetried | RequestMigrated | WorkerStatusChanged | ClusterSnapshot

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from operator import attrgetter
 
-from mlxcluster.api.balancer import WorkerView
+from mlxcluster.api.balancer import LoadBuckets, WorkerView
 
 DEFAULT_MAX_ENTRIES = 10_000
 """Default bound of the LRU maps balancers keep (keys of sessions or prompt prefixes)."""
@@ -27,6 +27,13 @@ class Cursor:
         if chosen is None:
             chosen = min(workers, key=_id)
         self._last = chosen.id
+        return chosen
+
+    def next_id(self, ids: Collection[str]) -> str:
+        """:meth:`next` given the workers' ids (not empty): the first id after the previous pick, wrapping."""
+        last = self._last
+        chosen = None if last is None else min((i for i in ids if i > last), default=None)
+        self._last = chosen = chosen if chosen is not None else min(ids)
         return chosen
 
     def mark(self, worker: WorkerView) -> WorkerView:
@@ -53,9 +60,17 @@ def least_utilized(workers: Sequence[WorkerView], cursor: Cursor) -> WorkerView:
     """The worker with the lowest ``load / max_concurrent``; ties round-robin.
 
     Runs on every pick over every candidate, so it works on C-level maps: with one capacity for all (the
-    usual fleet) the lowest load is the lowest utilization, and a unique minimum needs no tie-break."""
+    usual fleet) the lowest load is the lowest utilization, and a unique minimum needs no tie-break. On the
+    registry's list (its ``by_load`` and ``positions`` hints) only the least loaded workers are looked at."""
     loads: list[int] | None = getattr(workers, "loads", None)  # the registry's hints (EligibleWorkers)
-    if loads is not None and getattr(workers, "capacity", 0) > 0:
+    uniform = loads is not None and getattr(workers, "capacity", 0) > 0
+    by_load: LoadBuckets | None = getattr(workers, "by_load", None)
+    positions: dict[str, int] | None = getattr(workers, "positions", None)
+    if uniform and by_load and positions is not None:
+        tied = by_load[min(by_load)]
+        chosen = next(iter(tied)) if len(tied) == 1 else cursor.next_id(tied)
+        return cursor.mark(workers[positions[chosen]])
+    if uniform:
         keys: list[float] = loads  # type: ignore[assignment]
     elif len(set(map(_capacity, workers))) == 1:
         keys = list(map(_load, workers))

@@ -39,6 +39,7 @@ STREAM_PROMPT = " ".join(f"w{i}" for i in range(256))
 
 TARGET_ADDED_P50_MS = 0.6
 TARGET_THROUGHPUT_RATIO = 0.6
+TARGET_PROCESSES_RATIO = 1.4
 
 
 class ThroughputRow(msgspec.Struct):
@@ -87,6 +88,13 @@ class ClusterBenchResult(msgspec.Struct):
     load_average: str = ""
     profiled: bool = False
     """The controller and workers ran under cProfile: their figures are the profiler's."""
+    processes: int = 1
+    """``--processes N``: a controller of N processes (one port) measured beside the one-process controller in
+    the throughput step, on the same worker (0 figures below when N is 1)."""
+    processes_requests_per_s: float = 0.0
+    processes_p50_ms: float = 0.0
+    processes_ratio: float = 0.0
+    """Its req/s over the one-process controller's, the same step (the issue's target: ≥ 1.4× with 2)."""
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -317,12 +325,14 @@ def _load_average() -> str:
 
 
 async def run_cluster_bench(
-    sizes: BenchSizes | None = None, *, use_wrk: bool = False, profile_dir: Path | None = None
+    sizes: BenchSizes | None = None, *, use_wrk: bool = False, profile_dir: Path | None = None, processes: int = 1
 ) -> ClusterBenchResult:
     """Start nats-server, a controller, echo workers and the bare handler; measure both side by side.
 
     With ``profile_dir`` the controller and the workers run under cProfile (CPU time) and leave
-    ``<name>.prof`` there; the figures of such a run are the profiler's, not the cluster's."""
+    ``<name>.prof`` there; the figures of such a run are the profiler's, not the cluster's. With
+    ``processes`` > 1 a second controller of that many processes (its own port, the same NATS and workers)
+    joins the throughput step as one more alternating target."""
     sizes = sizes or BenchSizes()
     if use_wrk and not wrk_available():
         raise RuntimeError("wrk is not installed (apt-get install wrk), or leave out --wrk")
@@ -336,8 +346,11 @@ async def run_cluster_bench(
         profile_dir.mkdir(parents=True, exist_ok=True)
     try:
         cluster.start_controller()
+        tier_url = cluster.start_controller(processes, port=free_port()) if processes > 1 else None
         cluster.start_worker("bench-w1")
         await cluster.wait_for_workers(1)
+        if tier_url is not None:
+            await cluster.wait_for_workers(1, base_url=tier_url)
         template = short_answer_template(await fetch_short_answer(cluster.base_url))
         async with contextlib.AsyncExitStack() as baselines:
             baselines.enter_context(bare_responder(server.url))
@@ -354,14 +367,16 @@ async def run_cluster_bench(
                     rounds=sizes.rounds,
                 )
             )
+            tier_label = f"{processes} processes"
+            load_targets = targets if tier_url is None else {**targets, tier_label: tier_url}
             if use_wrk:
                 load = await wrk_alternating(
-                    targets, concurrency=sizes.concurrency, seconds=sizes.time_limit_s, rounds=sizes.rounds
+                    load_targets, concurrency=sizes.concurrency, seconds=sizes.time_limit_s, rounds=sizes.rounds
                 )
             else:
                 report = await run_in_subprocess(
                     alternating(
-                        targets,
+                        load_targets,
                         concurrency=sizes.concurrency,
                         requests=sizes.throughput_requests,
                         seconds=sizes.time_limit_s,
@@ -405,6 +420,7 @@ async def run_cluster_bench(
     direct = await direct_latencies(sizes.latency_requests)
     bare, floor, through = latency.targets["bare"], latency.targets["bare+nats"], latency.targets["cluster"]
     bare_rps, floor_rps, cluster_rps = (load[k].requests_per_s for k in ("bare", "bare+nats", "cluster"))
+    tier = load.get(tier_label) if tier_url is not None else None
     return ClusterBenchResult(
         machine=machine_line(),
         engine="echo (no model)",
@@ -433,6 +449,10 @@ async def run_cluster_bench(
         quick=sizes.quick,
         load_average=load_average,
         profiled=profile_dir is not None,
+        processes=processes,
+        processes_requests_per_s=round(tier.requests_per_s, 1) if tier is not None else 0.0,
+        processes_p50_ms=round(tier.p50_ms, 2) if tier is not None else 0.0,
+        processes_ratio=round(tier.requests_per_s / cluster_rps, 3) if tier is not None and cluster_rps else 0.0,
     )
 
 
@@ -490,6 +510,12 @@ def format_table(result: ClusterBenchResult) -> str:
         f"(target ≥ {TARGET_THROUGHPUT_RATIO}×)\nthe bare handler with one NATS round trip, none of our code: "
         f"{result.bare_nats_requests_per_s:,.0f} req/s: {result.bare_nats_ratio:.2f}×"
     )
+    if result.processes > 1:
+        ratio += (
+            f"\na controller of {result.processes} processes on one port, the same step: "
+            f"{result.processes_requests_per_s:,.0f} req/s (p50 {result.processes_p50_ms:.2f} ms): "
+            f"{result.processes_ratio:.2f}× one process (target ≥ {TARGET_PROCESSES_RATIO}× with 2)"
+        )
     return (
         f"bench cluster{' --quick' if result.quick else ''} — {result.engine} — {result.machine}\n"
         + (

@@ -79,19 +79,27 @@ class BenchCluster:
         self.names.append(name)
         return process
 
-    def start_controller(self) -> None:
-        self._spawn("controller", "controller", {})
+    def start_controller(self, processes: int = 1, port: int | None = None) -> str:
+        """A controller of ``processes`` processes (one port, a supervisor above them when more than one) on
+        ``port`` (default: ``http_port``); returns its base URL."""
+        port = self.http_port if port is None else port
+        name = "controller" if port == self.http_port else f"controller-{port}"
+        extra = {"MLXCLUSTER_CONTROLLER_PROCESSES": str(processes), "MLXCLUSTER_CONTROLLER_PORT": str(port)}
+        self._spawn(name, "controller", extra)
+        return f"http://127.0.0.1:{port}"
 
     def start_worker(self, worker_id: str, extra: dict[str, str] | None = None) -> None:
         self._spawn(worker_id, "worker", {"MLXCLUSTER_WORKER_ID": worker_id, **(extra or {})})
 
-    async def wait_for_workers(self, count: int, timeout: float = 120.0) -> None:
-        """Until the controller lists ``count`` online workers."""
+    async def wait_for_workers(self, count: int, timeout: float = 120.0, base_url: str | None = None) -> None:
+        """Until the controller (at ``base_url``, default :attr:`base_url`) lists ``count`` online workers."""
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with session.get(f"{self.base_url}/api/cluster/workers?status=online") as response:
+                    async with session.get(
+                        f"{base_url or self.base_url}/api/cluster/workers?status=online"
+                    ) as response:
                         if response.status == 200 and len((await response.json())["workers"]) >= count:
                             return
                 for name, process in zip(self.names, self.processes, strict=True):

@@ -11,14 +11,14 @@ share of the prompt's blocks held in its prompt cache. Then, in order:
    ``score = share held − load_weight × utilization`` (Dynamo's overlap-minus-load, in shares);
 4. the best holder's share is below ``cache_threshold``, or every holder is saturated → least loaded.
 
-Ties go to the lower load; between equally loaded holders of the same prefix, any one of them (the
-next pick sees its load go up). On the registry's list a pick costs one lookup plus C-level passes
-over the loads and the holders, no Python loop over the fleet.
+Ties go to the lower load, then to the lower id (the next pick sees the chosen one's load go up). On the
+registry's list (its ``by_load`` hints) a pick costs one lookup plus a few set operations per level of the
+match: no pass over the fleet, in Python or in C.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from operator import attrgetter
 
 from mlxcluster.api import (
@@ -26,6 +26,7 @@ from mlxcluster.api import (
     CacheAwareSection,
     Cursor,
     InferenceRequest,
+    LoadBuckets,
     PrefixMatch,
     WorkerView,
     least_utilized,
@@ -59,14 +60,21 @@ class CacheAware:
         match = self.context.prefix_match(request)
         if not match.levels:
             return least_utilized(workers, self._cursor)
-        loads: list[int] = getattr(workers, "loads", None) or list(map(_load, workers))
-        lowest, highest = min(loads), max(loads)
-        if highest - lowest > self.balance_abs_threshold and highest > self.balance_rel_threshold * lowest:
-            return least_utilized(workers, self._cursor)
+        by_load: LoadBuckets | None = getattr(workers, "by_load", None)
         positions: dict[str, int] | None = getattr(workers, "positions", None)
         capacity: int = getattr(workers, "capacity", 0)
-        if positions is not None and capacity > 0:
-            best, depth = self._best_by_level(workers, match, loads, positions, capacity)
+        fast = by_load is not None and positions is not None and capacity > 0
+        if fast:
+            assert by_load is not None  # for mypy: ``fast`` says so
+            lowest, highest = min(by_load), max(by_load)  # a handful of distinct loads
+        else:
+            loads = list(map(_load, workers))
+            lowest, highest = min(loads), max(loads)
+        if highest - lowest > self.balance_abs_threshold and highest > self.balance_rel_threshold * lowest:
+            return least_utilized(workers, self._cursor)
+        if fast:
+            assert by_load is not None and positions is not None
+            best, depth = self._best_by_level(workers, match, by_load, positions, capacity)
         else:
             best, depth = self._best_by_worker(workers, match)
         if best is None or depth / match.blocks < self.cache_threshold:
@@ -78,37 +86,48 @@ class CacheAware:
         self,
         workers: Sequence[WorkerView],
         match: PrefixMatch,
-        loads: list[int],
+        by_load: LoadBuckets,
         positions: dict[str, int],
         capacity: int,
     ) -> tuple[WorkerView | None, int]:
-        """The registry's list, one capacity for all: per level of the match, the least loaded holder is
-        the level's best, found with C-level set and map operations (a system prompt that all of a large
-        fleet holds costs no Python loop over the fleet)."""
+        """:meth:`_best_by_worker` on the registry's list, one capacity for all, without a pass over the fleet:
+        per level of the match (deepest first), its least loaded holder is the level's best, found by
+        intersecting the level with the load buckets from the lowest load up (a system prompt that all of a
+        large fleet holds costs a few set operations). Ties between equally loaded holders go to the lower
+        position in the list (the registry's list is in id order)."""
         blocks, weight = match.blocks, self.load_weight
-        best_index, best_score, best_depth = -1, 0.0, 0
+        best_index, best_score, best_load, best_depth = -1, 0.0, 0, 0
+        ascending: list[int] | None = None
         for depth, members in match.levels:  # deepest first
             share = depth / blocks
-            if best_index >= 0 and share <= best_score:
-                break  # even an idle holder of a shallower level cannot score more
-            indices = (
-                [positions[w] for w in members if w in positions]
-                if len(members) < 8
-                else list(map(positions.__getitem__, positions.keys() & members))
-            )
-            if not indices:
-                continue
-            index = min(indices, key=loads.__getitem__)
-            load = loads[index]
+            if best_index >= 0 and share < best_score:
+                break  # even an idle holder of a shallower level cannot score as much
+            if len(members) <= SMALL_LEVEL:
+                holders = [(workers[i].load, i) for i in map(positions.get, members) if i is not None]
+                if not holders:
+                    continue
+                load, index = min(holders)
+            else:
+                if ascending is None:
+                    ascending = sorted(by_load)
+                found = _least_loaded_member(members, by_load, ascending, positions)
+                if found is None:
+                    continue
+                load, index = found
             if load >= capacity:  # the whole level is saturated: queueing there costs more than prefill
                 continue
             score = share - weight * load / capacity
-            if best_index < 0 or score > best_score:
-                best_index, best_score, best_depth = index, score, depth
+            if (
+                best_index < 0
+                or score > best_score
+                or (score == best_score and (load, index) < (best_load, best_index))
+            ):
+                best_index, best_score, best_load, best_depth = index, score, load, depth
         return (workers[best_index], best_depth) if best_index >= 0 else (None, 0)
 
     def _best_by_worker(self, workers: Sequence[WorkerView], match: PrefixMatch) -> tuple[WorkerView | None, int]:
-        """Any list of workers: score each holder (ties: lower load, then lower id)."""
+        """Any list of workers, the straightforward definition: the holder with a free slot and the highest
+        score (ties: lower load, then lower id)."""
         held, blocks, weight = match.held, match.blocks, self.load_weight
         best: WorkerView | None = None
         best_key: tuple[float, int] | None = None
@@ -121,3 +140,19 @@ class CacheAware:
             if best_key is None or key > best_key or (key == best_key and best is not None and worker.id < best.id):
                 best, best_key, best_depth = worker, key, depth
         return best, best_depth
+
+
+SMALL_LEVEL = 8
+"""A level with at most this many holders is scored holder by holder; a larger one through the load buckets."""
+
+
+def _least_loaded_member(
+    members: Collection[str], by_load: LoadBuckets, ascending: list[int], positions: dict[str, int]
+) -> tuple[int, int] | None:
+    """The lowest load among ``members`` that are in the list, and the lowest position at that load."""
+    for load in ascending:
+        bucket = by_load[load]
+        tied = bucket & members if isinstance(members, (set, frozenset)) else bucket.intersection(members)
+        if tied:
+            return load, min(map(positions.__getitem__, tied))
+    return None

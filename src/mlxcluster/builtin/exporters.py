@@ -68,6 +68,13 @@ class PrometheusExporter:
         self.inflight = Gauge("mlxcluster_inflight_requests", "Requests being served by this controller.", registry=r)
         self.queue_depth = Gauge("mlxcluster_queue_depth", "Requests waiting in the workers' queues.", registry=r)
         self.workers = Gauge("mlxcluster_workers", "Known workers by status.", ["status"], registry=r)
+        self.tier = Gauge(
+            "mlxcluster_tier",
+            "Every online controller on the bus (a tier's processes included), summed from their heartbeats: "
+            "controllers_online, in_flight, requests_total, completed, failed, errors, retries.",
+            ["figure"],
+            registry=r,
+        )
         self.worker_speed = Gauge(
             "mlxcluster_worker_tokens_per_second", "Generation speed each worker last reported.", ["worker"], registry=r
         )
@@ -132,6 +139,8 @@ class PrometheusExporter:
 
     def _snapshot(self, event: ClusterSnapshot) -> None:
         self.inflight.set(event.inflight)
+        for figure, value in event.tier.items():  # a gauge: a restarted process's counts leave the sum
+            self.tier.labels(figure=figure).set(value)
         self.queue_depth.set(event.queue_depth)
         for status in WORKER_STATES:
             self.workers.labels(status=status).set(event.workers.get(status, 0))

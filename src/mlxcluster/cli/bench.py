@@ -55,6 +55,14 @@ def bench_cluster(
     profile: Annotated[
         Path | None, typer.Option(help="Run controller and workers under cProfile; .prof files go here.")
     ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Also measure a controller of N processes on one port beside the one-process one (throughput).",
+        ),
+    ] = 1,
 ) -> None:
     """Echo: added latency and throughput of the cluster path against a bare aiohttp handler returning the
     same JSON, req/s at 1/2/4 workers, streamed tokens/s; then the real model side by side with mlx_lm.server."""
@@ -71,7 +79,7 @@ def bench_cluster(
 
         maybe_reexec_with_openblas()
     sizes = BenchSizes.quick_sizes() if quick else BenchSizes(latency_requests, requests, concurrency, time_limit)
-    result = asyncio.run(run_cluster_bench(sizes, use_wrk=wrk, profile_dir=profile))
+    result = asyncio.run(run_cluster_bench(sizes, use_wrk=wrk, profile_dir=profile, processes=processes))
     versus = []
     if real:
         from mlxcluster.bench.versus import run_versus

@@ -16,6 +16,14 @@ def run_command(
         str | None, typer.Option("--mode", "-m", help="controller | worker | dual (default: cluster.mode).")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="Worker processes in dual mode.")] = 1,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Controller processes sharing the HTTP port (default: min(cores, 4) on Linux, 1 in dual mode).",
+        ),
+    ] = None,
     engine: Annotated[str | None, typer.Option(help="Worker engine: mlx | echo.")] = None,
     model: Annotated[
         str | None,
@@ -51,6 +59,7 @@ def run_command(
         "WORKER_MODEL": model,
         "WORKER_MAX_CONCURRENT": max_concurrent,
         "CONTROLLER_PORT": port,
+        "CONTROLLER_PROCESSES": processes,
         "CONTROLLER_INSECURE": "true" if insecure else None,
         "NATS_EMBEDDED_INSECURE": "true" if insecure else None,
         "WORKER_GROUP_NAME": group,

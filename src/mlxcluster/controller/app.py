@@ -35,7 +35,7 @@ from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.middleware import controller_middlewares
 from mlxcluster.controller.metering.metrics_feed import METRICS, build_metrics_feed, run_metrics
 from mlxcluster.controller.metering.ops import Operations
-from mlxcluster.controller.peers import PEERS, ControllerPeers, run_controller_heartbeats
+from mlxcluster.controller.peers import PEERS, ControllerPeers, name_the_controller, run_controller_heartbeats
 from mlxcluster.controller.routing.balancing import build_balancer
 from mlxcluster.controller.routing.cache_feed import follow_cache_events
 from mlxcluster.controller.routing.cache_index import CacheIndex
@@ -85,6 +85,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app[CONTROLLER] = ctx
     app[METRICS] = metrics
     app[PEERS] = ControllerPeers(controller_id, config.discovery.offline_timeout_ms / 1000)
+    app.on_response_prepare.append(name_the_controller)  # X-Mlxcluster-Controller: which process answered
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_responses.routes)
     app.add_routes(routes_anthropic.routes)

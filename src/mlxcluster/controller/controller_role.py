@@ -31,7 +31,8 @@ async def serve_controller(config: Config, bus: Bus, stop: asyncio.Event) -> Non
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.controller.bind, config.controller.port)
+        reuse_port = config.controller.reuse_port or None  # one process of a tier: the others share the port
+        site = web.TCPSite(runner, config.controller.bind, config.controller.port, reuse_port=reuse_port)
         try:
             await site.start()
         except OSError as exc:

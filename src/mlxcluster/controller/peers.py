@@ -2,9 +2,10 @@
 
 Several controllers can serve the same cluster: each builds its own registry from the workers' broadcasts
 and admission stays at the workers, so nothing else needs agreeing on. The heartbeat only lets each one
-show the others (``/api/cluster/status`` → ``controllers``) and notice one gone. A controller not heard
-from for ``discovery.offline_timeout_ms`` is listed ``offline``; after ten timeouts it is forgotten. One that
-stops says so in its last heartbeat and is forgotten at once.
+show the others (``/api/cluster/status`` → ``controllers``, and ``tier``: their request counts summed) and
+notice one gone; the processes of one controller tier (``controller.processes``) are such peers too. A
+controller not heard from for ``discovery.offline_timeout_ms`` is listed ``offline``; after ten timeouts it
+is forgotten. One that stops says so in its last heartbeat and is forgotten at once.
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ class ControllerPeers:
         now = self._clock()
         return sorted(cid for cid, (_, seen) in self._peers.items() if now - seen <= self.offline_timeout_s)
 
+    def totals(self) -> dict[str, int]:
+        """The tier's figures, summed over the online controllers' last heartbeats (this one's included): as
+        fresh as a heartbeat interval."""
+        now = self._clock()
+        online = [hb for hb, seen in self._peers.values() if now - seen <= self.offline_timeout_s]
+        return {
+            "controllers_online": len(online),
+            "in_flight": sum(hb.in_flight for hb in online),
+            "requests_total": sum(hb.requests_total for hb in online),
+            "completed": sum(hb.completed for hb in online),
+            "failed": sum(hb.failed for hb in online),
+            "errors": sum(hb.errors for hb in online),
+            "retries": sum(hb.retries for hb in online),
+        }
+
     def listing(self) -> list[dict[str, Any]]:
         """Every known controller for the status route, this one first."""
         now = self._clock()
@@ -83,10 +99,18 @@ class ControllerPeers:
 
 
 PEERS = web.AppKey("controller_peers", ControllerPeers)
+CONTROLLER_HEADER = "X-Mlxcluster-Controller"
+"""Every response names the controller (process) that answered it: behind one port shared by several, the
+only way to tell them apart."""
+
+
+async def name_the_controller(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: set :data:`CONTROLLER_HEADER`."""
+    response.headers[CONTROLLER_HEADER] = request.app[CONTROLLER].controller_id
 
 
 def controller_heartbeat(ctx: ControllerContext, *, stopping: bool = False) -> ControllerHeartbeat:
-    config = ctx.config.controller
+    config, stats = ctx.config.controller, ctx.dispatcher.stats
     return ControllerHeartbeat(
         controller_id=ctx.controller_id,
         started_at=ctx.started_at,
@@ -95,9 +119,13 @@ def controller_heartbeat(ctx: ControllerContext, *, stopping: bool = False) -> C
         hostname=socket.gethostname(),
         version=__version__,
         state=ctx.lifecycle.state,
-        in_flight=ctx.dispatcher.stats.in_flight,
-        requests_total=ctx.dispatcher.stats.requests,
+        in_flight=stats.in_flight,
+        requests_total=stats.requests,
         stopping=stopping,
+        completed=stats.completed,
+        failed=stats.failed,
+        errors=stats.errors,
+        retries=stats.retries,
     )
 
 

@@ -222,6 +222,8 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "models": {"type": "array", "items": STR},
             "requests": {"type": "object", "additionalProperties": INT},
             "cache_index": {"type": ["object", "null"], "additionalProperties": INT},
+            "controllers": {"type": "array", "items": {"type": "object"}},
+            "tier": {"type": ["object", "null"], "additionalProperties": INT},
             "nats": _obj(
                 {
                     "connected": BOOL,

@@ -46,7 +46,12 @@ async def ready(request: web.Request) -> web.Response:
 
 @routes.get("/api/cluster/status")
 async def cluster_status(request: web.Request) -> web.Response:
-    """Controller state, worker counts, request counters, bus health."""
+    """Controller state, worker counts, request counters, bus health.
+
+    ``controller_id`` and ``requests`` are this process's (the one that answered); ``controllers`` lists
+    every controller on the bus (the processes of a tier included, ``self`` marking this one) and ``tier``
+    sums their request counts from their heartbeats. Workers, models and the cache index are the same
+    whichever process answers: each builds them from the workers' broadcasts."""
     ctx: ControllerContext = request.app[CONTROLLER]
     stats = ctx.dispatcher.stats
     return json_response(
@@ -75,6 +80,7 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "tokens_per_second": [round(v, 1) for v in stats.recent_tokens_per_second],
             },
             "controllers": request.app[PEERS].listing() if PEERS in request.app else [],
+            "tier": request.app[PEERS].totals() if PEERS in request.app else None,
             "cache_index": msgspec.to_builtins(ctx.cache_index.stats()) if ctx.cache_index is not None else None,
             "nats": {
                 "connected": ctx.bus.is_connected,

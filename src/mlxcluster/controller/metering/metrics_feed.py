@@ -27,6 +27,7 @@ from aiohttp import web
 from mlxcluster.api import ClusterSnapshot, MetricsEvent, WorkerStatusChanged
 from mlxcluster.config import MetricsSection
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.peers import PEERS
 from mlxcluster.controller.routing.cache_index import prompt_cache_rates
 from mlxcluster.controller.routing.registry import WorkerEvent, speculation_fields
 from mlxcluster.plugins import ExporterEntry, collect_exporters
@@ -262,8 +263,11 @@ def metrics_feed_from_entries(
     return MetricsFeed(runners, section.snapshot_interval_s)
 
 
-def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapshot:
-    """The controller's state now, from the registry, the dispatcher and the bus."""
+def cluster_snapshot(
+    ctx: ControllerContext, feed: MetricsFeed, tier: Callable[[], dict[str, int]] | None = None
+) -> ClusterSnapshot:
+    """The controller's state now, from the registry, the dispatcher and the bus (and ``tier``: the controllers'
+    summed counters, :meth:`~mlxcluster.controller.peers.ControllerPeers.totals`)."""
     registry = ctx.registry
     stats = registry.stats()
     eligible = registry.query(status=("online", "degraded"))
@@ -298,6 +302,7 @@ def cluster_snapshot(ctx: ControllerContext, feed: MetricsFeed) -> ClusterSnapsh
         worker_speculation=speculation,
         cache_index=msgspec.structs.asdict(index.stats()) if index is not None else {},
         rate_limited_by_key={name: usage.rate_limited for name, usage in ctx.ops.keys.usage.items()},
+        tier=tier() if tier is not None else {},
     )
 
 
@@ -312,8 +317,10 @@ async def run_metrics(app: web.Application) -> AsyncIterator[None]:
         return
     ctx = app[CONTROLLER]
 
+    peers = app.get(PEERS)
+
     def snapshot() -> ClusterSnapshot:
-        return cluster_snapshot(ctx, feed)
+        return cluster_snapshot(ctx, feed, peers.totals if peers is not None else None)
 
     ctx.registry.add_listener(feed.on_worker_event)
     await feed.start(snapshot)

@@ -60,12 +60,13 @@ class PreferredTier:
 
     def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
         """Pick within the preferred tier."""
-        candidates = preferred_tier(workers)
+        # the registry's list says when there is no tier to narrow to (all online, one priority)
+        candidates = workers if getattr(workers, "uniform", False) else preferred_tier(workers)
         if not candidates:
             return None
         try:
             chosen = self.strategy.pick(candidates, request)
-            if chosen is None or (isinstance(chosen, WorkerView) and any(chosen.id == w.id for w in candidates)):
+            if chosen is None or (isinstance(chosen, WorkerView) and is_candidate(chosen, candidates)):
                 return chosen
             raise TypeError(f"returned {chosen!r}, which is not one of the workers it was given")
         except Exception:
@@ -73,6 +74,15 @@ class PreferredTier:
             if self.errors == 1 or self.errors % 1000 == 0:
                 log.exception("balancer %s failed (%d times); using least_loaded", self.name, self.errors)
             return least_utilized(candidates, self._fallback)
+
+
+def is_candidate(chosen: WorkerView, candidates: Sequence[WorkerView]) -> bool:
+    """Whether ``chosen`` is one of ``candidates`` (by id): one lookup on the registry's list (its
+    ``positions``), a pass over the list otherwise."""
+    positions: dict[str, int] | None = getattr(candidates, "positions", None)
+    if positions is not None:
+        return chosen.id in positions
+    return any(chosen.id == w.id for w in candidates)
 
 
 def preferred_tier(workers: Sequence[WorkerView]) -> Sequence[WorkerView]:

@@ -69,4 +69,6 @@ class Breakers:
 
     def open_ids(self) -> set[str]:
         """Workers a pick must skip right now."""
+        if not self._breakers:  # the usual case, on every pick
+            return set()
         return {worker_id for worker_id in self._breakers if not self.allows(worker_id)}

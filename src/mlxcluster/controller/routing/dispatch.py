@@ -139,7 +139,8 @@ class Dispatcher:
         return payload
 
     def _pick(self, request: InferenceRequest, tried: set[str]) -> WorkerView | None:
-        return pick_worker(self.registry, self.balancer, request, tried | self.breakers.open_ids())
+        blocked = self.breakers.open_ids()
+        return pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried)
 
     async def stream(
         self, request: InferenceRequest, *, disconnected: Callable[[], bool] | None = None

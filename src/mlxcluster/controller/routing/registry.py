@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import msgspec
 from msgspec import Struct
 
-from mlxcluster.api import ELIGIBLE_STATES, EligibleWorkers, WorkerState, WorkerView
+from mlxcluster.api import ELIGIBLE_STATES, EligibleWorkers, LoadBuckets, WorkerState, WorkerView
 from mlxcluster.config import Config
 from mlxcluster.controller.routing.worker_admin import WorkerSettings
 from mlxcluster.protocol import (
@@ -372,7 +372,8 @@ class WorkerRegistry:
         This runs on every pick, so the list of views per model is cached: rebuilt when the set of
         candidates changes (status, models, capacity, a worker added or removed), and patched in place when
         one worker's view is refreshed (a heartbeat, a request begun or ended; a view's ``seen_ago_s`` is as
-        of that change). With nothing to exclude a pick costs one C-level copy of that list.
+        of that change), its ``loads`` and ``by_load`` hints with it. With nothing to exclude a pick gets that
+        list itself, lent (read-only, see :class:`~mlxcluster.api.EligibleWorkers`): no copy.
         """
         cached = self._candidates.get(model)
         if cached is None:
@@ -386,17 +387,17 @@ class WorkerRegistry:
             cached = self._candidates[model] = EligibleWorkers(w.view for w in members)
             cached.positions = {w.id: i for i, w in enumerate(members)}
             cached.loads = [v.load for v in cached]
+            cached.by_load = LoadBuckets()
+            for view in cached:
+                cached.by_load.add(view.id, view.load)
             cached.uniform = len({w.priority for w in members}) <= 1 and all(w.status == "online" for w in members)
             capacities = {w.max_concurrent for w in members}
             cached.capacity = capacities.pop() if len(capacities) == 1 else 0
         if exclude:
             result = EligibleWorkers(v for v in cached if v.id not in exclude)
-        else:
-            result = EligibleWorkers(cached)
-            result.positions = cached.positions
-            result.loads = list(cached.loads) if cached.loads is not None else None
-        result.uniform, result.capacity = cached.uniform, cached.capacity
-        return result
+            result.uniform, result.capacity = cached.uniform, cached.capacity
+            return result
+        return cached  # lent: read-only (see EligibleWorkers), and no refresh runs during a pick
 
     def _refresh_load(self, worker: _Worker, now: float) -> None:
         """:meth:`_refresh` after a begin/end, which change only the load: a valid cached view is copied with
@@ -418,9 +419,12 @@ class WorkerRegistry:
             if cached is not None and cached.positions is not None:
                 position = cached.positions.get(worker.id)
                 if position is not None:
-                    cached[position] = view
-                    if cached.loads is not None:
-                        cached.loads[position] = view.load
+                    list.__setitem__(cached, position, view)  # the registry's own list: read-only to balancers
+                    loads = cached.loads
+                    if loads is not None and loads[position] != view.load:
+                        if cached.by_load is not None:
+                            cached.by_load.move(worker.id, loads[position], view.load)
+                        loads[position] = view.load
 
     def has_model(self, model: str) -> bool:
         """Whether any known worker, whatever its status, serves ``model`` or may load it (its catalogue).

@@ -44,6 +44,8 @@ class BenchCluster:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mlxcluster-bench-")))
     names: list[str] = field(default_factory=list)
+    nats_pid: int | None = None
+    """The nats-server the children use, when the benchmark started it (for its CPU time)."""
     profile_dir: Path | None = None
     """When set, every child runs under cProfile (CPU time) and writes ``<name>.prof`` there when it stops."""
 

@@ -176,6 +176,7 @@ async def mlxcluster_server(
             **(env or {}),
         },
     )
+    cluster.nats_pid = server.pid
     try:
         cluster.start_controller()
         for index in range(workers):
@@ -188,9 +189,11 @@ async def mlxcluster_server(
 
 
 @contextlib.asynccontextmanager
-async def mlx_lm_server(model_path: str, *, decode_concurrency: int, args: tuple[str, ...] = ()) -> AsyncIterator[str]:
+async def mlx_lm_server(
+    model_path: str, *, decode_concurrency: int, args: tuple[str, ...] = (), pids: list[int] | None = None
+) -> AsyncIterator[str]:
     """``mlx_lm.server`` on ``model_path`` with the same BLAS as our workers (its prompt cache on, as by
-    default); yields its base URL once it answers."""
+    default); yields its base URL once it answers (its pid appended to ``pids``)."""
     port = free_port()
     env = {**os.environ, **cluster_blas_env(), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
@@ -214,6 +217,8 @@ async def mlx_lm_server(model_path: str, *, decode_concurrency: int, args: tuple
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    if pids is not None:
+        pids.append(process.pid)
     try:
         base = f"http://127.0.0.1:{port}"
         await wait_http(f"{base}/v1/models", process)

@@ -114,26 +114,36 @@ def bench_engine(
         typer.Option(
             help="speed (in-process vs over NATS), stall (the step budget's curve: a running stream's gaps and a "
             "long prompt's TTFT per step_budget_ms), speculation (edit and chat workloads with speculative decoding "
-            "vs without vs mlx_lm.server), or several: speed,stall."
+            "vs without vs mlx_lm.server), profile (CPU per token per process against mlx_lm.server, and where the "
+            "generation thread's time goes), or several: speed,stall."
         ),
     ] = "speed",
     budgets: Annotated[
         str, typer.Option(help="The stall part's step_budget_ms values (0: no budget, 256 tokens a step).")
     ] = "0,150,250,400,600,800",
     prompt_tokens: Annotated[int, typer.Option(help="The stall part's long prompt, in tokens.", min=64)] = 2000,
-    rounds: Annotated[int, typer.Option(help="The speculation part's rounds per workload and concurrency.", min=1)] = 2,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="The speculation part's rounds per workload and concurrency (the profile part's: per server).",
+            min=1,
+        ),
+    ] = 2,
     quick: Annotated[
         bool, typer.Option("--quick", help="The speculation part: one round, edit at 1 stream, chat at 8.")
     ] = False,
 ) -> None:
     """mlx engine in-process vs the same model behind one worker over NATS (1 and N streams); with --parts stall,
     the step budget's curve (budget → running stream's gap ratio, long prompt's TTFT ratio); with --parts
-    speculation, speculative decoding on an edit and a chat workload against no speculation and mlx_lm.server."""
+    speculation, speculative decoding on an edit and a chat workload against no speculation and mlx_lm.server;
+    with --parts profile, where the time of N streams goes (CPU per token per process, the generation thread)."""
     import asyncio
 
     names = {part.strip() for part in parts.split(",") if part.strip()}
-    if not names or names - {"speed", "stall", "speculation"}:
-        raise typer.BadParameter(f"parts are speed, stall and speculation, not {parts!r}", param_hint="--parts")
+    if not names or names - {"speed", "stall", "speculation", "profile"}:
+        raise typer.BadParameter(
+            f"parts are speed, stall, speculation and profile, not {parts!r}", param_hint="--parts"
+        )
     try:
         values = tuple(float(b) for b in budgets.split(",") if b.strip())
     except ValueError:
@@ -167,6 +177,11 @@ def bench_engine(
         settings = SpeculationSettings.quick() if quick else SpeculationSettings(rounds=rounds)
         spec = asyncio.run(run_speculation(model_path, settings, progress=lambda line: typer.echo(line, err=True)))
         outputs["speculation"] = spec.to_json() if as_json else format_speculation(spec)
+    if "profile" in names:
+        from mlxcluster.bench.profile import format_profile, run_profile
+
+        profile = asyncio.run(run_profile(model_path, streams=streams, max_tokens=max_tokens, rounds=rounds))
+        outputs["profile"] = profile.to_json() if as_json else format_profile(profile)
     if as_json and len(outputs) > 1:  # one JSON document: {"speed": ..., "stall": ...}
         typer.echo("{" + ", ".join(f'"{name}": {text}' for name, text in outputs.items()) + "}")
     else:

@@ -152,7 +152,12 @@ async def test_jetstream_store_dir(tmp_path) -> None:  # type: ignore[no-untyped
             assert info is not None
         finally:
             await bus.close()
-    assert store.exists()
+    assert (store / f"mlxcluster-{port}" / "jetstream").is_dir()  # one dir per embedded server
+
+
+async def test_jetstream_is_on_by_default() -> None:
+    text = json.loads(server_config_text(Config().nats))
+    assert text["jetstream"]["store_dir"].endswith("/.local/share/mlxcluster/jetstream/mlxcluster-4222")
 
 
 async def test_server_that_exits_at_once_is_reported(cluster_config: Config, tmp_path) -> None:  # type: ignore[no-untyped-def]

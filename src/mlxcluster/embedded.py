@@ -99,8 +99,8 @@ def server_config_text(config: NatsSection) -> str:
         conf["authorization"] = {"user": config.user, "password": config.password or ""}
     elif config.token is not None:
         conf["authorization"] = {"token": config.token}
-    if embedded.jetstream:
-        conf["jetstream"] = {"store_dir": str(Path(embedded.store_dir).expanduser())}
+    if embedded.jetstream:  # one dir per server: two servers on one store would overwrite each other's files
+        conf["jetstream"] = {"store_dir": str(Path(embedded.store_dir).expanduser() / str(conf["server_name"]))}
     if config.tls.enabled and config.tls.cert_file:
         tls = {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file}
         if config.tls.ca_file:

@@ -22,9 +22,11 @@ from typing import Any
 import pytest
 from cluster_harness import Cluster, RunningController, start_controller, wait_until
 from loopback import free_port, make_config, shared_config
+from typer.testing import CliRunner, Result
 
 from mlxcluster.bus import Bus
 from mlxcluster.bus.jetstream import open_jetstream
+from mlxcluster.cli import app
 from mlxcluster.config import Config
 from mlxcluster.controller.controller_role import serve_controller
 from mlxcluster.embedded import EmbeddedNatsServer, nats_server_binary
@@ -341,3 +343,33 @@ async def created_after(controller: RunningController) -> bool:
     status, body = await call(controller, "POST", "/api/cluster/keys", body={"name": "after"})
     assert status in (201, 503), body  # 503 while a leader is elected, with Retry-After
     return status == 201
+
+
+async def test_the_keys_commands(cluster: Cluster) -> None:
+    controller = await cluster.start_controller()
+    await online(controller)
+
+    async def cli(*args: str) -> Result:
+        env = {"MLXCLUSTER_API_KEY": ADMIN}
+        return await asyncio.to_thread(
+            CliRunner().invoke, app, [*args, "--url", controller.url], env=env, catch_exceptions=False
+        )
+
+    created = await cli("keys", "create", "cli-key", "--rpm", "50", "--model", "echo", "--expires-in", "1h")
+    assert created.exit_code == 0, created.output
+    name, value = created.stdout.strip().split(": ")
+    assert name == "key cli-key" and value.startswith("sk-mlx-")
+    assert await chat(controller, value) == 200
+    rotated = json.loads((await cli("keys", "rotate", "cli-key", "--json")).stdout)
+    assert rotated["generation"] == 2 and await chat(controller, rotated["key"]) == 200
+    listed = await cli("keys", "list")
+    row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("cli-key"))
+    assert row[2] == "50" and row[-1] == "api"
+    usage = await cli("keys", "usage", "cli-key")
+    assert usage.exit_code == 0, usage.output
+    day, total = usage.stdout.splitlines()[1:]
+    assert day.split()[1] == "2" and total.split()[:2] == ["total", "2"]  # two requests answered
+    assert (await cli("keys", "revoke", "cli-key")).exit_code == 0
+    assert await chat(controller, rotated["key"]) == 401
+    refused = await cli("keys", "create", "cli-key")
+    assert refused.exit_code == 1 and "HTTP 409" in refused.stderr

@@ -66,6 +66,7 @@ def controller_mode_process(
         MLXCLUSTER_NATS_EMBEDDED_PORT=str(ports["nats"]),
         MLXCLUSTER_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
         MLXCLUSTER_NATS_EMBEDDED_HTTP_PORT=str(ports.get("monitor", 0)),
+        MLXCLUSTER_NATS_EMBEDDED_STORE_DIR=str(cwd / "jetstream"),  # JetStream on, as by default, in the test's dir
         **extra_env,
     )
     proc = subprocess.Popen(
@@ -290,6 +291,7 @@ class Processes:
             "MLXCLUSTER_CONTROLLER_PORT": str(port),
             "MLXCLUSTER_CONTROLLER_FIRST_TOKEN_TIMEOUT_S": "3",
             "MLXCLUSTER_CONTROLLER_DRAIN_TIMEOUT_S": "10",
+            "MLXCLUSTER_CONTROLLER_SHARED_STATE": "false",  # the nodes run no JetStream (config_text)
         }
         env = self.node_env(nats_urls, defaults, extra)
         prefix = machines.prefix(machine) if machines else []

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 3
 API_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 0.5
 START_WAIT_S = 15.0
 """How long a start waits for JetStream to answer (a new NATS cluster elects its JetStream leader first)."""
 
@@ -69,10 +70,11 @@ async def open_jetstream(bus: Bus, *, wait_s: float = START_WAIT_S) -> JetStream
     """The bus's JetStream, checked: raises :class:`JetStreamUnavailable` at once when the server has none, and
     after ``wait_s`` when JetStream does not answer (a NATS cluster still electing its JetStream leader)."""
     js = bus.nc.jetstream(timeout=API_TIMEOUT_S)
+    probe = bus.nc.jetstream(timeout=PROBE_TIMEOUT_S)  # a cluster without a leader yet leaves it unanswered
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            await js.account_info()
+            await probe.account_info()
             break
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
             if getattr(exc, "err_code", None) is not None:  # JetStream runs but is not ready (no leader yet)

@@ -8,7 +8,9 @@ SHA-256 digest of each key, never the value, so a key cannot leak from a respons
 With shared state the ring also follows the keys bucket (:mod:`mlxcluster.controller.shared.keystore`):
 :meth:`KeyRing.apply` adds or replaces a key, newer revisions only; a revoked key stays listed but is never
 found by value, and an expired one is refused. Keys from this controller's own config file always win over
-bucket records of the same name.
+bucket records of the same name, and a controller honours only its own file's keys: a record seeded from
+another controller's file (``source = "config"``) is not taken, so a key removed from a file and restarted
+without is refused there, as before keys were shared.
 
 The key of the request being served is in the context variable :data:`CURRENT_KEY`, set by the auth
 middleware; the dispatcher's request meter reads it, so every :class:`RequestFinished` event names its key.
@@ -137,8 +139,8 @@ class KeyRing:
 
     def apply(self, key: ApiKey) -> bool:
         """Add or replace a key from the shared bucket; ``False`` (ignored) for an older revision than the one
-        held or for a name of this controller's config file."""
-        if key.name in self._config_names:
+        held, a name of this controller's config file, or a key seeded from a config file."""
+        if key.name in self._config_names or key.source == "config":
             return False
         held = self._by_name.get(key.name)
         if held is not None:

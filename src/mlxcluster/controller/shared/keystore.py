@@ -112,7 +112,9 @@ class KeyStore:
 
     async def seed(self, keys: list[ApiKey]) -> None:
         """Write this controller's config keys into the bucket (marked ``config``) where they are not there as
-        they are; a name the API created is left alone (the config key still works on this controller)."""
+        they are; a name the API created is left alone (the config key still works on this controller). The
+        records reserve the names and say where a key came from; each controller honours only its own file's
+        keys (:meth:`KeyRing.apply`)."""
         for key in keys:
             now = time.time()
             record = config_record(key, now)
@@ -197,10 +199,6 @@ class KeyStore:
 
         record, _ = await self.change(name, edit)
         return record, secret
-
-    def records(self) -> list[ApiKey]:
-        """Every key the ring holds (config and bucket)."""
-        return self.ring.keys()
 
 
 def _decode(entry: Entry) -> KeyRecord | None:

@@ -393,3 +393,35 @@ async def test_a_controller_honours_only_its_own_config_keys(cluster: Cluster, c
         assert (status, body["error"]["code"]) == (409, "key_conflict")  # the seeded record reserves the name
     finally:
         await first.stop()
+
+
+async def test_worker_settings_reach_every_controller_and_outlive_them_all(
+    cluster: Cluster, pair: tuple[RunningController, RunningController]
+) -> None:
+    first, second = pair
+
+    async def status_on(controller: RunningController) -> str:
+        _, worker = await call(controller, "GET", "/api/cluster/workers/w1")
+        return str(worker["status"])
+
+    status, body = await call(first, "POST", "/api/cluster/workers/w1/settings", body={"drained": True, "priority": 7})
+    assert (status, body["status"]) == (200, "draining"), body
+    await wait_until(lambda: _equals(status_on(second), "draining"), 1.0, "the drain on the other controller")
+    js = (await open_jetstream(first.bus)).js
+    await (await js.key_value("mlxcluster_settings")).put("worker.garbage", b"[1, 2")
+
+    await second.stop()
+    await first.stop()
+    cluster.controller = None
+    again = await cluster.start_controller()  # every controller stopped: the settings are in JetStream
+    await wait_until(lambda: again.ctx.registry.stats().total >= 1, what="the worker known")
+    await wait_until(lambda: _equals(status_on(again), "draining"), 2.0, "the drain after a restart")
+    assert again.ctx.registry.settings_of("w1").priority == 7  # type: ignore[union-attr]
+    _, body = await call(again, "GET", "/api/cluster/status")
+    assert body["shared"]["invalid_records"] == 1  # the malformed settings entry, dropped
+    status, body = await call(again, "POST", "/api/cluster/workers/w1/resume")
+    assert (status, body["status"]) == (200, "online")
+
+
+async def _equals(value: Any, expected: str) -> bool:
+    return bool(await value == expected)

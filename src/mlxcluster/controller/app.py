@@ -44,7 +44,7 @@ from mlxcluster.controller.routing.dispatch import Dispatcher
 from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.controller.routing.settings_sync import share_worker_settings
-from mlxcluster.controller.shared.state import run_shared_state
+from mlxcluster.controller.shared.lifetime import run_shared_state
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,8 @@ Where they live (``P`` is ``nats.subject_prefix`` with dots as underscores, ``p`
   key's limits; a later cluster-wide limiter leases slices of a key's window from its own bucket with
   compare-and-set on the entry's revision, reading the limits from here.
 - ``P_USAGE`` (stream, subjects ``p.usage.<token(name)>``): one :class:`UsageRecord` per finished request.
+- ``P_settings`` (KV bucket): one ``protocol.WorkerSettingsChanged`` per worker at ``worker.<token(id)>``
+  (drain, priority, tags; ``forget`` once forgotten).
 - ``P_usage`` (KV bucket): one :class:`DayTotals` per key and UTC day at ``<token(name)>.<YYYY-MM-DD>``, folded
   from the stream, and ``_folded``, the stream sequence every message up to which is in the totals.
 

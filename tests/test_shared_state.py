@@ -425,3 +425,31 @@ async def test_worker_settings_reach_every_controller_and_outlive_them_all(
 
 async def _equals(value: Any, expected: str) -> bool:
     return bool(await value == expected)
+
+
+async def test_the_controller_role_of_a_users_file_may_use_the_shared_state(config: Config, tmp_path: Path) -> None:
+    made = CliRunner().invoke(app, ["config", "init", "--secure", str(tmp_path / "secure"), "--controller-host", "h"])
+    assert made.exit_code == 0, made.output
+    users_file = tmp_path / "secure" / "nats-users.json"
+    users = {u["role"]: u for u in json.loads(users_file.read_text())["users"] if not u.get("worker_id")}
+
+    def as_role(role: str) -> Config:
+        embedded = msgspec.structs.replace(config.nats.embedded, users_file=str(users_file))
+        user, password = users[role]["user"], users[role]["password"]
+        nats = msgspec.structs.replace(config.nats, user=user, password=password, embedded=embedded)
+        return msgspec.structs.replace(config, nats=nats)
+
+    async with EmbeddedNatsServer(as_role("controller").nats), Cluster(as_role("controller")) as cluster:
+        await cluster.start_worker("w1", config=as_role("worker"))
+        controller = await cluster.start_controller()
+        await online(controller)
+        status, created = await call(controller, "POST", "/api/cluster/keys", body={"name": "perm"})
+        assert status == 201, created
+        assert await chat(controller, created["key"]) == 200
+        status, usage = await call(controller, "GET", "/api/cluster/usage?key=perm")
+        assert (status, usage["requests"]) == (200, 1), usage
+        status, body = await call(controller, "POST", "/api/cluster/workers/w1/drain")
+        assert (status, body["status"]) == (200, "draining")
+        settings = await (await open_jetstream(controller.bus)).js.key_value("mlxcluster_settings")
+        assert b'"drained":true' in (await settings.get("worker.w1")).value  # written: the role may
+        assert controller.ctx.shared is not None and controller.ctx.shared.usage.unsent == 0

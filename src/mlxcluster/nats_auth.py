@@ -47,9 +47,9 @@ class UsersFile(msgspec.Struct, forbid_unknown_fields=True):
 
 def jetstream_subjects(prefix: str) -> list[str]:
     """What a controller publishes for the shared state: JetStream's API (buckets, stream, consumers, flow
-    control), its KV buckets' subjects and the usage stream's subjects (``controller/shared/records.py``)."""
-    buckets = prefix.replace(".", "_")
-    return ["$JS.API.>", "$JS.FC.>", f"$KV.{buckets}_keys.>", f"$KV.{buckets}_usage.>", f"{prefix}.usage.>"]
+    control), its KV buckets' subjects and the usage stream's subjects (the names: ``controller/shared/state.py``)."""
+    buckets = [f"$KV.{prefix.replace('.', '_')}_{name}.>" for name in ("keys", "usage", "settings")]
+    return ["$JS.API.>", "$JS.FC.>", *buckets, f"{prefix}.usage.>"]
 
 
 def permissions(role: Role, prefix: str, worker_id: str | None = None) -> dict[str, Any]:

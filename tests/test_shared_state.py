@@ -1,6 +1,8 @@
 """Shared state in NATS JetStream: keys created at runtime, in force on every controller within a second; usage
-that counts every answered request exactly once and survives a controller's restart; the start refused without
-JetStream (and ``--no-shared-state`` running without it); malformed entries dropped and counted.
+that counts every answered request exactly once and survives a controller's restart; worker settings applied by
+every controller and kept when they all restart; the start refused without JetStream (and ``--no-shared-state``
+running without it); R3 on a three-node NATS cluster; the users file's controller role; malformed entries
+dropped and counted.
 
 Two real controller apps (the factory) and an echo worker over one real nats-server with JetStream (its store
 in the test's tmp dir), real HTTP clients.

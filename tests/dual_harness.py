@@ -50,7 +50,6 @@ class Dual:
             MLXCLUSTER_NATS_EMBEDDED_PORT=str(nats_port),
             MLXCLUSTER_NATS_URL=f"nats://127.0.0.1:{nats_port}",
             MLXCLUSTER_NATS_EMBEDDED_HTTP_PORT="0",
-            MLXCLUSTER_NATS_EMBEDDED_STORE_DIR=str(tmp_path / "jetstream"),  # JetStream on, in the test's dir
             MLXCLUSTER_CONTROLLER_PORT=str(self.port),
             MLXCLUSTER_DISCOVERY_HEARTBEAT_INTERVAL_MS="200",
             MLXCLUSTER_DISCOVERY_OFFLINE_TIMEOUT_MS="1500",

@@ -66,7 +66,6 @@ def controller_mode_process(
         MLXCLUSTER_NATS_EMBEDDED_PORT=str(ports["nats"]),
         MLXCLUSTER_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
         MLXCLUSTER_NATS_EMBEDDED_HTTP_PORT=str(ports.get("monitor", 0)),
-        MLXCLUSTER_NATS_EMBEDDED_STORE_DIR=str(cwd / "jetstream"),  # JetStream on, as by default, in the test's dir
         **extra_env,
     )
     proc = subprocess.Popen(

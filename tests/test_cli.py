@@ -46,17 +46,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def in_dir(env: dict[str, str], directory: Path) -> dict[str, str]:
-    """``env`` with the embedded nats-server's JetStream store in ``directory`` (not the user's data dir)."""
-    return {"MLXCLUSTER_NATS_EMBEDDED_STORE_DIR": str(directory / "jetstream"), **env}
-
-
 def mlxcluster(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30):
     """Run ``python -m mlxcluster ARGS`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "mlxcluster", *args],
         cwd=cwd,
-        env=in_dir(env or clean_env(), cwd),
+        env=env or clean_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -269,7 +264,7 @@ class Launcher:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlxcluster", *args],
             cwd=self.tmp_path,
-            env=in_dir(env or clean_env(), self.tmp_path),
+            env=env or clean_env(),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

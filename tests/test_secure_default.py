@@ -46,7 +46,7 @@ def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
     return subprocess.run(
         [sys.executable, "-m", "mlxcluster", "run", *args],
         cwd=tmp_path,
-        env=base_env(MLXCLUSTER_NATS_EMBEDDED_STORE_DIR=str(tmp_path / "jetstream"), **env),
+        env=base_env(**env),
         capture_output=True,
         text=True,
         timeout=60,

@@ -38,7 +38,7 @@ class Node:
 
     def __init__(self, tmp_path: Path, *args: str, **env: str) -> None:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MLXCLUSTER_")}
-        environment.update(PYTHONUNBUFFERED="1", MLXCLUSTER_NATS_EMBEDDED_STORE_DIR=str(tmp_path / "jetstream"), **env)
+        environment.update(PYTHONUNBUFFERED="1", **env)
         self.log = tmp_path / f"node-{free_port()}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(

@@ -64,9 +64,10 @@ class EmbeddedNatsSection(_Section):
     http_port: OptionalPort = 8222
     jetstream: bool = True
     """Run JetStream (keys, usage and settings shared by every controller live in it)."""
-    store_dir: str = "~/.local/share/mlxcluster/jetstream"
+    store_dir: str | None = None
     """Where JetStream keeps its files, in a dir per server (``mlxcluster-<port>/jetstream/``): keys and usage
-    survive restarts here."""
+    survive restarts here. Unset: the data dir, ``$XDG_DATA_HOME/mlxcluster/jetstream`` (``XDG_DATA_HOME``
+    defaults to ``~/.local/share``)."""
     log_level: LogLevel = "info"
     start_timeout_s: PositiveSeconds = 5.0
     insecure: bool = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from families import FamilyModels, find_demo_model
@@ -11,6 +11,15 @@ from loopback import make_config
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``XDG_DATA_HOME`` in a session tmp dir: an embedded nats-server started with the default JetStream store
+    (in-process or in a child process, which inherits it) writes there, never in the user's data dir."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+        yield
 
 
 @pytest.fixture

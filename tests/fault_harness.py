@@ -291,6 +291,7 @@ class Processes:
             "MLXCLUSTER_CONTROLLER_FIRST_TOKEN_TIMEOUT_S": "3",
             "MLXCLUSTER_CONTROLLER_DRAIN_TIMEOUT_S": "10",
             "MLXCLUSTER_CONTROLLER_PROCESSES": "1",  # one process, the pid these tests kill (not a tier's supervisor)
+            "MLXCLUSTER_CONTROLLER_SHARED_STATE": "false",  # the nodes run no JetStream (config_text)
         }
         env = self.node_env(nats_urls, defaults, extra)
         prefix = machines.prefix(machine) if machines else []

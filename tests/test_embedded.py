@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import msgspec
 import psutil
@@ -16,6 +17,7 @@ from mlxcluster.config import Config, NatsSection
 from mlxcluster.embedded import (
     EmbeddedNatsServer,
     EmbeddedServerError,
+    jetstream_store,
     nats_server_binary,
     port_in_use,
     server_config_text,
@@ -152,7 +154,15 @@ async def test_jetstream_store_dir(tmp_path) -> None:  # type: ignore[no-untyped
             assert info is not None
         finally:
             await bus.close()
-    assert store.exists()
+    assert (store / f"mlxcluster-{port}" / "jetstream").is_dir()  # one dir per embedded server
+
+
+async def test_jetstream_is_on_by_default_in_the_data_dir(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    text = json.loads(server_config_text(Config().nats))  # conftest points XDG_DATA_HOME at a tmp dir
+    assert text["jetstream"]["store_dir"] == str(jetstream_store(None) / "mlxcluster-4222")
+    assert jetstream_store(None, {}) == Path("~/.local/share/mlxcluster/jetstream").expanduser()
+    assert jetstream_store(None, {"XDG_DATA_HOME": str(tmp_path)}) == tmp_path / "mlxcluster" / "jetstream"
+    assert jetstream_store("~/js", {}) == Path("~/js").expanduser()
 
 
 async def test_server_that_exits_at_once_is_reported(cluster_config: Config, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -34,7 +34,7 @@ import requests
 import schemathesis
 from cluster_harness import Cluster
 from hypothesis import HealthCheck, Phase, given, settings
-from loopback import make_config
+from loopback import shared_config
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -123,8 +123,9 @@ async def wait_online(url: str, count: int, timeout: float = 20.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[LiveCluster]:
-    config = make_config(
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    config = shared_config(  # shared state on: the key and usage routes do their work, not answer 409
+        str(tmp_path_factory.mktemp("jetstream")),
         controller={"api_keys": [API_KEY], "max_body_bytes": 256 * 1024, "request_timeout_s": 10},
         metrics={"exporters": ["prometheus"]},
         discovery={"heartbeat_interval_ms": 500, "offline_timeout_ms": 5000},

@@ -38,7 +38,7 @@ API_KEY = "sk-test-6b1e0c57d2"
 PROTECTED_PREFIXES = ("/v1/", "/api/")
 PUBLIC_PATHS = {"/", "/dashboard", "/health", "/ready", "/openapi.json", "/metrics"}
 """Every route outside /v1 and /api, each one reviewed: none serves cluster data beyond liveness and counters."""
-PATH_VALUES = {"model": "echo", "worker_id": "w1"}
+PATH_VALUES = {"model": "echo", "worker_id": "w1", "name": "some-key"}
 WEBSOCKET = "/v1/ws"
 
 

@@ -62,8 +62,12 @@ class EmbeddedNatsSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 4222
     http_port: OptionalPort = 8222
-    jetstream: bool = False
-    store_dir: str = ".nats/jetstream"
+    jetstream: bool = True
+    """Run JetStream (keys, usage and settings shared by every controller live in it)."""
+    store_dir: str | None = None
+    """Where JetStream keeps its files, in a dir per server (``mlxcluster-<port>/jetstream/``): keys and usage
+    survive restarts here. Unset: the data dir, ``$XDG_DATA_HOME/mlxcluster/jetstream`` (``XDG_DATA_HOME``
+    defaults to ``~/.local/share``)."""
     log_level: LogLevel = "info"
     start_timeout_s: PositiveSeconds = 5.0
     insecure: bool = False
@@ -133,6 +137,9 @@ class ControllerSection(_Section):
     api_keys: list[str] = msgspec.field(default_factory=list)
     """Plain keys: each one is an admin key without limits (``keys`` gives names, limits and roles)."""
     keys: list[ApiKeyEntry] = msgspec.field(default_factory=list)
+    shared_state: bool = True
+    """Keep keys and usage in NATS JetStream, shared by every controller (the server must run JetStream: refused
+    at start otherwise); false: each controller on its own, keys from its config file only, usage in memory."""
     recent_requests: Annotated[int, Meta(ge=0, le=100_000)] = 200
     """Finished requests kept for ``/api/cluster/requests``."""
     insecure: bool = False

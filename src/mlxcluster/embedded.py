@@ -19,7 +19,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from mlxcluster.config import NatsSection
@@ -80,6 +80,16 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def jetstream_store(store_dir: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """``nats.embedded.store_dir``, or the data dir's ``mlxcluster/jetstream`` when it is unset
+    (``$XDG_DATA_HOME``, by default ``~/.local/share``)."""
+    if store_dir:
+        return Path(store_dir).expanduser()
+    env = os.environ if env is None else env
+    data_home = env.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(data_home).expanduser() / "mlxcluster" / "jetstream"
+
+
 def server_config_text(config: NatsSection) -> str:
     """The nats-server configuration file for ``[nats]`` / ``[nats.embedded]`` (JSON is valid NATS config)."""
     embedded = config.embedded
@@ -99,8 +109,8 @@ def server_config_text(config: NatsSection) -> str:
         conf["authorization"] = {"user": config.user, "password": config.password or ""}
     elif config.token is not None:
         conf["authorization"] = {"token": config.token}
-    if embedded.jetstream:
-        conf["jetstream"] = {"store_dir": str(Path(embedded.store_dir).expanduser())}
+    if embedded.jetstream:  # one dir per server: two servers on one store would overwrite each other's files
+        conf["jetstream"] = {"store_dir": str(jetstream_store(embedded.store_dir) / str(conf["server_name"]))}
     if config.tls.enabled and config.tls.cert_file:
         tls = {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file}
         if config.tls.ca_file:

@@ -3,7 +3,8 @@
 ``nats.embedded.users_file`` names a JSON file ``{"users": [{"user", "password", "role"}]}``; the embedded
 server's config then lists each user with only the subjects its role needs:
 
-- ``controller``: publishes requests, cancels and announces, reads registrations, heartbeats and frames;
+- ``controller``: publishes requests, cancels and announces, reads registrations, heartbeats and frames; uses
+  JetStream's API, its KV buckets and the usage stream (the shared state);
 - ``worker``: reads requests, cancels and announces, publishes registrations, heartbeats and frames;
 - ``client``: an observer (tools, dashboards): reads discovery messages, can neither register as a worker
   nor read or send inference subjects;
@@ -44,6 +45,13 @@ class UsersFile(msgspec.Struct, forbid_unknown_fields=True):
     users: list[NatsUser]
 
 
+def jetstream_subjects(prefix: str) -> list[str]:
+    """What a controller publishes for the shared state: JetStream's API (buckets, stream, consumers, flow
+    control), its KV buckets' subjects and the usage stream's subjects (the names: ``controller/shared/state.py``)."""
+    buckets = [f"$KV.{prefix.replace('.', '_')}_{name}.>" for name in ("keys", "usage", "settings")]
+    return ["$JS.API.>", "$JS.FC.>", *buckets, f"{prefix}.usage.>"]
+
+
 def permissions(role: Role, prefix: str, worker_id: str | None = None) -> dict[str, Any]:
     """nats-server ``permissions`` for ``role`` under the subject ``prefix`` (a worker pinned to
     ``worker_id`` reads only that worker's requests and cancels)."""
@@ -58,6 +66,7 @@ def permissions(role: Role, prefix: str, worker_id: str | None = None) -> dict[s
             f"{p}.cluster.worker_settings",
             f"{p}.cluster.controller",
             INBOX,
+            *jetstream_subjects(p),
         ]
         subscribe = [
             *discovery,

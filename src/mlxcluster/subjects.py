@@ -70,6 +70,15 @@ class Subjects:
         """Wildcard for every stream of one controller: subscribed once, before any request is sent."""
         return f"{self.prefix}.response.{controller_id}.>"
 
+    def usage(self, key_token: str) -> str:
+        """One API key's usage records (the usage stream's subject; ``key_token`` from ``records.token``)."""
+        return f"{self.prefix}.usage.{key_token}"
+
+    @property
+    def usage_all(self) -> str:
+        """Every key's usage records: the subjects of the JetStream usage stream."""
+        return f"{self.prefix}.usage.>"
+
     @property
     def all(self) -> str:
         """Wildcard matching every subject of this cluster (for monitoring)."""

@@ -19,11 +19,12 @@ from mlxcluster.cli.balancers import balancers_app
 from mlxcluster.cli.bench import bench_app
 from mlxcluster.cli.config import config_app
 from mlxcluster.cli.doctor import doctor_command
+from mlxcluster.cli.keys import keys_app
 from mlxcluster.cli.models import models_app
 from mlxcluster.cli.plugins import exporters_app, plugins_command
 from mlxcluster.cli.run import run_command
 from mlxcluster.cli.status import status_command
-from mlxcluster.cli.workers import keys_command, requests_command, workers_app
+from mlxcluster.cli.workers import requests_command, workers_app
 
 app = typer.Typer(
     name="mlxcluster",
@@ -40,7 +41,7 @@ app.add_typer(exporters_app, name="exporters", help="Metrics exporters (plugins)
 app.command("plugins")(plugins_command)
 app.add_typer(workers_app, name="workers", help="List and manage a running cluster's workers.")
 app.command("requests")(requests_command)
-app.command("keys")(keys_command)
+app.add_typer(keys_app, name="keys", help="API keys: list, create, revoke, rotate; usage.")
 app.command("run")(run_command)
 app.command("status")(status_command)
 app.command("doctor")(doctor_command)

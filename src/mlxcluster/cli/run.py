@@ -47,6 +47,13 @@ def run_command(
     parallel: Annotated[
         str | None, typer.Option("--parallel", help="How a group splits the model: tensor | pipeline.")
     ] = None,
+    no_shared_state: Annotated[
+        bool,
+        typer.Option(
+            "--no-shared-state",
+            help="Controller: keys and usage per controller, not in NATS JetStream (runs on a NATS without -js).",
+        ),
+    ] = False,
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
     from mlxcluster.errors import CANNOT_START, NodeError
@@ -65,6 +72,7 @@ def run_command(
         "WORKER_GROUP_NAME": group,
         "WORKER_GROUP_SIZE": group_size,
         "WORKER_GROUP_PARALLEL": parallel,
+        "CONTROLLER_SHARED_STATE": "false" if no_shared_state else None,
     }
     for key, value in flags.items():
         if value is not None:

@@ -1,4 +1,4 @@
-"""``mlxcluster workers ...``, ``mlxcluster requests`` and ``mlxcluster keys``: ask a running controller.
+"""``mlxcluster workers ...`` and ``mlxcluster requests``: ask a running controller (keys: ``cli/keys.py``).
 
 ``workers`` alone lists the workers; ``workers drain|resume|set|forget|show ID`` manages one (admin key).
 The API key sent is ``MLXCLUSTER_API_KEY`` or the first admin key the config holds. Standard library HTTP
@@ -136,32 +136,6 @@ def requests_command(
     ]
     headers = ["request", "key", "model", "worker", "state", "ttft ms", "total ms", "tokens in/out", "end"]
     typer.echo(table(headers, rows) if rows else "no requests yet")
-
-
-def keys_command(config_path: ConfigOption = None, url: UrlOption = None, as_json: JsonOption = False) -> None:
-    """API keys with their limits and usage (asks the controller; admin key)."""
-    data = ask_controller(config_path, url, "/api/cluster/keys")
-    if as_json:
-        typer.echo(json.dumps(data, indent=2))
-        return
-    rows = []
-    for k in data["keys"]:
-        limits, usage = k["limits"], k["usage"]
-        rows.append(
-            [
-                k["name"],
-                "admin" if k["admin"] else "-",
-                str(limits["rpm"] or "-"),
-                str(limits["tpm"] or "-"),
-                str(limits["max_concurrent"] or "-"),
-                str(usage["requests"]),
-                str(usage["prompt_tokens"]),
-                str(usage["completion_tokens"]),
-                str(usage["rate_limited"]),
-            ]
-        )
-    headers = ["key", "role", "rpm", "tpm", "conc.", "requests", "prompt tok", "compl. tok", "429s"]
-    typer.echo(table(headers, rows) if rows else "no API keys configured")
 
 
 def _ms(value: float | None) -> str:

@@ -26,6 +26,7 @@ from mlxcluster.controller.http import (
     routes_admin,
     routes_anthropic,
     routes_cluster,
+    routes_keys,
     routes_models,
     routes_openai,
     routes_responses,
@@ -43,6 +44,7 @@ from mlxcluster.controller.routing.dispatch import Dispatcher
 from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.controller.routing.settings_sync import share_worker_settings
+from mlxcluster.controller.shared.lifetime import run_shared_state
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,9 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
         cache_index=cache_index,
         ops=ops,
     )
-    middlewares = controller_middlewares(config.controller.cors, ops.keys, ops.limiter)
+    middlewares = controller_middlewares(
+        config.controller.cors, ops.keys, ops.limiter, runtime_keys=config.controller.shared_state
+    )
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
     app[METRICS] = metrics
@@ -92,10 +96,12 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app.add_routes(routes_models.routes)
     app.add_routes(routes_cluster.routes)
     app.add_routes(routes_admin.routes)
+    app.add_routes(routes_keys.routes)
     openapi.setup(app)  # GET /openapi.json (no key); lists the routes the app has when first asked
     routes_ws.setup(app)
     dashboard.setup(app)
     app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
+    app.cleanup_ctx.append(run_shared_state)  # first: without JetStream the start is refused before anything runs
     app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
     app.cleanup_ctx.append(follow_cache_events)  # before join_cluster: workers answer its announce with snapshots
     app.cleanup_ctx.append(share_worker_settings)  # before join_cluster: peers answer its announce

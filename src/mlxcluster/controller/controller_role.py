@@ -9,6 +9,7 @@ import time
 from aiohttp import web
 
 from mlxcluster.bus import Bus
+from mlxcluster.bus.jetstream import JetStreamUnavailable
 from mlxcluster.config import Config, ConfigError
 from mlxcluster.controller.app import create_app
 from mlxcluster.controller.http.context import CONTROLLER
@@ -29,7 +30,11 @@ async def serve_controller(config: Config, bus: Bus, stop: asyncio.Event) -> Non
         raise NodeError(str(exc)) from None
     ctx = app[CONTROLLER]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except JetStreamUnavailable as exc:  # shared state needs JetStream; --no-shared-state runs without
+        await runner.cleanup()
+        raise NodeError(str(exc)) from None
     try:
         reuse_port = config.controller.reuse_port or None  # one process of a tier: the others share the port
         site = web.TCPSite(runner, config.controller.bind, config.controller.port, reuse_port=reuse_port)

@@ -15,6 +15,7 @@ from mlxcluster.controller.routing.cache_index import CacheIndex
 from mlxcluster.controller.routing.dispatch import Dispatcher
 from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
+from mlxcluster.controller.shared.state import SharedState
 
 
 @dataclass
@@ -35,6 +36,8 @@ class ControllerContext:
     """Which workers' prompt caches hold which prefixes (soft state, fed by ``worker.cache`` events)."""
     ops: Operations = field(default_factory=Operations)
     """API keys, rate limits and request monitoring."""
+    shared: SharedState | None = None
+    """Keys and usage in JetStream, once opened at start (``None``: ``controller.shared_state`` is off)."""
 
 
 CONTROLLER = web.AppKey("controller", ControllerContext)

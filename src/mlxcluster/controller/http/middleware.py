@@ -44,14 +44,17 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
-def controller_middlewares(cors_origins: list[str], keys: KeyRing, limiter: RateLimiter) -> list[Middleware]:
+def controller_middlewares(
+    cors_origins: list[str], keys: KeyRing, limiter: RateLimiter, *, runtime_keys: bool = False
+) -> list[Middleware]:
     """The controller's middlewares, outermost first. CORS and auth are left out where nothing is configured
-    for them: every layer is a coroutine call on every request."""
+    for them (every layer is a coroutine call on every request); ``runtime_keys``: keys may be created while
+    the controller runs, so auth is always in (it lets requests through while no key exists at all)."""
     middlewares: list[Middleware] = [request_id_middleware]
     if cors_origins:
         middlewares.append(cors_middleware(cors_origins))
     middlewares.append(error_middleware)
-    if keys:
+    if keys or runtime_keys:
         middlewares.append(auth_middleware(keys, limiter))
     return middlewares
 
@@ -235,7 +238,7 @@ def cors_middleware(origins: list[str]) -> Middleware:
                 status=204,
                 headers={
                     "Access-Control-Allow-Origin": origin,
-                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Methods": "GET, POST, PATCH, OPTIONS",
                     "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
                     "Access-Control-Max-Age": "600",
                     "Vary": "Origin",

@@ -136,7 +136,7 @@ BodyType = ChatCompletionRequest | CompletionRequest
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 
-def parse_body(raw: bytes, body_type: type[BodyType]) -> Any:
+def parse_body(raw: bytes, body_type: type[Any]) -> Any:
     """Decode JSON into ``body_type``; errors become 400s naming the field."""
     if not raw.strip():
         raise bad_request("Request body is empty; expected a JSON object", code="invalid_json")

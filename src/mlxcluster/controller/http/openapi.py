@@ -15,6 +15,7 @@ from aiohttp import web
 
 from mlxcluster import __version__
 from mlxcluster.api import WorkerView
+from mlxcluster.controller.http import openapi_keys
 from mlxcluster.controller.http.anthropic_schema import MessagesRequest
 from mlxcluster.controller.http.openai_schema import (
     LOGIT_BIAS_KEY,
@@ -232,6 +233,25 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                     "invalid_messages_total": INT,
                 }
             ),
+            "shared_state": {
+                "type": "boolean",
+                "description": "Keys and usage in NATS JetStream (false: per controller).",
+            },
+            "shared": {
+                "anyOf": [
+                    _obj(
+                        {
+                            "replicas": INT,
+                            "keys_bucket": STR,
+                            "usage_stream": STR,
+                            "usage_bucket": STR,
+                            "invalid_records": INT,
+                            "usage_unsent": INT,
+                        }
+                    ),
+                    {"type": "null"},
+                ]
+            },
         }
     ),
     "Worker": {
@@ -390,7 +410,21 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         }
     ),
     "KeyList": _obj(
-        {"keys": {"type": "array", "items": _obj({"name": STR, "admin": BOOL, "usage": {"type": "object"}})}}
+        {
+            "keys": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "name": STR,
+                        "admin": BOOL,
+                        "source": {"enum": ["api", "config"]},
+                        "revoked": BOOL,
+                        "expires_at": NULLABLE_NUM,
+                        "usage": {"type": "object"},
+                    }
+                ),
+            }
+        }
     ),
 }
 
@@ -638,8 +672,10 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         "get": _op(
             "API keys with limits and usage (admin key; never a key value)",
             {"200": _json(_ref("KeyList"), "The keys."), "403": _error("Not an admin key (`admin_required`).")},
-        )
+        ),
+        "post": openapi_keys.CREATE_KEY,
     },
+    **openapi_keys.OPERATIONS,
     "/metrics": {
         "get": _op("Metrics (from an exporter plugin)", {"200": _text("text/plain", "Metrics.")}, secured=False)
     },
@@ -798,7 +834,7 @@ def build_document(app: web.Application) -> dict[str, Any]:
         },
         "paths": {path: ops for path, ops in paths.items() if ops},
         "components": {
-            "schemas": {**request_schemas(), **RESPONSE_SCHEMAS},
+            "schemas": {**request_schemas(), **RESPONSE_SCHEMAS, **openapi_keys.schemas()},
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -187,7 +187,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
 
 async def _create_message(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
-    body: MessagesRequest = parse_body(await request.read(), MessagesRequest)  # type: ignore[arg-type]
+    body: MessagesRequest = parse_body(await request.read(), MessagesRequest)
     message_id = f"msg_{new_request_id()}"
     inference = messages_to_inference(body, message_id, time.time() + ctx.config.controller.request_timeout_s)
     async with generation(request, inference) as (first, frames):

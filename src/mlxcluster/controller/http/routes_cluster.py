@@ -81,6 +81,8 @@ async def cluster_status(request: web.Request) -> web.Response:
             },
             "controllers": request.app[PEERS].listing() if PEERS in request.app else [],
             "tier": request.app[PEERS].totals() if PEERS in request.app else None,
+            "shared_state": ctx.shared is not None,
+            "shared": ctx.shared.status() if ctx.shared is not None else None,
             "cache_index": msgspec.to_builtins(ctx.cache_index.stats()) if ctx.cache_index is not None else None,
             "nats": {
                 "connected": ctx.bus.is_connected,

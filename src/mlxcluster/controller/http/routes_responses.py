@@ -275,7 +275,7 @@ class ResponseStream(StreamRenderer):
 async def create_response(request: web.Request) -> web.StreamResponse:
     """OpenAI Responses API, streamed (named SSE events) or not; stateless."""
     ctx: ControllerContext = request.app[CONTROLLER]
-    body: ResponsesRequest = parse_body(await request.read(), ResponsesRequest)  # type: ignore[arg-type]
+    body: ResponsesRequest = parse_body(await request.read(), ResponsesRequest)
     shell = ResponseShell(body)
     settings = ctx.config.controller
     deadline = time.time() + settings.request_timeout_s

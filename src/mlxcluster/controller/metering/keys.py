@@ -5,6 +5,13 @@ admin key without limits) become :class:`ApiKey` records in a :class:`KeyRing`. 
 SHA-256 digest of each key, never the value, so a key cannot leak from a response, a log line or a
 ``repr``. A presented key is hashed and looked up by digest.
 
+With shared state the ring also follows the keys bucket (:mod:`mlxcluster.controller.shared.keystore`):
+:meth:`KeyRing.apply` adds or replaces a key, newer revisions only; a revoked key stays listed but is never
+found by value, and an expired one is refused. Keys from this controller's own config file always win over
+bucket records of the same name, and a controller honours only its own file's keys: a record seeded from
+another controller's file (``source = "config"``) is not taken, so a key removed from a file and restarted
+without is refused there, as before keys were shared.
+
 The key of the request being served is in the context variable :data:`CURRENT_KEY`, set by the auth
 middleware; the dispatcher's request meter reads it, so every :class:`RequestFinished` event names its key.
 """
@@ -42,6 +49,14 @@ class ApiKey:
     max_concurrent: int | None = None
     models: frozenset[str] = frozenset()
     admin: bool = False
+    expires_at: float | None = None
+    """Unix time from which the key is refused (``None``: never)."""
+    revoked: bool = False
+    source: str = "config"
+    """``config`` (a config file) or ``api`` (created at runtime)."""
+    created_at: float | None = None
+    revision: int = 0
+    """The keys bucket's revision this record came from (0: this controller's config)."""
 
     def allows_model(self, model: str) -> bool:
         """Whether this key may use ``model`` (an empty list allows every model)."""
@@ -78,6 +93,7 @@ class KeyRing:
             self._by_digest[key.digest] = key
             self._by_name[key.name] = key
         self.usage: dict[str, KeyUsage] = {name: KeyUsage() for name in self._by_name}
+        self._config_names = frozenset(self._by_name)
 
     @classmethod
     def from_config(cls, config: ControllerSection, env: Mapping[str, str] | None = None) -> KeyRing:
@@ -102,16 +118,49 @@ class KeyRing:
         return cls(keys)
 
     def __bool__(self) -> bool:
-        return bool(self._by_digest)
+        """Whether any key exists (revoked ones included: revoking the last key does not open the API)."""
+        return bool(self._by_name)
 
     def __len__(self) -> int:
         return len(self._by_digest)
 
     def lookup(self, presented: str) -> ApiKey | None:
-        """The key whose value is ``presented``, or ``None``."""
+        """The key whose value is ``presented``, or ``None`` (also for an expired key)."""
         if not presented.strip():
             return None
-        return self._by_digest.get(key_digest(presented))
+        key = self._by_digest.get(key_digest(presented))
+        if key is not None and key.expires_at is not None and key.expires_at <= time.time():
+            return None
+        return key
+
+    def config_names(self) -> frozenset[str]:
+        """Names of the keys of this controller's config file."""
+        return self._config_names
+
+    def apply(self, key: ApiKey) -> bool:
+        """Add or replace a key from the shared bucket; ``False`` (ignored) for an older revision than the one
+        held, a name of this controller's config file, or a key seeded from a config file."""
+        if key.name in self._config_names or key.source == "config":
+            return False
+        held = self._by_name.get(key.name)
+        if held is not None:
+            if held.revision > key.revision:
+                return False
+            if self._by_digest.get(held.digest) is held:
+                del self._by_digest[held.digest]
+        self._by_name[key.name] = key
+        if not key.revoked:
+            self._by_digest[key.digest] = key
+        self.usage.setdefault(key.name, KeyUsage())
+        return True
+
+    def remove(self, name: str) -> None:
+        """Forget a key deleted from the shared bucket (config keys stay)."""
+        if name in self._config_names:
+            return
+        held = self._by_name.pop(name, None)
+        if held is not None and self._by_digest.get(held.digest) is held:
+            del self._by_digest[held.digest]
 
     def get(self, name: str) -> ApiKey | None:
         """The key named ``name``."""

@@ -25,6 +25,9 @@ class Operations:
     keys: KeyRing = field(default_factory=KeyRing)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     requests: RequestLog = field(default_factory=RequestLog)
+    usage: Callable[[RequestFinished], None] | None = None
+    """Where each finished request of a key goes besides this controller's counters (the shared usage
+    ledger, while shared state is on)."""
 
     @classmethod
     def from_config(cls, config: ControllerSection) -> Operations:
@@ -42,6 +45,8 @@ class Operations:
                     completion_tokens=event.completion_tokens,
                 )
                 self.limiter.record_tokens(event.key, tokens)
+                if self.usage is not None:
+                    self.usage(event)
             self.requests.on_finished(event)
 
     def sink(self, exporters: Callable[[MetricsEvent], None] | None) -> Callable[[MetricsEvent], None]:
@@ -65,6 +70,10 @@ class Operations:
                     "name": key.name,
                     "admin": key.admin,
                     "models": sorted(key.models),
+                    "source": key.source,
+                    "created_at": key.created_at,
+                    "expires_at": key.expires_at,
+                    "revoked": key.revoked,
                     "limits": {"rpm": key.rpm, "tpm": key.tpm, "max_concurrent": key.max_concurrent},
                     "window": self.limiter.snapshot(key),
                     "usage": {

@@ -5,10 +5,16 @@ applies it and publishes a :class:`WorkerSettingsChanged` with the worker's whol
 ``cluster.worker_settings``. Every other controller applies it too, so the worker gets no new work from any
 of them. When a controller starts it announces itself, and each running controller answers by publishing
 all the settings it holds: a new or restarted controller learns them within a round trip. Last writer wins.
+
+With shared state (``controller.shared_state``), the settings live in the JetStream bucket ``P_settings``
+instead, one entry per worker (the same message, at ``worker.<token(id)>``): the controller that takes a
+change writes it, every controller follows the bucket through a KV watch, and a controller that starts,
+even after every other stopped, reads them all from it. A malformed entry is dropped and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -16,9 +22,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from nats.aio.msg import Msg
 
+from mlxcluster.bus.jetstream import Entry
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.routing.worker_admin import WorkerSettings
-from mlxcluster.protocol import Announce, WorkerSettingsChanged
+from mlxcluster.controller.shared.records import token
+from mlxcluster.controller.shared.state import SharedState
+from mlxcluster.protocol import Announce, ProtocolError, WorkerSettingsChanged, decode, encode
+
+SETTINGS_PREFIX = "worker."
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +48,14 @@ def settings_message(ctx: ControllerContext, worker_id: str, *, forget: bool = F
 
 
 async def publish_settings(ctx: ControllerContext, worker_id: str, *, forget: bool = False) -> None:
-    """Tell the other controllers (a bus outage only logs: the settings hold here, peers learn them later)."""
+    """Tell the other controllers: the shared bucket, or a bus message without shared state (a failure only
+    logs: the settings hold here, peers learn them later)."""
+    message = settings_message(ctx, worker_id, forget=forget)
     try:
-        await ctx.bus.publish(ctx.bus.subjects.worker_settings, settings_message(ctx, worker_id, forget=forget))
+        if ctx.shared is not None:
+            await ctx.shared.settings.put(SETTINGS_PREFIX + token(worker_id), encode(message))
+        else:
+            await ctx.bus.publish(ctx.bus.subjects.worker_settings, message)
     except Exception as exc:
         log.warning("could not share the settings of worker %s with other controllers: %s", worker_id, exc)
 
@@ -68,6 +84,10 @@ async def share_worker_settings(app: web.Application) -> AsyncIterator[None]:
     answers to this controller's own announce are not missed."""
     ctx = app[CONTROLLER]
     bus = ctx.bus
+    if ctx.shared is not None:
+        async with follow_settings_bucket(ctx, ctx.shared):
+            yield
+        return
 
     async def on_settings(message: WorkerSettingsChanged, _msg: Msg) -> None:
         if message.controller_id != ctx.controller_id:
@@ -89,3 +109,30 @@ async def share_worker_settings(app: web.Application) -> AsyncIterator[None]:
         for sub in subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def follow_settings_bucket(ctx: ControllerContext, shared: SharedState) -> AsyncIterator[None]:
+    """Apply every entry of the settings bucket, then every change, until the block ends."""
+
+    def on_entry(entry: Entry) -> None:
+        if entry.value is None or not entry.key.startswith(SETTINGS_PREFIX):
+            return
+        try:
+            message: WorkerSettingsChanged = decode(entry.value, WorkerSettingsChanged)
+        except ProtocolError as exc:
+            shared.settings_invalid += 1
+            log.warning("dropped a malformed worker-settings entry %s: %s", entry.key, exc)
+            return
+        apply_settings(ctx, message)
+
+    ready = asyncio.Event()
+    watch = asyncio.create_task(shared.settings.watch(on_entry, ready), name="settings-watch")
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready.wait(), 5.0)
+        yield
+    finally:
+        watch.cancel()
+        with contextlib.suppress(BaseException):
+            await watch

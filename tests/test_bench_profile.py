@@ -36,8 +36,7 @@ def test_the_report_gives_each_process_its_share_and_the_thread_its_places() -> 
         ],
         runs=[ServerRun("mlxcluster", 512, 9.0, 56.9), ServerRun("mlx_lm.server", 512, 9.5, 53.9)],
         thread=[
-            ThreadPlace(place, seconds, seconds / 10)
-            for place, seconds in zip(PLACES, (9, 0.7, 0.2, 0.1), strict=True)
+            ThreadPlace(place, seconds, seconds / 10) for place, seconds in zip(PLACES, (9, 0.7, 0.2, 0.1), strict=True)
         ],
         thread_tokens=512,
         top_ours=[("generation_loop.step:311", 0.05)],

@@ -61,6 +61,15 @@ SECTIONS: list[Section] = [
         key="speculation",
     ),
     Section(
+        "Engine profile",
+        ["engine", "--parts", "profile"],
+        "Where the time of 8 concurrent streams goes (issue 21, item 3): CPU seconds per generated token of each "
+        "process (controller, worker, nats-server) against `mlx_lm.server` on the same chats in the same run, "
+        "speculation off on both sides, and the in-process generation thread under cProfile, by where its "
+        "Python was.",
+        key="engine-profile",
+    ),
+    Section(
         "Arriving requests",
         ["arrivals"],
         "8 streams decoding on the `qwen3_demo` fixture while requests arrive whose ~2,000-token tool-list prompt "

@@ -293,6 +293,8 @@ def _all_subjects(subjects: Subjects) -> list[str]:
         subjects.group("big"),
         subjects.response("c1", "req-1.1"),
         subjects.responses("c1"),
+        subjects.usage("k1"),
+        subjects.usage_all,
         subjects.all,
     ]
 
@@ -320,6 +322,8 @@ def test_default_subjects() -> None:
         "mlxcluster.group.big",
         "mlxcluster.response.c1.req-1.1",
         "mlxcluster.response.c1.>",
+        "mlxcluster.usage.k1",
+        "mlxcluster.usage.>",
         "mlxcluster.>",
     ]
 
@@ -341,5 +345,7 @@ def test_every_subject_property_is_covered() -> None:
         "models",
         "response",
         "responses",
+        "usage",
+        "usage_all",
         "all",
     }

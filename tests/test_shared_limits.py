@@ -10,6 +10,7 @@ test straddles a minute.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -199,6 +200,23 @@ async def test_slots_are_cluster_wide_given_back_and_lapse_with_a_dead_controlle
     clock[0] += 11.0  # the second controller died holding its slot: it lapses
     await first.admit(key)
     assert first.running(key) == 1
+
+
+async def test_a_running_controller_renews_its_slots(bucket: Bucket) -> None:
+    first = ClusterLimits(bucket, "c1", slot_ttl_s=0.6)
+    second = ClusterLimits(bucket, "c2", slot_ttl_s=0.6)
+    key = ApiKey(name="long", digest=b"", max_concurrent=1)
+    renewal = asyncio.create_task(first.run())
+    try:
+        await first.admit(key)  # a request longer than the slots' lifetime
+        await asyncio.sleep(1.0)
+        assert isinstance(await outcome(second, key), RateLimited)
+    finally:
+        renewal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewal
+    await asyncio.sleep(0.8)  # the first controller stopped renewing (died): its slot lapsed
+    await second.admit(key)
 
 
 async def test_a_malformed_entry_is_dropped_and_counted(bucket: Bucket) -> None:

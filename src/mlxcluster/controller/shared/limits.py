@@ -327,7 +327,7 @@ class ClusterLimits:
                     async with lease.lock:
                         try:
                             await self._set_slots(name, lease, lease.held)
-                        except (nats.errors.Error, TimeoutError) as exc:
+                        except Exception as exc:  # renewal goes on for the other keys and the next round
                             log.warning("could not renew %s's slots: %s", name, exc)
 
     async def close(self) -> None:

@@ -303,3 +303,21 @@ async def test_max_concurrent_holds_across_two_controllers(pair: tuple[RunningCo
         post(pair[0], "/v1/chat/completions", secret, CHAT), post(pair[1], "/v1/chat/completions", secret, CHAT)
     )
     assert [status for status, _, _ in again] == [200, 200]
+
+
+async def test_websocket_requests_share_the_cluster_wide_budget(pair: tuple[RunningController, ...]) -> None:
+    secret = await new_key(pair, {"rpm": 2})
+    if time.time() % 60 > 55:
+        await asyncio.sleep(60 - time.time() % 60 + 0.1)
+    assert (await post(pair[0], "/v1/chat/completions", secret, CHAT))[0] == 200
+    url = pair[1].url.replace("http://", "ws://") + f"/v1/ws?api_key={secret}"
+    async with pair[1].session().ws_connect(url) as ws:
+        finished: dict[str, dict[str, Any]] = {}
+        for client_id in ("a", "b"):
+            await ws.send_json({"type": "chat", "id": client_id, **CHAT})
+        while len(finished) < 2:
+            message = await ws.receive_json(timeout=10.0)
+            if message["type"] in ("done", "error"):
+                finished[message["id"]] = message
+    assert finished["a"]["type"] == "done"
+    assert finished["b"]["type"] == "error" and finished["b"]["error"]["code"] == "rate_limit_exceeded"

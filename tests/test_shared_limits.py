@@ -162,6 +162,24 @@ async def test_a_request_within_the_lease_does_no_io(bucket: Bucket) -> None:
     assert counting.calls == 4
 
 
+async def test_a_spent_minute_is_refused_without_io_until_it_ends(bucket: Bucket) -> None:
+    clock = [NOW]
+    counting = CountingBucket(bucket)
+    limits = ClusterLimits(counting, "c1", clock=fixed(clock))
+    key = ApiKey(name="small", digest=b"", rpm=2)
+    await limits.admit(key)
+    await limits.admit(key)
+    assert isinstance(await outcome(limits, key), RateLimited)  # reads the entry: all leased
+    calls = counting.calls
+    for _ in range(20):
+        refused = await outcome(limits, key)
+        assert isinstance(refused, RateLimited) and refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert counting.calls == calls
+    assert isinstance(await outcome(limits, ApiKey(name="small", digest=b"", rpm=3)), dict)  # a raised limit: read
+    clock[0] = NOW + 60
+    assert isinstance(await outcome(limits, key), dict)
+
+
 async def test_tpm_holds_across_limiters_charged_when_requests_end(bucket: Bucket) -> None:
     clock = [NOW]
     first, second = ClusterLimits(bucket, "c1", clock=fixed(clock)), ClusterLimits(bucket, "c2", clock=fixed(clock))

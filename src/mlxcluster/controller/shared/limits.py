@@ -5,8 +5,9 @@ controller): the entry ``<token>.w<minute>`` of the ``P_limits`` bucket holds wh
 leased of that minute (:class:`~mlxcluster.controller.shared.records.WindowLeases`). A controller leases a
 slice (at most 1/16 of the budget, at least what the request needs) with compare-and-set on the entry's
 revision, retried on a lost race, and spends it locally: a request that fits what this controller holds does
-no I/O. When the minute's budget is all leased the request is refused (429); so across the cluster at most
-``rpm`` requests start in a minute, and what a controller leased but did not spend lapses with the minute.
+no I/O. When the minute's budget is all leased the request is refused (429), and so is every later one of
+that key on this controller until the minute ends, with no I/O either; so across the cluster at most ``rpm``
+requests start in a minute, and what a controller leased but did not spend lapses with the minute.
 
 ``tpm`` is charged as on one controller: a request's ``max_tokens`` when it starts (given back when it ends),
 its actual prompt + completion tokens when it finishes. A controller that spent more than it leased (a
@@ -79,6 +80,8 @@ class _Lease:
     leased_requests: int = 0
     leased_tokens: int = 0
     """The minute's entry as last read or written: leased by all controllers."""
+    full_at: tuple[int | None, int | None] = (None, None)
+    """The ``rpm`` / ``tpm`` at which this minute's entry was found all leased: refused with no more reads."""
     running: int = 0
     held: int = 0
     """``max_concurrent`` slots this controller holds in the bucket."""
@@ -89,6 +92,7 @@ class _Lease:
             self.minute = minute
             self.requests = self.tokens = self.reserved = self.started = 0
             self.leased_requests = self.leased_tokens = 0
+            self.full_at = (None, None)
 
 
 def shared_state_unavailable(exc: BaseException) -> ApiError:
@@ -170,6 +174,10 @@ class ClusterLimits:
             want_tokens = max(max(1, reserve) - lease.tokens, key.tpm // SLICE_DIVISOR)
         if key.rpm is not None and key.rpm <= 0 and lease.requests < 1:
             raise self._refused(key, lease, now, "requests")
+        if want_requests and lease.full_at[0] == key.rpm:
+            raise self._refused(key, lease, now, "requests")
+        if want_tokens and lease.full_at[1] == key.tpm and lease.tokens < 1:
+            raise self._refused(key, lease, now, "tokens")
         if want_requests or want_tokens:
             await self._lease_window(key, lease, now, want_requests, want_tokens)
         if key.max_concurrent is not None and lease.running >= lease.held:
@@ -182,6 +190,10 @@ class ClusterLimits:
             lease.leased_requests, lease.leased_tokens = held.requests, held.tokens
             granted_requests = min(requests, max(0, (key.rpm or 0) - held.requests))
             granted_tokens = min(tokens, max(0, (key.tpm or 0) - held.tokens))
+            lease.full_at = (
+                key.rpm if requests and held.requests >= (key.rpm or 0) else None,
+                key.tpm if tokens and held.tokens >= (key.tpm or 0) else None,
+            )
             if requests and lease.requests + granted_requests < 1:
                 raise self._refused(key, lease, now, "requests")
             if tokens and lease.tokens + granted_tokens < 1:

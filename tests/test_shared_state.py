@@ -445,9 +445,9 @@ async def test_the_controller_role_of_a_users_file_may_use_the_shared_state(conf
         await cluster.start_worker("w1", config=as_role("worker"))
         controller = await cluster.start_controller()
         await online(controller)
-        status, created = await call(controller, "POST", "/api/cluster/keys", body={"name": "perm"})
+        status, created = await call(controller, "POST", "/api/cluster/keys", body={"name": "perm", "rpm": 50})
         assert status == 201, created
-        assert await chat(controller, created["key"]) == 200
+        assert await chat(controller, created["key"]) == 200  # leased from the limits bucket: the role may
         status, usage = await call(controller, "GET", "/api/cluster/usage?key=perm")
         assert (status, usage["requests"]) == (200, 1), usage
         status, body = await call(controller, "POST", "/api/cluster/workers/w1/drain")

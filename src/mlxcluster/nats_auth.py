@@ -48,7 +48,7 @@ class UsersFile(msgspec.Struct, forbid_unknown_fields=True):
 def jetstream_subjects(prefix: str) -> list[str]:
     """What a controller publishes for the shared state: JetStream's API (buckets, stream, consumers, flow
     control), its KV buckets' subjects and the usage stream's subjects (the names: ``controller/shared/state.py``)."""
-    buckets = [f"$KV.{prefix.replace('.', '_')}_{name}.>" for name in ("keys", "usage", "settings")]
+    buckets = [f"$KV.{prefix.replace('.', '_')}_{name}.>" for name in ("keys", "usage", "settings", "limits")]
     return ["$JS.API.>", "$JS.FC.>", *buckets, f"{prefix}.usage.>"]
 
 

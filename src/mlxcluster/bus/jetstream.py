@@ -122,9 +122,9 @@ class JetStream:
             log.info("created %s (R%d)", what, self.replicas)
             return made
 
-    async def bucket(self, name: str, *, history: int = 1, description: str = "") -> Bucket:
+    async def bucket(self, name: str, *, history: int = 1, description: str = "", ttl_s: float | None = None) -> Bucket:
         """The KV bucket ``name``; created with :attr:`replicas` replicas if it does not exist (an existing one
-        keeps the settings it was made with)."""
+        keeps the settings it was made with). ``ttl_s``: an entry not written again for that long is removed."""
         try:
             kv = await self.js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
@@ -136,6 +136,7 @@ class JetStream:
                     replicas=replicas,
                     storage=api.StorageType.FILE,
                     description=description,
+                    ttl=ttl_s,
                 )
 
             kv = await self._create(lambda replicas: self.js.create_key_value(config(replicas)), f"KV bucket {name}")

@@ -162,7 +162,10 @@ def auth_middleware(keys: KeyRing | list[str], limiter: RateLimiter | None = Non
                 raise model_not_allowed(key.name, body.model)
             reserve = body.completion_limit()
         try:
-            headers = limits.admit(key, reserve=reserve)
+            if limits.cluster is None:
+                headers = limits.admit(key, reserve=reserve)
+            else:  # shared state: leases from JetStream only when this controller's leases run out
+                headers = await limits.cluster.admit(key, reserve=reserve)
         except RateLimited as exc:
             ring.record_rate_limited(key.name)
             access_log.info(

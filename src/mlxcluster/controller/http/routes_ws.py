@@ -156,7 +156,7 @@ class Session:
                 return
             match envelope.type:
                 case "chat" | "completion":
-                    self._start(envelope, raw)
+                    await self._start(envelope, raw)
                 case "cancel":
                     self._cancel(envelope)
                 case "auth":
@@ -187,7 +187,7 @@ class Session:
         await self.send(error_message(envelope.id, unauthorized()))
         await self.ws.close(code=CLOSE_UNAUTHORIZED, message=b"invalid or missing API key")
 
-    def _start(self, envelope: Envelope, raw: str) -> None:
+    async def _start(self, envelope: Envelope, raw: str) -> None:
         client_id = envelope.id
         if not client_id or len(client_id) > MAX_ID_LENGTH:
             raise bad_request(f"'id' must be a string of 1 to {MAX_ID_LENGTH} characters", "id", code="invalid_id")
@@ -205,7 +205,7 @@ class Session:
             if not key.allows_model(inference.model):
                 raise model_not_allowed(key.name, inference.model)
             try:
-                self.ctx.ops.limiter.admit(key, reserve=reserve)
+                await self.ctx.ops.limiter.admit_async(key, reserve=reserve)
             except ApiError:
                 self.ctx.ops.keys.record_rate_limited(key.name)
                 raise

@@ -5,6 +5,10 @@ Both per-minute limits are sliding windows of the last 60 seconds (as LiteLLM's 
 than ``tpm`` tokens (prompt + completion, counted when a request finishes) were used in it. A refusal is a
 429 with ``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers, which every admitted response of a
 limited key carries too.
+
+With shared state a :class:`ClusterWindows` (``controller/shared/limits.py``) is set as
+:attr:`RateLimiter.cluster`: admission then goes to it (:meth:`RateLimiter.admit_async`) and so do release,
+token accounting and the snapshot, so the limits hold across every controller. Without it nothing changes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 
@@ -68,12 +73,34 @@ def format_reset(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
+class ClusterWindows(Protocol):
+    """Limits enforced across controllers (``controller/shared/limits.ClusterLimits``)."""
+
+    async def admit(self, key: ApiKey, reserve: int = 0) -> dict[str, str]: ...
+
+    def release(self, key: ApiKey, reserve: int = 0) -> None: ...
+
+    def record_tokens(self, key_name: str, tokens: int) -> None: ...
+
+    def running(self, key: ApiKey) -> int: ...
+
+    def snapshot(self, key: ApiKey) -> dict[str, int | None]: ...
+
+
 class RateLimiter:
     """Admission and accounting for every limited key (unlimited keys cost nothing)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._windows: dict[str, _KeyWindow] = {}
+        self.cluster: ClusterWindows | None = None
+        """Set while shared state is on: the cluster-wide limits every call goes to instead."""
+
+    async def admit_async(self, key: ApiKey, reserve: int = 0) -> dict[str, str]:
+        """:meth:`admit`, cluster-wide while :attr:`cluster` is set (which may lease from JetStream)."""
+        if self.cluster is None:
+            return self.admit(key, reserve)
+        return await self.cluster.admit(key, reserve)
 
     def _window(self, key: ApiKey) -> _KeyWindow:
         window = self._windows.get(key.name)
@@ -127,6 +154,9 @@ class RateLimiter:
 
     def release(self, key: ApiKey, reserve: int = 0) -> None:
         """One admitted request of ``key`` ended (its actual tokens come through :meth:`record_tokens`)."""
+        if self.cluster is not None:
+            self.cluster.release(key, reserve)
+            return
         window = self._windows.get(key.name)
         if window is not None and window.running > 0:
             window.running -= 1
@@ -134,6 +164,9 @@ class RateLimiter:
 
     def record_tokens(self, key_name: str, tokens: int) -> None:
         """Count ``tokens`` (prompt + completion) of a finished request against the key's TPM window."""
+        if self.cluster is not None:
+            self.cluster.record_tokens(key_name, tokens)
+            return
         window = self._windows.get(key_name)
         if window is None or tokens <= 0:
             return
@@ -142,11 +175,15 @@ class RateLimiter:
 
     def running(self, key: ApiKey) -> int:
         """Requests of ``key`` running now."""
+        if self.cluster is not None:
+            return self.cluster.running(key)
         window = self._windows.get(key.name)
         return window.running if window is not None else 0
 
     def snapshot(self, key: ApiKey) -> dict[str, int | None]:
         """The key's use of its windows now: requests and tokens in the last minute, running."""
+        if self.cluster is not None:
+            return self.cluster.snapshot(key)
         window = self._windows.get(key.name)
         if window is None:
             return {"requests_last_minute": 0, "tokens_last_minute": 0, "tokens_reserved": 0, "running": 0}

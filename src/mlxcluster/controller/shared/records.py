@@ -3,8 +3,11 @@
 Where they live (``P`` is ``nats.subject_prefix`` with dots as underscores, ``p`` the prefix itself):
 
 - ``P_keys`` (KV bucket): one :class:`KeyRecord` per key at ``key.<token(name)>``. The record carries the
-  key's limits; a later cluster-wide limiter leases slices of a key's window from its own bucket with
-  compare-and-set on the entry's revision, reading the limits from here.
+  key's limits (``rpm``, ``tpm``, ``max_concurrent``).
+- ``P_limits`` (KV bucket, entries expire after a few minutes): per key, ``<token(name)>.w<minute>`` →
+  :class:`WindowLeases` (what all controllers leased of that minute's budget) and ``<token(name)>.slots`` →
+  :class:`SlotLeases` (the ``max_concurrent`` slots each controller holds, each with an expiry); see
+  ``controller/shared/limits.py``.
 - ``P_USAGE`` (stream, subjects ``p.usage.<token(name)>``): one :class:`UsageRecord` per finished request.
 - ``P_settings`` (KV bucket): one ``protocol.WorkerSettingsChanged`` per worker at ``worker.<token(id)>``
   (drain, priority, tags; ``forget`` once forgotten).
@@ -127,8 +130,34 @@ def utc_day(when: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(when))
 
 
+class WindowLeases(Struct, kw_only=True, omit_defaults=True):
+    """What all controllers together leased of one key's budget for one fixed minute."""
+
+    requests: int = 0
+    tokens: int = 0
+
+
+class Slot(Struct, kw_only=True):
+    """The ``max_concurrent`` slots one controller holds, until ``until`` (unix time) unless it renews them."""
+
+    held: int
+    until: float
+
+
+class SlotLeases(Struct, kw_only=True, omit_defaults=True):
+    """One key's running-request slots, by controller id."""
+
+    slots: dict[str, Slot] = {}
+
+    def live(self, now: float) -> int:
+        """Slots held by every controller whose lease has not lapsed."""
+        return sum(slot.held for slot in self.slots.values() if slot.until > now)
+
+
 encoder = msgspec.json.Encoder()
 key_record_decoder = msgspec.json.Decoder(KeyRecord)
 usage_decoder = msgspec.json.Decoder(UsageRecord)
 day_decoder = msgspec.json.Decoder(DayTotals)
 folded_decoder = msgspec.json.Decoder(Folded)
+window_decoder = msgspec.json.Decoder(WindowLeases)
+slots_decoder = msgspec.json.Decoder(SlotLeases)

@@ -1,6 +1,7 @@
 """The shared state of a controller (:class:`SharedState`) and opening it (:func:`open_shared_state`).
 
-Keys (a bucket), usage (a stream and a bucket) and workers' run-time settings (a bucket, followed by
+Keys (a bucket), usage (a stream and a bucket), leased rate-limit budgets (a bucket whose entries expire,
+``limits.py``) and workers' run-time settings (a bucket, followed by
 ``routing/settings_sync.py``). Its lifetime in the app is ``controller/shared/lifetime.py``.
 """
 
@@ -13,6 +14,7 @@ from mlxcluster.bus import Bus
 from mlxcluster.bus.jetstream import Bucket, open_jetstream
 from mlxcluster.controller.metering.keys import KeyRing
 from mlxcluster.controller.shared.keystore import KeyStore
+from mlxcluster.controller.shared.limits import BUCKET_TTL_S, ClusterLimits
 from mlxcluster.controller.shared.records import bucket_prefix
 from mlxcluster.controller.shared.usage import UsageLedger
 
@@ -21,10 +23,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SharedState:
-    """The keys bucket and the usage ledger of a controller whose state is shared."""
+    """The keys bucket, the usage ledger and the cluster-wide limits of a controller whose state is shared."""
 
     keys: KeyStore
     usage: UsageLedger
+    limits: ClusterLimits
     settings: Bucket
     """Workers' run-time settings (drain, priority, tags), one entry per worker (``routing/settings_sync.py``)."""
     replicas: int
@@ -35,8 +38,10 @@ class SharedState:
 
     @property
     def invalid_records(self) -> int:
-        """Malformed entries dropped (keys and usage)."""
-        return self.keys.invalid_records + self.usage.invalid_records + self.settings_invalid
+        """Malformed entries dropped (keys, usage, limits and settings)."""
+        return (
+            self.keys.invalid_records + self.usage.invalid_records + self.limits.invalid_records + self.settings_invalid
+        )
 
     def status(self) -> dict[str, object]:
         return {
@@ -44,6 +49,7 @@ class SharedState:
             **self.names,
             "invalid_records": self.invalid_records,
             "usage_unsent": self.usage.unsent,
+            "limit_conflicts": self.limits.conflicts,
         }
 
 
@@ -56,6 +62,7 @@ async def open_shared_state(bus: Bus, ring: KeyRing, controller_id: str) -> Shar
         "usage_stream": f"{prefix}_USAGE",
         "usage_bucket": f"{prefix}_usage",
         "settings_bucket": f"{prefix}_settings",
+        "limits_bucket": f"{prefix}_limits",
     }
     keys = await jetstream.bucket(names["keys_bucket"], history=8, description="mlxcluster API keys (digests only)")
     stream = await jetstream.stream(
@@ -63,9 +70,13 @@ async def open_shared_state(bus: Bus, ring: KeyRing, controller_id: str) -> Shar
     )
     totals = await jetstream.bucket(names["usage_bucket"], description="mlxcluster usage per key and day")
     settings = await jetstream.bucket(names["settings_bucket"], description="mlxcluster worker settings")
+    limits = await jetstream.bucket(
+        names["limits_bucket"], description="mlxcluster rate-limit leases per key and minute", ttl_s=BUCKET_TTL_S
+    )
     return SharedState(
         keys=KeyStore(keys, ring),
         usage=UsageLedger(stream, totals, bus.subjects, controller_id),
+        limits=ClusterLimits(limits, controller_id),
         settings=settings,
         replicas=jetstream.replicas,
         names=names,

@@ -24,6 +24,24 @@ from mlxcluster.controller.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from mlxcluster.controller.http.openapi_parts import (
+    BOOL,
+    INT,
+    JSON,
+    NULLABLE_NUM,
+    NULLABLE_STR,
+    NUM,
+    PUBLIC,
+    REF,
+    SECURED,
+    STR,
+    STRINGS,
+    Schema,
+    error_response,
+    json_content,
+    obj,
+    ref,
+)
 from mlxcluster.controller.http.reasoning import EFFORTS, MAX_BUDGET
 from mlxcluster.controller.http.responses import json_response
 from mlxcluster.controller.http.responses_schema import ResponsesRequest
@@ -31,49 +49,19 @@ from mlxcluster.controller.routing.registry import RegistryStats
 
 OPENAPI_PATH = "/openapi.json"
 OPENAPI_CACHE = web.AppKey("openapi_cache", dict)
-REF = "#/components/schemas/{name}"
-JSON = "application/json"
-SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-PUBLIC: list[dict[str, list[str]]] = []
 
 routes = web.RouteTableDef()
 
-Schema = dict[str, Any]
-
-
-def _ref(name: str) -> Schema:
-    return {"$ref": REF.format(name=name)}
-
-
-def _json(schema: Schema, description: str) -> Schema:
-    return {"description": description, "content": {JSON: {"schema": schema}}}
-
-
-def _error(description: str) -> Schema:
-    return _json(_ref("Error"), description)
-
-
-def _obj(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
-    return {"type": "object", "properties": properties, "required": required or list(properties)}
-
-
-INT = {"type": "integer"}
-STR = {"type": "string"}
-NUM = {"type": "number"}
-BOOL = {"type": "boolean"}
-NULLABLE_STR = {"type": ["string", "null"]}
-NULLABLE_NUM = {"type": ["number", "null"]}
-STRINGS = {"type": "array", "items": STR}
 FINISH = {"enum": ["stop", "length", "tool_calls"]}
-TOP_LOGPROB = _obj({"token": STR, "logprob": NUM, "bytes": {"type": ["array", "null"], "items": INT}})
+TOP_LOGPROB = obj({"token": STR, "logprob": NUM, "bytes": {"type": ["array", "null"], "items": INT}})
 CHAT_LOGPROBS = {
     "anyOf": [
         {"type": "null"},
-        _obj(
+        obj(
             {
                 "content": {
                     "type": "array",
-                    "items": _obj(
+                    "items": obj(
                         {
                             "token": STR,
                             "logprob": NUM,
@@ -89,7 +77,7 @@ CHAT_LOGPROBS = {
 TEXT_LOGPROBS = {
     "anyOf": [
         {"type": "null"},
-        _obj(
+        obj(
             {
                 "tokens": {"type": "array", "items": STR},
                 "token_logprobs": {"type": "array", "items": NUM},
@@ -99,32 +87,32 @@ TEXT_LOGPROBS = {
         ),
     ]
 }
-TOOL_CALL = _obj(
-    {"id": STR, "type": {"const": "function"}, "function": _obj({"name": STR, "arguments": STR})},
+TOOL_CALL = obj(
+    {"id": STR, "type": {"const": "function"}, "function": obj({"name": STR, "arguments": STR})},
 )
-UNAUTHORIZED = _error("Missing or wrong API key (when `controller.api_keys` is set).")
+UNAUTHORIZED = error_response("Missing or wrong API key (when `controller.api_keys` is set).")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": STR}}
 
 # --- response schemas (hand-written: they are built as dicts in the routes) --------------------
 
 RESPONSE_SCHEMAS: dict[str, Schema] = {
-    "Error": _obj(
+    "Error": obj(
         {
-            "error": _obj(
+            "error": obj(
                 {"message": STR, "type": STR, "param": NULLABLE_STR, "code": NULLABLE_STR},
             )
         },
     ),
-    "Usage": _obj(
+    "Usage": obj(
         {
             "prompt_tokens": INT,
             "completion_tokens": INT,
             "total_tokens": INT,
-            "prompt_tokens_details": _obj({"cached_tokens": INT}),
-            "completion_tokens_details": _obj({"reasoning_tokens": INT}),
+            "prompt_tokens_details": obj({"cached_tokens": INT}),
+            "completion_tokens_details": obj({"reasoning_tokens": INT}),
         }
     ),
-    "ChatCompletion": _obj(
+    "ChatCompletion": obj(
         {
             "id": STR,
             "object": {"const": "chat.completion"},
@@ -132,11 +120,11 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "model": STR,
             "choices": {
                 "type": "array",
-                "items": _obj(
+                "items": obj(
                     {
                         "index": INT,
                         "message": {
-                            **_obj({"role": {"const": "assistant"}, "content": NULLABLE_STR}),
+                            **obj({"role": {"const": "assistant"}, "content": NULLABLE_STR}),
                             "properties": {
                                 "role": {"const": "assistant"},
                                 "content": NULLABLE_STR,
@@ -149,10 +137,10 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                     }
                 ),
             },
-            "usage": _ref("Usage"),
+            "usage": ref("Usage"),
         }
     ),
-    "TextCompletion": _obj(
+    "TextCompletion": obj(
         {
             "id": STR,
             "object": {"const": "text_completion"},
@@ -160,13 +148,13 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "model": STR,
             "choices": {
                 "type": "array",
-                "items": _obj({"index": INT, "text": STR, "logprobs": TEXT_LOGPROBS, "finish_reason": FINISH}),
+                "items": obj({"index": INT, "text": STR, "logprobs": TEXT_LOGPROBS, "finish_reason": FINISH}),
             },
-            "usage": _ref("Usage"),
+            "usage": ref("Usage"),
         }
     ),
     "Response": {
-        **_obj(
+        **obj(
             {
                 "id": STR,
                 "object": {"const": "response"},
@@ -178,7 +166,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         ),
         "description": "Output items: `reasoning`, `message` (`output_text` parts) and `function_call`.",
     },
-    "AnthropicMessage": _obj(
+    "AnthropicMessage": obj(
         {
             "id": STR,
             "type": {"const": "message"},
@@ -190,10 +178,10 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "usage": {"type": "object", "required": ["input_tokens", "output_tokens"]},
         }
     ),
-    "AnthropicError": _obj(
+    "AnthropicError": obj(
         {"type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"]}},
     ),
-    "Model": _obj(
+    "Model": obj(
         {
             "id": STR,
             "object": {"const": "model"},
@@ -206,26 +194,26 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "available_on": STRINGS,
         }
     ),
-    "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}),
-    "Health": _obj(
+    "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}),
+    "Health": obj(
         {"status": {"enum": ["ok", "degraded"]}, "state": STR, "time": NUM, "reason": STR},
         required=["status", "state", "time"],
     ),
-    "Readiness": _obj({"ready": BOOL, "state": STR, "workers_online": INT}),
-    "ClusterStatus": _obj(
+    "Readiness": obj({"ready": BOOL, "state": STR, "workers_online": INT}),
+    "ClusterStatus": obj(
         {
             "controller_id": STR,
             "version": STR,
             "state": STR,
             "uptime_s": NUM,
             "balancer": STR,
-            "workers": _ref("RegistryStats"),
+            "workers": ref("RegistryStats"),
             "models": {"type": "array", "items": STR},
             "requests": {"type": "object", "additionalProperties": INT},
             "cache_index": {"type": ["object", "null"], "additionalProperties": INT},
             "controllers": {"type": "array", "items": {"type": "object"}},
             "tier": {"type": ["object", "null"], "additionalProperties": INT},
-            "nats": _obj(
+            "nats": obj(
                 {
                     "connected": BOOL,
                     "server": NULLABLE_STR,
@@ -239,7 +227,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             },
             "shared": {
                 "anyOf": [
-                    _obj(
+                    obj(
                         {
                             "replicas": INT,
                             "keys_bucket": STR,
@@ -256,9 +244,9 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     ),
     "Worker": {
         "allOf": [
-            _ref("WorkerView"),
-            _obj({"breaker": {"enum": ["closed", "open", "half_open"]}}),
-            _obj(
+            ref("WorkerView"),
+            obj({"breaker": {"enum": ["closed", "open", "half_open"]}}),
+            obj(
                 {
                     "hardware": {"type": ["object", "null"]},
                     "capabilities": {"type": ["object", "null"]},
@@ -270,7 +258,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                     "avg_ttft_ms": NULLABLE_NUM,
                     "speculation": {
                         "anyOf": [
-                            _obj({"steps": INT, "drafted": INT, "accepted": INT, "acceptance_rate": NUM}),
+                            obj({"steps": INT, "drafted": INT, "accepted": INT, "acceptance_rate": NUM}),
                             {"type": "null"},
                         ],
                         "description": "Speculative decoding since the worker started, every count and "
@@ -281,13 +269,13 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             ),
         ]
     },
-    "WorkerList": _obj({"workers": {"type": "array", "items": _ref("Worker")}}),
-    "WorkerChange": _obj(
+    "WorkerList": obj({"workers": {"type": "array", "items": ref("Worker")}}),
+    "WorkerChange": obj(
         {
             "id": STR,
             "status": STR,
             "inflight": INT,
-            "settings": _obj({"drained": BOOL, "priority": INT, "tags": {"type": "array", "items": STR}}),
+            "settings": obj({"drained": BOOL, "priority": INT, "tags": {"type": "array", "items": STR}}),
         }
     ),
     "WorkerSettings": {
@@ -300,19 +288,19 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         "additionalProperties": False,
         "minProperties": 1,
     },
-    "RequestRecord": _obj(
+    "RequestRecord": obj(
         {"id": STR, "key": NULLABLE_STR, "model": STR, "worker": NULLABLE_STR, "state": STR, "started": NUM},
     ),
-    "RequestList": _obj(
+    "RequestList": obj(
         {
             "time": NUM,
-            "in_flight": {"type": "array", "items": _ref("RequestRecord")},
-            "recent": {"type": "array", "items": _ref("RequestRecord")},
+            "in_flight": {"type": "array", "items": ref("RequestRecord")},
+            "recent": {"type": "array", "items": ref("RequestRecord")},
             "recent_capacity": {"type": ["integer", "null"]},
         }
     ),
-    "MemoryParts": _obj({"budget_bytes": INT, "weights_bytes": INT, "prompt_cache_bytes": INT, "kv_bytes": INT}),
-    "HeldModel": _obj(
+    "MemoryParts": obj({"budget_bytes": INT, "weights_bytes": INT, "prompt_cache_bytes": INT, "kv_bytes": INT}),
+    "HeldModel": obj(
         {
             "model": STR,
             "state": {"enum": ["loading", "loaded", "unloading"]},
@@ -323,7 +311,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "in_flight": INT,
         }
     ),
-    "CatalogueModel": _obj(
+    "CatalogueModel": obj(
         {
             "name": STR,
             "kind": {"enum": ["chat", "embedding"]},
@@ -335,18 +323,18 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         },
         ["name", "kind", "weights_bytes"],
     ),
-    "WorkerModels": _obj(
+    "WorkerModels": obj(
         {
             "worker": STR,
             "status": STR,
             "hostname": NULLABLE_STR,
-            "memory": {"anyOf": [{"type": "null"}, _ref("MemoryParts")]},
-            "models": {"type": "array", "items": _ref("HeldModel")},
-            "catalogue": {"type": "array", "items": _ref("CatalogueModel")},
+            "memory": {"anyOf": [{"type": "null"}, ref("MemoryParts")]},
+            "models": {"type": "array", "items": ref("HeldModel")},
+            "catalogue": {"type": "array", "items": ref("CatalogueModel")},
         }
     ),
-    "ClusterModels": _obj({"workers": {"type": "array", "items": _ref("WorkerModels")}}),
-    "PlacementCandidate": _obj(
+    "ClusterModels": obj({"workers": {"type": "array", "items": ref("WorkerModels")}}),
+    "PlacementCandidate": obj(
         {
             "worker": STR,
             "fits": BOOL,
@@ -360,7 +348,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         },
         ["worker", "fits", "reason"],
     ),
-    "Placement": _obj(
+    "Placement": obj(
         {
             "model": STR,
             "worker": NULLABLE_STR,
@@ -368,7 +356,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "kv_bytes_per_token": INT,
             "context_length": INT,
             "loaded_on": STRINGS,
-            "candidates": {"type": "array", "items": _ref("PlacementCandidate")},
+            "candidates": {"type": "array", "items": ref("PlacementCandidate")},
             "forced": BOOL,
             "warning": STR,
         },
@@ -387,12 +375,12 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         },
         "additionalProperties": False,
     },
-    "ModelLoaded": _obj(
+    "ModelLoaded": obj(
         {
             "model": STR,
             "worker": STR,
             "state": {"type": ["object", "null"]},
-            "memory": {"anyOf": [{"type": "null"}, _ref("MemoryParts")]},
+            "memory": {"anyOf": [{"type": "null"}, ref("MemoryParts")]},
             "evicted": STRINGS,
             "warning": NULLABLE_STR,
         }
@@ -402,18 +390,18 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         "properties": {"worker": {"type": "string", "description": "Only there (default: every worker holding it)."}},
         "additionalProperties": False,
     },
-    "ModelUnloaded": _obj(
+    "ModelUnloaded": obj(
         {
             "model": STR,
             "unloaded": STRINGS,
-            "results": {"type": "array", "items": _obj({"worker": STR, "ok": BOOL, "message": STR})},
+            "results": {"type": "array", "items": obj({"worker": STR, "ok": BOOL, "message": STR})},
         }
     ),
-    "KeyList": _obj(
+    "KeyList": obj(
         {
             "keys": {
                 "type": "array",
-                "items": _obj(
+                "items": obj(
                     {
                         "name": STR,
                         "admin": BOOL,
@@ -430,7 +418,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
 
 SSE = {
     "text/event-stream": {
-        "schema": _obj(
+        "schema": obj(
             {"data": {"type": "string", "description": "A chunk as JSON, an error object, or `[DONE]` (the last)."}},
             ["data"],
         ),
@@ -439,31 +427,33 @@ SSE = {
 
 
 def _completion_operation(summary: str, request: str, response: str, error: str = "Error") -> Schema:
-    def _error(description: str) -> Schema:
-        return _json(_ref(error), description)
+    def error_response(description: str) -> Schema:
+        return json_content(ref(error), description)
 
     return {
         "summary": summary,
         "security": SECURED,
-        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "requestBody": {"required": True, "content": {JSON: {"schema": ref(request)}}},
         "responses": {
             "200": {
                 "description": "The completion (JSON), or, when `stream` is true, server-sent events: one chunk "
                 "per event, an error object in OpenAI's shape if the stream fails after it started, then `[DONE]`.",
-                "content": {JSON: {"schema": _ref(response)}, **SSE},
+                "content": {JSON: {"schema": ref(response)}, **SSE},
             },
-            "400": _error("The body is not valid JSON or a field is invalid; `param` names the field."),
+            "400": error_response("The body is not valid JSON or a field is invalid; `param` names the field."),
             "401": UNAUTHORIZED,
-            "404": _error("No online worker serves the model (`code`: `model_not_found`)."),
-            "413": _error(
+            "404": error_response("No online worker serves the model (`code`: `model_not_found`)."),
+            "413": error_response(
                 "The body exceeds `controller.max_body_bytes`, or the encoded request exceeds NATS `max_payload`."
             ),
-            "502": _error("The worker failed the request."),
+            "502": error_response("The worker failed the request."),
             "503": {
-                **_error("No worker has capacity (`no_capacity`) or the controller is not ready (`not_ready`)."),
+                **error_response(
+                    "No worker has capacity (`no_capacity`) or the controller is not ready (`not_ready`)."
+                ),
                 "headers": RETRY_AFTER,
             },
-            "504": _error("The request timed out (`code`: `timeout`)."),
+            "504": error_response("The request timed out (`code`: `timeout`)."),
         },
     }
 
@@ -500,9 +490,9 @@ REQUEST_QUERY = [
     {"name": "key", "in": "query", "schema": STR},
 ]
 WORKER_CHANGE: dict[str, Schema] = {
-    "200": _json(_ref("WorkerChange"), "The worker's status and settings now."),
-    "403": _error("Not an admin key (`admin_required`)."),
-    "404": _error("No such worker (`worker_not_found`)."),
+    "200": json_content(ref("WorkerChange"), "The worker's status and settings now."),
+    "403": error_response("Not an admin key (`admin_required`)."),
+    "404": error_response("No such worker (`worker_not_found`)."),
 }
 WS_SUMMARY = "Chat and text completions over a WebSocket (JSON messages, requests multiplexed by `id`)"
 
@@ -531,46 +521,56 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         }
     },
     "/v1/models": {
-        "get": _op("Every model loaded or loadable in the fleet", {"200": _json(_ref("ModelList"), "The models.")})
+        "get": _op(
+            "Every model loaded or loadable in the fleet", {"200": json_content(ref("ModelList"), "The models.")}
+        )
     },
     "/v1/models/{model}": {
         "get": _op(
             "One model",
-            {"200": _json(_ref("Model"), "The model."), "404": _error("No online worker serves it.")},
+            {"200": json_content(ref("Model"), "The model."), "404": error_response("No online worker serves it.")},
             parameters=[MODEL_PARAM],
         )
     },
     "/v1/ws": {
         "get": _op(
             WS_SUMMARY,
-            {"101": {"description": "The WebSocket upgrade."}, "400": _error("Not a WebSocket upgrade request.")},
+            {
+                "101": {"description": "The WebSocket upgrade."},
+                "400": error_response("Not a WebSocket upgrade request."),
+            },
         )
     },
-    "/health": {"get": _op("Liveness", {"200": _json(_ref("Health"), "The process answers.")}, secured=False)},
+    "/health": {"get": _op("Liveness", {"200": json_content(ref("Health"), "The process answers.")}, secured=False)},
     "/ready": {
         "get": _op(
             "Readiness: ready and at least one worker online",
             {
-                "200": _json(_ref("Readiness"), "Ready."),
-                "503": _json(_ref("Readiness"), "Not ready (no worker online, draining, or bus down)."),
+                "200": json_content(ref("Readiness"), "Ready."),
+                "503": json_content(ref("Readiness"), "Not ready (no worker online, draining, or bus down)."),
             },
             secured=False,
         )
     },
     "/api/cluster/status": {
-        "get": _op("Controller state, worker counts, request counters", {"200": _json(_ref("ClusterStatus"), "OK")})
+        "get": _op(
+            "Controller state, worker counts, request counters", {"200": json_content(ref("ClusterStatus"), "OK")}
+        )
     },
     "/api/cluster/workers": {
         "get": _op(
             "Known workers, filtered by status, model or tag",
-            {"200": _json(_ref("WorkerList"), "The workers."), "400": _error("Unknown `status`.")},
+            {"200": json_content(ref("WorkerList"), "The workers."), "400": error_response("Unknown `status`.")},
             parameters=WORKER_QUERY,
         )
     },
     "/api/cluster/workers/{worker_id}": {
         "get": _op(
             "One worker",
-            {"200": _json(_ref("Worker"), "The worker."), "404": _error("No such worker (`worker_not_found`).")},
+            {
+                "200": json_content(ref("Worker"), "The worker."),
+                "404": error_response("No such worker (`worker_not_found`)."),
+            },
             parameters=[WORKER_ID_PARAM],
         )
     },
@@ -588,20 +588,20 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         "post": {
             **_op(
                 "Set a worker's priority, tags or drained flag (admin key)",
-                {**WORKER_CHANGE, "400": _error("A bad field (`param` names it).")},
+                {**WORKER_CHANGE, "400": error_response("A bad field (`param` names it).")},
                 parameters=[WORKER_ID_PARAM],
             ),
-            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("WorkerSettings")}}},
+            "requestBody": {"required": True, "content": {JSON: {"schema": ref("WorkerSettings")}}},
         }
     },
     "/api/cluster/workers/{worker_id}/forget": {
         "post": _op(
             "Forget an offline worker and its settings (admin key)",
             {
-                "200": _json(_obj({"id": STR, "forgotten": BOOL}), "Forgotten."),
-                "403": _error("Not an admin key (`admin_required`)."),
-                "404": _error("No such worker (`worker_not_found`)."),
-                "409": _error("The worker is not offline (`worker_not_offline`)."),
+                "200": json_content(obj({"id": STR, "forgotten": BOOL}), "Forgotten."),
+                "403": error_response("Not an admin key (`admin_required`)."),
+                "404": error_response("No such worker (`worker_not_found`)."),
+                "409": error_response("The worker is not offline (`worker_not_offline`)."),
             },
             parameters=[WORKER_ID_PARAM],
         )
@@ -609,14 +609,17 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
     "/api/cluster/requests": {
         "get": _op(
             "Requests in flight and the latest finished ones",
-            {"200": _json(_ref("RequestList"), "The requests."), "400": _error("A bad `limit` or `state`.")},
+            {
+                "200": json_content(ref("RequestList"), "The requests."),
+                "400": error_response("A bad `limit` or `state`."),
+            },
             parameters=REQUEST_QUERY,
         )
     },
     "/api/cluster/models": {
         "get": _op(
             "Per worker: memory budget parts, the models it holds and its catalogue",
-            {"200": _json(_ref("ClusterModels"), "The workers' models.")},
+            {"200": json_content(ref("ClusterModels"), "The workers' models.")},
             parameters=[{"name": "model", "in": "query", "schema": STR}],
         )
     },
@@ -624,9 +627,9 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         "get": _op(
             "Where a model would load now and why",
             {
-                "200": _json(_ref("Placement"), "The placement."),
-                "400": _error("No `model`, or a bad `force`."),
-                "404": _error("No worker serves or may load the model (`model_not_found`)."),
+                "200": json_content(ref("Placement"), "The placement."),
+                "400": error_response("No `model`, or a bad `force`."),
+                "404": error_response("No worker serves or may load the model (`model_not_found`)."),
             },
             parameters=[
                 {"name": "model", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}},
@@ -640,16 +643,16 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
             **_op(
                 "Load a model now (admin key); answers once it serves",
                 {
-                    "200": _json(_ref("ModelLoaded"), "Loaded."),
-                    "400": _error("A bad field (`param` names it)."),
-                    "403": _error("Not an admin key (`admin_required`)."),
-                    "404": _error("No worker serves or may load the model, or no such `worker`."),
-                    "409": _error("It fits on no worker (`no_room`)."),
-                    "503": _error("The load failed (`model_load_failed`)."),
+                    "200": json_content(ref("ModelLoaded"), "Loaded."),
+                    "400": error_response("A bad field (`param` names it)."),
+                    "403": error_response("Not an admin key (`admin_required`)."),
+                    "404": error_response("No worker serves or may load the model, or no such `worker`."),
+                    "409": error_response("It fits on no worker (`no_room`)."),
+                    "503": error_response("The load failed (`model_load_failed`)."),
                 },
                 parameters=[MODEL_PARAM],
             ),
-            "requestBody": {"required": False, "content": {JSON: {"schema": _ref("ModelLoad")}}},
+            "requestBody": {"required": False, "content": {JSON: {"schema": ref("ModelLoad")}}},
         }
     },
     "/api/cluster/models/{model}/unload": {
@@ -657,21 +660,24 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
             **_op(
                 "Unload a model (admin key); answers once its requests ended",
                 {
-                    "200": _json(_ref("ModelUnloaded"), "Unloaded."),
-                    "400": _error("A bad field (`param` names it)."),
-                    "403": _error("Not an admin key (`admin_required`)."),
-                    "404": _error("No worker serves or may load the model."),
-                    "409": _error("No worker unloaded it (`unload_failed`)."),
+                    "200": json_content(ref("ModelUnloaded"), "Unloaded."),
+                    "400": error_response("A bad field (`param` names it)."),
+                    "403": error_response("Not an admin key (`admin_required`)."),
+                    "404": error_response("No worker serves or may load the model."),
+                    "409": error_response("No worker unloaded it (`unload_failed`)."),
                 },
                 parameters=[MODEL_PARAM],
             ),
-            "requestBody": {"required": False, "content": {JSON: {"schema": _ref("ModelUnload")}}},
+            "requestBody": {"required": False, "content": {JSON: {"schema": ref("ModelUnload")}}},
         }
     },
     "/api/cluster/keys": {
         "get": _op(
             "API keys with limits and usage (admin key; never a key value)",
-            {"200": _json(_ref("KeyList"), "The keys."), "403": _error("Not an admin key (`admin_required`).")},
+            {
+                "200": json_content(ref("KeyList"), "The keys."),
+                "403": error_response("Not an admin key (`admin_required`)."),
+            },
         ),
         "post": openapi_keys.CREATE_KEY,
     },
@@ -681,7 +687,9 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
     },
     "/": {"get": _op("The dashboard page", {"200": _text("text/html", "The page.")}, secured=False)},
     "/dashboard": {"get": _op("The dashboard page", {"200": _text("text/html", "The page.")}, secured=False)},
-    OPENAPI_PATH: {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1.")}, secured=False)},
+    OPENAPI_PATH: {
+        "get": _op("This document", {"200": json_content({"type": "object"}, "OpenAPI 3.1.")}, secured=False)
+    },
 }
 
 

@@ -10,35 +10,22 @@ from typing import Any
 
 import msgspec
 
+from mlxcluster.controller.http.openapi_parts import (
+    BOOL,
+    INT,
+    JSON,
+    NULLABLE_INT,
+    NULLABLE_NUM,
+    REF,
+    SECURED,
+    STR,
+    Schema,
+    error_response,
+    json_content,
+    obj,
+    ref,
+)
 from mlxcluster.controller.http.routes_keys import KeyChange, KeyCreate
-
-Schema = dict[str, Any]
-REF = "#/components/schemas/{name}"
-JSON = "application/json"
-SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-
-INT = {"type": "integer"}
-STR = {"type": "string"}
-BOOL = {"type": "boolean"}
-NULLABLE_INT = {"type": ["integer", "null"]}
-NULLABLE_NUM = {"type": ["number", "null"]}
-
-
-def _ref(name: str) -> Schema:
-    return {"$ref": REF.format(name=name)}
-
-
-def _json(schema: Schema, description: str) -> Schema:
-    return {"description": description, "content": {JSON: {"schema": schema}}}
-
-
-def _error(description: str) -> Schema:
-    return _json(_ref("Error"), description)
-
-
-def _obj(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
-    return {"type": "object", "properties": properties, "required": required or list(properties)}
-
 
 RECORD_FIELDS: dict[str, Schema] = {
     "name": STR,
@@ -65,9 +52,9 @@ USAGE_ROW = {
 }
 
 SCHEMAS: dict[str, Schema] = {
-    "KeyRecord": _obj(RECORD_FIELDS),
-    "KeyWithValue": _obj({**RECORD_FIELDS, "key": {**STR, "description": "The key's value: shown this once."}}),
-    "KeyUsage": _obj(
+    "KeyRecord": obj(RECORD_FIELDS),
+    "KeyWithValue": obj({**RECORD_FIELDS, "key": {**STR, "description": "The key's value: shown this once."}}),
+    "KeyUsage": obj(
         {
             "key": STR,
             "since": {"type": ["string", "null"]},
@@ -79,13 +66,13 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": STR}
-UNAUTHORIZED = _error("Missing or wrong API key.")
-NOT_ADMIN = _error("Not an admin key (`admin_required`).")
+UNAUTHORIZED = error_response("Missing or wrong API key.")
+NOT_ADMIN = error_response("Not an admin key (`admin_required`).")
 SHARED_OFF = "or the controller runs without shared state (`shared_state_off`)"
 
 
 UNAVAILABLE = {
-    **_error("JetStream did not answer (a bucket's leader being elected): `shared_state_unavailable`; retry."),
+    **error_response("JetStream did not answer (a bucket's leader being elected): `shared_state_unavailable`; retry."),
     "headers": {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": STR}},
 }
 
@@ -96,7 +83,7 @@ def _op(summary: str, responses: dict[str, Schema], **extra: Any) -> Schema:
 
 
 def _body(name: str) -> Schema:
-    return {"required": True, "content": {JSON: {"schema": _ref(name)}}}
+    return {"required": True, "content": {JSON: {"schema": ref(name)}}}
 
 
 OPERATIONS: dict[str, dict[str, Schema]] = {
@@ -104,11 +91,11 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         "patch": _op(
             "Change a key's limits, models, role or expiry (admin key); `null` removes a limit",
             {
-                "200": _json(_ref("KeyRecord"), "The key as changed."),
-                "400": _error("A bad field (`param` names it)."),
+                "200": json_content(ref("KeyRecord"), "The key as changed."),
+                "400": error_response("A bad field (`param` names it)."),
                 "403": NOT_ADMIN,
-                "404": _error("No such key (`key_not_found`)."),
-                "409": _error(f"The key comes from a config file (`key_conflict`), {SHARED_OFF}."),
+                "404": error_response("No such key (`key_not_found`)."),
+                "409": error_response(f"The key comes from a config file (`key_conflict`), {SHARED_OFF}."),
             },
             parameters=[NAME_PARAM],
             requestBody=_body("KeyChange"),
@@ -118,10 +105,10 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         "post": _op(
             "Revoke a key on every controller (admin key); its record and usage stay",
             {
-                "200": _json(_ref("KeyRecord"), "The revoked key."),
+                "200": json_content(ref("KeyRecord"), "The revoked key."),
                 "403": NOT_ADMIN,
-                "404": _error("No such key (`key_not_found`)."),
-                "409": _error(f"The key comes from a config file (`key_conflict`), {SHARED_OFF}."),
+                "404": error_response("No such key (`key_not_found`)."),
+                "409": error_response(f"The key comes from a config file (`key_conflict`), {SHARED_OFF}."),
             },
             parameters=[NAME_PARAM],
         )
@@ -130,10 +117,12 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         "post": _op(
             "Give a key a new value, answered once (admin key); the old value is refused from now on",
             {
-                "200": _json(_ref("KeyWithValue"), "The key and its new value."),
+                "200": json_content(ref("KeyWithValue"), "The key and its new value."),
                 "403": NOT_ADMIN,
-                "404": _error("No such key (`key_not_found`)."),
-                "409": _error(f"The key is revoked or comes from a config file (`key_conflict`), {SHARED_OFF}."),
+                "404": error_response("No such key (`key_not_found`)."),
+                "409": error_response(
+                    f"The key is revoked or comes from a config file (`key_conflict`), {SHARED_OFF}."
+                ),
             },
             parameters=[NAME_PARAM],
         )
@@ -142,11 +131,13 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
         "get": _op(
             "A key's usage per day (or per day and model), kept in JetStream across restarts",
             {
-                "200": _json(_ref("KeyUsage"), "Totals and rows; `requests` counts those answered in full."),
-                "400": _error("No `key`, a bad `since` or `by`, or an unknown parameter (`param` names it)."),
-                "403": _error("A non-admin key asked for another key's usage (`admin_required`)."),
-                "404": _error("No such key (`key_not_found`)."),
-                "409": _error("Usage is not kept: the controller runs without shared state (`shared_state_off`)."),
+                "200": json_content(ref("KeyUsage"), "Totals and rows; `requests` counts those answered in full."),
+                "400": error_response("No `key`, a bad `since` or `by`, or an unknown parameter (`param` names it)."),
+                "403": error_response("A non-admin key asked for another key's usage (`admin_required`)."),
+                "404": error_response("No such key (`key_not_found`)."),
+                "409": error_response(
+                    "Usage is not kept: the controller runs without shared state (`shared_state_off`)."
+                ),
             },
             parameters=[
                 {"name": "key", "in": "query", "schema": STR, "description": "Default: the caller's own key."},
@@ -160,10 +151,10 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
 CREATE_KEY: Schema = _op(
     "Create an API key (admin key); its value is answered once, in `key`",
     {
-        "201": _json(_ref("KeyWithValue"), "The key and its value."),
-        "400": _error("A bad field (`param` names it)."),
+        "201": json_content(ref("KeyWithValue"), "The key and its value."),
+        "400": error_response("A bad field (`param` names it)."),
         "403": NOT_ADMIN,
-        "409": _error(f"A key of that name exists (`key_conflict`), {SHARED_OFF}."),
+        "409": error_response(f"A key of that name exists (`key_conflict`), {SHARED_OFF}."),
     },
     requestBody=_body("KeyCreate"),
 )

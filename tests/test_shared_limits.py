@@ -46,15 +46,13 @@ def config(tmp_path: Path) -> Config:
 
 
 @pytest.fixture
-async def server(config: Config) -> AsyncIterator[EmbeddedNatsServer]:
-    nats = EmbeddedNatsServer(config.nats)
-    await nats.start()
-    yield nats
-    await nats.stop()
+def cluster_config(config: Config) -> Config:
+    """This module's config is the one conftest's ``nats_server`` starts with (JetStream on)."""
+    return config
 
 
 @pytest.fixture
-async def bucket(config: Config, server: EmbeddedNatsServer) -> AsyncIterator[Bucket]:
+async def bucket(config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Bucket]:
     bus = await Bus.connect(config.nats, name="test-limits", attempts=5)
     try:
         yield await (await open_jetstream(bus)).bucket("test_limits", ttl_s=300.0)
@@ -247,7 +245,7 @@ async def test_a_malformed_entry_is_dropped_and_counted(bucket: Bucket) -> None:
 
 
 @pytest.fixture
-async def pair(config: Config, server: EmbeddedNatsServer) -> AsyncIterator[tuple[RunningController, ...]]:
+async def pair(config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[tuple[RunningController, ...]]:
     async with Cluster(config) as cluster:
         await cluster.start_worker("w1", token_delay_ms=40.0)
         first = await cluster.start_controller()

@@ -50,15 +50,13 @@ def config(tmp_path: Path) -> Config:
 
 
 @pytest.fixture
-async def server(config: Config) -> AsyncIterator[EmbeddedNatsServer]:
-    nats = EmbeddedNatsServer(config.nats)
-    await nats.start()
-    yield nats
-    await nats.stop()
+def cluster_config(config: Config) -> Config:
+    """This module's config is the one conftest's ``nats_server`` starts with (JetStream on)."""
+    return config
 
 
 @pytest.fixture
-async def cluster(config: Config, server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
+async def cluster(config: Config, nats_server: EmbeddedNatsServer) -> AsyncIterator[Cluster]:
     async with Cluster(config) as running:
         await running.start_worker("w1")
         yield running

@@ -94,7 +94,7 @@ class GenerationLoop:
         self.active: dict[int, Job] = {}
         self.tokens_total = 0
         self.admissions = 0
-        """Turns that admitted anything (each job notes its own: :attr:`Job.admission`)."""
+        """Calls of :meth:`admit` so far (a job notes the one that put it in the batch: :attr:`Job.admission`)."""
         self.generator: Any = None
         self._cache_target: int | None = None
         self._target_lock = threading.Lock()
@@ -314,8 +314,8 @@ class GenerationLoop:
         decoding = prefilling = 0
         if budget is not None:
             decoding, prefilling = self.batch_shape()
-            protected = self.admitted_before_prompts()
-            self.generator.prefill_step_size = budget.chunk(protected, prefilling) if protected else budget.full_step
+            # no protected stream: the full step (as with none decoding)
+            self.generator.prefill_step_size = budget.chunk(self.admitted_before_prompts(), prefilling)
         left_before = sum(self.prefill_left.values()) if budget is not None else 0
         started = time.perf_counter()
         try:

@@ -48,6 +48,8 @@ class BenchCluster:
     """The nats-server the children use, when the benchmark started it (for its CPU time)."""
     profile_dir: Path | None = None
     """When set, every child runs under cProfile (CPU time) and writes ``<name>.prof`` there when it stops."""
+    api_key: str | None = None
+    """The key :meth:`wait_for_workers` sends, for controllers that require one."""
 
     @property
     def base_url(self) -> str:
@@ -96,7 +98,8 @@ class BenchCluster:
     async def wait_for_workers(self, count: int, timeout: float = 120.0, base_url: str | None = None) -> None:
         """Until the controller (at ``base_url``, default :attr:`base_url`) lists ``count`` online workers."""
         deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        async with aiohttp.ClientSession(headers=headers) as session:
             while time.monotonic() < deadline:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with session.get(

@@ -96,6 +96,13 @@ SECTIONS: list[Section] = [
     ),
     Section("Scale", ["scale"], "One controller, simulated workers heartbeating (many per process)."),
     Section(
+        "Limits across controllers",
+        ["limits"],
+        "Issue 22's target: a key made at runtime with `rpm = 600`, two controllers on one nats-server (JetStream), "
+        "64 clients for 60 s on an echo worker: admitted per minute window (≤ 630), every 429's rate-limit "
+        "headers, and the usage the cluster kept for the key against the count of 200s.",
+    ),
+    Section(
         "Faults",
         ["faults"],
         "kill -9 one of three echo workers under 100 concurrent streams: streams that still complete whole "

@@ -415,6 +415,22 @@ def bench_scale(
     typer.echo(result.to_json() if as_json else format_table(result))
 
 
+@bench_app.command("limits")
+def bench_limits(
+    as_json: JsonOption = False,
+    rpm: Annotated[int, typer.Option(help="The key's requests per minute.", min=1)] = 600,
+    clients: Annotated[int, typer.Option(help="Concurrent clients, split between the two controllers.", min=1)] = 64,
+    seconds: Annotated[float, typer.Option(help="Seconds of load.", min=1)] = 60.0,
+) -> None:
+    """One key's rpm across two controllers: admitted per minute window, 429 headers, usage against 200s."""
+    import asyncio
+
+    from mlxcluster.bench.limits import format_table, run_limits_bench
+
+    result = asyncio.run(run_limits_bench(rpm=rpm, clients=clients, seconds=seconds))
+    typer.echo(result.to_json() if as_json else format_table(result))
+
+
 @bench_app.command("soak")
 def bench_soak(
     as_json: JsonOption = False,

@@ -12,6 +12,7 @@ from typing import Any
 from cluster_harness import Cluster, RunningController, start_controller, wait_until, with_sections, words
 
 from mlxcluster.bus import Bus
+from mlxcluster.cli.workers import format_requests
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ControllerHeartbeat
@@ -19,6 +20,12 @@ from mlxcluster.protocol import ControllerHeartbeat
 
 async def status(controller: RunningController) -> dict[str, Any]:
     async with controller.session().get(controller.url + "/api/cluster/status") as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def requests_listing(controller: RunningController, query: str = "") -> dict[str, Any]:
+    async with controller.session().get(controller.url + "/api/cluster/requests" + query) as resp:
         assert resp.status == 200
         return await resp.json()
 
@@ -77,6 +84,17 @@ async def test_two_controllers_know_each_other_and_share_the_workers(
             assert peak <= 4 and outcomes.count("ok") >= 4 and "corrupt" not in outcomes, (peak, outcomes)
             assert set(outcomes) <= {"ok", "InternalServerError", "APIStatusError"}, outcomes
 
+            # the request monitor shows the whole tier, whichever controller answers, each request's controller
+            for asked in (first, second):
+                tier = await requests_listing(asked)
+                assert tier["controllers"][0] == asked.ctx.controller_id and set(tier["controllers"]) == ids
+                assert tier["unreachable"] == [] and tier["recent_capacity"] == 2 * config.controller.recent_requests
+                served = [r["controller"] for r in tier["recent"]]
+                assert len(served) == 8 and all(served.count(c) == 4 for c in ids), served
+                ended = [r["started"] + r["total_ms"] / 1000 for r in tier["recent"]]
+                assert ended == sorted(ended, reverse=True)
+            assert len((await requests_listing(first, "?limit=3"))["recent"]) == 3
+
             await second.stop()  # says goodbye: forgotten at once, not after the offline timeout
             await wait_until(lambda: _only(first), what="the stopped controller forgotten")
         finally:
@@ -96,6 +114,8 @@ async def test_a_silent_controller_is_listed_offline(cluster_config: Config, bus
             return await _status_of(controller, "c-ghost", "online")
 
         await wait_until(beating_and_listed, what="the ghost listed online", interval=0.1)
+        tier = await requests_listing(controller)  # the ghost is online but does not answer: named, not waited on
+        assert tier["controllers"] == [controller.ctx.controller_id] and tier["unreachable"] == ["c-ghost"]
         await wait_until(lambda: _status_of(controller, "c-ghost", "offline"), what="the ghost listed offline")
         await bus.nc.publish(bus.subjects.controller_heartbeat, b'{"controller_id": 5}')  # malformed: dropped
         await wait_until(lambda: controller.bus.invalid_messages[bus.subjects.controller_heartbeat] == 1)
@@ -103,3 +123,15 @@ async def test_a_silent_controller_is_listed_offline(cluster_config: Config, bus
 
 async def _status_of(controller: RunningController, controller_id: str, wanted: str) -> bool:
     return (await known_controllers(controller)).get(controller_id) == wanted
+
+
+def test_the_requests_table_names_each_requests_controller_only_for_a_tier() -> None:
+    record = {"id": "chatcmpl-1", "key": None, "model": "echo", "worker": "w1", "state": "ok", "total_ms": 12.0}
+    alone = format_requests({"in_flight": [], "recent": [record], "controllers": ["c1"], "unreachable": []})
+    assert "controller" not in alone.splitlines()[0]
+    tier = format_requests(
+        {"in_flight": [], "recent": [record | {"controller": "c2"}], "controllers": ["c1", "c2"], "unreachable": ["c3"]}
+    )
+    header, row, missing = tier.splitlines()
+    assert header.split()[4] == "controller" and row.split()[4] == "c2"
+    assert missing == "not answering (their requests are missing): c3"

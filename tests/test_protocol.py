@@ -286,6 +286,7 @@ def _all_subjects(subjects: Subjects) -> list[str]:
         subjects.cache,
         subjects.announce,
         subjects.controller_heartbeat,
+        subjects.controller_requests("c1"),
         subjects.worker_settings,
         subjects.inference("w1"),
         subjects.cancel("w1"),
@@ -315,6 +316,7 @@ def test_default_subjects() -> None:
         "mlxcluster.worker.cache",
         "mlxcluster.cluster.announce",
         "mlxcluster.cluster.controller",
+        "mlxcluster.cluster.controller.c1.requests",
         "mlxcluster.cluster.worker_settings",
         "mlxcluster.worker.w1.inference",
         "mlxcluster.worker.w1.cancel",
@@ -333,6 +335,7 @@ def test_every_subject_property_is_covered() -> None:
     names = {n for n in dir(Subjects) if not n.startswith("_") and n != "prefix"}
     assert names == {
         "group",
+        "controller_requests",
         "register",
         "heartbeat",
         "deregister",

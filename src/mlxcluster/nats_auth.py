@@ -65,6 +65,7 @@ def permissions(role: Role, prefix: str, worker_id: str | None = None) -> dict[s
             f"{p}.cluster.announce",
             f"{p}.cluster.worker_settings",
             f"{p}.cluster.controller",
+            f"{p}.cluster.controller.*.requests",
             INBOX,
             *jetstream_subjects(p),
         ]
@@ -74,6 +75,7 @@ def permissions(role: Role, prefix: str, worker_id: str | None = None) -> dict[s
             f"{p}.cluster.announce",
             f"{p}.cluster.worker_settings",
             f"{p}.cluster.controller",
+            f"{p}.cluster.controller.*.requests",
             INBOX,
         ]
     elif role == "worker":

@@ -299,6 +299,55 @@ class ControllerHeartbeat(_Message):
     retries: Count = 0
 
 
+class RequestRecord(Struct, kw_only=True):
+    """One request as ``/api/cluster/requests`` shows it (times in milliseconds); controllers of one tier send
+    theirs to the one answering (:class:`RequestsListing`)."""
+
+    id: str
+    key: str | None = None
+    model: str
+    worker: str | None = None
+    state: str
+    """In flight: ``routing`` (no worker yet), ``waiting`` (sent, no token yet), ``streaming``; finished:
+    ``ok``, ``error`` or ``cancelled``."""
+    started: float
+    """Wall-clock time the request reached the dispatcher."""
+    stream: bool = False
+    queued_ms: float | None = None
+    ttft_ms: float | None = None
+    total_ms: float | None = None
+    """Time so far for a request in flight."""
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    attempts: Count = 0
+    """Workers tried before the first token."""
+    migrations: Count = 0
+    """Moves to another worker after the first token."""
+    controller: str | None = None
+    """The controller (process) that served it."""
+
+
+class RequestsQuery(_Message):
+    """A controller asks a peer for its requests on ``cluster.controller.<id>.requests`` (a request with a
+    reply), to show the whole tier in ``/api/cluster/requests``; the filters are the route's."""
+
+    key: str | None = None
+    state: str | None = None
+    limit: Count | None = None
+
+
+class RequestsListing(_Message):
+    """A controller's requests in flight and its latest finished ones (newest first), the reply to
+    :class:`RequestsQuery`."""
+
+    controller_id: str
+    in_flight: list[RequestRecord] = []
+    recent: list[RequestRecord] = []
+    recent_capacity: Count = 0
+
+
 class WorkerSettingsChanged(_Message):
     """Published by a controller on ``cluster.worker_settings`` when an operator changes a worker's run-time
     settings (the whole state, so applying it twice is harmless), and again for every worker it has settings

@@ -41,6 +41,10 @@ class Subjects:
         """Controllers publish :class:`~mlxcluster.protocol.ControllerHeartbeat` here (they know each other)."""
         return f"{self.prefix}.cluster.controller"
 
+    def controller_requests(self, controller_id: str) -> str:
+        """A controller answers :class:`~mlxcluster.protocol.RequestsQuery` here with its requests."""
+        return f"{self.prefix}.cluster.controller.{controller_id}.requests"
+
     @property
     def worker_settings(self) -> str:
         """Controllers publish :class:`~mlxcluster.protocol.WorkerSettingsChanged` (drain, priority, tags)."""

@@ -117,25 +117,34 @@ def requests_command(
 ) -> None:
     """Requests in flight and the latest finished ones (asks the controller)."""
     data = ask_controller(config_path, url, f"/api/cluster/requests?limit={limit}")
-    if as_json:
-        typer.echo(json.dumps(data, indent=2))
-        return
+    typer.echo(json.dumps(data, indent=2) if as_json else format_requests(data))
+
+
+def format_requests(data: dict[str, Any]) -> str:
+    """``/api/cluster/requests`` as a table; with a controller tier, which process served each request."""
+    records = [*data["in_flight"], *data["recent"]]
+    tier = len(data.get("controllers", [])) > 1
     rows = [
         [
             r["id"][:24],
             r.get("key") or "-",
             r["model"],
             r.get("worker") or "-",
+            *([r.get("controller") or "-"] if tier else []),
             r["state"],
             _ms(r.get("ttft_ms")),
             _ms(r.get("total_ms")),
             f"{r.get('prompt_tokens', 0)}/{r.get('completion_tokens', 0)}",
             r.get("finish_reason") or r.get("error") or "-",
         ]
-        for r in [*data["in_flight"], *data["recent"]]
+        for r in records
     ]
-    headers = ["request", "key", "model", "worker", "state", "ttft ms", "total ms", "tokens in/out", "end"]
-    typer.echo(table(headers, rows) if rows else "no requests yet")
+    headers = ["request", "key", "model", "worker", *(["controller"] if tier else []), "state", "ttft ms"]
+    headers += ["total ms", "tokens in/out", "end"]
+    text = table(headers, rows) if rows else "no requests yet"
+    if data.get("unreachable"):
+        text += f"\nnot answering (their requests are missing): {', '.join(data['unreachable'])}"
+    return text
 
 
 def _ms(value: float | None) -> str:

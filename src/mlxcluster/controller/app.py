@@ -45,6 +45,7 @@ from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.controller.routing.settings_sync import share_worker_settings
 from mlxcluster.controller.shared.lifetime import run_shared_state
+from mlxcluster.controller.tier_requests import answer_requests_queries
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
     inbox = StreamInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
-    ops = Operations.from_config(config.controller)  # a bad key entry fails here, at startup
+    ops = Operations.from_config(config.controller, controller_id)  # a bad key entry fails here, at startup
     loader = ModelLoader(bus=bus, registry=registry, timeout_s=config.controller.model_load_timeout_s)
     ctx = ControllerContext(
         config=config,
@@ -107,6 +108,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app.cleanup_ctx.append(share_worker_settings)  # before join_cluster: peers answer its announce
     app.cleanup_ctx.append(join_cluster)
     app.cleanup_ctx.append(run_controller_heartbeats)  # other controllers on this NATS see us, we see them
+    app.cleanup_ctx.append(answer_requests_queries)  # the tier's request monitor: peers ask for our requests
     return app
 
 

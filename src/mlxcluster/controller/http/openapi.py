@@ -289,7 +289,15 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         "minProperties": 1,
     },
     "RequestRecord": obj(
-        {"id": STR, "key": NULLABLE_STR, "model": STR, "worker": NULLABLE_STR, "state": STR, "started": NUM},
+        {
+            "id": STR,
+            "key": NULLABLE_STR,
+            "model": STR,
+            "worker": NULLABLE_STR,
+            "state": STR,
+            "started": NUM,
+            "controller": NULLABLE_STR,
+        },
     ),
     "RequestList": obj(
         {
@@ -297,6 +305,8 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "in_flight": {"type": "array", "items": ref("RequestRecord")},
             "recent": {"type": "array", "items": ref("RequestRecord")},
             "recent_capacity": {"type": ["integer", "null"]},
+            "controllers": {"type": "array", "items": STR},
+            "unreachable": {"type": "array", "items": STR},
         }
     ),
     "MemoryParts": obj({"budget_bytes": INT, "weights_bytes": INT, "prompt_cache_bytes": INT, "kv_bytes": INT}),
@@ -608,7 +618,7 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
     },
     "/api/cluster/requests": {
         "get": _op(
-            "Requests in flight and the latest finished ones",
+            "Requests in flight and the latest finished ones, of every controller of the tier",
             {
                 "200": json_content(ref("RequestList"), "The requests."),
                 "400": error_response("A bad `limit` or `state`."),

@@ -7,6 +7,7 @@ Mutating routes (``POST``) need an admin key (the auth middleware refuses others
 from __future__ import annotations
 
 import json
+import time
 
 from aiohttp import web
 
@@ -14,8 +15,10 @@ from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.errors import ApiError, bad_request
 from mlxcluster.controller.http.middleware import API_KEY, admin_required, is_admin
 from mlxcluster.controller.http.responses import json_response
+from mlxcluster.controller.peers import PEERS
 from mlxcluster.controller.routing.settings_sync import publish_settings
 from mlxcluster.controller.routing.worker_admin import WorkerSettings, parse_settings
+from mlxcluster.controller.tier_requests import tier_requests
 
 routes = web.RouteTableDef()
 REQUEST_STATES = ("routing", "waiting", "streaming", "ok", "error", "cancelled")
@@ -32,7 +35,8 @@ async def list_keys(request: web.Request) -> web.Response:
 
 @routes.get("/api/cluster/requests")
 async def list_requests(request: web.Request) -> web.Response:
-    """Requests in flight and the latest finished ones; ``?limit=``, ``?state=``, ``?key=`` (admin)."""
+    """Requests in flight and the latest finished ones of every controller of the tier; ``?limit=``,
+    ``?state=``, ``?key=`` (admin)."""
     ctx: ControllerContext = request.app[CONTROLLER]
     limit: int | None = None
     if "limit" in request.query:
@@ -47,7 +51,9 @@ async def list_requests(request: web.Request) -> web.Response:
         raise bad_request(f"state: expected one of {', '.join(REQUEST_STATES)}", "state")
     key = request.get(API_KEY)
     only = request.query.get("key") if key is None or key.admin else key.name
-    listing = ctx.ops.requests.listing(ctx.dispatcher.live, key=only, limit=limit, state=state)
+    peers = request.app[PEERS].online() if PEERS in request.app else []
+    listing = await tier_requests(ctx, peers, key=only, limit=limit, state=state)
+    listing["time"] = time.time()
     return json_response(listing)
 
 

@@ -30,8 +30,8 @@ class Operations:
     ledger, while shared state is on)."""
 
     @classmethod
-    def from_config(cls, config: ControllerSection) -> Operations:
-        return cls(keys=KeyRing.from_config(config), requests=RequestLog(config.recent_requests))
+    def from_config(cls, config: ControllerSection, controller_id: str | None = None) -> Operations:
+        return cls(keys=KeyRing.from_config(config), requests=RequestLog(config.recent_requests, controller_id))
 
     def on_event(self, event: MetricsEvent) -> None:
         """Account for one dispatcher event (cheap; runs on the event loop)."""

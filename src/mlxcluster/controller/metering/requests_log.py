@@ -9,16 +9,13 @@ only when someone lists it) and, when the access log is on, one log call.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Mapping
 from time import perf_counter
-from typing import Any
-
-from msgspec import Struct
 
 from mlxcluster.api import RequestFinished
 from mlxcluster.controller.metering.request_meter import RequestMeter
+from mlxcluster.protocol import RequestRecord, RequestsListing
 
 access_log = logging.getLogger("mlxcluster.access")
 
@@ -26,38 +23,11 @@ LATENCY_WINDOW = 64
 """Finished requests per worker kept for its average latency."""
 
 
-class RequestRecord(Struct, kw_only=True):
-    """One request as ``/api/cluster/requests`` shows it (times in milliseconds)."""
-
-    id: str
-    key: str | None = None
-    model: str
-    worker: str | None = None
-    state: str
-    """In flight: ``routing`` (no worker yet), ``waiting`` (sent, no token yet), ``streaming``; finished:
-    ``ok``, ``error`` or ``cancelled``."""
-    started: float
-    """Wall-clock time the request reached the dispatcher."""
-    stream: bool = False
-    queued_ms: float | None = None
-    ttft_ms: float | None = None
-    total_ms: float | None = None
-    """Time so far for a request in flight."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    """Workers tried before the first token."""
-    migrations: int = 0
-    """Moves to another worker after the first token."""
-
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
-def live_record(meter: RequestMeter) -> RequestRecord:
+def live_record(meter: RequestMeter, controller: str | None = None) -> RequestRecord:
     """A request in flight, as its meter knows it now."""
     request = meter.request
     assert request is not None
@@ -80,10 +50,11 @@ def live_record(meter: RequestMeter) -> RequestRecord:
         completion_tokens=meter.completion_tokens,
         attempts=meter.attempts,
         migrations=meter.migrations,
+        controller=controller,
     )
 
 
-def finished_record(event: RequestFinished) -> RequestRecord:
+def finished_record(event: RequestFinished, controller: str | None = None) -> RequestRecord:
     """A finished request, from its event."""
     return RequestRecord(
         id=event.request_id,
@@ -102,13 +73,16 @@ def finished_record(event: RequestFinished) -> RequestRecord:
         error=event.error,
         attempts=event.attempts,
         migrations=event.migrations,
+        controller=controller,
     )
 
 
 class RequestLog:
     """The last ``size`` finished requests, average latency per worker, and the access log."""
 
-    def __init__(self, size: int = 200) -> None:
+    def __init__(self, size: int = 200, controller_id: str | None = None) -> None:
+        self.controller_id = controller_id
+        """Named in each listed record (the tier's monitor shows which process served it)."""
         self.finished: deque[RequestFinished] = deque(maxlen=size)
         """The events of the latest finished requests, oldest first (records are made when listed)."""
         self._latency: dict[str, deque[tuple[float, float | None]]] = {}
@@ -147,10 +121,11 @@ class RequestLog:
         key: str | None = None,
         limit: int | None = None,
         state: str | None = None,
-    ) -> dict[str, Any]:
-        """In-flight and recent requests (newest first), only those of ``key`` when given."""
-        in_flight = [live_record(m) for m in list(live.values()) if m.request is not None]
-        recent = [finished_record(event) for event in reversed(self.finished)]
+    ) -> RequestsListing:
+        """In-flight (oldest first) and recent requests (newest first), only those of ``key`` when given."""
+        own = self.controller_id
+        in_flight = [live_record(m, own) for m in list(live.values()) if m.request is not None]
+        recent = [finished_record(event, own) for event in reversed(self.finished)]
         if key is not None:
             in_flight = [r for r in in_flight if r.key == key]
             recent = [r for r in recent if r.key == key]
@@ -160,7 +135,9 @@ class RequestLog:
         in_flight.sort(key=lambda r: r.started)
         if limit is not None:
             recent = recent[:limit]
-        return {"time": time.time(), "in_flight": in_flight, "recent": recent, "recent_capacity": self.finished.maxlen}
+        return RequestsListing(
+            controller_id=own or "", in_flight=in_flight, recent=recent, recent_capacity=self.finished.maxlen or 0
+        )
 
 
 def _log_access(record: RequestRecord) -> None:

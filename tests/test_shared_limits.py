@@ -26,7 +26,7 @@ from mlxcluster.bus.jetstream import Bucket, open_jetstream
 from mlxcluster.config import Config
 from mlxcluster.controller.metering.keys import ApiKey
 from mlxcluster.controller.metering.ratelimit import RateLimited
-from mlxcluster.controller.shared.limits import ClusterLimits
+from mlxcluster.controller.shared.limits import FULL_RECHECK_S, IDLE_RETURN_S, ClusterLimits
 from mlxcluster.controller.shared.records import WindowLeases, encoder, window_decoder
 from mlxcluster.embedded import EmbeddedNatsServer
 
@@ -160,7 +160,7 @@ async def test_a_request_within_the_lease_does_no_io(bucket: Bucket) -> None:
     assert counting.calls == 4
 
 
-async def test_a_spent_minute_is_refused_without_io_until_it_ends(bucket: Bucket) -> None:
+async def test_a_spent_minute_is_refused_without_io_for_a_second_then_read_once(bucket: Bucket) -> None:
     clock = [NOW]
     counting = CountingBucket(bucket)
     limits = ClusterLimits(counting, "c1", clock=fixed(clock))
@@ -170,12 +170,35 @@ async def test_a_spent_minute_is_refused_without_io_until_it_ends(bucket: Bucket
     assert isinstance(await outcome(limits, key), RateLimited)  # reads the entry: all leased
     calls = counting.calls
     for _ in range(20):
+        clock[0] += FULL_RECHECK_S / 25
         refused = await outcome(limits, key)
         assert isinstance(refused, RateLimited) and refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert counting.calls == calls
+    clock[0] += FULL_RECHECK_S  # a peer may have given some back: one read, still full
+    assert isinstance(await outcome(limits, key), RateLimited) and counting.calls == calls + 1
     assert isinstance(await outcome(limits, ApiKey(name="small", digest=b"", rpm=3)), dict)  # a raised limit: read
     clock[0] = NOW + 60
     assert isinstance(await outcome(limits, key), dict)
+
+
+async def test_an_idle_controller_gives_back_its_unspent_lease_to_a_busy_one(bucket: Bucket) -> None:
+    clock = [NOW]
+    first, second = ClusterLimits(bucket, "c1", clock=fixed(clock)), ClusterLimits(bucket, "c2", clock=fixed(clock))
+    key = ApiKey(name="moved", digest=b"", rpm=32, tpm=3200)  # slices of 2 requests, 200 tokens
+    await first.admit(key, reserve=10)  # leases 2 requests, holds 1 unspent, and 190 tokens
+    first.release(key, reserve=10)
+    first.record_tokens("moved", 10)
+    admitted = 0
+    while isinstance(await outcome(second, key, reserve=10), dict):  # the traffic moved to the second
+        admitted += 1
+    assert admitted == 30  # 32 less the 2 the first leased, one of which it never spent
+    assert await first.give_back_idle() == 0  # not idle for long enough yet
+    clock[0] += IDLE_RETURN_S
+    assert await first.give_back_idle() == 1 and await first.give_back_idle() == 0
+    assert (await window(bucket, "moved")).requests == 31
+    assert isinstance(await outcome(second, key, reserve=10), dict)  # past the recheck it reads the entry again
+    assert isinstance(await outcome(second, key, reserve=10), RateLimited)
+    assert (await window(bucket, "moved")).requests == 32
 
 
 async def test_tpm_holds_across_limiters_charged_when_requests_end(bucket: Bucket) -> None:

@@ -6,8 +6,10 @@ leased of that minute (:class:`~mlxcluster.controller.shared.records.WindowLease
 slice (at most 1/16 of the budget, at least what the request needs) with compare-and-set on the entry's
 revision, retried on a lost race, and spends it locally: a request that fits what this controller holds does
 no I/O. When the minute's budget is all leased the request is refused (429), and so is every later one of
-that key on this controller until the minute ends, with no I/O either; so across the cluster at most ``rpm``
-requests start in a minute, and what a controller leased but did not spend lapses with the minute.
+that key on this controller for the next second with no I/O either (then one read sees whether a peer gave
+some back); so across the cluster at most ``rpm`` requests start in a minute. What a controller leased but
+did not spend it gives back once the key has been idle there for :data:`IDLE_RETURN_S` (so a key's traffic
+moving to another controller finds the budget), and the rest lapses with the minute.
 
 ``tpm`` is charged as on one controller: a request's ``max_tokens`` when it starts (given back when it ends),
 its actual prompt + completion tokens when it finishes. A controller that spent more than it leased (a
@@ -61,6 +63,10 @@ SLOT_TTL_S = 15.0
 BUCKET_TTL_S = 300.0
 """Entries of the limits bucket not written for this long are removed by the server."""
 CAS_ATTEMPTS = 32
+FULL_RECHECK_S = 1.0
+"""A minute found all leased is refused with no I/O for this long, then read again (leases given back)."""
+IDLE_RETURN_S = 5.0
+"""A key not admitted on this controller for this long gives back this minute's unspent lease."""
 S = TypeVar("S", WindowLeases, SlotLeases)
 
 
@@ -81,7 +87,12 @@ class _Lease:
     leased_tokens: int = 0
     """The minute's entry as last read or written: leased by all controllers."""
     full_at: tuple[int | None, int | None] = (None, None)
-    """The ``rpm`` / ``tpm`` at which this minute's entry was found all leased: refused with no more reads."""
+    """The ``rpm`` / ``tpm`` at which this minute's entry was found all leased: refused with no more reads
+    until :data:`FULL_RECHECK_S` after ``read_at``."""
+    read_at: float = 0.0
+    """When this controller last read or wrote the minute's entry."""
+    admitted_at: float = 0.0
+    """When this controller last admitted a request of the key."""
     running: int = 0
     held: int = 0
     """``max_concurrent`` slots this controller holds in the bucket."""
@@ -93,6 +104,13 @@ class _Lease:
             self.requests = self.tokens = self.reserved = self.started = 0
             self.leased_requests = self.leased_tokens = 0
             self.full_at = (None, None)
+
+    def known_full(self, now: float) -> tuple[int | None, int | None]:
+        """``full_at`` while it is fresh (within :data:`FULL_RECHECK_S` of the read that found it)."""
+        return self.full_at if now - self.read_at < FULL_RECHECK_S else (None, None)
+
+    def unspent(self) -> bool:
+        return self.requests > 0 or self.tokens > 0
 
 
 def shared_state_unavailable(exc: BaseException) -> ApiError:
@@ -156,6 +174,7 @@ class ClusterLimits:
             lease.reserved += reserve
         lease.started += 1
         lease.running += 1
+        lease.admitted_at = now
         return self._headers(key, lease, now)
 
     def _short(self, key: ApiKey, lease: _Lease, reserve: int) -> bool:
@@ -174,9 +193,10 @@ class ClusterLimits:
             want_tokens = max(max(1, reserve) - lease.tokens, key.tpm // SLICE_DIVISOR)
         if key.rpm is not None and key.rpm <= 0 and lease.requests < 1:
             raise self._refused(key, lease, now, "requests")
-        if want_requests and lease.full_at[0] == key.rpm:
+        full_at = lease.known_full(now)
+        if want_requests and full_at[0] == key.rpm:
             raise self._refused(key, lease, now, "requests")
-        if want_tokens and lease.full_at[1] == key.tpm and lease.tokens < 1:
+        if want_tokens and full_at[1] == key.tpm and lease.tokens < 1:
             raise self._refused(key, lease, now, "tokens")
         if want_requests or want_tokens:
             await self._lease_window(key, lease, now, want_requests, want_tokens)
@@ -188,6 +208,7 @@ class ClusterLimits:
         for _ in range(CAS_ATTEMPTS):
             entry, held = await self._read(entry_key, window_decoder, WindowLeases)
             lease.leased_requests, lease.leased_tokens = held.requests, held.tokens
+            lease.read_at = now
             granted_requests = min(requests, max(0, (key.rpm or 0) - held.requests))
             granted_tokens = min(tokens, max(0, (key.tpm or 0) - held.tokens))
             lease.full_at = (
@@ -331,9 +352,10 @@ class ClusterLimits:
                 return
 
     async def run(self) -> None:
-        """Renew this controller's slots every third of their lifetime, until cancelled."""
+        """Until cancelled: renew this controller's slots (at least every third of their lifetime) and give
+        back the unspent leases of keys idle here (:meth:`give_back_idle`)."""
         while True:
-            await asyncio.sleep(self.slot_ttl_s / 3)
+            await asyncio.sleep(min(self.slot_ttl_s / 3, IDLE_RETURN_S / 2))
             for name, lease in list(self._leases.items()):
                 if lease.held > 0:
                     async with lease.lock:
@@ -341,6 +363,25 @@ class ClusterLimits:
                             await self._set_slots(name, lease, lease.held)
                         except Exception as exc:  # renewal goes on for the other keys and the next round
                             log.warning("could not renew %s's slots: %s", name, exc)
+            await self.give_back_idle()
+
+    async def give_back_idle(self) -> int:
+        """Give back this minute's unspent requests and tokens of every key not admitted here for
+        :data:`IDLE_RETURN_S`; how many keys gave some back."""
+        now = self._clock()
+        minute = int(now // WINDOW_S)
+        returned = 0
+        for name, lease in list(self._leases.items()):
+            if lease.minute != minute or not lease.unspent() or now - lease.admitted_at < IDLE_RETURN_S:
+                continue
+            async with lease.lock:
+                try:
+                    if lease.minute == minute and lease.unspent():
+                        await self._return_unspent(name, lease)
+                        returned += 1
+                except (nats.errors.Error, TimeoutError) as exc:  # it lapses with the minute instead
+                    log.warning("could not give back %s's unspent lease: %s", name, exc)
+        return returned
 
     async def close(self) -> None:
         """Give back every slot and this minute's unspent leases (a clean stop); the background work ends."""
@@ -356,7 +397,7 @@ class ClusterLimits:
     async def _return_all(self, name: str, lease: _Lease, minute: int) -> None:
         if lease.held:
             await self._set_slots(name, lease, 0)
-        if lease.minute == minute and (lease.requests > 0 or lease.tokens > 0):
+        if lease.minute == minute and lease.unspent():
             await self._return_unspent(name, lease)
 
     async def _return_unspent(self, name: str, lease: _Lease) -> None:
@@ -370,6 +411,7 @@ class ClusterLimits:
             if await self._write(entry_key, entry, held):
                 lease.requests = min(0, lease.requests)
                 lease.tokens = min(0, lease.tokens)
+                lease.leased_requests, lease.leased_tokens = held.requests, held.tokens
                 return
 
     def _refused(self, key: ApiKey, lease: _Lease, now: float, kind: str) -> RateLimited:

@@ -5,6 +5,7 @@ lists the whole tier whichever process answers, and a killed process is restarte
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,10 @@ def test_two_processes_share_the_port_and_a_killed_one_is_restarted(start_tier: 
                     text = response.read().decode()
             except OSError:
                 return False
-            return 'mlxcluster_tier{figure="controllers_online"} 2.0' in text
+            counted = re.search(r"^mlxcluster_tier_request_duration_seconds_count (\S+)$", text, re.M)
+            return 'mlxcluster_tier{figure="controllers_online"} 2.0' in text and (
+                counted is not None and float(counted.group(1)) >= 40  # both processes' requests
+            )
 
         tier.wait_for(lambda: all(scraped_tier() for _ in range(4)), READY_TIMEOUT_S, "mlxcluster_tier in /metrics")
 

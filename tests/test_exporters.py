@@ -31,6 +31,7 @@ from mlxcluster.builtin.exporters import LogExporter, PrometheusExporter
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, MetricsSection, PluginsSection
 from mlxcluster.controller.app import create_app
+from mlxcluster.controller.metering.latency_tally import LatencyTally, merge_latency
 from mlxcluster.controller.metering.metrics_feed import (
     METRICS,
     ExporterError,
@@ -40,6 +41,7 @@ from mlxcluster.controller.metering.metrics_feed import (
 )
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.plugins import PluginManager, get_plugin_manager
+from mlxcluster.protocol import LatencyCounts
 
 USER = [{"role": "user", "content": "one two three four five"}]
 
@@ -229,6 +231,8 @@ async def test_metrics_endpoint_after_known_traffic(cluster: Cluster) -> None:
         "mlxcluster_queue_depth",
         "mlxcluster_workers",
         "mlxcluster_tier",
+        "mlxcluster_tier_request_duration_seconds",  # this controller's own heartbeat, summed
+        "mlxcluster_tier_ttft_seconds",
         "mlxcluster_worker_tokens_per_second",
         "mlxcluster_retries",
         "mlxcluster_invalid_messages",
@@ -323,6 +327,37 @@ async def test_prometheus_speculation_series_follow_the_snapshot() -> None:
     values = samples(exporter.text().decode())
     assert ("mlxcluster_worker_speculative_steps_total", a) not in values  # gone workers are removed
     assert ("mlxcluster_worker_speculative_acceptance_rate", b) in values
+
+
+def _finished(duration_s: float, ttft_s: float | None) -> RequestFinished:
+    return RequestFinished(
+        time=1, request_id="r", model="echo", worker="w1", status="ok", duration_s=duration_s, ttft_s=ttft_s,
+        prompt_tokens=3, completion_tokens=5,
+    )  # fmt: skip
+
+
+async def test_the_tiers_latency_histograms_sum_every_controllers_heartbeat() -> None:
+    first, second = LatencyTally(), LatencyTally()
+    first.on_finished(_finished(0.07, 0.003))
+    second.on_finished(_finished(0.07, None))  # no first token: counted in the duration only
+    second.on_finished(_finished(700.0, 0.02))  # beyond the last bound: +Inf
+    old_version = {"ttft_seconds": LatencyCounts(counts=[1, 2], sum=9.0)}  # another layout: left out
+    merged = merge_latency([first.counts(), second.counts(), old_version])
+    duration, ttft = merged["request_duration_seconds"], merged["ttft_seconds"]
+    assert duration.counts[1] == 2 and duration.counts[-1] == 1 and sum(duration.counts) == 3
+    assert duration.sum == pytest.approx(700.14) and sum(ttft.counts) == 2 and ttft.sum == pytest.approx(0.023)
+    assert second.prompt_tokens == 6 and second.completion_tokens == 10
+
+    exporter = PrometheusExporter()
+    await exporter.export(ClusterSnapshot(time=1))
+    assert not any(name.startswith("mlxcluster_tier_") for name, _ in samples(exporter.text().decode()))
+    await exporter.export(ClusterSnapshot(time=2, tier_latency=merged))
+    values = samples(exporter.text().decode())
+    assert values[("mlxcluster_tier_request_duration_seconds_count", ())] == 3
+    assert values[("mlxcluster_tier_request_duration_seconds_bucket", (("le", "0.1"),))] == 2
+    assert values[("mlxcluster_tier_request_duration_seconds_bucket", (("le", "600.0"),))] == 2
+    assert values[("mlxcluster_tier_ttft_seconds_bucket", (("le", "0.005"),))] == 1
+    assert values[("mlxcluster_tier_ttft_seconds_count", ())] == 2
 
 
 # --- the event feed ---------------------------------------------------------------------------

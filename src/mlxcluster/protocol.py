@@ -276,6 +276,25 @@ class Announce(_Message):
     started_at: float = 0.0
 
 
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""Upper bounds (seconds) of the request-duration histogram: Prometheus's and the one controllers share."""
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (seconds) of the time-to-first-token histogram."""
+LATENCY_BUCKETS: dict[str, tuple[float, ...]] = {
+    "request_duration_seconds": DURATION_BUCKETS,
+    "ttft_seconds": TTFT_BUCKETS,
+}
+"""The histograms a controller sends in its heartbeat, by name, and their buckets."""
+
+
+class LatencyCounts(_Message):
+    """One latency histogram of a controller's finished requests (its buckets: :data:`LATENCY_BUCKETS`)."""
+
+    counts: list[Count] = []
+    """Per bucket, not cumulative; the last one is +Inf."""
+    sum: float = 0.0
+
+
 class ControllerHeartbeat(_Message):
     """Published by every controller each ``discovery.heartbeat_interval_ms`` on ``cluster.controller``, so
     controllers sharing one NATS know each other (workers ignore it)."""
@@ -297,6 +316,11 @@ class ControllerHeartbeat(_Message):
     failed: Count = 0
     errors: Count = 0
     retries: Count = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    latency: dict[str, LatencyCounts] = {}
+    """Its request-duration and TTFT histograms since it started (:data:`LATENCY_BUCKETS`), so the tier's
+    ``/metrics`` shows every process's."""
 
 
 class RequestRecord(Struct, kw_only=True):

@@ -25,6 +25,7 @@ from typing import Literal, Protocol, runtime_checkable
 from msgspec import Struct
 
 from mlxcluster.api.balancer import WorkerState
+from mlxcluster.protocol import LatencyCounts
 
 RequestStatus = Literal["ok", "error", "cancelled"]
 
@@ -157,7 +158,11 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     tier: dict[str, int] = {}
     """Every online controller on the bus (the processes of a controller tier, other machines' controllers), its
     counters summed from their heartbeats: ``controllers_online``, ``in_flight``, ``requests_total``,
-    ``completed``, ``failed``, ``errors``, ``retries`` (empty where the controller hears no peers)."""
+    ``completed``, ``failed``, ``errors``, ``retries``, ``prompt_tokens``, ``completion_tokens`` (empty where
+    the controller hears no peers)."""
+    tier_latency: dict[str, LatencyCounts] = {}
+    """The same controllers' latency histograms summed, by name (``request_duration_seconds``,
+    ``ttft_seconds``; buckets: :data:`~mlxcluster.protocol.LATENCY_BUCKETS`)."""
 
 
 MetricsEvent = RequestFinished | RequestRetried | RequestMigrated | WorkerStatusChanged | ClusterSnapshot

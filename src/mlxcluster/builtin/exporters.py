@@ -21,6 +21,7 @@ from mlxcluster.api import (
     RequestRetried,
     hookimpl,
 )
+from mlxcluster.protocol import DURATION_BUCKETS, LATENCY_BUCKETS, TTFT_BUCKETS, LatencyCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic Prometheus text format that ``generate_latest`` writes (every Prometheus version reads it)."""
@@ -28,8 +29,6 @@ WORKER_STATES = ("online", "degraded", "draining", "offline")
 UNKNOWN_MODEL = "unknown"
 """The ``model`` label of requests for models no worker serves (clients choose those names)."""
 
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -87,6 +86,8 @@ class PrometheusExporter:
         r.register(self.prompt_cache)
         self.speculation = SpeculationCollector()
         r.register(self.speculation)
+        self.tier_latency = TierLatencyCollector()
+        r.register(self.tier_latency)
         self.key_requests = Counter(
             "mlxcluster_key_requests",
             "Inference requests finished, by API key and status.",
@@ -160,6 +161,7 @@ class PrometheusExporter:
         self.prompt_cache.workers = event.worker_prompt_cache
         self.prompt_cache.index = event.cache_index
         self.speculation.workers = event.worker_speculation
+        self.tier_latency.latency = event.tier_latency
 
     def text(self) -> bytes:
         """The current metrics in the Prometheus text exposition format (without ``*_created`` series)."""
@@ -314,6 +316,33 @@ class LoopHistogram:
             cumulative += count
             buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
+class TierLatencyCollector:
+    """``mlxcluster_tier_request_duration_seconds`` and ``mlxcluster_tier_ttft_seconds``: every online
+    controller's histogram summed from their heartbeats (a controller tier's processes included), so a scrape
+    of a port shared by several processes shows them all; absent until the controller hears its peers."""
+
+    def __init__(self) -> None:
+        self.latency: dict[str, LatencyCounts] = {}
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        for name, histogram in self.latency.items():
+            bounds = LATENCY_BUCKETS.get(name)
+            if bounds is None or len(histogram.counts) != len(bounds) + 1:
+                continue
+            cumulative, buckets = 0, []
+            for bound, count in zip((*bounds, math.inf), histogram.counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
+            yield HistogramMetricFamily(
+                f"mlxcluster_tier_{name}",
+                f"Every online controller's {name.removesuffix('_seconds').replace('_', ' ')} histogram, summed.",
+                buckets=buckets,
+                sum_value=histogram.sum,
+            )
 
 
 class _WithoutCreated:

@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 
 from mlxcluster import __version__
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
-from mlxcluster.protocol import ControllerHeartbeat
+from mlxcluster.controller.metering.latency_tally import merge_latency
+from mlxcluster.protocol import ControllerHeartbeat, LatencyCounts
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,14 @@ class ControllerPeers:
             "failed": sum(hb.failed for hb in online),
             "errors": sum(hb.errors for hb in online),
             "retries": sum(hb.retries for hb in online),
+            "prompt_tokens": sum(hb.prompt_tokens for hb in online),
+            "completion_tokens": sum(hb.completion_tokens for hb in online),
         }
+
+    def latency(self) -> dict[str, LatencyCounts]:
+        """The online controllers' latency histograms summed (their last heartbeats', this one's included)."""
+        now = self._clock()
+        return merge_latency(hb.latency for hb, seen in self._peers.values() if now - seen <= self.offline_timeout_s)
 
     def listing(self) -> list[dict[str, Any]]:
         """Every known controller for the status route, this one first."""
@@ -126,6 +134,9 @@ def controller_heartbeat(ctx: ControllerContext, *, stopping: bool = False) -> C
         failed=stats.failed,
         errors=stats.errors,
         retries=stats.retries,
+        prompt_tokens=ctx.ops.latency.prompt_tokens,
+        completion_tokens=ctx.ops.latency.completion_tokens,
+        latency=ctx.ops.latency.counts(),
     )
 
 

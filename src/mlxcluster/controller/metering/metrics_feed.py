@@ -27,7 +27,7 @@ from aiohttp import web
 from mlxcluster.api import ClusterSnapshot, MetricsEvent, WorkerStatusChanged
 from mlxcluster.config import MetricsSection
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
-from mlxcluster.controller.peers import PEERS
+from mlxcluster.controller.peers import PEERS, ControllerPeers
 from mlxcluster.controller.routing.cache_index import prompt_cache_rates
 from mlxcluster.controller.routing.registry import WorkerEvent, speculation_fields
 from mlxcluster.plugins import ExporterEntry, collect_exporters
@@ -264,10 +264,10 @@ def metrics_feed_from_entries(
 
 
 def cluster_snapshot(
-    ctx: ControllerContext, feed: MetricsFeed, tier: Callable[[], dict[str, int]] | None = None
+    ctx: ControllerContext, feed: MetricsFeed, peers: ControllerPeers | None = None
 ) -> ClusterSnapshot:
-    """The controller's state now, from the registry, the dispatcher and the bus (and ``tier``: the controllers'
-    summed counters, :meth:`~mlxcluster.controller.peers.ControllerPeers.totals`)."""
+    """The controller's state now, from the registry, the dispatcher and the bus (and ``peers``: the
+    controllers' summed counters and latency histograms)."""
     registry = ctx.registry
     stats = registry.stats()
     eligible = registry.query(status=("online", "degraded"))
@@ -302,7 +302,8 @@ def cluster_snapshot(
         worker_speculation=speculation,
         cache_index=msgspec.structs.asdict(index.stats()) if index is not None else {},
         rate_limited_by_key={name: usage.rate_limited for name, usage in ctx.ops.keys.usage.items()},
-        tier=tier() if tier is not None else {},
+        tier=peers.totals() if peers is not None else {},
+        tier_latency=peers.latency() if peers is not None and peers.online() else {},
     )
 
 
@@ -320,7 +321,7 @@ async def run_metrics(app: web.Application) -> AsyncIterator[None]:
     peers = app.get(PEERS)
 
     def snapshot() -> ClusterSnapshot:
-        return cluster_snapshot(ctx, feed, peers.totals if peers is not None else None)
+        return cluster_snapshot(ctx, feed, peers)
 
     ctx.registry.add_listener(feed.on_worker_event)
     await feed.start(snapshot)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from mlxcluster.api import MetricsEvent, RequestFinished
 from mlxcluster.config import ControllerSection
 from mlxcluster.controller.metering.keys import KeyRing
+from mlxcluster.controller.metering.latency_tally import LatencyTally
 from mlxcluster.controller.metering.ratelimit import RateLimiter
 from mlxcluster.controller.metering.requests_log import RequestLog
 
@@ -25,6 +26,8 @@ class Operations:
     keys: KeyRing = field(default_factory=KeyRing)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     requests: RequestLog = field(default_factory=RequestLog)
+    latency: LatencyTally = field(default_factory=LatencyTally)
+    """Latency histograms and tokens for the controller heartbeat (the tier's ``/metrics``)."""
     usage: Callable[[RequestFinished], None] | None = None
     """Where each finished request of a key goes besides this controller's counters (the shared usage
     ledger, while shared state is on)."""
@@ -48,6 +51,7 @@ class Operations:
                 if self.usage is not None:
                     self.usage(event)
             self.requests.on_finished(event)
+            self.latency.on_finished(event)
 
     def sink(self, exporters: Callable[[MetricsEvent], None] | None) -> Callable[[MetricsEvent], None]:
         """The dispatcher's event sink: this object first, then the exporters' feed (if any)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cdp import Browser, find_chromium
-from cluster_harness import Cluster, RunningController, wait_until, with_sections, words
+from cluster_harness import Cluster, RunningController, start_controller, wait_until, with_sections, words
 from test_model_fleet import ADMIN, fleet
 from test_model_host import MIB
 from test_monitoring import SpeculatingEcho
@@ -239,6 +239,26 @@ async def test_dashboard_manages_workers_and_shows_requests(keyed: Cluster, chro
         assert (
             await page.evaluate("document.querySelector('#recent-body tr.request.ok').cells[9].textContent") == "stop"
         )
+
+        # a second controller joins: the page (on the first) shows the tier and the request served by the second
+        second = await start_controller(keyed.config)
+        try:
+            await wait_until(lambda: second.ctx.registry.stats().online == 2, what="the second sees the workers")
+            await second.client(api_key=KEY).chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "via the second"}]
+            )
+            served = (
+                f"document.querySelector('#recent-body tr.request[data-controller=\"{second.ctx.controller_id}\"]')"
+            )
+            await page.wait_for(served, timeout=10, what="the second controller's request")
+            assert "2 controllers" in await page.evaluate("document.getElementById('requests-note').textContent")
+            await page.wait_for(
+                "document.getElementById('controller-meta').textContent.includes('(1 of 2 controllers)')",
+                timeout=10,
+                what="the tier in the header",
+            )
+        finally:
+            await second.stop()
 
         await keyed.workers["w-beta"].stop(drain=False)
         await page.wait_for(f"{row('w-beta')}.dataset.status === 'offline'", timeout=10, what="w-beta offline")

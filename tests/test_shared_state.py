@@ -323,7 +323,7 @@ async def test_on_a_three_node_nats_cluster_the_state_has_three_replicas_and_out
             shared = controller.ctx.shared
             assert shared is not None and shared.replicas == 3
             js = (await open_jetstream(bus)).js
-            for stream in ("KV_mlxcluster_keys", "mlxcluster_USAGE", "KV_mlxcluster_usage"):
+            for stream in ("KV_mlxcluster_keys", "mlxcluster_USAGE", "KV_mlxcluster_usage", "KV_mlxcluster_limits"):
                 assert (await js.stream_info(stream)).config.num_replicas == 3
             # lose a server that is not the keys bucket's leader (a leader's loss costs an election: seconds of
             # 503s, not waited for here) nor the one the controller is connected to (node 0)
@@ -331,9 +331,19 @@ async def test_on_a_three_node_nats_cluster_the_state_has_three_replicas_and_out
             lost = next(i for i in (1, 2) if f"n{i}" != leader)
             nodes[lost].kill()
             await nodes[lost].wait()
-            status, created = await call(controller, "POST", "/api/cluster/keys", body={"name": "after"})
+            status, created = await call(controller, "POST", "/api/cluster/keys", body={"name": "after", "rpm": 2})
             assert status == 201, created
-            assert await chat(controller, created["key"]) != 401  # authenticated (no worker on this cluster)
+            # authenticated (no model on this cluster: 404) and limited: the limits bucket outlived the node too
+            # (503 shared_state_unavailable while its stream elects a new leader, if the lost node led it)
+            answers: list[int] = []
+            deadline = time.monotonic() + 20
+            while len(answers) < 3 and time.monotonic() < deadline:
+                answer = await chat(controller, created["key"])
+                if answer == 503:
+                    await asyncio.sleep(0.2)
+                else:
+                    answers.append(answer)
+            assert answers == [404, 404, 429]
         finally:
             await controller.stop()
             await bus.close()

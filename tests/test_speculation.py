@@ -18,6 +18,7 @@ from tiny_model import build_tiny_model
 from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, SamplingParams, Token
 from mlxcluster.worker.engine import MlxEngine
 from mlxcluster.worker.ngram_index import NGramIndex
+from mlxcluster.worker.sampling import KeyedSampler
 from mlxcluster.worker.speculation import RowDrafts, StepCostModel, best_length
 
 # --- the arithmetic -------------------------------------------------------------------------------
@@ -102,11 +103,12 @@ def _generate(model: Any, prompts: list[list[int]], *, speculative: bool, **opti
 
     max_tokens = options.pop("max_tokens", [60] * len(prompts))
     processors = options.pop("logits_processors", None)
+    samplers = options.pop("samplers", None)
     if speculative:
         generator = SpeculativeBatchGenerator(model, completion_batch_size=8, prefill_batch_size=8, **options)
     else:
         generator = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8, **options)
-    uids = generator.insert(prompts, max_tokens=max_tokens, logits_processors=processors)
+    uids = generator.insert(prompts, max_tokens=max_tokens, logits_processors=processors, samplers=samplers)
     tokens: dict[int, list[int]] = {uid: [] for uid in uids}
     finished: dict[int, Any] = {}
     for _ in range(1000):
@@ -183,15 +185,37 @@ def test_rows_that_cannot_draft_decode_beside_those_that_do(tiny_model: Path) ->
     assert spec["stats"].accepted > 0
 
 
+def test_sampled_rows_draft_and_draw_the_tokens_plain_sampling_draws(tiny_model: Path) -> None:
+    """A seeded sampled row accepts a drafted token when its draw (with the key plain decoding would use for
+    that token) equals it: the same tokens as plain sampling with the same seeds, and drafts accepted (every
+    row samples, so the accepted drafts are sampled rows')."""
+    model, tokenizer = _load(tiny_model)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    # a low temperature: the random model's logits are nearly flat; at 0.1 its text still differs from greedy
+    params = [SamplingParams(temperature=0.1, top_p=0.95), SamplingParams(temperature=0.1, top_k=20)] * 2
+    vocab = model.args.vocab_size
+
+    def samplers(seeds: tuple[int, ...] = (7, 11, 5)) -> list[Any]:
+        return [KeyedSampler(p, seed, vocab) for p, seed in zip(params, seeds, strict=False)]
+
+    plain = _generate(model, prompts, speculative=False, samplers=samplers())
+    spec = _generate(model, prompts, speculative=True, samplers=samplers())
+    assert spec["tokens"] == plain["tokens"]
+    assert spec["stats"].accepted > 0
+    other_seeds = _generate(model, prompts, speculative=True, samplers=samplers((8, 12, 6)))
+    assert other_seeds["tokens"] != plain["tokens"]  # the draws really are the seeds'
+
+
 # --- through the engine --------------------------------------------------------------------------------
 
 
-async def _collect(engine: MlxEngine, prompt: str, max_tokens: int) -> str:
+async def _collect(engine: MlxEngine, prompt: str, max_tokens: int, seed: int | None = None) -> str:
     request = InferenceRequest(
-        request_id=f"r{abs(hash(prompt)) % 10_000}",
+        request_id=f"r{abs(hash(prompt)) % 10_000}-{seed}",
         model="tiny",
         prompt=prompt,
-        sampling=SamplingParams(temperature=0.0),
+        sampling=SamplingParams(temperature=0.0 if seed is None else 0.1),
+        seed=seed,
         max_tokens=max_tokens,
     )
     text = []
@@ -211,12 +235,15 @@ async def test_the_engine_speculates_without_changing_the_text(tiny_model: Path)
         engine = MlxEngine(str(tiny_model), max_concurrent=4, speculative_tokens=tokens, prompt_cache_bytes=0)
         await engine.start()
         try:
-            texts[tokens] = await asyncio.gather(*(_collect(engine, p, 50) for p in PROMPTS))
+            sampled = await _collect(engine, PROMPTS[1], 50, seed=4)  # alone, through the engine's guarded sampler
+            alone = engine.speculation_stats()
+            texts[tokens] = [sampled, *await asyncio.gather(*(_collect(engine, p, 50) for p in PROMPTS))]
             stats = engine.speculation_stats()
         finally:
             await engine.stop()
         if tokens:
-            assert stats is not None and stats.accepted > 0 and stats.drafted >= stats.accepted
+            assert alone is not None and alone.accepted > 0  # the seeded sampled request drafted
+            assert stats is not None and stats.accepted > alone.accepted and stats.drafted >= stats.accepted
         else:
             assert stats is None
     assert texts[8] == texts[0]

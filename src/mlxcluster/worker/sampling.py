@@ -24,6 +24,9 @@ class KeyedSampler:
     ``[1, vocab]``) once per generated token, in order; returns the sampled token id(s).
     """
 
+    draftable = True
+    """Speculative decoding may draft for it: :meth:`draws` replays the draws plain decoding would make."""
+
     def __init__(self, params: SamplingParams, seed: int | None, vocab_size: int) -> None:
         self.temperature = float(params.temperature)
         self.top_p = float(params.top_p)
@@ -37,15 +40,34 @@ class KeyedSampler:
                 mx.eval(self._key)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
+        keys = mx.random.split(self._key)
+        self._key = keys[0]
+        return self._draw(logprobs, keys[1])
+
+    def _draw(self, logprobs: mx.array, key: mx.array) -> mx.array:
         if 0.0 < self.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p > 0.0:
             logprobs = apply_min_p(logprobs, self.min_p)
         if self.top_k > 0:
             logprobs = apply_top_k(logprobs, self.top_k)
-        keys = mx.random.split(self._key)
-        self._key = keys[0]
-        return mx.random.categorical(logprobs * (1.0 / self.temperature), key=keys[1])
+        return mx.random.categorical(logprobs * (1.0 / self.temperature), key=key)
+
+    def draws(self, logprobs: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        """Draws for the tokens after the next one (``logprobs``: one row per position, in order), each with
+        the key plain decoding would draw that token with, and the key after each; the sampler's own key does
+        not move until :meth:`commit` is given the one after the last token kept (speculative decoding)."""
+        key, tokens, states = self._key, [], []
+        for position in range(logprobs.shape[0]):
+            keys = mx.random.split(key)
+            key = keys[0]
+            tokens.append(self._draw(logprobs[position : position + 1], keys[1]))
+            states.append(key)
+        return tokens, states
+
+    def commit(self, key: mx.array) -> None:
+        """Go on from ``key`` (one of :meth:`draws`' states: the tokens up to it were kept)."""
+        self._key = key
 
 
 def make_request_sampler(params: SamplingParams, seed: int | None, vocab_size: int) -> Callable[[Any], Any]:

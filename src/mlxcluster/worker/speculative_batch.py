@@ -1,16 +1,20 @@
 """Speculative decoding inside mlx-lm's continuous batch: prompt-lookup drafts, verified per row in one forward.
 
 :class:`SpeculativeBatchGenerator` is mlx-lm's ``BatchGenerator`` with a decode batch that can verify drafts
-(:class:`SpeculativeGenerationBatch`). Each step, every greedy row without logits processors looks up a
-draft in its own prompt and output (:class:`~mlxcluster.worker.ngram_index.NGramIndex`); when the step cost
-model says drafting pays (:func:`~mlxcluster.worker.speculation.best_length`), the batch runs one forward of
-``L`` tokens per row: a row's pending token, its draft (cut to ``L - 1``), padding for shorter drafts. A
-row accepts its drafted tokens while each equals the model's greedy choice at that position (exact-match
-acceptance: the output is the one plain greedy decoding gives), emits its pending token and the accepted
-drafts, and takes the model's choice after the last accepted one as its next pending token. The positions
-it did not accept leave its KV cache (:class:`~mlxcluster.worker.ragged_cache.RaggedKVCache`: rows end
-where their own tokens end). Rows that do not draft (sampled, with a grammar or other logits processors,
-paused by back-off) decode their one token in the same forward.
+(:class:`SpeculativeGenerationBatch`). Each step, every greedy or sampled row without logits processors
+(a grammar is allowed) looks up a draft in its own prompt and output
+(:class:`~mlxcluster.worker.ngram_index.NGramIndex`); when the step cost model says drafting pays
+(:func:`~mlxcluster.worker.speculation.best_length`), the batch runs one forward of ``L`` tokens per row: a
+row's pending token, its draft (cut to ``L - 1``), padding for shorter drafts. A row accepts its drafted
+tokens while each equals the model's choice at that position, emits its pending token and the accepted
+drafts, and takes the model's choice after the last accepted one as its next pending token. A greedy row's
+choice is the argmax (the output is the one plain greedy decoding gives); a sampled row's is a draw from
+the same distribution with the key plain decoding would draw that token with
+(:meth:`~mlxcluster.worker.sampling.KeyedSampler.draws`), so a drafted token is accepted with the
+probability the model gives it and the tokens are those plain sampling gives with the same seed. The
+positions a row did not accept leave its KV cache (:class:`~mlxcluster.worker.ragged_cache.RaggedKVCache`:
+rows end where their own tokens end). Rows that do not draft (a penalty or other logits processors, paused
+by back-off) decode their one token in the same forward.
 
 Each emitted token goes through the stop checks one at a time, as in a plain step: a row that stops (end
 of sequence, ``max_tokens``) in the middle of its accepted tokens ends there, and the tokens after the stop
@@ -75,10 +79,10 @@ class SpeculativeGenerationBatch(GenerationBatch):
         return bool(self.uids) and all(isinstance(c, BatchKVCache) for c in self.prompt_cache)
 
     def _drafter(self, i: int) -> RowDrafts | None:
-        """Row ``i``'s drafting state, or None when it does not draft (sampled; a logits processor that cannot
-        judge drafts, such as a penalty or a thinking budget; a grammar can)."""
+        """Row ``i``'s drafting state, or None when it does not draft (a sampler that cannot replay its draws;
+        a logits processor that cannot judge drafts, such as a penalty or a thinking budget; a grammar can)."""
         sampler = self.samplers[i] if self.samplers else None
-        if sampler not in (None, greedy_sampler):
+        if sampler not in (None, greedy_sampler) and not getattr(sampler, "draftable", False):
             return None
         processors = self.logits_processors[i] if self.logits_processors else ()
         if not all(getattr(processor, "draftable", False) for processor in processors or ()):
@@ -179,7 +183,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
                 processed.append(row_logits)
             first = mx.concatenate(processed, axis=0)
         first_logprobs = first - mx.logsumexp(first, axis=-1, keepdims=True)
-        samplers = [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * batch)]
+        samplers: list[Any] = [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * batch)]
         if all(s is samplers[0] for s in samplers):
             sampled = samplers[0](first_logprobs)
         else:
@@ -189,13 +193,22 @@ class SpeculativeGenerationBatch(GenerationBatch):
         choices = mx.argmax(rest_logprobs, axis=-1)
         guided_logprobs = {e: g - mx.logsumexp(g, axis=-1, keepdims=True) for e, g in guided.items()}
         guided_choices = {e: mx.argmax(g, axis=-1) for e, g in guided_logprobs.items()}
+        drawn: dict[int, tuple[mx.array, list[mx.array]]] = {}
+        """Sampled rows with a draft: a draw at each drafted position, and the sampler's key after each."""
+        for e, draft in enumerate(drafts):
+            sampler = samplers[e]
+            if draft and getattr(sampler, "draftable", False):
+                draws, keys = sampler.draws(guided_logprobs.get(e, rest_logprobs[e])[: len(draft)])
+                drawn[e] = mx.concatenate(draws), keys
         mx.eval(sampled, choices, first_logprobs, rest_logprobs, self._current_logprobs, token_context)
-        mx.eval(guided_logprobs, guided_choices)
+        mx.eval(guided_logprobs, guided_choices, [row_draws for row_draws, _ in drawn.values()])
         pending = cast(list[int], inputs.tolist())
         sampled_list = cast(list[int], sampled.tolist())
         choice_rows = cast(list[list[int]], choices.tolist())
         for e, row_choices in guided_choices.items():
             choice_rows[e] = cast(list[int], row_choices.tolist())
+        for e, (row_draws, _) in drawn.items():
+            choice_rows[e] = cast(list[int], row_draws.tolist())
 
         next_tokens: list[int] = []
         next_logprobs: list[Any] = []
@@ -208,6 +221,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
             accepted = 0
             while accepted < len(draft) and draft[accepted] == targets[accepted]:
                 accepted += 1
+            if accepted and i in drawn:  # its key moves past the draws of the tokens kept, as plain decoding's
+                samplers[i].commit(drawn[i][1][accepted - 1])
             row = drafters[i]
             if draft and row is not None:
                 row.verified(len(draft), accepted)

@@ -89,6 +89,31 @@ class GuardedSampler:
                 _record(self.job, "sampler", exc)
         return mx.argmax(logprobs, axis=-1)
 
+    @property
+    def draftable(self) -> bool:
+        """Whether speculative decoding may draft for it: it can replay a position's draw (a keyed sampler)."""
+        return bool(getattr(self.sampler, "draftable", False))
+
+    def draws(self, logprobs: Any) -> tuple[list[Any], list[Any]]:
+        """The sampler's draws at drafted positions (``KeyedSampler.draws``); the argmax once this request failed."""
+        import mlx.core as mx
+
+        if self.job.fault is None:
+            try:
+                return self.sampler.draws(logprobs)  # type: ignore[attr-defined, no-any-return]
+            except Exception as exc:
+                _record(self.job, "sampler", exc)
+        positions = range(logprobs.shape[0])
+        return [mx.argmax(logprobs[p : p + 1], axis=-1) for p in positions], [None for _ in positions]
+
+    def commit(self, key: Any) -> None:
+        """Move the sampler's key past the draws kept (nothing once this request failed)."""
+        if self.job.fault is None and key is not None:
+            try:
+                self.sampler.commit(key)  # type: ignore[attr-defined]
+            except Exception as exc:
+                _record(self.job, "sampler", exc)
+
 
 def guard_processors(job: Job, processors: list[Callable[[Any, Any], Any]]) -> list[Callable[[Any, Any], Any]]:
     return [GuardedProcessor(job, processor) for processor in processors]

@@ -158,6 +158,15 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     """Every online controller on the bus (the processes of a controller tier, other machines' controllers), its
     counters summed from their heartbeats: ``controllers_online``, ``in_flight``, ``requests_total``,
     ``completed``, ``failed``, ``errors``, ``retries`` (empty where the controller hears no peers)."""
+    bus: dict[str, int] = {}
+    """This controller's NATS connection: ``connected`` (1 or 0) and counters since it connected first:
+    ``reconnects``, ``disconnects``, ``in_msgs``, ``out_msgs``, ``in_bytes``, ``out_bytes``,
+    ``slow_consumer_drops`` (messages dropped because a subscription could not keep up), ``errors``,
+    ``invalid_messages``. A snapshot is also sent at each change of the connection."""
+    worker_accelerator: dict[str, dict[str, float]] = {}
+    """Per online or degraded worker that reports its accelerator: the fields of its last
+    :class:`~mlxcluster.protocol.AcceleratorStats` that it knows (``mlx_active_bytes``, ``mlx_cache_bytes``,
+    ``mlx_peak_bytes``, ``gpu_utilization`` in percent, ``gpu_cores``, ``gpu_memory_used_bytes``)."""
 
 
 MetricsEvent = RequestFinished | RequestRetried | RequestMigrated | WorkerStatusChanged | ClusterSnapshot

@@ -21,6 +21,7 @@ from mlxcluster.api import (
     RequestRetried,
     hookimpl,
 )
+from mlxcluster.builtin.telemetry_metrics import AcceleratorCollector, BusCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic Prometheus text format that ``generate_latest`` writes (every Prometheus version reads it)."""
@@ -87,6 +88,10 @@ class PrometheusExporter:
         r.register(self.prompt_cache)
         self.speculation = SpeculationCollector()
         r.register(self.speculation)
+        self.bus = BusCollector()
+        r.register(self.bus)
+        self.accelerators = AcceleratorCollector()
+        r.register(self.accelerators)
         self.key_requests = Counter(
             "mlxcluster_key_requests",
             "Inference requests finished, by API key and status.",
@@ -160,6 +165,8 @@ class PrometheusExporter:
         self.prompt_cache.workers = event.worker_prompt_cache
         self.prompt_cache.index = event.cache_index
         self.speculation.workers = event.worker_speculation
+        self.bus.counters = event.bus
+        self.accelerators.workers = event.worker_accelerator
 
     def text(self) -> bytes:
         """The current metrics in the Prometheus text exposition format (without ``*_created`` series)."""

@@ -63,7 +63,8 @@ def parse_ioreg_accelerators(text: str) -> list[GpuReading]:
     """
     readings: list[GpuReading] = []
     starts = [match.start() for match in _ENTRY.finditer(text)]
-    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
+    ends = [*starts[1:], len(text)] if starts else []
+    for begin, end in zip(starts, ends, strict=True):
         entry = text[begin:end]
         utilization = _number(_UTILIZATION, entry)
         if utilization is None:

@@ -270,3 +270,30 @@ async def test_accelerator_figures_reach_the_api_and_metrics(
         kinds = {dict(labels)["kind"] for name, labels in values if name == "mlxcluster_worker_mlx_memory_bytes"}
         assert kinds == {"active", "cache", "peak"}
         assert not [key for key in values if key[0].startswith("mlxcluster_worker_gpu") and key[1] != gpu]
+
+
+def test_status_table_shows_mode_success_rate_and_reconnects() -> None:
+    from mlxcluster.cli.status import format_status
+
+    workers = {"online": 1, "degraded": 0, "draining": 0, "offline": 0, "capacity": 8, "active": 0, "queued": 0}
+    requests = {
+        "total": 8,
+        "in_flight": 0,
+        "retries": 0,
+        "failed": 1,
+        "success_rate": 0.875,
+        "success_rate_window_s": 300,
+    }
+    nats = {"connected": True, "server": "127.0.0.1:4222", "invalid_messages_total": 0, "reconnects": 2}
+    status = {"controller_id": "c1", "state": "ready", "uptime_s": 9, "balancer": "cache_aware", "models": ["m"]}
+    text = format_status({**status, "mode": "controller", "workers": workers, "requests": requests, "nats": nats})
+    assert "(ready, up 9s, controller mode)" in text
+    assert "1 failed, 87.5% succeeded in the last 5 min" in text and "dropped, 2 reconnects" in text
+    older = {
+        **status,
+        "workers": workers,
+        "requests": {**requests, "success_rate": None},
+        "nats": {**nats, "reconnects": 0},
+    }
+    text = format_status(older)  # an older controller, or nothing finished in the window
+    assert "(ready, up 9s)" in text and "succeeded" not in text and "reconnects" not in text

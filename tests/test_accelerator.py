@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import msgspec
+import pytest
 from cluster_harness import Cluster, RunningController, wait_until, with_sections
 
 from mlxcluster.api import AcceleratorStats, InferenceRequest, WorkerView
@@ -30,6 +31,7 @@ from mlxcluster.worker.accelerator import (
     NvmlProbe,
     busiest,
     machine_probe,
+    open_nvml,
     parse_ioreg_accelerators,
     visible_device,
 )
@@ -92,12 +94,20 @@ def test_machine_probe_by_platform() -> None:
 class StandInNvml:
     """The few ``pynvml`` calls :class:`NvmlProbe` makes, answering like an H100 at 87 % load."""
 
-    def __init__(self, cores: bool = True) -> None:
+    def __init__(self, cores: bool = True, driver: bool = True, devices: int = 1) -> None:
         self.cores = cores
+        self.driver = driver
+        self.devices = devices
         self.handles: list[int] = []
         self.shut_down = False
 
+    def nvmlInit(self) -> None:  # noqa: N802
+        if not self.driver:
+            raise RuntimeError("NVML Shared Library Not Found")
+
     def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # noqa: N802 (pynvml's names)
+        if index >= self.devices:
+            raise RuntimeError("Invalid Argument")
         self.handles.append(index)
         return f"gpu{index}"
 
@@ -120,7 +130,7 @@ class StandInNvml:
 
 
 async def test_nvml_probe_reads_the_visible_gpu() -> None:
-    nvml = StandInNvml()
+    nvml = StandInNvml(devices=4)
     probe = NvmlProbe(nvml, device=visible_device({"CUDA_VISIBLE_DEVICES": "2,3"}))
     assert nvml.handles == [2]
     assert await probe.read() == GpuReading(
@@ -130,6 +140,18 @@ async def test_nvml_probe_reads_the_visible_gpu() -> None:
     assert nvml.shut_down
     assert (await NvmlProbe(StandInNvml(cores=False)).read()).cores is None  # type: ignore[union-attr]
     assert visible_device({"CUDA_VISIBLE_DEVICES": "GPU-8f6c1a"}) == 0 and visible_device({}) == 0
+
+
+def test_nvml_is_used_only_where_it_imports_and_finds_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
+    assert open_nvml() is None and machine_probe("linux") is None
+    monkeypatch.setitem(sys.modules, "pynvml", StandInNvml(driver=False))  # installed, no driver
+    assert open_nvml() is None
+    no_gpu = StandInNvml(devices=0)
+    monkeypatch.setitem(sys.modules, "pynvml", no_gpu)  # a driver, no GPU at that index
+    assert open_nvml(device=0) is None and no_gpu.shut_down
+    monkeypatch.setitem(sys.modules, "pynvml", StandInNvml())
+    assert isinstance(machine_probe("linux"), NvmlProbe)
 
 
 # --- the monitor --------------------------------------------------------------------------------------

@@ -141,7 +141,8 @@ class ConnectionEvents:
     async def _reconnected(self) -> None:
         log.info("%s: reconnected to NATS", self.name)
         self._attempt = 0
-        self.emit("connected", server=_address(self.nc))
+        self.emit("connected", server=_address(self.nc))  # names the error that broke the connection, then forgets it
+        self.last_error = None
 
     async def _closed(self) -> None:
         log.info("%s: NATS connection closed", self.name)

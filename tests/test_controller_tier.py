@@ -97,6 +97,7 @@ def test_two_processes_share_the_port_and_a_killed_one_is_restarted(start_tier: 
         assert set(served) == {row_id for row_id, row in listed.items() if row["status"] == "online"}
         assert body["controller_id"] in served and listed[body["controller_id"]]["self"]  # says who answered
         assert sum(row["self"] for row in body["controllers"]) == 1
+        assert body["mode"] == "controller"  # the tier's processes, not dual mode's
 
         def tier_counted() -> bool:  # both processes' counters, from their heartbeats, in either's answer
             tier_figures = tier.http("/api/cluster/status")[1].get("tier") or {}

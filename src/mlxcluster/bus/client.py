@@ -107,7 +107,8 @@ class Bus:
         self.subjects = subjects
         self.invalid_messages: Counter[str] = Counter()
         self.events = events if events is not None else ConnectionEvents("bus")
-        """The connection's state changes, for listeners (:meth:`ConnectionEvents.add_listener`)."""
+        """The connection's state changes, for listeners (:meth:`ConnectionEvents.add_listener`); only a bus made by
+        :meth:`connect` hears them (its callbacks were given to nats-py)."""
         if self.events.nc is None:
             self.events.nc = nc
 

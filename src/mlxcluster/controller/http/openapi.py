@@ -229,7 +229,8 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                             **NULLABLE_NUM,
                             "description": "Share of this controller's dispatched requests that succeeded over the "
                             "last `success_rate_window_s` seconds (five minutes): ok / (ok + failed), requests the "
-                            "client cancelled not counted; null when none finished in the window.",
+                            "client cancelled or that were refused before dispatch not counted; null when none "
+                            "finished in the window.",
                         },
                         "success_rate_window_s": NUM,
                     }

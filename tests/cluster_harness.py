@@ -45,6 +45,7 @@ from mlxcluster.protocol import (
     decode_frames,
     encode,
 )
+from mlxcluster.worker.accelerator import AcceleratorMonitor
 from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.service import PROBE_INTERVAL_S, WorkerService
 
@@ -219,8 +220,10 @@ async def start_worker(
     token_delay_ms: float = 0.0,
     engine: EchoEngine | None = None,
     probe_interval_s: float = PROBE_INTERVAL_S,
+    accelerator: AcceleratorMonitor | None = None,
 ) -> RunningWorker:
-    """Start an echo worker (``config.worker`` gives max_concurrent/max_queue)."""
+    """Start an echo worker (``config.worker`` gives max_concurrent/max_queue; ``accelerator``: what its heartbeats
+    say of MLX and the GPU, by default this machine's)."""
     bus = await Bus.connect(config.nats, name=f"test-worker-{worker_id}", attempts=5)
     engine = engine or EchoEngine(models=models or ["echo"], token_delay_ms=token_delay_ms)
     service = WorkerService(
@@ -230,6 +233,7 @@ async def start_worker(
         worker_id=worker_id,
         hardware=TEST_HARDWARE,
         probe_interval_s=probe_interval_s,
+        accelerator=accelerator,
     )
     await service.start()
     await barrier(bus)  # tests send requests at once, without waiting for the registration to be seen

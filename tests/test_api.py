@@ -445,7 +445,10 @@ async def test_cluster_status(controller: RunningController, client: openai.Asyn
     assert data["nats"]["connected"] is True
     assert data["nats"]["max_payload"] == controller.bus.max_payload
     assert data["nats"]["invalid_messages_total"] == 0
+    assert data["nats"]["state"] == "connected" and data["nats"]["reconnects"] == 0
     assert data["uptime_s"] >= 0 and data["version"]
+    assert data["mode"] == controller.ctx.config.cluster.mode == "dual"  # the default [cluster] mode
+    assert data["requests"]["success_rate"] == 1.0 and data["requests"]["success_rate_window_s"] == 300
 
 
 async def test_cluster_workers(controller: RunningController, cluster: Cluster) -> None:
@@ -458,9 +461,10 @@ async def test_cluster_workers(controller: RunningController, cluster: Cluster) 
     assert worker["engine"] == "echo"
     assert worker["breaker"] == "closed"
     assert worker["max_concurrent"] == controller.ctx.config.worker.max_concurrent
-    assert (await get(controller, "/api/cluster/workers?status=offline"))[1] == {"workers": []}
+    assert data["total"] == 1
+    assert (await get(controller, "/api/cluster/workers?status=offline"))[1] == {"workers": [], "total": 0}
     assert [w["id"] for w in (await get(controller, "/api/cluster/workers?model=echo"))[1]["workers"]] == ["w1"]
-    assert (await get(controller, "/api/cluster/workers?model=zzz"))[1] == {"workers": []}
+    assert (await get(controller, "/api/cluster/workers?model=zzz"))[1] == {"workers": [], "total": 0}
     status, data, _ = await get(controller, "/api/cluster/workers?status=sleepy")
     assert status == 400
     assert_error_shape(data, param="status")

@@ -13,7 +13,18 @@ import pytest
 from loopback import free_port, make_config
 from nats.aio.msg import Msg
 
-from mlxcluster.bus import Bus, BusError, ReplyWriter, Signal, StreamInbox, connect_options
+from mlxcluster.bus import (
+    Bus,
+    BusConnectionError,
+    BusError,
+    BusEvent,
+    BusNoRespondersError,
+    BusTimeoutError,
+    ReplyWriter,
+    Signal,
+    StreamInbox,
+    connect_options,
+)
 from mlxcluster.bus.streams import MAX_BATCH_BYTES
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
@@ -118,14 +129,18 @@ async def test_request_timeout_raises_bus_error(bus: Bus) -> None:
     await bus.subscribe(subject, Cancel, never_answer)
     await bus.nc.flush()
     started = time.monotonic()
-    with pytest.raises(BusError, match="within"):
+    with pytest.raises(BusTimeoutError, match="within") as caught:
         await bus.request(subject, Cancel(request_id="r"), Cancel, timeout=0.2)
     assert time.monotonic() - started < WAIT_S
+    assert isinstance(caught.value, BusError)  # `except BusError` still catches it
+    with pytest.raises(BusTimeoutError, match="within"):  # a probe nobody answers in time: the same type
+        await bus.probe(subject, headers={"x": "1"}, timeout=0.2)
 
 
 async def test_request_without_responders_raises_bus_error(bus: Bus) -> None:
-    with pytest.raises(BusError, match="no responders"):
+    with pytest.raises(BusNoRespondersError, match="no responders") as caught:
         await bus.request(bus.subjects.inference("nobody"), Cancel(request_id="r"), Cancel, timeout=WAIT_S)
+    assert isinstance(caught.value, BusError) and not isinstance(caught.value, BusTimeoutError)
 
 
 async def test_request_with_invalid_reply_raises_bus_error(bus: Bus) -> None:
@@ -135,9 +150,10 @@ async def test_request_with_invalid_reply_raises_bus_error(bus: Bus) -> None:
     subject = bus.subjects.cancel("w2")
     await bus.subscribe(subject, Cancel, answer_garbage)
     await bus.nc.flush()
-    with pytest.raises(BusError, match="invalid Cancel"):
+    with pytest.raises(BusError, match="invalid Cancel") as caught:
         await bus.request(subject, Cancel(request_id="r"), Cancel, timeout=WAIT_S)
     assert bus.invalid_messages[subject] == 1
+    assert type(caught.value) is BusError  # neither a timeout, nor no responders, nor the connection
 
 
 async def test_queue_group_spreads_work(cluster_config: Config, bus: Bus) -> None:
@@ -228,6 +244,9 @@ async def test_reconnect_after_server_killed_and_restarted() -> None:
     bus: Bus | None = None
     try:
         bus = await Bus.connect(config.nats, name="survivor", attempts=3)
+        events: list[BusEvent] = []
+        bus.events.add_listener(events.append)
+        assert bus.events.state == "connected" and bus.counters()["connected"] == 1
         received: asyncio.Queue[WorkerHeartbeat] = asyncio.Queue()
 
         async def on_heartbeat(message: WorkerHeartbeat, _msg: Msg) -> None:
@@ -241,10 +260,20 @@ async def test_reconnect_after_server_killed_and_restarted() -> None:
         await server.process.wait()
         await server.stop()
         await wait_until(lambda: not bus.is_connected)
+        await wait_until(lambda: any(e.state == "reconnecting" for e in events))  # tries while the server is gone
+        assert events[0].state == "disconnected" and bus.counters()["connected"] == 0
 
         replacement = EmbeddedNatsServer(config.nats)
         await replacement.start()
         await wait_until(lambda: bus.is_connected, timeout=10)
+        await wait_until(lambda: events[-1].state == "connected")  # pushed to listeners: nothing polls
+        states = [e.state for e in events]
+        assert states[0] == "disconnected" and set(states[1:-1]) == {"reconnecting"}, states
+        attempts = [e.attempt for e in events if e.state == "reconnecting"]
+        assert attempts == list(range(1, len(attempts) + 1))  # counted since the drop
+        assert events[-1].reconnects == 1 and events[-1].server == f"127.0.0.1:{config.nats.embedded.port}"
+        counters = bus.counters()
+        assert (counters["connected"], counters["reconnects"], counters["disconnects"]) == (1, 1, 1)
 
         publisher = await Bus.connect(config.nats, name="publisher", attempts=3)
         try:
@@ -254,6 +283,13 @@ async def test_reconnect_after_server_killed_and_restarted() -> None:
         finally:
             await publisher.close()
         assert message == WorkerHeartbeat(worker_id="after-restart")
+        await bus.publish(bus.subjects.deregister, WorkerHeartbeat(worker_id="x"))
+        counters = bus.counters()
+        assert counters["in_msgs"] >= 1 and counters["in_bytes"] > 0
+        assert counters["out_msgs"] == 1 and counters["out_bytes"] == len(encode(WorkerHeartbeat(worker_id="x")))
+        await bus.close()
+        assert events[-1].state == "closed" and bus.events.state == "closed"
+        assert bus.counters()["disconnects"] == 1  # a deliberate close is no disconnection
     finally:
         if bus is not None:
             await bus.close(drain=False)
@@ -265,7 +301,9 @@ async def test_reconnect_after_server_killed_and_restarted() -> None:
 async def test_connect_to_dead_port_gives_up() -> None:
     config = make_config()  # nobody listens on its port
     started = time.monotonic()
-    with pytest.raises(BusError, match=f"cannot connect to NATS at nats://127.0.0.1:{config.nats.embedded.port}"):
+    with pytest.raises(
+        BusConnectionError, match=f"cannot connect to NATS at nats://127.0.0.1:{config.nats.embedded.port}"
+    ):
         await asyncio.wait_for(Bus.connect(config.nats, name="nobody", attempts=2), 10)
     assert time.monotonic() - started < 5
 
@@ -275,6 +313,8 @@ async def test_close_is_idempotent(cluster_config: Config, nats_server: Embedded
     await bus.close()
     await bus.close()
     assert not bus.is_connected
+    with pytest.raises(BusConnectionError):  # a closed connection is a connection error, told apart by type
+        await bus.request(bus.subjects.cancel("w"), Cancel(request_id="r"), Cancel, timeout=1)
 
 
 def test_connect_options_from_config() -> None:
@@ -398,3 +438,20 @@ async def test_probes_are_answered_by_the_inbox_while_a_stream_is_open(bus: Bus)
         inbox.discard("req-1.1")
         assert await writer.consumer_gone()  # nobody waits for it any more: answered "gone"
     assert await ReplyWriter(bus, bus.subjects.response("c-probes", "req-1.1")).consumer_gone()  # no responders
+
+
+async def test_slow_consumer_drops_are_counted(bus: Bus) -> None:
+    release = asyncio.Event()
+
+    async def stuck(_msg: Msg) -> None:
+        await release.wait()
+
+    await bus.nc.subscribe("slow.subject", cb=stuck, pending_msgs_limit=1)  # holds one message, one more waits
+    await bus.flush()
+    for _ in range(5):
+        await bus.nc.publish("slow.subject", b"x")
+    await bus.flush()
+    await wait_until(lambda: bus.counters()["slow_consumer_drops"] >= 1)
+    release.set()
+    assert bus.counters()["slow_consumer_drops"] <= 5 and bus.events.state == "connected"
+    assert bus.events.last_error is None  # a slow consumer is counted, not taken for a connection error

@@ -90,6 +90,7 @@ async def test_status_plain_and_json(running: Cluster, cli_config: Path) -> None
     assert shown["workers"].startswith("2 online, 0 degraded")
     assert shown["models"] == "echo"
     assert shown["nats"].startswith("connected to ")
+    assert shown["controller"].endswith(", dual mode)")  # the default [cluster] mode of the test config
     data = json.loads((await cli("status", "--json", "--url", url, "-c", str(cli_config))).stdout)
     assert {"controller_id", "state", "uptime_s", "balancer", "workers", "requests", "nats", "models"} <= set(data)
     assert data["workers"]["online"] == 2 and data["models"] == ["echo"]

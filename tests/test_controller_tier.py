@@ -13,6 +13,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -93,11 +94,19 @@ def test_two_processes_share_the_port_and_a_killed_one_is_restarted(start_tier: 
 
         served = Counter(chat(tier.url, f"hello {n}")[1] for n in range(40))
         assert len(served) == 2, served  # the kernel spreads connections over both processes
-        status, body = tier.http("/api/cluster/status")
+        answers: list[dict[str, Any]] = []
+
+        def both_listed_online() -> bool:  # a heartbeat may come late on a loaded machine: wait, do not sample once
+            body = tier.http("/api/cluster/status")[1]
+            answers.append(body)
+            return set(served) == {row["id"] for row in body["controllers"] if row["status"] == "online"}
+
+        tier.wait_for(both_listed_online, READY_TIMEOUT_S, "both processes listed online")
+        body = answers[-1]
         listed = {row["id"]: row for row in body["controllers"]}
-        assert set(served) == {row_id for row_id, row in listed.items() if row["status"] == "online"}
         assert body["controller_id"] in served and listed[body["controller_id"]]["self"]  # says who answered
         assert sum(row["self"] for row in body["controllers"]) == 1
+        assert body["mode"] == "controller"  # the tier's processes, not dual mode's
 
         def tier_counted() -> bool:  # both processes' counters, from their heartbeats, in either's answer
             tier_figures = tier.http("/api/cluster/status")[1].get("tier") or {}

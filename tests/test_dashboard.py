@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cdp import Browser, find_chromium
 from cluster_harness import Cluster, RunningController, start_controller, wait_until, with_sections, words
+from test_accelerator import M2_MAX
 from test_model_fleet import ADMIN, fleet
 from test_model_host import MIB
 from test_monitoring import SpeculatingEcho
@@ -25,6 +26,7 @@ from mlxcluster.config import Config
 from mlxcluster.controller.http.dashboard import load_page
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import SpeculationCounts
+from mlxcluster.worker.accelerator import AcceleratorMonitor, IoregProbe
 
 KEY = "sk-dashboard-test"
 BEARER = {"Authorization": f"Bearer {KEY}"}
@@ -168,8 +170,13 @@ async def test_dashboard_shows_prompt_cache_and_speculation_figures(
 ) -> None:
     counts = SpeculationCounts(steps=4, drafted=10, accepted=7)
     async with Cluster(cluster_config) as cluster:
-        await cluster.start_worker("w-cache", engine=SpeculatingEcho(counts, models=["echo"], prompt_cache_entries=16))
-        await cluster.start_worker("w-plain", models=["other"])  # not speculating, and not taking the chats
+        gpu = AcceleratorMonitor(mlx=False, gpu=IoregProbe(("cat", str(M2_MAX))), interval_s=0.1)
+        await cluster.start_worker(
+            "w-cache", engine=SpeculatingEcho(counts, models=["echo"], prompt_cache_entries=16), accelerator=gpu
+        )
+        await cluster.start_worker(  # not speculating, not taking the chats, no GPU figures
+            "w-plain", models=["other"], accelerator=AcceleratorMonitor(mlx=False, gpu=None)
+        )
         controller = await cluster.start_controller()
         await controller.wait_online("w-cache", "w-plain")
         client = controller.client()
@@ -197,6 +204,11 @@ async def test_dashboard_shows_prompt_cache_and_speculation_figures(
             assert "in 4 verify steps" in await page.evaluate(f"{speculation_cell}.title")
             await page.wait_for(f"{row('w-plain')}", what="the plain worker's row")
             assert await page.evaluate(f"{row('w-plain')}.querySelector('.speculation').textContent") == "–"
+            gpu_cell = f"{row('w-cache')}.querySelector('.accelerator')"
+            await page.wait_for(f"{gpu_cell}.textContent.includes('%')", what="the GPU cell")
+            assert await page.evaluate(f"{gpu_cell}.textContent") == "63 % · 38 cores"
+            assert "Apple M2 Max" in await page.evaluate(f"{gpu_cell}.title")
+            assert await page.evaluate(f"{row('w-plain')}.querySelector('.accelerator').textContent") == "–"
             await page.wait_for("document.getElementById('cache-rate').textContent.endsWith('%')", what="the card")
             assert "index" in await page.evaluate("document.getElementById('cache-sub').textContent")
             assert page.exceptions == [], page.exceptions

@@ -26,7 +26,8 @@ def start_dual(tmp_path: Path) -> Iterator[Callable[..., Dual]]:
 
 
 def test_dual_echo_serves_restarts_a_killed_worker_and_stops_cleanly(start_dual: Callable[..., Dual]) -> None:
-    dual = start_dual("--engine", "echo")
+    # the environment names another mode than the flag: the flag wins, for the children too
+    dual = start_dual("--engine", "echo", env={"MLXCLUSTER_CLUSTER_MODE": "worker"})
     dual.wait_for(dual.ready, READY_TIMEOUT_S, "/ready")
     client = dual.client()
     completion = client.chat.completions.create(
@@ -36,6 +37,7 @@ def test_dual_echo_serves_restarts_a_killed_worker_and_stops_cleanly(start_dual:
     status, workers = dual.http("/api/cluster/workers?status=online")
     assert status == 200 and len(workers["workers"]) == 1
     assert workers["workers"][0]["engine"] == "echo"
+    assert dual.http("/api/cluster/status")[1]["mode"] == "dual"  # its controller runs with `--mode controller`
 
     # A crashed worker is restarted by the supervisor and the cluster serves again.
     [worker] = dual.role("worker")

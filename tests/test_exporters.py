@@ -244,7 +244,18 @@ async def test_metrics_endpoint_after_known_traffic(cluster: Cluster) -> None:
         "mlxcluster_key_requests",
         "mlxcluster_key_tokens",
         "mlxcluster_key_rate_limited",
+        "mlxcluster_nats_connected",  # the controller's NATS connection (echo workers report no accelerator)
+        "mlxcluster_nats_reconnects",
+        "mlxcluster_nats_disconnects",
+        "mlxcluster_nats_slow_consumer_drops",
+        "mlxcluster_nats_errors",
+        "mlxcluster_nats_messages",
+        "mlxcluster_nats_bytes",
     } == {name for name in families if name.startswith("mlxcluster_")}
+    assert values[("mlxcluster_nats_connected", ())] == 1
+    assert values[("mlxcluster_nats_reconnects_total", ())] == 0
+    assert values[("mlxcluster_nats_messages_total", (("direction", "in"),))] > 0  # heartbeats, frames
+    assert values[("mlxcluster_nats_bytes_total", (("direction", "out"),))] > 0  # requests, announce
     key = ("key", "api_keys[0]")  # the plain api_keys entry, by its position
     assert values[("mlxcluster_key_requests_total", (key, ("status", "ok")))] == 3
     assert values[("mlxcluster_key_requests_total", (key, ("status", "error")))] == 1

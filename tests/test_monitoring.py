@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from cluster_harness import Cluster, RunningController, demo_model_or_skip, wait_until, with_sections, words
 
+from mlxcluster.bus import BusEvent
 from mlxcluster.config import Config, LoggingSection
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.logsetup import JsonFormatter
@@ -205,7 +206,7 @@ async def test_speculation_counts_in_the_api_and_metrics(
         async with controller.session().get(f"{controller.url}/openapi.json") as resp:
             document = await resp.json()
         schema = {"$ref": "#/components/schemas/WorkerList", "components": document["components"]}
-        Draft202012Validator(schema).validate({"workers": list(workers.values())})  # the documented shape
+        Draft202012Validator(schema).validate({"workers": list(workers.values()), "total": len(workers)})
 
         engine.counts = SpeculationCounts(steps=5, drafted=12, accepted=9)  # counters since the worker started
 
@@ -228,17 +229,42 @@ async def test_speculation_counts_in_the_api_and_metrics(
         assert not [key for key in values if key[0].startswith("mlxcluster_worker_speculative") and key[1] != spec]
 
 
+async def nats_metrics(controller: RunningController) -> dict[str, float]:
+    """The unlabelled ``mlxcluster_nats_*`` samples of the controller's ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with controller.session().get(f"{controller.url}/metrics") as resp:
+        text = await resp.text()
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("mlxcluster_nats_") and not s.labels
+    }
+
+
+async def nats_connected(controller: RunningController, value: int) -> bool:
+    return (await nats_metrics(controller)).get("mlxcluster_nats_connected") == value
+
+
 async def test_controller_is_degraded_while_nats_is_down(
     cluster_config: Config, nats_server: EmbeddedNatsServer
 ) -> None:
-    async with Cluster(cluster_config) as running:
+    config = with_sections(cluster_config, metrics={"exporters": ["prometheus"], "snapshot_interval_s": 60})
+    async with Cluster(config) as running:
         await running.start_worker("w1")
         controller = await running.start_controller()
         await wait_until(lambda: controller.ctx.registry.stats().online == 1, what="w1 online")
+        events: list[BusEvent] = []
+        controller.bus.events.add_listener(events.append)
+        assert (await nats_metrics(controller))["mlxcluster_nats_connected"] == 1
         async with controller.session().get(controller.url + "/ready") as resp:
             assert resp.status == 200 and (await resp.json())["state"] == "ready"
         await nats_server.stop()
         await wait_until(lambda: controller.ctx.lifecycle.state == "degraded", what="degraded")
+        assert events[0].state == "disconnected"
+        # the gauge follows the event at once: the snapshot period (60 s) has not come round
+        await wait_until(lambda: nats_connected(controller, 0), what="mlxcluster_nats_connected 0 in /metrics")
         async with controller.session().get(controller.url + "/health") as resp:
             body = await resp.json()
             assert resp.status == 200 and body["status"] == "degraded" and body["state"] == "degraded"
@@ -247,6 +273,12 @@ async def test_controller_is_degraded_while_nats_is_down(
             assert resp.status == 503 and (await resp.json())["state"] == "degraded"
         await nats_server.start()
         await wait_until(lambda: controller.ctx.lifecycle.state == "ready", timeout=20, what="ready again")
+        assert events[-1].state == "connected" and "reconnecting" in {e.state for e in events}
+        await wait_until(lambda: nats_connected(controller, 1), what="mlxcluster_nats_connected 1 again")
+        metrics = await nats_metrics(controller)
+        assert metrics["mlxcluster_nats_reconnects_total"] == 1 and metrics["mlxcluster_nats_disconnects_total"] == 1
+        _, status = await get(controller, "/api/cluster/status")
+        assert status["nats"]["state"] == "connected" and status["nats"]["reconnects"] == 1
         async with controller.session().get(controller.url + "/health") as resp:
             body = await resp.json()
             assert body["status"] == "ok" and "reason" not in body

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from mlxcluster.protocol import (
+    AcceleratorStats,
     Accepted,
     Announce,
     Cancel,
@@ -64,6 +65,9 @@ HEARTBEAT = WorkerHeartbeat(
     errors_total=1,
     sent_at=1700000001.5,
     speculation=SpeculationCounts(steps=12, drafted=48, accepted=30),
+    accelerator=AcceleratorStats(
+        mlx_active_bytes=2_415_919_104, mlx_cache_bytes=0, gpu_utilization=63.0, gpu_cores=38, source="ioreg"
+    ),
 )
 CHAT_REQUEST = InferenceRequest(
     request_id="req-1",
@@ -194,6 +198,9 @@ def test_missing_optional_fields_take_defaults() -> None:
     request = decode(b'{"request_id": "r", "model": "m"}', InferenceRequest)
     assert request == InferenceRequest(request_id="r", model="m")
     assert request.max_tokens == 256 and request.stream is True and request.messages is None
+    assert decode(b'{"worker_id": "w"}', WorkerHeartbeat).accelerator is None  # a worker older than it
+    newer = b'{"worker_id": "w", "accelerator": {"gpu_utilization": 5, "npu_utilization": 9}}'
+    assert decode(newer, WorkerHeartbeat).accelerator == AcceleratorStats(gpu_utilization=5.0)
 
 
 @pytest.mark.parametrize(
@@ -210,6 +217,8 @@ def test_missing_optional_fields_take_defaults() -> None:
         (b'{"worker_id": "w", "status": "sleeping"}', WorkerHeartbeat),
         (b'{"worker_id": "w", "tokens_per_second": 1e400}', WorkerHeartbeat),
         (b'{"worker_id": "w", "models_loaded": "m"}', WorkerHeartbeat),
+        (b'{"worker_id": "w", "accelerator": {"gpu_cores": -1}}', WorkerHeartbeat),
+        (b'{"worker_id": "w", "accelerator": {"gpu_utilization": "busy"}}', WorkerHeartbeat),
         (b'{"worker_id": "\xf0"}', WorkerHeartbeat),
         (b'{"request_id": "r"}', InferenceRequest),
         (b'{"request_id": "r", "model": "m", "messages": [{"content": "x"}]}', InferenceRequest),

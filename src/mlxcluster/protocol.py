@@ -189,6 +189,28 @@ class MemoryParts(_Message):
     kv_bytes: Count = 0
 
 
+class AcceleratorStats(_Message):
+    """A worker's accelerator as it measured it for one heartbeat; a field left ``None`` is not known there.
+
+    The MLX figures are the worker process's own (``mx.get_active_memory`` / ``get_cache_memory`` /
+    ``get_peak_memory``: arrays alive, buffers MLX keeps for reuse, the highest active figure since the process
+    started). The GPU figures are the machine's, sampled every few seconds: on macOS from IOKit's accelerator
+    statistics (``ioreg``), on Linux from NVML where ``nvidia-ml-py`` is installed.
+    """
+
+    mlx_active_bytes: Count | None = None
+    mlx_cache_bytes: Count | None = None
+    mlx_peak_bytes: Count | None = None
+    gpu_utilization: float | None = None
+    """Percent of the time the GPU was busy (0-100), as the system last reported it."""
+    gpu_cores: Count | None = None
+    gpu_memory_used_bytes: Count | None = None
+    """Memory the GPU's work holds: on a Mac the unified memory the GPU uses, with NVML the device's used memory."""
+    gpu_name: str | None = None
+    source: str = ""
+    """Where the GPU figures came from: ``ioreg``, ``nvml`` or empty (none)."""
+
+
 class WorkerHeartbeat(_Message):
     """Published by a worker every ``discovery.heartbeat_interval_ms``."""
 
@@ -214,6 +236,8 @@ class WorkerHeartbeat(_Message):
     memory: MemoryParts | None = None
     speculation: SpeculationCounts | None = None
     """Speculative decoding since the worker started (None: no engine of it speculates)."""
+    accelerator: AcceleratorStats | None = None
+    """MLX memory and GPU load (None: a worker that predates it, or one that knows none of it)."""
 
 
 class CacheEvent(_Message):

@@ -44,9 +44,17 @@ from mlxcluster.api.exporter import (
 from mlxcluster.api.helpers import DEFAULT_MAX_ENTRIES, Cursor, LruMap, best, least_utilized
 from mlxcluster.api.hooks import PROJECT_NAME, Register, hookimpl, hookspec
 from mlxcluster.config import CacheAwareSection, LoadBalancingSection
-from mlxcluster.protocol import ChatMessage, GroupInfo, InferenceRequest, PromptCacheStats, SpeculationCounts
+from mlxcluster.protocol import (
+    AcceleratorStats,
+    ChatMessage,
+    GroupInfo,
+    InferenceRequest,
+    PromptCacheStats,
+    SpeculationCounts,
+)
 
 __all__ = [
+    "AcceleratorStats",
     "DEFAULT_MAX_ENTRIES",
     "ELIGIBLE_STATES",
     "MAX_INTER_TOKEN_SAMPLES",

@@ -23,7 +23,14 @@ from msgspec import Struct
 
 from mlxcluster.config import LoadBalancingSection
 from mlxcluster.prefix_digest import canonical_text
-from mlxcluster.protocol import GroupInfo, InferenceRequest, MemoryParts, PromptCacheStats, SpeculationCounts
+from mlxcluster.protocol import (
+    AcceleratorStats,
+    GroupInfo,
+    InferenceRequest,
+    MemoryParts,
+    PromptCacheStats,
+    SpeculationCounts,
+)
 
 WorkerState = Literal["online", "degraded", "draining", "offline"]
 ELIGIBLE_STATES: frozenset[WorkerState] = frozenset({"online", "degraded"})
@@ -73,6 +80,16 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     """Set when the worker is a worker group's rank 0 (the group's name, size, parallelism and members)."""
     memory: MemoryParts | None = None
     """Its memory budget and what takes it (weights, prompt cache, running requests' KV), as last reported."""
+    accelerator: AcceleratorStats | None = None
+    """Its MLX memory and GPU load as its last heartbeat reported them (``None``: not reported)."""
+
+    @property
+    def gpu_utilization(self) -> float | None:
+        """The GPU's busy share last reported, 0.0-1.0 (``None``: not known for this worker)."""
+        accelerator = self.accelerator
+        if accelerator is None or accelerator.gpu_utilization is None:
+            return None
+        return min(1.0, max(0.0, accelerator.gpu_utilization / 100))
 
     @property
     def memory_full(self) -> bool:

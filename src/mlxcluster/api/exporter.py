@@ -163,6 +163,15 @@ class ClusterSnapshot(_Event, tag="cluster_snapshot", frozen=True, kw_only=True)
     tier_latency: dict[str, LatencyCounts] = {}
     """The same controllers' latency histograms summed, by name (``request_duration_seconds``,
     ``ttft_seconds``; buckets: :data:`~mlxcluster.protocol.LATENCY_BUCKETS`)."""
+    bus: dict[str, int] = {}
+    """This controller's NATS connection: ``connected`` (1 or 0) and counters since it connected first:
+    ``reconnects``, ``disconnects``, ``in_msgs``, ``out_msgs``, ``in_bytes``, ``out_bytes``,
+    ``slow_consumer_drops`` (messages dropped because a subscription could not keep up), ``errors``,
+    ``invalid_messages``. A snapshot is also sent at each change of the connection."""
+    worker_accelerator: dict[str, dict[str, float]] = {}
+    """Per online or degraded worker that reports its accelerator: the fields of its last
+    :class:`~mlxcluster.protocol.AcceleratorStats` that it knows (``mlx_active_bytes``, ``mlx_cache_bytes``,
+    ``mlx_peak_bytes``, ``gpu_utilization`` in percent, ``gpu_cores``, ``gpu_memory_used_bytes``)."""
 
 
 MetricsEvent = RequestFinished | RequestRetried | RequestMigrated | WorkerStatusChanged | ClusterSnapshot

@@ -23,6 +23,9 @@ from mlxcluster.api import (
 )
 from mlxcluster.builtin.cache_aware import CacheAware
 
+MIN_GPU_HEADROOM = 0.05
+"""The least share of a GPU ``hardware_aware`` counts on: a saturated GPU still serves, only slower."""
+
 
 class RoundRobin:
     """Each worker in turn, by id."""
@@ -58,31 +61,43 @@ class RandomChoice:
 
 
 class HardwareAware:
-    """Measured speed times free capacity, among workers with memory to spare.
+    """Measured speed times free capacity times GPU headroom, among workers with memory to spare.
 
     A worker that reports free memory (``available_memory_gb > 0``) below ``min_free_memory_gb`` is left
     out: having the model loaded is not enough if there is no room for its KV cache. Model sizes are never
     guessed from names. Among workers with a free slot the score is ``tokens_per_second * free_slots /
-    max_concurrent``; a worker that has not measured its speed yet counts at the mean of those that have.
-    When every slot is busy, the least utilized worker wins. Ties go round-robin.
+    max_concurrent * headroom``, where ``headroom`` is ``1 - gpu_weight * gpu_utilization`` (the GPU's busy
+    share its heartbeat reported, at least :data:`MIN_GPU_HEADROOM`): a worker whose GPU something else keeps
+    busy is picked less. A worker that has not measured its speed yet counts at the mean of those that have, and
+    one that does not report its GPU at the mean headroom of those that do. When every slot is busy, the least
+    utilized worker wins. Ties go round-robin.
     """
 
-    def __init__(self, min_free_memory_gb: float = 0.5) -> None:
+    def __init__(self, min_free_memory_gb: float = 0.5, gpu_weight: float = 1.0) -> None:
         self.min_free_memory_gb = min_free_memory_gb
+        self.gpu_weight = gpu_weight
         self._cursor = Cursor()
 
+    def headroom(self, gpu_utilization: float) -> float:
+        """The share of a GPU at ``gpu_utilization`` (0-1) that a new request can expect."""
+        return max(MIN_GPU_HEADROOM, 1.0 - self.gpu_weight * gpu_utilization)
+
     def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
-        """The worker with the best speed × free-capacity score."""
+        """The worker with the best speed × free-capacity × GPU-headroom score."""
         roomy = [w for w in workers if w.available_memory_gb <= 0 or w.available_memory_gb >= self.min_free_memory_gb]
         if not roomy:
             return None
         measured = [w.tokens_per_second for w in roomy if w.tokens_per_second > 0]
         default_speed = sum(measured) / len(measured) if measured else 1.0
+        known = [self.headroom(u) for w in roomy if (u := w.gpu_utilization) is not None]
+        default_headroom = sum(known) / len(known) if known else 1.0
 
         def score(w: WorkerView) -> tuple[float, float]:
             if w.free_slots:
                 speed = w.tokens_per_second if w.tokens_per_second > 0 else default_speed
-                return (1.0, speed * w.free_slots / max(1, w.max_concurrent))
+                gpu = w.gpu_utilization
+                headroom = self.headroom(gpu) if gpu is not None else default_headroom
+                return (1.0, speed * w.free_slots / max(1, w.max_concurrent) * headroom)
             return (0.0, -w.utilization)
 
         return best(roomy, score, self._cursor)
@@ -156,7 +171,7 @@ def mlxcluster_register_balancers(register: Register) -> None:
     register(
         "hardware_aware",
         HardwareAware,
-        "Measured tokens/s × free capacity, among workers with free memory for the model.",
+        "Measured tokens/s × free capacity × GPU headroom, among workers with free memory for the model.",
     )
     register("random", RandomChoice, "Uniformly random among eligible workers.")
     register(

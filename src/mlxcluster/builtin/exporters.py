@@ -21,6 +21,7 @@ from mlxcluster.api import (
     RequestRetried,
     hookimpl,
 )
+from mlxcluster.builtin.telemetry_metrics import AcceleratorCollector, BusCollector
 from mlxcluster.protocol import DURATION_BUCKETS, LATENCY_BUCKETS, TTFT_BUCKETS, LatencyCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -88,6 +89,10 @@ class PrometheusExporter:
         r.register(self.speculation)
         self.tier_latency = TierLatencyCollector()
         r.register(self.tier_latency)
+        self.bus = BusCollector()
+        r.register(self.bus)
+        self.accelerators = AcceleratorCollector()
+        r.register(self.accelerators)
         self.key_requests = Counter(
             "mlxcluster_key_requests",
             "Inference requests finished, by API key and status.",
@@ -162,6 +167,8 @@ class PrometheusExporter:
         self.prompt_cache.index = event.cache_index
         self.speculation.workers = event.worker_speculation
         self.tier_latency.latency = event.tier_latency
+        self.bus.counters = event.bus
+        self.accelerators.workers = event.worker_accelerator
 
     def text(self) -> bytes:
         """The current metrics in the Prometheus text exposition format (without ``*_created`` series)."""

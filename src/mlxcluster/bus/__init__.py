@@ -1,21 +1,31 @@
-"""The bus: the one NATS connection of a node (:mod:`.client`) and the request streams over it (:mod:`.streams`)."""
+"""The bus: the one NATS connection of a node (:mod:`.client`), the request streams over it (:mod:`.streams`), its
+connection events and counters (:mod:`.telemetry`) and its errors (:mod:`.errors`)."""
 
 from mlxcluster.bus.client import (
     MAX_CONNECT_BACKOFF_S,
     Bus,
-    BusError,
     Handler,
     backoff_delay,
     connect_options,
     reconnect_backoff,
     tls_context,
 )
+from mlxcluster.bus.errors import BusConnectionError, BusError, BusNoRespondersError, BusTimeoutError
 from mlxcluster.bus.streams import ReplyStream, ReplyWriter, Signal, StreamInbox, WorkerFrame
+from mlxcluster.bus.telemetry import BUS_STATES, BusEvent, BusListener, BusState, ConnectionEvents
 
 __all__ = [
+    "BUS_STATES",
     "MAX_CONNECT_BACKOFF_S",
     "Bus",
+    "BusConnectionError",
     "BusError",
+    "BusEvent",
+    "BusListener",
+    "BusNoRespondersError",
+    "BusState",
+    "BusTimeoutError",
+    "ConnectionEvents",
     "Handler",
     "ReplyStream",
     "ReplyWriter",

@@ -4,8 +4,11 @@ The :class:`Bus` is the only holder of the NATS connection: every other module p
 flushes and probes through it (request streams: :mod:`mlxcluster.bus.streams`).
 
 ``Bus.connect`` keeps trying until the server answers (with backoff) and, once connected, reconnects
-forever by default. Incoming messages are decoded into msgspec Structs; a message that does not
-decode is logged, counted in :attr:`Bus.invalid_messages` and dropped, never raised into a handler.
+forever by default; the connection's changes reach listeners as events (:attr:`Bus.events`,
+:mod:`mlxcluster.bus.telemetry`) and :meth:`Bus.counters` has its traffic. Failures raise a subclass of
+:class:`BusError` that names the cause (:mod:`mlxcluster.bus.errors`). Incoming messages are decoded into
+msgspec Structs; a message that does not decode is logged, counted in :attr:`Bus.invalid_messages` and dropped,
+never raised into a handler.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from mlxcluster.bus.errors import BusConnectionError, BusError, BusNoRespondersError, BusTimeoutError
+from mlxcluster.bus.telemetry import ConnectionEvents
 from mlxcluster.config import NatsSection, redact_url
 from mlxcluster.protocol import ProtocolError, decode, encode
 from mlxcluster.subjects import Subjects
@@ -34,10 +39,6 @@ T = TypeVar("T", bound=Struct)
 Handler = Callable[[T, Msg], Awaitable[None]]
 
 MAX_CONNECT_BACKOFF_S = 5.0
-
-
-class BusError(Exception):
-    """The bus could not do what was asked (connect, request) and says why."""
 
 
 def connect_options(config: NatsSection, *, name: str) -> dict[str, Any]:
@@ -101,10 +102,15 @@ def tls_context(config: NatsSection) -> ssl.SSLContext:
 class Bus:
     """A connected NATS client plus the cluster's subjects and typed helpers."""
 
-    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, events: ConnectionEvents | None = None) -> None:
         self.nc = nc
         self.subjects = subjects
         self.invalid_messages: Counter[str] = Counter()
+        self.events = events if events is not None else ConnectionEvents("bus")
+        """The connection's state changes, for listeners (:meth:`ConnectionEvents.add_listener`); only a bus made by
+        :meth:`connect` hears them (its callbacks were given to nats-py)."""
+        if self.events.nc is None:
+            self.events.nc = nc
 
     @classmethod
     async def connect(
@@ -121,8 +127,9 @@ class Bus:
         """
         limit = attempts if attempts is not None else config.max_reconnect_attempts
         options = connect_options(config, name=name)
-        holder: list[NATS] = []
-        options.update(_state_callbacks(name, holder))
+        events = ConnectionEvents(name)
+        options.update(events.callbacks())
+        options["reconnect_to_server_handler"] = events.announcing(options["reconnect_to_server_handler"])
         # nats-py retries a failed first connect by itself (forever when max_reconnect_attempts is -1, even
         # on an auth error), so each attempt here allows one retry per server; the configured policy is
         # restored once connected.
@@ -132,18 +139,18 @@ class Bus:
             try:
                 nc = await nats.connect(**options)
                 nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
-                holder.append(nc)
                 break
             except (OSError, TimeoutError, nats.errors.Error) as exc:
                 tried += 1
                 if 0 <= limit <= tried:
                     url = redact_url(config.url)
-                    raise BusError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
+                    raise BusConnectionError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
                 delay = backoff_delay(tried - 1, 0.1, MAX_CONNECT_BACKOFF_S)
                 log.warning("NATS not reachable at %s (%s); retrying in %.1fs", redact_url(config.url), exc, delay)
                 await asyncio.sleep(delay)
-        bus = cls(nc, Subjects(config.subject_prefix))
+        bus = cls(nc, Subjects(config.subject_prefix), events)
         log.info("connected to NATS %s as %s", bus.server_address or redact_url(config.url), name)
+        events.connected(nc, bus.server_address)
         return bus
 
     @property
@@ -160,6 +167,24 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self.nc.is_connected
+
+    def counters(self) -> dict[str, int]:
+        """The connection's figures since the node connected: ``connected`` (1 or 0), ``reconnects``,
+        ``disconnects``, messages and bytes in and out, ``slow_consumer_drops`` (messages dropped because a
+        subscription could not keep up), ``errors`` (what nats-py reported) and ``invalid_messages``."""
+        stats = self.nc.stats
+        return {
+            "connected": int(self.nc.is_connected),
+            "reconnects": stats["reconnects"],
+            "disconnects": self.events.disconnects,
+            "in_msgs": stats["in_msgs"],
+            "out_msgs": stats["out_msgs"],
+            "in_bytes": stats["in_bytes"],
+            "out_bytes": stats["out_bytes"],
+            "slow_consumer_drops": self.events.slow_consumer_drops,
+            "errors": self.events.errors,
+            "invalid_messages": self.invalid_messages_total,
+        }
 
     @property
     def epoch(self) -> int:
@@ -183,13 +208,16 @@ class Bus:
 
     async def probe(self, subject: str, *, headers: dict[str, str], timeout: float) -> dict[str, str] | None:
         """An empty request with ``headers``: the answer's headers (``{}`` without any); ``None`` when nobody
-        listens on ``subject``. Raises :class:`BusError` when nobody answered in time or the bus failed."""
+        listens on ``subject``. Raises :class:`BusTimeoutError` when nobody answered in time,
+        :class:`BusConnectionError` when the bus failed."""
         try:
             answer = await self.nc.request(subject, b"", timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             return None
-        except (nats.errors.TimeoutError, nats.errors.Error) as exc:
-            raise BusError(f"no answer on {subject}: {exc or type(exc).__name__}") from None
+        except nats.errors.TimeoutError:
+            raise BusTimeoutError(f"no answer on {subject} within {timeout:.3g}s") from None
+        except (nats.errors.Error, OSError) as exc:
+            raise BusConnectionError(f"no answer on {subject}: {exc or type(exc).__name__}") from None
         return dict(answer.headers or {})
 
     async def subscribe_raw(
@@ -231,13 +259,21 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=on_message)
 
     async def request(self, subject: str, message: Struct, response_type: type[T], *, timeout: float) -> T:
-        """Send one request and decode the single reply; raise :class:`BusError` on timeout or no responders."""
+        """Send one request and decode the single reply.
+
+        :raises BusNoRespondersError: nobody listens on ``subject``.
+        :raises BusTimeoutError: no reply within ``timeout``.
+        :raises BusConnectionError: the connection is closed or failed.
+        :raises BusError: the reply did not decode.
+        """
         try:
             msg = await self.nc.request(subject, encode(message), timeout=timeout)
         except nats.errors.NoRespondersError:
-            raise BusError(f"no responders on {subject}") from None
+            raise BusNoRespondersError(f"no responders on {subject}") from None
         except nats.errors.TimeoutError:
-            raise BusError(f"no reply on {subject} within {timeout:.3g}s") from None
+            raise BusTimeoutError(f"no reply on {subject} within {timeout:.3g}s") from None
+        except (nats.errors.Error, OSError) as exc:
+            raise BusConnectionError(f"request on {subject} failed: {exc or type(exc).__name__}") from None
         try:
             return decode(msg.data, response_type)
         except ProtocolError as exc:
@@ -260,27 +296,3 @@ class Bus:
         except Exception as exc:  # drain on a broken connection can fail; closing is what matters
             log.debug("closing NATS connection: %s", exc)
             await self.nc.close()
-
-
-def _state_callbacks(name: str, holder: list[NATS]) -> dict[str, Callable[..., Awaitable[None]]]:
-    """Connection-state callbacks that log every transition (a deliberate close is not a warning)."""
-
-    async def disconnected() -> None:
-        closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)
-        log.log(logging.DEBUG if closing else logging.WARNING, "%s: disconnected from NATS", name)
-
-    async def reconnected() -> None:
-        log.info("%s: reconnected to NATS", name)
-
-    async def closed() -> None:
-        log.info("%s: NATS connection closed", name)
-
-    async def error(exc: Exception) -> None:
-        log.warning("%s: NATS error: %s", name, exc or type(exc).__name__)
-
-    return {
-        "disconnected_cb": disconnected,
-        "reconnected_cb": reconnected,
-        "closed_cb": closed,
-        "error_cb": error,
-    }

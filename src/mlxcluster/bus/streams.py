@@ -23,7 +23,8 @@ from collections import deque
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mlxcluster.bus.client import Bus, BusError
+from mlxcluster.bus.client import Bus
+from mlxcluster.bus.errors import BusError
 from mlxcluster.protocol import (
     GONE_HEADER,
     PROBE_HEADER,

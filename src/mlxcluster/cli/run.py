@@ -56,11 +56,16 @@ def run_command(
     ] = False,
 ) -> None:
     """Start a node: controller, worker, or dual (embedded NATS + controller + workers)."""
+    import msgspec
+
     from mlxcluster.errors import CANNOT_START, NodeError
     from mlxcluster.logsetup import configure_logging
     from mlxcluster.roles import run_node
 
+    if mode is not None and mode not in ("controller", "worker", "dual"):
+        fail(f"--mode: expected controller, worker or dual, got {mode!r}")
     # Flags are environment overrides, so dual mode's children inherit them.
+    inherited_mode = os.environ.get("MLXCLUSTER_CLUSTER_MODE")
     flags = {
         "WORKER_ENGINE": engine,
         "WORKER_MODEL": model,
@@ -88,6 +93,11 @@ def run_command(
     if role not in ("controller", "worker", "dual"):
         fail(f"--mode: expected controller, worker or dual, got {role!r}")
     configure_logging(config.logging, role=role)
+    # The node's mode (what status reports): the role run here, except that the children of a dual node (their
+    # --mode names the role they run) keep `dual`, which they inherit from the supervisor's environment.
+    node_mode = "dual" if inherited_mode == "dual" else role
+    config = msgspec.structs.replace(config, cluster=msgspec.structs.replace(config.cluster, mode=node_mode))
+    os.environ["MLXCLUSTER_CLUSTER_MODE"] = node_mode
     try:
         code = run_node(config, role, workers=workers)
     except NodeError as exc:

@@ -22,8 +22,13 @@ def format_status(status: dict[str, Any]) -> str:
     workers = status["workers"]
     requests = status["requests"]
     nats = status["nats"]
+    # fields an older controller may lack
+    mode = f", {status['mode']} mode" if status.get("mode") else ""
+    rate, window = requests.get("success_rate"), requests.get("success_rate_window_s")
+    success = f", {rate:.1%} succeeded in the last {window / 60:.0f} min" if rate is not None and window else ""
+    reconnects = f", {nats['reconnects']} reconnects" if nats.get("reconnects") else ""
     rows = [
-        ["controller", f"{status['controller_id']} ({status['state']}, up {status['uptime_s']:.0f}s)"],
+        ["controller", f"{status['controller_id']} ({status['state']}, up {status['uptime_s']:.0f}s{mode})"],
         ["balancer", status["balancer"] + (" + sticky sessions" if status.get("sticky_sessions") else "")],
         [
             "workers",
@@ -35,12 +40,12 @@ def format_status(status: dict[str, Any]) -> str:
         [
             "requests",
             f"{requests['total']} total, {requests['in_flight']} in flight, {requests['retries']} retries, "
-            f"{requests['failed']} failed",
+            f"{requests['failed']} failed{success}",
         ],
         [
             "nats",
             f"{'connected to ' + str(nats['server']) if nats['connected'] else 'DISCONNECTED'}, "
-            f"{nats['invalid_messages_total']} invalid messages dropped",
+            f"{nats['invalid_messages_total']} invalid messages dropped{reconnects}",
         ],
     ]
     index = status.get("cache_index")

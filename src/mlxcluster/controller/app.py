@@ -142,13 +142,13 @@ async def join_cluster(app: web.Application) -> AsyncIterator[None]:
     stop_sweeping = asyncio.Event()
     sweeper = asyncio.create_task(registry.run_sweeper(stop_sweeping, SWEEP_INTERVAL_S))
     ctx.lifecycle.to("ready")
-    watcher = asyncio.create_task(watch_bus(ctx.lifecycle, bus))
+    stop_watching = watch_bus(ctx.lifecycle, bus)
     try:
         yield
     finally:
         stop_sweeping.set()
         sweeper.cancel()
-        watcher.cancel()
+        stop_watching()
         await ctx.dispatcher.inbox.close()
         for sub in subscriptions:
             with contextlib.suppress(Exception):

@@ -46,6 +46,7 @@ from mlxcluster.protocol import (
     WorkerRegistration,
     WorkerStatus,
 )
+from mlxcluster.worker.accelerator import AcceleratorMonitor
 from mlxcluster.worker.admission import Admission
 from mlxcluster.worker.cache_events import CacheEventPublisher
 from mlxcluster.worker.engine_base import Engine
@@ -106,6 +107,7 @@ class WorkerService:
         engine: Engine | None = None,
         group: GroupInfo | None = None,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        accelerator: AcceleratorMonitor | None = None,
     ) -> None:
         self.config = config
         self.probe_interval_s = probe_interval_s  # how often long-running requests are probed for a listener
@@ -133,6 +135,13 @@ class WorkerService:
         self._replies: dict[str, tuple[ReplyWriter, float]] = {}  # request id → (its stream, started, monotonic)
         self.started_at = time.time()
         self._monitor = ProcessMonitor()
+        self.accelerator = (
+            accelerator
+            if accelerator is not None
+            else AcceleratorMonitor.for_this_machine(mlx=self.engine_name != "echo")
+        )
+        """MLX memory and GPU load for heartbeats (the GPU sampled on its own task)."""
+        self._accelerator_task: asyncio.Task[None] | None = None
         self._subscriptions: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -161,6 +170,7 @@ class WorkerService:
         for name, engine in self.host.engines().items():
             await self._follow_cache(name, engine)
         self.host.start()
+        self._accelerator_task = asyncio.create_task(self.accelerator.run())
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         self._probe_task = asyncio.create_task(self._probe_loop())
         log.info(
@@ -183,7 +193,7 @@ class WorkerService:
                 task.cancel()
             if still_running:
                 await asyncio.wait(still_running, timeout=5)
-        for loop_task in (self._heartbeat_task, self._probe_task, *self._tasks):
+        for loop_task in (self._heartbeat_task, self._probe_task, self._accelerator_task, *self._tasks):
             if loop_task is not None:
                 loop_task.cancel()
         await self.stop_cache_events()
@@ -313,6 +323,7 @@ class WorkerService:
             catalogue=self.host.catalogue.models(),
             memory=self.host.budget.parts(),
             speculation=self._speculation_counts(),
+            accelerator=self.accelerator.sample(),
         )
 
     def _speculation_counts(self) -> SpeculationCounts | None:

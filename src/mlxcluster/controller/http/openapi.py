@@ -204,12 +204,39 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         {
             "controller_id": STR,
             "version": STR,
+            "mode": {
+                "enum": ["controller", "worker", "dual"],
+                "description": "How the node was started (`[cluster] mode` / `run --mode`): `controller`, or `dual` "
+                "for the controller of a `run --mode dual` node (embedded NATS and local workers).",
+            },
             "state": STR,
             "uptime_s": NUM,
             "balancer": STR,
             "workers": ref("RegistryStats"),
             "models": {"type": "array", "items": STR},
-            "requests": {"type": "object", "additionalProperties": INT},
+            "requests": {
+                **obj(
+                    {
+                        "total": INT,
+                        "in_flight": INT,
+                        "retries": INT,
+                        "failed": INT,
+                        "completed": INT,
+                        "errors": INT,
+                        "migrations": INT,
+                        "migrations_failed": INT,
+                        "success_rate": {
+                            **NULLABLE_NUM,
+                            "description": "Share of this controller's dispatched requests that succeeded over the "
+                            "last `success_rate_window_s` seconds (five minutes): ok / (ok + failed), requests the "
+                            "client cancelled or that were refused before dispatch not counted; null when none "
+                            "finished in the window.",
+                        },
+                        "success_rate_window_s": NUM,
+                    }
+                ),
+                "description": "This controller's counters since it started (`success_rate`: over the window).",
+            },
             "cache_index": {"type": ["object", "null"], "additionalProperties": INT},
             "controllers": {"type": "array", "items": {"type": "object"}},
             "tier": {"type": ["object", "null"], "additionalProperties": INT},
@@ -219,6 +246,17 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                     "server": NULLABLE_STR,
                     "max_payload": {"type": ["integer", "null"]},
                     "invalid_messages_total": INT,
+                    "state": {
+                        "enum": ["connected", "disconnected", "reconnecting", "closed"],
+                        "description": "The connection's last event.",
+                    },
+                    "state_since": NUM,
+                    "reconnects": INT,
+                    "disconnects": INT,
+                    "slow_consumer_drops": {
+                        **INT,
+                        "description": "Messages dropped because a subscription could not keep up.",
+                    },
                 }
             ),
             "shared_state": {
@@ -269,7 +307,12 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             ),
         ]
     },
-    "WorkerList": obj({"workers": {"type": "array", "items": ref("Worker")}}),
+    "WorkerList": obj(
+        {
+            "workers": {"type": "array", "items": ref("Worker")},
+            "total": {**INT, "description": "The workers listed (after the filters)."},
+        }
+    ),
     "WorkerChange": obj(
         {
             "id": STR,

@@ -54,10 +54,12 @@ async def cluster_status(request: web.Request) -> web.Response:
     whichever process answers: each builds them from the workers' broadcasts."""
     ctx: ControllerContext = request.app[CONTROLLER]
     stats = ctx.dispatcher.stats
+    counters = ctx.bus.counters()
     return json_response(
         {
             "controller_id": ctx.controller_id,
             "version": __version__,
+            "mode": ctx.config.cluster.mode,
             "state": ctx.lifecycle.state,
             "state_since": ctx.lifecycle.since,
             "uptime_s": round(time.time() - ctx.started_at, 1),
@@ -74,6 +76,8 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "errors": stats.errors,
                 "migrations": stats.migrations,
                 "migrations_failed": stats.migrations_failed,
+                "success_rate": stats.outcomes.rate(),
+                "success_rate_window_s": stats.outcomes.window_s,
             },
             "recent": {
                 "ttft_ms": [round(v, 2) for v in stats.recent_ttft_ms],
@@ -89,6 +93,11 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "server": ctx.bus.server_address,
                 "max_payload": ctx.bus.max_payload if ctx.bus.is_connected else None,
                 "invalid_messages_total": ctx.bus.invalid_messages_total,
+                "state": ctx.bus.events.state,
+                "state_since": ctx.bus.events.since,
+                "reconnects": counters["reconnects"],
+                "disconnects": counters["disconnects"],
+                "slow_consumer_drops": counters["slow_consumer_drops"],
             },
         }
     )
@@ -96,14 +105,14 @@ async def cluster_status(request: web.Request) -> web.Response:
 
 @routes.get("/api/cluster/workers")
 async def list_workers(request: web.Request) -> web.Response:
-    """All known workers, optionally filtered by ``?status=``, ``?model=``, ``?tag=``."""
+    """All known workers, optionally filtered by ``?status=``, ``?model=``, ``?tag=``; ``total`` counts those listed."""
     ctx: ControllerContext = request.app[CONTROLLER]
     status = request.query.get("status")
     if status is not None and status not in WORKER_STATES:
         raise ApiError(400, f"Invalid status '{status}'; expected one of {', '.join(WORKER_STATES)}", param="status")
     state = cast(WorkerState | None, status)  # checked against WORKER_STATES above
     workers = ctx.registry.query(status=state, model=request.query.get("model"), tag=request.query.get("tag"))
-    return json_response({"workers": [_worker_json(ctx, w) for w in workers]})
+    return json_response({"workers": [_worker_json(ctx, w) for w in workers], "total": len(workers)})
 
 
 @routes.get("/api/cluster/workers/{worker_id}")

@@ -7,12 +7,59 @@ dispatcher's live meters.
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 
 from mlxcluster.api import MetricsEvent, RequestFinished, RequestMigrated, RequestRetried
 
 RECENT_WINDOW = 64  # requests kept for the rolling figures in cluster status (dashboard sparklines)
+SUCCESS_WINDOW_S = 300.0
+"""The window of ``requests.success_rate`` in cluster status: the last five minutes."""
+SUCCESS_BUCKET_S = 5.0
+
+
+class OutcomeWindow:
+    """Requests that succeeded and failed over the last ``window_s`` seconds, in buckets of ``bucket_s``.
+
+    Memory is bounded by the window (``window_s / bucket_s`` buckets), whatever the request rate; the window
+    slides a bucket at a time.
+    """
+
+    def __init__(
+        self,
+        window_s: float = SUCCESS_WINDOW_S,
+        bucket_s: float = SUCCESS_BUCKET_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window_s = window_s
+        self.bucket_s = bucket_s
+        self._clock = clock
+        self._buckets: deque[list[int]] = deque()  # [bucket number, succeeded, failed], oldest first
+
+    def record(self, succeeded: bool) -> None:
+        """Count one finished request."""
+        number = int(self._clock() // self.bucket_s)
+        if not self._buckets or self._buckets[-1][0] != number:
+            self._buckets.append([number, 0, 0])
+            self._expire(number)
+        self._buckets[-1][1 if succeeded else 2] += 1
+
+    def counts(self) -> tuple[int, int]:
+        """(succeeded, failed) within the window now."""
+        self._expire(int(self._clock() // self.bucket_s))
+        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+
+    def rate(self) -> float | None:
+        """Succeeded / (succeeded + failed) within the window, rounded to 4 places; ``None`` when none finished."""
+        succeeded, failed = self.counts()
+        total = succeeded + failed
+        return round(succeeded / total, 4) if total else None
+
+    def _expire(self, number: int) -> None:
+        oldest = number - int(self.window_s // self.bucket_s) + 1
+        while self._buckets and self._buckets[0][0] < oldest:
+            self._buckets.popleft()
 
 
 class DispatchStats:
@@ -41,6 +88,9 @@ class DispatchStats:
         """Time to first token of the latest requests, as the controller saw it (retries included)."""
         self.recent_tokens_per_second: deque[float] = deque(maxlen=RECENT_WINDOW)
         """Generation speed of the latest completed requests, as their workers measured it."""
+        self.outcomes = OutcomeWindow()
+        """Dispatched requests that succeeded (``ok``) and failed (``error``) in the last five minutes; requests the
+        client cancelled count as neither."""
 
     @property
     def in_flight(self) -> int:
@@ -63,6 +113,8 @@ class DispatchStats:
 
     def _finished(self, event: RequestFinished) -> None:
         self.finished += 1
+        if event.status != "cancelled":
+            self.outcomes.record(event.status == "ok")
         if event.ttft_s is not None:
             self.recent_ttft_ms.append(event.ttft_s * 1000)
         if event.status == "ok":

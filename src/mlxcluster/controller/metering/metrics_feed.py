@@ -25,11 +25,12 @@ import pluggy
 from aiohttp import web
 
 from mlxcluster.api import ClusterSnapshot, MetricsEvent, WorkerStatusChanged
+from mlxcluster.bus import BusEvent
 from mlxcluster.config import MetricsSection
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.peers import PEERS, ControllerPeers
 from mlxcluster.controller.routing.cache_index import prompt_cache_rates
-from mlxcluster.controller.routing.registry import WorkerEvent, speculation_fields
+from mlxcluster.controller.routing.registry import WorkerEvent, accelerator_fields, speculation_fields
 from mlxcluster.plugins import ExporterEntry, collect_exporters
 
 log = logging.getLogger(__name__)
@@ -209,15 +210,16 @@ class MetricsFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._snapshot_task
         if snapshot is not None and self.runners:
-            self._emit_snapshot(snapshot)
+            self.snapshot_now(snapshot)
         await asyncio.gather(*(runner.close() for runner in self.runners))
 
     async def _snapshots(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
         while True:
-            self._emit_snapshot(snapshot)
+            self.snapshot_now(snapshot)
             await asyncio.sleep(self.snapshot_interval_s)
 
-    def _emit_snapshot(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
+    def snapshot_now(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
+        """Send a snapshot now, between the periodic ones (a failure is logged)."""
         try:
             self.emit(snapshot())
         except Exception:
@@ -278,6 +280,7 @@ def cluster_snapshot(
             fields: dict[str, float] = msgspec.structs.asdict(w.prompt_cache)
             caches[w.id] = {**fields, **prompt_cache_rates(fields)}  # type: ignore[arg-type]
     speculation = {w.id: speculation_fields(w.speculation) for w in eligible if w.speculation is not None}
+    accelerators = {w.id: accelerator_fields(w.accelerator) for w in eligible if w.accelerator is not None}
     index = ctx.cache_index
     dispatch = ctx.dispatcher.stats
     return ClusterSnapshot(
@@ -304,6 +307,8 @@ def cluster_snapshot(
         rate_limited_by_key={name: usage.rate_limited for name, usage in ctx.ops.keys.usage.items()},
         tier=peers.totals() if peers is not None else {},
         tier_latency=peers.latency() if peers is not None and peers.online() else {},
+        bus=ctx.bus.counters(),
+        worker_accelerator=accelerators,
     )
 
 
@@ -323,10 +328,15 @@ async def run_metrics(app: web.Application) -> AsyncIterator[None]:
     def snapshot() -> ClusterSnapshot:
         return cluster_snapshot(ctx, feed, peers)
 
+    def on_bus_event(_event: BusEvent) -> None:  # the connection's gauge follows a change at once
+        feed.snapshot_now(snapshot)
+
     ctx.registry.add_listener(feed.on_worker_event)
+    ctx.bus.events.add_listener(on_bus_event)
     await feed.start(snapshot)
     try:
         yield
     finally:
+        ctx.bus.events.remove_listener(on_bus_event)
         ctx.registry.remove_listener(feed.on_worker_event)
         await feed.close(snapshot)

@@ -26,6 +26,7 @@ from mlxcluster.api import ELIGIBLE_STATES, EligibleWorkers, LoadBuckets, Worker
 from mlxcluster.config import Config
 from mlxcluster.controller.routing.worker_admin import WorkerSettings
 from mlxcluster.protocol import (
+    AcceleratorStats,
     CatalogueModel,
     Deregister,
     MemoryParts,
@@ -611,7 +612,15 @@ class WorkerRegistry:
             speculation=hb.speculation if hb else None,
             group=reg.group if reg else None,
             memory=w.memory,
+            accelerator=hb.accelerator if hb else None,
         )
+
+
+def accelerator_fields(stats: AcceleratorStats) -> dict[str, float]:
+    """The numeric figures of a worker's :class:`~mlxcluster.protocol.AcceleratorStats` that it knows (for
+    metrics: unknown ones are left out, not zero)."""
+    fields = msgspec.structs.asdict(stats)
+    return {name: value for name, value in fields.items() if isinstance(value, int | float) and value is not None}
 
 
 def speculation_fields(counts: SpeculationCounts) -> dict[str, float]:

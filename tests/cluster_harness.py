@@ -45,6 +45,7 @@ from mlxcluster.protocol import (
     decode_frames,
     encode,
 )
+from mlxcluster.tracing import Tracer
 from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.service import PROBE_INTERVAL_S, WorkerService
 
@@ -219,6 +220,7 @@ async def start_worker(
     token_delay_ms: float = 0.0,
     engine: EchoEngine | None = None,
     probe_interval_s: float = PROBE_INTERVAL_S,
+    tracer: Tracer | None = None,
 ) -> RunningWorker:
     """Start an echo worker (``config.worker`` gives max_concurrent/max_queue)."""
     bus = await Bus.connect(config.nats, name=f"test-worker-{worker_id}", attempts=5)
@@ -230,6 +232,7 @@ async def start_worker(
         worker_id=worker_id,
         hardware=TEST_HARDWARE,
         probe_interval_s=probe_interval_s,
+        tracer=tracer,
     )
     await service.start()
     await barrier(bus)  # tests send requests at once, without waiting for the registration to be seen
@@ -301,12 +304,14 @@ class RunningController:
             await self.bus.close()
 
 
-async def start_controller(config: Config, bus: Bus | None = None) -> RunningController:
+async def start_controller(
+    config: Config, bus: Bus | None = None, *, tracer: Tracer | None = None
+) -> RunningController:
     """Build the app with the factory and serve it like ``serve_controller`` does."""
     owns_bus = bus is None
     if bus is None:
         bus = await Bus.connect(config.nats, name="test-controller", attempts=5)
-    app = create_app(config, bus, get_plugin_manager(config.plugins))
+    app = create_app(config, bus, get_plugin_manager(config.plugins), tracer=tracer)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
     await runner.setup()
     port = free_port()
@@ -416,8 +421,10 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start_controller(self, config: Config | None = None) -> RunningController:
-        self.controller = await start_controller(config or self.config)
+    async def start_controller(
+        self, config: Config | None = None, *, tracer: Tracer | None = None
+    ) -> RunningController:
+        self.controller = await start_controller(config or self.config, tracer=tracer)
         return self.controller
 
     async def start_worker(self, worker_id: str, *, config: Config | None = None, **options: Any) -> RunningWorker:

@@ -18,8 +18,9 @@ from pathlib import Path
 import openai
 import pytest
 from aiohttp import web
-from cluster_harness import Cluster, wait_until, with_sections
+from cluster_harness import Cluster, FakeWorker, wait_until, with_sections
 from loopback import free_port
+from nats.aio.msg import Msg
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -29,12 +30,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from mlxcluster.config import Config, ConfigError, TracingSection, from_dict, to_dict
+from mlxcluster.config import Config, ConfigError, StaticWorker, TracingSection, from_dict, to_dict
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.errors import NodeError
+from mlxcluster.protocol import Accepted, Error, InferenceRequest, Token
 from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer
 from mlxcluster.tracing_otel import OtelTracer, traces_url
-from mlxcluster.worker.echo import EchoEngine
+from mlxcluster.worker.echo import EchoEngine, continued_words, echo_words
 from mlxcluster.worker.serve_trace import worker_tracer
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -164,6 +166,120 @@ async def test_failed_attempts_are_error_spans_under_a_503(
     attempts = named(finished, "attempt")
     assert attempts and all(a.status.status_code == StatusCode.ERROR for a in attempts)
     assert "no responders" in (attempts[0].status.description or "")
+
+
+async def two_words_then_a_retryable_error(fake: FakeWorker, request: InferenceRequest, msg: Msg) -> None:
+    """A fake worker that loses the stream after two words (its engine reset the batch)."""
+    await fake.send(msg, Accepted(worker_id=fake.id))
+    words, _ = echo_words(request)
+    for seq, word in enumerate(continued_words(words, request.continuation)[:2]):
+        await fake.send(msg, Token(text=word, seq=seq))
+    await fake.send(msg, Error(code="engine_error", message="the batch was reset", retryable=True))
+
+
+async def test_a_migrated_stream_is_two_attempts_and_the_second_worker_continues_the_trace(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
+    config = with_sections(cluster_config, workers={"static": [StaticWorker(name="w-flaky", priority=20)]})
+    controller_tracer, controller_spans = memory_tracer("controller")
+    worker_tracer_, worker_spans = memory_tracer("worker")
+    async with Cluster(config) as cluster:
+        await cluster.start_fake("w-flaky", two_words_then_a_retryable_error)
+        await cluster.start_worker("w-real", tracer=worker_tracer_)
+        controller = await cluster.start_controller(tracer=controller_tracer)
+        await controller.wait_online("w-flaky", "w-real")
+        stream = await controller.client().chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "hello brave new world"}], max_tokens=8, stream=True
+        )
+        text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        assert text == "hello brave new world"
+        await wait_until(lambda: named(worker_spans.get_finished_spans(), "worker.request"), what="the worker's span")
+    finished = controller_spans.get_finished_spans()
+    dispatch = one(finished, "dispatch")
+    first, second = sorted(named(finished, "attempt"), key=lambda span: span.start_time or 0)
+    assert parent_id(first) == parent_id(second) == span_id(dispatch)
+    assert first.status.status_code == StatusCode.ERROR and first.status.description == "engine_error"
+    assert first.attributes is not None and second.attributes is not None
+    assert (first.attributes["mlxcluster.continuation"], second.attributes["mlxcluster.continuation"]) == (False, True)
+    (moved,) = [event for event in dispatch.events if event.name == "migrated"]
+    assert moved.attributes is not None
+    assert (moved.attributes["mlxcluster.from_worker"], moved.attributes["mlxcluster.to_worker"]) == (
+        "w-flaky",
+        "w-real",
+    )
+    assert dispatch.attributes is not None and dispatch.attributes["mlxcluster.migrations"] == 1
+    served = one(worker_spans.get_finished_spans(), "worker.request")
+    assert parent_id(served) == span_id(second)
+    assert served.attributes is not None and served.attributes["mlxcluster.continuation"] is True
+
+
+async def test_a_websocket_message_starts_a_trace_of_its_own(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
+    controller_tracer, controller_spans = memory_tracer("controller")
+    worker_tracer_, worker_spans = memory_tracer("worker")
+    async with Cluster(cluster_config) as cluster:
+        await cluster.start_worker("w1", tracer=worker_tracer_)
+        controller = await cluster.start_controller(tracer=controller_tracer)
+        await controller.wait_online("w1")
+        url = controller.url.replace("http://", "ws://") + "/v1/ws"
+        async with controller.session().ws_connect(url) as ws:
+            await ws.send_json(
+                {"type": "chat", "id": "m1", "model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            )
+            while (await ws.receive_json(timeout=10))["type"] not in ("done", "error"):
+                pass
+        await wait_until(lambda: named(worker_spans.get_finished_spans(), "worker.request"), what="the worker's span")
+    dispatch = one(controller_spans.get_finished_spans(), "dispatch")
+    assert dispatch.parent is None  # no HTTP request span: the WebSocket was opened by a GET, not traced
+    served = one(worker_spans.get_finished_spans(), "worker.request")
+    assert served.context is not None and dispatch.context is not None
+    assert served.context.trace_id == dispatch.context.trace_id
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+async def test_the_mlx_engines_prefill_span_counts_the_prompt_tokens_its_cache_held(
+    cluster_config: Config, nats_server: EmbeddedNatsServer, tiny_model: Path
+) -> None:
+    from mlxcluster.worker.engine import MlxEngine
+
+    worker_tracer_, worker_spans = memory_tracer("worker")
+    engine = MlxEngine(str(tiny_model), max_concurrent=2, prompt_cache_bytes=64 << 20)
+    await engine.start()
+    try:
+        async with Cluster(cluster_config) as cluster:
+            await cluster.start_worker("w-mlx", engine=engine, tracer=worker_tracer_)  # type: ignore[arg-type]
+            controller = await cluster.start_controller(tracer=memory_tracer("controller")[0])
+            await controller.wait_online("w-mlx")
+            client = controller.client()
+            messages = [{"role": "user", "content": "hello there " * 12}]
+            first = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+            messages += [
+                {"role": "assistant", "content": first.choices[0].message.content or ""},
+                {"role": "user", "content": "and then?"},
+            ]
+            await client.chat.completions.create(
+                model="tiny",
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=4,
+                temperature=0,
+                extra_headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"},
+            )
+            trace_id = int(CALLER_TRACE, 16)
+            await wait_until(lambda: named(in_trace(worker_spans, trace_id), "prefill"), what="the prefill span")
+    finally:
+        await engine.stop()
+    prefill = one(in_trace(worker_spans, trace_id), "prefill")
+    assert prefill.attributes is not None
+    cached, prompt = prefill.attributes["mlxcluster.cached_tokens"], prefill.attributes["gen_ai.usage.input_tokens"]
+    assert 0 < cached < prompt  # type: ignore[operator]
+    assert prefill.attributes["mlxcluster.computed_tokens"] == prompt - cached  # type: ignore[operator]
 
 
 # --- OTLP over HTTP -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import gzip
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 
 import openai
@@ -30,14 +30,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from mlxcluster.config import Config, ConfigError, StaticWorker, TracingSection, from_dict, to_dict
+from mlxcluster.config import ApiKeyEntry, Config, ConfigError, StaticWorker, TracingSection, from_dict, to_dict
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.errors import NodeError
-from mlxcluster.protocol import Accepted, Error, InferenceRequest, Token
+from mlxcluster.protocol import Accepted, Error, InferenceRequest, Progress, Token
 from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer
 from mlxcluster.tracing_otel import OtelTracer, traces_url
 from mlxcluster.worker.echo import EchoEngine, continued_words, echo_words
-from mlxcluster.worker.serve_trace import worker_tracer
+from mlxcluster.worker.engine_base import EngineFrame
+from mlxcluster.worker.serve_trace import stop_tracer, traced_frames, worker_tracer
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -282,6 +283,43 @@ async def test_the_mlx_engines_prefill_span_counts_the_prompt_tokens_its_cache_h
     assert prefill.attributes["mlxcluster.computed_tokens"] == prompt - cached  # type: ignore[operator]
 
 
+async def test_admission_refusals_and_a_client_gone_mid_stream_are_error_spans(
+    cluster_config: Config, nats_server: EmbeddedNatsServer
+) -> None:
+    key = ApiKeyEntry(name="small", key="k-small", rpm=2, models=["echo"])
+    config = with_sections(cluster_config, controller={"keys": [key]})
+    controller_tracer, spans = memory_tracer("controller")
+    async with Cluster(config) as cluster:
+        await cluster.start_worker("w1", token_delay_ms=50)
+        controller = await cluster.start_controller(tracer=controller_tracer)
+        registry = controller.ctx.registry
+        await wait_until(lambda: registry.eligible("echo"), what="w1 online")
+        client = controller.client(api_key="k-small")
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+        body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "one two three four five"}]}
+        headers = {"Authorization": "Bearer k-small"}
+        async with controller.session().post(controller.url + "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 200
+            await r.content.readline()  # the first event, then the client leaves
+        await wait_until(lambda: len(named(spans.get_finished_spans(), "attempt")) == 1, what="the attempt's end")
+        await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+    finished = spans.get_finished_spans()
+    outcomes = [(s.attributes or {}).get("mlxcluster.admission") for s in named(finished, "admission")]
+    assert outcomes == ["model_not_allowed", "admitted", "admitted", "rate_limited:requests"]
+    refused = [s for s in named(finished, "admission") if s.status.status_code == StatusCode.ERROR]
+    assert [s.status.description for s in refused] == ["model_not_allowed", "rate_limited:requests"]
+    statuses = [
+        (s.attributes or {}).get("http.response.status_code") for s in named(finished, "POST /v1/chat/completions")
+    ]
+    gone = [s for s in named(finished, "POST /v1/chat/completions") if s.status.description == "client disconnected"]
+    assert len(gone) == 1 and statuses.count(403) == statuses.count(429) == 1
+    dispatches = named(finished, "dispatch")
+    assert sorted((s.attributes or {}).get("mlxcluster.status") for s in dispatches) == ["cancelled", "ok"]
+
+
 # --- OTLP over HTTP -----------------------------------------------------------------------------
 
 
@@ -405,6 +443,24 @@ def test_tracing_settings_are_checked_and_the_endpoint_redacted() -> None:
 )
 def test_traces_url(endpoint: str, url: str) -> None:
     assert traces_url(endpoint) == url
+
+
+async def test_an_engine_error_fails_the_worker_span_and_stopping_flushes_it() -> None:
+    tracer, exporter = memory_tracer("worker")
+
+    async def frames() -> AsyncGenerator[EngineFrame, None]:
+        yield Progress(processed=3, total=6)
+        yield Token(text="a")
+        yield Error(code="engine_error", message="the batch was reset", retryable=True)
+
+    span = tracer.start("worker.request")
+    seen = [frame async for frame in traced_frames(frames(), span, 0)]
+    span.end()
+    assert [type(frame) for frame in seen] == [Progress, Token, Error]
+    await stop_tracer(tracer)
+    (served,) = exporter.get_finished_spans()
+    assert served.status.status_code == StatusCode.ERROR and served.status.description == "engine_error"
+    assert not named(exporter.get_finished_spans(), "prefill")  # no Done: the phases are not known
 
 
 def test_a_caller_that_does_not_sample_is_followed() -> None:

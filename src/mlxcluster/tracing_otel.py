@@ -51,10 +51,6 @@ class OtelSpan:
         self._tracer = tracer
         self.recording = span.is_recording()
 
-    @property
-    def otel_span(self) -> trace.Span:
-        return self._span
-
     def set(self, key: str, value: AttributeValue) -> None:
         self._span.set_attribute(key, value)
 

@@ -8,6 +8,7 @@ go to the SDK's in-memory exporter, or over OTLP/HTTP to a collector endpoint se
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import subprocess
@@ -30,11 +31,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from mlxcluster import roles
 from mlxcluster.config import ApiKeyEntry, Config, ConfigError, StaticWorker, TracingSection, from_dict, to_dict
+from mlxcluster.controller.controller_role import serve_controller
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.errors import NodeError
 from mlxcluster.protocol import Accepted, Error, InferenceRequest, Progress, Token
-from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer
+from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer, check_tracing
 from mlxcluster.tracing_otel import OtelTracer, traces_url
 from mlxcluster.worker.echo import EchoEngine, continued_words, echo_words
 from mlxcluster.worker.engine_base import EngineFrame
@@ -412,7 +415,7 @@ def test_the_no_op_tracer_does_nothing() -> None:
     tracer.shutdown()
 
 
-def test_an_endpoint_without_the_extra_is_a_startup_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_endpoint_without_the_extra_is_a_startup_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "mlxcluster.tracing_otel", None)  # as if OpenTelemetry were not installed
     config = from_dict({"tracing": {"endpoint": "http://user:secret@collector:4318"}})
     with pytest.raises(TracingUnavailable) as info:
@@ -421,6 +424,11 @@ def test_an_endpoint_without_the_extra_is_a_startup_error_naming_it(monkeypatch:
     with pytest.raises(NodeError, match=r"mlxcluster\[otel\]"):
         worker_tracer(config, "w1")
     assert isinstance(worker_tracer(Config(), "w1"), NoTracer)
+    with pytest.raises(NodeError, match=r"mlxcluster\[otel\]"):  # refused before the app touches the bus
+        await serve_controller(config, None, asyncio.Event())  # type: ignore[arg-type]
+    check_tracing(Config().tracing)
+    with pytest.raises(NodeError, match=r"mlxcluster\[otel\]"):  # every role, before NATS or a model
+        await roles._main(config, "worker", 1)
 
 
 def test_tracing_settings_are_checked_and_the_endpoint_redacted() -> None:

@@ -15,9 +15,12 @@ leak between requests. Trace context crosses NATS as W3C ``traceparent`` message
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from mlxcluster.config import TracingSection, redact_url
+
+if TYPE_CHECKING:
+    from mlxcluster.tracing_otel import OtelTracer
 
 AttributeValue = str | bool | int | float
 SpanKind = Literal["internal", "server", "client"]
@@ -147,6 +150,17 @@ def build_tracer(section: TracingSection, *, role: str, instance: str) -> Tracer
     """
     if not section.enabled:
         return NoTracer()
+    return _otel_tracer_class(section).exporting(section, role=role, instance=instance)
+
+
+def check_tracing(section: TracingSection) -> None:
+    """Raise :class:`TracingUnavailable` when ``[tracing]`` is on and the ``otel`` extra is missing: a node checks
+    it before it starts anything (connecting to NATS, loading a model)."""
+    if section.enabled:
+        _otel_tracer_class(section)
+
+
+def _otel_tracer_class(section: TracingSection) -> type[OtelTracer]:
     try:
         from mlxcluster.tracing_otel import OtelTracer
     except ImportError as exc:
@@ -154,4 +168,4 @@ def build_tracer(section: TracingSection, *, role: str, instance: str) -> Tracer
             f"tracing.endpoint is set ({redact_url(section.endpoint)}) but OpenTelemetry is not installed "
             f"({exc.name or exc}): install the extra with  pip install '{OTEL_EXTRA}'  or leave tracing.endpoint empty"
         ) from None
-    return OtelTracer.exporting(section, role=role, instance=instance)
+    return OtelTracer

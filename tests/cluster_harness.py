@@ -45,6 +45,7 @@ from mlxcluster.protocol import (
     decode_frames,
     encode,
 )
+from mlxcluster.tracing import Tracer
 from mlxcluster.worker.accelerator import AcceleratorMonitor
 from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.service import PROBE_INTERVAL_S, WorkerService
@@ -221,6 +222,7 @@ async def start_worker(
     engine: EchoEngine | None = None,
     probe_interval_s: float = PROBE_INTERVAL_S,
     accelerator: AcceleratorMonitor | None = None,
+    tracer: Tracer | None = None,
 ) -> RunningWorker:
     """Start an echo worker (``config.worker`` gives max_concurrent/max_queue; ``accelerator``: what its heartbeats
     say of MLX and the GPU, by default this machine's)."""
@@ -234,6 +236,7 @@ async def start_worker(
         hardware=TEST_HARDWARE,
         probe_interval_s=probe_interval_s,
         accelerator=accelerator,
+        tracer=tracer,
     )
     await service.start()
     await barrier(bus)  # tests send requests at once, without waiting for the registration to be seen
@@ -305,12 +308,14 @@ class RunningController:
             await self.bus.close()
 
 
-async def start_controller(config: Config, bus: Bus | None = None) -> RunningController:
+async def start_controller(
+    config: Config, bus: Bus | None = None, *, tracer: Tracer | None = None
+) -> RunningController:
     """Build the app with the factory and serve it like ``serve_controller`` does."""
     owns_bus = bus is None
     if bus is None:
         bus = await Bus.connect(config.nats, name="test-controller", attempts=5)
-    app = create_app(config, bus, get_plugin_manager(config.plugins))
+    app = create_app(config, bus, get_plugin_manager(config.plugins), tracer=tracer)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
     await runner.setup()
     port = free_port()
@@ -420,8 +425,10 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start_controller(self, config: Config | None = None) -> RunningController:
-        self.controller = await start_controller(config or self.config)
+    async def start_controller(
+        self, config: Config | None = None, *, tracer: Tracer | None = None
+    ) -> RunningController:
+        self.controller = await start_controller(config or self.config, tracer=tracer)
         return self.controller
 
     async def start_worker(self, worker_id: str, *, config: Config | None = None, **options: Any) -> RunningWorker:

@@ -188,7 +188,9 @@ def test_help_and_version_with_the_system_python(zipapp: Zipapp) -> None:
     assert first.returncode == 0, first.stderr
     for command in ("run", "balancers", "models", "config", "plugins"):
         assert command in first.stdout
-    assert list((Path(zipapp.env["HOME"]) / ".shiv").glob("mlxcluster.pyz_*/site-packages/mlxcluster"))
+    unpacked = Path(zipapp.env["HOME"]) / ".shiv"
+    assert list(unpacked.glob("mlxcluster.pyz_*/site-packages/mlxcluster"))
+    assert not list(unpacked.glob("mlxcluster.pyz_*/site-packages/opentelemetry"))  # the otel extra stays out
     started = time.monotonic()
     version = zipapp.run("--version")
     warm_s = time.monotonic() - started

@@ -341,6 +341,24 @@ class MetricsSection(_Section):
     """``[metrics.settings.NAME]``: keyword arguments for exporter ``NAME``'s factory."""
 
 
+class TracingSection(_Section):
+    """``[tracing]``: OpenTelemetry traces of each request, exported over OTLP/HTTP; off while ``endpoint`` is empty.
+
+    Needs the ``otel`` extra (``pip install 'mlxcluster[otel]'``); a node refuses to start when it is set but
+    the extra is missing."""
+
+    endpoint: Annotated[str, Meta(pattern=r"^(https?://\S+)?$")] = ""
+    """The collector's OTLP/HTTP base URL (``http://localhost:4318``): spans go to ``<endpoint>/v1/traces``."""
+    service_name: Annotated[str, Meta(min_length=1, max_length=128)] = "mlxcluster"
+    """``service.name`` of the spans, followed by the role: ``mlxcluster-controller``, ``mlxcluster-worker``."""
+    sample_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
+    """Share of the requests traced (a request arriving with a ``traceparent`` follows its caller's choice)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
 class ModelsSection(_Section):
     """``[models]``: where converted and downloaded models live."""
 
@@ -366,6 +384,7 @@ class Config(_Section):
     load_balancing: LoadBalancingSection = msgspec.field(default_factory=LoadBalancingSection)
     logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    tracing: TracingSection = msgspec.field(default_factory=TracingSection)
     models: ModelsSection = msgspec.field(default_factory=ModelsSection)
     plugins: PluginsSection = msgspec.field(default_factory=PluginsSection)
 
@@ -421,6 +440,7 @@ def to_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
                 if entry.get(secret):
                     entry[secret] = MASK
         data["nats"]["url"] = redact_url(data["nats"]["url"])
+        data["tracing"]["endpoint"] = redact_url(data["tracing"]["endpoint"])
     cleaned: dict[str, Any] = _drop_none(data)
     return cleaned
 

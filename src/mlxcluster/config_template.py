@@ -147,6 +147,11 @@ snapshot_interval_s = 5.0          # how often exporters get the cluster's state
 # log = { interval_s = 60.0 }
 # jsonl = { path = "requests.jsonl" }  # from the mlxcluster-exporter-jsonl plugin
 
+[tracing]                          # OpenTelemetry traces of each request (needs: pip install 'mlxcluster[otel]')
+endpoint = ""                      # the OTLP/HTTP collector, e.g. "http://localhost:4318"; empty: tracing off
+service_name = "mlxcluster"        # spans' service.name: <this>-controller, <this>-worker
+sample_ratio = 1.0                 # share of requests traced; an incoming traceparent's choice wins
+
 [models]
 dir = "~/.cache/mlxcluster/models"
 

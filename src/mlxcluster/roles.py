@@ -23,6 +23,7 @@ from mlxcluster.embedded import EmbeddedNatsServer, EmbeddedServerError, keep_se
 from mlxcluster.errors import NODE_FAILED, NodeError, NodeFailed
 from mlxcluster.secure import check_exposure
 from mlxcluster.startup import StartInterrupted, leave_now, on_daemon_thread, until_stop
+from mlxcluster.tracing import TracingUnavailable, check_tracing
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 async def _main(config: Config, role: str, workers: int) -> int:
     try:
         check_exposure(config, role)  # refuse an open API or NATS beyond loopback unless insecure is set
-    except ConfigError as exc:
+        check_tracing(config.tracing)  # [tracing] without the otel extra fails before anything starts
+    except (ConfigError, TracingUnavailable) as exc:
         raise NodeError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

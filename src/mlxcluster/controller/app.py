@@ -34,6 +34,7 @@ from mlxcluster.controller.http import (
 )
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.middleware import controller_middlewares
+from mlxcluster.controller.http.tracing_middleware import tracing_middleware
 from mlxcluster.controller.metering.metrics_feed import METRICS, build_metrics_feed, run_metrics
 from mlxcluster.controller.metering.ops import Operations
 from mlxcluster.controller.peers import PEERS, ControllerPeers, name_the_controller, run_controller_heartbeats
@@ -47,6 +48,7 @@ from mlxcluster.controller.routing.settings_sync import share_worker_settings
 from mlxcluster.controller.shared.lifetime import run_shared_state
 from mlxcluster.controller.tier_requests import answer_requests_queries
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
+from mlxcluster.tracing import Tracer, build_tracer
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,19 @@ SWEEP_INTERVAL_S = 0.5
 """How often silent workers are marked offline (detection within offline_timeout + this)."""
 
 
-def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Application:
-    """Build the controller app; its cleanup_ctx joins the cluster when the app starts."""
+def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tracer | None = None) -> web.Application:
+    """Build the controller app; its cleanup_ctx joins the cluster when the app starts.
+
+    :param tracer: where request spans go (default: built from ``[tracing]``; raises
+        :class:`~mlxcluster.tracing.TracingUnavailable` when it is set and the ``otel`` extra is missing).
+    """
     registry = WorkerRegistry(config)
     cache_index = CacheIndex(config.load_balancing.cache_index_max_entries)
-    balancer = build_balancer(pm, config.load_balancing, BalancerContext(config.load_balancing, cache_index))
+    balancer_context = BalancerContext(config.load_balancing, cache_index)
+    balancer = build_balancer(pm, config.load_balancing, balancer_context)
     controller_id = f"controller-{uuid.uuid4().hex[:8]}"
+    if tracer is None:
+        tracer = build_tracer(config.tracing, role="controller", instance=controller_id)
     inbox = StreamInbox(bus, controller_id)
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
     ops = Operations.from_config(config.controller, controller_id)  # a bad key entry fails here, at startup
@@ -76,16 +85,22 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
             inbox=inbox,
             events=ops.sink(metrics.emit if metrics.runners else None),
             loader=loader,
+            tracer=tracer,
+            strategy=config.load_balancing.strategy,
+            cache_share=lambda request, worker_id: balancer_context.prefix_match(request).fraction(worker_id),
         ),
         loader=loader,
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
         cache_index=cache_index,
         ops=ops,
+        tracer=tracer,
     )
     middlewares = controller_middlewares(
         config.controller.cors, ops.keys, ops.limiter, runtime_keys=config.controller.shared_state
     )
+    if tracer.enabled:  # after the request id, outside the error and auth middlewares (it sees their answer)
+        middlewares.insert(1, tracing_middleware(tracer))
     app = web.Application(middlewares=middlewares, client_max_size=config.controller.max_body_bytes)
     app[CONTROLLER] = ctx
     app[METRICS] = metrics
@@ -102,6 +117,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     routes_ws.setup(app)
     dashboard.setup(app)
     app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
+    app.cleanup_ctx.append(run_tracer)  # first in, last out: spans of the drain are exported too
     app.cleanup_ctx.append(run_shared_state)  # first: without JetStream the start is refused before anything runs
     app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
     app.cleanup_ctx.append(follow_cache_events)  # before join_cluster: workers answer its announce with snapshots
@@ -110,6 +126,16 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager) -> web.Applic
     app.cleanup_ctx.append(run_controller_heartbeats)  # other controllers on this NATS see us, we see them
     app.cleanup_ctx.append(answer_requests_queries)  # the tier's request monitor: peers ask for our requests
     return app
+
+
+async def run_tracer(app: web.Application) -> AsyncIterator[None]:
+    """Export the spans still buffered when the app stops (in a thread: the export is blocking HTTP)."""
+    try:
+        yield
+    finally:
+        tracer = app[CONTROLLER].tracer
+        if tracer.enabled:
+            await asyncio.to_thread(tracer.shutdown)
 
 
 async def join_cluster(app: web.Application) -> AsyncIterator[None]:

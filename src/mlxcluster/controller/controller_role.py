@@ -18,6 +18,7 @@ from mlxcluster.controller.routing.balancing import UnknownBalancerError
 from mlxcluster.errors import NodeError
 from mlxcluster.heap import freeze_startup_heap
 from mlxcluster.plugins import get_plugin_manager
+from mlxcluster.tracing import TracingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ async def serve_controller(config: Config, bus: Bus, stop: asyncio.Event) -> Non
     """Serve the API until ``stop``; then refuse new requests and let in-flight ones finish."""
     try:
         app = create_app(config, bus, get_plugin_manager(config.plugins))
-    except (UnknownBalancerError, ExporterError, ConfigError) as exc:  # ConfigError: a bad [[controller.keys]]
+    except (UnknownBalancerError, ExporterError, ConfigError, TracingUnavailable) as exc:
+        # ConfigError: a bad [[controller.keys]]; TracingUnavailable: [tracing] without the otel extra
         raise NodeError(str(exc)) from None
     ctx = app[CONTROLLER]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)

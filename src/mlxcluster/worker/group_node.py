@@ -37,6 +37,7 @@ from mlxcluster.worker.placement import (
     model_shape,
 )
 from mlxcluster.worker.rendezvous import HELLO_INTERVAL_S, Rendezvous, RendezvousError
+from mlxcluster.worker.serve_trace import stop_tracer, worker_tracer
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class _Member:
             raise NodeError(str(exc)) from None
         except GroupBroken as exc:
             return f"while loading: {exc}"
+        tracer = worker_tracer(self.config, info.name)
         service = WorkerService(
             config=self.config,
             bus=self.bus,
@@ -203,6 +205,7 @@ class _Member:
             worker_id=info.name,
             hardware=detect_hardware(probe_accelerator=True),
             group=info,
+            tracer=tracer,
         )
         watch = asyncio.create_task(self.rendezvous.watch(self.silence_s, self.on_broken))
         try:
@@ -218,6 +221,7 @@ class _Member:
             return reason
         finally:
             watch.cancel()
+            await stop_tracer(tracer)
             if not self.broken.is_set():
                 await engine.stop()
 

@@ -46,6 +46,7 @@ from mlxcluster.protocol import (
     WorkerRegistration,
     WorkerStatus,
 )
+from mlxcluster.tracing import NoTracer, Span, Tracer
 from mlxcluster.worker.accelerator import AcceleratorMonitor
 from mlxcluster.worker.admission import Admission
 from mlxcluster.worker.cache_events import CacheEventPublisher
@@ -53,6 +54,7 @@ from mlxcluster.worker.engine_base import Engine
 from mlxcluster.worker.memory_budget import MemoryBudget
 from mlxcluster.worker.model_host import Lease, LoadError, ModelHost
 from mlxcluster.worker.placement import memory_budget_bytes
+from mlxcluster.worker.serve_trace import describe_request, traced_frames
 from mlxcluster.worker.system import ProcessMonitor, hostname
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,11 @@ class WorkerService:
         group: GroupInfo | None = None,
         probe_interval_s: float = PROBE_INTERVAL_S,
         accelerator: AcceleratorMonitor | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
+        self.tracer: Tracer = tracer or NoTracer()
+        """Spans of each request, joined to the controller's trace (a no-op tracer with ``[tracing]`` off)."""
         self.probe_interval_s = probe_interval_s  # how often long-running requests are probed for a listener
         self.group = group
         self.bus = bus
@@ -392,7 +397,8 @@ class WorkerService:
         if request.request_id in self.in_flight:
             return  # a duplicate delivery of a request we already serve
         self.requests_total += 1
-        task = asyncio.create_task(self._serve(request, stream))
+        span = self.tracer.start("worker.request", headers=msg.headers, kind="server")
+        task = asyncio.create_task(self._serve(request, stream, span))
         self.in_flight[request.request_id] = task
         self._replies[request.request_id] = (stream, time.monotonic())
         task.add_done_callback(lambda _t: self._forget(request.request_id))
@@ -403,11 +409,17 @@ class WorkerService:
 
     # --- serving one request --------------------------------------------------------------------
 
-    async def _serve(self, request: InferenceRequest, stream: ReplyWriter) -> None:
+    async def _serve(self, request: InferenceRequest, stream: ReplyWriter, span: Span) -> None:
         """Load the model if needed, admit, generate and stream one request; every path ends with Done or Error
-        (numbered by ``stream``)."""
+        (numbered by ``stream``). ``span`` ends with it."""
+        received_ns = 0
+        if span.recording:
+            received_ns = time.time_ns()
+            describe_request(span, request, self.worker_id)
         send = stream.send
         if request.model not in self.host.catalogue:
+            span.fail("model_not_found")
+            span.end()
             await send(
                 Error(code="model_not_found", message=f"model {request.model!r} is not served here", retryable=True)
             )
@@ -421,14 +433,19 @@ class WorkerService:
             async with asyncio.timeout(timeout):
                 lease = await self._acquire(request, send)
                 if lease is None:
+                    span.fail("model_load_failed")
                     return
                 if not await self.admission.acquire(continued=request.continuation is not None):
                     self.errors_total += 1
+                    span.fail("overloaded")
                     await send(Error(code="overloaded", message="worker queue is full", retryable=True))
                     return
                 try:
+                    generated = lease.engine.generate(request)
+                    if span.recording:
+                        generated = traced_frames(generated, span, received_ns)
                     # aclosing: a cancel landing in publish() must close the engine's stream at once
-                    async with contextlib.aclosing(lease.engine.generate(request)) as frames:
+                    async with contextlib.aclosing(generated) as frames:
                         async for frame in frames:
                             if isinstance(frame, Token):
                                 emitted += frame.count
@@ -441,16 +458,20 @@ class WorkerService:
                     self.admission.release()
         except TimeoutError:
             self.errors_total += 1
+            span.fail("deadline_exceeded")
             await send(Error(code="deadline_exceeded", message="request deadline passed on the worker"))
         except asyncio.CancelledError:
+            span.event("cancelled")
             with contextlib.suppress(Exception):
                 await stream.cancelled()
             raise
         except Exception as exc:
             self.errors_total += 1
+            span.fail("engine_error")
             log.exception("engine failed on %s", request.request_id)
             await send(Error(code="engine_error", message=str(exc) or type(exc).__name__, retryable=emitted == 0))
         finally:
+            span.end()
             if lease is not None:
                 lease.release()
 

@@ -25,6 +25,7 @@ from mlxcluster.worker.memory_budget import MemoryBudget
 from mlxcluster.worker.model_host import EngineFactory, LoadError, ModelHost
 from mlxcluster.worker.models import ResolvedModel, resolve_model
 from mlxcluster.worker.placement import memory_budget_bytes
+from mlxcluster.worker.serve_trace import stop_tracer, worker_tracer
 from mlxcluster.worker.service import WorkerService
 from mlxcluster.worker.system import detect_hardware, hostname
 
@@ -150,6 +151,8 @@ async def serve_worker(
 
         await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id(), model=model)
         return
+    worker_id = config.worker.id or default_worker_id()
+    tracer = worker_tracer(config, worker_id)  # before the model loads: a missing extra fails at once
     loop = asyncio.get_running_loop()
     failed: asyncio.Future[str] = loop.create_future()
 
@@ -193,8 +196,9 @@ async def serve_worker(
         config=config,
         bus=bus,
         host=host,
-        worker_id=config.worker.id or default_worker_id(),
+        worker_id=worker_id,
         hardware=detect_hardware(probe_accelerator=config.worker.engine != "echo"),
+        tracer=tracer,
     )
     try:
         await service.start()
@@ -210,3 +214,4 @@ async def serve_worker(
         await service.drain(config.worker.drain_timeout_s)
     finally:
         await host.stop()
+        await stop_tracer(tracer)

@@ -16,6 +16,7 @@ from mlxcluster.controller.routing.dispatch import Dispatcher
 from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.controller.shared.state import SharedState
+from mlxcluster.tracing import NoTracer, Tracer
 
 
 @dataclass
@@ -38,6 +39,8 @@ class ControllerContext:
     """API keys, rate limits and request monitoring."""
     shared: SharedState | None = None
     """Keys and usage in JetStream, once opened at start (``None``: ``controller.shared_state`` is off)."""
+    tracer: Tracer = field(default_factory=NoTracer)
+    """Where request spans go (a :class:`~mlxcluster.tracing.NoTracer` with ``[tracing]`` off)."""
 
 
 CONTROLLER = web.AppKey("controller", ControllerContext)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 import msgspec
 from aiohttp import web
@@ -14,6 +15,7 @@ from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.metering.keys import CURRENT_KEY, ApiKey, KeyRing
 from mlxcluster.controller.metering.ratelimit import RateLimited, RateLimiter
+from mlxcluster.tracing import Span
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mlxcluster.access")
@@ -29,6 +31,9 @@ RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 API_KEY_PENDING = web.RequestKey("api_key_pending", bool)
 """Set on a WebSocket upgrade that carried no key: the handler must get a ``{"type": "auth"}`` message first."""
+REQUEST_SPAN: ContextVar[Span | None] = ContextVar("mlxcluster_request_span", default=None)
+"""The inference request's HTTP span while its handler runs, set by
+:func:`~mlxcluster.controller.http.tracing_middleware.tracing_middleware` (``None``: tracing off)."""
 
 
 def stream_headers(request: web.Request) -> dict[str, str]:
@@ -155,10 +160,14 @@ def auth_middleware(keys: KeyRing | list[str], limiter: RateLimiter | None = Non
             raise admin_required()
         if request.method != "POST" or not request.path.startswith("/v1/"):
             return await handler(request)
+        parent = REQUEST_SPAN.get()
+        admission = None if parent is None else parent.child("admission", attributes={"mlxcluster.key": key.name})
         reserve = 0
         if key.models or key.tpm is not None:
             body = await _body_fields(request)
             if key.models and body.model is not None and not key.allows_model(body.model):
+                if admission is not None:
+                    _refused(admission, "model_not_allowed")
                 raise model_not_allowed(key.name, body.model)
             reserve = body.completion_limit()
         try:
@@ -167,6 +176,8 @@ def auth_middleware(keys: KeyRing | list[str], limiter: RateLimiter | None = Non
             else:  # shared state: leases from JetStream only when this controller's leases run out
                 headers = await limits.cluster.admit(key, reserve=reserve)
         except RateLimited as exc:
+            if admission is not None:
+                _refused(admission, f"rate_limited:{exc.type}")
             ring.record_rate_limited(key.name)
             access_log.info(
                 "request refused key=%s status=rate_limited limit=%s path=%s",
@@ -176,6 +187,11 @@ def auth_middleware(keys: KeyRing | list[str], limiter: RateLimiter | None = Non
                 extra={"key": key.name, "status": "rate_limited", "limit": exc.type, "path": request.path},
             )
             raise
+        if admission is not None:
+            admission.set("mlxcluster.admission", "admitted")
+            admission.set("mlxcluster.reserved_tokens", reserve)
+            admission.set("mlxcluster.shared_limits", limits.cluster is not None)
+            admission.end()
         request[RATE_HEADERS] = headers
         token_var = CURRENT_KEY.set(key.name)
         try:
@@ -188,6 +204,12 @@ def auth_middleware(keys: KeyRing | list[str], limiter: RateLimiter | None = Non
         return response
 
     return check
+
+
+def _refused(admission: Span, outcome: str) -> None:
+    admission.set("mlxcluster.admission", outcome)
+    admission.fail(outcome)
+    admission.end()
 
 
 def model_not_allowed(key_name: str, model: str) -> ApiError:

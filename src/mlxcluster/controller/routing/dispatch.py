@@ -18,10 +18,11 @@ import time
 from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Literal, Protocol
 
-from mlxcluster.api import Balancer, MetricsEvent, RequestRetried, WorkerView
+from mlxcluster.api import Balancer, MetricsEvent, RequestFinished, RequestRetried, WorkerView
 from mlxcluster.bus import Bus, ReplyStream, Signal, StreamInbox, WorkerFrame
 from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import ApiError, model_not_found, no_capacity, payload_too_large
+from mlxcluster.controller.http.middleware import REQUEST_SPAN
 from mlxcluster.controller.metering.dispatch_stats import DispatchStats
 from mlxcluster.controller.metering.request_meter import EventSink, RequestMeter, discard
 from mlxcluster.controller.routing.breaker import Breakers
@@ -37,6 +38,7 @@ from mlxcluster.protocol import (
     Token,
     encode,
 )
+from mlxcluster.tracing import NoTracer, Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ RETRY_BACKOFF_S = 0.05
 SUBJECT_HEADROOM = 1024  # bytes of max_payload left for the subject and headers
 
 StreamFrame = Token | Done | Error
+CacheShare = Callable[[InferenceRequest, str], float]
+"""The share of a request's prompt a worker's prompt cache holds, as the controller's cache index knows it."""
 
 
 class Registry(Protocol):
@@ -103,8 +107,17 @@ class Dispatcher:
         breakers: Breakers | None = None,
         events: EventSink | None = None,
         loader: Loader | None = None,
+        tracer: Tracer | None = None,
+        strategy: str = "",
+        cache_share: CacheShare | None = None,
     ) -> None:
         self.bus = bus
+        self.tracer: Tracer = tracer or NoTracer()
+        """Spans of each request (dispatch, pick, attempt); a no-op tracer with ``[tracing]`` off."""
+        self.strategy = strategy
+        """The balancer's name, for the pick span."""
+        self.cache_share = cache_share
+        """For the pick span: how much of the prompt the chosen worker holds (``None``: not known)."""
         self.loader = loader
         """Loads a model that is in a worker's catalogue but loaded nowhere (None: such requests get a 503)."""
         self.inbox = inbox
@@ -138,9 +151,32 @@ class Dispatcher:
             raise payload_too_large(len(payload), self.bus.max_payload)
         return payload
 
-    def _pick(self, request: InferenceRequest, tried: set[str]) -> WorkerView | None:
+    def _pick(self, request: InferenceRequest, tried: set[str], span: Span) -> WorkerView | None:
         blocked = self.breakers.open_ids()
-        return pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried)
+        exclude = tried | blocked if blocked else tried
+        if not span.recording:
+            return pick_worker(self.registry, self.balancer, request, exclude)
+        workers = self.registry.eligible(request.model, exclude)
+        chosen = self.balancer.pick(workers, request) if workers else None
+        span.set("mlxcluster.strategy", self.strategy)
+        span.set("mlxcluster.candidates", len(workers))
+        span.set("mlxcluster.excluded", len(exclude))
+        if chosen is not None:
+            span.set("mlxcluster.worker", chosen.id)
+            span.set("mlxcluster.worker_load", chosen.load)
+            if self.cache_share is not None:
+                span.set("mlxcluster.cache_share", round(self.cache_share(request, chosen.id), 4))
+        return chosen
+
+    def _request_span(self, request: InferenceRequest) -> Span:
+        """The dispatch span: under the HTTP request's span, or the first of a trace (a WebSocket message)."""
+        parent = REQUEST_SPAN.get()
+        span = self.tracer.start("dispatch", kind="internal") if parent is None else parent.child("dispatch")
+        if span.recording:
+            span.set("mlxcluster.request_id", request.request_id)
+            span.set("gen_ai.request.model", request.model)
+            span.set("mlxcluster.stream", request.stream)
+        return span
 
     async def stream(
         self, request: InferenceRequest, *, disconnected: Callable[[], bool] | None = None
@@ -152,6 +188,7 @@ class Dispatcher:
         whether the client has gone: such a stream is not migrated.
         """
         meter = RequestMeter(request, self.live)
+        span = self._request_span(request)
         try:
             payload = self.check_size(request)
             if not self.registry.has_model(request.model):
@@ -159,14 +196,14 @@ class Dispatcher:
         except ApiError as exc:
             meter.model_known = exc.code != "model_not_found"
             meter.ended(exc)
-            self._finished(request, meter)
+            self._finished(request, meter, span)
             raise
         meter.dispatched = True
         so_far = StreamSoFar(request)
         current = request
         try:
             while True:
-                relay = await self._open(current, payload, so_far, meter)
+                relay = await self._open(current, payload, so_far, meter, span)
                 if isinstance(relay, Error):  # a continuation that no worker could start
                     yield self._unmoved(relay, meter)
                     return
@@ -205,7 +242,7 @@ class Dispatcher:
             raise
         finally:
             meter.migrations = so_far.moves
-            self._finished(request, meter)
+            self._finished(request, meter, span)
 
     @staticmethod
     def _unmoved(ending: Done | Error, meter: RequestMeter) -> Done | Error:
@@ -215,7 +252,7 @@ class Dispatcher:
         return ending
 
     async def _open(
-        self, request: InferenceRequest, payload: bytes, so_far: StreamSoFar, meter: RequestMeter
+        self, request: InferenceRequest, payload: bytes, so_far: StreamSoFar, meter: RequestMeter, span: Span
     ) -> AsyncGenerator[StreamFrame, None] | Error:
         """Start ``request`` (the original or a continuation) on a worker, retrying on others before its
         first frame; return the relay of its stream. When no worker could start it: a 503, or for a
@@ -225,12 +262,17 @@ class Dispatcher:
         reasons: list[str] = []
         codes: list[str] = []
         for segment_attempt in range(1, self.config.max_attempts + 1):
-            worker = self._pick(request, tried)
-            if worker is None and segment_attempt == 1 and not moving and self.loader is not None:
-                registry = self.registry
-                if not registry.loaded_somewhere(request.model) and registry.loadable_somewhere(request.model):
-                    await self.loader.ensure_loaded(request.model)  # a 503 when it cannot
-                    worker = self._pick(request, tried)
+            pick = span.child("pick")
+            try:
+                worker = self._pick(request, tried, pick)
+                if worker is None and segment_attempt == 1 and not moving and self.loader is not None:
+                    registry = self.registry
+                    if not registry.loaded_somewhere(request.model) and registry.loadable_somewhere(request.model):
+                        pick.event("model_load")
+                        await self.loader.ensure_loaded(request.model)  # a 503 when it cannot
+                        worker = self._pick(request, tried, pick)
+            finally:
+                pick.end()
             if worker is None:
                 break
             worker_id = worker.id
@@ -243,7 +285,7 @@ class Dispatcher:
             if segment_attempt > 1:
                 meter.retrying()
             try:
-                relay = await self._start(request, payload, worker_id, attempt, meter)
+                relay = await self._start(request, payload, worker_id, attempt, meter, span)
             except _TryElsewhere as exc:
                 reasons.append(f"{worker_id}: {exc}")
                 codes.append(exc.code)
@@ -251,7 +293,7 @@ class Dispatcher:
                 await asyncio.sleep(RETRY_BACKOFF_S * segment_attempt)
                 continue
             if moving:
-                self._moved(so_far, worker_id)
+                self._moved(so_far, worker_id, span)
             return relay
         if moving and so_far.loss is not None:
             why = "; ".join(reasons) if reasons else f"no other worker serving '{request.model}' is available"
@@ -271,16 +313,32 @@ class Dispatcher:
             )
         raise no_capacity(f"No worker serving '{request.model}' is available right now")
 
-    def _moved(self, so_far: StreamSoFar, worker_id: str) -> None:
+    def _moved(self, so_far: StreamSoFar, worker_id: str, span: Span) -> None:
         event = so_far.moved_to(worker_id)
         log.info("request %s continues on %s (%.2fs without a token)", event.request_id, worker_id, event.gap_s)
+        if span.recording:
+            span.event(
+                "migrated",
+                {
+                    "mlxcluster.from_worker": event.worker,
+                    "mlxcluster.to_worker": worker_id,
+                    "mlxcluster.reason": event.reason,
+                    "mlxcluster.tokens_so_far": event.tokens,
+                    "mlxcluster.gap_s": round(event.gap_s, 6),
+                },
+            )
         self.events(event)
 
-    def _finished(self, request: InferenceRequest, meter: RequestMeter) -> None:
+    def _finished(self, request: InferenceRequest, meter: RequestMeter, span: Span) -> None:
         try:
-            self.events(meter.finished(request))
+            finished = meter.finished(request)
+            self.events(finished)
+            if span.recording:
+                describe_finished(span, finished)
         except Exception:
             log.exception("could not emit the metrics event of %s", request.request_id)
+        finally:
+            span.end()
 
     def _retried(self, request: InferenceRequest, attempt: int, reasons: list[str]) -> None:
         failed_worker, _, reason = reasons[-1].partition(": ") if reasons else ("", "", "")
@@ -296,23 +354,37 @@ class Dispatcher:
         )
 
     async def _start(
-        self, request: InferenceRequest, payload: bytes, worker_id: str, attempt: int, meter: RequestMeter
+        self,
+        request: InferenceRequest,
+        payload: bytes,
+        worker_id: str,
+        attempt: int,
+        meter: RequestMeter,
+        parent: Span,
     ) -> AsyncGenerator[StreamFrame, None]:
         """Send to one worker and wait for its first token; return the relay of the whole stream."""
         stream = self.inbox.open(f"{request.request_id}.{attempt}", worker_id)
         self.registry.begin(worker_id)
         self.breakers.begin(worker_id)
         epoch = self.bus.epoch
+        span = parent.child("attempt", kind="client")  # the worker's spans join the trace under this one
+        if span.recording:
+            span.set("mlxcluster.worker", worker_id)
+            span.set("mlxcluster.attempt", attempt)
+            span.set("mlxcluster.continuation", request.continuation is not None)
         try:
-            await self.bus.publish_encoded(self.bus.subjects.inference(worker_id), payload, reply=stream.reply)
-            first = await self._first_frame(stream, request, meter)
+            subject = self.bus.subjects.inference(worker_id)
+            await self.bus.publish_encoded(subject, payload, reply=stream.reply, headers=span.headers())
+            first = await self._first_frame(stream, request, meter, span)
         except BaseException as exc:
             if isinstance(exc, _TryElsewhere):
                 self._blame(worker_id, epoch)
+            span.fail(str(exc) or type(exc).__name__)
+            span.end()
             await self._cancel(worker_id, request.request_id, f"controller gave up: {exc}")
             self._close(stream)
             raise
-        return self._relay(stream, request, first, epoch)
+        return self._relay(stream, request, first, epoch, span)
 
     def _blame(self, worker_id: str, epoch: int) -> None:
         """Count a failure against the worker's breaker, unless our own NATS connection dropped meanwhile:
@@ -322,7 +394,9 @@ class Dispatcher:
         else:
             self.breakers.forgive(worker_id)
 
-    async def _first_frame(self, stream: ReplyStream, request: InferenceRequest, meter: RequestMeter) -> StreamFrame:
+    async def _first_frame(
+        self, stream: ReplyStream, request: InferenceRequest, meter: RequestMeter, span: Span
+    ) -> StreamFrame:
         """Wait for Accepted, then for the first Token/Done/Error, within the timeouts.
 
         The first-token timeout measures silence: each Progress frame (of a long prefill, or of tokens the
@@ -338,6 +412,8 @@ class Dispatcher:
             match frame:  # the usual frames first: each case is a type test
                 case Accepted():
                     accepted = True
+                    if span.recording:
+                        span.event("accepted", {"mlxcluster.queued": frame.queued})
                 case Token() | Done():
                     if (seq := stream.out_of_order(frame)) is not None:
                         # lost frames, none sent on yet: start over elsewhere
@@ -360,7 +436,7 @@ class Dispatcher:
                     continue
 
     async def _relay(
-        self, stream: ReplyStream, request: InferenceRequest, first: StreamFrame, epoch: int
+        self, stream: ReplyStream, request: InferenceRequest, first: StreamFrame, epoch: int, span: Span
     ) -> AsyncGenerator[StreamFrame, None]:
         """Yield ``first`` and the rest of the stream; raise :class:`LostMidStream` if the worker is lost
         (the stream may then continue on another worker)."""
@@ -372,6 +448,8 @@ class Dispatcher:
                 if frame is not None:
                     if not isinstance(frame, Token):
                         finished = True
+                        if isinstance(frame, Error):
+                            span.fail(frame.code)
                         if isinstance(frame, Error) and frame.retryable:  # e.g. its engine reset the batch
                             raise LostMidStream(worker_id, "worker_error", frame)
                         # we never read on after cancelling, so this cancel is the worker's (a drain ran out)
@@ -386,6 +464,7 @@ class Dispatcher:
                 # frames that came batched are already queued: take them without the timed wait
                 received = stream.take() or await self._next_live(stream, request)
                 if isinstance(received, str):
+                    span.fail(f"worker {received}")
                     self._blame(worker_id, epoch)
                     message = f"worker {worker_id} stopped responding mid-stream ({received})"
                     raise LostMidStream(worker_id, received, Error(code="worker_lost", message=message))
@@ -393,9 +472,11 @@ class Dispatcher:
                 if isinstance(frame, Token | Done) and (seq := stream.out_of_order(frame)) is not None:
                     # NATS delivers at most once: frames were lost
                     message = f"lost frames from worker {worker_id} (expected #{stream.expected}, got #{seq})"
+                    span.fail("frames_lost")
                     # not finished: the worker still generates, so the finally cancels it
                     raise LostMidStream(worker_id, "frames_lost", Error(code="frames_lost", message=message))
         finally:
+            span.end()
             self._close(stream)
             if not finished:  # the client went away, or the worker is lost (a frozen one may wake up)
                 await self._cancel(worker_id, request.request_id, "controller gave up on the stream")
@@ -446,3 +527,21 @@ class Dispatcher:
     def _close(self, stream: ReplyStream) -> None:
         self.inbox.discard(stream.key)
         self.registry.end(stream.worker_id)
+
+
+def describe_finished(span: Span, finished: RequestFinished) -> None:
+    """The dispatch span's attributes once the request ended (from its metrics event)."""
+    span.set("mlxcluster.status", finished.status)
+    span.set("mlxcluster.attempts", finished.attempts)
+    span.set("mlxcluster.migrations", finished.migrations)
+    if finished.worker is not None:
+        span.set("mlxcluster.worker", finished.worker)
+    if finished.finish_reason is not None:
+        span.set("gen_ai.response.finish_reasons", finished.finish_reason)
+    span.set("gen_ai.usage.input_tokens", finished.prompt_tokens)
+    span.set("gen_ai.usage.output_tokens", finished.completion_tokens)
+    span.set("mlxcluster.cached_tokens", finished.cached_tokens)
+    if finished.ttft_s is not None:
+        span.set("mlxcluster.ttft_s", round(finished.ttft_s, 6))
+    if finished.status == "error":
+        span.fail(finished.error or "error")

@@ -56,7 +56,8 @@ def prepare_model(config: Config) -> ResolvedModel | None:
 
 
 def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
-    """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx)."""
+    """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx;
+    an embedding model gets an :class:`~mlxcluster.worker.embedding_engine.EmbeddingEngine`)."""
     worker = config.worker
     if worker.engine == "echo":
         from mlxcluster.worker.echo import EchoEngine
@@ -73,6 +74,10 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
 
     def mlx(entry: CatalogueEntry) -> Engine:
         assert entry.path is not None, "a model is resolved before its engine is built"
+        if entry.facts.kind == "embedding":
+            from mlxcluster.worker.embedding_engine import EmbeddingEngine
+
+            return EmbeddingEngine(entry.path, served_name=entry.name)
         return MlxEngine(
             entry.path,
             served_name=entry.name,

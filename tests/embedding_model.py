@@ -95,9 +95,9 @@ def reference_vectors(path: Path, inputs: list[str] | list[list[int]], *, prompt
     for item in inputs:
         ids = tokenizer(prompt + item)["input_ids"] if isinstance(item, str) else item
         states = np.array(model.model(mx.array([ids])).astype(mx.float32))[0]
-        if pooling["pooling_mode_lasttoken"]:
+        if pooling.get("pooling_mode_lasttoken"):
             vector = states[-1]
-        elif pooling["pooling_mode_cls_token"]:
+        elif pooling.get("pooling_mode_cls_token"):
             vector = states[0]
         else:
             vector = states.mean(axis=0)
@@ -106,3 +106,35 @@ def reference_vectors(path: Path, inputs: list[str] | list[list[int]], *, prompt
         rows.append(vector)
         counts.append(len(ids))
     return np.stack(rows), counts
+
+
+def build_encoder_model(path: Path, *, seed: int = 11) -> Path:
+    """A tiny BERT (mlx-embeddings' class, hidden 64, 2 layers, random weights) with the demo tokenizer and
+    sentence-transformers files (mean pooling, Normalize): the encoder path, which needs mlx-embeddings."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_embeddings.models import bert
+
+    demo = find_demo_model()
+    if demo is None:
+        raise FileNotFoundError("the demo model has not been made (mlxcluster models demo)")
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = _write_tokenizer(demo, path, FAMILIES["qwen3"], _RECIPES["qwen3"])
+    config = {
+        "model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128, "vocab_size": vocab,
+    }  # fmt: skip
+    mx.random.seed(seed)
+    model = bert.Model(bert.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return path

@@ -33,7 +33,7 @@ from mlxcluster.worker.worker_role import serve_worker
 pytestmark = pytest.mark.usefixtures("nats_server")
 
 EMBED, CHAT = "tiny-embed", "tiny-chat"
-KEY = "embed-secret"
+KEY, SMALL_KEY = "embed-secret", "small-secret"
 TEXTS = ["hello world", "The capital of France is Paris.", "a", "def f(x):\n    return x + 1\n" * 4, "東京 🙂"]
 
 
@@ -50,7 +50,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @contextlib.asynccontextmanager
 async def cluster(config: Config, models: tuple[Path, Path]) -> AsyncIterator[tuple[RunningController, ModelHost]]:
     """A controller and one mlx worker whose catalogue holds the embedding model and a chat model (not loaded)."""
-    keys = [msgspec.convert({"name": "app", "key": KEY}, ApiKeyEntry)]
+    keys = [
+        msgspec.convert({"name": "app", "key": KEY}, ApiKeyEntry),
+        msgspec.convert({"name": "small", "key": SMALL_KEY, "tpm": 30}, ApiKeyEntry),
+    ]
     config = with_sections(
         config,
         worker={"engine": "mlx", "id": "w1", "models": [str(m) for m in models], "prompt_cache_bytes": 0},
@@ -71,9 +74,9 @@ async def cluster(config: Config, models: tuple[Path, Path]) -> AsyncIterator[tu
         await worker_bus.close()
 
 
-async def post(controller: RunningController, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+async def post(controller: RunningController, body: dict[str, Any], key: str = KEY) -> tuple[int, dict[str, Any]]:
     session = controller.session()
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {key}"}
     async with session.post(f"{controller.url}/v1/embeddings", json=body, headers=headers) as response:
         return response.status, await response.json()
 
@@ -151,6 +154,12 @@ async def test_embeddings_through_the_cluster(cluster_config: Config, models: tu
         # the key's usage counts the embedding tokens
         usage = controller.ctx.ops.keys.usage.get("app")
         assert usage is not None and usage.prompt_tokens >= 3 * sum(counts)
+
+        # tpm counts embedding tokens: the first request spends the small key's 30 tokens, the next one waits
+        status, body = await post(controller, {"model": EMBED, "input": TEXTS}, SMALL_KEY)
+        assert status == 200 and body["usage"]["prompt_tokens"] > 30
+        status, body = await post(controller, {"model": EMBED, "input": "a"}, SMALL_KEY)
+        assert status == 429 and "TPM" in body["error"]["message"]
 
         await _refusals(controller, client)
 

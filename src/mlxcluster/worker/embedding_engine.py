@@ -393,6 +393,8 @@ class EmbeddingEngine(Engine):
             while end < len(batch) and len(batch[end].tokens) * (end + 1 - start) <= self.batch_tokens:
                 end += 1
             part = batch[start:end]
+            self.batches += 1
+            self.inputs += len(part)
             try:
                 vectors = self._model.embed([item.tokens for item in part])
             except Exception as exc:
@@ -402,8 +404,6 @@ class EmbeddingEngine(Engine):
             else:
                 for item, vector in zip(part, vectors, strict=True):
                     item.done(vector, None)
-            self.batches += 1
-            self.inputs += len(part)
             start = end
 
     def _fail_queued(self) -> None:

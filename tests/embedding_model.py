@@ -138,3 +138,19 @@ def build_encoder_model(path: Path, *, seed: int = 11) -> Path:
     pooling = {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True}
     (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     return path
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/embedding_model.py DIR``: build the tiny embedding fixture as ``DIR/tiny-embed`` (for
+    ``mlxcluster bench embeddings --families-dir DIR``)."""
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python tests/embedding_model.py DIR")
+        return 0 if argv else 2
+    print(build_embedding_model(Path(argv[0]) / "tiny-embed"))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -23,7 +23,7 @@ from aiohttp import web
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.errors import ApiError, bad_request, model_not_found
 from mlxcluster.controller.http.generation import check_ready
-from mlxcluster.controller.http.keep_alive import keep_alive_seconds
+from mlxcluster.controller.http.keep_alive import KeepAlive, keep_alive_seconds
 from mlxcluster.controller.http.middleware import new_request_id
 from mlxcluster.controller.http.openai_schema import parse_body
 from mlxcluster.controller.http.responses import json_response
@@ -44,7 +44,7 @@ class EmbeddingsBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     user: str | None = None
     prompt_name: str | None = None
-    keep_alive: Any = None
+    keep_alive: KeepAlive = None
 
 
 def inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:

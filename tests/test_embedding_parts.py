@@ -278,3 +278,19 @@ async def test_worker_refusals(cluster_config: Config, bus: Bus) -> None:
         )
         assert answer.error is not None and answer.error.code == "draining" and answer.error.retryable
         worker.service.status = "online"
+
+
+def test_backbone_is_the_final_norm_before_the_head(decoder: Path, tmp_path: Path) -> None:
+    """For qwen3 (tied head) and llama (its own head), ``model.model(ids)`` is what the LM head reads: the final
+    hidden states after the last norm, so the engine pools what the model's last layer gives."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+    from tiny_model import build_tiny_model
+
+    ids = mx.array([[5, 17, 300, 42, 8]])
+    qwen3, _ = load_model(decoder)
+    states = qwen3.model(ids)
+    np.testing.assert_allclose(np.array(qwen3.model.embed_tokens.as_linear(states)), np.array(qwen3(ids)), atol=1e-4)
+    llama, _ = load_model(build_tiny_model(tmp_path / "llama"))
+    states = llama.model(ids)
+    np.testing.assert_allclose(np.array(llama.lm_head(states)), np.array(llama(ids)), atol=1e-4)

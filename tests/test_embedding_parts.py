@@ -8,6 +8,7 @@ import asyncio
 import json
 import shutil
 import sys
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from mlxcluster.builtin.balancers import RoundRobin
 from mlxcluster.bus import Bus
 from mlxcluster.config import Config, ControllerSection
 from mlxcluster.controller.http.errors import ApiError
-from mlxcluster.controller.routing.embeddings import EmbeddingDispatcher
+from mlxcluster.controller.routing.embeddings import EmbeddingDispatcher, embed_error
 from mlxcluster.errors import NodeError
 from mlxcluster.protocol import EmbedRequest, EmbedResult, Error, encode
 from mlxcluster.worker.catalogue import model_facts
+from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.embedding_engine import EXTRA, EmbeddingEngine
 from mlxcluster.worker.embedding_spec import NotAnEmbeddingModel, read_spec
 
@@ -248,35 +250,75 @@ async def test_failover_and_refusals(bus: Bus) -> None:
     with pytest.raises(ApiError) as unavailable:
         await lone.embed(EmbedRequest(request_id="r", model="m", texts=["a"]), 4)
     assert unavailable.value.status == 503 and "flaky: draining" in unavailable.value.message
+    silent = _dispatcher(bus, ["silent"])  # nobody answers there: no responders until the deadline passes
+    with pytest.raises(ApiError) as late:
+        await silent.embed(EmbedRequest(request_id="r", model="m", texts=["a"], deadline=time.time() - 1), 4)
+    assert late.value.status == 504
     for sub in subs:
         await sub.unsubscribe()
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("invalid_request", 400),
+        ("model_load_failed", 503),
+        ("deadline_exceeded", 504),
+        ("payload_too_large", 413),
+        ("x", 502),
+    ],
+)
+def test_worker_errors_as_http(code: str, status: int) -> None:
+    assert embed_error(Error(code=code, message="m", param="input")).status == status
+
+
+class _EmbeddingEcho(EchoEngine):
+    """An echo engine that embeds as told: fails, sleeps, or answers more bytes than NATS carries."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        text = (request.texts or [""])[0]
+        if text == "boom":
+            raise ValueError("boom")
+        if text == "slow":
+            await asyncio.sleep(5)
+        if text == "huge":
+            return EmbedResult(vectors=[bytes(7 * 1024 * 1024)], dimensions=1, prompt_tokens=1)  # 9.3 MB in base64
+        return await super().embed(request)
 
 
 @pytest.mark.usefixtures("nats_server")
 async def test_worker_refusals(cluster_config: Config, bus: Bus) -> None:
     """Through the worker service: a model not in its catalogue (retryable elsewhere), a chat engine asked to embed,
-    a request without a reply subject (dropped and counted)."""
+    an engine that fails, a deadline passed, vectors past NATS max_payload, a draining worker, a request without a
+    reply subject (dropped and counted)."""
     from cluster_harness import Cluster
 
+    async def ask(text: str, model: str = "echo", **fields: Any) -> Error:
+        request = EmbedRequest(request_id="r", model=model, texts=[text], **fields)
+        answer = await bus.request(subject, request, EmbedResult, timeout=5)
+        assert answer.error is not None and answer.worker_id == "w-echo"
+        return answer.error
+
     async with Cluster(cluster_config) as cluster:
-        worker = await cluster.start_worker("w-echo")
+        worker = await cluster.start_worker("w-echo", engine=_EmbeddingEcho(models=["echo"]))
         subject = bus.subjects.embed("w-echo")
-        answer = await bus.request(
-            subject, EmbedRequest(request_id="r", model="nope", texts=["a"]), EmbedResult, timeout=5
-        )
-        assert answer.error is not None and answer.error.code == "model_not_found" and answer.error.retryable
-        answer = await bus.request(
-            subject, EmbedRequest(request_id="r", model="echo", texts=["a"]), EmbedResult, timeout=5
-        )
-        assert answer.error is not None and answer.error.param == "model" and "chat model" in answer.error.message
+        error = await ask("a", model="nope")
+        assert error.code == "model_not_found" and error.retryable
+        error = await ask("a")
+        assert error.param == "model" and "chat model" in error.message
+        error = await ask("boom")
+        assert error.code == "engine_error" and error.retryable
+        error = await ask("slow", deadline=time.time() + 0.2)
+        assert error.code == "deadline_exceeded"
+        error = await ask("huge")
+        assert error.code == "payload_too_large"
+        assert worker.service.errors_total == 5
         await bus.publish(subject, EmbedRequest(request_id="r", model="echo", texts=["a"]))
         await asyncio.sleep(0.1)
         assert worker.bus.invalid_messages[subject] == 1
         worker.service.status = "draining"
-        answer = await bus.request(
-            subject, EmbedRequest(request_id="r", model="echo", texts=["a"]), EmbedResult, timeout=5
-        )
-        assert answer.error is not None and answer.error.code == "draining" and answer.error.retryable
+        error = await ask("a")
+        assert error.code == "draining" and error.retryable
         worker.service.status = "online"
 
 

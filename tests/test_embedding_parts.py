@@ -336,3 +336,24 @@ def test_backbone_is_the_final_norm_before_the_head(decoder: Path, tmp_path: Pat
     llama, _ = load_model(build_tiny_model(tmp_path / "llama"))
     states = llama.model(ids)
     np.testing.assert_allclose(np.array(llama.lm_head(states)), np.array(llama(ids)), atol=1e-4)
+
+
+async def test_weights_saved_from_the_bare_backbone(decoder: Path, tmp_path: Path) -> None:
+    """Hugging Face's Qwen3-Embedding saves the backbone alone (``layers.0...``, no ``model.`` prefix, no head): the
+    engine loads such weights into mlx-lm's class all the same."""
+    import mlx.core as mx
+
+    bare = tmp_path / "bare"
+    shutil.copytree(decoder, bare)
+    weights = mx.load(str(bare / "model.safetensors"))
+    mx.save_safetensors(str(bare / "model.safetensors"), {k.removeprefix("model."): v for k, v in weights.items()})
+    index = bare / "model.safetensors.index.json"
+    index.unlink(missing_ok=True)
+    expected, _ = reference_vectors(decoder, TEXTS)
+    engine = EmbeddingEngine(str(bare), served_name="bare")
+    await engine.start()
+    try:
+        result = await engine.embed(EmbedRequest(request_id="r", model="bare", texts=TEXTS))
+        np.testing.assert_allclose(np.stack([np.frombuffer(v, "<f4") for v in result.vectors]), expected, atol=1e-5)
+    finally:
+        await engine.stop()

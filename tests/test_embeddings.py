@@ -56,7 +56,14 @@ async def cluster(config: Config, models: tuple[Path, Path]) -> AsyncIterator[tu
     ]
     config = with_sections(
         config,
-        worker={"engine": "mlx", "id": "w1", "models": [str(m) for m in models], "prompt_cache_bytes": 0},
+        worker={
+            "engine": "mlx",
+            "id": "w1",
+            "models": [str(m) for m in models],
+            "prompt_cache_bytes": 0,
+            "embedding_batch_wait_ms": 1.0,
+            "embedding_batch_tokens": 4096,
+        },
         controller={"keys": keys},
     )
     worker_bus = await Bus.connect(config.nats, name="test-embed-worker", attempts=5)
@@ -106,11 +113,12 @@ async def test_embeddings_through_the_cluster(cluster_config: Config, models: tu
         # concurrent requests, one input each, share the worker's forwards and give the same vectors
         engine = host.engines()[EMBED]
         assert isinstance(engine, EmbeddingEngine)
+        assert (engine.batch_wait_s, engine.batch_tokens) == (0.001, 4096)  # worker.embedding_batch_*
         engine.batch_wait_s = 0.2  # long enough that the requests below land in one batch
         before = engine.batches
         answers = await asyncio.gather(*(post(controller, {"model": EMBED, "input": text}) for text in TEXTS))
         assert engine.batches - before < len(TEXTS)
-        engine.batch_wait_s = 0.002
+        engine.batch_wait_s = 0.001
         np.testing.assert_allclose(np.concatenate([floats(b) for _, b in answers]), expected, atol=1e-5)
 
         # token ids (one list, and a list of lists) give the vectors of the texts they encode

@@ -77,7 +77,12 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
         if entry.facts.kind == "embedding":
             from mlxcluster.worker.embedding_engine import EmbeddingEngine
 
-            return EmbeddingEngine(entry.path, served_name=entry.name)
+            return EmbeddingEngine(
+                entry.path,
+                served_name=entry.name,
+                batch_tokens=worker.embedding_batch_tokens,
+                batch_wait_ms=worker.embedding_batch_wait_ms,
+            )
         return MlxEngine(
             entry.path,
             served_name=entry.name,

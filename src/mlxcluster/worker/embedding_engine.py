@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import queue
@@ -315,7 +316,8 @@ class EmbeddingEngine(Engine):
                 future.set_result(vector)
 
         def done(vector: Any, error: BaseException | None) -> None:  # on the batch thread
-            loop.call_soon_threadsafe(settle, vector, error)
+            with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(settle, vector, error)
 
         self._queue.put(_Input(tokens, done))
         return future

@@ -118,6 +118,7 @@ bench: model
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get install -y -qq wrk >/dev/null 2>&1; } || echo "hint: install wrk for the cluster load figures"
 	$(PY) tests/families.py $(FAMILIES_DIR)
+	$(PY) tests/embedding_model.py $(FAMILIES_DIR)
 	$(VENV)/bin/mlxcluster bench report --soak-minutes $(SOAK_MINUTES) --families-dir $(FAMILIES_DIR)
 
 clean:

@@ -19,6 +19,8 @@ from mlxcluster.protocol import (
     ControllerHeartbeat,
     Deregister,
     Done,
+    EmbedRequest,
+    EmbedResult,
     Error,
     Frame,
     Hardware,
@@ -97,6 +99,10 @@ MESSAGES: list[msgspec.Struct] = [
         CHAT_REQUEST, continuation="The capital", max_tokens=14, sampling=SamplingParams(seed_offset=2)
     ),
     Cancel(request_id="req-1", reason="client went away"),
+    EmbedRequest(request_id="e-1", model="emb", texts=["a", "b"], dimensions=32, prompt_name="query"),
+    EmbedRequest(request_id="e-2", model="emb", tokens=[[1, 2, 3]]),
+    EmbedResult(worker_id="w1", vectors=[b"\x00\x00\x80?"], dimensions=1, prompt_tokens=3),
+    EmbedResult(error=Error(code="invalid_request", message="too long", param="input")),
 ]
 FRAMES: list[Frame] = [
     Accepted(worker_id="mac-1", queued=True),
@@ -120,6 +126,8 @@ DECODE_TYPES: list[Any] = [
     Cancel,
     ChatMessage,
     Frame,
+    EmbedRequest,
+    EmbedResult,
 ]
 
 
@@ -300,6 +308,7 @@ def _all_subjects(subjects: Subjects) -> list[str]:
         subjects.inference("w1"),
         subjects.cancel("w1"),
         subjects.models("w1"),
+        subjects.embed("w1"),
         subjects.group("big"),
         subjects.response("c1", "req-1.1"),
         subjects.responses("c1"),
@@ -330,6 +339,7 @@ def test_default_subjects() -> None:
         "mlxcluster.worker.w1.inference",
         "mlxcluster.worker.w1.cancel",
         "mlxcluster.worker.w1.models",
+        "mlxcluster.worker.w1.embed",
         "mlxcluster.group.big",
         "mlxcluster.response.c1.req-1.1",
         "mlxcluster.response.c1.>",
@@ -355,6 +365,7 @@ def test_every_subject_property_is_covered() -> None:
         "inference",
         "cancel",
         "models",
+        "embed",
         "response",
         "responses",
         "usage",

@@ -229,6 +229,10 @@ class WorkerSection(_Section):
     request's own prompt and output, verified in the batch's forward (the output is unchanged); each step
     drafts only as far as the measured step costs and each request's acceptance rate say it pays.
     0: off."""
+    embedding_batch_tokens: PositiveInt = 8192
+    """An embedding model's batches: padded tokens one forward holds at most (an input longer runs alone)."""
+    embedding_batch_wait_ms: Annotated[float, Meta(ge=0, le=1000)] = 2.0
+    """How long an embedding model's batch thread waits for more inputs (of any request) once it has some."""
     memory_budget_gb: Annotated[float, Meta(gt=0)] | None = None
     """The memory budget in GiB (``memory_budget_bytes`` in bytes; set one of them)."""
     memory_budget_bytes: Annotated[int, Meta(gt=0)] | None = None

@@ -159,6 +159,8 @@ class CatalogueModel(_Message):
     linear-attention layers); a request of ``n`` tokens projects ``kv_fixed_bytes + n × kv_bytes_per_token``
     at most (window layers are capped at their window)."""
     context_length: Count = 0
+    dimensions: Count = 0
+    """An embedding model's vector length (its pooled hidden size; 0: a chat model, or not known)."""
 
 
 ModelLoadState = Literal["loading", "loaded", "unloading"]
@@ -552,6 +554,39 @@ class Cancel(_Message):
 
     request_id: str
     reason: str = ""
+
+
+# --- embeddings -------------------------------------------------------------------------------
+
+
+class EmbedRequest(_Message):
+    """Sent by the controller to ``worker.<id>.embed`` (a NATS request): embed ``texts`` or ``tokens`` (one of
+    them) with an embedding model. Answered with one :class:`EmbedResult`."""
+
+    request_id: str
+    model: str
+    texts: list[str] | None = None
+    tokens: list[list[int]] | None = None
+    """Inputs already tokenized (OpenAI's token-id ``input``)."""
+    dimensions: Count | None = None
+    """Keep the first ``dimensions`` values of each vector (Matryoshka), renormalised when the model normalises."""
+    prompt_name: str | None = None
+    """A prompt of the model's sentence-transformers config put before each text (e.g. ``query``)."""
+    deadline: float | None = None
+    """Unix time after which the worker gives up on the request."""
+    keep_alive: float | None = None
+    """As :attr:`InferenceRequest.keep_alive`."""
+
+
+class EmbedResult(_Message):
+    """A worker's answer to an :class:`EmbedRequest`: one vector per input, in order, each little-endian float32
+    bytes (base64 in JSON); or ``error`` (then no vectors)."""
+
+    worker_id: str = ""
+    vectors: list[bytes] = msgspec.field(default_factory=list)
+    dimensions: Count = 0
+    prompt_tokens: Count = 0
+    error: Error | None = None
 
 
 # --- stream frames (tagged union) -------------------------------------------------------------

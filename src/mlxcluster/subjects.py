@@ -62,6 +62,10 @@ class Subjects:
         """A worker's cancel subject (:class:`~mlxcluster.protocol.Cancel`)."""
         return f"{self.prefix}.worker.{worker_id}.cancel"
 
+    def embed(self, worker_id: str) -> str:
+        """A worker's embedding requests (:class:`~mlxcluster.protocol.EmbedRequest`, a request with a reply)."""
+        return f"{self.prefix}.worker.{worker_id}.embed"
+
     def models(self, worker_id: str) -> str:
         """A worker's model commands (:class:`~mlxcluster.protocol.ModelCommand`, a request with a reply)."""
         return f"{self.prefix}.worker.{worker_id}.models"

@@ -89,6 +89,16 @@ SECTIONS: list[Section] = [
         families=True,
     ),
     Section(
+        "Embeddings",
+        ["embeddings"],
+        "`/v1/embeddings` (issue 23) through nats-server, a controller and a worker, each its own process, at 1, 8 "
+        "and 32 concurrent one-input requests, against the same model in-process on batches of that size (the "
+        "worker's own forward and pooling, no bus): inputs/s and tokens/s (target at 32: ≥ 0.9× in-process), "
+        "the zipapp's size and what the `embeddings` extra adds. Runs on the tiny fixture of the families dir "
+        "unless `--model` names a real embedding model.",
+        families=True,
+    ),
+    Section(
         "Cluster",
         ["cluster"],
         "Echo engine through controller + NATS against a bare aiohttp handler returning the same JSON (load "
@@ -155,7 +165,7 @@ SECTIONS: list[Section] = [
         families=True,
     ),
 ]
-QUICK = {"multiturn", "cluster", "arrivals", "fuzz", "models"}
+QUICK = {"multiturn", "cluster", "arrivals", "fuzz", "models", "embeddings"}
 """Benchmarks that take ``--quick``."""
 
 

@@ -291,6 +291,44 @@ def bench_models(
     typer.echo(result.to_json() if as_json else format_models(result))
 
 
+@bench_app.command("embeddings")
+def bench_embeddings(
+    as_json: JsonOption = False,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="An embedding model dir (sentence-transformers files); default: the tiny fixture."),
+    ] = None,
+    families_dir: FamiliesDirOption = None,
+    inputs: Annotated[int | None, typer.Option(help="Inputs embedded per step (default 512; quick 32).", min=1)] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="32 short inputs at concurrency 1 and 8 (seconds).")] = False,
+    pyz: Annotated[
+        Path | None, typer.Option(help="The zipapp whose size to report (default ./mlxcluster.pyz).")
+    ] = None,
+) -> None:
+    """/v1/embeddings through a cluster (nats-server, controller, worker: each a process) at concurrency 1, 8 and 32
+    against the same model in-process on batches of that size: inputs/s and tokens/s; the zipapp and the extra's
+    sizes. Without --model, the tiny fixture built by python tests/embedding_model.py DIR under --families-dir."""
+    import asyncio
+
+    from mlxcluster.bench.embeddings import FIXTURE
+
+    if model is None:
+        if families_dir is None or not (families_dir / FIXTURE / "modules.json").is_file():
+            typer.echo(
+                "bench embeddings: not run: give --model DIR, or build the tiny fixture with "
+                "python tests/embedding_model.py DIR and pass --families-dir DIR"
+            )
+            return
+        model = families_dir / FIXTURE
+    from mlxcluster.worker.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas()
+    from mlxcluster.bench.embeddings import format_embeddings, run_embeddings
+
+    result = asyncio.run(run_embeddings(str(model), quick=quick, inputs=inputs, pyz=pyz))
+    typer.echo(result.to_json() if as_json else format_embeddings(result))
+
+
 @bench_app.command("group")
 def bench_group(
     config_path: ConfigOption = None,

@@ -26,6 +26,7 @@ from mlxcluster.controller.http import (
     routes_admin,
     routes_anthropic,
     routes_cluster,
+    routes_embeddings,
     routes_keys,
     routes_models,
     routes_openai,
@@ -42,6 +43,7 @@ from mlxcluster.controller.routing.balancing import build_balancer
 from mlxcluster.controller.routing.cache_feed import follow_cache_events
 from mlxcluster.controller.routing.cache_index import CacheIndex
 from mlxcluster.controller.routing.dispatch import Dispatcher
+from mlxcluster.controller.routing.embeddings import EmbeddingDispatcher
 from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.controller.routing.settings_sync import share_worker_settings
@@ -73,22 +75,33 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tr
     metrics = build_metrics_feed(pm, config.metrics)  # unknown exporter names fail here, at startup
     ops = Operations.from_config(config.controller, controller_id)  # a bad key entry fails here, at startup
     loader = ModelLoader(bus=bus, registry=registry, timeout_s=config.controller.model_load_timeout_s)
+    dispatcher = Dispatcher(
+        bus=bus,
+        registry=registry,
+        balancer=balancer,
+        config=config.controller,
+        inbox=inbox,
+        events=ops.sink(metrics.emit if metrics.runners else None),
+        loader=loader,
+        tracer=tracer,
+        strategy=config.load_balancing.strategy,
+        cache_share=lambda request, worker_id: balancer_context.prefix_match(request).fraction(worker_id),
+    )
+    embedder = EmbeddingDispatcher(
+        bus=bus,
+        registry=registry,
+        balancer=balancer,
+        config=config.controller,
+        breakers=dispatcher.breakers,
+        loader=loader,
+        events=dispatcher.events,
+    )
     ctx = ControllerContext(
         config=config,
         bus=bus,
         registry=registry,
-        dispatcher=Dispatcher(
-            bus=bus,
-            registry=registry,
-            balancer=balancer,
-            config=config.controller,
-            inbox=inbox,
-            events=ops.sink(metrics.emit if metrics.runners else None),
-            loader=loader,
-            tracer=tracer,
-            strategy=config.load_balancing.strategy,
-            cache_share=lambda request, worker_id: balancer_context.prefix_match(request).fraction(worker_id),
-        ),
+        dispatcher=dispatcher,
+        embedder=embedder,
         loader=loader,
         balancer_name=config.load_balancing.strategy,
         controller_id=controller_id,
@@ -107,6 +120,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tr
     app[PEERS] = ControllerPeers(controller_id, config.discovery.offline_timeout_ms / 1000)
     app.on_response_prepare.append(name_the_controller)  # X-Mlxcluster-Controller: which process answered
     app.add_routes(routes_openai.routes)
+    app.add_routes(routes_embeddings.routes)
     app.add_routes(routes_responses.routes)
     app.add_routes(routes_anthropic.routes)
     app.add_routes(routes_models.routes)

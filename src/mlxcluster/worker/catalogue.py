@@ -43,11 +43,33 @@ class CatalogueEntry:
 
 
 def model_facts(path: str, name: str, source: str) -> CatalogueModel:
-    """What placement needs from a local model dir: weight bytes, KV bytes per token, the context length."""
+    """What placement needs from a local model dir: weight bytes, KV bytes per token, the context length; an
+    embedding model (sentence-transformers files) is of kind ``embedding`` with its vector length."""
+    from mlxcluster.worker.embedding_spec import NotAnEmbeddingModel, is_embedding_dir, read_spec
     from mlxcluster.worker.kv_size import kv_size
 
     shape = model_shape(path)
     weights = shape.weights_bytes if shape is not None else 0
+    if is_embedding_dir(path):
+        try:
+            dimensions = read_spec(path).dimensions
+        except NotAnEmbeddingModel as exc:  # listed; its load says why it cannot serve
+            log.warning("embedding model %s: %s", name, exc)
+            dimensions = 0
+        context = 0
+        try:
+            kv = kv_size(path)
+            context = kv.context_length if kv is not None else 0
+        except (OSError, ValueError):
+            pass
+        return CatalogueModel(
+            name=name,
+            kind="embedding",
+            source=source,
+            weights_bytes=weights,
+            context_length=context,
+            dimensions=dimensions,
+        )
     try:
         kv = kv_size(path)
     except (OSError, ValueError) as exc:

@@ -16,7 +16,17 @@ from collections.abc import AsyncGenerator, Callable
 
 from msgspec import Struct
 
-from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, PromptCacheStats, SpeculationCounts, Token
+from mlxcluster.protocol import (
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    Error,
+    InferenceRequest,
+    Progress,
+    PromptCacheStats,
+    SpeculationCounts,
+    Token,
+)
 
 EngineFrame = Progress | Token | Done | Error
 
@@ -52,6 +62,17 @@ class Engine(ABC):
     def generate(self, request: InferenceRequest) -> AsyncGenerator[EngineFrame, None]:
         """Stream frames for one request: Progress while a long prompt prefills, Tokens, then one
         Done or Error."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """The vectors of an embedding request; a chat engine refuses it (an ``invalid_request`` naming
+        ``model``): only an embedding model's engine embeds."""
+        return EmbedResult(
+            error=Error(
+                code="invalid_request",
+                message=f"'{request.model}' is a chat model: it does not make embeddings; use an embedding model",
+                param="model",
+            )
+        )
 
     def prompt_cache_stats(self) -> PromptCacheStats | None:
         """Reuse and size of the engine's prompt cache; ``None`` when it has none."""

@@ -32,6 +32,8 @@ from mlxcluster.protocol import (
     Cancel,
     Capabilities,
     Deregister,
+    EmbedRequest,
+    EmbedResult,
     Error,
     GroupInfo,
     Hardware,
@@ -45,6 +47,7 @@ from mlxcluster.protocol import (
     WorkerHeartbeat,
     WorkerRegistration,
     WorkerStatus,
+    encode,
 )
 from mlxcluster.tracing import NoTracer, Span, Tracer
 from mlxcluster.worker.accelerator import AcceleratorMonitor
@@ -155,6 +158,8 @@ class WorkerService:
         self._cache_sequence = itertools.count(1)  # one seq for all of this worker's cache events
         self._started = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._embedding: set[asyncio.Task[None]] = set()
+        """Embedding requests being served (a drain waits for them as for inference requests)."""
         self.host.on_change = self._models_changed
         self.host.add_engine_listener(self._engine_changed)
 
@@ -168,6 +173,7 @@ class WorkerService:
             await self.bus.subscribe(subjects.cancel(self.worker_id), Cancel, self._on_cancel),
             await self.bus.subscribe(subjects.announce, Announce, self._on_announce),
             await self.bus.subscribe(subjects.models(self.worker_id), ModelCommand, self._on_model_command),
+            await self.bus.subscribe(subjects.embed(self.worker_id), EmbedRequest, self._on_embed),
         ]
         await self.bus.flush()
         await self.register()
@@ -190,7 +196,7 @@ class WorkerService:
         """Refuse new work, let in-flight requests finish up to ``timeout``, deregister with ``reason``."""
         self.status = "draining"
         await self.publish_heartbeat()
-        pending = list(self.in_flight.values())
+        pending = [*self.in_flight.values(), *self._embedding]
         if pending:
             log.info("draining: waiting up to %.0fs for %d request(s)", timeout, len(pending))
             _, still_running = await asyncio.wait(pending, timeout=timeout)
@@ -496,6 +502,59 @@ class WorkerService:
                 acquiring.cancel()
                 # a lease granted just as we were cancelled must not keep the model in flight for ever
                 acquiring.add_done_callback(_release_late)
+
+    # --- embeddings -----------------------------------------------------------------------------
+
+    async def _on_embed(self, request: EmbedRequest, msg: Msg) -> None:
+        """``worker.<id>.embed``: an embedding request, answered with one :class:`EmbedResult`."""
+        if not msg.reply:
+            self.bus.invalid_messages[msg.subject] += 1
+            return
+        task = asyncio.ensure_future(self._answer_embed(request, msg.reply))
+        self._embedding.add(task)
+        task.add_done_callback(self._embedding.discard)
+
+    async def _answer_embed(self, request: EmbedRequest, reply: str) -> None:
+        self.requests_total += 1
+        result = await self._embed(request)
+        result.worker_id = self.worker_id
+        if result.error is not None:
+            self.errors_total += 1
+        payload = encode(result)
+        if len(payload) > self.bus.max_payload:
+            self.errors_total += 1
+            message = f"the vectors ({len(payload)} bytes) exceed the NATS max_payload of {self.bus.max_payload} bytes"
+            payload = encode(
+                EmbedResult(worker_id=self.worker_id, error=Error(code="payload_too_large", message=message))
+            )
+        with contextlib.suppress(Exception):
+            await self.bus.publish_encoded(reply, payload)
+
+    async def _embed(self, request: EmbedRequest) -> EmbedResult:
+        """The model's vectors for ``request`` (loading the model first if needed), or the error."""
+        if self.status == "draining":
+            return EmbedResult(error=Error(code="draining", message="worker is draining", retryable=True))
+        if request.model not in self.host.catalogue:
+            message = f"model {request.model!r} is not served here"
+            return EmbedResult(error=Error(code="model_not_found", message=message, retryable=True))
+        timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
+        lease: Lease | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                lease = await self.host.acquire(request.model, request.keep_alive)
+                result = await lease.engine.embed(request)
+        except LoadError as exc:
+            return EmbedResult(error=Error(code="model_load_failed", message=str(exc)))
+        except TimeoutError:
+            return EmbedResult(error=Error(code="deadline_exceeded", message="request deadline passed on the worker"))
+        except Exception as exc:
+            log.exception("embedding failed on %s", request.request_id)
+            return EmbedResult(error=Error(code="engine_error", message=str(exc) or type(exc).__name__, retryable=True))
+        finally:
+            if lease is not None:
+                lease.release()
+        self.tokens_total += result.prompt_tokens
+        return result
 
     async def _probe_loop(self) -> None:
         """Every few seconds, ask whether anyone still waits for each long-running request; cancel if not.

@@ -57,7 +57,8 @@ def prepare_model(config: Config) -> ResolvedModel | None:
 
 
 def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
-    """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx)."""
+    """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx;
+    an embedding model gets an :class:`~mlxcluster.worker.embedding_engine.EmbeddingEngine`)."""
     worker = config.worker
     if worker.engine == "echo":
         from mlxcluster.worker.echo import EchoEngine
@@ -74,6 +75,15 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
 
     def mlx(entry: CatalogueEntry) -> Engine:
         assert entry.path is not None, "a model is resolved before its engine is built"
+        if entry.facts.kind == "embedding":
+            from mlxcluster.worker.embedding_engine import EmbeddingEngine
+
+            return EmbeddingEngine(
+                entry.path,
+                served_name=entry.name,
+                batch_tokens=worker.embedding_batch_tokens,
+                batch_wait_ms=worker.embedding_batch_wait_ms,
+            )
         return MlxEngine(
             entry.path,
             served_name=entry.name,

@@ -13,6 +13,7 @@ from mlxcluster.controller.lifecycle import Lifecycle
 from mlxcluster.controller.metering.ops import Operations
 from mlxcluster.controller.routing.cache_index import CacheIndex
 from mlxcluster.controller.routing.dispatch import Dispatcher
+from mlxcluster.controller.routing.embeddings import EmbeddingDispatcher
 from mlxcluster.controller.routing.model_loads import ModelLoader
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.controller.shared.state import SharedState
@@ -31,6 +32,8 @@ class ControllerContext:
     """Loads and unloads models on workers (on demand, and the admin commands)."""
     balancer_name: str
     controller_id: str
+    embedder: EmbeddingDispatcher
+    """Sends embedding requests (``/v1/embeddings``) to workers."""
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     started_at: int = field(default_factory=lambda: int(time.time()))
     cache_index: CacheIndex | None = None

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from mlxcluster import __version__
 from mlxcluster.api import WorkerView
-from mlxcluster.controller.http import openapi_keys
+from mlxcluster.controller.http import openapi_embeddings, openapi_keys
 from mlxcluster.controller.http.anthropic_schema import MessagesRequest
 from mlxcluster.controller.http.openai_schema import (
     LOGIT_BIAS_KEY,
@@ -190,6 +190,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "kind": {"enum": ["chat", "embedding"]},
             "size_bytes": INT,
             "context_length": INT,
+            "dimensions": INT,
             "loaded_on": STRINGS,
             "available_on": STRINGS,
         }
@@ -373,6 +374,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "kv_bytes_per_token": INT,
             "kv_fixed_bytes": INT,
             "context_length": INT,
+            "dimensions": INT,
         },
         ["name", "kind", "weights_bytes"],
     ),
@@ -556,6 +558,7 @@ OPERATIONS: dict[str, dict[str, Schema]] = {
     "/v1/completions": {
         "post": _completion_operation("OpenAI text completions", "CompletionRequest", "TextCompletion")
     },
+    **openapi_embeddings.OPERATIONS,
     "/v1/responses": {
         "post": {
             **_completion_operation("OpenAI Responses API (stateless)", "ResponsesRequest", "Response"),
@@ -895,7 +898,12 @@ def build_document(app: web.Application) -> dict[str, Any]:
         },
         "paths": {path: ops for path, ops in paths.items() if ops},
         "components": {
-            "schemas": {**request_schemas(), **RESPONSE_SCHEMAS, **openapi_keys.schemas()},
+            "schemas": {
+                **request_schemas(),
+                **RESPONSE_SCHEMAS,
+                **openapi_keys.schemas(),
+                **openapi_embeddings.schemas(),
+            },
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -437,6 +437,14 @@ class WorkerRegistry:
             model in w.models or (w.catalogue is not None and model in w.catalogue) for w in self._workers.values()
         )
 
+    def catalogue_entry(self, model: str) -> CatalogueModel | None:
+        """What a worker's catalogue says of ``model`` (its kind, dimensions, context), from the first worker that
+        lists it; ``None`` when no catalogue does (a worker predating catalogues: a chat model)."""
+        for worker in self._workers.values():
+            if worker.catalogue is not None and (entry := worker.catalogue.get(model)) is not None:
+                return entry
+        return None
+
     def loaded_somewhere(self, model: str) -> bool:
         """Whether an online or degraded worker serves ``model`` now (loaded)."""
         return any(w.status in ELIGIBLE_STATES and model in w.models for w in self._workers.values())

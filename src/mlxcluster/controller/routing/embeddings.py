@@ -1,0 +1,222 @@
+"""Embedding requests: split into parts that fit the bus, each sent to a worker serving the model, with failover.
+
+An embedding request is one NATS request/reply per part (``worker.<id>.embed``): no stream. A request's
+inputs are split so that each part's request and its answer fit ``max_payload`` (the answer's size follows
+from the model's vector length, which its catalogue entry gives); the parts go out concurrently, each to the
+worker the balancer picks (a worker then batches the inputs of every part and request it holds). A part that
+gets no answer, "no responders" or a retryable error is tried on another worker, never the same one twice, up
+to ``controller.max_attempts``; a model loaded nowhere is loaded first, as for chat. Every request ends with
+one :class:`~mlxcluster.api.RequestFinished` event (its tokens as prompt tokens), so key usage and the ``tpm``
+limit count embedding tokens like any others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Protocol
+
+import msgspec
+
+from mlxcluster.api import Balancer, RequestFinished, WorkerView
+from mlxcluster.bus import Bus, BusError
+from mlxcluster.config import ControllerSection
+from mlxcluster.controller.http.errors import ApiError, no_capacity, payload_too_large
+from mlxcluster.controller.metering.keys import CURRENT_KEY
+from mlxcluster.controller.metering.request_meter import EventSink, discard
+from mlxcluster.controller.routing.breaker import Breakers
+from mlxcluster.protocol import EmbedRequest, EmbedResult, Error, InferenceRequest, encode
+
+log = logging.getLogger(__name__)
+
+SUBJECT_HEADROOM = 1024
+VECTOR_OVERHEAD = 8
+"""JSON bytes around one base64 vector (quotes, comma)."""
+MAX_PART_INPUTS = 256
+"""Inputs per part at most: a worker's batch thread takes them together anyway."""
+DEFAULT_DIMENSIONS = 4096
+"""The vector length assumed when the catalogue does not give it (sizes the parts)."""
+
+
+class Registry(Protocol):
+    """The registry calls embedding dispatch makes."""
+
+    def eligible(self, model: str, exclude: Collection[str] = ...) -> list[WorkerView]: ...
+    def loaded_somewhere(self, model: str) -> bool: ...
+    def loadable_somewhere(self, model: str) -> bool: ...
+    def begin(self, worker_id: str) -> None: ...
+    def end(self, worker_id: str) -> None: ...
+
+
+class Loader(Protocol):
+    async def ensure_loaded(self, model: str) -> str: ...
+
+
+@dataclass(slots=True)
+class Embedded:
+    """A whole request's answer: one vector per input, in order (little-endian float32 bytes)."""
+
+    vectors: list[bytes]
+    dimensions: int
+    prompt_tokens: int
+    workers: list[str]
+
+
+class EmbeddingDispatcher:
+    """Sends embedding requests to workers (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        registry: Registry,
+        balancer: Balancer,
+        config: ControllerSection,
+        breakers: Breakers | None = None,
+        loader: Loader | None = None,
+        events: EventSink = discard,
+    ) -> None:
+        self.bus = bus
+        self.registry = registry
+        self.balancer = balancer
+        self.config = config
+        self.breakers = breakers or Breakers()
+        self.loader = loader
+        self.events = events
+
+    def parts(self, request: EmbedRequest, dimensions: int) -> list[EmbedRequest]:
+        """``request`` split so that each part and its answer fit the bus (413 for one input that cannot)."""
+        limit = self.bus.max_payload - SUBJECT_HEADROOM
+        vector_bytes = 4 * ((4 * (dimensions or DEFAULT_DIMENSIONS) + 2) // 3) + VECTOR_OVERHEAD
+        per_part = max(1, min(MAX_PART_INPUTS, (limit - 512) // vector_bytes))
+        items: list[str] | list[list[int]] = request.texts if request.texts is not None else request.tokens or []
+        base = len(encode(msgspec.structs.replace(request, texts=None, tokens=None)))
+        parts: list[EmbedRequest] = []
+        start = 0
+        while start < len(items):
+            size, end = base, start
+            while end < len(items) and end - start < per_part:
+                item_bytes = len(msgspec.json.encode(items[end])) + 1
+                if size + item_bytes > limit:
+                    break
+                size += item_bytes
+                end += 1
+            if end == start:
+                raise payload_too_large(base + len(msgspec.json.encode(items[start])), self.bus.max_payload)
+            chunk = items[start:end]
+            parts.append(
+                msgspec.structs.replace(
+                    request,
+                    request_id=f"{request.request_id}.{len(parts)}",
+                    texts=chunk if request.texts is not None else None,
+                    tokens=chunk if request.texts is None else None,
+                )
+            )
+            start = end
+        return parts
+
+    async def embed(self, request: EmbedRequest, dimensions: int = 0) -> Embedded:
+        """Every input's vector (``dimensions``: the model's vector length, to size the parts).
+
+        :raises ApiError: the first failed part's error (a 400 naming the field for the request's own fault).
+        """
+        started, wall = perf_counter(), time.time()
+        key = CURRENT_KEY.get()
+        tokens = 0
+        workers: list[str] = []
+        error: str | None = None
+        try:
+            parts = self.parts(request, request.dimensions or dimensions)
+            results = await asyncio.gather(*(self._part(part) for part in parts))
+            vectors = [vector for result in results for vector in result.vectors]
+            tokens = sum(result.prompt_tokens for result in results)
+            workers = sorted({result.worker_id for result in results})
+            return Embedded(vectors, results[0].dimensions if results else 0, tokens, workers)
+        except ApiError as exc:
+            error = exc.code or "error"
+            raise
+        except BaseException:
+            error = "cancelled"
+            raise
+        finally:
+            self.events(
+                RequestFinished(
+                    time=time.time(),
+                    request_id=request.request_id,
+                    model=request.model,
+                    worker=workers[0] if workers else None,
+                    status="ok" if error is None else ("cancelled" if error == "cancelled" else "error"),
+                    error=error if error not in (None, "cancelled") else None,
+                    duration_s=perf_counter() - started,
+                    prompt_tokens=tokens,
+                    stream=False,
+                    key=key,
+                    started=wall,
+                    dispatched=True,
+                )
+            )
+
+    async def _part(self, part: EmbedRequest) -> EmbedResult:
+        """One part's answer from the first worker that gives one."""
+        tried: set[str] = set()
+        reasons: list[str] = []
+        pick_request = InferenceRequest(request_id=part.request_id, model=part.model, stream=False)
+        for attempt in range(1, self.config.max_attempts + 1):
+            worker = self._pick(pick_request, tried)
+            if worker is None and attempt == 1 and self.loader is not None:
+                if not self.registry.loaded_somewhere(part.model) and self.registry.loadable_somewhere(part.model):
+                    await self.loader.ensure_loaded(part.model)  # a 503 when it cannot
+                    worker = self._pick(pick_request, tried)
+            if worker is None:
+                break
+            tried.add(worker.id)
+            result = await self._send(part, worker.id)
+            if result.error is None:
+                self.breakers.record_success(worker.id)
+                return result
+            if not result.error.retryable:
+                raise embed_error(result.error)
+            reasons.append(f"{worker.id}: {result.error.code}: {result.error.message}")
+            log.info("embedding %s: %s failed (%s)", part.request_id, worker.id, result.error.message)
+        if reasons:
+            raise no_capacity(f"No worker could embed the input after {len(reasons)} attempt(s): " + "; ".join(reasons))
+        raise no_capacity(f"No worker serving '{part.model}' is available right now")
+
+    def _pick(self, request: InferenceRequest, tried: set[str]) -> WorkerView | None:
+        blocked = self.breakers.open_ids()
+        workers = self.registry.eligible(request.model, tried | blocked if blocked else tried)
+        return self.balancer.pick(workers, request) if workers else None
+
+    async def _send(self, part: EmbedRequest, worker_id: str) -> EmbedResult:
+        """Ask one worker; a lost or silent one is a retryable error."""
+        timeout = self.config.request_timeout_s
+        if part.deadline is not None:
+            timeout = max(0.001, part.deadline - time.time())
+        self.registry.begin(worker_id)
+        self.breakers.begin(worker_id)
+        try:
+            return await self.bus.request(self.bus.subjects.embed(worker_id), part, EmbedResult, timeout=timeout)
+        except BusError as exc:
+            if part.deadline is not None and time.time() >= part.deadline:
+                raise ApiError(504, "The request timed out", type="server_error", code="timeout") from None
+            self.breakers.record_failure(worker_id)
+            return EmbedResult(error=Error(code="worker_lost", message=str(exc), retryable=True))
+        finally:
+            self.registry.end(worker_id)
+
+
+def embed_error(error: Error) -> ApiError:
+    """A worker's refusal as the HTTP error (the request's own fault: a 400 naming the field)."""
+    if error.code == "invalid_request":
+        return ApiError(400, error.message, param=error.param, code="invalid_request")
+    if error.code == "model_load_failed":
+        return ApiError(503, error.message, type="server_error", code="model_load_failed")
+    if error.code == "deadline_exceeded":
+        return ApiError(504, "The request timed out on the worker", type="server_error", code="timeout")
+    if error.code == "payload_too_large":
+        return ApiError(413, error.message, code="payload_too_large")
+    return ApiError(502, f"Worker error ({error.code}): {error.message}", type="server_error", code=error.code)

@@ -56,7 +56,8 @@ def prepare_model(config: Config) -> ResolvedModel | None:
 
 
 def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
-    """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx)."""
+    """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx;
+    a vision model gets the mlx-vlm engine)."""
     worker = config.worker
     if worker.engine == "echo":
         from mlxcluster.worker.echo import EchoEngine
@@ -73,6 +74,10 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
 
     def mlx(entry: CatalogueEntry) -> Engine:
         assert entry.path is not None, "a model is resolved before its engine is built"
+        if entry.facts.vision:
+            from mlxcluster.worker.vision_engine import VisionEngine
+
+            return VisionEngine(entry.path, served_name=entry.name, prompt_cache=worker.prompt_cache_bytes != 0)
         return MlxEngine(
             entry.path,
             served_name=entry.name,

@@ -10,14 +10,17 @@ import base64
 import struct
 import zlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import openai
 import pytest
 from aiohttp import web
 from cluster_harness import single_worker_cluster
-from loopback import free_port
+from loopback import free_port, shared_config
 
+from mlxcluster.bus import Bus
+from mlxcluster.bus.image_store import ImageMissing, ImageStore
 from mlxcluster.config import Config, ControllerSection
 from mlxcluster.controller.http.anthropic_schema import MessagesRequest, messages_to_inference
 from mlxcluster.controller.http.errors import ApiError
@@ -27,13 +30,25 @@ from mlxcluster.controller.http.images import (
     check_vision,
     decode_data_url,
     fetch_image,
+    parked_images,
     resolve_images,
     sniff,
 )
 from mlxcluster.controller.http.openai_schema import ChatCompletionRequest, chat_to_inference
 from mlxcluster.controller.http.responses_schema import ResponsesRequest, responses_to_inference
+from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
 from mlxcluster.controller.routing.registry import WorkerRegistry
-from mlxcluster.protocol import Capabilities, CatalogueModel, Hardware, WorkerRegistration
+from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.protocol import (
+    Capabilities,
+    CatalogueModel,
+    ChatMessage,
+    Hardware,
+    ImageInput,
+    InferenceRequest,
+    WorkerRegistration,
+    encode,
+)
 
 
 def tiny_png() -> bytes:
@@ -254,3 +269,55 @@ async def test_a_text_only_model_keeps_the_400_through_the_api(cluster_config: C
         assert exc.value.body["param"] == "messages[0].content[0].image_url.url"
         models = await client.models.list()
         assert [(m.id, m.model_extra["vision"]) for m in models.data] == [("echo", False)]
+
+
+def big_request(size: int = 20_000) -> InferenceRequest:
+    return InferenceRequest(
+        request_id="req-1",
+        model="eyes",
+        messages=[ChatMessage(role="user", content="What?", images=2)],
+        images=[
+            ImageInput(media_type="image/png", data=PNG + bytes(size)),
+            ImageInput(media_type="image/png", data=PNG),
+        ],
+    )
+
+
+async def test_without_jetstream_images_stay_inline_for_the_413(bus: Bus) -> None:
+    request = big_request()
+    async with parked_images(ImageStore(bus), 16384, request):
+        assert request.images is not None and request.images[0].data.startswith(PNG)
+        assert request.images[0].object is None
+    async with parked_images(None, 16384, request):
+        assert request.images[0].data.startswith(PNG)
+
+
+async def test_images_too_large_for_a_message_are_parked_and_fetched(tmp_path: Path) -> None:
+    config = shared_config(str(tmp_path), controller={"shared_state": False})
+    server = EmbeddedNatsServer(config.nats)
+    await server.start()
+    try:
+        controller_bus = await Bus.connect(config.nats, name="test-controller", attempts=5)
+        worker_bus = await Bus.connect(config.nats, name="test-worker", attempts=5)
+        store, worker_store = ImageStore(controller_bus), ImageStore(worker_bus)
+        request = big_request()
+        small = big_request(0)
+        async with parked_images(store, len(encode(small)) + SUBJECT_HEADROOM + 1, small):
+            assert small.images is not None and all(image.object is None for image in small.images)  # fits: inline
+        async with parked_images(store, 16384, request):
+            assert request.images is not None
+            assert [image.object for image in request.images] == ["req-1-0", "req-1-1"]
+            assert len(encode(request)) < 1024
+            received = msgspec.json.decode(encode(request), type=InferenceRequest)
+            await worker_store.fetch(received)
+            assert received.images is not None
+            assert [image.data for image in received.images] == [PNG + bytes(20_000), PNG]
+            assert received.images[0].object is None
+            await worker_store.fetch(received)  # nothing parked any more: nothing to do
+        again = msgspec.json.decode(encode(request), type=InferenceRequest)
+        with pytest.raises(ImageMissing, match="req-1-0"):  # deleted when the request ended
+            await worker_store.fetch(again)
+        await controller_bus.close()
+        await worker_bus.close()
+    finally:
+        await server.stop()

@@ -364,7 +364,10 @@ class ImageInput(_Message):
 
     media_type: str
     data: bytes = b""
-    """The image's bytes (base64 in JSON)."""
+    """The image's bytes (base64 in JSON); empty when :attr:`object` names where they are."""
+    object: str | None = None
+    """The image parked in the JetStream object store (a request too large for one message): its name in the
+    bucket of :mod:`mlxcluster.bus.image_store`."""
 
 
 class SamplingParams(_Message):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from mlxcluster.bus import Bus
+from mlxcluster.bus.image_store import ImageStore
 from mlxcluster.config import Config
 from mlxcluster.controller.lifecycle import Lifecycle
 from mlxcluster.controller.metering.ops import Operations
@@ -38,6 +39,8 @@ class ControllerContext:
     """API keys, rate limits and request monitoring."""
     shared: SharedState | None = None
     """Keys and usage in JetStream, once opened at start (``None``: ``controller.shared_state`` is off)."""
+    images: ImageStore | None = None
+    """Where images too large for their request's message are parked (built with the app)."""
 
 
 CONTROLLER = web.AppKey("controller", ControllerContext)

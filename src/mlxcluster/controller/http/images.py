@@ -6,22 +6,31 @@ then makes them :class:`~mlxcluster.protocol.ImageInput`\\ s: a ``data:`` URL is
 fetched only when ``controller.image_fetch`` allows it (its host in ``controller.image_fetch_hosts``, at most
 ``image_fetch_max_bytes`` within ``image_fetch_timeout_s``). Every image is checked to be PNG, JPEG, GIF, WebP or
 BMP by its first bytes; anything else is a 400 naming the field. A model no worker reports as a vision model
-keeps the 400 a text-only server gives.
+keeps the 400 a text-only server gives. A request too large for one NATS message with its images inline has
+them parked in JetStream's object store while it runs (:func:`parked_images`, :mod:`mlxcluster.bus.image_store`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from mlxcluster.bus.image_store import ImageStore
+from mlxcluster.bus.jetstream import JetStreamUnavailable
 from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import bad_request
+from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
 from mlxcluster.controller.routing.registry import WorkerRegistry
-from mlxcluster.protocol import ImageInput
+from mlxcluster.protocol import ImageInput, InferenceRequest, encode
+
+log = logging.getLogger(__name__)
 
 MAX_IMAGES = 16
 """The most images one request may carry."""
@@ -131,4 +140,24 @@ async def resolve_images(
     return images
 
 
-__all__ = ["ImageRef", "check_vision", "decode_data_url", "resolve_images", "sniff"]
+@contextlib.asynccontextmanager
+async def parked_images(store: ImageStore | None, max_payload: int, request: InferenceRequest) -> AsyncIterator[None]:
+    """While the request runs, its images in the object store when inline they would pass ``max_payload``
+    (without JetStream they stay inline, and dispatch answers the 413 of a request too large for the bus)."""
+    names: list[str] = []
+    if store is not None and request.images and len(encode(request)) > max_payload - SUBJECT_HEADROOM:
+        try:
+            names = await store.park(request)
+        except JetStreamUnavailable as exc:
+            log.warning("request %s: its images cannot be parked (%s)", request.request_id, exc)
+    try:
+        yield
+    finally:
+        if names:
+            try:
+                await store.drop(names)  # type: ignore[union-attr]
+            except Exception as exc:  # the bucket's TTL removes them later
+                log.warning("request %s: parked images not deleted (%s)", request.request_id, exc)
+
+
+__all__ = ["ImageRef", "parked_images", "check_vision", "decode_data_url", "resolve_images", "sniff"]

@@ -15,7 +15,7 @@ from aiohttp import web
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.generation import Generated, collect, generation
-from mlxcluster.controller.http.images import ImageRef, resolve_images
+from mlxcluster.controller.http.images import ImageRef, parked_images, resolve_images
 from mlxcluster.controller.http.middleware import new_request_id, stream_headers
 from mlxcluster.controller.http.openai_schema import (
     ChatCompletionRequest,
@@ -231,7 +231,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     renderer = Renderer(
         chat=True, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
     )
-    return await complete(request, inference, renderer, usage_in_stream=include_usage(body))
+    async with parked_images(ctx.images, ctx.bus.max_payload, inference):
+        return await complete(request, inference, renderer, usage_in_stream=include_usage(body))
 
 
 @routes.post("/v1/completions")

@@ -51,9 +51,7 @@ def ask(text: str, *images: bytes, **fields: object) -> InferenceRequest:
         messages=[ChatMessage(role="user", content=text, images=len(images))],
         images=[ImageInput(media_type="image/png", data=image) for image in images] or None,
         sampling=SamplingParams(temperature=0.0),
-        max_tokens=8,
-        seed=7,
-        **fields,  # type: ignore[arg-type]
+        **{"max_tokens": 8, "seed": 7, **fields},  # type: ignore[arg-type]
     )
 
 
@@ -103,6 +101,23 @@ async def test_a_next_turn_reuses_the_prompt_cache_and_stop_strings_cut(engine: 
     cut, done = await run(engine, ask("What is this?", png_bytes(0), stop=[stop]))
     assert isinstance(done, Done) and done.stop_sequence == stop and done.finish_reason == "stop"
     assert cut == text[: text.index(stop)]
+
+
+async def test_sampling_limits_cancel_and_deadline(engine: VisionEngine) -> None:
+    sampled = ask("What?", png_bytes(2), max_tokens_auto=True)
+    sampled.sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1)
+    first, done = await run(engine, sampled)
+    again, _ = await run(engine, sampled)
+    assert isinstance(done, Done) and first == again  # same seed, same sample
+    _, end = await run(engine, ask("word " * 5000))
+    assert isinstance(end, Error) and end.code == "context_length_exceeded" and end.param == "messages"
+    _, end = await run(engine, ask("What?", png_bytes(0), deadline=1.0))
+    assert isinstance(end, Error) and end.code == "deadline_exceeded"
+    frames = engine.generate(ask("What?", png_bytes(0), max_tokens=64))
+    assert isinstance(await anext(frames), Token)
+    await frames.aclose()  # the consumer leaves: the engine stops at its next token and serves the next request
+    text, done = await run(engine, ask("What is this?", png_bytes(0)))
+    assert isinstance(done, Done) and done.usage.completion_tokens == 8
 
 
 async def test_without_the_extra_a_vision_model_is_refused_at_load(

@@ -276,18 +276,17 @@ class VisionEngine(Engine):
             first_at = first_at or time.perf_counter()
             if output.add(result.text, result.generation_tokens):
                 break
-        if output.stopped is None and (last is None or last.finish_reason is None):
+        if last is None:
+            raise RuntimeError("mlx-vlm generated nothing")
+        if output.stopped is not None or last.finish_reason is None:
             self._cache_state = self._new_cache_state()  # left mid-way: the kept cache no longer matches
-            if cancel.is_set():
-                return
-            if last is not None:
+        if output.stopped is None and last.finish_reason is None:
+            if not cancel.is_set():
                 emit(Error(code="deadline_exceeded", message="request deadline passed on the worker"))
-                return
-        if output.stopped is not None:
-            self._cache_state = self._new_cache_state()
+            return
         output.flush()
         total_s = time.perf_counter() - started
-        completion = last.generation_tokens if last is not None else 0
+        completion = last.generation_tokens
         emit(
             Done(
                 finish_reason="stop" if output.stopped is not None or last.finish_reason == "stop" else "length",
@@ -296,7 +295,7 @@ class VisionEngine(Engine):
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion,
                     total_tokens=prompt_tokens + completion,
-                    cached_tokens=last.cached_tokens if last is not None else 0,
+                    cached_tokens=last.cached_tokens,
                     image_tokens=image_tokens,
                 ),
                 timings=Timings(

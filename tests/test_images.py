@@ -20,7 +20,7 @@ from cluster_harness import single_worker_cluster
 from loopback import free_port, shared_config
 
 from mlxcluster.bus import Bus
-from mlxcluster.bus.image_store import ImageMissing, ImageStore
+from mlxcluster.bus.image_store import ImageMissing, ImageStore, ImagesUnavailable
 from mlxcluster.config import Config, ControllerSection
 from mlxcluster.controller.http.anthropic_schema import MessagesRequest, messages_to_inference
 from mlxcluster.controller.http.errors import ApiError
@@ -290,6 +290,14 @@ async def test_without_jetstream_images_stay_inline_for_the_413(bus: Bus) -> Non
         assert request.images[0].object is None
     async with parked_images(None, 16384, request):
         assert request.images[0].data.startswith(PNG)
+
+
+async def test_a_worker_without_jetstream_cannot_read_parked_images(bus: Bus) -> None:
+    request = big_request()
+    assert request.images is not None
+    request.images[0].object, request.images[0].data = "req-1-0", b""
+    with pytest.raises(ImagesUnavailable, match="cannot be read"):
+        await ImageStore(bus).fetch(request)
 
 
 async def test_images_too_large_for_a_message_are_parked_and_fetched(tmp_path: Path) -> None:

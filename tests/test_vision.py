@@ -20,9 +20,21 @@ from vision_model import build_vision_model, data_url, png_bytes
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.errors import NodeError
-from mlxcluster.protocol import ChatMessage, Done, Error, ImageInput, InferenceRequest, SamplingParams, Token, ToolSpec
-from mlxcluster.worker.catalogue import model_facts
+from mlxcluster.protocol import (
+    CatalogueModel,
+    ChatMessage,
+    Done,
+    Error,
+    ImageInput,
+    InferenceRequest,
+    SamplingParams,
+    Token,
+    ToolSpec,
+)
+from mlxcluster.worker.catalogue import CatalogueEntry, model_facts
+from mlxcluster.worker.memory_budget import MemoryBudget
 from mlxcluster.worker.vision import EXTRA_HINT, import_mlx_vlm, is_vision_model
+from mlxcluster.worker.worker_role import engine_factory
 
 pytest.importorskip("mlx_vlm", reason="the vision extra (mlx-vlm) is not installed")
 
@@ -129,6 +141,11 @@ async def test_without_the_extra_a_vision_model_is_refused_at_load(
     monkeypatch.setitem(sys.modules, "mlx_vlm", None)
     with pytest.raises(NodeError, match=EXTRA_HINT.replace("[", r"\[").replace("]", r"\]")):
         import_mlx_vlm()
+    facts = CatalogueModel(name=NAME, vision=True)
+    made = engine_factory(Config(), MemoryBudget(1 << 30))(
+        CatalogueEntry(NAME, str(vision_model), str(vision_model), facts)
+    )
+    assert isinstance(made, VisionEngine) and made.info().vision and made.info().models == [NAME]
     engine = VisionEngine(str(vision_model))
     with pytest.raises(NodeError, match="mlx-vlm is not installed"):
         await engine.start()

@@ -7,9 +7,10 @@ A request's images (decoded with Pillow) and chat turns go through mlx-vlm's pro
 a next turn that extends the last request's tokens with text only reuses its KV cache, images included,
 and usage reports those tokens as cached. Usage's ``image_tokens`` counts the prompt tokens standing for images.
 
-Requests run one after another (mlx-vlm's batched generation does not mix images of different shapes in one
-batch); what this engine does not do is refused with a 400 naming the field: tools, ``response_format``,
-logprobs, ``logit_bias``, reasoning settings, and the continuation of a stream moved from a lost worker.
+Requests run one after another (no batching: a worker's other admitted requests wait on the thread; one whose
+client left before its turn is skipped). What this engine does not do is refused with a 400 naming the field:
+tools, ``response_format``, logprobs, ``logit_bias``, reasoning settings, and the continuation of a stream moved
+from a lost worker.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ class VisionEngine(Engine):
     # --- the engine's thread -------------------------------------------------------------------
 
     def _run(self, request: InferenceRequest, emit: Emit, cancel: threading.Event, started: float) -> None:
+        if cancel.is_set():  # its client left while it waited for the thread
+            return
         try:
             self._generate(request, emit, cancel, started)
         except VisionRefused as exc:

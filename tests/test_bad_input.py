@@ -235,7 +235,7 @@ MESSAGE_CASES = [
                 "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}],
             }
         ],
-        "messages[0].content[1].type",
+        "messages[0].content[1].image_url.url",  # echo is not a vision model
         id="text-then-image",
     ),
     pytest.param([{"role": "user", "content": ["bare string part"]}], "messages[0].content[0]", id="part-is-a-string"),

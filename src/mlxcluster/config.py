@@ -165,6 +165,12 @@ class ControllerSection(_Section):
     ``max_output_tokens``): the worker gives it the room the model's context window leaves after the prompt, at
     most this. 32,768 is the output length Qwen3 and DeepSeek-R1 recommend for reasoning; it bounds a model
     that loops. Keep ``request_timeout_s`` long enough for it at your workers' speed."""
+    image_fetch: bool = False
+    """Fetch ``http(s)`` image URLs of requests for vision models (off: only ``data:`` URLs are taken)."""
+    image_fetch_hosts: list[str] = msgspec.field(default_factory=list)
+    """Hosts image URLs may name (``"*"``: any); a URL on another host is a 400."""
+    image_fetch_max_bytes: PositiveInt = 8 * 1024 * 1024
+    image_fetch_timeout_s: PositiveSeconds = 10.0
 
 
 class GroupSection(_Section):

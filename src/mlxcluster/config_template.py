@@ -63,6 +63,10 @@ drain_timeout_s = 30.0
 migration_limit = 2                # moves of a started stream to another worker when its worker is lost
 stall_timeout_s = 15.0             # mid-stream silence that means the worker is lost (keep above 5)
 default_max_tokens = 32768         # answer length when the client sets none: the context's room, at most this
+image_fetch = false                # fetch http(s) image URLs for vision models (off: data: URLs only)
+image_fetch_hosts = []             # hosts image URLs may name, e.g. ["images.example.org"]; ["*"]: any
+image_fetch_max_bytes = 8388608
+image_fetch_timeout_s = 10.0
 
 # API keys as records (any number of entries):
 # [[controller.keys]]

@@ -148,6 +148,8 @@ class CatalogueModel(_Message):
     name: str
     """The served name (a dir's basename, a repo id, a name in the models dir)."""
     kind: Literal["chat", "embedding"] = "chat"
+    vision: bool = False
+    """A vision model: it reads images (``image_url`` parts and the like) beside text."""
     source: str = ""
     """Where it was found: ``demo``, ``models-dir``, ``local``, ``hf-cache`` or ``hub`` (not downloaded yet)."""
     weights_bytes: Count = 0
@@ -451,6 +453,20 @@ class ChatMessage(_Message):
     """An assistant turn's calls (history sent back by the client)."""
     tool_call_id: str | None = None
     """A ``tool`` turn: the call it answers."""
+    images: Count = 0
+    """How many of the request's :attr:`InferenceRequest.images` this turn carries (the next ones in order),
+    shown before its text."""
+
+
+class ImageInput(_Message):
+    """One image of a request, its bytes checked by the controller to be PNG, JPEG, GIF, WebP or BMP."""
+
+    media_type: str
+    data: bytes = b""
+    """The image's bytes (base64 in JSON); empty when :attr:`object` names where they are."""
+    object: str | None = None
+    """The image parked in the JetStream object store (a request too large for one message): its name in the
+    bucket of :mod:`mlxcluster.bus.image_store`."""
 
 
 class SamplingParams(_Message):
@@ -547,6 +563,9 @@ class InferenceRequest(_Message):
     keep_alive: float | None = None
     """Seconds the model stays loaded after this request once idle (Ollama's ``keep_alive``): 0 unloads it when
     the request ends, negative keeps it for ever; None: the worker's default for the model."""
+    images: list[ImageInput] | None = None
+    """The images of a chat request, in message order (:attr:`ChatMessage.images` says which turn has which);
+    only a vision model takes them."""
 
 
 class Cancel(_Message):
@@ -603,6 +622,8 @@ class Usage(_Message):
     reasoning_tokens: Count = 0
     """Completion tokens spent inside the model's thinking markers (OpenAI's
     ``completion_tokens_details.reasoning_tokens``)."""
+    image_tokens: Count = 0
+    """Prompt tokens that stand for images (a vision model's; part of ``prompt_tokens``)."""
 
 
 class Timings(_Message):

@@ -5,7 +5,8 @@ one that speaks nats-py's JetStream API. :func:`open_jetstream` checks that the 
 line saying what to do when it does not); buckets and streams get the replication factor the NATS cluster
 allows (R3 on a cluster of three servers or more, fewer on a smaller one). :class:`Bucket` is a KV bucket
 with compare-and-set on the entry's revision, watched into a callback; :class:`AppendStream` is a stream
-appended to without waiting on each acknowledgement and read back in order.
+appended to without waiting on each acknowledgement and read back in order; :class:`ObjectBucket` holds values
+larger than one message (a request's images).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from mlxcluster.bus.client import Bus
 
@@ -142,6 +144,23 @@ class JetStream:
             kv = await self._create(lambda replicas: self.js.create_key_value(config(replicas)), f"KV bucket {name}")
         return Bucket(kv)
 
+    async def objects(self, name: str, *, description: str = "", ttl_s: float | None = None) -> ObjectBucket:
+        """The object store bucket ``name``; created if missing (an existing one keeps its settings). ``ttl_s``:
+        an object older than that is removed."""
+        try:
+            store = await self.js.object_store(name)
+        except nats.js.errors.BucketNotFoundError:
+
+            def config(replicas: int) -> api.ObjectStoreConfig:
+                return api.ObjectStoreConfig(
+                    description=description, ttl=ttl_s, storage=api.StorageType.FILE, replicas=replicas
+                )
+
+            store = await self._create(
+                lambda replicas: self.js.create_object_store(name, config(replicas)), f"object store {name}"
+            )
+        return ObjectBucket(store)
+
     async def stream(self, name: str, subjects: list[str], *, description: str = "") -> AppendStream:
         """The stream ``name`` over ``subjects``; created if missing (an existing one keeps its settings)."""
         try:
@@ -160,6 +179,29 @@ class JetStream:
 
             await self._create(lambda replicas: self.js.add_stream(config(replicas)), f"stream {name}")
         return AppendStream(self.js, name)
+
+
+class ObjectBucket:
+    """An object store bucket: values larger than one NATS message, sent in chunks by nats-py."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def put(self, name: str, data: bytes) -> None:
+        await self.store.put(name, data)
+
+    async def get(self, name: str) -> bytes | None:
+        """The object ``name``'s bytes; ``None`` when there is none (never put, deleted or expired)."""
+        try:
+            result = await self.store.get(name)
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+            return None
+        return bytes(result.data or b"")
+
+    async def delete(self, name: str) -> None:
+        """Remove the object ``name`` (nothing when it is gone already)."""
+        with contextlib.suppress(nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+            await self.store.delete(name)
 
 
 class Bucket:

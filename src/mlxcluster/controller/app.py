@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from mlxcluster.api import BalancerContext
 from mlxcluster.bus import Bus, StreamInbox
+from mlxcluster.bus.image_store import ImageStore
 from mlxcluster.config import Config
 from mlxcluster.controller.bus_watch import watch_bus
 from mlxcluster.controller.http import (
@@ -108,6 +109,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tr
         cache_index=cache_index,
         ops=ops,
         tracer=tracer,
+        images=ImageStore(bus),
     )
     middlewares = controller_middlewares(
         config.controller.cors, ops.keys, ops.limiter, runtime_keys=config.controller.shared_state

@@ -47,8 +47,10 @@ def model_facts(path: str, name: str, source: str) -> CatalogueModel:
     embedding model (sentence-transformers files) is of kind ``embedding`` with its vector length."""
     from mlxcluster.worker.embedding_spec import NotAnEmbeddingModel, is_embedding_dir, read_spec
     from mlxcluster.worker.kv_size import kv_size
+    from mlxcluster.worker.vision import is_vision_model
 
     shape = model_shape(path)
+    vision = is_vision_model(path)
     weights = shape.weights_bytes if shape is not None else 0
     if is_embedding_dir(path):
         try:
@@ -76,9 +78,10 @@ def model_facts(path: str, name: str, source: str) -> CatalogueModel:
         log.warning("model %s: cannot tell its KV size (%s)", name, exc)
         kv = None
     if kv is None:
-        return CatalogueModel(name=name, source=source, weights_bytes=weights)
+        return CatalogueModel(name=name, source=source, weights_bytes=weights, vision=vision)
     return CatalogueModel(
         name=name,
+        vision=vision,
         source=source,
         weights_bytes=weights,
         kv_bytes_per_token=kv.bytes_per_token,

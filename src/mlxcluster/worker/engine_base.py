@@ -41,6 +41,8 @@ class EngineInfo(Struct, kw_only=True):
     name: str
     models: list[str]
     details: dict[str, str] = {}
+    vision: bool = False
+    """Its models read images (the mlx-vlm engine)."""
 
 
 class Engine(ABC):

@@ -181,9 +181,10 @@ class ModelHost:
     def adopt(self, engine: Engine) -> None:
         """Serve an engine started elsewhere (a worker group's face, a test's engine) under every name it
         serves: pinned, never unloaded."""
-        for name in engine.info().models:
+        info = engine.info()
+        for name in info.models:
             entry = self.catalogue.get(name) or CatalogueEntry(
-                name, name, None, CatalogueModel(name=name, source="engine")
+                name, name, None, CatalogueModel(name=name, source="engine", vision=info.vision)
             )
             self.catalogue.add(entry)
             hosted = _Hosted(entry=entry, engine=engine, state="loaded", pinned=True, fixed=True)

@@ -97,6 +97,8 @@ class RequestPreparer:
         problem = validate_sampling(request.sampling, request.max_tokens)
         if problem is not None:
             raise Rejected(problem)
+        if request.images:
+            raise Rejected(f"model {request.model!r} takes only text (it is not a vision model)", param="messages")
         self._check_logit_bias(request)
         loaded = self.loaded
         try:

@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 
 from mlxcluster import __version__
 from mlxcluster.bus import Bus, ReplyWriter
+from mlxcluster.bus.image_store import ImageMissing, ImageStore, ImagesUnavailable
 from mlxcluster.config import Config
 from mlxcluster.protocol import (
     Accepted,
@@ -121,6 +122,8 @@ class WorkerService:
         self.probe_interval_s = probe_interval_s  # how often long-running requests are probed for a listener
         self.group = group
         self.bus = bus
+        self.images = ImageStore(bus)
+        """Where the controller parks images too large for their request's message."""
         if host is None:
             if engine is None:
                 raise ValueError("a worker service needs a model host or an engine")
@@ -415,6 +418,19 @@ class WorkerService:
 
     # --- serving one request --------------------------------------------------------------------
 
+    async def _fetch_images(self, request: InferenceRequest, stream: ReplyWriter) -> bool:
+        """Read the request's images parked in the object store back into it; False (an Error sent) when
+        that fails."""
+        try:
+            await self.images.fetch(request)
+        except ImageMissing as exc:
+            await stream.send(Error(code="invalid_request", message=str(exc), param="messages"))
+            return False
+        except ImagesUnavailable as exc:
+            await stream.send(Error(code="images_unavailable", message=str(exc), retryable=True))
+            return False
+        return True
+
     async def _serve(self, request: InferenceRequest, stream: ReplyWriter, span: Span) -> None:
         """Load the model if needed, admit, generate and stream one request; every path ends with Done or Error
         (numbered by ``stream``). ``span`` ends with it."""
@@ -437,6 +453,9 @@ class WorkerService:
         lease: Lease | None = None
         try:
             async with asyncio.timeout(timeout):
+                if not await self._fetch_images(request, stream):
+                    span.fail("images_unavailable")
+                    return
                 lease = await self._acquire(request, send)
                 if lease is None:
                     span.fail("model_load_failed")

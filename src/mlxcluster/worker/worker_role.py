@@ -58,7 +58,8 @@ def prepare_model(config: Config) -> ResolvedModel | None:
 
 def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
     """How this worker builds the engine of a catalogue entry (``worker.engine``; mlx-lm imported only for mlx;
-    an embedding model gets an :class:`~mlxcluster.worker.embedding_engine.EmbeddingEngine`)."""
+    an embedding model gets an :class:`~mlxcluster.worker.embedding_engine.EmbeddingEngine`, a vision model the
+    mlx-vlm engine)."""
     worker = config.worker
     if worker.engine == "echo":
         from mlxcluster.worker.echo import EchoEngine
@@ -84,6 +85,10 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
                 batch_tokens=worker.embedding_batch_tokens,
                 batch_wait_ms=worker.embedding_batch_wait_ms,
             )
+        if entry.facts.vision:
+            from mlxcluster.worker.vision_engine import VisionEngine
+
+            return VisionEngine(entry.path, served_name=entry.name, prompt_cache=worker.prompt_cache_bytes != 0)
         return MlxEngine(
             entry.path,
             served_name=entry.name,

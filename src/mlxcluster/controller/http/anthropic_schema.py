@@ -3,7 +3,9 @@
 Content blocks: ``text``, ``tool_use`` (assistant history), ``tool_result`` (user turns) and
 ``thinking`` (assistant history, not rendered: templates drop past thinking). ``thinking`` (the request's)
 turns the template's thinking on or off with a budget (:mod:`mlxcluster.controller.http.reasoning`).
-Images, documents, server tools and MCP servers are refused with a 400 naming them.
+``image`` blocks (user turns, ``base64`` or ``url`` sources) go to a vision model (see
+:mod:`mlxcluster.controller.http.images`). Documents, server tools and MCP servers are refused with a 400
+naming them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct, field
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.controller.http.images import ImageRef
 from mlxcluster.controller.http.keep_alive import KeepAlive, keep_alive_seconds
 from mlxcluster.controller.http.openai_schema import MAX_STOP_SEQUENCES, MaxTokens, TopP
 from mlxcluster.controller.http.reasoning import ThinkingConfig, anthropic_thinking
@@ -97,8 +100,20 @@ def _text_blocks(blocks: Any, where: str) -> str:
     return "".join(texts)
 
 
-def _turns(message: AnthropicMessage, where: str) -> list[ChatMessage]:
-    """One Anthropic message as chat turns: tool results become ``tool`` turns, tool uses assistant calls."""
+def _image(block: dict[str, Any], at: str) -> ImageRef:
+    """An ``image`` block's source (``base64`` or ``url``) as an image reference."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if isinstance(source, dict) and kind == "base64" and isinstance(source.get("data"), str):
+        return ImageRef(f"data:{source.get('media_type', 'image/png')};base64,{source['data']}", f"{at}.source.data")
+    if isinstance(source, dict) and kind == "url" and isinstance(source.get("url"), str):
+        return ImageRef(source["url"], f"{at}.source.url")
+    raise bad_request(f"Unsupported image source type '{kind}'; expected base64 or url", f"{at}.source.type")
+
+
+def _turns(message: AnthropicMessage, where: str, images: list[ImageRef] | None = None) -> list[ChatMessage]:
+    """One Anthropic message as chat turns: tool results become ``tool`` turns, tool uses assistant calls,
+    ``image`` blocks of a user turn are added to ``images`` (``None``: refused)."""
     if message.role not in ("user", "assistant"):
         raise bad_request(f"Invalid role '{message.role}'; expected user or assistant", f"{where}.role")
     if isinstance(message.content, str):
@@ -106,11 +121,15 @@ def _turns(message: AnthropicMessage, where: str) -> list[ChatMessage]:
     turns: list[ChatMessage] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
+    image_count = 0
     for index, block in enumerate(message.content):
         at = f"{where}.content[{index}]"
         kind = block.get("type")
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif kind == "image" and message.role == "user" and images is not None:
+            images.append(_image(block, at))
+            image_count += 1
         elif kind == "tool_use" and message.role == "assistant":
             calls.append(
                 ToolCall(
@@ -128,8 +147,10 @@ def _turns(message: AnthropicMessage, where: str) -> list[ChatMessage]:
             continue
         else:
             raise bad_request(f"Unsupported content block type '{kind}' in a {message.role} turn", f"{at}.type")
-    if texts or calls:
-        turns.append(ChatMessage(role=message.role, content="".join(texts), tool_calls=calls or None))
+    if texts or calls or image_count:
+        turns.append(
+            ChatMessage(role=message.role, content="".join(texts), tool_calls=calls or None, images=image_count)
+        )
     return turns
 
 
@@ -158,7 +179,10 @@ def _choice(body: MessagesRequest, tools: list[ToolSpec] | None) -> tuple[Any, s
     raise bad_request(f"Unknown tool_choice type '{choice.type}'", "tool_choice.type")
 
 
-def messages_to_inference(body: MessagesRequest, request_id: str, deadline: float) -> InferenceRequest:
+def messages_to_inference(
+    body: MessagesRequest, request_id: str, deadline: float, images: list[ImageRef] | None = None
+) -> InferenceRequest:
+    """Validate a Messages body and build the wire request; image blocks are collected into ``images``."""
     refused = {
         "service_tier": ("one tier", body.service_tier not in (None, "auto", "standard_only")),
         "container": ("no code-execution containers", body.container is not None),
@@ -184,7 +208,7 @@ def messages_to_inference(body: MessagesRequest, request_id: str, deadline: floa
         raise bad_request(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed", "stop_sequences")
     messages = [ChatMessage(role="system", content=_text_blocks(body.system, "system"))] if body.system else []
     for index, message in enumerate(body.messages):
-        messages.extend(_turns(message, f"messages[{index}]"))
+        messages.extend(_turns(message, f"messages[{index}]", images))
     tools = _tools(body)
     choice, name, parallel = _choice(body, tools)
     user = (body.metadata or {}).get("user_id")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from mlxcluster.bus import Bus
+from mlxcluster.bus.image_store import ImageStore
 from mlxcluster.config import Config
 from mlxcluster.controller.lifecycle import Lifecycle
 from mlxcluster.controller.metering.ops import Operations
@@ -44,6 +45,8 @@ class ControllerContext:
     """Keys and usage in JetStream, once opened at start (``None``: ``controller.shared_state`` is off)."""
     tracer: Tracer = field(default_factory=NoTracer)
     """Where request spans go (a :class:`~mlxcluster.tracing.NoTracer` with ``[tracing]`` off)."""
+    images: ImageStore | None = None
+    """Where images too large for their request's message are parked (built with the app)."""
 
 
 CONTROLLER = web.AppKey("controller", ControllerContext)

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.controller.http.images import ImageRef
 from mlxcluster.controller.http.keep_alive import KeepAlive, keep_alive_seconds
 from mlxcluster.controller.http.openai_tools import (
     OpenAITool,
@@ -49,9 +50,15 @@ class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
     include_obfuscation: bool | None = None
 
 
+class ImageUrl(Struct, kw_only=True, forbid_unknown_fields=True):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(Struct, kw_only=True):
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class Message(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -170,21 +177,27 @@ def parse_body(raw: bytes, body_type: type[Any]) -> Any:
         raise bad_request("Request body is nested too deeply", code="invalid_json") from None
 
 
-def _flatten(message: Message, index: int) -> str:
-    """Message content as text (string content or the text parts of a list)."""
+def _flatten(message: Message, index: int, images: list[ImageRef] | None = None) -> tuple[str, int]:
+    """Message content as text (string content or the text parts of a list) and how many images it has: an
+    ``image_url`` part is added to ``images`` (``None``: refused, as for any other non-text part)."""
     if message.content is None:
-        return ""
+        return "", 0
     if isinstance(message.content, str):
-        return message.content
+        return message.content, 0
     texts = []
+    count = 0
     for part_index, part in enumerate(message.content):
+        if part.type == "image_url" and part.image_url is not None and images is not None:
+            images.append(ImageRef(part.image_url.url, f"messages[{index}].content[{part_index}].image_url.url"))
+            count += 1
+            continue
         if part.type != "text" or part.text is None:
             raise bad_request(
                 f"Unsupported content part type '{part.type}'; only text is supported",
                 f"messages[{index}].content[{part_index}].type",
             )
         texts.append(part.text)
-    return "".join(texts)
+    return "".join(texts), count
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -265,9 +278,14 @@ def _check_chat(body: ChatCompletionRequest) -> None:
 
 
 def chat_to_inference(
-    body: ChatCompletionRequest, request_id: str, deadline: float, max_tokens_cap: int
+    body: ChatCompletionRequest,
+    request_id: str,
+    deadline: float,
+    max_tokens_cap: int,
+    images: list[ImageRef] | None = None,
 ) -> InferenceRequest:
-    """Validate a chat body beyond types and build the wire request (``max_tokens_cap``: see :func:`output_limit`)."""
+    """Validate a chat body beyond types and build the wire request (``max_tokens_cap``: see :func:`output_limit`);
+    image parts are collected into ``images`` (``None``: refused with a 400)."""
     _check_common(body)
     _check_chat(body)
     if not body.messages:
@@ -279,11 +297,13 @@ def chat_to_inference(
                 f"Invalid role '{message.role}'; expected one of {', '.join(ROLES)}", f"messages[{index}].role"
             )
         role = "system" if message.role == "developer" else message.role
-        content = _flatten(message, index) or (message.refusal or "")
+        text, image_count = _flatten(message, index, images)
+        content = text or (message.refusal or "")
         messages.append(
             ChatMessage(
                 role=role,
                 content=content,
+                images=image_count,
                 name=message.name,
                 tool_calls=history_tool_calls(message.tool_calls, f"messages[{index}].tool_calls"),
                 tool_call_id=message.tool_call_id,

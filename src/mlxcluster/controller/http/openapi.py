@@ -108,7 +108,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "prompt_tokens": INT,
             "completion_tokens": INT,
             "total_tokens": INT,
-            "prompt_tokens_details": obj({"cached_tokens": INT}),
+            "prompt_tokens_details": obj({"cached_tokens": INT, "image_tokens": INT}, required=["cached_tokens"]),
             "completion_tokens_details": obj({"reasoning_tokens": INT}),
         }
     ),
@@ -188,6 +188,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
             "created": INT,
             "owned_by": STR,
             "kind": {"enum": ["chat", "embedding"]},
+            "vision": BOOL,
             "size_bytes": INT,
             "context_length": INT,
             "dimensions": INT,
@@ -369,6 +370,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         {
             "name": STR,
             "kind": {"enum": ["chat", "embedding"]},
+            "vision": BOOL,
             "source": STR,
             "weights_bytes": INT,
             "kv_bytes_per_token": INT,
@@ -758,8 +760,18 @@ def request_schemas() -> dict[str, Schema]:
     chat, text = components["ChatCompletionRequest"]["properties"], components["CompletionRequest"]["properties"]
     chat["messages"]["minItems"] = 1
     components["Message"]["properties"]["role"] = {"enum": list(ROLES)}
-    components["ContentPart"]["properties"] = {"type": {"const": "text"}, "text": STR}
-    components["ContentPart"]["required"] = ["type", "text"]
+    components["ContentPart"] = {
+        "oneOf": [
+            obj({"type": {"const": "text"}, "text": STR}),
+            obj(
+                {"type": {"const": "image_url"}, "image_url": {"$ref": REF.format(name="ImageUrl")}},
+            )
+            | {
+                "description": "Vision models only (a text-only model answers 400); a data: URL, or http(s) when "
+                "controller.image_fetch allows it."
+            },
+        ]
+    }
     for props in (chat, text):
         props["n"] = {"type": "integer", "minimum": 1, "maximum": 1, "default": 1}
         props["stop"]["anyOf"][1]["maxItems"] = MAX_STOP_SEQUENCES

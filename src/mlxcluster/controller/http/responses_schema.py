@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct
 
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.controller.http.images import ImageRef
 from mlxcluster.controller.http.keep_alive import KeepAlive, keep_alive_seconds
 from mlxcluster.controller.http.openai_schema import MaxTokens, Temperature, TopP, output_limit
 from mlxcluster.controller.http.reasoning import ReasoningOptions, responses_reasoning
@@ -106,20 +107,31 @@ def check_refused(body: ResponsesRequest) -> None:
             raise _refuse(param, what)
 
 
-def _content_text(content: Any, where: str) -> str:
+def _content_text(content: Any, where: str, images: list[ImageRef] | None = None) -> tuple[str, int]:
+    """Content as text and how many ``input_image`` parts it has (added to ``images``; ``None``: refused)."""
     if isinstance(content, str):
-        return content
+        return content, 0
     if not isinstance(content, list):
         raise bad_request("content must be a string or a list of parts", where)
     texts = []
+    count = 0
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_image" and images is not None:
+            if not isinstance(part.get("image_url"), str):
+                raise bad_request(
+                    "input_image needs 'image_url' (a data: or http(s): URL); file ids are not stored here",
+                    f"{where}[{index}].image_url",
+                )
+            images.append(ImageRef(part["image_url"], f"{where}[{index}].image_url"))
+            count += 1
+            continue
         if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
             raise bad_request(
                 f"Unsupported content part type '{kind}'; only text is supported", f"{where}[{index}].type"
             )
         texts.append(part["text"])
-    return "".join(texts)
+    return "".join(texts), count
 
 
 def _str_field(item: dict[str, Any], key: str, where: str) -> str:
@@ -131,8 +143,9 @@ def _str_field(item: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def input_messages(body: ResponsesRequest) -> list[ChatMessage]:
-    """The instructions and input items as chat turns (function calls joined onto one assistant turn)."""
+def input_messages(body: ResponsesRequest, images: list[ImageRef] | None = None) -> list[ChatMessage]:
+    """The instructions and input items as chat turns (function calls joined onto one assistant turn); a user
+    turn's ``input_image`` parts are added to ``images``."""
     messages = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
     if isinstance(body.input, str):
         return [*messages, ChatMessage(role="user", content=body.input)]
@@ -144,7 +157,8 @@ def input_messages(body: ResponsesRequest) -> list[ChatMessage]:
             if role not in ("user", "assistant", "system", "developer"):
                 raise bad_request(f"Invalid role '{role}'", f"{where}.role")
             role = "system" if role == "developer" else role
-            messages.append(ChatMessage(role=role, content=_content_text(item.get("content", ""), f"{where}.content")))
+            text, count = _content_text(item.get("content", ""), f"{where}.content", images if role == "user" else None)
+            messages.append(ChatMessage(role=role, content=text, images=count))
         elif kind == "function_call":
             call = ToolCall(
                 id=_str_field(item, "call_id", where),
@@ -158,7 +172,7 @@ def input_messages(body: ResponsesRequest) -> list[ChatMessage]:
                 messages.append(ChatMessage(role="assistant", content="", tool_calls=[call]))
         elif kind == "function_call_output":
             output = item.get("output")
-            text = output if isinstance(output, str) else _content_text(output, f"{where}.output")
+            text = output if isinstance(output, str) else _content_text(output, f"{where}.output")[0]
             messages.append(ChatMessage(role="tool", content=text, tool_call_id=_str_field(item, "call_id", where)))
         elif kind != "reasoning":
             raise bad_request(f"Unsupported input item type '{kind}'", f"{where}.type", "unsupported_item")
@@ -195,9 +209,14 @@ def _format(body: ResponsesRequest) -> ResponseFormat | None:
 
 
 def responses_to_inference(
-    body: ResponsesRequest, request_id: str, deadline: float, max_tokens_cap: int
+    body: ResponsesRequest,
+    request_id: str,
+    deadline: float,
+    max_tokens_cap: int,
+    images: list[ImageRef] | None = None,
 ) -> InferenceRequest:
-    """Validate a Responses body and build the wire request (``max_tokens_cap``: see ``output_limit``)."""
+    """Validate a Responses body and build the wire request (``max_tokens_cap``: see ``output_limit``); image
+    parts are collected into ``images``."""
     check_refused(body)
     tools = _tools(body)
     choice, name = _tool_choice(body, tools)
@@ -205,7 +224,7 @@ def responses_to_inference(
     return InferenceRequest(
         request_id=request_id,
         model=body.model,
-        messages=input_messages(body),
+        messages=input_messages(body, images),
         sampling=SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,

@@ -17,6 +17,7 @@ from mlxcluster.controller.http.anthropic_schema import MessagesRequest, message
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.generation import Generated, collect, generation
+from mlxcluster.controller.http.images import ImageRef, parked_images, resolve_images
 from mlxcluster.controller.http.middleware import new_request_id, stream_headers
 from mlxcluster.controller.http.openai_schema import parse_body
 from mlxcluster.controller.http.openai_tools import decode_tool_arguments
@@ -189,8 +190,13 @@ async def _create_message(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
     body: MessagesRequest = parse_body(await request.read(), MessagesRequest)
     message_id = f"msg_{new_request_id()}"
-    inference = messages_to_inference(body, message_id, time.time() + ctx.config.controller.request_timeout_s)
-    async with generation(request, inference) as (first, frames):
+    refs: list[ImageRef] = []
+    inference = messages_to_inference(body, message_id, time.time() + ctx.config.controller.request_timeout_s, refs)
+    inference.images = await resolve_images(ctx.registry, ctx.config.controller, body.model, refs)
+    async with (
+        parked_images(ctx.images, ctx.bus.max_payload, inference),
+        generation(request, inference) as (first, frames),
+    ):
         if not body.stream:
             return json_response(final_message(message_id, body.model, await collect(first, frames)))
         sse = await SseWriter.open(request, stream_headers(request))

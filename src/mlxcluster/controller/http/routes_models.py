@@ -44,6 +44,7 @@ def _fleet_models(ctx: ControllerContext) -> dict[str, dict[str, Any]]:
                     "created": ctx.started_at,
                     "owned_by": "mlxcluster",
                     "kind": entry.kind if entry is not None else "chat",
+                    "vision": False,
                     "size_bytes": 0,
                     "context_length": 0,
                     "dimensions": 0,
@@ -52,6 +53,7 @@ def _fleet_models(ctx: ControllerContext) -> dict[str, dict[str, Any]]:
                 },
             )
             if entry is not None:
+                model["vision"] = model["vision"] or entry.vision
                 model["size_bytes"] = model["size_bytes"] or entry.weights_bytes
                 model["context_length"] = model["context_length"] or entry.context_length
                 model["dimensions"] = model["dimensions"] or entry.dimensions
@@ -67,7 +69,7 @@ def _fleet_models(ctx: ControllerContext) -> dict[str, dict[str, Any]]:
 async def list_models(request: web.Request) -> web.Response:
     """Every model available anywhere in the fleet (loaded or loadable by an online worker), OpenAI's list shape
     with ``loaded_on``, ``available_on``, ``size_bytes``, ``context_length``, ``kind`` and ``dimensions`` (an embedding
-    model's vector length)."""
+    model's vector length) and ``vision`` (it reads images)."""
     ctx: ControllerContext = request.app[CONTROLLER]
     data = [
         model for name, model in sorted(_fleet_models(ctx).items()) if model["available_on"] and _allowed(request, name)

@@ -15,6 +15,7 @@ from aiohttp import web
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.generation import Generated, collect, generation
+from mlxcluster.controller.http.images import ImageRef, parked_images, resolve_images
 from mlxcluster.controller.http.middleware import new_request_id, stream_headers
 from mlxcluster.controller.http.openai_schema import (
     ChatCompletionRequest,
@@ -35,12 +36,15 @@ routes = web.RouteTableDef()
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
     """OpenAI's usage object, with the prompt tokens the worker's prompt cache served and the completion
-    tokens spent thinking."""
+    tokens spent thinking (and, for a request with images, the prompt tokens that stand for them)."""
+    prompt_details: dict[str, int] = {"cached_tokens": usage.cached_tokens}
+    if usage.image_tokens:
+        prompt_details["image_tokens"] = usage.image_tokens
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens_details": prompt_details,
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
@@ -219,11 +223,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx: ControllerContext = request.app[CONTROLLER]
     body: ChatCompletionRequest = parse_body(await request.read(), ChatCompletionRequest)
     completion_id = f"chatcmpl-{new_request_id()}"
-    inference = chat_to_inference(body, completion_id, _deadline(ctx), ctx.config.controller.default_max_tokens)
+    refs: list[ImageRef] = []
+    inference = chat_to_inference(
+        body, completion_id, _deadline(ctx), ctx.config.controller.default_max_tokens, images=refs
+    )
+    inference.images = await resolve_images(ctx.registry, ctx.config.controller, body.model, refs)
     renderer = Renderer(
         chat=True, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
     )
-    return await complete(request, inference, renderer, usage_in_stream=include_usage(body))
+    async with parked_images(ctx.images, ctx.bus.max_payload, inference):
+        return await complete(request, inference, renderer, usage_in_stream=include_usage(body))
 
 
 @routes.post("/v1/completions")

@@ -17,6 +17,7 @@ from aiohttp import web
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.generation import Generated, collect, generation
+from mlxcluster.controller.http.images import ImageRef, parked_images, resolve_images
 from mlxcluster.controller.http.middleware import new_request_id, stream_headers
 from mlxcluster.controller.http.openai_schema import parse_body
 from mlxcluster.controller.http.render import StreamRenderer, may_call, relay
@@ -279,8 +280,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     shell = ResponseShell(body)
     settings = ctx.config.controller
     deadline = time.time() + settings.request_timeout_s
-    inference = responses_to_inference(body, shell.response_id, deadline, settings.default_max_tokens)
-    async with generation(request, inference) as (first, frames):
+    refs: list[ImageRef] = []
+    inference = responses_to_inference(body, shell.response_id, deadline, settings.default_max_tokens, refs)
+    inference.images = await resolve_images(ctx.registry, settings, body.model, refs)
+    async with (
+        parked_images(ctx.images, ctx.bus.max_payload, inference),
+        generation(request, inference) as (first, frames),
+    ):
         if not body.stream:
             return json_response(final_response(shell, await collect(first, frames)))
         sse = await SseWriter.open(request, stream_headers(request))

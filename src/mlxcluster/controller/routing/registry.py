@@ -445,6 +445,13 @@ class WorkerRegistry:
                 return entry
         return None
 
+    def is_vision(self, model: str) -> bool:
+        """Whether some known worker reports ``model`` as a vision model (its catalogue entry)."""
+        return any(
+            w.catalogue is not None and (entry := w.catalogue.get(model)) is not None and entry.vision
+            for w in self._workers.values()
+        )
+
     def loaded_somewhere(self, model: str) -> bool:
         """Whether an online or degraded worker serves ``model`` now (loaded)."""
         return any(w.status in ELIGIBLE_STATES and model in w.models for w in self._workers.values())

@@ -1,0 +1,331 @@
+"""Images in requests, controller side: the parts each API takes, data URLs, checked bytes, fetched URLs.
+
+No model is needed: the image URL fetch runs against a local aiohttp server; the vision check against a
+registry fed with a catalogue; the end-to-end path through a vision model is in ``test_vision.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import openai
+import pytest
+from aiohttp import web
+from cluster_harness import single_worker_cluster
+from loopback import free_port, shared_config
+
+from mlxcluster.bus import Bus
+from mlxcluster.bus.image_store import ImageMissing, ImageStore, ImagesUnavailable
+from mlxcluster.config import Config, ControllerSection
+from mlxcluster.controller.http.anthropic_schema import MessagesRequest, messages_to_inference
+from mlxcluster.controller.http.errors import ApiError
+from mlxcluster.controller.http.images import (
+    MAX_IMAGES,
+    ImageRef,
+    check_vision,
+    decode_data_url,
+    fetch_image,
+    parked_images,
+    resolve_images,
+    sniff,
+)
+from mlxcluster.controller.http.openai_schema import ChatCompletionRequest, chat_to_inference
+from mlxcluster.controller.http.responses_schema import ResponsesRequest, responses_to_inference
+from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
+from mlxcluster.controller.routing.registry import WorkerRegistry
+from mlxcluster.embedded import EmbeddedNatsServer
+from mlxcluster.protocol import (
+    Capabilities,
+    CatalogueModel,
+    ChatMessage,
+    Hardware,
+    ImageInput,
+    InferenceRequest,
+    WorkerRegistration,
+    encode,
+)
+
+
+def tiny_png() -> bytes:
+    """A valid 1×1 PNG, written by hand (no Pillow on the controller)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\0\0\0")) + chunk(b"IEND", b"")
+    )
+
+
+PNG = tiny_png()
+PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+def status_of(exc: pytest.ExceptionInfo[ApiError]) -> tuple[int, str | None, str | None]:
+    return exc.value.status, exc.value.param, exc.value.code
+
+
+def test_sniff_knows_the_formats_by_their_first_bytes() -> None:
+    assert sniff(PNG) == "image/png"
+    assert sniff(b"\xff\xd8\xff\xe0rest") == "image/jpeg"
+    assert sniff(b"GIF89a...") == "image/gif"
+    assert sniff(b"RIFF\0\0\0\0WEBPVP8 ") == "image/webp"
+    assert sniff(b"RIFF\0\0\0\0WAVEfmt ") is None
+    assert sniff(b"BM....") == "image/bmp"
+    assert sniff(b"%PDF-1.7") is None
+
+
+def test_data_urls_decode_and_bad_ones_are_400s_naming_the_field() -> None:
+    image = decode_data_url(PNG_URL, "p")
+    assert image.media_type == "image/png" and image.data == PNG
+    with pytest.raises(ApiError) as exc:
+        decode_data_url("data:image/png;base64,%%%", "messages[0].content[1].image_url.url")
+    assert status_of(exc) == (400, "messages[0].content[1].image_url.url", "invalid_image")
+    with pytest.raises(ApiError) as exc:
+        decode_data_url("data:image/png;base64," + base64.b64encode(b"just some text").decode(), "x")
+    assert status_of(exc) == (400, "x", "invalid_image")
+    assert "not a PNG, JPEG, GIF, WebP or BMP image" in exc.value.message
+    with pytest.raises(ApiError) as exc:
+        decode_data_url("data:image/png," + "abc", "x")
+    assert status_of(exc) == (400, "x", "invalid_value")
+
+
+def chat(content: object, **fields: object) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], **fields}
+    return msgspec.convert(body, ChatCompletionRequest)
+
+
+def test_openai_image_parts_are_collected_or_refused_as_before() -> None:
+    parts = [
+        {"type": "text", "text": "What is "},
+        {"type": "image_url", "image_url": {"url": PNG_URL, "detail": "low"}},
+        {"type": "text", "text": "this?"},
+    ]
+    refs: list[ImageRef] = []
+    inference = chat_to_inference(chat(parts), "r", 0.0, 64, images=refs)
+    assert inference.messages is not None and inference.messages[0].content == "What is this?"
+    assert inference.messages[0].images == 1
+    assert refs == [ImageRef(PNG_URL, "messages[0].content[1].image_url.url")]
+    with pytest.raises(ApiError) as exc:  # a caller that takes no images (the WebSocket) keeps the 400
+        chat_to_inference(chat(parts), "r", 0.0, 64)
+    assert status_of(exc)[:2] == (400, "messages[0].content[1].type")
+
+
+def test_anthropic_image_blocks_and_responses_input_images_are_collected() -> None:
+    data = base64.b64encode(PNG).decode()
+    body = msgspec.convert(
+        {
+            "model": "m",
+            "max_tokens": 8,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+                        {"type": "image", "source": {"type": "url", "url": "https://example.org/a.png"}},
+                        {"type": "text", "text": "Compare."},
+                    ],
+                }
+            ],
+        },
+        MessagesRequest,
+    )
+    refs: list[ImageRef] = []
+    inference = messages_to_inference(body, "r", 0.0, refs)
+    assert inference.messages is not None and inference.messages[0].images == 2
+    assert refs == [
+        ImageRef(PNG_URL, "messages[0].content[0].source.data"),
+        ImageRef("https://example.org/a.png", "messages[0].content[1].source.url"),
+    ]
+    bad = msgspec.convert(
+        {
+            "model": "m",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "id": "f"}}]}],
+        },
+        MessagesRequest,
+    )
+    with pytest.raises(ApiError) as exc:
+        messages_to_inference(bad, "r", 0.0, [])
+    assert status_of(exc)[:2] == (400, "messages[0].content[0].source.type")
+
+    responses = msgspec.convert(
+        {
+            "model": "m",
+            "input": [
+                {
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "What?"}, {"type": "input_image", "image_url": PNG_URL}],
+                }
+            ],
+        },
+        ResponsesRequest,
+    )
+    refs = []
+    inference = responses_to_inference(responses, "r", 0.0, 64, refs)
+    assert inference.messages is not None and inference.messages[0].images == 1
+    assert refs == [ImageRef(PNG_URL, "input[0].content[1].image_url")]
+    no_url = msgspec.convert(
+        {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+        ResponsesRequest,
+    )
+    with pytest.raises(ApiError) as exc:
+        responses_to_inference(no_url, "r", 0.0, 64, [])
+    assert status_of(exc)[:2] == (400, "input[0].content[0].image_url")
+
+
+def registry_with(models: dict[str, bool]) -> WorkerRegistry:
+    registry = WorkerRegistry(Config())
+    catalogue = [CatalogueModel(name=name, vision=vision) for name, vision in models.items()]
+    registry.on_registration(
+        WorkerRegistration(
+            worker_id="w1",
+            hostname="h",
+            hardware=Hardware(),
+            capabilities=Capabilities(models=list(models), catalogue=catalogue),
+        )
+    )
+    return registry
+
+
+async def test_only_a_vision_model_takes_images() -> None:
+    registry = registry_with({"text": False, "eyes": True})
+    refs = [ImageRef(PNG_URL, "messages[0].content[0].image_url.url")]
+    check_vision(registry, "eyes", refs)
+    check_vision(registry, "unknown", refs)  # dispatch answers its 404
+    with pytest.raises(ApiError) as exc:
+        check_vision(registry, "text", refs)
+    assert status_of(exc) == (400, "messages[0].content[0].image_url.url", "unsupported_content")
+    assert "'text' takes only text" in exc.value.message
+    settings = ControllerSection()
+    assert await resolve_images(registry, settings, "eyes", []) is None
+    images = await resolve_images(registry, settings, "eyes", refs)
+    assert images is not None and images[0].data == PNG
+    with pytest.raises(ApiError) as exc:
+        await resolve_images(registry, settings, "eyes", refs * (MAX_IMAGES + 1))
+    assert exc.value.status == 400
+    with pytest.raises(ApiError) as exc:
+        await resolve_images(registry, settings, "eyes", [ImageRef("file:///etc/passwd", "u")])
+    assert status_of(exc)[:2] == (400, "u")
+
+
+@pytest.fixture
+async def image_server() -> AsyncIterator[str]:
+    async def png(_request: web.Request) -> web.Response:
+        return web.Response(body=PNG, content_type="image/png")
+
+    async def big(_request: web.Request) -> web.Response:
+        return web.Response(body=PNG + b"\0" * 4096, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/a.png", png)
+    app.router.add_get("/big.png", big)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_image_urls_are_fetched_only_when_allowed(image_server: str) -> None:
+    url = f"{image_server}/a.png"
+    with pytest.raises(ApiError) as exc:
+        await fetch_image(url, "u", ControllerSection())
+    assert status_of(exc) == (400, "u", "unsupported_value") and "image_fetch is off" in exc.value.message
+    allowed = ControllerSection(image_fetch=True, image_fetch_hosts=["127.0.0.1"], image_fetch_max_bytes=1024)
+    with pytest.raises(ApiError) as exc:
+        await fetch_image(url, "u", ControllerSection(image_fetch=True, image_fetch_hosts=["example.org"]))
+    assert "not in controller.image_fetch_hosts" in exc.value.message
+    image = await fetch_image(url, "u", allowed)
+    assert image.data == PNG
+    assert (await fetch_image(url, "u", ControllerSection(image_fetch=True, image_fetch_hosts=["*"]))).data == PNG
+    with pytest.raises(ApiError) as exc:
+        await fetch_image(f"{image_server}/big.png", "u", allowed)
+    assert "image_fetch_max_bytes" in exc.value.message
+    with pytest.raises(ApiError) as exc:
+        await fetch_image(f"{image_server}/missing.png", "u", allowed)
+    assert "HTTP 404" in exc.value.message
+    with pytest.raises(ApiError) as exc:
+        await fetch_image(f"http://127.0.0.1:{free_port()}/a.png", "u", allowed)
+    assert "could not be fetched" in exc.value.message
+
+
+async def test_a_text_only_model_keeps_the_400_through_the_api(cluster_config: Config, nats_server) -> None:
+    async with single_worker_cluster(cluster_config) as cluster:
+        client = cluster.controller.client()
+        with pytest.raises(openai.BadRequestError) as exc:
+            await client.chat.completions.create(
+                model="echo",
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG_URL}}]}],
+            )
+        assert exc.value.body["code"] == "unsupported_content"
+        assert exc.value.body["param"] == "messages[0].content[0].image_url.url"
+        models = await client.models.list()
+        assert [(m.id, m.model_extra["vision"]) for m in models.data] == [("echo", False)]
+
+
+def big_request(size: int = 20_000) -> InferenceRequest:
+    return InferenceRequest(
+        request_id="req-1",
+        model="eyes",
+        messages=[ChatMessage(role="user", content="What?", images=2)],
+        images=[
+            ImageInput(media_type="image/png", data=PNG + bytes(size)),
+            ImageInput(media_type="image/png", data=PNG),
+        ],
+    )
+
+
+async def test_without_jetstream_images_stay_inline_for_the_413(bus: Bus) -> None:
+    request = big_request()
+    async with parked_images(ImageStore(bus), 16384, request):
+        assert request.images is not None and request.images[0].data.startswith(PNG)
+        assert request.images[0].object is None
+    async with parked_images(None, 16384, request):
+        assert request.images[0].data.startswith(PNG)
+
+
+async def test_a_worker_without_jetstream_cannot_read_parked_images(bus: Bus) -> None:
+    request = big_request()
+    assert request.images is not None
+    request.images[0].object, request.images[0].data = "req-1-0", b""
+    with pytest.raises(ImagesUnavailable, match="cannot be read"):
+        await ImageStore(bus).fetch(request)
+
+
+async def test_images_too_large_for_a_message_are_parked_and_fetched(tmp_path: Path) -> None:
+    config = shared_config(str(tmp_path), controller={"shared_state": False})
+    server = EmbeddedNatsServer(config.nats)
+    await server.start()
+    try:
+        controller_bus = await Bus.connect(config.nats, name="test-controller", attempts=5)
+        worker_bus = await Bus.connect(config.nats, name="test-worker", attempts=5)
+        store, worker_store = ImageStore(controller_bus), ImageStore(worker_bus)
+        request = big_request()
+        small = big_request(0)
+        async with parked_images(store, len(encode(small)) + SUBJECT_HEADROOM + 1, small):
+            assert small.images is not None and all(image.object is None for image in small.images)  # fits: inline
+        async with parked_images(store, 16384, request):
+            assert request.images is not None
+            assert [image.object for image in request.images] == ["req-1-0", "req-1-1"]
+            assert len(encode(request)) < 1024
+            received = msgspec.json.decode(encode(request), type=InferenceRequest)
+            await worker_store.fetch(received)
+            assert received.images is not None
+            assert [image.data for image in received.images] == [PNG + bytes(20_000), PNG]
+            assert received.images[0].object is None
+            await worker_store.fetch(received)  # nothing parked any more: nothing to do
+        again = msgspec.json.decode(encode(request), type=InferenceRequest)
+        with pytest.raises(ImageMissing, match="req-1-0"):  # deleted when the request ended
+            await worker_store.fetch(again)
+        await controller_bus.close()
+        await worker_bus.close()
+    finally:
+        await server.stop()

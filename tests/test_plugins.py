@@ -343,9 +343,13 @@ asyncio.run(main())
                 "mlxcluster.builtin.balancers",
                 "mlxcluster.builtin.cache_aware",
                 "mlxcluster.builtin.exporters",
+                "mlxcluster.builtin.telemetry_metrics",  # the prometheus exporter's bus and accelerator series
             ],
         ),
-        (["builtin-balancers"], ["mlxcluster.builtin", "mlxcluster.builtin.exporters"]),
+        (
+            ["builtin-balancers"],
+            ["mlxcluster.builtin", "mlxcluster.builtin.exporters", "mlxcluster.builtin.telemetry_metrics"],
+        ),
         (["builtin-balancers", "builtin-exporters"], []),
     ],
 )

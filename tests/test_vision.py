@@ -246,6 +246,8 @@ async def test_without_the_extra_a_vision_model_is_refused_at_load(
     with pytest.raises(NodeError, match="mlx-vlm is not installed"):
         await engine.start()
     await engine.stop()
+    _, end = await run(engine, ask("What?"))  # a stopped engine answers, never hangs
+    assert isinstance(end, Error) and end.code == "generation_failed" and "stopped" in end.message
 
 
 @pytest.fixture

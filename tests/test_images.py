@@ -13,30 +13,33 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import openai
 import pytest
 from aiohttp import web
 from cluster_harness import single_worker_cluster
 from loopback import free_port, shared_config
 
-from mlxcluster.bus import Bus
+from mlxcluster.bus import Bus, StreamInbox
 from mlxcluster.bus.image_store import ImageMissing, ImageStore, ImagesUnavailable
+from mlxcluster.bus.jetstream import ObjectBucket
 from mlxcluster.config import Config, ControllerSection
 from mlxcluster.controller.http.anthropic_schema import MessagesRequest, messages_to_inference
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.http.images import (
     MAX_IMAGES,
+    ImageFetcher,
     ImageRef,
     check_vision,
     decode_data_url,
-    fetch_image,
     parked_images,
     resolve_images,
     sniff,
 )
 from mlxcluster.controller.http.openai_schema import ChatCompletionRequest, chat_to_inference
 from mlxcluster.controller.http.responses_schema import ResponsesRequest, responses_to_inference
-from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
+from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM, Dispatcher
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import (
@@ -104,7 +107,7 @@ def chat(content: object, **fields: object) -> ChatCompletionRequest:
 def test_openai_image_parts_are_collected_or_refused_as_before() -> None:
     parts = [
         {"type": "text", "text": "What is "},
-        {"type": "image_url", "image_url": {"url": PNG_URL, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": PNG_URL, "detail": "auto"}},
         {"type": "text", "text": "this?"},
     ]
     refs: list[ImageRef] = []
@@ -115,6 +118,11 @@ def test_openai_image_parts_are_collected_or_refused_as_before() -> None:
     with pytest.raises(ApiError) as exc:  # a caller that takes no images (the WebSocket) keeps the 400
         chat_to_inference(chat(parts), "r", 0.0, 64)
     assert status_of(exc)[:2] == (400, "messages[0].content[1].type")
+    for detail in ("low", "high"):  # not honoured: refused, never ignored
+        parts[1] = {"type": "image_url", "image_url": {"url": PNG_URL, "detail": detail}}
+        with pytest.raises(ApiError) as exc:
+            chat_to_inference(chat(parts), "r", 0.0, 64, images=[])
+        assert status_of(exc) == (400, "messages[0].content[1].image_url.detail", "unsupported_value")
 
 
 def test_anthropic_image_blocks_and_responses_input_images_are_collected() -> None:
@@ -178,6 +186,15 @@ def test_anthropic_image_blocks_and_responses_input_images_are_collected() -> No
     with pytest.raises(ApiError) as exc:
         responses_to_inference(no_url, "r", 0.0, 64, [])
     assert status_of(exc)[:2] == (400, "input[0].content[0].image_url")
+    for extra, param in (({"detail": "auto"}, None), ({"detail": "high"}, "detail"), ({"crop": [0, 0]}, "crop")):
+        part = {"type": "input_image", "image_url": PNG_URL, **extra}
+        body = msgspec.convert({"model": "m", "input": [{"role": "user", "content": [part]}]}, ResponsesRequest)
+        if param is None:
+            responses_to_inference(body, "r", 0.0, 64, [])
+            continue
+        with pytest.raises(ApiError) as exc:
+            responses_to_inference(body, "r", 0.0, 64, [])
+        assert status_of(exc)[:2] == (400, f"input[0].content[0].{param}")
 
 
 def registry_with(models: dict[str, bool]) -> WorkerRegistry:
@@ -203,32 +220,50 @@ async def test_only_a_vision_model_takes_images() -> None:
         check_vision(registry, "text", refs)
     assert status_of(exc) == (400, "messages[0].content[0].image_url.url", "unsupported_content")
     assert "'text' takes only text" in exc.value.message
-    settings = ControllerSection()
-    assert await resolve_images(registry, settings, "eyes", []) is None
-    images = await resolve_images(registry, settings, "eyes", refs)
+    fetcher = ImageFetcher(ControllerSection())
+    assert await resolve_images(registry, fetcher, "eyes", []) is None
+    images = await resolve_images(registry, fetcher, "eyes", refs)
     assert images is not None and images[0].data == PNG
     with pytest.raises(ApiError) as exc:
-        await resolve_images(registry, settings, "eyes", refs * (MAX_IMAGES + 1))
+        await resolve_images(registry, fetcher, "eyes", refs * (MAX_IMAGES + 1))
     assert exc.value.status == 400
     with pytest.raises(ApiError) as exc:
-        await resolve_images(registry, settings, "eyes", [ImageRef("file:///etc/passwd", "u")])
+        await resolve_images(registry, fetcher, "eyes", [ImageRef("file:///etc/passwd", "u")])
     assert status_of(exc)[:2] == (400, "u")
+
+
+LARGE = PNG + bytes(6 << 20)
+"""An image of several MB: more than one read of the response's buffer."""
 
 
 @pytest.fixture
 async def image_server() -> AsyncIterator[str]:
+    port = free_port()
+
     async def png(_request: web.Request) -> web.Response:
         return web.Response(body=PNG, content_type="image/png")
 
     async def big(_request: web.Request) -> web.Response:
         return web.Response(body=PNG + b"\0" * 4096, content_type="image/png")
 
+    async def large(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})  # chunked: no Content-Length
+        await response.prepare(request)
+        for start in range(0, len(LARGE), 1 << 20):
+            await response.write(LARGE[start : start + (1 << 20)])
+        await response.write_eof()
+        return response
+
+    async def moved(_request: web.Request) -> web.Response:  # to a host not in the allowed list
+        raise web.HTTPFound(f"http://localhost:{port}/a.png")
+
     app = web.Application()
     app.router.add_get("/a.png", png)
     app.router.add_get("/big.png", big)
+    app.router.add_get("/large.png", large)
+    app.router.add_get("/moved.png", moved)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     yield f"http://127.0.0.1:{port}"
     await runner.cleanup()
@@ -237,24 +272,35 @@ async def image_server() -> AsyncIterator[str]:
 async def test_image_urls_are_fetched_only_when_allowed(image_server: str) -> None:
     url = f"{image_server}/a.png"
     with pytest.raises(ApiError) as exc:
-        await fetch_image(url, "u", ControllerSection())
+        await ImageFetcher(ControllerSection()).fetch(url, "u")
     assert status_of(exc) == (400, "u", "unsupported_value") and "image_fetch is off" in exc.value.message
-    allowed = ControllerSection(image_fetch=True, image_fetch_hosts=["127.0.0.1"], image_fetch_max_bytes=1024)
     with pytest.raises(ApiError) as exc:
-        await fetch_image(url, "u", ControllerSection(image_fetch=True, image_fetch_hosts=["example.org"]))
+        await ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["example.org"])).fetch(url, "u")
     assert "not in controller.image_fetch_hosts" in exc.value.message
-    image = await fetch_image(url, "u", allowed)
-    assert image.data == PNG
-    assert (await fetch_image(url, "u", ControllerSection(image_fetch=True, image_fetch_hosts=["*"]))).data == PNG
-    with pytest.raises(ApiError) as exc:
-        await fetch_image(f"{image_server}/big.png", "u", allowed)
-    assert "image_fetch_max_bytes" in exc.value.message
-    with pytest.raises(ApiError) as exc:
-        await fetch_image(f"{image_server}/missing.png", "u", allowed)
-    assert "HTTP 404" in exc.value.message
-    with pytest.raises(ApiError) as exc:
-        await fetch_image(f"http://127.0.0.1:{free_port()}/a.png", "u", allowed)
-    assert "could not be fetched" in exc.value.message
+    fetcher = ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["127.0.0.1"]))
+    anywhere = ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["*"], image_fetch_max_bytes=1024))
+    try:
+        assert (await fetcher.fetch(url, "u")).data == PNG
+        assert (await anywhere.fetch(url, "u")).data == PNG
+        assert (await fetcher.fetch(f"{image_server}/large.png", "u")).data == LARGE  # read to its end
+        for path in ("big.png", "large.png"):  # with and without a Content-Length
+            with pytest.raises(ApiError) as exc:
+                await anywhere.fetch(f"{image_server}/{path}", "u")
+            assert "image_fetch_max_bytes" in exc.value.message
+        with pytest.raises(ApiError) as exc:  # an allowed host's redirect is not followed (to any host)
+            await fetcher.fetch(f"{image_server}/moved.png", "messages[0].content[0].image_url.url")
+        assert status_of(exc)[:2] == (400, "messages[0].content[0].image_url.url")
+        assert "redirect (HTTP 302)" in exc.value.message
+        with pytest.raises(ApiError) as exc:
+            await fetcher.fetch(f"{image_server}/missing.png", "u")
+        assert "HTTP 404" in exc.value.message
+        with pytest.raises(ApiError) as exc:
+            await fetcher.fetch(f"http://127.0.0.1:{free_port()}/a.png", "u")
+        assert "could not be fetched" in exc.value.message
+    finally:
+        await fetcher.close()
+        await anywhere.close()
+    await fetcher.close()  # closed already: nothing to do
 
 
 async def test_a_text_only_model_keeps_the_400_through_the_api(cluster_config: Config, nats_server) -> None:
@@ -283,13 +329,64 @@ def big_request(size: int = 20_000) -> InferenceRequest:
     )
 
 
-async def test_without_jetstream_images_stay_inline_for_the_413(bus: Bus) -> None:
-    request = big_request()
-    async with parked_images(ImageStore(bus), 16384, request):
+async def test_without_jetstream_images_stay_inline_for_the_413(bus: Bus, cluster_config: Config) -> None:
+    dispatcher = Dispatcher(
+        bus=bus,
+        registry=WorkerRegistry(cluster_config),
+        balancer=None,  # type: ignore[arg-type]
+        config=cluster_config.controller,
+        inbox=StreamInbox(bus, "c1"),
+    )
+    request = big_request(bus.max_payload)
+    async with parked_images(ImageStore(bus), bus.max_payload, request):
         assert request.images is not None and request.images[0].data.startswith(PNG)
         assert request.images[0].object is None
+        with pytest.raises(ApiError) as exc:
+            dispatcher.check_size(request)
+        assert status_of(exc) == (413, None, "payload_too_large")
     async with parked_images(None, 16384, request):
         assert request.images[0].data.startswith(PNG)
+
+
+class FailingBucket(ObjectBucket):
+    """A bucket whose ``put`` of ``fail_at`` fails (a store that is full or stops answering)."""
+
+    def __init__(self, fail_at: str, error: Exception) -> None:
+        self.fail_at, self.error = fail_at, error
+        self.stored: dict[str, bytes] = {}
+
+    async def put(self, name: str, data: bytes) -> None:
+        if name == self.fail_at:
+            raise self.error
+        self.stored[name] = data
+
+    async def delete(self, name: str) -> None:
+        if name == "cannot-delete":
+            raise nats.errors.TimeoutError
+        del self.stored[name]
+
+
+class StoreOver(ImageStore):
+    """An image store over a given bucket."""
+
+    def __init__(self, bucket: ObjectBucket) -> None:
+        self._given = bucket
+
+    async def bucket(self) -> ObjectBucket:
+        return self._given
+
+
+@pytest.mark.parametrize("error", [nats.errors.TimeoutError(), nats.js.errors.APIError(description="full")])
+async def test_a_store_failing_mid_park_is_a_503_and_drops_what_was_parked(error: Exception) -> None:
+    bucket = FailingBucket("req-1-1", error)
+    with pytest.raises(ApiError) as exc:
+        async with parked_images(StoreOver(bucket), 16384, big_request()):
+            raise AssertionError("the request must not run")
+    assert status_of(exc) == (503, None, "images_unavailable") and exc.value.retry_after is not None
+    assert bucket.stored == {}  # the first image, parked before the failure, is deleted
+    bucket.stored = {"a": b"", "b": b""}
+    await StoreOver(bucket).drop(["a", "cannot-delete", "b"])  # one failing delete does not stop the others
+    assert bucket.stored == {}
 
 
 async def test_a_worker_without_jetstream_cannot_read_parked_images(bus: Bus) -> None:

@@ -7,7 +7,9 @@ client with an image in a chat message (plain and streamed), Anthropic and Respo
 
 from __future__ import annotations
 
+import struct
 import sys
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import openai
 import pytest
 from cluster_harness import Cluster
 from loopback import shared_config
-from vision_model import build_vision_model, data_url, png_bytes
+from vision_model import IN_TURN_TEMPLATE, build_vision_model, data_url, png_bytes
 
 from mlxcluster.config import Config
 from mlxcluster.embedded import EmbeddedNatsServer
@@ -38,7 +40,13 @@ from mlxcluster.worker.worker_role import engine_factory
 
 pytest.importorskip("mlx_vlm", reason="the vision extra (mlx-vlm) is not installed")
 
-from mlxcluster.worker.vision_engine import VisionEngine  # noqa: E402
+from mlxcluster.worker.vision_engine import (  # noqa: E402
+    VisionEngine,
+    VisionRefused,
+    _MlxThread,
+    _Output,
+    decode_images,
+)
 
 NAME = "tiny-vl"
 
@@ -120,7 +128,14 @@ async def test_sampling_limits_cancel_and_deadline(engine: VisionEngine) -> None
     sampled.sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1)
     first, done = await run(engine, sampled)
     again, _ = await run(engine, sampled)
+    greedy, _ = await run(engine, ask("What?", png_bytes(2), max_tokens_auto=True))
     assert isinstance(done, Done) and first == again  # same seed, same sample
+    assert first != greedy  # and a sample, not the greedy answer (the options reached the sampler)
+    for penalty in ("presence_penalty", "frequency_penalty"):  # they reach mlx-vlm's logits processors
+        penalised = ask("What is that?", png_bytes(1), max_tokens=16)
+        penalised.sampling = SamplingParams(temperature=0.0, **{penalty: 2.0})  # type: ignore[arg-type]
+        plain, _ = await run(engine, ask("What is that?", png_bytes(1), max_tokens=16))
+        assert (await run(engine, penalised))[0] != plain, penalty
     _, end = await run(engine, ask("word " * 5000))
     assert isinstance(end, Error) and end.code == "context_length_exceeded" and end.param == "messages"
     _, end = await run(engine, ask("What?", png_bytes(0), deadline=1.0))
@@ -130,6 +145,87 @@ async def test_sampling_limits_cancel_and_deadline(engine: VisionEngine) -> None
     await frames.aclose()  # the consumer leaves: the engine stops at its next token and serves the next request
     text, done = await run(engine, ask("What is this?", png_bytes(0)))
     assert isinstance(done, Done) and done.usage.completion_tokens == 8
+
+
+@pytest.fixture(scope="module")
+def in_turn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images inside their turn (text after them), weights large enough that the image decides the output."""
+    return build_vision_model(
+        tmp_path_factory.mktemp("models") / "in-turn", chat_template=IN_TURN_TEMPLATE, text_scale=0.6
+    )
+
+
+async def test_the_prompt_cache_never_answers_from_another_requests_image(in_turn_model: Path) -> None:
+    cached = VisionEngine(str(in_turn_model), served_name=NAME)
+    plain = VisionEngine(str(in_turn_model), served_name=NAME, prompt_cache=False)
+    await cached.start()
+    await plain.start()
+    try:
+        await run(cached, ask("What is this?", png_bytes(0)))
+        # the same tokens up to "What is th" (an image's tokens are the same for any image of its size)
+        answer, done = await run(cached, ask("What is that?", png_bytes(1)))
+        alone, _ = await run(plain, ask("What is that?", png_bytes(1)))
+        first_image, _ = await run(plain, ask("What is that?", png_bytes(0)))
+        assert answer == alone != first_image
+        assert isinstance(done, Done) and done.usage.cached_tokens == 0
+        follow = ask("What is that?", png_bytes(1))  # the same image's next turn keeps its cache
+        assert follow.messages is not None
+        follow.messages += [ChatMessage(role="assistant", content=answer), ChatMessage(role="user", content="More.")]
+        _, done = await run(cached, follow)
+        assert isinstance(done, Done) and done.usage.cached_tokens > done.usage.image_tokens > 0
+    finally:
+        await cached.stop()
+        await plain.stop()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is ``width``×``height`` and holds almost no data (a decompression bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_it_is_decoded() -> None:
+    request = ask("What?", png_bytes(0), png_header(9_000, 9_000))  # below Pillow's own limit
+    with pytest.raises(VisionRefused, match=r"image 2 of the request is 9000×9000 pixels.*image_max_pixels"):
+        decode_images(request)
+    with pytest.raises(VisionRefused, match=r"image 1 of the request is too large .*worker.image_max_pixels"):
+        decode_images(ask("What?", png_header(20_000, 20_000)))  # Pillow refuses it at open
+    with pytest.raises(VisionRefused, match="image 1 .* more than worker.image_max_pixels \\(1000\\)"):
+        decode_images(request, max_pixels=1000)
+    assert [image.size for image in decode_images(ask("What?", png_bytes(0)))] == [(64, 64)]
+
+
+def test_stop_strings_split_across_tokens_never_leak() -> None:
+    frames: list[Token] = []
+    output = _Output(ask("x", stop=["ab"]), frames.append)  # type: ignore[arg-type]
+    assert not output.add("xa", 1)
+    assert output.add("b", 2)
+    output.flush()
+    assert "".join(frame.text for frame in frames) == "x" and output.stopped == "ab"
+    frames.clear()
+    output = _Output(ask("x", stop=["ab"]), frames.append)  # type: ignore[arg-type]
+    for piece, generated in (("xa", 1), ("c", 2), ("", 2), ("d", 3)):
+        assert not output.add(piece, generated)
+    output.flush()
+    assert [(frame.text, frame.count) for frame in frames] == [("x", 1), ("ac", 1), ("d", 1)]
+    assert output.stopped is None
+
+
+async def test_a_failing_job_does_not_end_the_engines_thread() -> None:
+    thread = _MlxThread()
+
+    def fail() -> None:
+        raise RuntimeError("no loop to emit to")
+
+    thread.submit(fail)
+    await thread.run(lambda: None)  # served after the failure
+    await thread.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        thread.submit(lambda: None)
 
 
 async def test_without_the_extra_a_vision_model_is_refused_at_load(
@@ -150,6 +246,8 @@ async def test_without_the_extra_a_vision_model_is_refused_at_load(
     with pytest.raises(NodeError, match="mlx-vlm is not installed"):
         await engine.start()
     await engine.stop()
+    _, end = await run(engine, ask("What?"))  # a stopped engine answers, never hangs
+    assert isinstance(end, Error) and end.code == "generation_failed" and "stopped" in end.message
 
 
 @pytest.fixture

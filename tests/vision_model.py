@@ -25,10 +25,22 @@ CHAT_TEMPLATE = (
 )
 """Qwen2-VL's markers, but every image at the very end: a random-weight model's next token depends mostly on the
 last prompt token, so there the image decides the output (a real template puts it in its turn)."""
+IN_TURN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A real Qwen2-VL template's layout: each image in its turn, before the turn's text (the text after it can be
+matched by a prompt cache)."""
 
 
-def build_vision_model(path: Path, *, seed: int = 0) -> Path:
-    """Write the tiny Qwen2-VL model dir at ``path``."""
+def build_vision_model(
+    path: Path, *, seed: int = 0, chat_template: str = CHAT_TEMPLATE, text_scale: float = 0.05
+) -> Path:
+    """Write the tiny Qwen2-VL model dir at ``path`` (with ``chat_template``; the language model's weights drawn
+    with standard deviation ``text_scale``: larger makes each output token depend on more of the prompt)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_vlm.utils import get_model_and_args
@@ -38,7 +50,7 @@ def build_vision_model(path: Path, *, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(demo_tokenizer_dir())
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (path / "chat_template.jinja").write_text(chat_template)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
     config = {
         "model_type": "qwen2_vl",
@@ -91,7 +103,9 @@ def build_vision_model(path: Path, *, seed: int = 0) -> Path:
     model = module.Model(model_config)
     mx.random.seed(seed)
     weights = {  # a larger vision tower: different images give far apart image tokens
-        name: (mx.random.normal(value.shape) * (0.2 if name.startswith("vision_tower") else 0.05)).astype(mx.float32)
+        name: (mx.random.normal(value.shape) * (0.2 if name.startswith("vision_tower") else text_scale)).astype(
+            mx.float32
+        )
         for name, value in tree_flatten(model.parameters())
     }
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})

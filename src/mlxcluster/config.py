@@ -230,6 +230,9 @@ class WorkerSection(_Section):
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
     """Bytes of KV cache kept for reuse by later prompts (LRU); unset: a share of the machine's memory,
     0: no prompt cache."""
+    image_max_pixels: PositiveInt = 25_000_000
+    """Vision models: the most pixels (width × height) an image of a request may have; a larger one is refused
+    with a 400 before it is decoded (a small compressed file can decode to gigabytes)."""
     speculative_tokens: Annotated[int, Meta(ge=0, le=32)] = 8
     """Speculative decoding by prompt lookup: the most tokens drafted per greedy request and step from the
     request's own prompt and output, verified in the batch's forward (the output is unchanged); each step

@@ -95,6 +95,7 @@ step_budget_ms = 250.0             # while streams decode: the time one step may
 speculative_tokens = 8             # prompt-lookup drafts per greedy request and step (0: no speculation)
 embedding_batch_tokens = 8192      # embedding models: padded tokens per forward at most
 embedding_batch_wait_ms = 2.0      # embedding models: wait for more inputs once a batch has some
+image_max_pixels = 25000000        # vision models: an image with more pixels is refused (400)
 # prompt_cache_bytes = 2147483648  # KV cache kept for reuse by later prompts; default 1/8 of memory, 0: off
 # memory_budget_bytes = 51539607552  # weights + prompt cache + running requests' KV (default: 75% of RAM)
 

@@ -12,6 +12,7 @@ and is refused with the 413 any request too large for the bus gets.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import nats.errors
 
@@ -23,6 +24,8 @@ IMAGES_TTL_S = 600.0
 """How long a parked image lives at most (a request's ``request_timeout_s`` is the usual bound; this one catches
 what a controller that died mid-request left)."""
 OPEN_WAIT_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class ImageMissing(Exception):
@@ -58,22 +61,29 @@ class ImageStore:
                 )
             return self._bucket
 
-    async def park(self, request: InferenceRequest) -> list[str]:
-        """Put ``request``'s images in the bucket, leaving their names in the request; the names."""
+    async def park(self, request: InferenceRequest, names: list[str]) -> None:
+        """Put ``request``'s images in the bucket, leaving their names in the request and adding each to ``names``
+        once it is stored (the caller's list: after a failure mid-way it holds what to :meth:`drop`)."""
         bucket = await self.bucket()
-        names = []
         for index, image in enumerate(request.images or []):
             name = f"{request.request_id}-{index}"
             await bucket.put(name, image.data)
             image.object, image.data = name, b""
             names.append(name)
-        return names
 
     async def drop(self, names: list[str]) -> None:
-        """Delete parked images (a request that ended)."""
-        bucket = await self.bucket()
+        """Delete parked images (a request that ended); a name that cannot be deleted is logged and left to the
+        bucket's TTL, the others are still deleted."""
+        try:
+            bucket = await self.bucket()
+        except JetStreamUnavailable as exc:
+            log.warning("parked images %s not deleted (%s)", names, exc)
+            return
         for name in names:
-            await bucket.delete(name)
+            try:
+                await bucket.delete(name)
+            except Exception as exc:  # the bucket's TTL removes it later
+                log.warning("parked image %s not deleted (%s)", name, exc or type(exc).__name__)
 
     async def fetch(self, request: InferenceRequest) -> None:
         """Read ``request``'s parked images back into it; :class:`ImageMissing` when one is gone,

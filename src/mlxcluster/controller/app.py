@@ -35,6 +35,7 @@ from mlxcluster.controller.http import (
     routes_ws,
 )
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
+from mlxcluster.controller.http.images import ImageFetcher
 from mlxcluster.controller.http.middleware import controller_middlewares
 from mlxcluster.controller.http.tracing_middleware import tracing_middleware
 from mlxcluster.controller.metering.metrics_feed import METRICS, build_metrics_feed, run_metrics
@@ -110,6 +111,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tr
         ops=ops,
         tracer=tracer,
         images=ImageStore(bus),
+        image_fetcher=ImageFetcher(config.controller),
     )
     middlewares = controller_middlewares(
         config.controller.cors, ops.keys, ops.limiter, runtime_keys=config.controller.shared_state
@@ -134,6 +136,7 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tr
     dashboard.setup(app)
     app.add_routes(metrics.routes())  # e.g. the prometheus exporter's GET /metrics (outside /v1 and /api: no key)
     app.cleanup_ctx.append(run_tracer)  # first in, last out: spans of the drain are exported too
+    app.cleanup_ctx.append(close_image_fetcher)  # closed after the drain: requests in it may still fetch images
     app.cleanup_ctx.append(run_shared_state)  # first: without JetStream the start is refused before anything runs
     app.cleanup_ctx.append(run_metrics)  # before join_cluster: exporters see the workers register, outlive the drain
     app.cleanup_ctx.append(follow_cache_events)  # before join_cluster: workers answer its announce with snapshots
@@ -142,6 +145,12 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tr
     app.cleanup_ctx.append(run_controller_heartbeats)  # other controllers on this NATS see us, we see them
     app.cleanup_ctx.append(answer_requests_queries)  # the tier's request monitor: peers ask for our requests
     return app
+
+
+async def close_image_fetcher(app: web.Application) -> AsyncIterator[None]:
+    """Close the HTTP session that fetched image URLs when the app stops."""
+    yield
+    await app[CONTROLLER].image_fetcher.close()
 
 
 async def run_tracer(app: web.Application) -> AsyncIterator[None]:

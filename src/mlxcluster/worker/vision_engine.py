@@ -5,12 +5,16 @@ A request's images (decoded with Pillow) and chat turns go through mlx-vlm's pro
 ``stream_generate`` on the engine's one MLX thread; tokens cross into asyncio with
 ``loop.call_soon_threadsafe``. The prompt cache is mlx-vlm's per-conversation one (``PromptCacheState``):
 a next turn that extends the last request's tokens with text only reuses its KV cache, images included,
-and usage reports those tokens as cached. Usage's ``image_tokens`` counts the prompt tokens standing for images.
+and usage reports those tokens as cached. mlx-vlm matches the cache by token ids alone, and an image's
+placeholder tokens are the same for any two images of one size, so the cache also keeps the SHA-256 of the
+images it holds: a request whose images do not start with those (in order) starts from a fresh cache, never
+from another request's image. Usage's ``image_tokens`` counts the prompt tokens standing for images.
+An image of more than ``worker.image_max_pixels`` pixels is refused before it is decoded (a decompression bomb).
 
 Requests run one after another (no batching: a worker's other admitted requests wait on the thread; one whose
 client left before its turn is skipped). What this engine does not do is refused with a 400 naming the field:
 tools, ``response_format``, logprobs, ``logit_bias``, reasoning settings, and the continuation of a stream moved
-from a lost worker.
+from a lost worker. A crash of the engine's thread ends the request that caused it, not the thread.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import io
 import logging
 import queue
@@ -29,11 +34,17 @@ from typing import Any
 from mlxcluster.protocol import Done, Error, InferenceRequest, Timings, Token, Usage
 from mlxcluster.worker.engine import default_served_name
 from mlxcluster.worker.engine_base import Engine, EngineFrame, EngineInfo
+from mlxcluster.worker.sampling import StopTextFilter
 from mlxcluster.worker.vision import import_mlx_vlm
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[EngineFrame], None]
+
+DEFAULT_IMAGE_MAX_PIXELS = 25_000_000
+"""The default of ``worker.image_max_pixels`` (5000×5000; 75 MB once decoded to RGB)."""
+STOP_JOIN_S = 30.0
+"""How long :meth:`VisionEngine.stop` waits for the request running on the thread to end."""
 
 
 class VisionRefused(Exception):
@@ -63,18 +74,37 @@ def refusal(request: InferenceRequest) -> VisionRefused | None:
     return None
 
 
-def decode_images(request: InferenceRequest) -> list[Any]:
-    """The request's images as RGB Pillow images; :class:`VisionRefused` naming the one that does not decode."""
+def decode_images(request: InferenceRequest, max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS) -> list[Any]:
+    """The request's images as RGB Pillow images; :class:`VisionRefused` naming the one that does not decode
+    or has more than ``max_pixels`` pixels (read from its header, before its pixels are decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     images = []
     for index, image in enumerate(request.images or []):
         try:
             with Image.open(io.BytesIO(image.data)) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise VisionRefused(
+                        f"image {index + 1} of the request is {width}×{height} pixels, more than "
+                        f"worker.image_max_pixels ({max_pixels})",
+                        "messages",
+                    )
                 images.append(opened.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise VisionRefused(
+                f"image {index + 1} of the request is too large ({exc}); the limit is worker.image_max_pixels "
+                f"({max_pixels})",
+                "messages",
+            ) from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise VisionRefused(f"image {index + 1} of the request could not be decoded: {exc}", "messages") from None
     return images
+
+
+def image_digests(request: InferenceRequest) -> list[bytes]:
+    """The SHA-256 of each of the request's images, in order."""
+    return [hashlib.sha256(image.data).digest() for image in request.images or []]
 
 
 def chat_turns(request: InferenceRequest) -> list[dict[str, Any]]:
@@ -104,16 +134,27 @@ class VisionEngine(Engine):
     :param model: the model dir.
     :param served_name: the served model name (default :func:`default_served_name` of ``model``).
     :param prompt_cache: keep the last conversation's KV cache for a next turn that extends it.
+    :param image_max_pixels: the most pixels an image may have (``worker.image_max_pixels``).
     """
 
-    def __init__(self, model: str, *, served_name: str | None = None, prompt_cache: bool = True) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        served_name: str | None = None,
+        prompt_cache: bool = True,
+        image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS,
+    ) -> None:
         self.model_path = model
         self.model_name = served_name or default_served_name(model)
         self.prompt_cache = prompt_cache
+        self.image_max_pixels = image_max_pixels
         self._thread = _MlxThread()
         self._model: Any = None
         self._processor: Any = None
         self._cache_state: Any = None
+        self._cache_images: list[bytes] = []
+        """The digests of the images whose KV the cache state holds, in order."""
         self._context = 0
         self._image_token: int | None = None
 
@@ -134,11 +175,20 @@ class VisionEngine(Engine):
         self._cache_state = self._new_cache_state()
 
     def _new_cache_state(self) -> Any:
+        self._cache_images = []
         if not self.prompt_cache:
             return None
         from mlx_vlm.generate.common import PromptCacheState
 
         return PromptCacheState()
+
+    def _cache_for(self, digests: list[bytes]) -> Any:
+        """The cache state a request with images ``digests`` may use: the kept one when the images it holds
+        are the first of the request's (in order), else a fresh one (token ids alone cannot tell images apart)."""
+        if self._cache_state is not None and digests[: len(self._cache_images)] != self._cache_images:
+            self._cache_state = self._new_cache_state()
+        self._cache_images = digests
+        return self._cache_state
 
     async def stop(self) -> None:
         """Drop the model and end the thread (after the request running on it, if any)."""
@@ -159,19 +209,24 @@ class VisionEngine(Engine):
             yield Error(code="invalid_request", message=str(refused), param=refused.param)
             return
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[EngineFrame] = asyncio.Queue()
+        frames: asyncio.Queue[EngineFrame] = asyncio.Queue()
         cancel = threading.Event()
 
         def emit(frame: EngineFrame) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, frame)
+            with contextlib.suppress(RuntimeError):  # the loop closed: no one waits for the frame
+                loop.call_soon_threadsafe(frames.put_nowait, frame)
 
         started = time.perf_counter()
-        self._thread.submit(lambda: self._run(request, emit, cancel, started))
+        try:
+            self._thread.submit(lambda: self._run(request, emit, cancel, started))
+        except RuntimeError as exc:  # the engine stopped
+            yield Error(code="generation_failed", message=str(exc))
+            return
         try:
             while True:
-                frame = await queue.get()
-                while isinstance(frame, Token) and not queue.empty():  # merge tokens that are ready together
-                    following = queue.get_nowait()
+                frame = await frames.get()
+                while isinstance(frame, Token) and not frames.empty():  # merge tokens that are ready together
+                    following = frames.get_nowait()
                     if not isinstance(following, Token):
                         yield frame
                         frame = following
@@ -203,7 +258,7 @@ class VisionEngine(Engine):
         from mlx_vlm.prompt_utils import apply_chat_template
         from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
-        images = decode_images(request)
+        images = decode_images(request, self.image_max_pixels)
         config = self._model.config
         prompt = apply_chat_template(
             self._processor,
@@ -256,8 +311,13 @@ class VisionEngine(Engine):
             options["min_p"] = sampling.min_p
         if sampling.repetition_penalty != 1.0:
             options["repetition_penalty"] = sampling.repetition_penalty
-        if self._cache_state is not None:
-            options["prompt_cache_state"] = self._cache_state
+        if sampling.presence_penalty:
+            options["presence_penalty"] = sampling.presence_penalty
+        if sampling.frequency_penalty:
+            options["frequency_penalty"] = sampling.frequency_penalty
+        cache_state = self._cache_for(image_digests(request))
+        if cache_state is not None:
+            options["prompt_cache_state"] = cache_state
         results = stream_generate(
             self._model,
             self._processor,
@@ -312,45 +372,41 @@ class VisionEngine(Engine):
 
 class _Output:
     """Text pieces to Token frames: one frame per generated token (mlx-vlm's last result only finishes the
-    text of the token before it), the request's stop strings cut where they start."""
+    text of the token before it), through a :class:`StopTextFilter` (a tail that may start a stop string is
+    held back until the next piece tells)."""
 
     def __init__(self, request: InferenceRequest, emit: Emit) -> None:
-        self.stops = [s for s in request.stop if s]
+        self.filter = StopTextFilter(request.stop)
         self.emit = emit
-        self.text = ""
         self.counted = 0
-        self.pending: Token | None = None
-        self.stopped: str | None = None
+        self.pending = Token(text="", count=0)
+
+    @property
+    def stopped(self) -> str | None:
+        """The stop string that ended the output, if one did."""
+        return self.filter.matched
 
     def add(self, piece: str, generated: int) -> bool:
         """Take one result's text; True once a stop string ended the output."""
         count = generated - self.counted
         self.counted = generated
-        if count == 0 and self.pending is not None:
-            self.pending.text += piece
-        else:
-            self.flush()
-            self.pending = Token(text=piece, count=max(count, 1))
-        return self._check_stop()
-
-    def _check_stop(self) -> bool:
-        if not self.stops or self.pending is None:
-            return False
-        candidate = self.text + self.pending.text
-        hits = [(candidate.find(stop, max(0, len(self.text) - len(stop))), stop) for stop in self.stops]
-        found = [(at, stop) for at, stop in hits if at >= 0]
-        if not found:
-            return False
-        at, stop = min(found)
-        self.pending.text = candidate[:at][len(self.text) :]
-        self.stopped = stop
-        return True
+        text, stopped = self.filter.feed(piece)
+        if count > 0 and self.pending.text:  # a new token: the one before it is complete
+            self._send()
+        self.pending.text += text
+        self.pending.count += count
+        return stopped
 
     def flush(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None and (pending.text or not self.stopped):
-            self.text += pending.text
-            self.emit(pending)
+        """Send what is held (the text of a stop string's prefix when no stop string followed)."""
+        self.pending.text += self.filter.flush()
+        if self.pending.text:
+            self._send()
+
+    def _send(self) -> None:
+        pending, self.pending = self.pending, Token(text="", count=0)
+        pending.count = max(pending.count, 1)
+        self.emit(pending)
 
 
 class _MlxThread:
@@ -365,7 +421,10 @@ class _MlxThread:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            job()
+            try:
+                job()
+            except Exception:  # a job's failure must not end the thread: later requests wait on it
+                log.exception("a job of the vision engine's thread failed")
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the thread after those submitted before it."""
@@ -389,8 +448,10 @@ class _MlxThread:
         await asyncio.wrap_future(future)
 
     async def stop(self) -> None:
-        """End the thread once its jobs are done, and join it."""
+        """End the thread once its jobs are done, and join it (at most :data:`STOP_JOIN_S`)."""
         if not self._stopped:
             self._stopped = True
             self._jobs.put(None)
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, STOP_JOIN_S)
+            if self._thread.is_alive():
+                log.warning("the vision engine's thread did not end within %.0f s", STOP_JOIN_S)

@@ -88,7 +88,12 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
         if entry.facts.vision:
             from mlxcluster.worker.vision_engine import VisionEngine
 
-            return VisionEngine(entry.path, served_name=entry.name, prompt_cache=worker.prompt_cache_bytes != 0)
+            return VisionEngine(
+                entry.path,
+                served_name=entry.name,
+                prompt_cache=worker.prompt_cache_bytes != 0,
+                image_max_pixels=worker.image_max_pixels,
+            )
         return MlxEngine(
             entry.path,
             served_name=entry.name,

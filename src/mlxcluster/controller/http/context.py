@@ -10,6 +10,7 @@ from aiohttp import web
 from mlxcluster.bus import Bus
 from mlxcluster.bus.image_store import ImageStore
 from mlxcluster.config import Config
+from mlxcluster.controller.http.images import ImageFetcher
 from mlxcluster.controller.lifecycle import Lifecycle
 from mlxcluster.controller.metering.ops import Operations
 from mlxcluster.controller.routing.cache_index import CacheIndex
@@ -35,6 +36,8 @@ class ControllerContext:
     controller_id: str
     embedder: EmbeddingDispatcher
     """Sends embedding requests (``/v1/embeddings``) to workers."""
+    image_fetcher: ImageFetcher
+    """Fetches the image URLs of requests (one HTTP session, closed with the app)."""
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     started_at: int = field(default_factory=lambda: int(time.time()))
     cache_index: CacheIndex | None = None

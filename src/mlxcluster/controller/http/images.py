@@ -3,11 +3,14 @@
 Each API's schema turns its image parts (OpenAI ``image_url``, Anthropic ``image`` blocks, Responses
 ``input_image``) into :class:`ImageRef`\\ s: a URL and the request field that named it. :func:`resolve_images`
 then makes them :class:`~mlxcluster.protocol.ImageInput`\\ s: a ``data:`` URL is decoded, an ``http(s)`` URL is
-fetched only when ``controller.image_fetch`` allows it (its host in ``controller.image_fetch_hosts``, at most
-``image_fetch_max_bytes`` within ``image_fetch_timeout_s``). Every image is checked to be PNG, JPEG, GIF, WebP or
-BMP by its first bytes; anything else is a 400 naming the field. A model no worker reports as a vision model
-keeps the 400 a text-only server gives. A request too large for one NATS message with its images inline has
-them parked in JetStream's object store while it runs (:func:`parked_images`, :mod:`mlxcluster.bus.image_store`).
+fetched by the app's :class:`ImageFetcher` only when ``controller.image_fetch`` allows it (its host in
+``controller.image_fetch_hosts``, at most ``image_fetch_max_bytes`` within ``image_fetch_timeout_s``; a redirect
+is not followed, as it could lead to a host not in the list, and is a 400). Every image is checked to be PNG,
+JPEG, GIF, WebP or BMP by its first bytes; anything else is a 400 naming the field. A model no worker reports as
+a vision model keeps the 400 a text-only server gives. A request too large for one NATS message with its images
+inline has them parked in JetStream's object store while it runs (:func:`parked_images`,
+:mod:`mlxcluster.bus.image_store`); a store that fails mid-way is a 503 ``images_unavailable``, and what was
+parked is deleted.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
+import nats.errors
 
 from mlxcluster.bus.image_store import ImageStore
 from mlxcluster.bus.jetstream import JetStreamUnavailable
 from mlxcluster.config import ControllerSection
-from mlxcluster.controller.http.errors import bad_request
+from mlxcluster.controller.http.errors import ApiError, bad_request
 from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.protocol import ImageInput, InferenceRequest, encode
@@ -93,34 +97,73 @@ def check_vision(registry: WorkerRegistry, model: str, refs: list[ImageRef]) -> 
     )
 
 
-async def fetch_image(url: str, param: str, settings: ControllerSection) -> ImageInput:
-    """An ``http(s)`` image URL fetched as ``controller.image_fetch*`` allow (see the module's docstring)."""
-    if not settings.image_fetch:
-        raise bad_request(
-            f"'{param}': image URLs are not fetched on this server (controller.image_fetch is off); "
-            "send the image as a data URL",
-            param,
-            code="unsupported_value",
+READ_CHUNK = 64 * 1024
+STORE_RETRY_AFTER_S = 2.0
+"""The ``Retry-After`` of the 503 when the object store fails while parking a request's images."""
+
+
+class ImageFetcher:
+    """Fetches ``http(s)`` image URLs as ``controller.image_fetch*`` allow, over one HTTP session for the app
+    (opened on first use, closed by :meth:`close` when the app stops)."""
+
+    def __init__(self, settings: ControllerSection) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        """Close the session (a later fetch opens a new one)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _check_allowed(self, url: str, param: str) -> None:
+        settings = self.settings
+        if not settings.image_fetch:
+            raise bad_request(
+                f"'{param}': image URLs are not fetched on this server (controller.image_fetch is off); "
+                "send the image as a data URL",
+                param,
+                code="unsupported_value",
+            )
+        host = urlsplit(url).hostname or ""
+        if "*" not in settings.image_fetch_hosts and host not in settings.image_fetch_hosts:
+            raise bad_request(f"'{param}': host '{host}' is not in controller.image_fetch_hosts", param)
+
+    async def fetch(self, url: str, param: str) -> ImageInput:
+        """The image at ``url`` (see the module's docstring); a 400 naming ``param`` when it cannot be had."""
+        self._check_allowed(url, param)
+        limit = self.settings.image_fetch_max_bytes
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=self.settings.image_fetch_timeout_s)
+        too_large = bad_request(
+            f"'{param}': the image is larger than controller.image_fetch_max_bytes ({limit})", param
         )
-    host = urlsplit(url).hostname or ""
-    if "*" not in settings.image_fetch_hosts and host not in settings.image_fetch_hosts:
-        raise bad_request(f"'{param}': host '{host}' is not in controller.image_fetch_hosts", param)
-    limit = settings.image_fetch_max_bytes
-    timeout = aiohttp.ClientTimeout(total=settings.image_fetch_timeout_s)
-    try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
-            if response.status != 200:
-                raise bad_request(f"'{param}': fetching the image answered HTTP {response.status}", param)
-            data = await response.content.read(limit + 1)
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise bad_request(f"'{param}': the image could not be fetched ({exc or type(exc).__name__})", param) from None
-    if len(data) > limit:
-        raise bad_request(f"'{param}': the image is larger than controller.image_fetch_max_bytes ({limit})", param)
-    return checked(data, param)
+        try:
+            async with self._session.get(url, timeout=timeout, allow_redirects=False) as response:
+                if 300 <= response.status < 400:
+                    raise bad_request(
+                        f"'{param}': fetching the image answered a redirect (HTTP {response.status}), which is not "
+                        "followed; give the image's final URL",
+                        param,
+                    )
+                if response.status != 200:
+                    raise bad_request(f"'{param}': fetching the image answered HTTP {response.status}", param)
+                if (response.content_length or 0) > limit:
+                    raise too_large
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(READ_CHUNK):  # read() returns what is buffered
+                    data += chunk
+                    if len(data) > limit:
+                        raise too_large
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            reason = exc or type(exc).__name__
+            raise bad_request(f"'{param}': the image could not be fetched ({reason})", param) from None
+        return checked(bytes(data), param)
 
 
 async def resolve_images(
-    registry: WorkerRegistry, settings: ControllerSection, model: str, refs: list[ImageRef]
+    registry: WorkerRegistry, fetcher: ImageFetcher, model: str, refs: list[ImageRef]
 ) -> list[ImageInput] | None:
     """The images of a request, decoded or fetched and checked (``None`` when it has none)."""
     if not refs:
@@ -134,7 +177,7 @@ async def resolve_images(
         if scheme == "data":
             images.append(decode_data_url(ref.url, ref.param))
         elif scheme in ("http", "https"):
-            images.append(await fetch_image(ref.url, ref.param, settings))
+            images.append(await fetcher.fetch(ref.url, ref.param))
         else:
             raise bad_request(f"'{ref.param}' must be a data: or http(s): URL", ref.param)
     return images
@@ -143,21 +186,30 @@ async def resolve_images(
 @contextlib.asynccontextmanager
 async def parked_images(store: ImageStore | None, max_payload: int, request: InferenceRequest) -> AsyncIterator[None]:
     """While the request runs, its images in the object store when inline they would pass ``max_payload``
-    (without JetStream they stay inline, and dispatch answers the 413 of a request too large for the bus)."""
+    (without JetStream they stay inline, and dispatch answers the 413 of a request too large for the bus).
+    A store that fails while parking (full, or not answering) is a 503 ``images_unavailable``, what was parked
+    deleted."""
     names: list[str] = []
     if store is not None and request.images and len(encode(request)) > max_payload - SUBJECT_HEADROOM:
         try:
-            names = await store.park(request)
+            await store.park(request, names)
         except JetStreamUnavailable as exc:
             log.warning("request %s: its images cannot be parked (%s)", request.request_id, exc)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("request %s: parking its images failed (%s)", request.request_id, exc or type(exc).__name__)
+            await store.drop(names)
+            raise ApiError(
+                503,
+                "The request's images could not be stored for the worker; try again",
+                type="server_error",
+                code="images_unavailable",
+                retry_after=STORE_RETRY_AFTER_S,
+            ) from None
     try:
         yield
     finally:
         if names:
-            try:
-                await store.drop(names)  # type: ignore[union-attr]
-            except Exception as exc:  # the bucket's TTL removes them later
-                log.warning("request %s: parked images not deleted (%s)", request.request_id, exc)
+            await store.drop(names)  # type: ignore[union-attr]
 
 
-__all__ = ["ImageRef", "parked_images", "check_vision", "decode_data_url", "resolve_images", "sniff"]
+__all__ = ["ImageFetcher", "ImageRef", "parked_images", "check_vision", "decode_data_url", "resolve_images", "sniff"]

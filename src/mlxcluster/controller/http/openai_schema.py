@@ -188,7 +188,15 @@ def _flatten(message: Message, index: int, images: list[ImageRef] | None = None)
     count = 0
     for part_index, part in enumerate(message.content):
         if part.type == "image_url" and part.image_url is not None and images is not None:
-            images.append(ImageRef(part.image_url.url, f"messages[{index}].content[{part_index}].image_url.url"))
+            where = f"messages[{index}].content[{part_index}].image_url"
+            if part.image_url.detail not in (None, "auto"):
+                raise bad_request(
+                    f"'detail': '{part.image_url.detail}' is not supported; the model sees the image as its "
+                    "processor sizes it ('auto')",
+                    f"{where}.detail",
+                    code="unsupported_value",
+                )
+            images.append(ImageRef(part.image_url.url, f"{where}.url"))
             count += 1
             continue
         if part.type != "text" or part.text is None:

@@ -506,7 +506,8 @@ def _completion_operation(summary: str, request: str, response: str, error: str 
             "502": error_response("The worker failed the request."),
             "503": {
                 **error_response(
-                    "No worker has capacity (`no_capacity`) or the controller is not ready (`not_ready`)."
+                    "No worker has capacity (`no_capacity`), the controller is not ready (`not_ready`), or the "
+                    "object store failed while parking the request's images (`images_unavailable`)."
                 ),
                 "headers": RETRY_AFTER,
             },

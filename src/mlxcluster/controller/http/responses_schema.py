@@ -118,6 +118,7 @@ def _content_text(content: Any, where: str, images: list[ImageRef] | None = None
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "input_image" and images is not None:
+            _check_input_image(part, f"{where}[{index}]")
             if not isinstance(part.get("image_url"), str):
                 raise bad_request(
                     "input_image needs 'image_url' (a data: or http(s): URL); file ids are not stored here",
@@ -132,6 +133,24 @@ def _content_text(content: Any, where: str, images: list[ImageRef] | None = None
             )
         texts.append(part["text"])
     return "".join(texts), count
+
+
+INPUT_IMAGE_KEYS = ("type", "image_url", "detail", "file_id")
+"""The keys of an ``input_image`` part (``file_id`` is then refused: nothing is stored here)."""
+
+
+def _check_input_image(part: dict[str, Any], where: str) -> None:
+    """A 400 naming an ``input_image`` key we do not know, or a ``detail`` other than ``auto``."""
+    for key in part:
+        if key not in INPUT_IMAGE_KEYS:
+            raise bad_request(f"Unknown input_image field '{key}'", f"{where}.{key}")
+    detail = part.get("detail")
+    if detail is not None and detail != "auto":
+        raise bad_request(
+            f"'detail': {detail!r} is not supported; the model sees the image as its processor sizes it ('auto')",
+            f"{where}.detail",
+            code="unsupported_value",
+        )
 
 
 def _str_field(item: dict[str, Any], key: str, where: str) -> str:

@@ -20,7 +20,7 @@ import openai
 import pytest
 from aiohttp import web
 from cluster_harness import Cluster, FakeWorker, wait_until, with_sections
-from loopback import free_port
+from loopback import free_port, make_config
 from nats.aio.msg import Msg
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -32,8 +32,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from mlxcluster import roles
+from mlxcluster.bus import headers_size
 from mlxcluster.config import ApiKeyEntry, Config, ConfigError, StaticWorker, TracingSection, from_dict, to_dict
 from mlxcluster.controller.controller_role import serve_controller
+from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.errors import NodeError
 from mlxcluster.protocol import Accepted, Error, InferenceRequest, Progress, Token
@@ -485,3 +487,58 @@ def test_a_caller_that_does_not_sample_is_followed() -> None:
     sampled.end()
     assert [s.name for s in exporter.get_finished_spans()] == ["worker.request"]
     tracer.shutdown()
+
+
+# --- a caller's trace context on the bus ---------------------------------------------------------
+
+
+@pytest.fixture
+async def small_payload() -> AsyncIterator[Config]:
+    """A nats-server whose max_payload is 64 KiB."""
+    config = make_config(
+        nats={"max_payload": 65536}, discovery={"heartbeat_interval_ms": 200, "offline_timeout_ms": 1000}
+    )
+    async with EmbeddedNatsServer(config.nats):
+        yield config
+
+
+LONG_TRACESTATE = ",".join(f"k{i}=" + "v" * 250 for i in range(30))  # ~7.7 KB: valid, 30 members of 256 max
+
+
+async def test_a_callers_long_tracestate_cannot_push_a_request_past_max_payload(small_payload: Config) -> None:
+    controller_tracer, spans = memory_tracer("controller")
+    async with Cluster(small_payload) as cluster:
+        await cluster.start_worker("w1")
+        controller = await cluster.start_controller(tracer=controller_tracer)
+        await controller.wait_online("w1")
+        word = "x" * (65536 - 1024 - 400)  # the encoded request just fits the room check_size leaves for headers
+        headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "tracestate": LONG_TRACESTATE}
+        completion = await controller.client().chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": word}], extra_headers=headers
+        )
+        assert completion.choices[0].message.content == word
+        assert controller.bus.counters()["disconnects"] == 0  # the server did not close the connection
+        dispatcher = controller.ctx.dispatcher
+        with pytest.raises(ApiError) as caught:  # headers past the room left: refused, never sent
+            dispatcher.check_message(b"x" * 65000, {"tracestate": "a" * 600})
+        assert caught.value.status == 413 and caught.value.code == "payload_too_large"
+    (attempt,) = named(spans.get_finished_spans(), "attempt")
+    assert attempt.status.status_code != StatusCode.ERROR
+
+
+def test_a_span_passes_on_a_short_tracestate_and_drops_a_long_one() -> None:
+    tracer, _ = memory_tracer("controller")
+    parent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    short = tracer.start("http", headers={"traceparent": parent, "tracestate": "vendor=abc"})
+    assert short.headers()["tracestate"] == "vendor=abc"
+    long = tracer.start("http", headers={"traceparent": parent, "tracestate": LONG_TRACESTATE})
+    passed = long.headers()
+    assert passed["traceparent"].startswith(f"00-{CALLER_TRACE}-") and "tracestate" not in passed
+    tracer.shutdown()
+
+
+def test_headers_size_is_what_nats_py_sends() -> None:
+    headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "tracestate": "a=b"}
+    encoded = b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+    assert headers_size(headers) == len(encoded)
+    assert headers_size(None) == headers_size({}) == 0

@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Literal, Protocol
 
 from mlxcluster.api import Balancer, MetricsEvent, RequestFinished, RequestRetried, WorkerView
-from mlxcluster.bus import Bus, ReplyStream, Signal, StreamInbox, WorkerFrame
+from mlxcluster.bus import Bus, ReplyStream, Signal, StreamInbox, WorkerFrame, headers_size
 from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import ApiError, model_not_found, no_capacity, payload_too_large
 from mlxcluster.controller.http.middleware import REQUEST_SPAN
@@ -150,6 +150,13 @@ class Dispatcher:
         if len(payload) > limit:
             raise payload_too_large(len(payload), self.bus.max_payload)
         return payload
+
+    def check_message(self, payload: bytes, headers: dict[str, str] | None) -> None:
+        """Refuse (413) a message whose payload and encoded headers together exceed the server's
+        ``max_payload``: nats-py checks only the payload, and the server closes the connection on a larger one."""
+        size = len(payload) + headers_size(headers)
+        if size > self.bus.max_payload:
+            raise payload_too_large(size, self.bus.max_payload)
 
     def _pick(self, request: InferenceRequest, tried: set[str], span: Span) -> WorkerView | None:
         blocked = self.breakers.open_ids()
@@ -363,18 +370,25 @@ class Dispatcher:
         parent: Span,
     ) -> AsyncGenerator[StreamFrame, None]:
         """Send to one worker and wait for its first token; return the relay of the whole stream."""
-        stream = self.inbox.open(f"{request.request_id}.{attempt}", worker_id)
-        self.registry.begin(worker_id)
-        self.breakers.begin(worker_id)
-        epoch = self.bus.epoch
         span = parent.child("attempt", kind="client")  # the worker's spans join the trace under this one
         if span.recording:
             span.set("mlxcluster.worker", worker_id)
             span.set("mlxcluster.attempt", attempt)
             span.set("mlxcluster.continuation", request.continuation is not None)
+        headers = span.headers()
+        try:
+            self.check_message(payload, headers)
+        except ApiError:
+            span.fail("payload_too_large")
+            span.end()
+            raise
+        stream = self.inbox.open(f"{request.request_id}.{attempt}", worker_id)
+        self.registry.begin(worker_id)
+        self.breakers.begin(worker_id)
+        epoch = self.bus.epoch
         try:
             subject = self.bus.subjects.inference(worker_id)
-            await self.bus.publish_encoded(subject, payload, reply=stream.reply, headers=span.headers())
+            await self.bus.publish_encoded(subject, payload, reply=stream.reply, headers=headers)
             first = await self._first_frame(stream, request, meter, span)
         except BaseException as exc:
             if isinstance(exc, _TryElsewhere):

@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from cluster_harness import Cluster, FakeWorker, wait_until, with_sections
 from loopback import free_port, make_config
 from nats.aio.msg import Msg
@@ -33,17 +34,29 @@ from opentelemetry.trace import StatusCode
 
 from mlxcluster import roles
 from mlxcluster.bus import headers_size
-from mlxcluster.config import ApiKeyEntry, Config, ConfigError, StaticWorker, TracingSection, from_dict, to_dict
+from mlxcluster.config import (
+    ApiKeyEntry,
+    Config,
+    ConfigError,
+    ControllerSection,
+    StaticWorker,
+    TracingSection,
+    from_dict,
+    to_dict,
+)
 from mlxcluster.controller.controller_role import serve_controller
 from mlxcluster.controller.http.errors import ApiError
+from mlxcluster.controller.http.middleware import auth_middleware
+from mlxcluster.controller.http.tracing_middleware import tracing_middleware
+from mlxcluster.controller.metering.keys import KeyRing
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.errors import NodeError
 from mlxcluster.protocol import Accepted, Error, InferenceRequest, Progress, Token
-from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer, check_tracing
+from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer, check_tracing, stop_tracer
 from mlxcluster.tracing_otel import OtelTracer, traces_url
 from mlxcluster.worker.echo import EchoEngine, continued_words, echo_words
 from mlxcluster.worker.engine_base import EngineFrame
-from mlxcluster.worker.serve_trace import stop_tracer, traced_frames, worker_tracer
+from mlxcluster.worker.serve_trace import traced_frames, worker_tracer
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -542,3 +555,22 @@ def test_headers_size_is_what_nats_py_sends() -> None:
     encoded = b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
     assert headers_size(headers) == len(encoded)
     assert headers_size(None) == headers_size({}) == 0
+
+
+async def test_an_admission_that_errors_ends_its_span_as_an_error() -> None:
+    """A body over client_max_size (read for the key's TPM) is a 413 out of admission: its span still ends."""
+    tracer, spans = memory_tracer("controller")
+    ring = KeyRing.from_config(ControllerSection(keys=[ApiKeyEntry(name="tpm", key="k-tpm", tpm=1000)]))
+    app = web.Application(middlewares=[tracing_middleware(tracer), auth_middleware(ring)], client_max_size=64)
+
+    async def never(_request: web.Request) -> web.Response:
+        raise AssertionError("admission let the request through")
+
+    app.router.add_post("/v1/chat/completions", never)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        body = {"model": "echo", "messages": [{"role": "user", "content": "x" * 200}]}
+        response = await client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k-tpm"})
+        assert response.status == 413
+    admission = one(spans.get_finished_spans(), "admission")
+    assert admission.status.status_code == StatusCode.ERROR and admission.status.description == "http_413"
+    assert admission.attributes is not None and admission.attributes["mlxcluster.admission"] == "http_413"

@@ -22,7 +22,6 @@ from mlxcluster.api import Balancer, MetricsEvent, RequestFinished, RequestRetri
 from mlxcluster.bus import Bus, ReplyStream, Signal, StreamInbox, WorkerFrame, headers_size
 from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import ApiError, model_not_found, no_capacity, payload_too_large
-from mlxcluster.controller.http.middleware import REQUEST_SPAN
 from mlxcluster.controller.metering.dispatch_stats import DispatchStats
 from mlxcluster.controller.metering.request_meter import EventSink, RequestMeter, discard
 from mlxcluster.controller.routing.breaker import Breakers
@@ -38,7 +37,7 @@ from mlxcluster.protocol import (
     Token,
     encode,
 )
-from mlxcluster.tracing import NoTracer, Span, Tracer
+from mlxcluster.tracing import REQUEST_SPAN, NoTracer, Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +63,23 @@ class Registry(Protocol):
 
 
 def pick_worker(
-    registry: Registry, balancer: Balancer, request: InferenceRequest, exclude: Collection[str] = frozenset()
+    registry: Registry,
+    balancer: Balancer,
+    request: InferenceRequest,
+    exclude: Collection[str] = frozenset(),
+    span: Span | None = None,
 ) -> WorkerView | None:
     """The pick: a worker for ``request`` among the registry's eligible ones, minus ``exclude`` (``None``:
-    nobody can take it)."""
+    nobody can take it). A recording ``span`` gets the candidates and the choice."""
     workers = registry.eligible(request.model, exclude)
-    return balancer.pick(workers, request) if workers else None
+    chosen = balancer.pick(workers, request) if workers else None
+    if span is not None and span.recording:
+        span.set("mlxcluster.candidates", len(workers))
+        span.set("mlxcluster.excluded", len(exclude))
+        if chosen is not None:
+            span.set("mlxcluster.worker", chosen.id)
+            span.set("mlxcluster.worker_load", chosen.load)
+    return chosen
 
 
 class _TryElsewhere(Exception):
@@ -160,18 +170,10 @@ class Dispatcher:
 
     def _pick(self, request: InferenceRequest, tried: set[str], span: Span) -> WorkerView | None:
         blocked = self.breakers.open_ids()
-        exclude = tried | blocked if blocked else tried
-        if not span.recording:
-            return pick_worker(self.registry, self.balancer, request, exclude)
-        workers = self.registry.eligible(request.model, exclude)
-        chosen = self.balancer.pick(workers, request) if workers else None
-        span.set("mlxcluster.strategy", self.strategy)
-        span.set("mlxcluster.candidates", len(workers))
-        span.set("mlxcluster.excluded", len(exclude))
-        if chosen is not None:
-            span.set("mlxcluster.worker", chosen.id)
-            span.set("mlxcluster.worker_load", chosen.load)
-            if self.cache_share is not None:
+        chosen = pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried, span)
+        if span.recording:
+            span.set("mlxcluster.strategy", self.strategy)
+            if chosen is not None and self.cache_share is not None:
                 span.set("mlxcluster.cache_share", round(self.cache_share(request, chosen.id), 4))
         return chosen
 

@@ -198,10 +198,23 @@ def test_hardware_aware_weighs_gpu_headroom() -> None:
     # unknown GPU load counts at the mean headroom of those that report it: here (0.1 + 0.9) / 2, between the two
     unknown = view("unknown", None)
     assert balancer.pick([busy, unknown, idle], request).id == "idle"  # type: ignore[union-attr]
-    full = msgspec.structs.replace(idle, load=4)  # no free slot: out of the scoring, still in the mean
-    assert {balancer.pick([busy, unknown, full], request).id for _ in range(3)} == {"unknown"}  # type: ignore[union-attr]
+    # a worker serving requests: its GPU reading is its own work, so it counts in neither its score nor the mean
+    full = msgspec.structs.replace(idle, load=4, active=4)
+    assert {balancer.pick([busy, unknown, full], request).id for _ in range(4)} == {"busy", "unknown"}  # type: ignore[union-attr]
     assert busy.gpu_utilization == 0.9 and unknown.gpu_utilization is None
     assert balancer.headroom(1.0) == MIN_GPU_HEADROOM  # a saturated GPU still counts a little
+
+
+def test_hardware_aware_counts_gpu_load_only_where_the_worker_cannot_explain_it() -> None:
+    balancer = HardwareAware()
+    request = InferenceRequest(request_id="r", model="m")
+    # one stream of its own keeps the GPU near 100%: a fast worker with 1 of 8 slots busy still wins
+    fast = msgspec.structs.replace(view("fast", 95.0, speed=100.0), max_concurrent=8, active=1, load=1)
+    slow = view("slow", 0.0, speed=30.0)
+    assert balancer.pick([slow, fast], request).id == "fast"  # type: ignore[union-attr]
+    # both idle, same speed: a GPU busy with something else loses to a free one
+    shared, free = view("shared", 90.0), view("free", 5.0)
+    assert {balancer.pick([shared, free], request).id for _ in range(4)} == {"free"}  # type: ignore[union-attr]
 
 
 # --- the status window ------------------------------------------------------------------------------------

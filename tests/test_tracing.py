@@ -20,7 +20,7 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from cluster_harness import Cluster, FakeWorker, wait_until, with_sections
+from cluster_harness import Cluster, FakeWorker, start_worker, wait_until, with_sections
 from loopback import free_port, make_config
 from nats.aio.msg import Msg
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from mlxcluster import roles
-from mlxcluster.bus import headers_size
+from mlxcluster.bus import Bus, headers_size
 from mlxcluster.config import (
     ApiKeyEntry,
     Config,
@@ -574,3 +574,21 @@ async def test_an_admission_that_errors_ends_its_span_as_an_error() -> None:
     admission = one(spans.get_finished_spans(), "admission")
     assert admission.status.status_code == StatusCode.ERROR and admission.status.description == "http_413"
     assert admission.attributes is not None and admission.attributes["mlxcluster.admission"] == "http_413"
+
+
+async def test_a_request_cancelled_before_its_first_step_still_ends_the_workers_span(
+    cluster_config: Config, bus: Bus
+) -> None:
+    tracer, spans = memory_tracer("worker")
+    worker = await start_worker(cluster_config, "w1", tracer=tracer)
+    try:
+        msg = Msg(_client=bus.nc, subject="inference", reply="_INBOX.cancelled-early")
+        await worker.service._on_request(InferenceRequest(request_id="r-early", model="echo"), msg)
+        task = worker.service.in_flight["r-early"]
+        task.cancel()  # before _serve ran a single step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)  # the done callbacks run on the next loop turn
+    finally:
+        await worker.stop()
+    assert [s.name for s in named(spans.get_finished_spans(), "worker.request")] == ["worker.request"]

@@ -9,6 +9,10 @@ Apple M2 Max and on an Intel Mac with a discrete AMD GPU (this Linux machine has
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,6 +84,54 @@ async def test_ioreg_probe_runs_the_command_and_survives_failures(tmp_path: Path
     assert await missing.read() is None and await missing.read() is None and missing.failures == 2
     slow = IoregProbe(("sleep", "5"), timeout_s=0.1)
     assert await slow.read() is None and slow.failures == 1  # killed, not waited for
+
+
+async def test_a_cancelled_ioreg_read_leaves_no_child_behind(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    probe = IoregProbe(("sh", "-c", f'echo $$ > "{pid_file}"; exec sleep 30'), timeout_s=30)
+    reading = asyncio.create_task(probe.read())
+    await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the child started")
+    pid = int(pid_file.read_text())
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    try:
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class FlakyProbe:
+    """A GPU probe whose every other read raises (a bug, odd output)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.closed = False
+
+    async def read(self) -> GpuReading | None:
+        self.reads += 1
+        if self.reads % 2 == 0:
+            raise ValueError("unexpected ioreg output")
+        return M2_READING
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_failing_gpu_read_keeps_no_stale_figure_and_the_sampling_goes_on() -> None:
+    probe = FlakyProbe()
+    monitor = AcceleratorMonitor(mlx=False, gpu=probe, interval_s=0.001)
+    assert await monitor.refresh() == M2_READING
+    assert await monitor.refresh() is None and monitor.reading is None  # raised: nothing kept, nothing raised
+    sampling = asyncio.create_task(monitor.run())
+    await wait_until(lambda: probe.reads >= 6, what="reads past the failures")
+    assert not sampling.done()
+    sampling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sampling
+    assert probe.closed
 
 
 def test_machine_probe_by_platform() -> None:

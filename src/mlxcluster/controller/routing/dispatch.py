@@ -378,12 +378,13 @@ class Dispatcher:
             span.set("mlxcluster.attempt", attempt)
             span.set("mlxcluster.continuation", request.continuation is not None)
         headers = span.headers()
-        try:
-            self.check_message(payload, headers)
-        except ApiError:
-            span.fail("payload_too_large")
-            span.end()
-            raise
+        if headers is not None:  # without headers, check_size has already made sure the payload fits
+            try:
+                self.check_message(payload, headers)
+            except ApiError:
+                span.fail("payload_too_large")
+                span.end()
+                raise
         stream = self.inbox.open(f"{request.request_id}.{attempt}", worker_id)
         self.registry.begin(worker_id)
         self.breakers.begin(worker_id)

@@ -9,6 +9,10 @@ Apple M2 Max and on an Intel Mac with a discrete AMD GPU (this Linux machine has
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,6 +84,54 @@ async def test_ioreg_probe_runs_the_command_and_survives_failures(tmp_path: Path
     assert await missing.read() is None and await missing.read() is None and missing.failures == 2
     slow = IoregProbe(("sleep", "5"), timeout_s=0.1)
     assert await slow.read() is None and slow.failures == 1  # killed, not waited for
+
+
+async def test_a_cancelled_ioreg_read_leaves_no_child_behind(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    probe = IoregProbe(("sh", "-c", f'echo $$ > "{pid_file}"; exec sleep 30'), timeout_s=30)
+    reading = asyncio.create_task(probe.read())
+    await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the child started")
+    pid = int(pid_file.read_text())
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    try:
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class FlakyProbe:
+    """A GPU probe whose every other read raises (a bug, odd output)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.closed = False
+
+    async def read(self) -> GpuReading | None:
+        self.reads += 1
+        if self.reads % 2 == 0:
+            raise ValueError("unexpected ioreg output")
+        return M2_READING
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_failing_gpu_read_keeps_no_stale_figure_and_the_sampling_goes_on() -> None:
+    probe = FlakyProbe()
+    monitor = AcceleratorMonitor(mlx=False, gpu=probe, interval_s=0.001)
+    assert await monitor.refresh() == M2_READING
+    assert await monitor.refresh() is None and monitor.reading is None  # raised: nothing kept, nothing raised
+    sampling = asyncio.create_task(monitor.run())
+    await wait_until(lambda: probe.reads >= 6, what="reads past the failures")
+    assert not sampling.done()
+    sampling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sampling
+    assert probe.closed
 
 
 def test_machine_probe_by_platform() -> None:
@@ -198,10 +250,23 @@ def test_hardware_aware_weighs_gpu_headroom() -> None:
     # unknown GPU load counts at the mean headroom of those that report it: here (0.1 + 0.9) / 2, between the two
     unknown = view("unknown", None)
     assert balancer.pick([busy, unknown, idle], request).id == "idle"  # type: ignore[union-attr]
-    full = msgspec.structs.replace(idle, load=4)  # no free slot: out of the scoring, still in the mean
-    assert {balancer.pick([busy, unknown, full], request).id for _ in range(3)} == {"unknown"}  # type: ignore[union-attr]
+    # a worker serving requests: its GPU reading is its own work, so it counts in neither its score nor the mean
+    full = msgspec.structs.replace(idle, load=4, active=4)
+    assert {balancer.pick([busy, unknown, full], request).id for _ in range(4)} == {"busy", "unknown"}  # type: ignore[union-attr]
     assert busy.gpu_utilization == 0.9 and unknown.gpu_utilization is None
     assert balancer.headroom(1.0) == MIN_GPU_HEADROOM  # a saturated GPU still counts a little
+
+
+def test_hardware_aware_counts_gpu_load_only_where_the_worker_cannot_explain_it() -> None:
+    balancer = HardwareAware()
+    request = InferenceRequest(request_id="r", model="m")
+    # one stream of its own keeps the GPU near 100%: a fast worker with 1 of 8 slots busy still wins
+    fast = msgspec.structs.replace(view("fast", 95.0, speed=100.0), max_concurrent=8, active=1, load=1)
+    slow = view("slow", 0.0, speed=30.0)
+    assert balancer.pick([slow, fast], request).id == "fast"  # type: ignore[union-attr]
+    # both idle, same speed: a GPU busy with something else loses to a free one
+    shared, free = view("shared", 90.0), view("free", 5.0)
+    assert {balancer.pick([shared, free], request).id for _ in range(4)} == {"free"}  # type: ignore[union-attr]
 
 
 # --- the status window ------------------------------------------------------------------------------------

@@ -106,10 +106,18 @@ def test_server_config_text() -> None:
     assert conf["host"] == "127.0.0.1"
     assert conf["max_payload"] == 65536
     assert conf["authorization"] == {"user": "u", "password": "p"}
-    assert "http_port" not in conf  # 0 disables monitoring
+    assert "http_port" not in conf and "http" not in conf  # 0 disables monitoring
     token = json.loads(server_config_text(make_config(nats={"token": "t"}).nats))
     assert token["authorization"] == {"token": "t"}
     assert "authorization" not in json.loads(server_config_text(make_config().nats))
+
+
+def test_monitoring_stays_on_loopback_when_the_client_port_opens() -> None:
+    opened = make_config(nats={"embedded": {"host": "0.0.0.0", "http_port": 8222}})
+    conf = json.loads(server_config_text(opened.nats))
+    assert conf["host"] == "0.0.0.0" and conf["http"] == "127.0.0.1:8222" and "http_port" not in conf
+    chosen = make_config(nats={"embedded": {"http_host": "::1", "http_port": 8222}})
+    assert json.loads(server_config_text(chosen.nats))["http"] == "[::1]:8222"
 
 
 async def assert_connects(config: NatsSection) -> None:

@@ -1,6 +1,7 @@
 """The Grafana dashboard in docs/grafana: every query parses as PromQL and names only series our Prometheus exporter
-exposes (its registry fed one event of each kind and a snapshot with every figure filled in), and the dashboard is
-one an import accepts (a datasource variable every panel uses, unique panel ids, a place on the grid)."""
+exposes (its registry fed one event of each kind and a snapshot with every figure filled in), with only the labels
+and label values those series have (matchers such as ``figure="completed"``, ``by (...)`` groupings), and the
+dashboard is one an import accepts (a datasource variable every panel uses, unique panel ids, a place on the grid)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,26 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mlxcluster.api import ClusterSnapshot, RequestFinished, RequestMigrated, RequestRetried
 from mlxcluster.builtin.exporters import PrometheusExporter
+from mlxcluster.protocol import LATENCY_BUCKETS, LatencyCounts
 
+TIER_FIGURES = (
+    "controllers_online",
+    "in_flight",
+    "requests_total",
+    "completed",
+    "failed",
+    "errors",
+    "retries",
+    "prompt_tokens",
+    "completion_tokens",
+)
+"""The figures of the ``mlxcluster_tier`` gauge (:meth:`mlxcluster.controller.peers.Peers.totals`)."""
 DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana" / "mlxcluster.json"
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+SCRAPE_LABELS = {"job", "instance"}
+"""Labels Prometheus adds to every series it scrapes."""
+Exposed = dict[str, dict[str, set[str]]]
+"""Sample name → label name → the values seen."""
 
 
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -28,22 +46,66 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def selectors(expr: str) -> set[str]:
-    """The metric names of every vector selector in ``expr`` (Grafana's variables replaced first)."""
+def parsed(expr: str) -> Any:
+    """``expr`` parsed (Grafana's variables replaced first); a query that does not parse raises ValueError."""
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
+    return promql_parser.parse(expr)
+
+
+def selectors(expr: str) -> set[str]:
+    """The metric names of every vector selector in ``expr``."""
     names: set[str] = set()
 
     def visit(node: Any) -> None:
         if isinstance(node, promql_parser.VectorSelector) and node.name:
             names.add(node.name)
 
-    promql_parser.walk(promql_parser.parse(expr), visit)  # a query that does not parse raises ValueError here
+    promql_parser.walk(parsed(expr), visit)
     return names
 
 
-async def exposed_series() -> set[str]:
-    """Sample names of the exporter's /metrics text once it has seen every kind of event and every figure."""
+def label_problems(expr: str, exposed: Exposed) -> list[str]:
+    """What ``expr`` asks of labels that the exposed series do not have: a matcher's label (or, for ``=``, its
+    value) missing from the metric it selects, or a ``by (...)`` label missing from a series it aggregates."""
+    problems: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name in exposed:
+            labels = exposed[node.name]
+            for matcher in node.matchers.matchers:
+                if matcher.name in SCRAPE_LABELS:
+                    continue
+                if matcher.name not in labels:
+                    problems.append(f"{node.name} has no label {matcher.name!r}")
+                elif matcher.op == promql_parser.MatchOp.Equal and matcher.value not in labels[matcher.name]:
+                    problems.append(f"{node.name} has no series with {matcher.name}={matcher.value!r}")
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            if node.modifier.type != promql_parser.AggModifierType.By:
+                return
+            for name in selectors_of(node.expr):
+                missing = set(node.modifier.labels) - SCRAPE_LABELS - set(exposed.get(name, {}))
+                problems.extend(f"by ({label}) over {name}, which has no such label" for label in sorted(missing))
+
+    promql_parser.walk(parsed(expr), visit)
+    return problems
+
+
+def selectors_of(node: Any) -> set[str]:
+    """The metric names of the vector selectors under ``node``."""
+    names: set[str] = set()
+
+    def visit(inner: Any) -> None:
+        if isinstance(inner, promql_parser.VectorSelector) and inner.name:
+            names.add(inner.name)
+
+    promql_parser.walk(node, visit)
+    return names
+
+
+async def exposed_series() -> Exposed:
+    """The samples of the exporter's /metrics text, with their labels' values, once it has seen every kind of
+    event and every figure."""
     exporter = PrometheusExporter()
     now = time.time()
     worker = {"w1": 1.0}
@@ -113,14 +175,21 @@ async def exposed_series() -> set[str]:
             worker_speculation={"w1": {"steps": 1, "drafted": 2, "accepted": 1, "acceptance_rate": 0.5}},
             cache_index={"entries": 1, "max_entries": 10, "evictions": 0, "events": 1},
             rate_limited_by_key={"alice": 1},
-            tier={"controllers_online": 1, "in_flight": 1},
+            tier=dict.fromkeys(TIER_FIGURES, 1),
+            tier_latency={
+                name: LatencyCounts(counts=[1] * (len(b) + 1), sum=1.0) for name, b in LATENCY_BUCKETS.items()
+            },
             bus=bus,
             worker_accelerator={"w1": accelerator},
         )
     )
-    return {
-        sample.name for family in text_string_to_metric_families(exporter.text().decode()) for sample in family.samples
-    }
+    exposed: Exposed = {}
+    for family in text_string_to_metric_families(exporter.text().decode()):
+        for sample in family.samples:
+            labels = exposed.setdefault(sample.name, {})
+            for label, value in sample.labels.items():
+                labels.setdefault(label, set()).add(value)
+    return exposed
 
 
 async def test_every_dashboard_query_names_an_exposed_series() -> None:
@@ -133,6 +202,13 @@ async def test_every_dashboard_query_names_an_exposed_series() -> None:
                 named.setdefault(name, set()).add(panel["title"])
     missing = {name: sorted(titles) for name, titles in named.items() if name not in exposed}
     assert not missing, f"the dashboard queries series the exporter does not expose: {missing}"
+    problems = {
+        panel["title"]: found
+        for panel in panels(dashboard)
+        for target in panel.get("targets", [])
+        if (found := label_problems(target["expr"], exposed))
+    }
+    assert not problems, f"the dashboard asks for labels the exposed series do not have: {problems}"
     # what issue 24 added is on the dashboard: the bus and the accelerators
     added = (
         "mlxcluster_nats_connected",
@@ -142,6 +218,29 @@ async def test_every_dashboard_query_names_an_exposed_series() -> None:
         "mlxcluster_worker_mlx_memory_bytes",
     )
     assert set(added) <= set(named), set(added) - set(named)
+    # latency and requests come from the tier-wide series: a tier's processes share one port, so a scrape of
+    # it sees one process's own figures
+    tier_wide = (
+        "mlxcluster_tier",
+        "mlxcluster_tier_ttft_seconds_bucket",
+        "mlxcluster_tier_request_duration_seconds_bucket",
+    )
+    assert set(tier_wide) <= set(named), set(tier_wide) - set(named)
+    assert not {"mlxcluster_requests_total", "mlxcluster_ttft_seconds_bucket"} & set(named)
+
+
+async def test_label_mistakes_are_caught() -> None:
+    exposed = await exposed_series()
+    assert label_problems('max(mlxcluster_tier{figure="in_flight"})', exposed) == []
+    assert label_problems('max(mlxcluster_tier{figure="inflight"})', exposed) == [
+        "mlxcluster_tier has no series with figure='inflight'"
+    ]
+    assert label_problems('sum(mlxcluster_inflight_requests{status="ok"})', exposed) == [
+        "mlxcluster_inflight_requests has no label 'status'"
+    ]
+    assert label_problems("sum by (worker, instance) (rate(mlxcluster_tokens_total[5m]))", exposed) == [
+        "by (worker) over mlxcluster_tokens_total, which has no such label"
+    ]
 
 
 def test_the_dashboard_imports() -> None:

@@ -83,6 +83,10 @@ def test_insecure_setting_allows_it_with_a_warning_at_every_start(caplog: pytest
     keyed = from_dict({"controller": {"bind": "10.0.0.5", "api_keys": ["k"]}})
     check_exposure(keyed, "controller")
     assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    monitoring = from_dict({"nats": {"embedded": {"http_host": "0.0.0.0"}}})
+    with pytest.raises(ConfigError, match="nats.embedded.http_host"):
+        check_exposure(monitoring, "dual")
+    check_exposure(from_dict({"nats": {"embedded": {"http_host": "0.0.0.0", "http_port": 0}}}), "dual")  # off
     assert not is_loopback("0.0.0.0") and not is_loopback("my-host.lan")
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import openai
 import pytest
 from aiohttp import web
-from cluster_harness import Cluster, FakeWorker, wait_until, with_sections
-from loopback import free_port
+from aiohttp.test_utils import TestClient, TestServer
+from cluster_harness import Cluster, FakeWorker, start_worker, wait_until, with_sections
+from loopback import free_port, make_config
 from nats.aio.msg import Msg
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -32,16 +33,30 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from mlxcluster import roles
-from mlxcluster.config import ApiKeyEntry, Config, ConfigError, StaticWorker, TracingSection, from_dict, to_dict
+from mlxcluster.bus import Bus, headers_size
+from mlxcluster.config import (
+    ApiKeyEntry,
+    Config,
+    ConfigError,
+    ControllerSection,
+    StaticWorker,
+    TracingSection,
+    from_dict,
+    to_dict,
+)
 from mlxcluster.controller.controller_role import serve_controller
+from mlxcluster.controller.http.errors import ApiError
+from mlxcluster.controller.http.middleware import auth_middleware
+from mlxcluster.controller.http.tracing_middleware import tracing_middleware
+from mlxcluster.controller.metering.keys import KeyRing
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.errors import NodeError
 from mlxcluster.protocol import Accepted, Error, InferenceRequest, Progress, Token
-from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer, check_tracing
+from mlxcluster.tracing import NoSpan, NoTracer, TracingUnavailable, build_tracer, check_tracing, stop_tracer
 from mlxcluster.tracing_otel import OtelTracer, traces_url
 from mlxcluster.worker.echo import EchoEngine, continued_words, echo_words
 from mlxcluster.worker.engine_base import EngineFrame
-from mlxcluster.worker.serve_trace import stop_tracer, traced_frames, worker_tracer
+from mlxcluster.worker.serve_trace import traced_frames, worker_tracer
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -485,3 +500,95 @@ def test_a_caller_that_does_not_sample_is_followed() -> None:
     sampled.end()
     assert [s.name for s in exporter.get_finished_spans()] == ["worker.request"]
     tracer.shutdown()
+
+
+# --- a caller's trace context on the bus ---------------------------------------------------------
+
+
+@pytest.fixture
+async def small_payload() -> AsyncIterator[Config]:
+    """A nats-server whose max_payload is 64 KiB."""
+    config = make_config(
+        nats={"max_payload": 65536}, discovery={"heartbeat_interval_ms": 200, "offline_timeout_ms": 1000}
+    )
+    async with EmbeddedNatsServer(config.nats):
+        yield config
+
+
+LONG_TRACESTATE = ",".join(f"k{i}=" + "v" * 250 for i in range(30))  # ~7.7 KB: valid, 30 members of 256 max
+
+
+async def test_a_callers_long_tracestate_cannot_push_a_request_past_max_payload(small_payload: Config) -> None:
+    controller_tracer, spans = memory_tracer("controller")
+    async with Cluster(small_payload) as cluster:
+        await cluster.start_worker("w1")
+        controller = await cluster.start_controller(tracer=controller_tracer)
+        await controller.wait_online("w1")
+        word = "x" * (65536 - 1024 - 400)  # the encoded request just fits the room check_size leaves for headers
+        headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "tracestate": LONG_TRACESTATE}
+        completion = await controller.client().chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": word}], extra_headers=headers
+        )
+        assert completion.choices[0].message.content == word
+        assert controller.bus.counters()["disconnects"] == 0  # the server did not close the connection
+        dispatcher = controller.ctx.dispatcher
+        with pytest.raises(ApiError) as caught:  # headers past the room left: refused, never sent
+            dispatcher.check_message(b"x" * 65000, {"tracestate": "a" * 600})
+        assert caught.value.status == 413 and caught.value.code == "payload_too_large"
+    (attempt,) = named(spans.get_finished_spans(), "attempt")
+    assert attempt.status.status_code != StatusCode.ERROR
+
+
+def test_a_span_passes_on_a_short_tracestate_and_drops_a_long_one() -> None:
+    tracer, _ = memory_tracer("controller")
+    parent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    short = tracer.start("http", headers={"traceparent": parent, "tracestate": "vendor=abc"})
+    assert short.headers()["tracestate"] == "vendor=abc"
+    long = tracer.start("http", headers={"traceparent": parent, "tracestate": LONG_TRACESTATE})
+    passed = long.headers()
+    assert passed["traceparent"].startswith(f"00-{CALLER_TRACE}-") and "tracestate" not in passed
+    tracer.shutdown()
+
+
+def test_headers_size_is_what_nats_py_sends() -> None:
+    headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "tracestate": "a=b"}
+    encoded = b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+    assert headers_size(headers) == len(encoded)
+    assert headers_size(None) == headers_size({}) == 0
+
+
+async def test_an_admission_that_errors_ends_its_span_as_an_error() -> None:
+    """A body over client_max_size (read for the key's TPM) is a 413 out of admission: its span still ends."""
+    tracer, spans = memory_tracer("controller")
+    ring = KeyRing.from_config(ControllerSection(keys=[ApiKeyEntry(name="tpm", key="k-tpm", tpm=1000)]))
+    app = web.Application(middlewares=[tracing_middleware(tracer), auth_middleware(ring)], client_max_size=64)
+
+    async def never(_request: web.Request) -> web.Response:
+        raise AssertionError("admission let the request through")
+
+    app.router.add_post("/v1/chat/completions", never)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        body = {"model": "echo", "messages": [{"role": "user", "content": "x" * 200}]}
+        response = await client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k-tpm"})
+        assert response.status == 413
+    admission = one(spans.get_finished_spans(), "admission")
+    assert admission.status.status_code == StatusCode.ERROR and admission.status.description == "http_413"
+    assert admission.attributes is not None and admission.attributes["mlxcluster.admission"] == "http_413"
+
+
+async def test_a_request_cancelled_before_its_first_step_still_ends_the_workers_span(
+    cluster_config: Config, bus: Bus
+) -> None:
+    tracer, spans = memory_tracer("worker")
+    worker = await start_worker(cluster_config, "w1", tracer=tracer)
+    try:
+        msg = Msg(_client=bus.nc, subject="inference", reply="_INBOX.cancelled-early")
+        await worker.service._on_request(InferenceRequest(request_id="r-early", model="echo"), msg)
+        task = worker.service.in_flight["r-early"]
+        task.cancel()  # before _serve ran a single step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)  # the done callbacks run on the next loop turn
+    finally:
+        await worker.stop()
+    assert [s.name for s in named(spans.get_finished_spans(), "worker.request")] == ["worker.request"]

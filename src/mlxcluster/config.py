@@ -62,6 +62,9 @@ class EmbeddedNatsSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 4222
     http_port: OptionalPort = 8222
+    http_host: str = "127.0.0.1"
+    """Where the monitoring endpoint (``/varz``, ``/connz``: every connection, no auth) listens: loopback unless
+    set, even when ``host`` opens the client port to other machines."""
     jetstream: bool = True
     """Run JetStream (keys, usage and settings shared by every controller live in it)."""
     store_dir: str | None = None

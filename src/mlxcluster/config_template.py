@@ -38,6 +38,7 @@ verify = true
 host = "127.0.0.1"
 port = 4222
 http_port = 8222                   # nats-server monitoring; 0 disables it
+http_host = "127.0.0.1"            # monitoring stays on loopback even when host opens 4222 (it has no auth)
 jetstream = true                   # keys and usage shared by every controller live in JetStream
 # store_dir = "/var/lib/mlxcluster/jetstream"  # default: $XDG_DATA_HOME/mlxcluster/jetstream (~/.local/share/...)
 log_level = "info"                 # debug | info | warning | error

@@ -90,6 +90,11 @@ def jetstream_store(store_dir: str | None, env: Mapping[str, str] | None = None)
     return Path(data_home).expanduser() / "mlxcluster" / "jetstream"
 
 
+def _bracketed(host: str) -> str:
+    """``host`` as the host part of ``host:port`` (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def server_config_text(config: NatsSection) -> str:
     """The nats-server configuration file for ``[nats]`` / ``[nats.embedded]`` (JSON is valid NATS config)."""
     embedded = config.embedded
@@ -99,8 +104,8 @@ def server_config_text(config: NatsSection) -> str:
         "max_payload": config.max_payload,
         "server_name": f"mlxcluster-{embedded.port}",
     }
-    if embedded.http_port:
-        conf["http_port"] = embedded.http_port
+    if embedded.http_port:  # "http": host and port (nats-server has no http_host key); loopback unless set
+        conf["http"] = f"{_bracketed(embedded.http_host)}:{embedded.http_port}"
     if embedded.users_file is not None:  # users per role, each with only its role's subjects
         from mlxcluster.nats_auth import authorization, load_users
 
@@ -148,7 +153,7 @@ class EmbeddedNatsServer:
             raise EmbeddedServerError(
                 f'port {embedded.port} is in use; set nats.embedded.port or use nats.mode = "external"'
             )
-        if embedded.http_port and port_in_use(embedded.host, embedded.http_port):
+        if embedded.http_port and port_in_use(embedded.http_host, embedded.http_port):
             raise EmbeddedServerError(
                 f"monitoring port {embedded.http_port} is in use; set nats.embedded.http_port (0 disables it)"
             )

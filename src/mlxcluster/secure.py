@@ -1,7 +1,8 @@
 """Secure by default beyond loopback: an API or a NATS server open to other machines needs credentials.
 
-A controller bound to a non-loopback address without any API key, or an embedded nats-server listening
-on a non-loopback address without NATS auth, refuses to start with an error naming the setting, unless
+A controller bound to a non-loopback address without any API key, an embedded nats-server listening on a
+non-loopback address without NATS auth, or its monitoring endpoint (no auth at all) on a non-loopback address,
+refuses to start with an error naming the setting, unless
 ``controller.insecure`` / ``nats.embedded.insecure`` (or ``run --insecure``) says the user means it; then a
 warning is logged at every start.
 """
@@ -51,6 +52,16 @@ def exposure(config: Config, role: str) -> list[tuple[str, bool]]:
                     "credentials, register as workers and read prompts: set nats.embedded.users_file "
                     "(mlxcluster config init --secure writes one) or nats.user/nats.password, or set "
                     "nats.embedded.insecure = true (run --insecure) if you mean it",
+                    embedded.insecure,
+                )
+            )
+    if role in ("controller", "dual") and nats.mode == "embedded" and embedded.http_port:
+        if not is_loopback(embedded.http_host):
+            found.append(
+                (
+                    f'nats.embedded.http_host = "{embedded.http_host}" opens the NATS monitoring endpoint (/connz '
+                    "lists every connection, without auth) to other machines: leave it on 127.0.0.1, set "
+                    "nats.embedded.http_port = 0, or set nats.embedded.insecure = true (run --insecure) if you mean it",
                     embedded.insecure,
                 )
             )

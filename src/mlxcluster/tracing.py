@@ -9,12 +9,16 @@ code that would compute attributes first asks ``span.recording``. With it on, it
 Spans are explicit objects handed down (``span.child(...)``), never a "current span" in a context variable:
 a request's frames are relayed by async generators that suspend and resume, where an implicit context would
 leak between requests. Trace context crosses NATS as W3C ``traceparent`` message headers
-(:meth:`Span.headers`, :meth:`Tracer.start` with ``headers=``).
+(:meth:`Span.headers`, :meth:`Tracer.start` with ``headers=``). The one context variable is
+:data:`REQUEST_SPAN`: the HTTP span of the request whose handler runs, which admission and dispatch start
+their spans under.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from mlxcluster.config import TracingSection, redact_url
@@ -86,6 +90,11 @@ class Tracer(Protocol):
         """Export what is buffered and stop exporting."""
 
 
+REQUEST_SPAN: ContextVar[Span | None] = ContextVar("mlxcluster_request_span", default=None)
+"""The inference request's HTTP span while its handler runs, set by the controller's tracing middleware
+(``None``: tracing off, or not an HTTP request)."""
+
+
 class NoSpan:
     """The span of a node that does not trace: every method does nothing."""
 
@@ -151,6 +160,12 @@ def build_tracer(section: TracingSection, *, role: str, instance: str) -> Tracer
     if not section.enabled:
         return NoTracer()
     return _otel_tracer_class(section).exporting(section, role=role, instance=instance)
+
+
+async def stop_tracer(tracer: Tracer) -> None:
+    """Export the spans still buffered when a node stops (in a thread: the export is blocking HTTP)."""
+    if tracer.enabled:
+        await asyncio.to_thread(tracer.shutdown)
 
 
 def check_tracing(section: TracingSection) -> None:

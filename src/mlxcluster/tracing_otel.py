@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # mlxcluster.tracing imports this module when tracing is on
 SCOPE = "mlxcluster"
 TRACES_PATH = "/v1/traces"
 EXPORT_TIMEOUT_S = 10.0
+MAX_TRACESTATE = 512
+"""Longest ``tracestate`` passed on in a span's headers (the caller's may be up to 8,192 characters): a longer
+one is dropped, ``traceparent`` kept, so a caller's header cannot push a NATS message past ``max_payload``."""
 _KINDS = {"internal": trace.SpanKind.INTERNAL, "server": trace.SpanKind.SERVER, "client": trace.SpanKind.CLIENT}
 
 
@@ -77,6 +80,8 @@ class OtelSpan:
     def headers(self) -> dict[str, str]:
         carrier: dict[str, str] = {}
         self._tracer.propagator.inject(carrier, context=set_span_in_context(self._span))
+        if len(carrier.get("tracestate", "")) > MAX_TRACESTATE:
+            del carrier["tracestate"]
         return carrier
 
 

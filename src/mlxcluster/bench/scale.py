@@ -29,6 +29,7 @@ from mlxcluster.config import Config, from_dict
 from mlxcluster.embedded import EmbeddedNatsServer
 from mlxcluster.protocol import ChatMessage, InferenceRequest, WorkerHeartbeat
 from mlxcluster.tables import table
+from mlxcluster.tracing import NoSpan
 
 SIMULATOR = r"""
 import asyncio, sys, time
@@ -230,7 +231,7 @@ async def _pick_latencies(ctx, window_s: float, count: int) -> tuple[PickSamples
             if kind == "least_loaded":
                 chosen = least.pick(ctx.registry.eligible("echo", set()), request)
             else:
-                chosen = ctx.dispatcher._pick(request, set())
+                chosen = ctx.dispatcher._pick(request, set(), NoSpan())  # the pick as dispatch makes it, untraced
             samples[kind][0 if i == 0 else 1].append((time.perf_counter() - started) * 1e6)
             if kind == "turn":
                 turns += 1

@@ -25,6 +25,9 @@ from mlxcluster.builtin.cache_aware import CacheAware
 
 MIN_GPU_HEADROOM = 0.05
 """The least share of a GPU ``hardware_aware`` counts on: a saturated GPU still serves, only slower."""
+GPU_WEIGHT = 1.0
+"""How much of an idle worker's reported GPU utilization ``hardware_aware`` takes off its score
+(headroom ``1 - GPU_WEIGHT * utilization``)."""
 
 
 class RoundRobin:
@@ -66,21 +69,23 @@ class HardwareAware:
     A worker that reports free memory (``available_memory_gb > 0``) below ``min_free_memory_gb`` is left
     out: having the model loaded is not enough if there is no room for its KV cache. Model sizes are never
     guessed from names. Among workers with a free slot the score is ``tokens_per_second * free_slots /
-    max_concurrent * headroom``, where ``headroom`` is ``1 - gpu_weight * gpu_utilization`` (the GPU's busy
-    share its heartbeat reported, at least :data:`MIN_GPU_HEADROOM`): a worker whose GPU something else keeps
-    busy is picked less. A worker that has not measured its speed yet counts at the mean of those that have, and
-    one that does not report its GPU at the mean headroom of those that do. When every slot is busy, the least
-    utilized worker wins. Ties go round-robin.
+    max_concurrent * headroom``. The GPU utilization a heartbeat reports is the whole GPU's, this worker's own
+    decoding included (one stream keeps a Mac's GPU near 100%), so it counts only for a worker serving nothing
+    (``active`` and ``load`` both 0): there it is load the worker cannot explain, something else on the machine,
+    and ``headroom`` is ``1 - GPU_WEIGHT * gpu_utilization`` (at least :data:`MIN_GPU_HEADROOM`). A busy worker's
+    headroom is 1: its load is already in ``free_slots``. A worker that has not measured its speed yet counts at
+    the mean of those that have, and an idle one that does not report its GPU at the mean headroom of the idle
+    ones that do. When every slot is busy, the least utilized worker wins. Ties go round-robin.
     """
 
-    def __init__(self, min_free_memory_gb: float = 0.5, gpu_weight: float = 1.0) -> None:
+    def __init__(self, min_free_memory_gb: float = 0.5) -> None:
         self.min_free_memory_gb = min_free_memory_gb
-        self.gpu_weight = gpu_weight
         self._cursor = Cursor()
 
-    def headroom(self, gpu_utilization: float) -> float:
+    @staticmethod
+    def headroom(gpu_utilization: float) -> float:
         """The share of a GPU at ``gpu_utilization`` (0-1) that a new request can expect."""
-        return max(MIN_GPU_HEADROOM, 1.0 - self.gpu_weight * gpu_utilization)
+        return max(MIN_GPU_HEADROOM, 1.0 - GPU_WEIGHT * gpu_utilization)
 
     def pick(self, workers: Sequence[WorkerView], request: InferenceRequest) -> WorkerView | None:
         """The worker with the best speed × free-capacity × GPU-headroom score."""
@@ -89,18 +94,25 @@ class HardwareAware:
             return None
         measured = [w.tokens_per_second for w in roomy if w.tokens_per_second > 0]
         default_speed = sum(measured) / len(measured) if measured else 1.0
-        known = [self.headroom(u) for w in roomy if (u := w.gpu_utilization) is not None]
+        known = [self.headroom(u) for w in roomy if _idle(w) and (u := w.gpu_utilization) is not None]
         default_headroom = sum(known) / len(known) if known else 1.0
 
         def score(w: WorkerView) -> tuple[float, float]:
             if w.free_slots:
                 speed = w.tokens_per_second if w.tokens_per_second > 0 else default_speed
-                gpu = w.gpu_utilization
-                headroom = self.headroom(gpu) if gpu is not None else default_headroom
+                headroom = 1.0
+                if _idle(w):
+                    gpu = w.gpu_utilization
+                    headroom = self.headroom(gpu) if gpu is not None else default_headroom
                 return (1.0, speed * w.free_slots / max(1, w.max_concurrent) * headroom)
             return (0.0, -w.utilization)
 
         return best(roomy, score, self._cursor)
+
+
+def _idle(worker: WorkerView) -> bool:
+    """Serving nothing, as the worker reported and as this controller counts: its GPU load is someone else's."""
+    return worker.active == 0 and worker.load == 0
 
 
 def affinity_key(request: InferenceRequest, prefix_chars: int) -> bytes | None:
@@ -171,7 +183,7 @@ def mlxcluster_register_balancers(register: Register) -> None:
     register(
         "hardware_aware",
         HardwareAware,
-        "Measured tokens/s × free capacity × GPU headroom, among workers with free memory for the model.",
+        "Measured tokens/s × free capacity × GPU headroom of idle workers, among workers with memory to spare.",
     )
     register("random", RandomChoice, "Uniformly random among eligible workers.")
     register(

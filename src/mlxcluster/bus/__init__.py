@@ -7,6 +7,7 @@ from mlxcluster.bus.client import (
     Handler,
     backoff_delay,
     connect_options,
+    headers_size,
     reconnect_backoff,
     tls_context,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "WorkerFrame",
     "backoff_delay",
     "connect_options",
+    "headers_size",
     "reconnect_backoff",
     "tls_context",
 ]

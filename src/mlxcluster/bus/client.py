@@ -99,6 +99,14 @@ def tls_context(config: NatsSection) -> ssl.SSLContext:
     return context
 
 
+def headers_size(headers: dict[str, str] | None) -> int:
+    """Bytes of ``headers`` as nats-py encodes them (``NATS/1.0\\r\\n``, ``key: value\\r\\n`` each, ``\\r\\n``)."""
+    if not headers:
+        return 0
+    lines = sum(len(k.strip().encode()) + len(v.strip().encode()) + 4 for k, v in headers.items())
+    return len(b"NATS/1.0\r\n") + lines + 2
+
+
 class Bus:
     """A connected NATS client plus the cluster's subjects and typed helpers."""
 

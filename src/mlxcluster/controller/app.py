@@ -52,7 +52,7 @@ from mlxcluster.controller.routing.settings_sync import share_worker_settings
 from mlxcluster.controller.shared.lifetime import run_shared_state
 from mlxcluster.controller.tier_requests import answer_requests_queries
 from mlxcluster.protocol import Announce, Deregister, WorkerHeartbeat, WorkerRegistration
-from mlxcluster.tracing import Tracer, build_tracer
+from mlxcluster.tracing import Tracer, build_tracer, stop_tracer
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,7 @@ async def run_tracer(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        tracer = app[CONTROLLER].tracer
-        if tracer.enabled:
-            await asyncio.to_thread(tracer.shutdown)
+        await stop_tracer(app[CONTROLLER].tracer)
 
 
 async def join_cluster(app: web.Application) -> AsyncIterator[None]:

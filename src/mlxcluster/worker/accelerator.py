@@ -131,11 +131,13 @@ class IoregProbe:
         try:
             out, _ = await asyncio.wait_for(process.communicate(), self.timeout_s)
         except TimeoutError as exc:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
             self._failed(exc)
             return None
+        finally:
+            if process.returncode is None:  # timed out, or the read was cancelled: no ioreg left behind
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
         return busiest(parse_ioreg_accelerators(out.decode("utf-8", "replace")))
 
     def _failed(self, exc: BaseException) -> None:
@@ -269,7 +271,11 @@ class AcceleratorMonitor:
     async def refresh(self) -> GpuReading | None:
         """Read the GPU once (a failed read keeps nothing: a stale figure would mislead the balancer)."""
         if self.gpu is not None:
-            self.reading = await self.gpu.read()
+            try:
+                self.reading = await self.gpu.read()
+            except Exception as exc:  # a probe's bug or odd output: no figure, and the next sample tries again
+                log.debug("reading the GPU failed: %s", exc or type(exc).__name__, exc_info=True)
+                self.reading = None
         return self.reading
 
     async def run(self) -> None:

@@ -24,6 +24,7 @@ from mlxcluster.bus import Bus
 from mlxcluster.config import Config
 from mlxcluster.errors import NodeError
 from mlxcluster.startup import until_stop
+from mlxcluster.tracing import stop_tracer
 from mlxcluster.worker.group_channel import GroupBroken
 from mlxcluster.worker.group_engine import GroupEngine, GroupFollower
 from mlxcluster.worker.group_ops import Formation
@@ -37,7 +38,7 @@ from mlxcluster.worker.placement import (
     model_shape,
 )
 from mlxcluster.worker.rendezvous import HELLO_INTERVAL_S, Rendezvous, RendezvousError
-from mlxcluster.worker.serve_trace import stop_tracer, worker_tracer
+from mlxcluster.worker.serve_trace import worker_tracer
 
 log = logging.getLogger(__name__)
 

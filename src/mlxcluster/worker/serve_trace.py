@@ -5,12 +5,11 @@ the controller's trace under that attempt's span. Only a recording span gets her
 pass through :func:`traced_frames`, which notes when generation started and when the first token came, and
 when ``Done`` arrives adds the three phase spans, timed after the fact from those moments and the engine's own
 timings (its queue wait, its tokens per second; the cached tokens in ``Done.usage``). The worker roles build
-their tracer here (:func:`worker_tracer`) and flush it when they stop (:func:`stop_tracer`).
+their tracer here (:func:`worker_tracer`) and flush it when they stop (:func:`mlxcluster.tracing.stop_tracer`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator
@@ -28,12 +27,6 @@ def worker_tracer(config: Config, worker_id: str) -> Tracer:
         return build_tracer(config.tracing, role="worker", instance=worker_id)
     except TracingUnavailable as exc:
         raise NodeError(str(exc)) from None
-
-
-async def stop_tracer(tracer: Tracer) -> None:
-    """Export the spans still buffered (in a thread: the export is blocking HTTP)."""
-    if tracer.enabled:
-        await asyncio.to_thread(tracer.shutdown)
 
 
 def describe_request(span: Span, request: InferenceRequest, worker_id: str) -> None:

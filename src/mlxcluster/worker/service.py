@@ -410,11 +410,12 @@ class WorkerService:
         task = asyncio.create_task(self._serve(request, stream, span))
         self.in_flight[request.request_id] = task
         self._replies[request.request_id] = (stream, time.monotonic())
-        task.add_done_callback(lambda _t: self._forget(request.request_id))
+        task.add_done_callback(lambda _t: self._forget(request.request_id, span))
 
-    def _forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str, span: Span) -> None:
         self.in_flight.pop(request_id, None)
         self._replies.pop(request_id, None)
+        span.end()  # _serve ends it; not when the task was cancelled before its first step (ending twice: nothing)
 
     # --- serving one request --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from mlxcluster.errors import NodeError, NodeFailed
 from mlxcluster.heap import freeze_startup_heap
 from mlxcluster.protocol import CatalogueModel
 from mlxcluster.startup import StartInterrupted, until_stop
+from mlxcluster.tracing import stop_tracer
 from mlxcluster.worker.catalogue import Catalogue, CatalogueEntry, build_catalogue
 from mlxcluster.worker.echo import ECHO_MODEL
 from mlxcluster.worker.engine_base import Engine
@@ -25,7 +26,7 @@ from mlxcluster.worker.memory_budget import MemoryBudget
 from mlxcluster.worker.model_host import EngineFactory, LoadError, ModelHost
 from mlxcluster.worker.models import ResolvedModel, resolve_model
 from mlxcluster.worker.placement import memory_budget_bytes
-from mlxcluster.worker.serve_trace import stop_tracer, worker_tracer
+from mlxcluster.worker.serve_trace import worker_tracer
 from mlxcluster.worker.service import WorkerService
 from mlxcluster.worker.system import detect_hardware, hostname
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 
 import msgspec
 from aiohttp import web
@@ -15,7 +14,7 @@ from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.metering.keys import CURRENT_KEY, ApiKey, KeyRing
 from mlxcluster.controller.metering.ratelimit import RateLimited, RateLimiter
-from mlxcluster.tracing import Span
+from mlxcluster.tracing import REQUEST_SPAN, Span
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mlxcluster.access")
@@ -31,9 +30,6 @@ RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 API_KEY_PENDING = web.RequestKey("api_key_pending", bool)
 """Set on a WebSocket upgrade that carried no key: the handler must get a ``{"type": "auth"}`` message first."""
-REQUEST_SPAN: ContextVar[Span | None] = ContextVar("mlxcluster_request_span", default=None)
-"""The inference request's HTTP span while its handler runs, set by
-:func:`~mlxcluster.controller.http.tracing_middleware.tracing_middleware` (``None``: tracing off)."""
 
 
 def stream_headers(request: web.Request) -> dict[str, str]:
@@ -162,30 +158,11 @@ def auth_middleware(keys: KeyRing | list[str], limiter: RateLimiter | None = Non
             return await handler(request)
         parent = REQUEST_SPAN.get()
         admission = None if parent is None else parent.child("admission", attributes={"mlxcluster.key": key.name})
-        reserve = 0
-        if key.models or key.tpm is not None:
-            body = await _body_fields(request)
-            if key.models and body.model is not None and not key.allows_model(body.model):
-                if admission is not None:
-                    _refused(admission, "model_not_allowed")
-                raise model_not_allowed(key.name, body.model)
-            reserve = body.completion_limit()
         try:
-            if limits.cluster is None:
-                headers = limits.admit(key, reserve=reserve)
-            else:  # shared state: leases from JetStream only when this controller's leases run out
-                headers = await limits.cluster.admit(key, reserve=reserve)
-        except RateLimited as exc:
+            headers, reserve = await _admit(request, key, limits, ring)
+        except BaseException as exc:  # also a body over client_max_size, the shared limits' bus, a cancel
             if admission is not None:
-                _refused(admission, f"rate_limited:{exc.type}")
-            ring.record_rate_limited(key.name)
-            access_log.info(
-                "request refused key=%s status=rate_limited limit=%s path=%s",
-                key.name,
-                exc.type,
-                request.path,
-                extra={"key": key.name, "status": "rate_limited", "limit": exc.type, "path": request.path},
-            )
+                _refused(admission, _refusal(exc))
             raise
         if admission is not None:
             admission.set("mlxcluster.admission", "admitted")
@@ -204,6 +181,43 @@ def auth_middleware(keys: KeyRing | list[str], limiter: RateLimiter | None = Non
         return response
 
     return check
+
+
+async def _admit(request: web.Request, key: ApiKey, limits: RateLimiter, ring: KeyRing) -> tuple[dict[str, str], int]:
+    """Check the key's model list and rate limits: the rate-limit headers and the tokens reserved."""
+    reserve = 0
+    if key.models or key.tpm is not None:
+        body = await _body_fields(request)
+        if key.models and body.model is not None and not key.allows_model(body.model):
+            raise model_not_allowed(key.name, body.model)
+        reserve = body.completion_limit()
+    try:
+        if limits.cluster is None:
+            headers = limits.admit(key, reserve=reserve)
+        else:  # shared state: leases from JetStream only when this controller's leases run out
+            headers = await limits.cluster.admit(key, reserve=reserve)
+    except RateLimited as exc:
+        ring.record_rate_limited(key.name)
+        access_log.info(
+            "request refused key=%s status=rate_limited limit=%s path=%s",
+            key.name,
+            exc.type,
+            request.path,
+            extra={"key": key.name, "status": "rate_limited", "limit": exc.type, "path": request.path},
+        )
+        raise
+    return headers, reserve
+
+
+def _refusal(exc: BaseException) -> str:
+    """The admission span's outcome for what refused (or broke off) the request."""
+    if isinstance(exc, RateLimited):
+        return f"rate_limited:{exc.type}"
+    if isinstance(exc, ApiError) and exc.code:
+        return exc.code
+    if isinstance(exc, web.HTTPException):
+        return f"http_{exc.status}"
+    return type(exc).__name__
 
 
 def _refused(admission: Span, outcome: str) -> None:

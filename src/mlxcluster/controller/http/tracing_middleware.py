@@ -2,7 +2,7 @@
 when the request carries a W3C ``traceparent`` header.
 
 The middleware is in the app only when ``[tracing]`` is on. While the handler runs, its span is in
-:data:`~mlxcluster.controller.http.middleware.REQUEST_SPAN`, where the auth middleware (admission) and the
+:data:`~mlxcluster.tracing.REQUEST_SPAN`, where the auth middleware (admission) and the
 dispatcher find their parent; the variable is set and reset around the handler's call only, never inside a
 generator, so no request sees another's span.
 """
@@ -14,8 +14,8 @@ import asyncio
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from mlxcluster.controller.http.middleware import REQUEST_ID, REQUEST_SPAN, Handler
-from mlxcluster.tracing import Span, Tracer
+from mlxcluster.controller.http.middleware import REQUEST_ID, Handler
+from mlxcluster.tracing import REQUEST_SPAN, Span, Tracer
 
 TRACED_PREFIX = "/v1/"
 

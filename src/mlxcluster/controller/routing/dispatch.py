@@ -19,10 +19,9 @@ from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Literal, Protocol
 
 from mlxcluster.api import Balancer, MetricsEvent, RequestFinished, RequestRetried, WorkerView
-from mlxcluster.bus import Bus, ReplyStream, Signal, StreamInbox, WorkerFrame
+from mlxcluster.bus import Bus, ReplyStream, Signal, StreamInbox, WorkerFrame, headers_size
 from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import ApiError, model_not_found, no_capacity, payload_too_large
-from mlxcluster.controller.http.middleware import REQUEST_SPAN
 from mlxcluster.controller.metering.dispatch_stats import DispatchStats
 from mlxcluster.controller.metering.request_meter import EventSink, RequestMeter, discard
 from mlxcluster.controller.routing.breaker import Breakers
@@ -38,7 +37,7 @@ from mlxcluster.protocol import (
     Token,
     encode,
 )
-from mlxcluster.tracing import NoTracer, Span, Tracer
+from mlxcluster.tracing import REQUEST_SPAN, NoTracer, Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +63,23 @@ class Registry(Protocol):
 
 
 def pick_worker(
-    registry: Registry, balancer: Balancer, request: InferenceRequest, exclude: Collection[str] = frozenset()
+    registry: Registry,
+    balancer: Balancer,
+    request: InferenceRequest,
+    exclude: Collection[str] = frozenset(),
+    span: Span | None = None,
 ) -> WorkerView | None:
     """The pick: a worker for ``request`` among the registry's eligible ones, minus ``exclude`` (``None``:
-    nobody can take it)."""
+    nobody can take it). A recording ``span`` gets the candidates and the choice."""
     workers = registry.eligible(request.model, exclude)
-    return balancer.pick(workers, request) if workers else None
+    chosen = balancer.pick(workers, request) if workers else None
+    if span is not None and span.recording:
+        span.set("mlxcluster.candidates", len(workers))
+        span.set("mlxcluster.excluded", len(exclude))
+        if chosen is not None:
+            span.set("mlxcluster.worker", chosen.id)
+            span.set("mlxcluster.worker_load", chosen.load)
+    return chosen
 
 
 class _TryElsewhere(Exception):
@@ -151,20 +161,19 @@ class Dispatcher:
             raise payload_too_large(len(payload), self.bus.max_payload)
         return payload
 
+    def check_message(self, payload: bytes, headers: dict[str, str] | None) -> None:
+        """Refuse (413) a message whose payload and encoded headers together exceed the server's
+        ``max_payload``: nats-py checks only the payload, and the server closes the connection on a larger one."""
+        size = len(payload) + headers_size(headers)
+        if size > self.bus.max_payload:
+            raise payload_too_large(size, self.bus.max_payload)
+
     def _pick(self, request: InferenceRequest, tried: set[str], span: Span) -> WorkerView | None:
         blocked = self.breakers.open_ids()
-        exclude = tried | blocked if blocked else tried
-        if not span.recording:
-            return pick_worker(self.registry, self.balancer, request, exclude)
-        workers = self.registry.eligible(request.model, exclude)
-        chosen = self.balancer.pick(workers, request) if workers else None
-        span.set("mlxcluster.strategy", self.strategy)
-        span.set("mlxcluster.candidates", len(workers))
-        span.set("mlxcluster.excluded", len(exclude))
-        if chosen is not None:
-            span.set("mlxcluster.worker", chosen.id)
-            span.set("mlxcluster.worker_load", chosen.load)
-            if self.cache_share is not None:
+        chosen = pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried, span)
+        if span.recording:
+            span.set("mlxcluster.strategy", self.strategy)
+            if chosen is not None and self.cache_share is not None:
                 span.set("mlxcluster.cache_share", round(self.cache_share(request, chosen.id), 4))
         return chosen
 
@@ -363,18 +372,26 @@ class Dispatcher:
         parent: Span,
     ) -> AsyncGenerator[StreamFrame, None]:
         """Send to one worker and wait for its first token; return the relay of the whole stream."""
-        stream = self.inbox.open(f"{request.request_id}.{attempt}", worker_id)
-        self.registry.begin(worker_id)
-        self.breakers.begin(worker_id)
-        epoch = self.bus.epoch
         span = parent.child("attempt", kind="client")  # the worker's spans join the trace under this one
         if span.recording:
             span.set("mlxcluster.worker", worker_id)
             span.set("mlxcluster.attempt", attempt)
             span.set("mlxcluster.continuation", request.continuation is not None)
+        headers = span.headers()
+        if headers is not None:  # without headers, check_size has already made sure the payload fits
+            try:
+                self.check_message(payload, headers)
+            except ApiError:
+                span.fail("payload_too_large")
+                span.end()
+                raise
+        stream = self.inbox.open(f"{request.request_id}.{attempt}", worker_id)
+        self.registry.begin(worker_id)
+        self.breakers.begin(worker_id)
+        epoch = self.bus.epoch
         try:
             subject = self.bus.subjects.inference(worker_id)
-            await self.bus.publish_encoded(subject, payload, reply=stream.reply, headers=span.headers())
+            await self.bus.publish_encoded(subject, payload, reply=stream.reply, headers=headers)
             first = await self._first_frame(stream, request, meter, span)
         except BaseException as exc:
             if isinstance(exc, _TryElsewhere):

@@ -439,6 +439,9 @@ class EmbeddingEngine(Engine):
         self._model = EmbeddingModel(model, self.spec, int(pad or 0))
         self._tokenizer = tokenizer
         self.context_window = context_window(config, tokenizer)
+        if self.spec.max_seq_length:  # sentence-transformers reads no further than its max_seq_length
+            limit = self.spec.max_seq_length
+            self.context_window = min(self.context_window, limit) if self.context_window else limit
         self.vocab_size = int(config.get("vocab_size") or len(tokenizer))
         self._details = {
             "kind": "embedding",

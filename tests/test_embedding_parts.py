@@ -26,7 +26,7 @@ from mlxcluster.config import Config, ControllerSection
 from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.routing.embeddings import EmbeddingDispatcher, embed_error
 from mlxcluster.errors import NodeError
-from mlxcluster.protocol import EmbedRequest, EmbedResult, Error, encode
+from mlxcluster.protocol import Cancel, EmbedRequest, EmbedResult, Error, encode
 from mlxcluster.worker.catalogue import model_facts
 from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.embedding_engine import EXTRA, EmbeddingEngine
@@ -281,6 +281,8 @@ class _EmbeddingEcho(EchoEngine):
             raise ValueError("boom")
         if text == "slow":
             await asyncio.sleep(5)
+        if text == "hold":
+            await asyncio.Event().wait()  # until cancelled
         if text == "huge":
             return EmbedResult(vectors=[bytes(7 * 1024 * 1024)], dimensions=1, prompt_tokens=1)  # 9.3 MB in base64
         return await super().embed(request)
@@ -290,11 +292,12 @@ class _EmbeddingEcho(EchoEngine):
 async def test_worker_refusals(cluster_config: Config, bus: Bus) -> None:
     """Through the worker service: a model not in its catalogue (retryable elsewhere), a chat engine asked to embed,
     an engine that fails, a deadline passed, vectors past NATS max_payload, a draining worker, a request without a
-    reply subject (dropped and counted)."""
-    from cluster_harness import Cluster
+    reply subject (dropped and counted), more embedding requests than the worker takes at once (``overloaded``), a
+    request the controller cancels (answered ``shutting_down``, its work dropped)."""
+    from cluster_harness import Cluster, wait_until
 
-    async def ask(text: str, model: str = "echo", **fields: Any) -> Error:
-        request = EmbedRequest(request_id="r", model=model, texts=[text], **fields)
+    async def ask(text: str, model: str = "echo", request_id: str = "r", **fields: Any) -> Error:
+        request = EmbedRequest(request_id=request_id, model=model, texts=[text], **fields)
         answer = await bus.request(subject, request, EmbedResult, timeout=5)
         assert answer.error is not None and answer.worker_id == "w-echo"
         return answer.error
@@ -320,6 +323,17 @@ async def test_worker_refusals(cluster_config: Config, bus: Bus) -> None:
         error = await ask("a")
         assert error.code == "draining" and error.retryable
         worker.service.status = "online"
+
+        admission = worker.service.admission
+        admission.max_concurrent, admission.max_queue = 1, 0  # one embedding request at a time
+        held = asyncio.create_task(ask("hold", request_id="held"))
+        await wait_until(lambda: "held" in worker.service._embedding, what="the held request to arrive")
+        error = await ask("a", request_id="next")
+        assert error.code == "overloaded" and error.retryable
+        await bus.publish(bus.subjects.cancel("w-echo"), Cancel(request_id="held", reason="client gone"))
+        error = await asyncio.wait_for(held, 5)
+        assert error.code == "shutting_down" and error.retryable
+        assert not worker.service._embedding
 
 
 def test_backbone_is_the_final_norm_before_the_head(decoder: Path, tmp_path: Path) -> None:

@@ -102,6 +102,9 @@ async def test_embeddings_through_the_cluster(cluster_config: Config, models: tu
         listed = {m.id: m.model_dump() for m in (await client.models.list()).data}
         assert listed[EMBED]["kind"] == "embedding" and listed[CHAT]["kind"] == "chat"
 
+        # asked to chat, the embedding model is refused before anything loads it, in each API's error shape
+        await _chat_refused_before_loading(controller, host)
+
         # one request: every input, in order, equal to the in-process vectors; usage counts their tokens
         status, body = await post(controller, {"model": EMBED, "input": TEXTS})
         assert status == 200, body
@@ -170,6 +173,25 @@ async def test_embeddings_through_the_cluster(cluster_config: Config, models: tu
         assert status == 429 and "TPM" in body["error"]["message"]
 
         await _refusals(controller, client)
+
+
+async def _chat_refused_before_loading(controller: RunningController, host: ModelHost) -> None:
+    session, headers = controller.session(), {"Authorization": f"Bearer {KEY}"}
+    messages = [{"role": "user", "content": "hi"}]
+    asks = {
+        "/v1/chat/completions": {"model": EMBED, "messages": messages},
+        "/v1/responses": {"model": EMBED, "input": "hi"},
+        "/v1/messages": {"model": EMBED, "messages": messages, "max_tokens": 8},
+    }
+    for path, body in asks.items():
+        async with session.post(f"{controller.url}{path}", json=body, headers=headers) as response:
+            answer = await response.json()
+        assert response.status == 400, (path, answer)
+        error = answer["error"]
+        assert (error["param"], error["code"]) == ("model", "model_not_chat") and "/v1/embeddings" in error["message"]
+        if path == "/v1/messages":
+            assert answer["type"] == "error" and error["type"] == "invalid_request_error"
+    assert EMBED not in host.loaded()
 
 
 def _token_ids(path: Path, texts: list[str]) -> list[list[int]]:

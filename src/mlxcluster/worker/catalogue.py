@@ -53,17 +53,20 @@ def model_facts(path: str, name: str, source: str) -> CatalogueModel:
     vision = is_vision_model(path)
     weights = shape.weights_bytes if shape is not None else 0
     if is_embedding_dir(path):
+        dimensions = max_seq_length = 0
         try:
-            dimensions = read_spec(path).dimensions
+            spec = read_spec(path)
+            dimensions, max_seq_length = spec.dimensions, spec.max_seq_length
         except NotAnEmbeddingModel as exc:  # listed; its load says why it cannot serve
             log.warning("embedding model %s: %s", name, exc)
-            dimensions = 0
         context = 0
         try:
             kv = kv_size(path)
             context = kv.context_length if kv is not None else 0
         except (OSError, ValueError):
             pass
+        if max_seq_length:  # sentence-transformers' limit, below the model's own
+            context = min(context, max_seq_length) if context else max_seq_length
         return CatalogueModel(
             name=name,
             kind="embedding",

@@ -7,7 +7,11 @@ and queued input by input. The **batch thread** (``mlx-embedding``: it loads the
 so nothing of MLX crosses threads) takes what is queued, waits up to ``batch_wait_ms`` for more while the
 batch holds fewer than ``batch_tokens`` tokens, sorts it by length and runs it in sub-batches of at most
 ``batch_tokens`` padded tokens. Inputs of different requests share a forward; the chat generation thread
-of another model is never involved.
+of another model is never involved. An input whose request was abandoned (its deadline passed, the
+controller cancelled it) is skipped, never computed. At most :data:`QUEUE_BATCHES` × ``batch_tokens``
+tokens wait: a request that would queue more is refused with a retryable ``overloaded`` (one alone in an
+empty queue is always taken, however long). A request racing :meth:`EmbeddingEngine.stop` gets a
+retryable ``shutting_down``, never silence.
 
 Decoders (mlx-lm's classes) are padded on the right: causal attention never lets a token see the pads after
 it, so each row's states are those of the input alone, and last-token pooling takes the row's last real
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxcluster.config import WorkerSection
 from mlxcluster.errors import NodeError
 from mlxcluster.protocol import EmbedRequest, EmbedResult, Error, InferenceRequest
 from mlxcluster.worker.embedding_spec import EmbeddingSpec, read_spec
@@ -39,11 +44,24 @@ from mlxcluster.worker.loaded_model import context_window
 
 log = logging.getLogger(__name__)
 
-BATCH_TOKENS = 8192
-"""Padded tokens one forward holds at most (an input longer than this runs alone)."""
-BATCH_WAIT_MS = 2.0
-"""How long the batch thread waits for more inputs once it has some."""
+_WORKER = WorkerSection()
+BATCH_TOKENS = _WORKER.embedding_batch_tokens
+"""Padded tokens one forward holds at most (an input longer than this runs alone): the config's default."""
+BATCH_WAIT_MS = _WORKER.embedding_batch_wait_ms
+"""How long the batch thread waits for more inputs once it has some: the config's default."""
+QUEUE_BATCHES = 16
+"""Tokens waiting for the batch thread at most, in ``batch_tokens`` (past it: ``overloaded``)."""
+POOL_JOIN_S = 5.0
+"""How long :meth:`EmbeddingEngine.stop` waits for a tokenization under way."""
 EXTRA = "mlxcluster[embeddings]"
+
+
+class EngineStopped(Exception):
+    """The engine stopped (or is stopping) before the request's inputs were queued: retry elsewhere."""
+
+
+class EngineOverloaded(Exception):
+    """The batch thread's queue is full: retry elsewhere, or later."""
 
 
 class EmbeddingRefused(Exception):
@@ -59,8 +77,15 @@ class _Input:
     """One input on its way through the batch thread."""
 
     tokens: list[int]
+    future: asyncio.Future[Any]
+    """Where the vector goes; done already (cancelled) when its request was abandoned: then skipped."""
     done: Callable[[Any, BaseException | None], None]
     """Called on the batch thread with the input's float32 vector (a numpy array) or the error."""
+
+    @property
+    def abandoned(self) -> bool:
+        """Nobody waits for this input any more (read on the batch thread: a plain attribute read)."""
+        return self.future.done()
 
 
 class EmbeddingModel:
@@ -171,7 +196,14 @@ class EmbeddingEngine(Engine):
         self.batches = 0
         """Forwards run since start (a test checks that concurrent requests share them)."""
         self.inputs = 0
+        self.max_queued_tokens = QUEUE_BATCHES * self.batch_tokens
+        """Tokens waiting for the batch thread at most (see :data:`QUEUE_BATCHES`)."""
+        self.queued_tokens = 0
+        self.skipped = 0
+        """Inputs dropped unrun because their request was abandoned."""
         self._queue: queue.Queue[_Input | None] = queue.Queue()
+        self._lock = threading.Lock()
+        """Guards ``_state``, ``queued_tokens`` and every put on ``_queue``: nothing is queued once stopping."""
         self._thread: threading.Thread | None = None
         self._model: EmbeddingModel | None = None
         self._tokenizer: Any = None
@@ -182,16 +214,26 @@ class EmbeddingEngine(Engine):
     # --- Engine API -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the model on the batch thread and start it; raises if loading fails."""
+        """Load the model on the batch thread and start it; raises if loading fails. Cancelled while the model
+        loads, the thread is told to stop once loaded (and :meth:`stop` joins it)."""
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="mlx-embedding", daemon=True)
-        self._state = "running"
+        with self._lock:
+            self._state = "loading"
         self._thread.start()
         try:
             await asyncio.wrap_future(ready)
         except BaseException:
-            self._state = "stopped"
+            with self._lock:
+                if self._thread.is_alive():  # still loading (cancelled): it exits once loaded
+                    self._state = "stopping"
+                    self._queue.put(None)
+                else:
+                    self._state = "stopped"
             raise
+        with self._lock:
+            if self._state == "loading":
+                self._state = "running"
         log.info(
             "embedding engine ready: model=%s pooling=%s normalize=%s dimensions=%d",
             self.model_name,
@@ -201,16 +243,20 @@ class EmbeddingEngine(Engine):
         )
 
     async def stop(self) -> None:
-        """Stop the batch thread; inputs still queued fail with ``shutting_down``."""
+        """Stop the batch thread (after its load, if it still loads) and the tokenizer pool; inputs still queued
+        and requests not queued yet fail with ``shutting_down``."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._state != "running":
+        with self._lock:
+            if self._state in ("loading", "running"):
+                self._queue.put(None)
+            self._state = "stopping" if self._state != "new" else "stopped"
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            await asyncio.to_thread(thread.join, 30.0)
+        with contextlib.suppress(TimeoutError):  # a tokenization under way ends on its own
+            await asyncio.wait_for(asyncio.to_thread(self._pool.shutdown, wait=True), POOL_JOIN_S)
+        with self._lock:
             self._state = "stopped"
-            return
-        self._state = "stopping"
-        self._queue.put(None)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30.0)
-        self._state = "stopped"
 
     def info(self) -> EngineInfo:
         return EngineInfo(name="mlx-embedding", models=[self.model_name], details=self._details)
@@ -224,17 +270,23 @@ class EmbeddingEngine(Engine):
         )
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        """The vectors of every input of ``request``, batched with those of other requests."""
+        """The vectors of every input of ``request``, batched with those of other requests; a forward's error
+        (MLX's, e.g. out of memory) is raised. Cancelled, the request's queued inputs are skipped."""
+        futures: list[asyncio.Future[Any]] = []
         try:
-            if self._state != "running":
-                raise RuntimeError(f"embedding engine is {self._state}")
-            inputs = await asyncio.get_running_loop().run_in_executor(self._pool, self._prepare, request)
+            inputs = await self._tokenize(request)
             dims = self._dimensions(request.dimensions)
-            vectors = await asyncio.gather(*(self._submit(tokens) for tokens in inputs))
+            futures = self._submit(inputs)
+            vectors = await asyncio.gather(*futures)
         except EmbeddingRefused as exc:
             return EmbedResult(error=Error(code="invalid_request", message=str(exc), param=exc.param))
-        except RuntimeError as exc:
+        except EngineStopped as exc:
             return EmbedResult(error=Error(code="shutting_down", message=str(exc), retryable=True))
+        except EngineOverloaded as exc:
+            return EmbedResult(error=Error(code="overloaded", message=str(exc), retryable=True))
+        finally:
+            for future in futures:  # abandoned (cancelled, or a sibling failed): the batch thread skips them
+                future.cancel()
         return EmbedResult(
             vectors=[self._shape(vector, dims) for vector in vectors],
             dimensions=dims,
@@ -243,19 +295,39 @@ class EmbeddingEngine(Engine):
 
     # --- requests -------------------------------------------------------------------------------
 
+    async def _tokenize(self, request: EmbedRequest) -> list[list[int]]:
+        """:meth:`_prepare` on the tokenizer pool. :raises EngineStopped: the engine stops meanwhile."""
+        with self._lock:
+            if self._state != "running":
+                raise EngineStopped(f"embedding engine is {self._state}")
+            try:
+                prepared = self._pool.submit(self._prepare, request)
+            except RuntimeError:  # the pool is shut down
+                raise EngineStopped("embedding engine is stopping") from None
+        try:
+            return await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if prepared.cancelled() and (task is None or not task.cancelling()):
+                raise EngineStopped("embedding engine stopped before the input was tokenized") from None
+            raise
+
     def _prepare(self, request: EmbedRequest) -> list[list[int]]:
         """The token lists of a request's inputs (on the tokenizer pool); refuses what cannot be embedded."""
         prefix = ""
-        if request.prompt_name is not None:
-            if request.prompt_name not in self.spec.prompts:
+        prompt_name = request.prompt_name
+        if prompt_name is None and request.tokens is None:
+            prompt_name = self.spec.default_prompt  # sentence-transformers' default_prompt_name
+        if prompt_name is not None:
+            if prompt_name not in self.spec.prompts:
                 known = ", ".join(sorted(self.spec.prompts)) or "none"
                 raise EmbeddingRefused(
-                    f"prompt_name: '{request.model}' has no prompt '{request.prompt_name}' (its prompts: {known})",
+                    f"prompt_name: '{request.model}' has no prompt '{prompt_name}' (its prompts: {known})",
                     "prompt_name",
                 )
             if request.tokens is not None:
                 raise EmbeddingRefused("prompt_name: applies to text input, not token ids", "prompt_name")
-            prefix = self.spec.prompts[request.prompt_name]
+            prefix = self.spec.prompts[prompt_name]
         if request.tokens is not None:
             inputs = request.tokens
             for index, tokens in enumerate(inputs):
@@ -267,6 +339,8 @@ class EmbeddingEngine(Engine):
                     )
         else:
             texts = [prefix + text for text in request.texts or []]
+            if self.spec.lower_case:
+                texts = [text.lower() for text in texts]
             inputs = (
                 [list(ids) for ids in self._tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
             )
@@ -303,24 +377,31 @@ class EmbeddingEngine(Engine):
                 vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         return bytes(np.ascontiguousarray(vector, dtype="<f4").tobytes())
 
-    def _submit(self, tokens: list[int]) -> asyncio.Future[Any]:
+    def _submit(self, inputs: list[list[int]]) -> list[asyncio.Future[Any]]:
+        """Queue a request's inputs together, each with the future of its vector.
+
+        :raises EngineStopped: the engine is not running (nothing is queued then).
+        :raises EngineOverloaded: the queue holds tokens and these would take it past :attr:`max_queued_tokens`.
+        """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        items = [_input(loop, tokens) for tokens in inputs]
+        need = sum(len(tokens) for tokens in inputs)
+        with self._lock:
+            if self._state != "running":
+                raise EngineStopped(f"embedding engine is {self._state}")
+            if self.queued_tokens and self.queued_tokens + need > self.max_queued_tokens:
+                raise EngineOverloaded(
+                    f"embedding queue full: {self.queued_tokens} tokens wait; {need} more would pass "
+                    f"{self.max_queued_tokens}"
+                )
+            self.queued_tokens += need
+            for item in items:
+                self._queue.put(item)
+        return [item.future for item in items]
 
-        def settle(vector: Any, error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(vector)
-
-        def done(vector: Any, error: BaseException | None) -> None:  # on the batch thread
-            with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile: nobody waits any more
-                loop.call_soon_threadsafe(settle, vector, error)
-
-        self._queue.put(_Input(tokens, done))
-        return future
+    def _dequeued(self, item: _Input) -> None:
+        with self._lock:
+            self.queued_tokens -= len(item.tokens)
 
     # --- the batch thread -----------------------------------------------------------------------
 
@@ -332,16 +413,22 @@ class EmbeddingEngine(Engine):
             with mx.stream(stream):
                 self._load()
         except BaseException as exc:
-            ready.set_exception(exc)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # start() was cancelled meanwhile
+                ready.set_exception(exc)
             return
-        ready.set_result(None)
-        with mx.stream(stream):
-            while True:
-                batch = self._collect()
-                if batch is None:
-                    break
-                self._forward(batch)
+        try:
+            ready.set_result(None)
+        except concurrent.futures.InvalidStateError:  # start() was cancelled meanwhile: stop() joins us
+            pass
+        else:
+            with mx.stream(stream):
+                while True:
+                    batch = self._collect()
+                    if batch is None:
+                        break
+                    self._forward(batch)
         self._fail_queued()
+        self._model = None  # the weights go with the engine's last request, not with the engine object
 
     def _load(self) -> None:
         import mlx.core as mx
@@ -352,6 +439,9 @@ class EmbeddingEngine(Engine):
         self._model = EmbeddingModel(model, self.spec, int(pad or 0))
         self._tokenizer = tokenizer
         self.context_window = context_window(config, tokenizer)
+        if self.spec.max_seq_length:  # sentence-transformers reads no further than its max_seq_length
+            limit = self.spec.max_seq_length
+            self.context_window = min(self.context_window, limit) if self.context_window else limit
         self.vocab_size = int(config.get("vocab_size") or len(tokenizer))
         self._details = {
             "kind": "embedding",
@@ -367,10 +457,17 @@ class EmbeddingEngine(Engine):
 
     def _collect(self) -> list[_Input] | None:
         """The next batch: what is queued, and what comes within ``batch_wait_s`` while it has room (None: stop)."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch, tokens = [first], len(first.tokens)
+        batch: list[_Input] = []
+        tokens = 0
+        while not batch:
+            first = self._queue.get()
+            if first is None:
+                return None
+            self._dequeued(first)
+            if first.abandoned:
+                self.skipped += 1
+                continue
+            batch, tokens = [first], len(first.tokens)
         deadline = time.monotonic() + self.batch_wait_s
         while tokens < self.batch_tokens:
             try:
@@ -381,6 +478,10 @@ class EmbeddingEngine(Engine):
             if item is None:
                 self._queue.put(None)  # stop after this batch
                 break
+            self._dequeued(item)
+            if item.abandoned:
+                self.skipped += 1
+                continue
             batch.append(item)
             tokens += len(item.tokens)
         return batch
@@ -394,7 +495,11 @@ class EmbeddingEngine(Engine):
             end = start + 1
             while end < len(batch) and len(batch[end].tokens) * (end + 1 - start) <= self.batch_tokens:
                 end += 1
-            part = batch[start:end]
+            part = [item for item in batch[start:end] if not item.abandoned]  # given up during earlier forwards
+            self.skipped += end - start - len(part)
+            start = end
+            if not part:
+                continue
             self.batches += 1
             self.inputs += len(part)
             try:
@@ -406,7 +511,6 @@ class EmbeddingEngine(Engine):
             else:
                 for item, vector in zip(part, vectors, strict=True):
                     item.done(vector, None)
-            start = end
 
     def _fail_queued(self) -> None:
         while True:
@@ -415,4 +519,24 @@ class EmbeddingEngine(Engine):
             except queue.Empty:
                 return
             if item is not None:
-                item.done(None, RuntimeError("embedding engine stopped"))
+                self._dequeued(item)
+                item.done(None, EngineStopped("embedding engine stopped"))
+
+
+def _input(loop: asyncio.AbstractEventLoop, tokens: list[int]) -> _Input:
+    """An input and its future, settled from the batch thread through ``loop``."""
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(vector: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(vector)
+
+    def done(vector: Any, error: BaseException | None) -> None:  # on the batch thread
+        with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, vector, error)
+
+    return _Input(tokens, future, done)

@@ -4,9 +4,12 @@ Most embedding repos (Qwen3-Embedding, BGE, E5, nomic, MiniLM...) carry ``module
 pipeline as sentence-transformers runs it, e.g. ``Transformer → Pooling → Normalize``. The Pooling module's
 ``config.json`` says how token states become one vector (``pooling_mode_lasttoken``, ``_mean_tokens``,
 ``_cls_token``), a ``Normalize`` module that vectors are unit length, and ``config_sentence_transformers.json``
-may name prompts (Qwen3-Embedding's ``query`` instruction). A model dir without ``modules.json`` is a chat
-model. What we cannot run the way sentence-transformers would (another pooling mode, a ``Dense`` projection)
-is refused at load with the module's name, never approximated.
+may name prompts (Qwen3-Embedding's ``query`` instruction) and the one used when a request names none
+(``default_prompt_name``). The Transformer module's ``sentence_bert_config.json`` may set ``max_seq_length``
+(sentence-transformers reads no further: it is the model's context here, an input past it refused) and
+``do_lower_case`` (texts are lower-cased, prompt included, before tokenizing). A model dir without
+``modules.json`` is a chat model. What we cannot run the way sentence-transformers would (another pooling mode,
+a ``Dense`` projection) is refused at load with the module's name, never approximated.
 
 Decoder models (``model_type`` an mlx-lm family: Qwen3, Llama...) run through mlx-lm's own classes; encoder
 models (BERT, ModernBERT, XLM-RoBERTa, nomic-bert) need mlx-embeddings, the ``mlxcluster[embeddings]`` extra.
@@ -57,6 +60,12 @@ class EmbeddingSpec:
     model_type: str = ""
     prompts: dict[str, str] = field(default_factory=dict)
     """Named prompts put before a text (``config_sentence_transformers.json``)."""
+    default_prompt: str | None = None
+    """The prompt a request naming none gets (``default_prompt_name``; ``None``: no prompt)."""
+    max_seq_length: int = 0
+    """Tokens one input may have (``sentence_bert_config.json``; 0: the model's context window)."""
+    lower_case: bool = False
+    """Texts are lower-cased before tokenizing (``do_lower_case``)."""
 
 
 def is_embedding_dir(path: str | Path) -> bool:
@@ -74,9 +83,12 @@ def read_spec(path: str | Path) -> EmbeddingSpec:
     pooling: Pooling | None = None
     normalize = False
     dims = 0
+    transformer: dict[str, Any] = {}
     for module in modules:
         kind = str(module.get("type", "")) if isinstance(module, dict) else ""
         if kind == ST_TRANSFORMER:
+            bert_config = root / str(module.get("path", "")) / "sentence_bert_config.json"
+            transformer = _json(bert_config) if bert_config.is_file() else {}
             continue
         if kind == ST_POOLING:
             config = _json(root / str(module.get("path", "")) / "config.json")
@@ -94,15 +106,24 @@ def read_spec(path: str | Path) -> EmbeddingSpec:
     config = _json(root / "config.json")
     model_type = str(config.get("model_type", ""))
     hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size") or 0
-    st_config = root / "config_sentence_transformers.json"
-    prompts = _json(st_config).get("prompts") if st_config.is_file() else None
+    st_path = root / "config_sentence_transformers.json"
+    st_config = _json(st_path) if st_path.is_file() else {}
+    prompts = st_config.get("prompts")
+    named = {str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {}
+    default = st_config.get("default_prompt_name")
+    if default is not None and default not in named:
+        raise NotAnEmbeddingModel(f"{st_path}: default_prompt_name {default!r} is not one of its prompts")
+    max_seq = transformer.get("max_seq_length")
     return EmbeddingSpec(
         pooling=pooling,
         normalize=normalize,
         dimensions=dims or int(hidden),
         encoder=model_type.lower() in ENCODER_TYPES,
         model_type=model_type,
-        prompts={str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {},
+        prompts=named,
+        default_prompt=None if default is None else str(default),
+        max_seq_length=max_seq if isinstance(max_seq, int) and max_seq > 0 else 0,
+        lower_case=transformer.get("do_lower_case") is True,
     )
 
 

@@ -161,8 +161,9 @@ class WorkerService:
         self._cache_sequence = itertools.count(1)  # one seq for all of this worker's cache events
         self._started = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._embedding: set[asyncio.Task[None]] = set()
-        """Embedding requests being served (a drain waits for them as for inference requests)."""
+        self._embedding: dict[str, asyncio.Task[None]] = {}
+        """Embedding requests being served, by request id (a drain waits for them as for inference requests; a
+        ``Cancel`` naming one cancels it)."""
         self.host.on_change = self._models_changed
         self.host.add_engine_listener(self._engine_changed)
 
@@ -199,7 +200,7 @@ class WorkerService:
         """Refuse new work, let in-flight requests finish up to ``timeout``, deregister with ``reason``."""
         self.status = "draining"
         await self.publish_heartbeat()
-        pending = [*self.in_flight.values(), *self._embedding]
+        pending = [*self.in_flight.values(), *self._embedding.values()]
         if pending:
             log.info("draining: waiting up to %.0fs for %d request(s)", timeout, len(pending))
             _, still_running = await asyncio.wait(pending, timeout=timeout)
@@ -389,7 +390,7 @@ class WorkerService:
             await publisher.snapshot()
 
     async def _on_cancel(self, cancel: Cancel, _msg: Msg) -> None:
-        task = self.in_flight.get(cancel.request_id)
+        task = self.in_flight.get(cancel.request_id) or self._embedding.get(cancel.request_id)
         if task is not None:
             log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
             task.cancel()
@@ -525,18 +526,45 @@ class WorkerService:
 
     # --- embeddings -----------------------------------------------------------------------------
 
+    @property
+    def max_embedding(self) -> int:
+        """Embedding requests served at once at most (all embedding models together): ``max_concurrent +
+        max_queue``, as many as chat requests may run and wait; past it a request gets a retryable ``overloaded``.
+        Each engine bounds the tokens queued for its batch thread besides."""
+        return self.admission.max_concurrent + self.admission.max_queue
+
     async def _on_embed(self, request: EmbedRequest, msg: Msg) -> None:
         """``worker.<id>.embed``: an embedding request, answered with one :class:`EmbedResult`."""
         if not msg.reply:
             self.bus.invalid_messages[msg.subject] += 1
             return
+        if request.request_id in self._embedding:
+            return  # a duplicate delivery of a request we already serve
+        if len(self._embedding) >= self.max_embedding:
+            self.requests_total += 1
+            message = f"worker serves {len(self._embedding)} embedding requests already"
+            await self._reply_embed(
+                EmbedResult(error=Error(code="overloaded", message=message, retryable=True)), msg.reply
+            )
+            return
         task = asyncio.ensure_future(self._answer_embed(request, msg.reply))
-        self._embedding.add(task)
-        task.add_done_callback(self._embedding.discard)
+        self._embedding[request.request_id] = task
+        task.add_done_callback(lambda _t: self._embedding.pop(request.request_id, None))
 
     async def _answer_embed(self, request: EmbedRequest, reply: str) -> None:
         self.requests_total += 1
-        result = await self._embed(request)
+        try:
+            result = await self._embed(request)
+        except asyncio.CancelledError:  # the controller gave up (no answer wanted), or a drain ran out
+            with contextlib.suppress(Exception):
+                stopped = Error(
+                    code="shutting_down", message="embedding request cancelled on the worker", retryable=True
+                )
+                await self._reply_embed(EmbedResult(error=stopped), reply)
+            raise
+        await self._reply_embed(result, reply)
+
+    async def _reply_embed(self, result: EmbedResult, reply: str) -> None:
         result.worker_id = self.worker_id
         if result.error is not None:
             self.errors_total += 1

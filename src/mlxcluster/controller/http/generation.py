@@ -47,6 +47,19 @@ def check_ready(ctx: ControllerContext) -> None:
         )
 
 
+def check_chat_model(ctx: ControllerContext, model: str) -> None:
+    """An embedding model (its catalogue entry says so) is refused before dispatch, so it is never loaded for a
+    request it cannot serve: a 400 naming ``model``."""
+    entry = ctx.registry.catalogue_entry(model)
+    if entry is not None and entry.kind == "embedding":
+        raise ApiError(
+            400,
+            f"'{model}' is an embedding model: it does not chat or complete text; use /v1/embeddings",
+            param="model",
+            code="model_not_chat",
+        )
+
+
 def client_gone(request: web.Request) -> Callable[[], bool]:
     """Whether the client of ``request`` has disconnected (a stream it no longer reads is not migrated)."""
 
@@ -89,6 +102,7 @@ async def generation(
     """Dispatch ``inference``; yields its first frame (raising the HTTP error if it failed) and the rest."""
     ctx: ControllerContext = request.app[CONTROLLER]
     check_ready(ctx)
+    check_chat_model(ctx, inference.model)
     async with contextlib.aclosing(ctx.dispatcher.stream(inference, disconnected=client_gone(request))) as frames:
         first = await anext(frames, None)
         if first is None:

@@ -50,7 +50,8 @@ def schemas() -> dict[str, Schema]:
         "Keep the first n values of each vector, renormalised (Matryoshka); at most the model's vector length."
     )
     properties["prompt_name"]["description"] = (
-        "A prompt of the model's sentence-transformers config put before each text (e.g. `query`); text input only."
+        "A prompt of the model's sentence-transformers config put before each text (e.g. `query`); text input only. "
+        "Unset: the config's `default_prompt_name` prompt, if any."
     )
     properties["encoding_format"]["description"] = "`base64`: each vector's little-endian float32 bytes."
     embedding = obj(

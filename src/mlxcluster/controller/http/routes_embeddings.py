@@ -55,6 +55,8 @@ def inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
         raise bad_request("input: expected a string, a list of strings, token ids or lists of token ids", "input")
     if not value:
         raise bad_request("input: must not be empty", "input")
+    if all(_token(item) for item in value):
+        return None, [value]  # one input, however long (the model's context bounds it)
     if len(value) > MAX_INPUTS:
         raise bad_request(f"input: {len(value)} inputs; at most {MAX_INPUTS} per request", "input", "too_many_inputs")
     if all(isinstance(item, str) for item in value):
@@ -62,8 +64,6 @@ def inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
         if empty is not None:
             raise bad_request(f"input[{empty}]: must not be an empty string", "input")
         return value, None
-    if all(_token(item) for item in value):
-        return None, [value]
     if all(isinstance(item, list) and all(_token(t) for t in item) for item in value):
         empty = next((i for i, item in enumerate(value) if not item), None)
         if empty is not None:

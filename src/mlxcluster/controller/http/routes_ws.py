@@ -27,7 +27,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from mlxcluster.controller.http.context import CONTROLLER, ControllerContext
 from mlxcluster.controller.http.errors import ApiError, bad_request
-from mlxcluster.controller.http.generation import check_ready
+from mlxcluster.controller.http.generation import check_chat_model, check_ready
 from mlxcluster.controller.http.middleware import API_KEY, API_KEY_PENDING, model_not_allowed, new_request_id
 from mlxcluster.controller.http.openai_schema import (
     ChatCompletionRequest,
@@ -199,6 +199,7 @@ class Session:
             )
         check_ready(self.ctx)
         inference = self._inference(envelope.type, raw.encode())
+        check_chat_model(self.ctx, inference.model)
         key = self.key
         reserve = 0 if inference.max_tokens_auto else inference.max_tokens  # no limit given: none reserved (as HTTP)
         if key is not None:  # the same model list and rate limits as over HTTP

@@ -60,6 +60,15 @@ class Breakers:
         if breaker.failures >= self.threshold or breaker.opened_at is not None:
             breaker.opened_at = self.clock()
 
+    def blame(self, worker_id: str, *, epoch: int, now: int) -> None:
+        """Count a failure against the worker's breaker, unless our own NATS connection dropped meanwhile (the
+        bus epoch when the try began, ``epoch``, differs from ``now``): frames lost in a bus outage say nothing
+        about the worker (and would open every breaker at once); the half-open trial just ends then."""
+        if epoch == now:
+            self.record_failure(worker_id)
+        else:
+            self.forgive(worker_id)
+
     def forgive(self, worker_id: str) -> None:
         """A try failed for a reason that is not the worker's (the bus dropped): end a half-open trial
         without counting a failure."""

@@ -404,12 +404,8 @@ class Dispatcher:
         return self._relay(stream, request, first, epoch, span)
 
     def _blame(self, worker_id: str, epoch: int) -> None:
-        """Count a failure against the worker's breaker, unless our own NATS connection dropped meanwhile:
-        frames lost in a bus outage say nothing about the worker (and would open every breaker at once)."""
-        if self.bus.epoch == epoch:
-            self.breakers.record_failure(worker_id)
-        else:
-            self.breakers.forgive(worker_id)
+        """A failure of the try begun at bus ``epoch``, unless the bus dropped since (:meth:`Breakers.blame`)."""
+        self.breakers.blame(worker_id, epoch=epoch, now=self.bus.epoch)
 
     async def _first_frame(
         self, stream: ReplyStream, request: InferenceRequest, meter: RequestMeter, span: Span

@@ -4,15 +4,21 @@ An embedding request is one NATS request/reply per part (``worker.<id>.embed``):
 inputs are split so that each part's request and its answer fit ``max_payload`` (the answer's size follows
 from the model's vector length, which its catalogue entry gives); the parts go out concurrently, each to the
 worker the balancer picks (a worker then batches the inputs of every part and request it holds). A part that
-gets no answer, "no responders" or a retryable error is tried on another worker, never the same one twice, up
-to ``controller.max_attempts``; a model loaded nowhere is loaded first, as for chat. Every request ends with
-one :class:`~mlxcluster.api.RequestFinished` event (its tokens as prompt tokens), so key usage and the ``tpm``
-limit count embedding tokens like any others.
+gets no answer, "no responders", a retryable error or a malformed answer (not one vector of the expected length
+per input: counted in the bus's invalid messages) is tried on another worker, never the same one twice, up
+to ``controller.max_attempts``; a model loaded nowhere is loaded first, as for chat. Once a part fails, its
+siblings are cancelled (a ``Cancel`` tells their workers to skip inputs not computed yet), as they are when
+the client leaves. Breakers count a worker's failures as dispatch does (not those of our own bus outage), and
+every try ends a half-open trial. Every request ends with one :class:`~mlxcluster.api.RequestFinished` event
+(the tokens of the parts computed as prompt tokens, even when another part failed), so key usage and the
+``tpm`` limit count embedding tokens like any others; a request refused before anything was sent (413) is
+not counted as dispatched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -29,11 +35,11 @@ from mlxcluster.controller.http.errors import ApiError, no_capacity, payload_too
 from mlxcluster.controller.metering.keys import CURRENT_KEY
 from mlxcluster.controller.metering.request_meter import EventSink, discard
 from mlxcluster.controller.routing.breaker import Breakers
-from mlxcluster.protocol import EmbedRequest, EmbedResult, Error, InferenceRequest, encode
+from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
+from mlxcluster.protocol import Cancel, EmbedRequest, EmbedResult, Error, InferenceRequest, encode
 
 log = logging.getLogger(__name__)
 
-SUBJECT_HEADROOM = 1024
 VECTOR_OVERHEAD = 8
 """JSON bytes around one base64 vector (quotes, comma)."""
 MAX_PART_INPUTS = 256
@@ -126,15 +132,21 @@ class EmbeddingDispatcher:
         """
         started, wall = perf_counter(), time.time()
         key = CURRENT_KEY.get()
-        tokens = 0
-        workers: list[str] = []
+        tasks: list[asyncio.Task[EmbedResult]] = []
+        dispatched = False
         error: str | None = None
         try:
-            parts = self.parts(request, request.dimensions or dimensions)
-            results = await asyncio.gather(*(self._part(part) for part in parts))
+            expected = request.dimensions or dimensions
+            parts = self.parts(request, expected)
+            dispatched = True
+            try:
+                async with asyncio.TaskGroup() as group:  # one part failing cancels the others
+                    tasks = [group.create_task(self._part(part, expected)) for part in parts]
+            except BaseExceptionGroup as failed:
+                raise first_error(failed) from None
+            results = [task.result() for task in tasks]
             vectors = [vector for result in results for vector in result.vectors]
-            tokens = sum(result.prompt_tokens for result in results)
-            workers = sorted({result.worker_id for result in results})
+            tokens, workers = _computed(tasks)
             return Embedded(vectors, results[0].dimensions if results else 0, tokens, workers)
         except ApiError as exc:
             error = exc.code or "error"
@@ -143,6 +155,7 @@ class EmbeddingDispatcher:
             error = "cancelled"
             raise
         finally:
+            tokens, workers = _computed(tasks)
             self.events(
                 RequestFinished(
                     time=time.time(),
@@ -156,12 +169,13 @@ class EmbeddingDispatcher:
                     stream=False,
                     key=key,
                     started=wall,
-                    dispatched=True,
+                    dispatched=dispatched,
                 )
             )
 
-    async def _part(self, part: EmbedRequest) -> EmbedResult:
-        """One part's answer from the first worker that gives one."""
+    async def _part(self, part: EmbedRequest, dimensions: int = 0) -> EmbedResult:
+        """One part's answer from the first worker that gives one (``dimensions``: the vector length expected,
+        0 when not known)."""
         tried: set[str] = set()
         reasons: list[str] = []
         pick_request = InferenceRequest(request_id=part.request_id, model=part.model, stream=False)
@@ -174,9 +188,8 @@ class EmbeddingDispatcher:
             if worker is None:
                 break
             tried.add(worker.id)
-            result = await self._send(part, worker.id)
+            result = await self._send(part, worker.id, dimensions)
             if result.error is None:
-                self.breakers.record_success(worker.id)
                 return result
             if not result.error.retryable:
                 raise embed_error(result.error)
@@ -191,22 +204,79 @@ class EmbeddingDispatcher:
         workers = self.registry.eligible(request.model, tried | blocked if blocked else tried)
         return self.balancer.pick(workers, request) if workers else None
 
-    async def _send(self, part: EmbedRequest, worker_id: str) -> EmbedResult:
-        """Ask one worker; a lost or silent one is a retryable error."""
+    async def _send(self, part: EmbedRequest, worker_id: str, dimensions: int = 0) -> EmbedResult:
+        """Ask one worker; a lost or silent one, or a malformed answer, is a retryable error. The worker's breaker
+        records a success, a failure (not during our own bus outage), or else its half-open trial ends."""
         timeout = self.config.request_timeout_s
         if part.deadline is not None:
             timeout = max(0.001, part.deadline - time.time())
+        subject = self.bus.subjects.embed(worker_id)
         self.registry.begin(worker_id)
         self.breakers.begin(worker_id)
+        epoch = self.bus.epoch
+        recorded = False
         try:
-            return await self.bus.request(self.bus.subjects.embed(worker_id), part, EmbedResult, timeout=timeout)
+            result = await self.bus.request(subject, part, EmbedResult, timeout=timeout)
+            if result.error is None:
+                problem = malformed(result, len(part.texts or part.tokens or []), part.dimensions or dimensions)
+                if problem is not None:
+                    self.bus.invalid_messages[subject] += 1
+                    self.breakers.record_failure(worker_id)
+                    recorded = True
+                    log.warning("embedding %s: %s answered %s", part.request_id, worker_id, problem)
+                    message = f"malformed answer: {problem}"
+                    return EmbedResult(error=Error(code="invalid_reply", message=message, retryable=True))
+                self.breakers.record_success(worker_id)
+                recorded = True
+            return result
         except BusError as exc:
             if part.deadline is not None and time.time() >= part.deadline:
                 raise ApiError(504, "The request timed out", type="server_error", code="timeout") from None
-            self.breakers.record_failure(worker_id)
+            self.breakers.blame(worker_id, epoch=epoch, now=self.bus.epoch)
+            recorded = True
             return EmbedResult(error=Error(code="worker_lost", message=str(exc), retryable=True))
+        except asyncio.CancelledError:  # a sibling part failed, or the client left: the worker may skip the rest
+            with contextlib.suppress(Exception):
+                cancel = Cancel(request_id=part.request_id, reason="controller gave up on the embedding request")
+                await self.bus.publish(self.bus.subjects.cancel(worker_id), cancel)
+            raise
         finally:
+            if not recorded:
+                self.breakers.forgive(worker_id)
             self.registry.end(worker_id)
+
+
+def malformed(result: EmbedResult, inputs: int, dimensions: int) -> str | None:
+    """What is wrong with a worker's answer to a part of ``inputs`` inputs (``dimensions``: the vector length
+    expected, 0 when not known), or ``None``."""
+    if len(result.vectors) != inputs:
+        return f"{len(result.vectors)} vectors for {inputs} inputs"
+    if result.dimensions < 1 or (dimensions and result.dimensions != dimensions):
+        return f"vectors of {result.dimensions} dimensions, expected {dimensions or 'at least 1'}"
+    size = 4 * result.dimensions
+    wrong = next((i for i, vector in enumerate(result.vectors) if len(vector) != size), None)
+    if wrong is not None:
+        return f"vector {wrong} has {len(result.vectors[wrong])} bytes, not {size} (float32 × {result.dimensions})"
+    return None
+
+
+def first_error(failed: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first :class:`ApiError` of a task group's failures (else its first failure)."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [failed]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        else:
+            leaves.append(error)
+    return next((error for error in leaves if isinstance(error, ApiError)), leaves[0])
+
+
+def _computed(tasks: list[asyncio.Task[EmbedResult]]) -> tuple[int, list[str]]:
+    """The prompt tokens and workers of the parts that were computed (whatever became of the others)."""
+    results = [task.result() for task in tasks if task.done() and not task.cancelled() and task.exception() is None]
+    return sum(result.prompt_tokens for result in results), sorted({result.worker_id for result in results})
 
 
 def embed_error(error: Error) -> ApiError:

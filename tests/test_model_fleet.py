@@ -99,7 +99,12 @@ async def test_load_on_demand_keep_alive_and_the_fleet_listing(
         assert [a.choices[0].message.content for a in answers] == [f"hello {i}" for i in range(8)]
         assert controller.ctx.loader.loads_started == 1  # eight first requests, one load
         assert await loaded_on(controller, "a") == ["w1"]
-        _, detail = await get(controller, "/api/cluster/models?model=a")
+
+        async def idle_with_a_deadline() -> dict[str, Any] | None:  # the heartbeat after the requests ended
+            _, detail = await get(controller, "/api/cluster/models?model=a")
+            return detail if detail["workers"][0]["models"][0]["expires_at"] is not None else None
+
+        detail = await wait_until(idle_with_a_deadline, what="model a idle with its keep-alive deadline")
         (state,) = detail["workers"][0]["models"]
         assert state["state"] == "loaded" and state["weights_bytes"] == 4 * MIB and state["expires_at"] > 0
         assert detail["workers"][0]["memory"]["budget_bytes"] == 10 * MIB

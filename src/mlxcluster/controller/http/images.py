@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -183,21 +181,27 @@ async def resolve_images(
     return images
 
 
-@contextlib.asynccontextmanager
-async def parked_images(store: ImageStore | None, max_payload: int, request: InferenceRequest) -> AsyncIterator[None]:
+class parked_images:  # noqa: N801  (used as ``async with parked_images(...)``, like a function)
     """While the request runs, its images in the object store when inline they would pass ``max_payload``
     (without JetStream they stay inline, and dispatch answers the 413 of a request too large for the bus).
     A store that fails while parking (full, or not answering) is a 503 ``images_unavailable``, what was parked
-    deleted."""
-    names: list[str] = []
-    if store is not None and request.images and len(encode(request)) > max_payload - SUBJECT_HEADROOM:
+    deleted. A request without images costs two calls that await nothing (the hot path)."""
+
+    def __init__(self, store: ImageStore | None, max_payload: int, request: InferenceRequest) -> None:
+        self.store, self.max_payload, self.request = store, max_payload, request
+        self.names: list[str] = []
+
+    async def __aenter__(self) -> None:
+        store, request = self.store, self.request
+        if store is None or not request.images or len(encode(request)) <= self.max_payload - SUBJECT_HEADROOM:
+            return
         try:
-            await store.park(request, names)
+            await store.park(request, self.names)
         except JetStreamUnavailable as exc:
             log.warning("request %s: its images cannot be parked (%s)", request.request_id, exc)
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("request %s: parking its images failed (%s)", request.request_id, exc or type(exc).__name__)
-            await store.drop(names)
+            await store.drop(self.names)
             raise ApiError(
                 503,
                 "The request's images could not be stored for the worker; try again",
@@ -205,11 +209,10 @@ async def parked_images(store: ImageStore | None, max_payload: int, request: Inf
                 code="images_unavailable",
                 retry_after=STORE_RETRY_AFTER_S,
             ) from None
-    try:
-        yield
-    finally:
-        if names:
-            await store.drop(names)  # type: ignore[union-attr]
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self.names:
+            await self.store.drop(self.names)  # type: ignore[union-attr]
 
 
 __all__ = ["ImageFetcher", "ImageRef", "parked_images", "check_vision", "decode_data_url", "resolve_images", "sniff"]

@@ -192,7 +192,8 @@ async def _create_message(request: web.Request) -> web.StreamResponse:
     message_id = f"msg_{new_request_id()}"
     refs: list[ImageRef] = []
     inference = messages_to_inference(body, message_id, time.time() + ctx.config.controller.request_timeout_s, refs)
-    inference.images = await resolve_images(ctx.registry, ctx.image_fetcher, body.model, refs)
+    if refs:
+        inference.images = await resolve_images(ctx.registry, ctx.image_fetcher, body.model, refs)
     async with (
         parked_images(ctx.images, ctx.bus.max_payload, inference),
         generation(request, inference) as (first, frames),

@@ -227,7 +227,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     inference = chat_to_inference(
         body, completion_id, _deadline(ctx), ctx.config.controller.default_max_tokens, images=refs
     )
-    inference.images = await resolve_images(ctx.registry, ctx.image_fetcher, body.model, refs)
+    if refs:
+        inference.images = await resolve_images(ctx.registry, ctx.image_fetcher, body.model, refs)
     renderer = Renderer(
         chat=True, completion_id=completion_id, model=body.model, created=int(time.time()), logprobs=inference.logprobs
     )

@@ -282,7 +282,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     deadline = time.time() + settings.request_timeout_s
     refs: list[ImageRef] = []
     inference = responses_to_inference(body, shell.response_id, deadline, settings.default_max_tokens, refs)
-    inference.images = await resolve_images(ctx.registry, ctx.image_fetcher, body.model, refs)
+    if refs:
+        inference.images = await resolve_images(ctx.registry, ctx.image_fetcher, body.model, refs)
     async with (
         parked_images(ctx.images, ctx.bus.max_payload, inference),
         generation(request, inference) as (first, frames),

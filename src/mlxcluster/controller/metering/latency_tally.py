@@ -8,36 +8,42 @@ online ones. A finished request costs two bisections.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections.abc import Iterable
 
 from mlxcluster.api import RequestFinished
-from mlxcluster.protocol import LATENCY_BUCKETS, LatencyCounts
+from mlxcluster.protocol import DURATION_BUCKETS, LATENCY_BUCKETS, TTFT_BUCKETS, LatencyCounts
 
 
 class LatencyTally:
     """Request-duration and TTFT counts (:data:`~mlxcluster.protocol.LATENCY_BUCKETS`) and tokens since start."""
 
     def __init__(self) -> None:
-        self._counts = {name: [0] * (len(bounds) + 1) for name, bounds in LATENCY_BUCKETS.items()}
-        self._sums = dict.fromkeys(LATENCY_BUCKETS, 0.0)
+        self._duration = [0] * (len(DURATION_BUCKETS) + 1)
+        self._ttft = [0] * (len(TTFT_BUCKETS) + 1)
+        self._duration_sum = 0.0
+        self._ttft_sum = 0.0
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    def _observe(self, name: str, value: float) -> None:
-        self._counts[name][bisect.bisect_left(LATENCY_BUCKETS[name], value)] += 1
-        self._sums[name] += value
-
     def on_finished(self, event: RequestFinished) -> None:
-        self._observe("request_duration_seconds", event.duration_s)
-        if event.ttft_s is not None:
-            self._observe("ttft_seconds", event.ttft_s)
+        """Count one finished request (on every request's path: a few list and attribute updates)."""
+        duration = event.duration_s
+        self._duration[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self._duration_sum += duration
+        ttft = event.ttft_s
+        if ttft is not None:
+            self._ttft[bisect_left(TTFT_BUCKETS, ttft)] += 1
+            self._ttft_sum += ttft
         self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
 
     def counts(self) -> dict[str, LatencyCounts]:
         """A copy for a heartbeat."""
-        return {name: LatencyCounts(counts=list(c), sum=self._sums[name]) for name, c in self._counts.items()}
+        return {
+            "request_duration_seconds": LatencyCounts(counts=list(self._duration), sum=self._duration_sum),
+            "ttft_seconds": LatencyCounts(counts=list(self._ttft), sum=self._ttft_sum),
+        }
 
 
 def merge_latency(parts: Iterable[dict[str, LatencyCounts]]) -> dict[str, LatencyCounts]:

@@ -172,7 +172,9 @@ async def run_embeddings(
     concurrencies = concurrencies or (QUICK_CONCURRENCIES if quick else CONCURRENCIES)
     texts = corpus(inputs or (32 if quick else 512), words or (12 if quick else 96))
     name = Path(model_path).name
-    local = await asyncio.to_thread(in_process, model_path, texts, concurrencies)
+    # on this thread, before the cluster starts (nothing else runs yet): an executor thread's MLX state has
+    # once aborted the process at exit ("terminate called without an active exception")
+    local = in_process(model_path, texts, concurrencies)
     rows: list[EmbeddingsRow] = []
     async with cluster(model_path) as base_url:
         for concurrency in concurrencies:

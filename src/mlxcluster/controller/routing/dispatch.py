@@ -49,6 +49,12 @@ CacheShare = Callable[[InferenceRequest, str], float]
 """The share of a request's prompt a worker's prompt cache holds, as the controller's cache index knows it."""
 
 
+class Candidates(Protocol):
+    """The one registry call a pick makes (chat and embeddings dispatch alike)."""
+
+    def eligible(self, model: str, exclude: Collection[str] = ...) -> list[WorkerView]: ...
+
+
 class Registry(Protocol):
     """The registry calls dispatch makes."""
 
@@ -63,7 +69,7 @@ class Registry(Protocol):
 
 
 def pick_worker(
-    registry: Registry,
+    registry: Candidates,
     balancer: Balancer,
     request: InferenceRequest,
     exclude: Collection[str] = frozenset(),

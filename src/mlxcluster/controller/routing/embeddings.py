@@ -35,7 +35,7 @@ from mlxcluster.controller.http.errors import ApiError, no_capacity, payload_too
 from mlxcluster.controller.metering.keys import CURRENT_KEY
 from mlxcluster.controller.metering.request_meter import EventSink, discard
 from mlxcluster.controller.routing.breaker import Breakers
-from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
+from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM, pick_worker
 from mlxcluster.protocol import Cancel, EmbedRequest, EmbedResult, Error, InferenceRequest, encode
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,7 @@ class EmbeddingDispatcher:
 
     def _pick(self, request: InferenceRequest, tried: set[str]) -> WorkerView | None:
         blocked = self.breakers.open_ids()
-        workers = self.registry.eligible(request.model, tried | blocked if blocked else tried)
-        return self.balancer.pick(workers, request) if workers else None
+        return pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried)
 
     async def _send(self, part: EmbedRequest, worker_id: str, dimensions: int = 0) -> EmbedResult:
         """Ask one worker; a lost or silent one, or a malformed answer, is a retryable error. The worker's breaker

@@ -12,6 +12,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from mlxcluster.api import WorkerView
 from mlxcluster.bus import BusConnectionError, BusNoRespondersError
@@ -22,6 +25,7 @@ from mlxcluster.controller.routing.breaker import Breakers
 from mlxcluster.controller.routing.embeddings import EmbeddingDispatcher
 from mlxcluster.protocol import Cancel, EmbedRequest, EmbedResult, Error, InferenceRequest
 from mlxcluster.subjects import Subjects
+from mlxcluster.tracing_otel import OtelTracer
 
 Answer = Callable[[str, EmbedRequest], Awaitable[EmbedResult]]
 
@@ -36,8 +40,12 @@ class FakeBus:
         self.epoch = 1
         self.invalid_messages: Counter[str] = Counter()
         self.published: list[tuple[str, Any]] = []
+        self.headers: list[dict[str, str] | None] = []
 
-    async def request(self, subject: str, message: EmbedRequest, _type: Any, *, timeout: float) -> EmbedResult:
+    async def request(
+        self, subject: str, message: EmbedRequest, _type: Any, *, timeout: float, headers: dict[str, str] | None = None
+    ) -> EmbedResult:
+        self.headers.append(headers)
         return await self.answer(subject.split(".")[-2], message)
 
     async def publish(self, subject: str, message: Any) -> None:
@@ -167,6 +175,31 @@ async def test_malformed_answers_are_retried_and_counted(bad: Callable[[EmbedReq
     assert result.workers == ["good"] and len(result.vectors) == 2
     assert bus.invalid_messages == Counter({bus.subjects.embed("bad"): 1})
     assert breakers.state("bad") == "open"
+
+
+async def test_each_try_is_a_pick_and_an_attempt_span_and_the_attempt_travels_in_the_headers() -> None:
+    async def answer(worker: str, part: EmbedRequest) -> EmbedResult:
+        if worker == "bad":
+            return EmbedResult(error=Error(code="engine_error", message="boom", retryable=True))
+        return msgspec.structs.replace(answered(part), worker_id=worker)
+
+    exporter = InMemorySpanExporter()
+    tracer = OtelTracer(SimpleSpanProcessor(exporter), service_name="test", role="controller", instance="c")
+    bus = FakeBus(answer)
+    embedder = dispatcher(bus, ["bad", "good"], tracer=tracer, strategy="first")
+    await embedder.embed(EmbedRequest(request_id="r", model="m", texts=["a", "b"]), 4)
+    spans = exporter.get_finished_spans()
+    (embed,) = [s for s in spans if s.name == "embed"]
+    attempts = [s for s in spans if s.name == "attempt"]
+    picks = [s for s in spans if s.name == "pick"]
+    assert embed.parent is None and embed.attributes is not None  # no HTTP span here: the first of its trace
+    assert (embed.attributes["mlxcluster.status"], embed.attributes["gen_ai.usage.input_tokens"]) == ("ok", 5)
+    assert [a.attributes["mlxcluster.worker"] for a in attempts] == ["bad", "good"]  # type: ignore[index]
+    assert [a.status.status_code for a in attempts] == [StatusCode.ERROR, StatusCode.UNSET]
+    assert [p.attributes["mlxcluster.worker"] for p in picks] == ["bad", "good"]  # type: ignore[index]
+    assert all(s.parent is not None and s.parent.span_id == embed.context.span_id for s in attempts + picks)  # type: ignore[union-attr]
+    sent = [headers["traceparent"][:-3] for headers in bus.headers if headers is not None]  # less the flags
+    assert sent == [f"00-{a.context.trace_id:032x}-{a.context.span_id:016x}" for a in attempts]  # type: ignore[union-attr]
 
 
 async def test_a_request_refused_before_sending_is_not_dispatched() -> None:

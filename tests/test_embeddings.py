@@ -22,10 +22,14 @@ import openai
 import pytest
 from cluster_harness import Cluster, RunningController, wait_until, with_sections
 from embedding_model import QUERY_PROMPT, build_embedding_model, reference_vectors
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from tiny_model import build_tiny_model
 
 from mlxcluster.bus import Bus
 from mlxcluster.config import ApiKeyEntry, Config
+from mlxcluster.tracing import Tracer
+from mlxcluster.tracing_otel import OtelTracer
 from mlxcluster.worker.embedding_engine import EmbeddingEngine
 from mlxcluster.worker.model_host import ModelHost
 from mlxcluster.worker.worker_role import serve_worker
@@ -48,8 +52,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @contextlib.asynccontextmanager
-async def cluster(config: Config, models: tuple[Path, Path]) -> AsyncIterator[tuple[RunningController, ModelHost]]:
-    """A controller and one mlx worker whose catalogue holds the embedding model and a chat model (not loaded)."""
+async def cluster(
+    config: Config, models: tuple[Path, Path], tracers: tuple[Tracer, Tracer] | None = None
+) -> AsyncIterator[tuple[RunningController, ModelHost]]:
+    """A controller and one mlx worker whose catalogue holds the embedding model and a chat model (not loaded);
+    ``tracers``: the controller's and the worker's."""
+    controller_tracer, worker_tracer = tracers or (None, None)
     keys = [
         msgspec.convert({"name": "app", "key": KEY}, ApiKeyEntry),
         msgspec.convert({"name": "small", "key": SMALL_KEY, "tpm": 30}, ApiKeyEntry),
@@ -69,10 +77,10 @@ async def cluster(config: Config, models: tuple[Path, Path]) -> AsyncIterator[tu
     worker_bus = await Bus.connect(config.nats, name="test-embed-worker", attempts=5)
     stop = asyncio.Event()
     hosts: list[ModelHost] = []
-    serving = asyncio.create_task(serve_worker(config, worker_bus, stop, on_host=hosts.append))
+    serving = asyncio.create_task(serve_worker(config, worker_bus, stop, on_host=hosts.append, tracer=worker_tracer))
     try:
         async with Cluster(config) as running:
-            controller = await running.start_controller()
+            controller = await running.start_controller(tracer=controller_tracer)
             await wait_until(lambda: controller.ctx.registry.catalogue_entry(EMBED) is not None, what="catalogue")
             yield controller, hosts[0]
     finally:
@@ -173,6 +181,42 @@ async def test_embeddings_through_the_cluster(cluster_config: Config, models: tu
         assert status == 429 and "TPM" in body["error"]["message"]
 
         await _refusals(controller, client)
+
+
+async def test_an_embedding_request_is_one_trace_across_the_controller_and_the_worker(
+    cluster_config: Config, models: tuple[Path, Path]
+) -> None:
+    exporters = [InMemorySpanExporter(), InMemorySpanExporter()]
+    tracers = [
+        OtelTracer(SimpleSpanProcessor(exporter), service_name="test", role=role, instance=role)
+        for exporter, role in zip(exporters, ("controller", "worker"), strict=True)
+    ]
+    trace, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with cluster(cluster_config, models, (tracers[0], tracers[1])) as (controller, _host):
+        session, headers = (
+            controller.session(),
+            {"Authorization": f"Bearer {KEY}", "traceparent": f"00-{trace}-{parent}-01"},
+        )
+        async with session.post(
+            f"{controller.url}/v1/embeddings", json={"model": EMBED, "input": TEXTS[:2]}, headers=headers
+        ) as response:
+            assert response.status == 200, await response.text()
+        await wait_until(lambda: exporters[1].get_finished_spans(), what="the worker's span")
+    ours = {span.name: span for span in exporters[0].get_finished_spans()}
+    assert {"POST /v1/embeddings", "admission", "embed", "pick", "attempt"} <= set(ours)
+    assert all(span.context is not None and span.context.trace_id == int(trace, 16) for span in ours.values())
+    embed, pick, attempt = ours["embed"], ours["pick"], ours["attempt"]
+    assert embed.parent is not None and embed.parent.span_id == ours["POST /v1/embeddings"].context.span_id  # type: ignore[union-attr]
+    assert pick.parent is not None and attempt.parent is not None
+    assert pick.parent.span_id == attempt.parent.span_id == embed.context.span_id  # type: ignore[union-attr]
+    assert embed.attributes is not None and embed.attributes["mlxcluster.inputs"] == 2
+    assert embed.attributes["mlxcluster.status"] == "ok" and embed.attributes["gen_ai.usage.input_tokens"] > 0  # type: ignore[operator]
+    assert attempt.attributes is not None and attempt.attributes["mlxcluster.worker"] == "w1"
+    (served,) = exporters[1].get_finished_spans()
+    assert served.name == "worker.embed" and served.context is not None and served.context.trace_id == int(trace, 16)
+    assert served.parent is not None and served.parent.span_id == attempt.context.span_id  # type: ignore[union-attr]
+    assert served.attributes is not None and served.attributes["mlxcluster.dimensions"] == 64
+    assert served.attributes["gen_ai.usage.input_tokens"] == embed.attributes["gen_ai.usage.input_tokens"]
 
 
 async def _chat_refused_before_loading(controller: RunningController, host: ModelHost) -> None:

@@ -266,8 +266,16 @@ class Bus:
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_message)
 
-    async def request(self, subject: str, message: Struct, response_type: type[T], *, timeout: float) -> T:
-        """Send one request and decode the single reply.
+    async def request(
+        self,
+        subject: str,
+        message: Struct,
+        response_type: type[T],
+        *,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> T:
+        """Send one request (with message ``headers``: a trace context) and decode the single reply.
 
         :raises BusNoRespondersError: nobody listens on ``subject``.
         :raises BusTimeoutError: no reply within ``timeout``.
@@ -275,7 +283,7 @@ class Bus:
         :raises BusError: the reply did not decode.
         """
         try:
-            msg = await self.nc.request(subject, encode(message), timeout=timeout)
+            msg = await self.nc.request(subject, encode(message), timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             raise BusNoRespondersError(f"no responders on {subject}") from None
         except nats.errors.TimeoutError:

@@ -97,6 +97,8 @@ def create_app(config: Config, bus: Bus, pm: pluggy.PluginManager, *, tracer: Tr
         breakers=dispatcher.breakers,
         loader=loader,
         events=dispatcher.events,
+        tracer=tracer,
+        strategy=config.load_balancing.strategy,
     )
     ctx = ControllerContext(
         config=config,

@@ -1,4 +1,5 @@
-"""The worker's spans of one request: queue, prefill (with the prompt tokens its cache held) and decode.
+"""The worker's spans of one request: queue, prefill (with the prompt tokens its cache held) and decode; of an
+embedding request, one ``worker.embed`` span.
 
 The service starts the request's span from the ``traceparent`` header of the inference message, so it joins
 the controller's trace under that attempt's span. Only a recording span gets here: the engine's frames then
@@ -16,7 +17,7 @@ from collections.abc import AsyncGenerator
 
 from mlxcluster.config import Config
 from mlxcluster.errors import NodeError
-from mlxcluster.protocol import Done, Error, InferenceRequest, Progress, Token
+from mlxcluster.protocol import Done, EmbedRequest, EmbedResult, Error, InferenceRequest, Progress, Token
 from mlxcluster.tracing import Span, Tracer, TracingUnavailable, build_tracer
 from mlxcluster.worker.engine_base import EngineFrame
 
@@ -36,6 +37,23 @@ def describe_request(span: Span, request: InferenceRequest, worker_id: str) -> N
     span.set("gen_ai.request.model", request.model)
     span.set("gen_ai.request.max_tokens", request.max_tokens)
     span.set("mlxcluster.continuation", request.continuation is not None)
+
+
+def describe_embedding(span: Span, request: EmbedRequest, worker_id: str) -> None:
+    """The ``worker.embed`` span's attributes known on arrival."""
+    span.set("mlxcluster.worker", worker_id)
+    span.set("mlxcluster.request_id", request.request_id)
+    span.set("gen_ai.request.model", request.model)
+    span.set("mlxcluster.inputs", len(request.texts or request.tokens or []))
+
+
+def embedded(span: Span, result: EmbedResult) -> None:
+    """The ``worker.embed`` span's outcome: its tokens and vector length, or the error."""
+    if result.error is not None:
+        span.fail(result.error.code)
+        return
+    span.set("gen_ai.usage.input_tokens", result.prompt_tokens)
+    span.set("mlxcluster.dimensions", result.dimensions)
 
 
 async def traced_frames(

@@ -58,7 +58,7 @@ from mlxcluster.worker.engine_base import Engine
 from mlxcluster.worker.memory_budget import MemoryBudget
 from mlxcluster.worker.model_host import Lease, LoadError, ModelHost
 from mlxcluster.worker.placement import memory_budget_bytes
-from mlxcluster.worker.serve_trace import describe_request, traced_frames
+from mlxcluster.worker.serve_trace import describe_embedding, describe_request, embedded, traced_frames
 from mlxcluster.worker.system import ProcessMonitor, hostname
 
 log = logging.getLogger(__name__)
@@ -547,21 +547,29 @@ class WorkerService:
                 EmbedResult(error=Error(code="overloaded", message=message, retryable=True)), msg.reply
             )
             return
-        task = asyncio.ensure_future(self._answer_embed(request, msg.reply))
+        span = self.tracer.start("worker.embed", headers=msg.headers, kind="server")
+        if span.recording:
+            describe_embedding(span, request, self.worker_id)
+        task = asyncio.ensure_future(self._answer_embed(request, msg.reply, span))
         self._embedding[request.request_id] = task
         task.add_done_callback(lambda _t: self._embedding.pop(request.request_id, None))
 
-    async def _answer_embed(self, request: EmbedRequest, reply: str) -> None:
+    async def _answer_embed(self, request: EmbedRequest, reply: str, span: Span) -> None:
         self.requests_total += 1
         try:
             result = await self._embed(request)
         except asyncio.CancelledError:  # the controller gave up (no answer wanted), or a drain ran out
+            span.fail("cancelled")
+            span.end()
             with contextlib.suppress(Exception):
                 stopped = Error(
                     code="shutting_down", message="embedding request cancelled on the worker", retryable=True
                 )
                 await self._reply_embed(EmbedResult(error=stopped), reply)
             raise
+        if span.recording:
+            embedded(span, result)
+        span.end()
         await self._reply_embed(result, reply)
 
     async def _reply_embed(self, result: EmbedResult, reply: str) -> None:

@@ -18,7 +18,7 @@ from mlxcluster.errors import NodeError, NodeFailed
 from mlxcluster.heap import freeze_startup_heap
 from mlxcluster.protocol import CatalogueModel
 from mlxcluster.startup import StartInterrupted, until_stop
-from mlxcluster.tracing import stop_tracer
+from mlxcluster.tracing import Tracer, stop_tracer
 from mlxcluster.worker.catalogue import Catalogue, CatalogueEntry, build_catalogue
 from mlxcluster.worker.echo import ECHO_MODEL
 from mlxcluster.worker.engine_base import Engine
@@ -157,12 +157,14 @@ async def serve_worker(
     engine: Engine | None = None,
     model: ResolvedModel | None = None,
     on_host: Callable[[ModelHost], None] | None = None,
+    tracer: Tracer | None = None,
 ) -> None:
     """Start the engine and the service, serve until ``stop``, then drain.
 
     :param model: the model :func:`prepare_model` resolved (default: resolve it here).
     :param on_host: called with the worker's model host once it is built (a benchmark reads its counters and
         budget in-process).
+    :param tracer: the worker's tracer (default: built from ``[tracing]``).
     :raises StartInterrupted: ``stop`` was set while the engine loaded its model (the load is not waited for).
     """
     if config.worker.group.name and config.worker.group.size == 1:
@@ -173,7 +175,7 @@ async def serve_worker(
         await serve_group_member(config, bus, stop, member_id=config.worker.id or default_worker_id(), model=model)
         return
     worker_id = config.worker.id or default_worker_id()
-    tracer = worker_tracer(config, worker_id)  # before the model loads: a missing extra fails at once
+    tracer = tracer or worker_tracer(config, worker_id)  # before the model loads: a missing extra fails at once
     loop = asyncio.get_running_loop()
     failed: asyncio.Future[str] = loop.create_future()
 

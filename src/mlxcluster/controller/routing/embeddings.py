@@ -12,7 +12,9 @@ the client leaves. Breakers count a worker's failures as dispatch does (not thos
 every try ends a half-open trial. Every request ends with one :class:`~mlxcluster.api.RequestFinished` event
 (the tokens of the parts computed as prompt tokens, even when another part failed), so key usage and the
 ``tpm`` limit count embedding tokens like any others; a request refused before anything was sent (413) is
-not counted as dispatched.
+not counted as dispatched. With tracing on, a request is an ``embed`` span (under the HTTP request's) with a
+``pick`` and an ``attempt`` span per try of each part; the attempt's trace context travels in the NATS
+message's headers, so the worker's ``worker.embed`` span joins it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from mlxcluster.controller.metering.request_meter import EventSink, discard
 from mlxcluster.controller.routing.breaker import Breakers
 from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM, pick_worker
 from mlxcluster.protocol import Cancel, EmbedRequest, EmbedResult, Error, InferenceRequest, encode
+from mlxcluster.tracing import REQUEST_SPAN, NoTracer, Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ class EmbeddingDispatcher:
         breakers: Breakers | None = None,
         loader: Loader | None = None,
         events: EventSink = discard,
+        tracer: Tracer | None = None,
+        strategy: str = "",
     ) -> None:
         self.bus = bus
         self.registry = registry
@@ -93,6 +98,10 @@ class EmbeddingDispatcher:
         self.breakers = breakers or Breakers()
         self.loader = loader
         self.events = events
+        self.tracer: Tracer = tracer or NoTracer()
+        """Spans of each request (embed, pick, attempt); a no-op tracer with ``[tracing]`` off."""
+        self.strategy = strategy
+        """The balancer's name, for the pick span."""
 
     def parts(self, request: EmbedRequest, dimensions: int) -> list[EmbedRequest]:
         """``request`` split so that each part and its answer fit the bus (413 for one input that cannot)."""
@@ -132,6 +141,7 @@ class EmbeddingDispatcher:
         """
         started, wall = perf_counter(), time.time()
         key = CURRENT_KEY.get()
+        span = self._request_span(request)
         tasks: list[asyncio.Task[EmbedResult]] = []
         dispatched = False
         error: str | None = None
@@ -139,9 +149,11 @@ class EmbeddingDispatcher:
             expected = request.dimensions or dimensions
             parts = self.parts(request, expected)
             dispatched = True
+            if span.recording:
+                span.set("mlxcluster.parts", len(parts))
             try:
                 async with asyncio.TaskGroup() as group:  # one part failing cancels the others
-                    tasks = [group.create_task(self._part(part, expected)) for part in parts]
+                    tasks = [group.create_task(self._part(part, expected, span)) for part in parts]
             except BaseExceptionGroup as failed:
                 raise first_error(failed) from None
             results = [task.result() for task in tasks]
@@ -156,6 +168,12 @@ class EmbeddingDispatcher:
             raise
         finally:
             tokens, workers = _computed(tasks)
+            if span.recording:
+                span.set("mlxcluster.status", "ok" if error is None else error)
+                span.set("gen_ai.usage.input_tokens", tokens)
+                if error is not None:
+                    span.fail(error)
+            span.end()
             self.events(
                 RequestFinished(
                     time=time.time(),
@@ -173,22 +191,36 @@ class EmbeddingDispatcher:
                 )
             )
 
-    async def _part(self, part: EmbedRequest, dimensions: int = 0) -> EmbedResult:
+    def _request_span(self, request: EmbedRequest) -> Span:
+        """The embed span: under the HTTP request's span, or the first of a trace."""
+        parent = REQUEST_SPAN.get()
+        span = self.tracer.start("embed", kind="internal") if parent is None else parent.child("embed")
+        if span.recording:
+            span.set("mlxcluster.request_id", request.request_id)
+            span.set("gen_ai.request.model", request.model)
+            span.set("mlxcluster.inputs", len(request.texts or request.tokens or []))
+        return span
+
+    async def _part(self, part: EmbedRequest, dimensions: int, span: Span) -> EmbedResult:
         """One part's answer from the first worker that gives one (``dimensions``: the vector length expected,
-        0 when not known)."""
+        0 when not known; ``span``: the request's, under which each try's pick and attempt spans go)."""
         tried: set[str] = set()
         reasons: list[str] = []
         pick_request = InferenceRequest(request_id=part.request_id, model=part.model, stream=False)
         for attempt in range(1, self.config.max_attempts + 1):
-            worker = self._pick(pick_request, tried)
-            if worker is None and attempt == 1 and self.loader is not None:
-                if not self.registry.loaded_somewhere(part.model) and self.registry.loadable_somewhere(part.model):
-                    await self.loader.ensure_loaded(part.model)  # a 503 when it cannot
-                    worker = self._pick(pick_request, tried)
+            pick = span.child("pick")
+            try:
+                worker = self._pick(pick_request, tried, pick)
+                if worker is None and attempt == 1 and self.loader is not None:
+                    if not self.registry.loaded_somewhere(part.model) and self.registry.loadable_somewhere(part.model):
+                        await self.loader.ensure_loaded(part.model)  # a 503 when it cannot
+                        worker = self._pick(pick_request, tried, pick)
+            finally:
+                pick.end()
             if worker is None:
                 break
             tried.add(worker.id)
-            result = await self._send(part, worker.id, dimensions)
+            result = await self._attempt(part, worker.id, dimensions, span, attempt)
             if result.error is None:
                 return result
             if not result.error.retryable:
@@ -199,11 +231,37 @@ class EmbeddingDispatcher:
             raise no_capacity(f"No worker could embed the input after {len(reasons)} attempt(s): " + "; ".join(reasons))
         raise no_capacity(f"No worker serving '{part.model}' is available right now")
 
-    def _pick(self, request: InferenceRequest, tried: set[str]) -> WorkerView | None:
+    def _pick(self, request: InferenceRequest, tried: set[str], span: Span) -> WorkerView | None:
         blocked = self.breakers.open_ids()
-        return pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried)
+        chosen = pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried, span)
+        if span.recording:
+            span.set("mlxcluster.strategy", self.strategy)
+        return chosen
 
-    async def _send(self, part: EmbedRequest, worker_id: str, dimensions: int = 0) -> EmbedResult:
+    async def _attempt(
+        self, part: EmbedRequest, worker_id: str, dimensions: int, parent: Span, attempt: int
+    ) -> EmbedResult:
+        """:meth:`_send` under an ``attempt`` span (an error span when the try failed)."""
+        span = parent.child("attempt", kind="client")  # the worker's span joins the trace under this one
+        if span.recording:
+            span.set("mlxcluster.worker", worker_id)
+            span.set("mlxcluster.attempt", attempt)
+            span.set("mlxcluster.part", part.request_id)
+            span.set("mlxcluster.inputs", len(part.texts or part.tokens or []))
+        try:
+            result = await self._send(part, worker_id, dimensions, span.headers())
+        except BaseException as exc:
+            span.fail(str(exc) or type(exc).__name__)
+            span.end()
+            raise
+        if result.error is not None:
+            span.fail(result.error.code)
+        span.end()
+        return result
+
+    async def _send(
+        self, part: EmbedRequest, worker_id: str, dimensions: int = 0, headers: dict[str, str] | None = None
+    ) -> EmbedResult:
         """Ask one worker; a lost or silent one, or a malformed answer, is a retryable error. The worker's breaker
         records a success, a failure (not during our own bus outage), or else its half-open trial ends."""
         timeout = self.config.request_timeout_s
@@ -215,7 +273,7 @@ class EmbeddingDispatcher:
         epoch = self.bus.epoch
         recorded = False
         try:
-            result = await self.bus.request(subject, part, EmbedResult, timeout=timeout)
+            result = await self.bus.request(subject, part, EmbedResult, timeout=timeout, headers=headers)
             if result.error is None:
                 problem = malformed(result, len(part.texts or part.tokens or []), part.dimensions or dimensions)
                 if problem is not None:

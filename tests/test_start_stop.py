@@ -207,3 +207,13 @@ def test_dual_stops_with_exit_2_when_the_controller_fails_during_a_download(
     assert code == CANNOT_START, output
     assert "controller cannot start with these settings" in output and "stopped while resolving the model" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("imports", ["import mlx.core", "import json"])
+def test_exit_node_ends_the_process_with_the_nodes_code_and_its_output_flushed(imports: str) -> None:
+    """With mlx loaded the process ends at once (no interpreter exit to race mlx's native threads), else by
+    SystemExit; either way with the node's own code and what it printed."""
+    script = f"{imports}\nimport logging, sys\nfrom mlxcluster.startup import exit_node\n"
+    script += "print('stdout line', end='')\nsys.stderr.write('stderr line')\nexit_node(5)\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (5, "stdout line", "stderr line")

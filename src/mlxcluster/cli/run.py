@@ -61,6 +61,7 @@ def run_command(
     from mlxcluster.errors import CANNOT_START, NodeError
     from mlxcluster.logsetup import configure_logging
     from mlxcluster.roles import run_node
+    from mlxcluster.startup import exit_node
 
     if mode is not None and mode not in ("controller", "worker", "dual"):
         fail(f"--mode: expected controller, worker or dual, got {mode!r}")
@@ -101,5 +102,6 @@ def run_command(
     try:
         code = run_node(config, role, workers=workers)
     except NodeError as exc:
-        fail(str(exc), CANNOT_START)  # bad setting, busy port: restarting would not help
-    raise typer.Exit(code)
+        typer.echo(f"error: {exc}", err=True)
+        code = CANNOT_START  # bad setting, busy port: restarting would not help
+    exit_node(code)

@@ -1,0 +1,216 @@
+"""Speculative decoding with a draft model (``worker.draft_model``) inside the continuous batch.
+
+On the tiny llama, side by side with mlx-lm's plain ``BatchGenerator`` over the same schedule of rows joining
+at different steps: the output is token for token the same (greedy and seeded sampling), the draft model's
+cache keeps one row per batch row holding exactly that row's tokens, a draft that is the target itself is
+accepted whole, a draft model with another vocabulary is refused at load naming the key.
+
+The tiny target costs about what its draft costs, so measured step costs would rarely let the draft model
+run; the mechanism tests fix the costs to a GPU's shape (a forward of a few tokens costs about what one
+does, a draft forward a tenth of it): :class:`FixedCost`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_speculation import PROMPTS, _collect, _load
+from tiny_model import build_tiny_model
+
+from mlxcluster.protocol import SamplingParams
+from mlxcluster.worker.draft_model import DraftModel, DraftModelError
+from mlxcluster.worker.engine import MlxEngine
+from mlxcluster.worker.sampling import KeyedSampler
+from mlxcluster.worker.speculation import StepCostModel, best_length
+
+
+class FixedCost(StepCostModel):
+    """``ms = c0 + c1 * tokens``, never learning from measured steps."""
+
+    def __init__(self, c0: float, c1: float) -> None:
+        super().__init__()
+        self._fit = (c0, c1)
+
+    def observe(self, tokens: int, ms: float) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("draft")
+    return {
+        "target": build_tiny_model(root / "target"),
+        "other": build_tiny_model(root / "other", seed=1),  # same tokenizer, other weights
+        "foreign": build_tiny_model(root / "foreign", vocab_size=300),  # another vocabulary
+    }
+
+
+SCHEDULE = [(0, 0, 60), (0, 1, 23), (3, 2, 45), (7, 0, 31), (12, 1, 60)]
+"""(step at which the row joins, prompt, max_tokens): rows join while others decode and end at other lengths."""
+
+
+def _run(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    draft: Any = None,
+    samplers: Any = None,
+    stop: list[list[int]] | None = None,
+    check: Any = None,
+) -> tuple[list[list[int]], list[str], Any]:
+    """Every scheduled row's tokens and finish reason, and the generator; with ``draft``, speculating with that
+    draft model (fixed GPU-shaped costs), calling ``check(batch)`` after each step."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlxcluster.worker.speculative_batch import SpeculativeBatchGenerator
+
+    options: dict[str, Any] = {"completion_batch_size": 8, "prefill_batch_size": 8, "stop_tokens": stop}
+    if draft is not None:
+        generator = SpeculativeBatchGenerator(model, draft_model=draft, **options)
+        batch = generator._generation_batch
+        batch.cost = FixedCost(10.0, 0.01)
+        assert batch.draft is not None
+        batch.draft.cost = FixedCost(1.0, 0.01)
+    else:
+        generator = BatchGenerator(model, **options)
+    uids: list[int] = []
+    tokens: dict[int, list[int]] = {}
+    reasons: dict[int, str] = {}
+    for step in range(1000):
+        for at, (joins, prompt, max_tokens) in enumerate(SCHEDULE):
+            if joins == step:
+                row_samplers = [samplers[at]] if samplers is not None else None
+                (uid,) = generator.insert([prompts[prompt]], max_tokens=[max_tokens], samplers=row_samplers)
+                uids.append(uid)
+                tokens[uid] = []
+        if len(reasons) == len(SCHEDULE):
+            break
+        for response in generator.next_generated():
+            tokens[response.uid].append(response.token)
+            if response.finish_reason is not None:
+                reasons[response.uid] = response.finish_reason
+        if check is not None:
+            check(generator._generation_batch)
+    generator.close()
+    return [tokens[uid] for uid in uids], [reasons[uid] for uid in uids], generator
+
+
+def _check_in_sync(batch: Any) -> None:
+    """The draft cache has the batch's rows, each holding exactly the tokens it has seen, a prefix of the row's."""
+    draft: DraftModel = batch.draft
+    assert len(draft) == len(batch.uids)
+    assert draft.lengths() == draft.seen
+    assert not any(draft.drafted)  # settled after every verify
+    for seen, row in zip(draft.seen, batch.tokens, strict=True):
+        assert 0 < seen <= len(row) + 1
+
+
+def test_a_self_draft_is_accepted_whole_and_changes_nothing(models: dict[str, Path]) -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tokenizer = _load(models["target"])
+    draft_model, _ = _load(models["target"])
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    reference, _, _ = _run(model, prompts)
+    stop = [reference[0][:25]]  # rows longer than 25 tokens stop there (inside accepted drafts), one of 23 does not
+    plain, plain_reasons, _ = _run(model, prompts, stop=stop)
+    compared: list[bool] = []
+
+    def check(batch: Any) -> None:
+        _check_in_sync(batch)
+        draft: DraftModel = batch.draft
+        if len(draft) > 1 and not compared:  # row 1's draft cache is its tokens' keys, as a fresh prefill has them
+            seen = draft.seen[1]
+            fresh = make_prompt_cache(draft_model)
+            draft_model(mx.array(batch.tokens[1][:seen])[None], cache=fresh)
+            ours = draft.cache[0].extract(1)
+            assert ours.offset == seen
+            assert mx.allclose(ours.keys[..., :seen, :], fresh[0].keys[..., :seen, :], atol=1e-4).item()
+            compared.append(True)
+
+    spec, reasons, generator = _run(model, prompts, draft=draft_model, stop=stop, check=check)
+    assert spec == plain and reasons == plain_reasons
+    assert "stop" in reasons and "length" in reasons and compared
+    draft = generator._generation_batch.draft
+    assert generator.speculation.accepted > 0 and draft.accepted > 0
+    assert len(draft) == 0 and draft.cache == []  # every row left
+
+
+def test_the_draft_models_own_drafts_are_all_accepted_when_it_is_the_target(models: dict[str, Path]) -> None:
+    """Counted apart from prompt-lookup drafts: every token the self-draft drafted was the target's choice."""
+    from mlxcluster.worker.speculative_batch import SpeculativeBatchGenerator
+
+    model, tokenizer = _load(models["target"])
+    draft_model, _ = _load(models["target"])
+    generator = SpeculativeBatchGenerator(model, draft_model=draft_model, completion_batch_size=4)
+    batch = generator._generation_batch
+    batch.cost = FixedCost(10.0, 0.01)
+    batch.draft.cost = FixedCost(1.0, 0.01)
+    generator.insert([tokenizer.encode(p) for p in PROMPTS[:2]], max_tokens=[40, 40])
+    finished = 0
+    while finished < 2:
+        finished += sum(r.finish_reason is not None for r in generator.next_generated())
+    generator.close()
+    assert batch.draft.verified > 20
+    assert batch.draft.accepted == batch.draft.verified
+
+
+def test_another_draft_and_sampled_rows_change_nothing(models: dict[str, Path]) -> None:
+    """A draft with other weights (partly accepted at best) and seeded sampled rows: the tokens plain decoding
+    gives with the same seeds."""
+    model, tokenizer = _load(models["target"])
+    other, _ = _load(models["other"])
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    vocab = model.args.vocab_size
+    params = SamplingParams(temperature=0.1, top_p=0.95)
+
+    def samplers() -> list[Any]:  # rows 1 and 3 sampled, the others greedy
+        return [None if i % 2 == 0 else KeyedSampler(params, 7 + i, vocab) for i in range(len(SCHEDULE))]
+
+    plain, plain_reasons, _ = _run(model, prompts, samplers=samplers())
+    spec, reasons, generator = _run(model, prompts, draft=other, samplers=samplers(), check=_check_in_sync)
+    assert spec == plain and reasons == plain_reasons
+    draft = generator._generation_batch.draft
+    assert draft.verified > 0 and draft.accepted < draft.verified
+
+
+def test_the_draft_cost_counts_in_the_length() -> None:
+    from mlxcluster.worker.speculation import RowDrafts
+
+    flat = FixedCost(10.0, 0.01)
+    sure = RowDrafts(hits=9.0, trials=10.0)
+    assert best_length([8], [sure], flat, 8) == 9
+    assert best_length([8], [sure], flat, 8, draft_ms=lambda n: 1.0 * n) > 1
+    assert best_length([8], [sure], flat, 8, draft_ms=lambda n: 20.0 * n) == 1  # a draft dearer than a step
+
+
+async def test_the_engine_drafts_with_its_draft_model_and_refuses_another_vocabulary(
+    models: dict[str, Path],
+) -> None:
+    texts = {}
+    for draft in (None, models["other"]):
+        engine = MlxEngine(
+            str(models["target"]), max_concurrent=4, draft_model=str(draft) if draft else None, prompt_cache_bytes=0
+        )
+        await engine.start()
+        try:
+            assert (engine._draft is not None) == (draft is not None)
+            assert ("draft_model" in engine.info().details) == (draft is not None)
+            texts[draft] = [await _collect(engine, PROMPTS[1], 30, seed=4), await _collect(engine, PROMPTS[0], 30)]
+        finally:
+            await engine.stop()
+    assert texts[None] == texts[models["other"]]
+
+    off = MlxEngine(str(models["target"]), speculative_tokens=0, draft_model=str(models["other"]), prompt_cache_bytes=0)
+    await off.start()
+    try:
+        assert off._draft is None  # no speculation: the draft model is not even loaded
+    finally:
+        await off.stop()
+
+    foreign = MlxEngine(str(models["target"]), draft_model=str(models["foreign"]), prompt_cache_bytes=0)
+    with pytest.raises(DraftModelError, match=r"worker\.draft_model .*foreign.*tokens"):
+        await foreign.start()

@@ -214,3 +214,52 @@ async def test_the_engine_drafts_with_its_draft_model_and_refuses_another_vocabu
     foreign = MlxEngine(str(models["target"]), draft_model=str(models["foreign"]), prompt_cache_bytes=0)
     with pytest.raises(DraftModelError, match=r"worker\.draft_model .*foreign.*tokens"):
         await foreign.start()
+
+
+def test_the_worker_gives_the_draft_model_to_the_model_it_starts_with(models: dict[str, Path], tmp_path: Path) -> None:
+    """``worker.draft_model`` is resolved like ``worker.model`` and drafts for that model only; one that cannot
+    be had fails naming the key."""
+    import msgspec
+
+    from mlxcluster.config import Config, ModelsSection, WorkerSection
+    from mlxcluster.errors import NodeError
+    from mlxcluster.protocol import CatalogueModel
+    from mlxcluster.worker.catalogue import CatalogueEntry
+    from mlxcluster.worker.memory_budget import MemoryBudget
+    from mlxcluster.worker.worker_role import draft_model_path, engine_factory, prepare_model
+
+    target, other = str(models["target"]), str(models["other"])
+    worker = WorkerSection(model=target, draft_model=other)
+    config = msgspec.structs.replace(Config(), worker=worker, models=ModelsSection(dir=str(tmp_path)))
+    factory = engine_factory(config, MemoryBudget(1 << 30))
+    started = factory(CatalogueEntry("target", target, target, CatalogueModel(name="target")))
+    on_demand = factory(CatalogueEntry("other", other, other, CatalogueModel(name="other")))
+    assert isinstance(started, MlxEngine) and started.draft_model == other
+    assert isinstance(on_demand, MlxEngine) and on_demand.draft_model is None
+    assert prepare_model(config) is not None
+    missing = msgspec.structs.replace(config, worker=WorkerSection(model=target, draft_model="no-such-model"))
+    with pytest.raises(NodeError, match=r"^worker\.draft_model: no model 'no-such-model'"):
+        draft_model_path(missing)
+    with pytest.raises(NodeError, match=r"^worker\.draft_model"):
+        prepare_model(missing)
+
+
+def test_the_bench_makes_a_layer_skip_draft_and_hands_it_to_the_speculating_cluster(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    import mlx_lm
+
+    from mlxcluster.bench.layer_skip import make_layer_skip_draft
+    from mlxcluster.bench.speculation import SpeculationSettings, cluster_envs
+    from mlxcluster.config import load
+    from mlxcluster.worker.draft_model import check_draft_model
+
+    made = make_layer_skip_draft(models["target"], 1, tmp_path / "draft")
+    draft, draft_tokenizer, config = mlx_lm.load(str(made), return_config=True)
+    assert config["num_hidden_layers"] == 1 and len(draft.model.layers) == 1
+    check_draft_model(_load(models["target"])[1], draft, draft_tokenizer, name=str(made))
+    with pytest.raises(ValueError, match="1 to 1 of target's 2 layers, not 2"):
+        make_layer_skip_draft(models["target"], 2, tmp_path / "whole")
+    speculating, plain = cluster_envs(SpeculationSettings(draft_layers=1), str(made))
+    assert load(env=speculating).worker.draft_model == str(made)
+    assert load(env=plain).worker.draft_model == "" and load(env=plain).worker.speculative_tokens == 0

@@ -266,3 +266,58 @@ def test_the_bench_makes_a_layer_skip_draft_and_hands_it_to_the_speculating_clus
     speculating, plain = cluster_envs(SpeculationSettings(draft_layers=1), str(made))
     assert load(env=speculating).worker.draft_model == str(made)
     assert load(env=plain).worker.draft_model == "" and load(env=plain).worker.speculative_tokens == 0
+
+
+class _Tokenizer:
+    """What the check reads of a tokenizer."""
+
+    def __init__(self, vocab: dict[str, int], eos: tuple[int, ...] = (0,), split: bool = False) -> None:
+        self.vocab, self.eos_token_ids, self.split = vocab, list(eos), split
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) for word in (text.split() if self.split else [text])]
+
+
+def test_each_difference_that_drafting_cannot_bridge_is_named() -> None:
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    from mlxcluster.worker.draft_model import check_draft_model
+
+    class Draft:
+        def __init__(self, width: int, rotating: bool = False) -> None:
+            self.args = type("Args", (), {"vocab_size": width})()
+            self.rotating = rotating
+
+        def make_cache(self) -> list[Any]:
+            return [RotatingKVCache(max_size=8) if self.rotating else KVCache()]
+
+    vocab = {"a": 0, "b": 1, "c": 2}
+    base = _Tokenizer(vocab)
+    check_draft_model(base, Draft(3), _Tokenizer(dict(vocab)), name="d")  # the same: accepted
+    cases = {
+        "vocabulary differs": (_Tokenizer({"a": 0, "b": 2, "c": 1}), Draft(3)),
+        "encodes": (_Tokenizer(dict(vocab), split=True), Draft(3)),
+        "end-of-sequence": (_Tokenizer(dict(vocab), eos=(1,)), Draft(3)),
+        "2 logits, fewer than the tokenizer's 3": (_Tokenizer(dict(vocab)), Draft(2)),
+        "RotatingKVCache": (_Tokenizer(dict(vocab)), Draft(3, rotating=True)),
+    }
+    for why, (tokenizer, draft) in cases.items():
+        with pytest.raises(DraftModelError, match=rf"^worker\.draft_model d: .*{why}"):
+            check_draft_model(base, draft, tokenizer, name="d")
+
+
+async def test_a_model_that_cannot_draft_does_not_load_its_draft_model(family_models: Any) -> None:
+    """Gemma 3's sliding-window layers cannot drop positions per row: the draft model is not even loaded."""
+    path = str(family_models.path("gemma3"))
+    engine = MlxEngine(path, draft_model=path, prompt_cache_bytes=0)
+    await engine.start()
+    try:
+        assert engine._draft is None and "draft_model" not in engine.info().details
+    finally:
+        await engine.stop()

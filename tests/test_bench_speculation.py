@@ -297,7 +297,10 @@ async def test_run_speculation_measures_on_the_servers_it_starts(monkeypatch: py
     from mlxcluster.bench import versus
 
     @contextlib.asynccontextmanager
-    async def servers(model_path: str, settings: SpeculationSettings) -> AsyncIterator[list[Target]]:
+    async def servers(
+        model_path: str, settings: SpeculationSettings, draft_model: str | None = None
+    ) -> AsyncIterator[list[Target]]:
+        assert draft_model is None  # no draft_layers: prompt lookup only
         async with fake_targets() as (targets, _fakes):
             yield targets
 

@@ -23,11 +23,19 @@ TRAINING_TEXT = [
 
 
 def build_tiny_model(
-    path: Path, *, eos_first: bool = False, seed: int = 0, hidden: int = 64, heads: int = 4, kv_heads: int = 2
+    path: Path,
+    *,
+    eos_first: bool = False,
+    seed: int = 0,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int = 400,
 ) -> Path:
     """Write a random-weight mlx-lm llama model dir (hidden 64, 2 layers, ~400-token byte-level BPE).
 
-    ``hidden``, ``heads`` and ``kv_heads`` change its shape (a worker group of N needs heads divisible by N).
+    ``hidden``, ``heads`` and ``kv_heads`` change its shape (a worker group of N needs heads divisible by N);
+    ``vocab_size`` its tokenizer (another size: another vocabulary).
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -39,7 +47,7 @@ def build_tiny_model(
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

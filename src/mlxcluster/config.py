@@ -241,6 +241,13 @@ class WorkerSection(_Section):
     request's own prompt and output, verified in the batch's forward (the output is unchanged); each step
     drafts only as far as the measured step costs and each request's acceptance rate say it pays.
     0: off."""
+    draft_model: str = ""
+    """A draft model for speculative decoding (a model dir, a name in the models dir or a Hugging Face repo id,
+    resolved like ``model``), with the same tokenizer as ``model``: it drafts for the requests of ``model``
+    (the model loaded at start) where prompt lookup has no draft as long as the step's, verified in the
+    batch's forward like prompt-lookup drafts (the output is unchanged). A model with another vocabulary is
+    refused at load. Unused by a worker group and for models whose caches cannot drop positions per request
+    (sliding-window or linear-attention layers); ``speculative_tokens = 0`` turns it off. Empty: none."""
     embedding_batch_tokens: PositiveInt = 8192
     """An embedding model's batches: padded tokens one forward holds at most (an input longer runs alone)."""
     embedding_batch_wait_ms: Annotated[float, Meta(ge=0, le=1000)] = 2.0

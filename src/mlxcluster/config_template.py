@@ -94,6 +94,7 @@ drain_timeout_s = 30.0
 prefill_step_size = 256            # prompt tokens per prefill step with no stream decoding (and at most)
 step_budget_ms = 250.0             # while streams decode: the time one step may take (0: no budget)
 speculative_tokens = 8             # prompt-lookup drafts per greedy request and step (0: no speculation)
+draft_model = ""                   # a draft model with the same tokenizer as model (dir, name or repo id; "": none)
 embedding_batch_tokens = 8192      # embedding models: padded tokens per forward at most
 embedding_batch_wait_ms = 2.0      # embedding models: wait for more inputs once a batch has some
 image_max_pixels = 25000000        # vision models: an image with more pixels is refused (400)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -169,6 +170,9 @@ class SpeculationSettings(msgspec.Struct):
     rounds: int = 2
     draft_tokens: int = 8
     """``worker.speculative_tokens`` of the speculating cluster."""
+    draft_layers: int = 0
+    """The speculating cluster also drafts with a draft model (``worker.draft_model``): the model cut to its first
+    this many layers (:func:`~mlxcluster.bench.layer_skip.make_layer_skip_draft`); 0: prompt lookup only."""
 
     @classmethod
     def quick(cls) -> SpeculationSettings:
@@ -448,15 +452,27 @@ def _compare(
     return comparison
 
 
+def cluster_envs(
+    settings: SpeculationSettings, draft_model: str | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment of our speculating cluster (with ``draft_model`` as ``worker.draft_model``) and of the
+    plain one."""
+    common = {"MLXCLUSTER_DISCOVERY_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS)}
+    speculating = {**common, "MLXCLUSTER_WORKER_SPECULATIVE_TOKENS": str(settings.draft_tokens)}
+    if draft_model is not None:
+        speculating["MLXCLUSTER_WORKER_DRAFT_MODEL"] = draft_model
+    return speculating, {**common, "MLXCLUSTER_WORKER_SPECULATIVE_TOKENS": "0"}
+
+
 @contextlib.asynccontextmanager
-async def servers(model_path: str, settings: SpeculationSettings) -> AsyncIterator[list[Target]]:
+async def servers(
+    model_path: str, settings: SpeculationSettings, draft_model: str | None = None
+) -> AsyncIterator[list[Target]]:
     """Our cluster with and without speculation and ``mlx_lm.server``, all up at once."""
     from mlxcluster.bench.versus import mlx_lm_server, mlxcluster_server
 
     n = settings.max_streams()
-    common = {"MLXCLUSTER_DISCOVERY_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS)}
-    speculating = {**common, "MLXCLUSTER_WORKER_SPECULATIVE_TOKENS": str(settings.draft_tokens)}
-    plain = {**common, "MLXCLUSTER_WORKER_SPECULATIVE_TOKENS": "0"}
+    speculating, plain = cluster_envs(settings, draft_model)
     name = Path(model_path).name
     async with (
         mlxcluster_server(model_path, max_concurrent=n, env=speculating) as with_,
@@ -476,8 +492,14 @@ async def run_speculation(
     from mlxcluster.bench.stats import machine_line
     from mlxcluster.bench.versus import token_counter
 
-    async with servers(model_path, settings) as targets:
-        measures, comparisons = await measure(targets, settings, token_counter(model_path), progress=progress)
+    with tempfile.TemporaryDirectory(prefix="mlxcluster-draft-") as scratch:
+        draft_model = None
+        if settings.draft_layers > 0:
+            from mlxcluster.bench.layer_skip import make_layer_skip_draft
+
+            draft_model = str(make_layer_skip_draft(model_path, settings.draft_layers, Path(scratch) / "draft"))
+        async with servers(model_path, settings, draft_model) as targets:
+            measures, comparisons = await measure(targets, settings, token_counter(model_path), progress=progress)
     return SpeculationResult(machine_line(), Path(model_path).name, settings, measures, comparisons)
 
 
@@ -518,6 +540,14 @@ def format_speculation(result: SpeculationResult) -> str:
         f"max {s.edit_max_tokens} tokens; chat: distinct open questions, max {s.chat_max_tokens} tokens",
         f"{s.rounds} round(s) each, the three servers up at once and taking turns (reversed every other round), "
         f"prompts never sent before; ours: controller + 1 worker, worker.speculative_tokens = {s.draft_tokens} vs 0",
+        *(
+            [
+                f"ours with speculation also drafts with a draft model: {result.model} cut to its first "
+                f"{s.draft_layers} layers (worker.draft_model; drafted / accepted count both sources)"
+            ]
+            if s.draft_layers
+            else []
+        ),
         "",
     ]
     rows = [

@@ -132,6 +132,14 @@ def bench_engine(
     quick: Annotated[
         bool, typer.Option("--quick", help="The speculation part: one round, edit at 1 stream, chat at 8.")
     ] = False,
+    draft_layers: Annotated[
+        int,
+        typer.Option(
+            help="The speculation part: the speculating cluster also drafts with a draft model, the model cut to "
+            "its first N layers (a layer-skip self-draft; worker.draft_model); 0: prompt lookup only.",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """mlx engine in-process vs the same model behind one worker over NATS (1 and N streams); with --parts stall,
     the step budget's curve (budget → running stream's gap ratio, long prompt's TTFT ratio); with --parts
@@ -175,6 +183,7 @@ def bench_engine(
         from mlxcluster.bench.speculation import SpeculationSettings, format_speculation, run_speculation
 
         settings = SpeculationSettings.quick() if quick else SpeculationSettings(rounds=rounds)
+        settings.draft_layers = draft_layers
         spec = asyncio.run(run_speculation(model_path, settings, progress=lambda line: typer.echo(line, err=True)))
         outputs["speculation"] = spec.to_json() if as_json else format_speculation(spec)
     if "profile" in names:

@@ -93,6 +93,9 @@ class MlxEngine(Engine):
     :param step_costs: fixed step costs for the budget instead of measured ones (tests).
     :param speculative_tokens: the most prompt-lookup draft tokens per greedy request and step
         (:mod:`~mlxcluster.worker.speculative_batch`); 0: no speculative decoding.
+    :param draft_model: the dir of a draft model with the same tokenizer (``worker.draft_model``), loaded
+        with the model and drafting beside prompt lookup (:mod:`~mlxcluster.worker.draft_model`); unused when
+        ``speculative_tokens`` is 0 or the model's caches cannot drop positions per row (then it is not loaded).
     :param prefill_batch_size: prompts prefilled together (default ``min(max_concurrent, 8)``).
     :param served_name: the served model name (default :func:`default_served_name` of ``model``);
         ``name`` is an alias.
@@ -121,6 +124,7 @@ class MlxEngine(Engine):
         step_budget_ms: float = DEFAULT_STEP_BUDGET_MS,
         step_costs: StepCosts | None = None,
         speculative_tokens: int = DEFAULT_DRAFT_TOKENS,
+        draft_model: str | None = None,
         prefill_batch_size: int | None = None,
         served_name: str | None = None,
         name: str | None = None,
@@ -140,6 +144,9 @@ class MlxEngine(Engine):
         self.step_budget_ms = step_budget_ms
         self.step_costs = step_costs
         self.speculative_tokens = speculative_tokens
+        self.draft_model = draft_model or None
+        self._draft: Any = None
+        """The loaded draft model (None: none, or it cannot draft for this model)."""
         self.prefill_batch_size = prefill_batch_size or min(max_concurrent, 8)
         self.speculation = SpeculationStats()
         """Speculative decoding counters, across the batches this engine builds."""
@@ -501,6 +508,7 @@ class MlxEngine(Engine):
         )
         self._features = features
         self._stream = stream
+        self._draft = self._load_draft_model(loaded, tokenizer)
         if self.prompt_cache_bytes > 0:
             self._prompt_cache = self._make_prompt_cache()
         loop = GenerationLoop(
@@ -519,10 +527,35 @@ class MlxEngine(Engine):
             loaded,
             self.model,
             started,
-            {"max_concurrent": str(self.max_concurrent), "prompt_cache_bytes": str(self.prompt_cache_bytes)},
+            {
+                "max_concurrent": str(self.max_concurrent),
+                "prompt_cache_bytes": str(self.prompt_cache_bytes),
+                **({"draft_model": str(self.draft_model)} if self._draft is not None else {}),
+            },
         )
         self._measure(loaded)
         return loop
+
+    def _load_draft_model(self, loaded: LoadedModel, tokenizer: Any) -> Any:
+        """The draft model (``worker.draft_model``), checked against the model's tokenizer; None when there is
+        none, speculation is off, or the model's caches cannot drop positions per row (it could not draft)."""
+        if self.draft_model is None or self.speculative_tokens <= 0:
+            return None
+        if loaded.cache_kinds != ["KVCache"]:
+            log.warning(
+                "worker.draft_model %s is not used: %s's caches (%s) cannot drop drafted positions per request",
+                self.draft_model,
+                self.model_name,
+                ", ".join(loaded.cache_kinds),
+            )
+            return None
+        import mlx_lm
+
+        from mlxcluster.worker.draft_model import check_draft_model
+
+        draft, draft_tokenizer = mlx_lm.load(self.draft_model)[:2]
+        check_draft_model(tokenizer, draft, draft_tokenizer, name=self.draft_model)
+        return draft
 
     def _measure(self, loaded: LoadedModel) -> None:
         """The model's KV size (in the dtype its weights compute in) and its weights' bytes."""
@@ -534,6 +567,9 @@ class MlxEngine(Engine):
         self._kv_size = kv_size_of(loaded.config, CONFIG_DTYPE_BYTES.get(dtype, 2))
         parameters = cast(list[tuple[str, Any]], tree_flatten(loaded.model.parameters()))
         self._weights_bytes = weights_bytes(self._model_key()) or sum(int(value.nbytes) for _, value in parameters)
+        if self._draft is not None:  # the draft model's weights are this engine's too
+            drafts = cast(list[tuple[str, Any]], tree_flatten(self._draft.parameters()))
+            self._weights_bytes += sum(int(value.nbytes) for _, value in drafts)
 
     def _on_turn(self) -> None:
         """Called by the generation thread once per turn of its loop."""
@@ -577,6 +613,10 @@ class MlxEngine(Engine):
         }
         if self.speculative_tokens > 0:
             return SpeculativeBatchGenerator(
-                self._loaded.model, draft_tokens=self.speculative_tokens, stats=self.speculation, **options
+                self._loaded.model,
+                draft_tokens=self.speculative_tokens,
+                stats=self.speculation,
+                draft_model=self._draft,
+                **options,
             )
         return BatchGenerator(self._loaded.model, **options)

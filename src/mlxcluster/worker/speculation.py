@@ -8,7 +8,9 @@ each row's drafts are right. So each step picks ``L`` to maximise the expected t
 
 - the expected tokens of a row with ``k`` drafted tokens and acceptance rate ``a`` is ``1 + a + ... + a^k``
   (a draft stops at its first wrong token); ``a`` is learned per row from its verified drafts;
-- the time of a forward of ``n`` tokens is ``c0 + c1 * n``, fitted from the steps' own measured times.
+- the time of a forward of ``n`` tokens is ``c0 + c1 * n``, fitted from the steps' own measured times;
+- with a draft model (``worker.draft_model``), drafting ``k`` tokens adds ``k`` of its forwards, each timed the
+  same way (:class:`~mlxcluster.worker.draft_model.DraftModel`).
 
 A row whose drafts keep failing pauses drafting (exponential back-off), so a workload with nothing to look
 up runs plain steps, pipelined as mlx-lm runs them.
@@ -17,6 +19,7 @@ up runs plain steps, pipelined as mlx-lm runs them.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mlxcluster.worker.ngram_index import NGramIndex
@@ -133,12 +136,20 @@ class StepCostModel:
         return c0 + c1 * tokens
 
 
-def best_length(proposed: list[int], rows: list[RowDrafts | None], cost: StepCostModel, longest: int) -> int:
+def best_length(
+    proposed: list[int],
+    rows: list[RowDrafts | None],
+    cost: StepCostModel,
+    longest: int,
+    *,
+    draft_ms: Callable[[int], float] | None = None,
+) -> int:
     """The forward length per row (1: a plain step) with the most expected tokens per second.
 
     :param proposed: tokens drafted for each row (0: none).
     :param rows: each row's drafting state (None: it does not draft).
     :param longest: the most tokens a row may draft.
+    :param draft_ms: what drafting ``n`` tokens a row costs besides the forward (a draft model's forwards).
     """
     batch = len(proposed)
     best, best_rate = 1, batch / cost.ms(batch)
@@ -148,7 +159,8 @@ def best_length(proposed: list[int], rows: list[RowDrafts | None], cost: StepCos
         for count, row in zip(proposed, rows, strict=True):
             if count and row is not None:
                 tokens += row.expected(min(count, drafted))
-        rate = tokens / cost.ms(batch * (1 + drafted))
+        ms = cost.ms(batch * (1 + drafted)) + (draft_ms(drafted) if draft_ms is not None else 0.0)
+        rate = tokens / ms
         if rate > best_rate:
             best, best_rate = 1 + drafted, rate
     return best

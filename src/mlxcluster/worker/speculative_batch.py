@@ -32,6 +32,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 
+from mlxcluster.worker.draft_model import DraftModel
 from mlxcluster.worker.ragged_cache import RaggedKVCache
 from mlxcluster.worker.speculation import (
     DEFAULT_DRAFT_TOKENS,
@@ -62,8 +63,12 @@ class SpeculativeGenerationBatch(GenerationBatch):
     stats: SpeculationStats
     cost: StepCostModel
 
-    def setup(self, draft_tokens: int, stats: SpeculationStats, cost: StepCostModel) -> None:
+    def setup(
+        self, draft_tokens: int, stats: SpeculationStats, cost: StepCostModel, draft: DraftModel | None = None
+    ) -> None:
         self.draft_tokens = draft_tokens
+        self.draft = draft
+        """The draft model, its cache mirroring this batch's rows (None: prompt-lookup drafts only)."""
         self.stats = stats
         self.cost = cost
         self.rows: dict[int, RowDrafts] = {}
@@ -72,6 +77,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
         """The pending tokens when a speculative step computed them (None after a plain step: not known yet)."""
         self._emitted: list[list[int]] = []
         self._emitted_logprobs: list[list[Any]] = []
+        self._modelled: set[int] = set()
+        """Rows whose draft in this step is the draft model's."""
 
     # --- drafting -----------------------------------------------------------------------------
 
@@ -114,25 +121,98 @@ class SpeculativeGenerationBatch(GenerationBatch):
             if row is None or room <= 0 or not row.ready():
                 drafts.append([])
                 continue
-            row.index.sync(self.tokens[i])
-            if known is not None:
-                drafts.append(row.index.propose(known[i], room))
-            else:
-                drafts.append(row.index.continuation(room + 1)[1:])
+            drafts.append(self._lookup(i, row, room, known))
         if not any(drafts):
             return None
         return drafts, drafters
 
+    def _lookup(self, i: int, row: RowDrafts, room: int, known: list[int] | None) -> list[int]:
+        """Row ``i``'s prompt-lookup draft of at most ``room`` tokens (after a guess of its pending token when
+        the pending tokens are not known)."""
+        row.index.sync(self.tokens[i])
+        if known is not None:
+            return row.index.propose(known[i], room)
+        return row.index.continuation(room + 1)[1:]
+
     # --- steps --------------------------------------------------------------------------------
 
-    def _step(self) -> tuple[list[int], list[Any]]:
-        proposals = self._proposals()
-        self._known_pending = None
-        if proposals is not None:
-            drafts, drafters = proposals
+    def _plan_with_draft_model(self) -> tuple[list[list[int]], list[RowDrafts | None], int] | None:
+        """Each row's draft, its drafting state and the forward length, drafting with the draft model; None: no
+        row drafts.
+
+        The length is chosen before drafting, the draft model's measured forwards counted in its cost. When
+        the draft model does not pay, prompt lookup alone drafts, as without a draft model (the pending tokens
+        not waited for). Else the pending tokens must be known to draft after them (after a plain step this
+        waits for them); a row's prompt-lookup draft is taken when it covers the step's draft length (free
+        and, where the text repeats, right more often than a small model), else the draft model's; the draft
+        model runs only when some row needs it.
+        """
+        assert self.draft is not None
+        if not self._can_draft():
+            return None
+        batch = len(self.uids)
+        drafters: list[RowDrafts | None] = []
+        rooms: list[int] = []
+        for i in range(batch):
+            row = self._drafter(i)
+            drafters.append(row)
+            room = min(self.draft_tokens, self.max_tokens[i] - self._num_tokens[i] - 2)  # pending + the next
+            rooms.append(room if row is not None and room > 0 and row.ready() else 0)
+        if not any(rooms):
+            return None
+        draft = self.draft
+        known = self._known_pending
+        length = best_length(
+            rooms, drafters, self.cost, self.draft_tokens, draft_ms=lambda count: draft.draft_ms(batch, count)
+        )
+        if length <= 1:
+            drafts = [
+                self._lookup(i, row, room, known) if row and room else []
+                for i, (row, room) in enumerate(zip(drafters, rooms, strict=True))
+            ]
             length = best_length([len(d) for d in drafts], drafters, self.cost, self.draft_tokens)
+            return [d[: length - 1] for d in drafts], drafters, length
+        if known is None:
+            known = cast(list[int], self._next_tokens.tolist())
+        lookups = [
+            self._lookup(i, row, room, known) if row and room else []
+            for i, (row, room) in enumerate(zip(drafters, rooms, strict=True))
+        ]
+
+        def model_needed(count: int) -> bool:
+            return any(room and len(lookup) < min(count, room) for lookup, room in zip(lookups, rooms, strict=True))
+
+        def draft_ms(count: int) -> float:
+            return draft.draft_ms(batch, count) if model_needed(count) else 0.0
+
+        length = best_length(rooms, drafters, self.cost, self.draft_tokens, draft_ms=draft_ms)
+        if length <= 1:  # cannot be (drafting got no dearer than priced above), but a plain step is always right
+            return [[] for _ in rooms], drafters, 1
+        count = length - 1
+        drafts = [lookup[:count] for lookup in lookups]
+        if model_needed(count):
+            modelled = draft.draft(self.tokens, known, count)
+            for i, room in enumerate(rooms):
+                if room and len(drafts[i]) < min(count, room):
+                    drafts[i] = modelled[i][:room]
+                    self._modelled.add(i)
+        return drafts, drafters, length
+
+    def _step(self) -> tuple[list[int], list[Any]]:
+        if self.draft is not None:
+            planned = self._plan_with_draft_model()
+        else:
+            proposals = self._proposals()
+            planned = None
+            if proposals is not None:
+                drafts, drafters = proposals
+                length = best_length([len(d) for d in drafts], drafters, self.cost, self.draft_tokens)
+                planned = [d[: length - 1] for d in drafts], drafters, length
+        self._known_pending = None
+        if planned is not None:
+            drafts, drafters, length = planned
             if length > 1:
-                return self._speculative_step([d[: length - 1] for d in drafts], drafters, length)
+                return self._speculative_step(drafts, drafters, length)
             self._plain_steps += 1
             if self._plain_steps % TIMED_PLAIN_EVERY == 1:
                 return self._timed_plain_step()
@@ -214,6 +294,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         next_logprobs: list[Any] = []
         self._emitted, self._emitted_logprobs = [], []
         rejected: list[int] = []
+        accepted_tokens: list[list[int]] = []
         stats = self.stats
         for i in range(batch):
             draft = drafts[i]
@@ -228,6 +309,9 @@ class SpeculativeGenerationBatch(GenerationBatch):
                 row.verified(len(draft), accepted)
                 stats.drafted += len(draft)
                 stats.accepted += accepted
+                if i in self._modelled and self.draft is not None:
+                    self.draft.verified += len(draft)
+                    self.draft.accepted += accepted
             if i in guided:
                 for processor in self.logits_processors[i]:
                     processor.rollback(len(draft) - accepted)
@@ -245,8 +329,12 @@ class SpeculativeGenerationBatch(GenerationBatch):
             next_tokens.append(targets[accepted])
             next_logprobs.append(self._row_logprobs(first_logprobs, row_rest, i, accepted))
             rejected.append(length - 1 - accepted)
+            accepted_tokens.append(draft[:accepted])
         for cache in self.prompt_cache:
             cache.trim_rows(rejected)
+        if self.draft is not None:
+            self.draft.settle(accepted_tokens)
+        self._modelled.clear()
         self._next_tokens = mx.array(next_tokens, dtype=inputs.dtype)
         self._known_pending = next_tokens
         self._next_logprobs = next_logprobs
@@ -329,10 +417,14 @@ class SpeculativeGenerationBatch(GenerationBatch):
     def extend(self, batch: Any) -> None:
         super().extend(batch)  # type: ignore[no-untyped-call]
         self._known_pending = None  # the new rows' pending tokens are being computed
+        if self.draft is not None:
+            self.draft.extend(batch.tokens)  # each row's tokens in the target's cache (all but its pending one)
 
     def filter(self, keep: list[int]) -> None:
         known = self._known_pending
         self._known_pending = [known[i] for i in keep] if known is not None else None
+        if self.draft is not None:
+            self.draft.filter(keep)
         super().filter(keep)
         alive = set(self.uids)
         self.rows = {uid: row for uid, row in self.rows.items() if uid in alive}
@@ -347,10 +439,13 @@ class SpeculativeBatchGenerator(BatchGenerator):
         *,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         stats: SpeculationStats | None = None,
+        draft_model: Any = None,
         **kwargs: Any,
     ) -> None:
+        """:param draft_model: a model with ``model``'s tokenizer that drafts (None: prompt lookup only)."""
         super().__init__(model, **kwargs)
         self.speculation = stats if stats is not None else SpeculationStats()
         batch = SpeculativeGenerationBatch.empty(self.model, self.sampler)
-        batch.setup(draft_tokens, self.speculation, StepCostModel())
+        draft = DraftModel(draft_model) if draft_model is not None else None
+        batch.setup(draft_tokens, self.speculation, StepCostModel(), draft)
         self._generation_batch = batch

@@ -54,7 +54,17 @@ def prepare_model(config: Config) -> ResolvedModel | None:
 
     model = resolve_model(worker.model, config.models_dir)
     check_placement(config, model.path)  # a model too big for this worker is refused before loading
+    if worker.draft_model and not (worker.group.name and worker.group.size > 1):
+        draft_model_path(config, download=True)  # fetched now: the engine finds it in the cache at load
     return model
+
+
+def draft_model_path(config: Config, *, download: bool = False) -> str:
+    """``worker.draft_model``'s local dir; :class:`NodeError` naming the key when it cannot be had."""
+    try:
+        return resolve_model(config.worker.draft_model, config.models_dir, download=download).path
+    except NodeError as exc:
+        raise NodeError(f"worker.draft_model: {exc}") from None
 
 
 def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
@@ -95,6 +105,7 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
                 prompt_cache=worker.prompt_cache_bytes != 0,
                 image_max_pixels=worker.image_max_pixels,
             )
+        drafts = bool(worker.draft_model) and worker.speculative_tokens > 0 and entry.spec == worker.model
         return MlxEngine(
             entry.path,
             served_name=entry.name,
@@ -102,6 +113,7 @@ def engine_factory(config: Config, budget: MemoryBudget) -> EngineFactory:
             prefill_step_size=worker.prefill_step_size,
             step_budget_ms=worker.step_budget_ms,
             speculative_tokens=worker.speculative_tokens,
+            draft_model=draft_model_path(config) if drafts else None,  # the model loaded at start only
             prompt_cache_bytes=worker.prompt_cache_bytes,
             thinking_budgets=msgspec.structs.asdict(worker.thinking_budgets),
             memory_budget=budget,

@@ -87,9 +87,14 @@ lint: $(STAMP)
 
 # Coverage counts the processes the tests start too (see [tool.coverage.run] in pyproject.toml); the total is
 # printed and a run below [tool.coverage.report] fail_under fails.
+# pytest itself runs on the system OpenBLAS where there is one, as workers do (tests/conftest.py keeps it out of
+# the processes the tests start): the in-process model tests run ~5x faster than on mlx-cpu's bundled BLAS.
+OPENBLAS_PRELOAD = $(shell $(PY) -c 'from mlxcluster.worker.blas import openblas_path; print(openblas_path() or "")')
+WITH_OPENBLAS = $(if $(OPENBLAS_PRELOAD),LD_PRELOAD=$(OPENBLAS_PRELOAD)$(if $(LD_PRELOAD),:$(LD_PRELOAD)))
+
 test: lint model chromium
 	@rm -f .coverage .coverage.*
-	$(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
+	$(WITH_OPENBLAS) $(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-mlx-lm-floor
 
 # The engine's tests again on the oldest mlx-lm that pyproject.toml admits, when pip installed a newer one:
@@ -106,7 +111,7 @@ test-mlx-lm-floor: $(STAMP)
 	  [ -f build/mlx-lm-floor/.version-$(MLX_LM_FLOOR) ] || { rm -rf build/mlx-lm-floor && \
 	    $(PY) -m pip install --quiet --no-deps --target build/mlx-lm-floor "mlx-lm==$(MLX_LM_FLOOR)" && \
 	    touch build/mlx-lm-floor/.version-$(MLX_LM_FLOOR); } && \
-	  PYTHONPATH=build/mlx-lm-floor $(PY) -m pytest -q -p no:cacheprovider $(ENGINE_TESTS) && \
+	  PYTHONPATH=build/mlx-lm-floor $(WITH_OPENBLAS) $(PY) -m pytest -q -p no:cacheprovider $(ENGINE_TESTS) && \
 	  PYTHONPATH=build/mlx-lm-floor $(PY) -c 'import mlx_lm; assert mlx_lm.__version__ == "$(MLX_LM_FLOOR)", mlx_lm.__version__'; \
 	fi
 

@@ -180,6 +180,30 @@ def test_a_partly_accepted_draft_and_sampled_rows_change_nothing(models: dict[st
     assert 0 < draft.accepted < draft.verified
 
 
+def test_a_draft_model_that_is_never_right_backs_off(models: dict[str, Path]) -> None:
+    """Another model with the same tokenizer (never accepted here) is priced at its own acceptance, not at the
+    rows' (which prompt lookup may hold high): after its first misses it runs on few steps (tried again now and
+    then as its estimate drifts back toward the prior), and the output is plain decoding's."""
+    model, tokenizer = _load(models["target"])
+    other, _ = _load(models["other"])
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    schedule = [(0, 0, 120), (0, 1, 120)]
+    plain, _, _ = _run(model, prompts, schedule=schedule)
+    drafted_at: list[int] = []
+    steps = [0]
+
+    def check(batch: Any) -> None:
+        steps[0] += 1
+        if batch.draft.verified > sum(drafted_at[-1:]):
+            drafted_at.append(batch.draft.verified)
+
+    spec, _, generator = _run(model, prompts, draft=other, schedule=schedule, check=check)
+    assert spec == plain
+    draft = generator._generation_batch.draft
+    assert draft.accepted == 0
+    assert 2 <= len(drafted_at) < steps[0] / 4  # run, judged poor, tried again now and then only
+
+
 def test_the_draft_cost_counts_in_the_length() -> None:
     from mlxcluster.worker.speculation import RowDrafts
 

@@ -27,10 +27,13 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from mlxcluster.worker.ragged_cache import RaggedKVCache
-from mlxcluster.worker.speculation import StepCostModel
+from mlxcluster.worker.speculation import PRIOR_ACCEPTANCE, RowDrafts, StepCostModel
 
 PREFILL_CHUNK = 512
 """Tokens of a joining row prefilled into the draft cache per forward."""
+IDLE_RECOVERY = 0.97
+"""Weight an idle step leaves on the draft model's measured acceptance (the rest goes to the prior): a model
+whose drafts all failed is priced hopefully again after a few dozen steps without it."""
 DRAFT_KEY = "worker.draft_model"
 TOKEN_PROBES = ("Hello, world!", "def f(x):\n    return x + 1\n", " The quick brown fox 0123456789")
 """Texts that both tokenizers must encode alike (beyond an equal vocabulary)."""
@@ -101,6 +104,9 @@ class DraftModel:
         """Tokens this model drafted that the target verified (part of ``SpeculationStats.drafted``)."""
         self.accepted = 0
         """Of those, tokens the target accepted."""
+        self.quality = RowDrafts()
+        """The draft model's own acceptance rate and back-off, learned from its verified drafts (a poor draft
+        model, such as an untrained early exit, is run on few steps; prompt lookup drafts on)."""
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -184,6 +190,14 @@ class DraftModel:
         if not self.cache:
             return []
         return cast(list[int], self.cache[0].offset.tolist())
+
+    def idle(self) -> None:
+        """A step without the draft model: its acceptance estimate drifts back toward the prior
+        (:data:`IDLE_RECOVERY` a step), so a model judged poor is tried again now and then (the text may
+        have changed) rather than never."""
+        quality = self.quality
+        quality.hits = quality.hits * IDLE_RECOVERY + PRIOR_ACCEPTANCE * (1 - IDLE_RECOVERY)
+        quality.trials = quality.trials * IDLE_RECOVERY + (1 - IDLE_RECOVERY)
 
     def draft_ms(self, batch: int, count: int) -> float:
         """What drafting ``count`` tokens for a batch of ``batch`` rows costs, from measured drafts."""

@@ -140,12 +140,14 @@ class SpeculativeGenerationBatch(GenerationBatch):
         """Each row's draft, its drafting state and the forward length, drafting with the draft model; None: no
         row drafts.
 
-        The length is chosen before drafting, the draft model's measured forwards counted in its cost. When
-        the draft model does not pay, prompt lookup alone drafts, as without a draft model (the pending tokens
-        not waited for). Else the pending tokens must be known to draft after them (after a plain step this
-        waits for them); a row's prompt-lookup draft is taken when it covers the step's draft length (free
-        and, where the text repeats, right more often than a small model), else the draft model's; the draft
-        model runs only when some row needs it.
+        The length is chosen before drafting, the draft model's measured forwards counted in its cost and its
+        drafts expected to be accepted at the draft model's own measured rate (:attr:`DraftModel.quality`, with
+        its back-off), not at the rows' (which prompt-lookup drafts may hold high). When the draft model does
+        not pay, prompt lookup alone drafts, as without a draft model (the pending tokens not waited for).
+        Else the pending tokens must be known to draft after them (after a plain step this waits for them); a
+        row's prompt-lookup draft is taken when it covers the step's draft length (free and, where the text
+        repeats, right more often than a small model), else the draft model's; the draft model runs only when
+        some row needs it.
         """
         assert self.draft is not None
         if not self._can_draft():
@@ -162,10 +164,14 @@ class SpeculativeGenerationBatch(GenerationBatch):
             return None
         draft = self.draft
         known = self._known_pending
-        length = best_length(
-            rooms, drafters, self.cost, self.draft_tokens, draft_ms=lambda count: draft.draft_ms(batch, count)
-        )
+        length = 1
+        if draft.quality.ready():
+            modelled_rows = [draft.quality if row is not None else None for row in drafters]
+            length = best_length(
+                rooms, modelled_rows, self.cost, self.draft_tokens, draft_ms=lambda count: draft.draft_ms(batch, count)
+            )
         if length <= 1:
+            draft.idle()
             drafts = [
                 self._lookup(i, row, room, known) if row and room else []
                 for i, (row, room) in enumerate(zip(drafters, rooms, strict=True))
@@ -185,12 +191,19 @@ class SpeculativeGenerationBatch(GenerationBatch):
         def draft_ms(count: int) -> float:
             return draft.draft_ms(batch, count) if model_needed(count) else 0.0
 
-        length = best_length(rooms, drafters, self.cost, self.draft_tokens, draft_ms=draft_ms)
-        if length <= 1:  # cannot be (drafting got no dearer than priced above), but a plain step is always right
+        priced = [  # a row whose lookup covers its room drafts at its own rate, else at the draft model's
+            row if row is None or len(lookup) >= room else draft.quality
+            for row, lookup, room in zip(drafters, lookups, rooms, strict=True)
+        ]
+        length = best_length(rooms, priced, self.cost, self.draft_tokens, draft_ms=draft_ms)
+        if length <= 1:  # drafting does not pay after all: a plain step (the pending tokens were waited for)
+            draft.idle()
             return [[] for _ in rooms], drafters, 1
         count = length - 1
         drafts = [lookup[:count] for lookup in lookups]
-        if model_needed(count):
+        if not model_needed(count):
+            draft.idle()
+        else:
             modelled = draft.draft(self.tokens, known, count)
             for i, room in enumerate(rooms):
                 if room and len(drafts[i]) < min(count, room):
@@ -312,6 +325,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
                 if i in self._modelled and self.draft is not None:
                     self.draft.verified += len(draft)
                     self.draft.accepted += accepted
+                    self.draft.quality.verified(len(draft), accepted)
             if i in guided:
                 for processor in self.logits_processors[i]:
                     processor.rollback(len(draft) - accepted)

@@ -150,6 +150,17 @@ class NoTracer:
         pass
 
 
+def request_span(tracer: Tracer, name: str, *, request_id: str, model: str) -> Span:
+    """A request's span on the controller: under the HTTP request's span (:data:`REQUEST_SPAN`), or the first
+    of a trace without one (a WebSocket message); with the request's id and model."""
+    parent = REQUEST_SPAN.get()
+    span = tracer.start(name, kind="internal") if parent is None else parent.child(name)
+    if span.recording:
+        span.set("mlxcluster.request_id", request_id)
+        span.set("gen_ai.request.model", model)
+    return span
+
+
 def build_tracer(section: TracingSection, *, role: str, instance: str) -> Tracer:
     """The node's tracer: a :class:`NoTracer` while ``tracing.endpoint`` is empty, otherwise one exporting
     over OTLP/HTTP. Raises :class:`TracingUnavailable` naming the extra when OpenTelemetry is missing.

@@ -37,7 +37,7 @@ from mlxcluster.protocol import (
     Token,
     encode,
 )
-from mlxcluster.tracing import REQUEST_SPAN, NoTracer, Span, Tracer
+from mlxcluster.tracing import NoTracer, Span, Tracer, request_span
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,8 @@ class Dispatcher:
 
     def _request_span(self, request: InferenceRequest) -> Span:
         """The dispatch span: under the HTTP request's span, or the first of a trace (a WebSocket message)."""
-        parent = REQUEST_SPAN.get()
-        span = self.tracer.start("dispatch", kind="internal") if parent is None else parent.child("dispatch")
+        span = request_span(self.tracer, "dispatch", request_id=request.request_id, model=request.model)
         if span.recording:
-            span.set("mlxcluster.request_id", request.request_id)
-            span.set("gen_ai.request.model", request.model)
             span.set("mlxcluster.stream", request.stream)
         return span
 

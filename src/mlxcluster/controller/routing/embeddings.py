@@ -39,7 +39,7 @@ from mlxcluster.controller.metering.request_meter import EventSink, discard
 from mlxcluster.controller.routing.breaker import Breakers
 from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM, pick_worker
 from mlxcluster.protocol import Cancel, EmbedRequest, EmbedResult, Error, InferenceRequest, encode
-from mlxcluster.tracing import REQUEST_SPAN, NoTracer, Span, Tracer
+from mlxcluster.tracing import NoTracer, Span, Tracer, request_span
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,8 @@ class EmbeddingDispatcher:
 
     def _request_span(self, request: EmbedRequest) -> Span:
         """The embed span: under the HTTP request's span, or the first of a trace."""
-        parent = REQUEST_SPAN.get()
-        span = self.tracer.start("embed", kind="internal") if parent is None else parent.child("embed")
+        span = request_span(self.tracer, "embed", request_id=request.request_id, model=request.model)
         if span.recording:
-            span.set("mlxcluster.request_id", request.request_id)
-            span.set("gen_ai.request.model", request.model)
             span.set("mlxcluster.inputs", len(request.texts or request.tokens or []))
         return span
 

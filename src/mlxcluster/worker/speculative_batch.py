@@ -134,6 +134,13 @@ class SpeculativeGenerationBatch(GenerationBatch):
             return row.index.propose(known[i], room)
         return row.index.continuation(room + 1)[1:]
 
+    def _lookups(self, drafters: list[RowDrafts | None], rooms: list[int], known: list[int] | None) -> list[list[int]]:
+        """Every row's prompt-lookup draft (empty for a row that does not draft or has no room)."""
+        return [
+            self._lookup(i, row, room, known) if row and room else []
+            for i, (row, room) in enumerate(zip(drafters, rooms, strict=True))
+        ]
+
     # --- steps --------------------------------------------------------------------------------
 
     def _plan_with_draft_model(self) -> tuple[list[list[int]], list[RowDrafts | None], int] | None:
@@ -172,18 +179,12 @@ class SpeculativeGenerationBatch(GenerationBatch):
             )
         if length <= 1:
             draft.idle()
-            drafts = [
-                self._lookup(i, row, room, known) if row and room else []
-                for i, (row, room) in enumerate(zip(drafters, rooms, strict=True))
-            ]
+            drafts = self._lookups(drafters, rooms, known)
             length = best_length([len(d) for d in drafts], drafters, self.cost, self.draft_tokens)
             return [d[: length - 1] for d in drafts], drafters, length
         if known is None:
             known = cast(list[int], self._next_tokens.tolist())
-        lookups = [
-            self._lookup(i, row, room, known) if row and room else []
-            for i, (row, room) in enumerate(zip(drafters, rooms, strict=True))
-        ]
+        lookups = self._lookups(drafters, rooms, known)
 
         def model_needed(count: int) -> bool:
             return any(room and len(lookup) < min(count, room) for lookup, room in zip(lookups, rooms, strict=True))

@@ -92,6 +92,14 @@ async def record_requests(bus: Bus, worker_id: str) -> list[InferenceRequest]:
     return seen
 
 
+async def copies(bus: Bus, seen: list[InferenceRequest]) -> list[InferenceRequest]:
+    """``seen`` once the recorder on ``bus`` has its copies: they come over another connection than the worker's,
+    so a stream can end before they are delivered (a round trip on that connection, then its callbacks)."""
+    await barrier(bus)
+    await wait_until(lambda: seen, what="the recorder's copy of the request")
+    return seen
+
+
 def record_events(controller: RunningController) -> list[MetricsEvent]:
     """The dispatcher's metrics events, as they are emitted (passed on to the exporters unchanged)."""
     events: list[MetricsEvent] = []
@@ -154,7 +162,7 @@ async def test_a_lost_stream_continues_on_another_worker_with_no_seam(
                 "completion_tokens_details": {"reasoning_tokens": 0},
             }
         ]
-        (continued,) = seen
+        (continued,) = await copies(bus, seen)
         assert continued.continuation == "hello brave" and continued.max_tokens == flaky.received[0].max_tokens - 2
         assert continued.request_id == flaky.received[0].request_id
         stats = controller.ctx.dispatcher.stats
@@ -296,7 +304,7 @@ async def test_seeded_continuation_skips_the_draws_already_made(cluster_config: 
         request = chat_request(ANSWER, seed=7, sampling=SamplingParams(temperature=0.7))
         frames = [frame async for frame in controller.ctx.dispatcher.stream(request)]
         assert isinstance(frames[-1], Done) and "".join(f.text for f in frames if isinstance(f, Token)) == ANSWER
-        (continued,) = seen
+        (continued,) = await copies(bus, seen)
         assert (continued.seed, continued.sampling.seed_offset, continued.sampling.temperature) == (7, 3, 0.7)
 
 
@@ -343,7 +351,7 @@ async def test_a_moved_stream_carries_what_was_said_in_order(cluster_config: Con
         await controller.wait_online("w-flaky", "w-real")
         body = {"model": "echo", "messages": USER, "stream": True, "stream_options": {"include_usage": True}}
         payloads = await stream_chat(controller, body)
-        (continued,) = seen
+        (continued,) = await copies(bus, seen)
         tokens = sum(frame.count for frame in frames)
         assert continued.said == said
         content = "".join(part.text for part in said if part.kind == "content")

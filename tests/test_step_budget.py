@@ -8,8 +8,10 @@ engine with fixed step costs (no timing involved): a recording ``BatchGenerator`
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -257,6 +259,62 @@ async def test_a_lone_request_and_a_refused_one_do_not_hold_the_batch(
         await engine.stop()
     assert ok and isinstance(bad[-1], Error)
     assert engine.on_the_way == 0
+
+
+async def test_a_lone_request_waits_for_company_that_arrives_just_after_it(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request sent with the first but reaching the worker after it was prepared (nothing on its way) still
+    prefills with it. (The company share is raised so that the wait outlasts any delay; a full batch ends it.)"""
+    monkeypatch.setattr(generation_loop, "BURST_WAIT_S", 60.0)
+    monkeypatch.setattr(generation_loop, "COMPANY_SHARE", 1000.0)
+    engine = RecordingEngine(
+        str(tiny_model), max_concurrent=2, prefill_step_size=FULL, step_budget_ms=250.0, step_costs=COSTS
+    )
+    await engine.start()
+    try:
+        first = asyncio.create_task(_collect(engine, _request("first", f"1 {LONG_PROMPT[:300]}", 4)))
+        loop = engine._loop
+        assert loop is not None
+        for _ in range(3000):  # the first is on the generation thread, alone, waiting for company
+            if loop.waiting and engine.on_the_way == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert loop.waiting and not loop.active
+        await asyncio.wait_for(
+            asyncio.gather(first, _collect(engine, _request("second", f"2 {LONG_PROMPT[:300]}", 4))), 60
+        )
+    finally:
+        await engine.stop()
+    assert len(_prefill_steps(engine, decoding=False)[0].advanced) == 2
+
+
+def test_the_wait_for_company_is_a_share_of_the_lone_prompts_prefill() -> None:
+    """5% of its expected prefill (uncached tokens × measured ms per token), capped; none once others wait
+    or are on their way, or before a prefill token's cost is known."""
+
+    class Cache:
+        def cached_length(self, tokens: list[int]) -> int:
+            return 30 if len(tokens) > 30 else 0
+
+    def job(tokens: int) -> Any:
+        return SimpleNamespace(prepared=SimpleNamespace(prompt=list(range(tokens))), generated=[])
+
+    def wait(jobs: list[Any], *, preparing: int = 0, costs: StepCosts = COSTS, cache: Any = None) -> float:
+        loop = SimpleNamespace(
+            waiting=deque(jobs),
+            preparing=lambda: preparing,
+            step_budget=StepBudget(250.0, FULL, costs=costs),
+            prompt_cache=cache,
+        )
+        return float(generation_loop.GenerationLoop.company_wait_s(loop))  # type: ignore[arg-type]
+
+    assert wait([job(40)]) == pytest.approx(0.05 * 40 * 5.0 / 1000)  # 10 ms
+    assert wait([job(40)], cache=Cache()) == pytest.approx(0.05 * 10 * 5.0 / 1000)  # 30 of them cached
+    assert wait([job(100_000)]) == generation_loop.BURST_WAIT_S
+    assert wait([job(40), job(40)]) == 0.0  # company already
+    assert wait([job(40)], preparing=1) == 0.0  # on its way: the burst wait covers it
+    assert wait([job(40)], costs=StepCosts()) == 0.0  # not measured yet
 
 
 async def _frames(engine: MlxEngine, request: InferenceRequest) -> list[Any]:

@@ -123,6 +123,11 @@ class PromptCache:
         self.last_use = CacheUse(entry.tokens, cached)
         return cache, cached
 
+    def cached_length(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` :meth:`fetch` would take from the cache now (nothing is copied or counted)."""
+        found = self._nearest(tokens)
+        return found[1] if found is not None else 0
+
     def _nearest(self, tokens: list[int]) -> tuple[_Entry, int] | None:
         """The entry to start ``tokens`` from and how many of its tokens to keep (< ``len(tokens)``)."""
         limit = len(tokens) - 1  # the last prompt token is always computed

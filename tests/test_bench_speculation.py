@@ -112,7 +112,7 @@ class FakeServer:
         prompt = body["messages"][0]["content"]
         self.prompts.append(prompt)
         if self.label == WITH:
-            self.counts = self.counts.plus(Counts(10, 80, 60))
+            self.counts = self.counts.plus(Counts(10, 80, 60, 8, 2))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b": keep-alive\n\n")
@@ -168,6 +168,7 @@ async def test_rounds_alternate_and_the_comparisons_add_up() -> None:
     edit_one = measures[0]
     assert edit_one.requests == 2 and edit_one.tokens == 2 * words(edit_expected(0)) + 4  # the fences: 2 words
     assert (edit_one.steps, edit_one.drafted, edit_one.accepted) == (20, 160, 120)  # 10/80/60 per request
+    assert (edit_one.model_drafted, edit_one.model_accepted) == (16, 4)  # the draft model's part
     assert measures[1].drafted == 0  # counts are read from the speculating cluster only
     assert all(m.ttft_p50_ms > 0 and m.decode_tokens_per_s > 0 for m in measures)
 

@@ -136,7 +136,7 @@ def test_a_self_draft_is_accepted_whole_and_changes_nothing(models: dict[str, Pa
     assert spec == plain and reasons == plain_reasons
     assert "stop" in reasons and "length" in reasons and compared
     draft = generator._generation_batch.draft
-    assert generator.speculation.accepted > 0 and draft.accepted > 0
+    assert generator.speculation.accepted > 0 and generator.speculation.model_accepted > 0
     assert len(draft) == 0 and draft.cache == []  # every row left
 
 
@@ -155,8 +155,10 @@ def test_the_draft_models_own_drafts_are_all_accepted_when_it_is_the_target(mode
     while finished < 2:
         finished += sum(r.finish_reason is not None for r in generator.next_generated())
     generator.close()
-    assert batch.draft.verified > 20
-    assert batch.draft.accepted == batch.draft.verified
+    stats = generator.speculation
+    assert stats.model_drafted > 20
+    assert stats.model_accepted == stats.model_drafted
+    assert stats.drafted >= stats.model_drafted and stats.accepted >= stats.model_accepted
 
 
 def test_a_partly_accepted_draft_and_sampled_rows_change_nothing(models: dict[str, Path]) -> None:
@@ -176,8 +178,8 @@ def test_a_partly_accepted_draft_and_sampled_rows_change_nothing(models: dict[st
     plain, plain_reasons, _ = _run(model, prompts, samplers=samplers())
     spec, reasons, generator = _run(model, prompts, draft=other, samplers=samplers(), check=_check_in_sync)
     assert spec == plain and reasons == plain_reasons
-    draft = generator._generation_batch.draft
-    assert 0 < draft.accepted < draft.verified
+    stats = generator.speculation
+    assert 0 < stats.model_accepted < stats.model_drafted
 
 
 def test_a_draft_model_that_is_never_right_backs_off(models: dict[str, Path]) -> None:
@@ -194,13 +196,12 @@ def test_a_draft_model_that_is_never_right_backs_off(models: dict[str, Path]) ->
 
     def check(batch: Any) -> None:
         steps[0] += 1
-        if batch.draft.verified > sum(drafted_at[-1:]):
-            drafted_at.append(batch.draft.verified)
+        if batch.stats.model_drafted > sum(drafted_at[-1:]):
+            drafted_at.append(batch.stats.model_drafted)
 
     spec, _, generator = _run(model, prompts, draft=other, schedule=schedule, check=check)
     assert spec == plain
-    draft = generator._generation_batch.draft
-    assert draft.accepted == 0
+    assert generator.speculation.model_accepted == 0
     assert 2 <= len(drafted_at) < steps[0] / 4  # run, judged poor, tried again now and then only
 
 

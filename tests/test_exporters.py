@@ -320,7 +320,14 @@ async def test_prometheus_speculation_series_follow_the_snapshot() -> None:
     await exporter.export(ClusterSnapshot(time=1))
     assert not any(name.startswith("mlxcluster_worker_speculative") for name, _ in samples(exporter.text().decode()))
     spec = {
-        "a": {"steps": 4, "drafted": 10, "accepted": 7, "acceptance_rate": 0.7},
+        "a": {
+            "steps": 4,
+            "drafted": 10,
+            "accepted": 7,
+            "model_drafted": 3,
+            "model_accepted": 2,
+            "acceptance_rate": 0.7,
+        },
         "b": {"steps": 0, "drafted": 0, "accepted": 0, "acceptance_rate": 0.0},
     }
     await exporter.export(ClusterSnapshot(time=2, worker_speculation=spec))
@@ -333,6 +340,8 @@ async def test_prometheus_speculation_series_follow_the_snapshot() -> None:
     assert values[("mlxcluster_worker_speculative_drafted_tokens_total", a)] == 10
     assert values[("mlxcluster_worker_speculative_accepted_tokens_total", a)] == 7
     assert values[("mlxcluster_worker_speculative_acceptance_rate", a)] == 0.7
+    assert values[("mlxcluster_worker_speculative_draft_model_drafted_tokens_total", a)] == 3
+    assert values[("mlxcluster_worker_speculative_draft_model_accepted_tokens_total", a)] == 2
     assert values[("mlxcluster_worker_speculative_drafted_tokens_total", b)] == 0  # zeros are series too
     await exporter.export(ClusterSnapshot(time=3, worker_speculation={"b": spec["b"]}))
     values = samples(exporter.text().decode())

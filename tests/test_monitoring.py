@@ -187,7 +187,7 @@ async def test_speculation_counts_in_the_api_and_metrics(
 
     config = with_sections(cluster_config, metrics={"exporters": ["prometheus"], "snapshot_interval_s": 0.05})
     async with Cluster(config) as running:
-        engine = SpeculatingEcho(SpeculationCounts(steps=4, drafted=10, accepted=7))
+        engine = SpeculatingEcho(SpeculationCounts(steps=4, drafted=10, accepted=7, model_drafted=4, model_accepted=1))
         await running.start_worker("w-spec", engine=engine)
         await running.start_worker("w-plain")
         controller = await running.start_controller()
@@ -198,7 +198,15 @@ async def test_speculation_counts_in_the_api_and_metrics(
             return workers if workers.get("w-spec", {}).get("speculation") else None
 
         workers = await wait_until(reported, what="speculation counts in /api/cluster/workers")
-        expected = {"steps": 4, "drafted": 10, "accepted": 7, "acceptance_rate": 0.7}
+        expected = {
+            "steps": 4,
+            "drafted": 10,
+            "accepted": 7,
+            "model_drafted": 4,
+            "model_accepted": 1,
+            "acceptance_rate": 0.7,
+            "model_acceptance_rate": 0.25,
+        }
         assert workers["w-spec"]["speculation"] == expected
         assert workers["w-plain"]["speculation"] is None  # reported as null, not left out
         async with controller.session().get(f"{controller.url}/api/cluster/workers/w-spec") as resp:
@@ -208,7 +216,9 @@ async def test_speculation_counts_in_the_api_and_metrics(
         schema = {"$ref": "#/components/schemas/WorkerList", "components": document["components"]}
         Draft202012Validator(schema).validate({"workers": list(workers.values()), "total": len(workers)})
 
-        engine.counts = SpeculationCounts(steps=5, drafted=12, accepted=9)  # counters since the worker started
+        engine.counts = SpeculationCounts(
+            steps=5, drafted=12, accepted=9, model_drafted=6, model_accepted=3
+        )  # counters since the worker started
 
         async def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
             async with controller.session().get(f"{controller.url}/metrics") as resp:
@@ -226,6 +236,8 @@ async def test_speculation_counts_in_the_api_and_metrics(
         assert values[("mlxcluster_worker_speculative_steps_total", spec)] == 5
         assert values[("mlxcluster_worker_speculative_drafted_tokens_total", spec)] == 12
         assert values[("mlxcluster_worker_speculative_acceptance_rate", spec)] == 0.75
+        assert values[("mlxcluster_worker_speculative_draft_model_drafted_tokens_total", spec)] == 6
+        assert values[("mlxcluster_worker_speculative_draft_model_accepted_tokens_total", spec)] == 3
         assert not [key for key in values if key[0].startswith("mlxcluster_worker_speculative") and key[1] != spec]
 
 

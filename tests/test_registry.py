@@ -227,8 +227,26 @@ def test_heartbeat_speculation_reaches_the_view(registry: WorkerRegistry) -> Non
 
 def test_speculation_fields_keep_zeros_and_compute_the_acceptance_rate() -> None:
     fields = speculation_fields(SpeculationCounts(steps=3, drafted=8, accepted=6))
-    assert fields == {"steps": 3, "drafted": 8, "accepted": 6, "acceptance_rate": 0.75}
-    assert speculation_fields(SpeculationCounts()) == {"steps": 0, "drafted": 0, "accepted": 0, "acceptance_rate": 0.0}
+    assert fields == {
+        "steps": 3,
+        "drafted": 8,
+        "accepted": 6,
+        "model_drafted": 0,
+        "model_accepted": 0,
+        "acceptance_rate": 0.75,
+        "model_acceptance_rate": 0.0,
+    }
+    assert speculation_fields(SpeculationCounts()) == {
+        "steps": 0,
+        "drafted": 0,
+        "accepted": 0,
+        "model_drafted": 0,
+        "model_accepted": 0,
+        "acceptance_rate": 0.0,
+        "model_acceptance_rate": 0.0,
+    }
+    split = speculation_fields(SpeculationCounts(steps=2, drafted=8, accepted=6, model_drafted=4, model_accepted=1))
+    assert split["model_acceptance_rate"] == 0.25
     assert speculation_fields(SpeculationCounts(steps=3, drafted=3, accepted=1))["acceptance_rate"] == 0.3333
 
 

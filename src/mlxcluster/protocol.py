@@ -139,6 +139,10 @@ class SpeculationCounts(_Message):
     """Drafted tokens verified."""
     accepted: Count = 0
     """Drafted tokens accepted: each a token generated without a forward of its own."""
+    model_drafted: Count = 0
+    """Of ``drafted``, those the draft model (``worker.draft_model``) drafted; the rest are prompt-lookup drafts."""
+    model_accepted: Count = 0
+    """Of ``accepted``, those the draft model drafted."""
 
 
 class CatalogueModel(_Message):

@@ -196,6 +196,9 @@ class Counts(NamedTuple):
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    model_drafted: int = 0
+    """Of ``drafted``, the draft model's (``worker.draft_model``)."""
+    model_accepted: int = 0
 
     def plus(self, other: Counts, sign: int = 1) -> Counts:
         return Counts(*(a + sign * b for a, b in zip(self, other, strict=True)))
@@ -218,6 +221,9 @@ class Measure(msgspec.Struct):
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    model_drafted: int = 0
+    """Of ``drafted``, the draft model's."""
+    model_accepted: int = 0
 
 
 class Comparison(msgspec.Struct):
@@ -300,7 +306,7 @@ async def read_counts(session: aiohttp.ClientSession, target: Target) -> Counts:
     total = Counts()
     for worker in listing.get("workers", []):
         spec = worker.get("speculation") or {}
-        total = total.plus(Counts(int(spec.get("steps", 0)), int(spec.get("drafted", 0)), int(spec.get("accepted", 0))))
+        total = total.plus(Counts(*(int(spec.get(field, 0)) for field in Counts._fields)))
     return total
 
 
@@ -405,6 +411,8 @@ def _measure(workload: str, streams: int, server: str, sums: _Sums, count_tokens
         steps=sums.counts.steps,
         drafted=sums.counts.drafted,
         accepted=sums.counts.accepted,
+        model_drafted=sums.counts.model_drafted,
+        model_accepted=sums.counts.model_accepted,
     )
 
 
@@ -543,7 +551,8 @@ def format_speculation(result: SpeculationResult) -> str:
         *(
             [
                 f"ours with speculation also drafts with a draft model: {result.model} cut to its first "
-                f"{s.draft_layers} layers (worker.draft_model; drafted / accepted count both sources)"
+                f"{s.draft_layers} layers (worker.draft_model; drafted / accepted count both sources, "
+                f"the draft model's own in brackets)"
             ]
             if s.draft_layers
             else []
@@ -561,12 +570,16 @@ def format_speculation(result: SpeculationResult) -> str:
             f"{m.tokens_per_s:.1f}",
             f"{m.ttft_p50_ms:.0f}",
             f"{m.decode_tokens_per_s:.1f}",
-            f"{m.steps} / {m.drafted} / {m.accepted}" if m.steps else "-",
+            f"{m.steps} / {m.drafted} / {m.accepted}"
+            + (f" ({m.model_drafted} / {m.model_accepted})" if m.model_drafted else "")
+            if m.steps
+            else "-",
         ]
         for m in result.measures
     ]
     headers = ["workload", "streams", "server", "requests", "tokens", "seconds", "tok/s", "TTFT p50 ms", "decode tok/s"]
-    body = [table([*headers, "verify steps / drafted / accepted"], rows, align="llllrrrrrr")]
+    counted = "verify steps / drafted / accepted" + (" (the draft model's)" if s.draft_layers else "")
+    body = [table([*headers, counted], rows, align="llllrrrrrr")]
     ratios = [
         [
             c.workload,

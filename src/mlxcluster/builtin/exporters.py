@@ -251,6 +251,11 @@ SPECULATION_COUNTERS = {  # metric name → (SpeculationCounts field, help)
     "steps": ("steps", "Forwards that verified drafted tokens (speculative decoding), as each worker reports."),
     "drafted_tokens": ("drafted", "Drafted tokens each worker verified."),
     "accepted_tokens": ("accepted", "Drafted tokens each worker accepted (each one a forward saved)."),
+    "draft_model_drafted_tokens": (
+        "model_drafted",
+        "Of the drafted tokens, those each worker's draft model (worker.draft_model) drafted.",
+    ),
+    "draft_model_accepted_tokens": ("model_accepted", "Of the accepted tokens, those its draft model drafted."),
 }
 
 

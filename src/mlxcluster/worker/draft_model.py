@@ -100,10 +100,6 @@ class DraftModel:
         """Per row: the drafted tokens the last draft left in the cache after ``seen`` (until :meth:`settle`)."""
         self.cost = StepCostModel()
         """Milliseconds of one draft forward by batch size (the time of a whole draft over its forwards)."""
-        self.verified = 0
-        """Tokens this model drafted that the target verified (part of ``SpeculationStats.drafted``)."""
-        self.accepted = 0
-        """Of those, tokens the target accepted."""
         self.quality = RowDrafts()
         """The draft model's own acceptance rate and back-off, learned from its verified drafts (a poor draft
         model, such as an untrained early exit, is run on few steps; prompt lookup drafts on)."""

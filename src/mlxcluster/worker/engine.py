@@ -248,7 +248,13 @@ class MlxEngine(Engine):
         if self.speculative_tokens <= 0:
             return None
         stats = self.speculation
-        return SpeculationCounts(steps=stats.steps, drafted=stats.drafted, accepted=stats.accepted)
+        return SpeculationCounts(
+            steps=stats.steps,
+            drafted=stats.drafted,
+            accepted=stats.accepted,
+            model_drafted=stats.model_drafted,
+            model_accepted=stats.model_accepted,
+        )
 
     def set_cache_listener(self, listener: CacheListener | None) -> None:
         """Be told (on the generation thread) of prefix digests the prompt cache stores and drops."""

@@ -92,7 +92,9 @@ class TokenRate:
 def _add_counts(a: SpeculationCounts | None, b: SpeculationCounts) -> SpeculationCounts:
     if a is None:
         return b
-    return SpeculationCounts(steps=a.steps + b.steps, drafted=a.drafted + b.drafted, accepted=a.accepted + b.accepted)
+    return SpeculationCounts(
+        **{field: getattr(a, field) + getattr(b, field) for field in SpeculationCounts.__struct_fields__}
+    )
 
 
 class WorkerService:

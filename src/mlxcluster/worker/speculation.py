@@ -45,6 +45,10 @@ class SpeculationStats:
     """Draft tokens verified."""
     accepted: int = 0
     """Draft tokens accepted (each one a token generated without a forward of its own)."""
+    model_drafted: int = 0
+    """Of ``drafted``, those the draft model drafted (the rest: prompt lookup)."""
+    model_accepted: int = 0
+    """Of ``accepted``, those the draft model drafted."""
 
 
 @dataclass

@@ -324,8 +324,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
                 stats.drafted += len(draft)
                 stats.accepted += accepted
                 if i in self._modelled and self.draft is not None:
-                    self.draft.verified += len(draft)
-                    self.draft.accepted += accepted
+                    stats.model_drafted += len(draft)
+                    stats.model_accepted += accepted
                     self.draft.quality.verified(len(draft), accepted)
             if i in guided:
                 for processor in self.logits_processors[i]:

@@ -298,12 +298,23 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                     "avg_ttft_ms": NULLABLE_NUM,
                     "speculation": {
                         "anyOf": [
-                            obj({"steps": INT, "drafted": INT, "accepted": INT, "acceptance_rate": NUM}),
+                            obj(
+                                {
+                                    "steps": INT,
+                                    "drafted": INT,
+                                    "accepted": INT,
+                                    "model_drafted": INT,
+                                    "model_accepted": INT,
+                                    "acceptance_rate": NUM,
+                                    "model_acceptance_rate": NUM,
+                                }
+                            ),
                             {"type": "null"},
                         ],
                         "description": "Speculative decoding since the worker started, every count and "
-                        "`acceptance_rate` = accepted / drafted (0 before any was drafted); null: it does not "
-                        "speculate.",
+                        "`acceptance_rate` = accepted / drafted (0 before any was drafted); `model_drafted` and "
+                        "`model_accepted` the part the draft model drafted (the rest prompt lookup), "
+                        "`model_acceptance_rate` their ratio; null: it does not speculate.",
                     },
                 }
             ),

@@ -640,8 +640,11 @@ def accelerator_fields(stats: AcceleratorStats) -> dict[str, float]:
 
 def speculation_fields(counts: SpeculationCounts) -> dict[str, float]:
     """A worker's :class:`~mlxcluster.protocol.SpeculationCounts` as shown to operators (the API, the metrics):
-    every count (zeros included) plus ``acceptance_rate``, the share of drafted tokens accepted (0.0 before any
-    was drafted)."""
+    every count (zeros included) plus ``acceptance_rate``, the share of drafted tokens accepted, and
+    ``model_acceptance_rate``, the same for the draft model's drafts alone (each 0.0 before any was drafted)."""
     fields: dict[str, float] = msgspec.structs.asdict(counts)
     fields["acceptance_rate"] = round(counts.accepted / counts.drafted, 4) if counts.drafted else 0.0
+    fields["model_acceptance_rate"] = (
+        round(counts.model_accepted / counts.model_drafted, 4) if counts.model_drafted else 0.0
+    )
     return fields

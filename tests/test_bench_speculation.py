@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -141,7 +142,8 @@ async def fake_targets() -> AsyncIterator[tuple[list[Target], dict[str, FakeServ
             server = TestServer(app, host="127.0.0.1")
             await server.start_server()
             servers.append(server)
-            targets.append(Target(label, str(server.make_url("")).rstrip("/"), "m", counts=label == WITH))
+            pids = (os.getpid(),) if label == WITH else ()  # the fakes' CPU is this process's
+            targets.append(Target(label, str(server.make_url("")).rstrip("/"), "m", counts=label == WITH, pids=pids))
         yield targets, fakes
     finally:
         for server in servers:
@@ -170,6 +172,8 @@ async def test_rounds_alternate_and_the_comparisons_add_up() -> None:
     assert (edit_one.steps, edit_one.drafted, edit_one.accepted) == (20, 160, 120)  # 10/80/60 per request
     assert (edit_one.model_drafted, edit_one.model_accepted) == (16, 4)  # the draft model's part
     assert measures[1].drafted == 0  # counts are read from the speculating cluster only
+    assert edit_one.cpu_ms_per_token > 0 and measures[1].cpu_ms_per_token == 0  # no processes to sample
+    assert len(edit_one.round_tokens_per_s) == 2 and all(rate > 0 for rate in edit_one.round_tokens_per_s)
     assert all(m.ttft_p50_ms > 0 and m.decode_tokens_per_s > 0 for m in measures)
 
     edit, edit_two, chat = comparisons
@@ -180,6 +184,9 @@ async def test_rounds_alternate_and_the_comparisons_add_up() -> None:
     assert edit.accepted_share == round(120 / edit_one.tokens, 3)
     assert edit.with_vs_without == round(measures[0].tokens_per_s / measures[1].tokens_per_s, 3)
     assert edit.with_vs_theirs == round(measures[0].tokens_per_s / measures[2].tokens_per_s, 3)
+    assert edit.round_ratios == [
+        round(a / b, 3) for a, b in zip(edit_one.round_tokens_per_s, measures[1].round_tokens_per_s, strict=True)
+    ]
     # chat: the "teenager" question (index 1) came back differently without speculation; theirs all differ
     assert (chat.identical, chat.compared, chat.identical_theirs) == (3, 4, 0)
     assert chat.first_difference.startswith("request 1, char 1: ")
@@ -227,6 +234,16 @@ def comparison(workload: str, streams: int, with_vs_without: float, with_vs_thei
     return Comparison(workload, streams, with_vs_without, with_vs_theirs, **fields)
 
 
+def test_the_chat_cost_line_gives_the_rounds_spread_and_the_cpu_ratio() -> None:
+    (line,) = target_lines([comparison("chat", 1, 0.9, 1.0, round_ratios=[0.85, 0.95], cpu_with_vs_without=1.01)])
+    assert line == (
+        "chat, 1 stream: speculation costs 10.0% tokens/s (with / without 0.900×; target ≤ 3%: NOT met; "
+        "per round 0.85–0.95×; CPU per token with / without 1.010×)"
+    )
+    result = SpeculationResult("machine", "m", SpeculationSettings(), [], [comparison("chat", 16, 0.9, 1.0)])
+    assert "per round" in format_speculation(result)
+
+
 def test_target_lines_state_each_target_met_or_not() -> None:
     lines = target_lines(
         [
@@ -268,6 +285,10 @@ async def test_servers_start_both_clusters_and_mlx_lm_server(monkeypatch: pytest
     class Cluster:
         def __init__(self, port: int) -> None:
             self.base_url = f"http://127.0.0.1:{port}"
+            self.port = port
+
+        def pids(self) -> tuple[int, ...]:
+            return (1000 + self.port,)
 
     @contextlib.asynccontextmanager
     async def cluster(model_path: str, **options: Any) -> AsyncIterator[Cluster]:
@@ -277,6 +298,7 @@ async def test_servers_start_both_clusters_and_mlx_lm_server(monkeypatch: pytest
     @contextlib.asynccontextmanager
     async def theirs(model_path: str, **options: Any) -> AsyncIterator[str]:
         started.append(("mlx_lm", options))
+        options["pids"].append(4242)
         yield "http://127.0.0.1:9"
 
     monkeypatch.setattr(versus, "mlxcluster_server", cluster)
@@ -287,6 +309,7 @@ async def test_servers_start_both_clusters_and_mlx_lm_server(monkeypatch: pytest
             (WITHOUT, "Demo-Model", False),
             (THEIRS, "default_model", False),
         ]
+        assert [t.pids for t in targets] == [(1001,), (1002,), (4242,)]  # whose CPU each round samples
     (_, spec), (_, plain), (_, mlx) = started
     assert spec["max_concurrent"] == plain["max_concurrent"] == mlx["decode_concurrency"] == 16
     assert spec["env"]["MLXCLUSTER_WORKER_SPECULATIVE_TOKENS"] == "6"

@@ -51,6 +51,11 @@ class BenchCluster:
     api_key: str | None = None
     """The key :meth:`wait_for_workers` sends, for controllers that require one."""
 
+    def pids(self) -> tuple[int, ...]:
+        """Every process of this cluster: the children it started and the nats-server, when it started one."""
+        own = tuple(process.pid for process in self.processes)
+        return (*own, self.nats_pid) if self.nats_pid is not None else own
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import psutil
 
 from mlxcluster.bench.engine import PROMPTS
+from mlxcluster.bench.stats import cpu_seconds
 from mlxcluster.bench.versus import WARM_UP_PROMPT, mlx_lm_server, stream_round, token_counter
 from mlxcluster.tables import table
 
@@ -74,14 +74,7 @@ class ProfileResult(msgspec.Struct):
 
 
 def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, pid in pids.items():
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        out[name] = times.user + times.system
-    return out
+    return {name: cpu_seconds([pid]) for name, pid in pids.items()}
 
 
 class _Tally:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import aiohttp
 import msgspec
 
-from mlxcluster.bench.stats import percentile
+from mlxcluster.bench.stats import cpu_seconds, percentile
 from mlxcluster.bench.versus import chunk_text, stream_chunks
 from mlxcluster.tables import table
 
@@ -190,6 +190,8 @@ class Target(NamedTuple):
     model: str
     counts: bool = False
     """It is our cluster speculating: read its workers' speculation counts around each round."""
+    pids: tuple[int, ...] = ()
+    """The server's processes (ours: controller, worker, nats-server), whose CPU time each round is sampled."""
 
 
 class Counts(NamedTuple):
@@ -224,6 +226,11 @@ class Measure(msgspec.Struct):
     model_drafted: int = 0
     """Of ``drafted``, the draft model's."""
     model_accepted: int = 0
+    cpu_ms_per_token: float = 0.0
+    """CPU time of the server's processes (all threads) per generated token: steadier than tokens/s when other
+    load shares the machine."""
+    round_tokens_per_s: list[float] = []
+    """Each round's tokens/s, in order."""
 
 
 class Comparison(msgspec.Struct):
@@ -254,6 +261,10 @@ class Comparison(msgspec.Struct):
     """Edit: the share of the expected code's lines that ours-without's replies reproduce (mean; 1.0: all)."""
     renamed: int = 0
     """Edit: replies (ours without) that rename the function and keep no ``def`` of the old name."""
+    cpu_with_vs_without: float = 0.0
+    """CPU per token with speculation over without (below 1: speculation saved CPU)."""
+    round_ratios: list[float] = []
+    """With / without tokens/s round by round: their spread is the run's noise."""
 
 
 class SpeculationResult(msgspec.Struct):
@@ -320,11 +331,18 @@ class _Sums:
         self.decode_tokens = 0
         self.decode_seconds = 0.0
         self.counts = Counts()
+        self.cpu_s = 0.0
+        self.round_rates: list[float] = []
 
-    def add(self, started: float, ended: float, replies: list[Reply], count_tokens: Callable[[str], int]) -> None:
-        """One round's replies: wall time, TTFTs, and the tokens after each first one over the time from the
-        round's first token to its last (its decode rate, prefills that overlap it included)."""
+    def add(
+        self, started: float, ended: float, replies: list[Reply], count_tokens: Callable[[str], int], cpu_s: float = 0.0
+    ) -> None:
+        """One round's replies: wall time, TTFTs, the tokens after each first one over the time from the round's
+        first token to its last (its decode rate, prefills that overlap it included), and the server's CPU."""
         self.seconds += ended - started
+        self.cpu_s += cpu_s
+        tokens = sum(count_tokens(reply.text) for reply in replies)
+        self.round_rates.append(round(tokens / (ended - started), 2) if ended > started else 0.0)
         self.texts += [reply.text for reply in replies]
         came = [reply for reply in replies if reply.first]
         self.ttfts_ms += [(reply.first - started) * 1000 for reply in came]
@@ -381,11 +399,14 @@ async def measure(
                         if progress is not None:
                             progress(f"{workload.name} ×{streams}, round {round_ + 1}: {target.label}")
                         before = await read_counts(session, target) if target.counts else Counts()
+                        cpu_before = cpu_seconds(target.pids)
                         started = time.perf_counter()
                         replies = await asyncio.gather(
                             *(chat(session, target, workload.prompt(i), workload.max_tokens) for i in batch)
                         )
-                        sums[target.label].add(started, time.perf_counter(), replies, count_tokens)
+                        ended = time.perf_counter()
+                        cpu = cpu_seconds(target.pids) - cpu_before
+                        sums[target.label].add(started, ended, replies, count_tokens, cpu)
                         if target.counts:
                             await asyncio.sleep(settle)
                             after = await read_counts(session, target)
@@ -413,6 +434,8 @@ def _measure(workload: str, streams: int, server: str, sums: _Sums, count_tokens
         accepted=sums.counts.accepted,
         model_drafted=sums.counts.model_drafted,
         model_accepted=sums.counts.model_accepted,
+        cpu_ms_per_token=round(1000 * sums.cpu_s / tokens, 3) if tokens else 0.0,
+        round_tokens_per_s=sums.round_rates,
     )
 
 
@@ -449,6 +472,13 @@ def _compare(
         first_difference=first_difference(*differing[0]) if differing else "",
         decode_with_vs_without=_ratio(*(m.decode_tokens_per_s if m else 0.0 for m in (with_, without))),
         decode_with_vs_theirs=_ratio(*(m.decode_tokens_per_s if m else 0.0 for m in (with_, theirs))),
+        cpu_with_vs_without=_ratio(*(m.cpu_ms_per_token if m else 0.0 for m in (with_, without))),
+        round_ratios=[
+            _ratio(a, b)
+            for a, b in zip(
+                with_.round_tokens_per_s if with_ else [], without.round_tokens_per_s if without else [], strict=False
+            )
+        ],
     )
     if workload.expected is not None and workload.rename is not None and ours_without:
         scores = [line_recall(workload.expected(i), text) for i, text in zip(indexes, ours_without, strict=False)]
@@ -482,15 +512,16 @@ async def servers(
     n = settings.max_streams()
     speculating, plain = cluster_envs(settings, draft_model)
     name = Path(model_path).name
+    theirs_pids: list[int] = []
     async with (
         mlxcluster_server(model_path, max_concurrent=n, env=speculating) as with_,
         mlxcluster_server(model_path, max_concurrent=n, env=plain) as without,
-        mlx_lm_server(model_path, decode_concurrency=n) as theirs,
+        mlx_lm_server(model_path, decode_concurrency=n, pids=theirs_pids) as theirs,
     ):
         yield [
-            Target(WITH, with_.base_url, name, counts=True),
-            Target(WITHOUT, without.base_url, name),
-            Target(THEIRS, theirs, "default_model"),
+            Target(WITH, with_.base_url, name, counts=True, pids=with_.pids()),
+            Target(WITHOUT, without.base_url, name, pids=without.pids()),
+            Target(THEIRS, theirs, "default_model", pids=tuple(theirs_pids)),
         ]
 
 
@@ -511,6 +542,14 @@ async def run_speculation(
     return SpeculationResult(machine_line(), Path(model_path).name, settings, measures, comparisons)
 
 
+def _spread(ratios: list[float]) -> str:
+    """The lowest and highest of per-round ratios ("-" without any)."""
+    if not ratios:
+        return "-"
+    low, high = min(ratios), max(ratios)
+    return f"{low:.2f}×" if low == high else f"{low:.2f}–{high:.2f}×"
+
+
 def _verdict(value: float, target: float) -> str:
     return f"{value:.2f}× (target ≥ {target:g}×: {'met' if value >= target else 'NOT met'})"
 
@@ -529,9 +568,12 @@ def target_lines(comparisons: list[Comparison]) -> list[str]:
         else:
             cost = 1 - c.with_vs_without
             verdict = "met" if c.with_vs_without >= CHAT_COST_TARGET else "NOT met"
+            cpu = f"; CPU per token with / without {c.cpu_with_vs_without:.3f}×" if c.cpu_with_vs_without else ""
+            spread = f"; per round {_spread(c.round_ratios)}" if len(c.round_ratios) > 1 else ""
             lines.append(
                 f"{where}: speculation costs {cost:.1%} tokens/s "
-                f"(with / without {c.with_vs_without:.3f}×; target ≤ {1 - CHAT_COST_TARGET:.0%}: {verdict})"
+                f"(with / without {c.with_vs_without:.3f}×; target ≤ {1 - CHAT_COST_TARGET:.0%}: {verdict}"
+                f"{spread}{cpu})"
             )
             if c.streams in DISTINCT_STREAMS:
                 lines.append(
@@ -570,6 +612,7 @@ def format_speculation(result: SpeculationResult) -> str:
             f"{m.tokens_per_s:.1f}",
             f"{m.ttft_p50_ms:.0f}",
             f"{m.decode_tokens_per_s:.1f}",
+            f"{m.cpu_ms_per_token:.1f}" if m.cpu_ms_per_token else "-",
             f"{m.steps} / {m.drafted} / {m.accepted}"
             + (f" ({m.model_drafted} / {m.model_accepted})" if m.model_drafted else "")
             if m.steps
@@ -577,14 +620,27 @@ def format_speculation(result: SpeculationResult) -> str:
         ]
         for m in result.measures
     ]
-    headers = ["workload", "streams", "server", "requests", "tokens", "seconds", "tok/s", "TTFT p50 ms", "decode tok/s"]
+    headers = [
+        "workload",
+        "streams",
+        "server",
+        "requests",
+        "tokens",
+        "seconds",
+        "tok/s",
+        "TTFT p50 ms",
+        "decode tok/s",
+        "CPU ms/tok",
+    ]
     counted = "verify steps / drafted / accepted" + (" (the draft model's)" if s.draft_layers else "")
-    body = [table([*headers, counted], rows, align="llllrrrrrr")]
+    body = [table([*headers, counted], rows, align="llllrrrrrrr")]
     ratios = [
         [
             c.workload,
             str(c.streams),
             f"{c.with_vs_without:.2f}×",
+            _spread(c.round_ratios),
+            f"{c.cpu_with_vs_without:.2f}×" if c.cpu_with_vs_without else "-",
             f"{c.with_vs_theirs:.2f}×",
             f"{c.without_vs_theirs:.2f}×",
             f"{c.decode_with_vs_without:.2f}×",
@@ -601,6 +657,8 @@ def format_speculation(result: SpeculationResult) -> str:
         "workload",
         "streams",
         "with / without",
+        "per round",
+        "CPU/tok: with / without",
         "with / mlx_lm",
         "without / mlx_lm",
         "decode: with / without",
@@ -626,6 +684,9 @@ def format_speculation(result: SpeculationResult) -> str:
     tail = [
         "tok/s: tokens over the rounds' wall time (prefill included: the targets' figure); decode tok/s: tokens "
         "after each first one over the time from a round's first token to its last",
+        "per round: with / without tokens/s in each round, lowest to highest (their spread is this run's noise); "
+        "CPU/tok: CPU seconds of each server's processes (all threads) per generated token, steadier than tokens/s "
+        "on a shared machine",
         "acceptance: accepted / drafted tokens; drafted share: the share of generated tokens that were accepted "
         "drafts (accepted / tokens); tok per verify: 1 + accepted / verify steps",
         *notes,

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterable
 
 import psutil
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds of these processes (all their threads) so far; a process gone counts 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def percentile(samples: list[float], pct: float) -> float:

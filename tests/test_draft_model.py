@@ -346,3 +346,68 @@ async def test_a_model_that_cannot_draft_does_not_load_its_draft_model(family_mo
         assert engine._draft is None and "draft_model" not in engine.info().details
     finally:
         await engine.stop()
+
+
+class _CountingModel:
+    """A model whose forwards are counted (everything else is the model's)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.forwards = model, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.forwards += 1
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def test_rows_joining_together_are_prefilled_in_one_forward_per_chunk(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of unequal lengths joining at once (a short one left-padded, longer ones over the chunk, one so short
+    it is prefilled in a group of its own) draft what they draft when joined one at a time, their caches hold
+    the same keys, and each group costs one forward per chunk of its longest row."""
+    import mlx.core as mx
+
+    from mlxcluster.worker import draft_model
+
+    monkeypatch.setattr(draft_model, "PREFILL_CHUNK", 32)
+    model, tokenizer = _load(models["target"])
+    text = tokenizer.encode(" ".join(PROMPTS) * 16)
+    rows = [text[:70], text[5:25], text[9:54], text[1:401], text[3:4]]
+    assert [len(row) for row in rows] == [70, 20, 45, 400, 1]
+    assert draft_model.prefill_groups([len(row) for row in rows]) == [[3], [0, 1, 2], [4]]
+    pending = [row[-1] + 1 for row in rows]
+    present = text[20:60]
+
+    counted = _CountingModel(model)
+    together, alone = DraftModel(counted), DraftModel(model)
+    for draft in (together, alone):
+        draft.extend([present])  # a row already in the batch
+        draft.draft([present], [7], 3)
+        draft.settle([[]])
+    counted.forwards = 0
+    together.extend(rows)
+    assert counted.forwards == 13 + 3 + 1  # per group: 400, 70 and 1 positions in chunks of 32 (alone: 20)
+    for row in rows:
+        alone.extend([row])
+    assert together.seen == alone.seen == [len(present) + 1, *(len(row) for row in rows)]
+    assert together.lengths() == together.seen
+    for ours, theirs in zip(together.cache, alone.cache, strict=True):
+        for i, seen in enumerate(together.seen):
+            mine, reference = ours.extract(i), theirs.extract(i)
+            assert mine.offset == reference.offset == seen
+            assert mx.allclose(mine.keys, reference.keys, atol=1e-4).item()
+            assert mx.allclose(mine.values, reference.values, atol=1e-4).item()
+    sequences = [[*present, 7], *rows]
+    assert together.draft(sequences, [3, *pending], 6) == alone.draft(sequences, [3, *pending], 6)
+
+
+def test_prefill_groups_pad_similar_rows_together_only() -> None:
+    from mlxcluster.worker.draft_model import prefill_groups
+
+    assert prefill_groups([40, 33, 50, 47, 30, 41, 38, 45]) == [list(range(8))]  # eight chats: one forward
+    assert prefill_groups([40] * 3 + [2000] + [40] * 4) == [[3], [0, 1, 2, 4, 5, 6, 7]]
+    assert prefill_groups([1, 20]) == [[0, 1]]  # a little padding is free
+    assert prefill_groups([]) == []

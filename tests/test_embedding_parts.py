@@ -328,6 +328,7 @@ async def test_worker_refusals(cluster_config: Config, bus: Bus) -> None:
         admission.max_concurrent, admission.max_queue = 1, 0  # one embedding request at a time
         held = asyncio.create_task(ask("hold", request_id="held"))
         await wait_until(lambda: "held" in worker.service._embedding, what="the held request to arrive")
+        assert worker.service.heartbeat().active == 1  # balancers see the embedding request as load
         error = await ask("a", request_id="next")
         assert error.code == "overloaded" and error.retryable
         await bus.publish(bus.subjects.cancel("w-echo"), Cancel(request_id="held", reason="client gone"))

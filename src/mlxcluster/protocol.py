@@ -225,7 +225,9 @@ class WorkerHeartbeat(_Message):
     worker_id: WorkerId
     status: WorkerStatus = "online"
     active: Count = 0
+    """Requests being served: chat requests holding a batch slot, and embedding requests in flight."""
     queued: Count = 0
+    """Chat requests waiting for a batch slot."""
     tokens_per_second: float = 0.0
     cpu_percent: float = 0.0
     rss_bytes: Count = 0

@@ -324,7 +324,7 @@ class WorkerService:
         return WorkerHeartbeat(
             worker_id=self.worker_id,
             status=status,
-            active=self.admission.active,
+            active=self.admission.active + len(self._embedding),
             queued=self.admission.queued,
             tokens_per_second=round(self.rate.per_second(), 2),
             cpu_percent=sample.cpu_percent,

@@ -7,10 +7,12 @@ registry fed with a catalogue; the end-to-end path through a vision model is in 
 from __future__ import annotations
 
 import base64
+import socket
 import struct
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -18,6 +20,7 @@ import nats.js.errors
 import openai
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from cluster_harness import single_worker_cluster
 from loopback import free_port, shared_config
 
@@ -27,6 +30,7 @@ from mlxcluster.bus.jetstream import ObjectBucket
 from mlxcluster.config import Config, ControllerSection
 from mlxcluster.controller.http.anthropic_schema import MessagesRequest, messages_to_inference
 from mlxcluster.controller.http.errors import ApiError
+from mlxcluster.controller.http.image_addresses import NotPublicAddress, PublicAddressResolver, check_literal, is_public
 from mlxcluster.controller.http.images import (
     MAX_IMAGES,
     ImageFetcher,
@@ -277,8 +281,9 @@ async def test_image_urls_are_fetched_only_when_allowed(image_server: str) -> No
     with pytest.raises(ApiError) as exc:
         await ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["example.org"])).fetch(url, "u")
     assert "not in controller.image_fetch_hosts" in exc.value.message
-    fetcher = ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["127.0.0.1"]))
-    anywhere = ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["*"], image_fetch_max_bytes=1024))
+    lan = {"image_fetch": True, "image_fetch_private": True}  # the test's image server is on 127.0.0.1
+    fetcher = ImageFetcher(ControllerSection(**lan, image_fetch_hosts=["127.0.0.1"]))
+    anywhere = ImageFetcher(ControllerSection(**lan, image_fetch_hosts=["*"], image_fetch_max_bytes=1024))
     try:
         assert (await fetcher.fetch(url, "u")).data == PNG
         assert (await anywhere.fetch(url, "u")).data == PNG
@@ -301,6 +306,59 @@ async def test_image_urls_are_fetched_only_when_allowed(image_server: str) -> No
         await fetcher.close()
         await anywhere.close()
     await fetcher.close()  # closed already: nothing to do
+
+
+async def test_addresses_that_are_not_public_are_refused_by_default(image_server: str) -> None:
+    """A literal loopback address, and a name that resolves to one, whatever the allowed hosts say; allowed with
+    ``image_fetch_private``. (The server is there: the refusal is not a failed connection.)"""
+    port = image_server.rsplit(":", 1)[1]
+    public_only = ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["*"]))
+    lan = ImageFetcher(ControllerSection(image_fetch=True, image_fetch_hosts=["*"], image_fetch_private=True))
+    try:
+        for host, why in (("127.0.0.1", "'127.0.0.1' is not a public address"), ("localhost", "resolves to")):
+            with pytest.raises(ApiError) as exc:
+                await public_only.fetch(f"http://{host}:{port}/a.png", "messages[0].content[1].image_url.url")
+            assert status_of(exc)[:2] == (400, "messages[0].content[1].image_url.url")
+            assert why in exc.value.message and "image_fetch_private is off" in exc.value.message
+        assert (await lan.fetch(f"http://localhost:{port}/a.png", "u")).data == PNG
+    finally:
+        await public_only.close()
+        await lan.close()
+
+
+def test_only_global_unicast_addresses_are_public() -> None:
+    refused = ["127.0.0.1", "10.1.2.3", "192.168.0.9", "172.16.5.4", "169.254.169.254", "100.64.0.1", "0.0.0.0"]
+    refused += ["::1", "fe80::1%eth0", "fd00::1", "::ffff:127.0.0.1", "224.0.0.1", "not-an-address"]
+    assert [a for a in refused if is_public(a)] == []
+    assert all(is_public(a) for a in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"))
+    check_literal("images.example.org")  # a name: the resolver judges its addresses
+    check_literal("8.8.8.8")
+    with pytest.raises(NotPublicAddress, match="'10.0.0.1' is not a public address"):
+        check_literal("10.0.0.1")
+
+
+async def test_the_resolver_passes_public_names_and_refuses_mixed_ones() -> None:
+    class Fixed(AbstractResolver):  # stands in for DNS, which this machine may not have
+        def __init__(self, addresses: list[str]) -> None:
+            self.addresses = addresses
+            self.closed = False
+
+        async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[Any]:
+            return [
+                {"hostname": host, "host": a, "port": port, "family": family, "proto": 0, "flags": 0}
+                for a in self.addresses
+            ]
+
+        async def close(self) -> None:
+            self.closed = True
+
+    public = PublicAddressResolver(Fixed(["93.184.215.14"]))
+    assert [r["host"] for r in await public.resolve("images.example.org", 80)] == ["93.184.215.14"]
+    mixed = PublicAddressResolver(Fixed(["93.184.215.14", "10.0.0.7"]))
+    with pytest.raises(NotPublicAddress, match="'rebound.example.org' resolves to 10.0.0.7"):
+        await mixed.resolve("rebound.example.org", 80)
+    await mixed.close()
+    assert mixed.inner.closed  # type: ignore[attr-defined]
 
 
 async def test_a_text_only_model_keeps_the_400_through_the_api(cluster_config: Config, nats_server) -> None:

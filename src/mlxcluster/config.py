@@ -172,6 +172,10 @@ class ControllerSection(_Section):
     """Fetch ``http(s)`` image URLs of requests for vision models (off: only ``data:`` URLs are taken)."""
     image_fetch_hosts: list[str] = msgspec.field(default_factory=list)
     """Hosts image URLs may name (``"*"``: any); a URL on another host is a 400."""
+    image_fetch_private: bool = False
+    """Also fetch from addresses that are not public: loopback, private networks, link-local (an image server on
+    the LAN). Off: a URL whose host is or resolves to one is a 400 whatever its name, so a client cannot make the
+    controller reach the cloud's metadata service or the cluster's own ports."""
     image_fetch_max_bytes: PositiveInt = 8 * 1024 * 1024
     image_fetch_timeout_s: PositiveSeconds = 10.0
 

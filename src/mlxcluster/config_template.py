@@ -66,6 +66,7 @@ stall_timeout_s = 15.0             # mid-stream silence that means the worker is
 default_max_tokens = 32768         # answer length when the client sets none: the context's room, at most this
 image_fetch = false                # fetch http(s) image URLs for vision models (off: data: URLs only)
 image_fetch_hosts = []             # hosts image URLs may name, e.g. ["images.example.org"]; ["*"]: any
+image_fetch_private = false        # also fetch from loopback / private / link-local addresses (a LAN image server)
 image_fetch_max_bytes = 8388608
 image_fetch_timeout_s = 10.0
 

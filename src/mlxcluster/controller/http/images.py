@@ -4,9 +4,11 @@ Each API's schema turns its image parts (OpenAI ``image_url``, Anthropic ``image
 ``input_image``) into :class:`ImageRef`\\ s: a URL and the request field that named it. :func:`resolve_images`
 then makes them :class:`~mlxcluster.protocol.ImageInput`\\ s: a ``data:`` URL is decoded, an ``http(s)`` URL is
 fetched by the app's :class:`ImageFetcher` only when ``controller.image_fetch`` allows it (its host in
-``controller.image_fetch_hosts``, at most ``image_fetch_max_bytes`` within ``image_fetch_timeout_s``; a redirect
-is not followed, as it could lead to a host not in the list, and is a 400). Every image is checked to be PNG,
-JPEG, GIF, WebP or BMP by its first bytes; anything else is a 400 naming the field. A model no worker reports as
+``controller.image_fetch_hosts``, at a public address unless ``image_fetch_private``
+(:mod:`~mlxcluster.controller.http.image_addresses`), at most ``image_fetch_max_bytes`` within
+``image_fetch_timeout_s``; a redirect is not followed, as it could lead to a host not in the list, and is a
+400). Every image is checked to be PNG, JPEG, GIF, WebP or BMP by its first bytes; anything else is a 400 naming
+the field. A model no worker reports as
 a vision model keeps the 400 a text-only server gives. A request too large for one NATS message with its images
 inline has them parked in JetStream's object store while it runs (:func:`parked_images`,
 :mod:`mlxcluster.bus.image_store`); a store that fails mid-way is a 503 ``images_unavailable``, and what was
@@ -28,6 +30,7 @@ from mlxcluster.bus.image_store import ImageStore
 from mlxcluster.bus.jetstream import JetStreamUnavailable
 from mlxcluster.config import ControllerSection
 from mlxcluster.controller.http.errors import ApiError, bad_request
+from mlxcluster.controller.http.image_addresses import NotPublicAddress, PublicAddressResolver, check_literal
 from mlxcluster.controller.routing.dispatch import SUBJECT_HEADROOM
 from mlxcluster.controller.routing.registry import WorkerRegistry
 from mlxcluster.protocol import ImageInput, InferenceRequest, encode
@@ -126,13 +129,26 @@ class ImageFetcher:
         host = urlsplit(url).hostname or ""
         if "*" not in settings.image_fetch_hosts and host not in settings.image_fetch_hosts:
             raise bad_request(f"'{param}': host '{host}' is not in controller.image_fetch_hosts", param)
+        if not settings.image_fetch_private:
+            try:
+                check_literal(host)
+            except NotPublicAddress as exc:
+                raise _not_public(exc, param) from None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        """The fetching session: its resolver refuses names with addresses that are not public, unless allowed."""
+        if self.settings.image_fetch_private:
+            return aiohttp.ClientSession()
+        from aiohttp.resolver import DefaultResolver
+
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PublicAddressResolver(DefaultResolver())))
 
     async def fetch(self, url: str, param: str) -> ImageInput:
         """The image at ``url`` (see the module's docstring); a 400 naming ``param`` when it cannot be had."""
         self._check_allowed(url, param)
         limit = self.settings.image_fetch_max_bytes
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = self._new_session()
         timeout = aiohttp.ClientTimeout(total=self.settings.image_fetch_timeout_s)
         too_large = bad_request(
             f"'{param}': the image is larger than controller.image_fetch_max_bytes ({limit})", param
@@ -154,10 +170,21 @@ class ImageFetcher:
                     data += chunk
                     if len(data) > limit:
                         raise too_large
+        except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, NotPublicAddress):
+                raise _not_public(exc.os_error, param) from None
+            raise bad_request(f"'{param}': the image could not be fetched ({exc})", param) from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             reason = exc or type(exc).__name__
             raise bad_request(f"'{param}': the image could not be fetched ({reason})", param) from None
         return checked(bytes(data), param)
+
+
+def _not_public(exc: NotPublicAddress, param: str) -> ApiError:
+    return bad_request(
+        f"'{param}': the image's host {exc} (controller.image_fetch_private is off): fetching it is refused",
+        param,
+    )
 
 
 async def resolve_images(

@@ -74,12 +74,20 @@ def pick_worker(
     request: InferenceRequest,
     exclude: Collection[str] = frozenset(),
     span: Span | None = None,
+    *,
+    blocked: frozenset[str] | set[str] = frozenset(),
+    strategy: str = "",
 ) -> WorkerView | None:
-    """The pick: a worker for ``request`` among the registry's eligible ones, minus ``exclude`` (``None``:
-    nobody can take it). A recording ``span`` gets the candidates and the choice."""
+    """The pick: a worker for ``request`` among the registry's eligible ones, minus ``exclude`` (the workers
+    tried) and ``blocked`` (open breakers) (``None``: nobody can take it). A recording ``span`` gets the
+    candidates, the ``strategy`` and the choice."""
+    if blocked:
+        exclude = {*exclude, *blocked}
     workers = registry.eligible(request.model, exclude)
     chosen = balancer.pick(workers, request) if workers else None
     if span is not None and span.recording:
+        if strategy:
+            span.set("mlxcluster.strategy", strategy)
         span.set("mlxcluster.candidates", len(workers))
         span.set("mlxcluster.excluded", len(exclude))
         if chosen is not None:
@@ -175,12 +183,11 @@ class Dispatcher:
             raise payload_too_large(size, self.bus.max_payload)
 
     def _pick(self, request: InferenceRequest, tried: set[str], span: Span) -> WorkerView | None:
-        blocked = self.breakers.open_ids()
-        chosen = pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried, span)
-        if span.recording:
-            span.set("mlxcluster.strategy", self.strategy)
-            if chosen is not None and self.cache_share is not None:
-                span.set("mlxcluster.cache_share", round(self.cache_share(request, chosen.id), 4))
+        chosen = pick_worker(
+            self.registry, self.balancer, request, tried, span, blocked=self.breakers.open_ids(), strategy=self.strategy
+        )
+        if span.recording and chosen is not None and self.cache_share is not None:
+            span.set("mlxcluster.cache_share", round(self.cache_share(request, chosen.id), 4))
         return chosen
 
     def _request_span(self, request: InferenceRequest) -> Span:

@@ -229,11 +229,9 @@ class EmbeddingDispatcher:
         raise no_capacity(f"No worker serving '{part.model}' is available right now")
 
     def _pick(self, request: InferenceRequest, tried: set[str], span: Span) -> WorkerView | None:
-        blocked = self.breakers.open_ids()
-        chosen = pick_worker(self.registry, self.balancer, request, tried | blocked if blocked else tried, span)
-        if span.recording:
-            span.set("mlxcluster.strategy", self.strategy)
-        return chosen
+        return pick_worker(
+            self.registry, self.balancer, request, tried, span, blocked=self.breakers.open_ids(), strategy=self.strategy
+        )
 
     async def _attempt(
         self, part: EmbedRequest, worker_id: str, dimensions: int, parent: Span, attempt: int

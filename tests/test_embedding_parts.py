@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 from embedding_model import build_embedding_model, build_encoder_model, reference_vectors
 from nats.aio.msg import Msg
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from mlxcluster.api import WorkerView
 from mlxcluster.builtin.balancers import RoundRobin
@@ -27,6 +30,7 @@ from mlxcluster.controller.http.errors import ApiError
 from mlxcluster.controller.routing.embeddings import EmbeddingDispatcher, embed_error
 from mlxcluster.errors import NodeError
 from mlxcluster.protocol import Cancel, EmbedRequest, EmbedResult, Error, encode
+from mlxcluster.tracing_otel import OtelTracer
 from mlxcluster.worker.catalogue import model_facts
 from mlxcluster.worker.echo import EchoEngine
 from mlxcluster.worker.embedding_engine import EXTRA, EmbeddingEngine
@@ -303,7 +307,9 @@ async def test_worker_refusals(cluster_config: Config, bus: Bus) -> None:
         return answer.error
 
     async with Cluster(cluster_config) as cluster:
-        worker = await cluster.start_worker("w-echo", engine=_EmbeddingEcho(models=["echo"]))
+        spans = InMemorySpanExporter()
+        tracer = OtelTracer(SimpleSpanProcessor(spans), service_name="test", role="worker", instance="w-echo")
+        worker = await cluster.start_worker("w-echo", engine=_EmbeddingEcho(models=["echo"]), tracer=tracer)
         subject = bus.subjects.embed("w-echo")
         error = await ask("a", model="nope")
         assert error.code == "model_not_found" and error.retryable
@@ -331,6 +337,13 @@ async def test_worker_refusals(cluster_config: Config, bus: Bus) -> None:
         assert worker.service.heartbeat().active == 1  # balancers see the embedding request as load
         error = await ask("a", request_id="next")
         assert error.code == "overloaded" and error.retryable
+        refused = [
+            s
+            for s in spans.get_finished_spans()
+            if s.attributes and s.attributes.get("mlxcluster.request_id") == "next"
+        ]
+        assert len(refused) == 1 and refused[0].name == "worker.embed"  # the refusal has its span, an error one
+        assert refused[0].status.status_code == StatusCode.ERROR and refused[0].status.description == "overloaded"
         await bus.publish(bus.subjects.cancel("w-echo"), Cancel(request_id="held", reason="client gone"))
         error = await asyncio.wait_for(held, 5)
         assert error.code == "shutting_down" and error.retryable

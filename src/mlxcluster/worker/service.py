@@ -542,16 +542,18 @@ class WorkerService:
             return
         if request.request_id in self._embedding:
             return  # a duplicate delivery of a request we already serve
+        span = self.tracer.start("worker.embed", headers=msg.headers, kind="server")
+        if span.recording:
+            describe_embedding(span, request, self.worker_id)
         if len(self._embedding) >= self.max_embedding:
             self.requests_total += 1
             message = f"worker serves {len(self._embedding)} embedding requests already"
+            span.fail("overloaded")
+            span.end()
             await self._reply_embed(
                 EmbedResult(error=Error(code="overloaded", message=message, retryable=True)), msg.reply
             )
             return
-        span = self.tracer.start("worker.embed", headers=msg.headers, kind="server")
-        if span.recording:
-            describe_embedding(span, request, self.worker_id)
         task = asyncio.ensure_future(self._answer_embed(request, msg.reply, span))
         self._embedding[request.request_id] = task
         task.add_done_callback(lambda _t: self._embedding.pop(request.request_id, None))

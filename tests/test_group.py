@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loopback import make_config
@@ -308,3 +309,138 @@ def test_a_follower_keeps_what_rank_0_stored_and_hands_out_trimmed_copies() -> N
         cache.store([9, 9])
     cache.drop([1, 2, 3, 4, 5])
     assert cache.entries == {}
+
+
+# --- dozing: an idle group's followers leave the ring -------------------------------------------
+
+
+def test_an_idle_rank_0_lets_the_followers_doze_and_wakes_them_for_its_next_broadcast() -> None:
+    """The first idle tick broadcasts a DozeOp (with what was pending), later ticks nothing; the next broadcast
+    is preceded by the wake of that doze and followed by the end of its resends. Without a waker, ticks go on."""
+    from mlxcluster.worker.group_channel import Channel
+    from mlxcluster.worker.group_engine import BroadcastGenerator
+    from mlxcluster.worker.group_ops import DozeOp, ResetOp
+
+    events: list[tuple[Any, ...]] = []
+
+    class Recording(Channel):  # the ring's broadcast, seen from rank 0 of a group of one
+        def broadcast(self, payload: bytes | None = None) -> bytes:
+            events.append(("broadcast", decoder.decode(payload or b"")))
+            return payload or b""
+
+    class Waker:
+        def start(self, doze: str) -> None:
+            events.append(("wake", doze))
+
+        def stop(self, doze: str) -> None:
+            events.append(("woken", doze))
+
+    class Inner:
+        prefill_step_size = 32
+
+        def next(self) -> Any:
+            events.append(("model step",))
+            return [], []
+
+    channel = Recording(stall_timeout_s=5, on_broken=lambda _reason: None)
+    reset = ResetOp(4, 4, 32)
+    try:
+        generator = BroadcastGenerator(Inner(), channel, reset, None, waker=Waker())  # type: ignore[arg-type]
+        generator.tick()
+        assert events == []  # not idle long enough yet
+        generator._last_sent -= 1
+        generator.tick()
+        (kind, ops), *_ = events
+        doze = generator.dozing
+        assert kind == "broadcast" and ops == [reset, DozeOp(doze)] and doze  # type: ignore[arg-type]
+        events.clear()
+        generator._last_sent -= 10
+        generator.tick()
+        assert events == []  # dozing: nothing more on the ring
+        generator.next()
+        assert events == [
+            ("wake", doze),
+            ("broadcast", [StepOp(prefill_step_size=32)]),
+            ("woken", doze),
+            ("model step",),
+        ]
+        assert generator.dozing is None
+
+        events.clear()
+        plain = BroadcastGenerator(Inner(), channel, reset, None)  # type: ignore[arg-type]
+        plain._last_sent -= 1
+        plain.tick()
+        plain._last_sent -= 1
+        plain.tick()
+        assert events == [("broadcast", [reset]), ("broadcast", [])] and plain.dozing is None
+    finally:
+        channel.close()
+
+
+def test_rank_0_ticks_only_when_its_loop_has_nothing_to_do() -> None:
+    """A slow step between two busy turns is no idleness: no doze mid-request."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from mlxcluster.worker.group_engine import GroupEngine
+
+    ticks: list[int] = []
+    generator = SimpleNamespace(tick=lambda: ticks.append(1))
+    for active, waiting, expected in (({1: "job"}, deque(), 0), ({}, deque(["job"]), 0), ({}, deque(), 1)):
+        engine = SimpleNamespace(_loop=SimpleNamespace(generator=generator, active=active, waiting=waiting))
+        ticks.clear()
+        GroupEngine._on_turn(engine)  # type: ignore[arg-type]
+        assert len(ticks) == expected
+
+
+@pytest.mark.usefixtures("nats_server")
+async def test_a_wake_over_nats_ends_the_doze_it_names(cluster_config: Any) -> None:
+    from mlxcluster.worker import group_wake
+    from mlxcluster.worker.group_wake import WakeSender, WakeSignal
+
+    bus = await Bus.connect(cluster_config.nats, name="test-wake", attempts=5)
+    signal = WakeSignal()
+    hearing = asyncio.create_task(signal.listen(bus, "g1"))
+    other = asyncio.create_task(WakeSignal().listen(bus, "g2"))
+    try:
+        await asyncio.sleep(0.1)  # subscribed
+        sender = WakeSender(bus, "g1", asyncio.get_running_loop())
+        stray = WakeSender(bus, "g2", asyncio.get_running_loop())
+        stray.start("d1")  # another group's wake of the same name
+        await asyncio.sleep(0.2)
+        assert not signal.wait("d1", 0.01)
+        stray.stop("d1")
+        sender.start("d1")
+        assert await asyncio.to_thread(signal.wait, "d1", 5)
+        await asyncio.sleep(group_wake.RESEND_S * 2.5)
+        sender.stop("d1")
+        await asyncio.sleep(0.05)
+        resent = sender.sent
+        assert resent >= 2  # published again until told the followers are back
+        await asyncio.sleep(group_wake.RESEND_S * 2)
+        assert sender.sent == resent  # and then no more
+        assert not signal.wait("d2", 0.01)  # a doze no wake named yet
+    finally:
+        hearing.cancel()
+        other.cancel()
+        await bus.close()
+
+
+def test_a_dozing_follower_ends_its_doze_when_the_group_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlxcluster.protocol import GroupInfo
+    from mlxcluster.worker import group_engine
+    from mlxcluster.worker.group_channel import GroupBroken
+    from mlxcluster.worker.group_engine import GroupFollower
+    from mlxcluster.worker.group_ops import Formation
+
+    monkeypatch.setattr(group_engine, "DOZE_CHECK_S", 0.02)
+    formation = Formation(1, 3, "tensor", "ring", "", GroupInfo(name="g"), 5.0)
+    follower = GroupFollower("model", formation=formation, on_broken=lambda _reason: None)
+    try:
+        follower.wake.heard("d1")
+        follower._doze("d1")  # its wake came first: no wait
+        follower.channel.fail("rank 0's hellos stopped")
+        with pytest.raises(GroupBroken, match="hellos stopped"):
+            follower._doze("d2")
+    finally:
+        follower.channel.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import pytest
 from cluster_harness import wait_until
 from fault_harness import NatsNode, Processes
@@ -127,6 +128,11 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
         cancelled.cancel()
         assert (await ask(client, PROMPTS[1]))[0] == expected[1]
 
+        # idle, the followers doze off the ring (waiting inside a collective, each burned ~0.9 of a core)
+        await asyncio.sleep(1.5)
+        shares = await cpu_shares([m.pid for m in members[1:]], 3.0)
+        assert all(share < 0.25 for share in shares), shares
+
         # kill -9 a non-zero rank under load
         bus = await Bus.connect(from_dict({"nats": {"url": nats.url}}).nats, name="watch", attempts=5)
         reasons: list[str] = []
@@ -169,6 +175,14 @@ async def test_group_of_three_serves_like_one_worker_and_survives_a_killed_membe
         raise
     finally:
         procs.close()
+
+
+async def cpu_shares(pids: list[int], seconds: float) -> list[float]:
+    """Each process's CPU (all threads) over ``seconds``, in cores."""
+    processes = [psutil.Process(pid) for pid in pids]
+    before = [sum(p.cpu_times()[:2]) for p in processes]
+    await asyncio.sleep(seconds)
+    return [round((sum(p.cpu_times()[:2]) - b) / seconds, 3) for p, b in zip(processes, before, strict=True)]
 
 
 async def _gone(controller, worker_id: str) -> bool:  # type: ignore[no-untyped-def]

@@ -310,6 +310,7 @@ def _all_subjects(subjects: Subjects) -> list[str]:
         subjects.models("w1"),
         subjects.embed("w1"),
         subjects.group("big"),
+        subjects.group_wake("big"),
         subjects.response("c1", "req-1.1"),
         subjects.responses("c1"),
         subjects.usage("k1"),
@@ -341,6 +342,7 @@ def test_default_subjects() -> None:
         "mlxcluster.worker.w1.models",
         "mlxcluster.worker.w1.embed",
         "mlxcluster.group.big",
+        "mlxcluster.group.big.wake",
         "mlxcluster.response.c1.req-1.1",
         "mlxcluster.response.c1.>",
         "mlxcluster.usage.k1",
@@ -354,6 +356,7 @@ def test_every_subject_property_is_covered() -> None:
     names = {n for n in dir(Subjects) if not n.startswith("_") and n != "prefix"}
     assert names == {
         "group",
+        "group_wake",
         "controller_requests",
         "register",
         "heartbeat",

@@ -78,6 +78,14 @@ class GroupInfo(_Message, omit_defaults=False):
     members: list[GroupMember] = msgspec.field(default_factory=list)
 
 
+class GroupWake(_Message):
+    """Published on ``group.<name>.wake`` by a worker group's rank 0: the other ranks, dozing off the ring since
+    its ``DozeOp`` named ``doze``, rejoin it (work came)."""
+
+    group: str
+    doze: str
+
+
 class WorkerRegistration(_Message):
     """Published by a worker when it starts and whenever a controller announces itself."""
 

@@ -54,6 +54,11 @@ class Subjects:
         """A worker group's members publish :class:`~mlxcluster.protocol.GroupHello` here (rendezvous, heartbeat)."""
         return f"{self.prefix}.group.{name}"
 
+    def group_wake(self, name: str) -> str:
+        """A worker group's rank 0 publishes :class:`~mlxcluster.protocol.GroupWake` here to end its followers'
+        doze (:mod:`~mlxcluster.worker.group_wake`)."""
+        return f"{self.prefix}.group.{name}.wake"
+
     def inference(self, worker_id: str) -> str:
         """A worker's request subject; the request's NATS reply subject receives the stream frames."""
         return f"{self.prefix}.worker.{worker_id}.inference"

@@ -8,8 +8,10 @@ the recorded operations are broadcast (one small ``all_sum``, see
 :mod:`~mlxcluster.worker.group_channel`). A :class:`GroupFollower` on every other rank replays them
 on its own ``BatchGenerator``: same prompts, same uids, same sampling (samplers are rebuilt from their
 parameters, keyed samplers with rank 0's seed, so every rank draws the same token), same steps.
-Follower output is discarded; rank 0 alone detokenizes and streams. While idle, rank 0 broadcasts an
-empty operation list twice a second: the followers' proof that rank 0 is alive.
+Follower output is discarded; rank 0 alone detokenizes and streams. Idle for half a second, rank 0 lets the
+followers doze off the ring (a ``DozeOp``) and wakes them over NATS when work comes
+(:mod:`~mlxcluster.worker.group_wake`): waiting inside a collective, a follower polls its sockets at the cost
+of a core. Without a wake sender (tests) an idle rank 0 broadcasts an empty operation list twice a second.
 
 The prompt cache works as on a single worker: rank 0's cache decides (which entry a prompt starts
 from, what is stored and dropped) and broadcasts each decision; every rank keeps its own shard of each
@@ -22,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from mlxcluster.worker.engine import MlxEngine
 from mlxcluster.worker.group_cache import FollowerCache, MirroredPromptCache
 from mlxcluster.worker.group_channel import Channel, GroupBroken
 from mlxcluster.worker.group_ops import (
+    DozeOp,
     DropOp,
     Formation,
     InsertOp,
@@ -44,6 +48,7 @@ from mlxcluster.worker.group_ops import (
     decoder,
     encoder,
 )
+from mlxcluster.worker.group_wake import WakeSender, WakeSignal
 from mlxcluster.worker.job import Job
 from mlxcluster.worker.placement import PlacementError
 from mlxcluster.worker.rendezvous import HOSTFILE_PREFIX
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.5
 """Longest silence of an idle rank 0 on the ring."""
+DOZE_CHECK_S = 1.0
+"""A dozing follower looks this often whether the group broke meanwhile."""
 LOAD_TIMEOUT_S = 600.0
 """Bound on joining the ring and loading a shard (the slowest member sets the pace)."""
 
@@ -63,7 +70,13 @@ class BroadcastGenerator:
     """A ``BatchGenerator`` whose every operation is replayed by the other ranks."""
 
     def __init__(
-        self, inner: Any, channel: Channel, reset: ResetOp, eos_stops: Any, cache: Callable[[], Any] = lambda: None
+        self,
+        inner: Any,
+        channel: Channel,
+        reset: ResetOp,
+        eos_stops: Any,
+        cache: Callable[[], Any] = lambda: None,
+        waker: WakeSender | None = None,
     ) -> None:
         self._inner = inner
         self._channel = channel
@@ -71,6 +84,9 @@ class BroadcastGenerator:
         self._cache = cache
         self._pending: list[Op] = [reset]
         self._last_sent = time.monotonic()
+        self._waker = waker
+        self.dozing: str | None = None
+        """The doze the followers are in (None: they are on the ring)."""
 
     def insert(
         self,
@@ -151,11 +167,17 @@ class BroadcastGenerator:
             return self._inner.next()
 
     def tick(self) -> None:
-        """When idle: tell the followers rank 0 is alive (and hand them pending operations)."""
-        if time.monotonic() - self._last_sent < TICK_S:
+        """When idle: let the followers doze (with a waker), else tell them rank 0 is alive; either way hand
+        them the pending operations."""
+        if self.dozing is not None or time.monotonic() - self._last_sent < TICK_S:
             return
         try:
-            self._send()
+            if self._waker is None:
+                self._send()
+                return
+            doze = uuid.uuid4().hex[:12]
+            self._send(DozeOp(doze))
+            self.dozing = doze
         except GroupBroken:
             pass
 
@@ -171,7 +193,14 @@ class BroadcastGenerator:
 
     def _send(self, *extra: Op) -> None:
         ops, self._pending = [*self._pending, *extra], []
-        self._channel.broadcast(encoder.encode(ops))
+        doze, self.dozing = self.dozing, None
+        if doze is not None and self._waker is not None:
+            self._waker.start(doze)  # the followers rejoin the ring for this broadcast
+        try:
+            self._channel.broadcast(encoder.encode(ops))
+        finally:
+            if doze is not None and self._waker is not None:
+                self._waker.stop(doze)
         self._last_sent = time.monotonic()
 
 
@@ -211,10 +240,20 @@ class GroupEngine(MlxEngine):
     :param on_broken: called (from any thread) with the reason when the group breaks.
     """
 
-    def __init__(self, model: str, *, formation: Formation, on_broken: Callable[[str], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        formation: Formation,
+        on_broken: Callable[[str], None],
+        waker: WakeSender | None = None,
+        **kwargs: Any,
+    ) -> None:
         # the followers replay plain BatchGenerator steps: speculative steps are not broadcast (yet)
         super().__init__(model, **{**kwargs, "speculative_tokens": 0})
         self.formation = formation
+        self.waker = waker
+        """Wakes dozing followers (None: they never doze)."""
         self.channel = Channel(stall_timeout_s=formation.stall_timeout_s, on_broken=on_broken)
 
     def _make_prompt_cache(self) -> MirroredPromptCache:
@@ -244,13 +283,20 @@ class GroupEngine(MlxEngine):
         assert self._loop is not None
         reset = ResetOp(self.max_concurrent, self.prefill_batch_size, self.prefill_step_size)
         return BroadcastGenerator(
-            super()._new_generator(), self.channel, reset, self._loop.eos_stops, lambda: self._prompt_cache
+            super()._new_generator(),
+            self.channel,
+            reset,
+            self._loop.eos_stops,
+            lambda: self._prompt_cache,
+            waker=self.waker,
         )
 
     def _on_turn(self) -> None:
-        generator = self._loop.generator if self._loop is not None else None
-        if generator is not None:
-            generator.tick()
+        """Each turn of the generation loop: when it has nothing to do, the idle tick (a slow step between two
+        busy turns is no idleness: the followers must not doze mid-request)."""
+        loop = self._loop
+        if loop is not None and loop.generator is not None and not loop.active and not loop.waiting:
+            loop.generator.tick()
 
     def fail_in_flight(self, message: str) -> int:
         """End every accepted request now with an explicit error (the generation thread may be stuck
@@ -284,9 +330,20 @@ class GroupFollower:
     Runs on its own thread; :attr:`ended` says why it stopped.
     """
 
-    def __init__(self, model: str, *, formation: Formation, on_broken: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        formation: Formation,
+        on_broken: Callable[[str], None],
+        wake: WakeSignal | None = None,
+    ) -> None:
         self.model_path = model
         self.formation = formation
+        self.wake = wake if wake is not None else WakeSignal()
+        """Where rank 0's wakes arrive while the follower dozes."""
+        self.dozes = 0
+        """Dozes so far (rank 0 went idle)."""
         self.channel = Channel(stall_timeout_s=formation.stall_timeout_s, on_broken=on_broken)
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
@@ -399,6 +456,15 @@ class GroupFollower:
                         if generator is not None:
                             generator.close()
                         return "rank 0 stopped"
+                    case DozeOp():
+                        self.dozes += 1
+                        self._doze(op.doze)
+
+    def _doze(self, doze: str) -> None:
+        """Off the ring until rank 0's wake for ``doze`` (a broken group ends the wait)."""
+        while not self.wake.wait(doze, DOZE_CHECK_S):
+            if self.channel.broken is not None:
+                raise GroupBroken(self.channel.broken)
 
 
 # --- loading a shard --------------------------------------------------------------------------

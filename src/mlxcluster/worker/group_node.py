@@ -28,6 +28,7 @@ from mlxcluster.tracing import stop_tracer
 from mlxcluster.worker.group_channel import GroupBroken
 from mlxcluster.worker.group_engine import GroupEngine, GroupFollower
 from mlxcluster.worker.group_ops import Formation
+from mlxcluster.worker.group_wake import WakeSender, WakeSignal
 from mlxcluster.worker.models import ResolvedModel, resolve_model
 from mlxcluster.worker.placement import (
     PlacementError,
@@ -184,6 +185,7 @@ class _Member:
         worker = self.config.worker
         engine = GroupEngine(
             self.path,
+            waker=WakeSender(self.bus, info.name, asyncio.get_running_loop()),
             served_name=self.served,
             max_concurrent=worker.max_concurrent,
             prefill_step_size=worker.prefill_step_size,
@@ -228,25 +230,30 @@ class _Member:
 
     async def follow(self, stop: asyncio.Event) -> str | None:
         """A non-zero rank: replay rank 0's batch until ``stop`` or a break."""
-        follower = GroupFollower(self.path, formation=self.formation, on_broken=self.on_broken)
-        follower.start()
-        while not follower.loaded.is_set():
-            if stop.is_set():
-                return None
-            await asyncio.sleep(0.1)
-        error = follower.load_error
-        if isinstance(error, PlacementError):
-            raise NodeError(str(error))
-        if error is not None:
-            return f"while loading: {error}"
-        log.info("following rank 0 of group %s as rank %d", self.formation.info.name, self.formation.rank)
-        watch = asyncio.create_task(self.rendezvous.watch(self.silence_s, self.on_broken))
+        wake = WakeSignal()
+        hearing = asyncio.create_task(wake.listen(self.bus, self.formation.info.name))  # before any doze
         try:
-            if await self._stop_or_break(stop) is None:
-                return None
-            return await self._blame()
+            follower = GroupFollower(self.path, formation=self.formation, on_broken=self.on_broken, wake=wake)
+            follower.start()
+            while not follower.loaded.is_set():
+                if stop.is_set():
+                    return None
+                await asyncio.sleep(0.1)
+            error = follower.load_error
+            if isinstance(error, PlacementError):
+                raise NodeError(str(error))
+            if error is not None:
+                return f"while loading: {error}"
+            log.info("following rank 0 of group %s as rank %d", self.formation.info.name, self.formation.rank)
+            watch = asyncio.create_task(self.rendezvous.watch(self.silence_s, self.on_broken))
+            try:
+                if await self._stop_or_break(stop) is None:
+                    return None
+                return await self._blame()
+            finally:
+                watch.cancel()
         finally:
-            watch.cancel()
+            hearing.cancel()
 
     async def _stop_or_break(self, stop: asyncio.Event) -> str | None:
         """``None`` when asked to stop, else the reason the group broke."""

@@ -76,7 +76,14 @@ class StopOp(msgspec.Struct, tag="stop", array_like=True):
     """Rank 0 is stopping."""
 
 
-Op = ResetOp | InsertOp | RemoveOp | StepOp | StopOp | StoreOp | DropOp
+class DozeOp(msgspec.Struct, tag="doze", array_like=True):
+    """Rank 0 is idle: leave the ring until the :class:`~mlxcluster.protocol.GroupWake` naming ``doze`` comes
+    (:mod:`~mlxcluster.worker.group_wake`)."""
+
+    doze: str
+
+
+Op = ResetOp | InsertOp | RemoveOp | StepOp | StopOp | StoreOp | DropOp | DozeOp
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(list[Op])
 

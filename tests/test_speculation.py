@@ -397,3 +397,15 @@ def test_a_processor_cuts_drafts_down_to_nothing_or_one(tiny_model: Path, allow:
         assert stats.steps > 0 and stats.drafted == 0  # verify forwards ran, every draft was cut to nothing
     else:
         assert 0 < stats.accepted <= stats.drafted <= stats.steps * len(prompts)  # one drafted token a row
+
+
+def test_the_engines_counters_are_the_heartbeats_fields() -> None:
+    """The engine hands its counters to the heartbeat field for field: each must exist on both sides."""
+    import dataclasses
+
+    from mlxcluster.protocol import SpeculationCounts
+    from mlxcluster.worker.speculation import SpeculationStats
+
+    assert {f.name for f in dataclasses.fields(SpeculationStats)} == set(SpeculationCounts.__struct_fields__)
+    stats = SpeculationStats(steps=2, drafted=9, accepted=5, model_drafted=4, model_accepted=1)
+    assert SpeculationCounts(**dataclasses.asdict(stats)) == SpeculationCounts(2, 9, 5, 4, 1)

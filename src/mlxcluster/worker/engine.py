@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -247,14 +248,7 @@ class MlxEngine(Engine):
         """Speculative decoding's steps, drafted and accepted tokens (``None``: ``speculative_tokens`` is 0)."""
         if self.speculative_tokens <= 0:
             return None
-        stats = self.speculation
-        return SpeculationCounts(
-            steps=stats.steps,
-            drafted=stats.drafted,
-            accepted=stats.accepted,
-            model_drafted=stats.model_drafted,
-            model_accepted=stats.model_accepted,
-        )
+        return SpeculationCounts(**dataclasses.asdict(self.speculation))  # the same fields, ints only
 
     def set_cache_listener(self, listener: CacheListener | None) -> None:
         """Be told (on the generation thread) of prefix digests the prompt cache stores and drops."""

@@ -89,8 +89,11 @@ lint: $(STAMP)
 # printed and a run below [tool.coverage.report] fail_under fails.
 # pytest itself runs on the system OpenBLAS where there is one, as workers do (tests/conftest.py keeps it out of
 # the processes the tests start): the in-process model tests run ~5x faster than on mlx-cpu's bundled BLAS.
+# Single-threaded there: OpenBLAS's threads make fork() (the tests start nats-servers and workers) wait in its
+# atfork handler, which hung a run for good once; the processes started get their own setting back.
 OPENBLAS_PRELOAD = $(shell $(PY) -c 'from mlxcluster.worker.blas import openblas_path; print(openblas_path() or "")')
-WITH_OPENBLAS = $(if $(OPENBLAS_PRELOAD),LD_PRELOAD=$(OPENBLAS_PRELOAD)$(if $(LD_PRELOAD),:$(LD_PRELOAD)))
+WITH_OPENBLAS = $(if $(OPENBLAS_PRELOAD),LD_PRELOAD=$(OPENBLAS_PRELOAD)$(if $(LD_PRELOAD),:$(LD_PRELOAD)) \
+  OPENBLAS_NUM_THREADS=1 MLXCLUSTER_TEST_BLAS_THREADS="$(OPENBLAS_NUM_THREADS)")
 
 test: lint model chromium
 	@rm -f .coverage .coverage.*

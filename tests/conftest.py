@@ -16,8 +16,17 @@ from mlxcluster.embedded import EmbeddedNatsServer
 
 def _children_without_openblas_preloaded() -> None:
     """``make test`` runs pytest with the system OpenBLAS in ``LD_PRELOAD``, as a worker runs (the in-process
-    model tests run ~5x faster on it than on mlx-cpu's bundled BLAS). The processes the tests start get the
-    environment they would have had without it: a worker child gets OpenBLAS from its parent, as in production."""
+    model tests run ~5x faster on it than on mlx-cpu's bundled BLAS), single-threaded: with its thread pool, a
+    ``fork()`` (every nats-server and worker the tests start) waits in OpenBLAS's atfork handler for its threads,
+    and once waited for ever (pytest in ``fork`` → libopenblas → futex, starting a nats-server fixture). The
+    processes the tests start get the environment they would have had without it: a worker child gets OpenBLAS
+    from its parent, as in production, and the caller's ``OPENBLAS_NUM_THREADS`` (kept by make)."""
+    if "MLXCLUSTER_TEST_BLAS_THREADS" in os.environ:
+        threads = os.environ.pop("MLXCLUSTER_TEST_BLAS_THREADS")
+        if threads:
+            os.environ["OPENBLAS_NUM_THREADS"] = threads
+        else:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
     preload = os.environ.get("LD_PRELOAD", "")
     if "openblas" not in preload:
         return

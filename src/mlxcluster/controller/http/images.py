@@ -8,11 +8,10 @@ fetched by the app's :class:`ImageFetcher` only when ``controller.image_fetch`` 
 (:mod:`~mlxcluster.controller.http.image_addresses`), at most ``image_fetch_max_bytes`` within
 ``image_fetch_timeout_s``; a redirect is not followed, as it could lead to a host not in the list, and is a
 400). Every image is checked to be PNG, JPEG, GIF, WebP or BMP by its first bytes; anything else is a 400 naming
-the field. A model no worker reports as
-a vision model keeps the 400 a text-only server gives. A request too large for one NATS message with its images
-inline has them parked in JetStream's object store while it runs (:func:`parked_images`,
-:mod:`mlxcluster.bus.image_store`); a store that fails mid-way is a 503 ``images_unavailable``, and what was
-parked is deleted.
+the field. A model no worker reports as a vision model keeps the 400 a text-only server gives. A request too
+large for one NATS message with its images inline has them parked in JetStream's object store while it runs
+(:func:`parked_images`, :mod:`mlxcluster.bus.image_store`); a store that fails mid-way is a 503
+``images_unavailable``, and what was parked is deleted.
 """
 
 from __future__ import annotations
